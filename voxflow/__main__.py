@@ -1,0 +1,3 @@
+from voxflow.cli import main
+
+main()

@@ -1,0 +1,77 @@
+"""Shared click options and error handling for the per-stage command modules."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from voxflow.errors import VoxflowError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+__all__ = ["handle_errors", "parse_set_options", "scheduler_option", "set_option", "workspace_option"]
+
+
+def scheduler_option(f: F) -> F:
+    f = click.option(
+        "--memory-limit", default=None,
+        help="Memory limit per worker for --scheduler local:N (e.g. 2GB). Default: dask's automatic share.",
+    )(f)
+    return click.option(
+        "--scheduler", default="threads", show_default=True,
+        help="Dask scheduler: threads, processes, sync, local:N (LocalCluster with N workers) or "
+             "tcp://host:port of a running `dask scheduler`.",
+    )(f)  # type: ignore[return-value]
+
+
+def workspace_option(f: F) -> F:
+    return click.option(
+        "--work", "--workspace", "work", type=click.Path(file_okay=False), envvar="VOXFLOW_WORKSPACE",
+        default="voxflow_work", show_default=True,
+        help="Work directory holding the dataset store, plans, preprocessed data and runs "
+             "(default from $VOXFLOW_WORKSPACE if set).",
+    )(f)  # type: ignore[return-value]
+
+
+def set_option(f: F) -> F:
+    return click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help="Override a plan or training field, e.g. --set train.epochs=50 (repeatable).",
+    )(f)  # type: ignore[return-value]
+
+
+def parse_set_options(overrides: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise click.BadParameter(f"--set expects KEY=VALUE; got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def handle_errors(f: F) -> F:
+    """Turn :class:`VoxflowError` into a clean ``click.ClickException`` (traceback with --debug)."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context(silent=True)
+        debug = bool(ctx and ctx.find_root().obj and ctx.find_root().obj.get("debug"))
+        try:
+            return f(*args, **kwargs)
+        except VoxflowError as e:
+            if debug:
+                raise
+            raise click.ClickException(str(e)) from e
+
+    return wrapper  # type: ignore[return-value]
+
+
+def configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("voxflow").setLevel(logging.INFO if verbose <= 0 else level)

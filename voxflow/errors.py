@@ -1,0 +1,51 @@
+"""The voxflow error tree.
+
+Every error a user can meet derives from :class:`VoxflowError`; subclasses also inherit the builtin
+they refine, so ``except ValueError`` keeps working for callers that do not know voxflow.
+Messages say what must hold, what was found (naming the case and file), and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CaseNotFoundError",
+    "ConversionError",
+    "GeometryMismatchError",
+    "IncompleteStoreError",
+    "LayoutError",
+    "PlanError",
+    "VoxflowError",
+    "VoxflowWarning",
+]
+
+
+class VoxflowError(Exception):
+    """Base class of all voxflow errors."""
+
+
+class VoxflowWarning(UserWarning):
+    """Base class of voxflow warnings (turned into errors by the test suite)."""
+
+
+class PlanError(VoxflowError, ValueError):
+    """A plan or fingerprint file is invalid; the message names the field."""
+
+
+class LayoutError(VoxflowError, ValueError):
+    """A store or a source folder does not have the expected layout."""
+
+
+class IncompleteStoreError(LayoutError):
+    """A store, case or artefact is missing or was only partly written."""
+
+
+class GeometryMismatchError(VoxflowError, ValueError):
+    """Two arrays that must share a grid (image/label, prediction/reference) do not."""
+
+
+class ConversionError(VoxflowError, ValueError):
+    """An input file cannot be converted (unreadable, NaN, undeclared labels, ...)."""
+
+
+class CaseNotFoundError(VoxflowError, FileNotFoundError):
+    """A case id or file that was asked for does not exist."""

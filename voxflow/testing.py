@@ -1,0 +1,78 @@
+"""Test helpers shipped with voxflow: laziness guards, small synthetic arrays, RSS measurement."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import dask
+import numpy as np
+
+__all__ = ["ComputeError", "raise_if_computes", "run_with_memory_cap", "synthetic_case"]
+
+
+class ComputeError(RuntimeError):
+    """Raised when a graph was computed inside :func:`raise_if_computes`."""
+
+
+@contextlib.contextmanager
+def raise_if_computes() -> Iterator[None]:
+    """Fail if anything inside the block triggers a dask compute (graph building must be lazy)."""
+
+    def _scheduler(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        raise ComputeError("a dask graph was computed where only building it was expected")
+
+    with dask.config.set(scheduler=_scheduler):
+        yield
+
+
+def synthetic_case(shape: Sequence[int], *, n_labels: int = 2, rng: np.random.Generator | None = None,
+                   n_channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """A small (C, Z, Y, X) float32 image with blob-shaped labels 0..n_labels (Z, Y, X uint8)."""
+    rng = rng or np.random.default_rng(0)
+    shape = tuple(int(s) for s in shape)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    label = np.zeros(shape, np.uint8)
+    for k in range(1, n_labels + 1):
+        centre = rng.uniform(-0.5, 0.5, size=3)[:, None, None, None]
+        radius = rng.uniform(0.2, 0.4) / k
+        label[((grid - centre) ** 2).sum(0) < radius**2] = k
+    image = np.stack([
+        (label * (50.0 + 10 * c) + rng.normal(0, 10, size=shape)).astype(np.float32) for c in range(n_channels)
+    ])
+    return image, label
+
+
+def run_with_memory_cap(code: str, *, cap_bytes: int | None = None, timeout: float = 900,
+                        env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``python -c code`` in a subprocess; return (peak RSS in bytes, its stdout).
+
+    The peak is the child's own ``ru_maxrss`` plus that of its children (worker processes).
+    ``cap_bytes`` optionally sets RLIMIT_DATA so that an allocation beyond it fails outright,
+    which proves the stage never *needed* more than the cap.
+    """
+    import resource
+
+    def _limit() -> None:
+        if cap_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_DATA, (cap_bytes, cap_bytes))
+
+    wrapped = (code + "\nimport resource as _r\n"
+               "print('__PEAK_RSS__', (_r.getrusage(_r.RUSAGE_SELF).ru_maxrss"
+               " + _r.getrusage(_r.RUSAGE_CHILDREN).ru_maxrss) * 1024)\n")
+    proc = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=_limit, env={**os.environ, **(env or {})}, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    peak = 0
+    lines = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("__PEAK_RSS__"):
+            peak = int(line.split()[1])
+        else:
+            lines.append(line)
+    return peak, "\n".join(lines)
