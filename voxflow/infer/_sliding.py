@@ -1,0 +1,133 @@
+"""Gaussian-weighted sliding-window prediction of one volume into a (Zarr) accumulator."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from voxflow.infer._accumulator import TileAccumulator, order_tiles
+from voxflow.infer._gaussian import gaussian_importance_map
+from voxflow.infer._tiling import TileGrid, tile_grid
+
+__all__ = ["read_tile", "sliding_window_predict", "sliding_window_predict_in_memory"]
+
+log = logging.getLogger(__name__)
+Predictor = Callable[[np.ndarray], "torch.Tensor | np.ndarray"]
+
+
+def read_tile(image: Any, grid: TileGrid, start: Sequence[int]) -> np.ndarray:
+    """The (C, *patch) tile at ``start`` (padded grid) of a (C, Z, Y, X) array; zeros outside."""
+    vol, loc = grid.region(start)
+    data = np.asarray(image[(slice(None), *(slice(lo, hi) for lo, hi in vol))], dtype=np.float32)
+    if all(hi - lo == p for (lo, hi), p in zip(loc, grid.patch_size_vox)):
+        return data
+    tile = np.zeros((data.shape[0], *grid.patch_size_vox), np.float32)
+    tile[(slice(None), *(slice(lo, hi) for lo, hi in loc))] = data
+    return tile
+
+
+def _batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
+    return [list(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: Sequence[int],
+                           n_classes: int, out: Any = None, step: float = 0.5, batch_size: int = 1,
+                           cache_bytes: int = 512 * 2**20, block_zyx: Sequence[int] | None = None,
+                           scratch_dir: str | Path | None = None, progress: bool = False,
+                           desc: str = "tiles") -> Any:
+    """Predict class probabilities of a (C, Z, Y, X) volume tile by tile.
+
+    Each tile's probabilities are weighted with :func:`gaussian_importance_map` and accumulated by a
+    :class:`TileAccumulator`; the result is ``sum(w * p) / sum(w)`` per voxel, shape (K, Z, Y, X).
+
+    Parameters
+    ----------
+    image : (C, Z, Y, X) array read by slicing (a Zarr array, numpy array or dask array); only the
+        tiles being predicted are read, the next batch while the current one runs.
+    predictor : maps (B, C, *patch) float32 tiles to (B, K, *patch) probabilities (a
+        :class:`TilePredictor`).
+    out : (K, Z, Y, X) destination (e.g. a float32 Zarr array); a numpy array when ``None``.
+    block_zyx : accumulation block; defaults to ``out``'s spatial chunks, or the patch size.
+    cache_bytes : memory for partial blocks before they spill to ``scratch_dir``.
+    """
+    shape = tuple(int(s) for s in image.shape[1:])
+    grid = tile_grid(shape, patch_size_vox, step=step)
+    if out is None:
+        out = np.zeros((n_classes, *shape), np.float32)
+    if block_zyx is None:
+        chunks = getattr(out, "chunks", None)
+        block_zyx = tuple(chunks[1:]) if chunks is not None else tuple(grid.patch_size_vox)
+    starts = grid.tiles()
+    boxes = [grid.region(s) for s in starts]
+    gauss = torch.from_numpy(gaussian_importance_map(grid.patch_size_vox))
+    with TileAccumulator(out, [b[0] for b in boxes], block_zyx=block_zyx, cache_bytes=cache_bytes,
+                         scratch_dir=scratch_dir) as acc:
+        order = order_tiles([b[0] for b in boxes], block_zyx=acc.block_zyx, block_nbytes=acc.block_nbytes,
+                            cache_bytes=cache_bytes)
+        batches = _batches(order, batch_size)
+        bar = _bar(len(starts), desc, progress)
+
+        def load(idx: list[int]) -> np.ndarray:
+            return np.stack([read_tile(image, grid, starts[i]) for i in idx])
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="voxflow-tile-reader") as pool:
+            pending = pool.submit(load, batches[0])
+            for bi, idx in enumerate(batches):
+                tiles = pending.result()
+                if bi + 1 < len(batches):
+                    pending = pool.submit(load, batches[bi + 1])
+                probs = torch.as_tensor(predictor(tiles))
+                weighted = (probs * gauss.to(probs.device)).cpu().numpy()
+                for j, i in enumerate(idx):
+                    vol, loc = boxes[i]
+                    sl = tuple(slice(lo, hi) for lo, hi in loc)
+                    acc.add(vol, weighted[j][(slice(None), *sl)], gauss.numpy()[sl])
+                if bar is not None:
+                    bar.update(len(idx))
+        if bar is not None:
+            bar.close()
+        if acc.n_spills:
+            log.info("sliding window: %d block spills to disk (cache %d MiB)", acc.n_spills, cache_bytes >> 20)
+    return out
+
+
+def sliding_window_predict_in_memory(image: np.ndarray, predictor: Predictor, *,
+                                     patch_size_vox: Sequence[int], n_classes: int,
+                                     step: float = 0.5) -> np.ndarray:
+    """Reference (nnU-Net style): the whole volume and two whole-volume accumulators in memory.
+
+    Same tiles, same Gaussian weighting as :func:`sliding_window_predict`; used as its test oracle
+    and as the memory baseline in ``benchmarks/predict.py``.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    grid = tile_grid(image.shape[1:], patch_size_vox, step=step)
+    pad = [(0, 0)] + [(lo, max(p - s, 0) - lo) for lo, p, s in
+                      zip(grid.pad_lo_zyx, grid.patch_size_vox, image.shape[1:])]
+    padded = np.pad(image, pad)
+    gauss = gaussian_importance_map(grid.patch_size_vox)
+    acc = np.zeros((n_classes, *padded.shape[1:]), np.float32)
+    wsum = np.zeros(padded.shape[1:], np.float32)
+    for start in grid.tiles():
+        sl = tuple(slice(s, s + p) for s, p in zip(start, grid.patch_size_vox))
+        probs = torch.as_tensor(predictor(padded[(slice(None), *sl)][None])).cpu().numpy()[0]
+        acc[(slice(None), *sl)] += probs * gauss
+        wsum[sl] += gauss
+    acc /= wsum
+    crop = tuple(slice(lo, lo + s) for lo, s in zip(grid.pad_lo_zyx, image.shape[1:]))
+    return acc[(slice(None), *crop)]
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tile", leave=False)
+
+

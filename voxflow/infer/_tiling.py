@@ -1,0 +1,93 @@
+"""Sliding-window tile grids (pure): where the tiles of a patch size lie in a volume.
+
+All positions are voxel indices in numpy order (z, y, x). A volume smaller than the patch along an
+axis is (virtually) padded symmetrically to the patch size; tile starts are given in that padded
+grid and :meth:`TileGrid.region` maps a tile back to the part of the unpadded volume it covers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from voxflow.errors import VoxflowError
+
+__all__ = ["TileGrid", "tile_grid", "tile_starts"]
+
+Box = tuple[tuple[int, int], ...]
+
+
+def tile_starts(size: int, patch: int, *, step: float = 0.5) -> list[int]:
+    """Start indices of tiles of length ``patch`` along an axis of length ``size``.
+
+    nnU-Net's rule: the fewest tiles whose spacing does not exceed ``step * patch``, spread evenly
+    from 0 to ``size - patch`` so that the first and last tile touch the borders. ``size < patch``
+    gives one tile at 0 (the axis is padded to the patch).
+
+    >>> tile_starts(11, 4, step=0.5)
+    [0, 2, 4, 5, 7]
+    """
+    if not 0.0 < step <= 1.0:
+        raise VoxflowError(f"step must be in (0, 1] (a fraction of the patch size); got {step!r}.")
+    if patch < 1 or size < 1:
+        raise VoxflowError(f"size and patch must be positive; got size={size!r}, patch={patch!r}.")
+    if size <= patch:
+        return [0]
+    n = math.ceil((size - patch) / (patch * step)) + 1
+    actual = (size - patch) / (n - 1)
+    return [int(round(actual * i)) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tiles of ``patch_size_vox`` covering a volume of ``shape_zyx`` (see :func:`tile_grid`)."""
+
+    shape_zyx: tuple[int, ...]
+    patch_size_vox: tuple[int, ...]
+    step: float
+    pad_lo_zyx: tuple[int, ...]
+    starts_zyx: tuple[tuple[int, ...], ...]
+
+    @property
+    def padded_shape_zyx(self) -> tuple[int, ...]:
+        return tuple(max(s, p) for s, p in zip(self.shape_zyx, self.patch_size_vox))
+
+    def __len__(self) -> int:
+        return math.prod(len(s) for s in self.starts_zyx)
+
+    def tiles(self) -> list[tuple[int, ...]]:
+        """Tile starts in the padded grid, raster order (z slowest)."""
+        out: list[tuple[int, ...]] = [()]
+        for starts in self.starts_zyx:
+            out = [t + (s,) for t in out for s in starts]
+        return out
+
+    def region(self, start: Sequence[int]) -> tuple[Box, Box]:
+        """For a tile start (padded grid): its box ``((lo, hi), ...)`` in the unpadded volume and the
+        matching box inside the tile (both half-open)."""
+        vol: list[tuple[int, int]] = []
+        loc: list[tuple[int, int]] = []
+        for s, p, pad, n in zip(start, self.patch_size_vox, self.pad_lo_zyx, self.shape_zyx):
+            lo, hi = max(s - pad, 0), min(s - pad + p, n)
+            vol.append((lo, hi))
+            loc.append((lo - (s - pad), hi - (s - pad)))
+        return tuple(vol), tuple(loc)
+
+
+def tile_grid(shape_zyx: Sequence[int], patch_size_vox: Sequence[int], *, step: float = 0.5) -> TileGrid:
+    """The sliding-window tile grid of a volume; every voxel lies in at least one tile.
+
+    Parameters
+    ----------
+    shape_zyx : volume shape (z, y, x) in voxels.
+    patch_size_vox : tile shape (z, y, x); axes where the volume is smaller are padded symmetrically.
+    step : tile spacing as a fraction of the patch size (0.5 = half-overlapping tiles).
+    """
+    shape = tuple(int(s) for s in shape_zyx)
+    patch = tuple(int(p) for p in patch_size_vox)
+    if len(shape) != len(patch):
+        raise VoxflowError(f"patch_size_vox {patch!r} must have one entry per axis of shape {shape!r}.")
+    pad_lo = tuple(max(p - s, 0) // 2 for s, p in zip(shape, patch))
+    starts = tuple(tuple(tile_starts(max(s, p), p, step=step)) for s, p in zip(shape, patch))
+    return TileGrid(shape, patch, float(step), pad_lo, starts)
