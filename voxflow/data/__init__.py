@@ -1,0 +1,29 @@
+"""Training data path: chunk-aware patch sampling, batched torch augmentation, streaming loaders.
+
+``build_loader(store, case_ids, config)`` is the entry point used by the trainer; the pieces
+(:class:`PatchSampler`, :func:`sample_params` / :func:`apply`) are public for tests, notebooks
+and other loaders.
+"""
+
+from voxflow.data.augment import AugmentConfig, Params, apply, enlarged_patch_size, sample_params
+from voxflow.data.loader import Batch, BatchLoader, LoaderSpec, build_loader, loader_spec
+from voxflow.data.sampling import CaseHandle, PatchBatch, PatchSampler, open_cases, read_patch, stream_rng
+
+__all__ = [
+    "AugmentConfig",
+    "Batch",
+    "BatchLoader",
+    "CaseHandle",
+    "LoaderSpec",
+    "Params",
+    "PatchBatch",
+    "PatchSampler",
+    "apply",
+    "build_loader",
+    "enlarged_patch_size",
+    "loader_spec",
+    "open_cases",
+    "read_patch",
+    "sample_params",
+    "stream_rng",
+]

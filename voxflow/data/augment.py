@@ -1,0 +1,281 @@
+"""Batched data augmentation: draw parameters, then apply them deterministically with torch.
+
+TorchIO-style split: :func:`sample_params` draws every random quantity of one batch from a numpy
+``Generator`` into a :class:`Params` value (small, loggable, picklable); :func:`apply` runs the
+transforms on the batch's device (CPU or CUDA) as whole-batch tensor operations and is a pure
+function of (batch, params). Identity parameters return the input exactly.
+
+Defaults (:class:`AugmentConfig`) follow nnU-Net v2's training transforms, in nnU-Net's order:
+
+==========================  ===========================================================  ======
+transform                   parameters                                                   p
+==========================  ===========================================================  ======
+rotation                    each axis U(-30°, 30°) in 3D (about the patch axis in 2D:   0.2
+                            U(-180°, 180°))
+scaling                     one isotropic factor, U(0.7, 1) or U(1, 1.4) (half each)      0.2
+elastic (off by default)    smooth random displacement, ``elastic_magnitude_vox``        0.0
+Gaussian noise              variance U(0, 0.1), all channels                              0.1
+Gaussian blur               sigma U(0.5, 1) per channel; each channel with p 0.5          0.2
+brightness                  multiply by U(0.75, 1.25) per channel                         0.15
+contrast                    (x - mean) * f + mean, clipped to the old range; f as scale   0.15
+low resolution              nearest down to U(0.5, 1) of the size, linear back up;       0.25
+                            each channel with p 0.5
+gamma, inverted             gamma U(0.7, 1) or U(1, 1.5), on -x, mean/std kept            0.1
+gamma                       same, on x                                                    0.3
+mirroring                   each axis in ``mirror_axes``                                  0.5
+==========================  ===========================================================  ======
+
+Rotation, scaling and elastic deformation form one ``grid_sample`` per batch that also crops the
+enlarged input patch to the final patch (image linear, label nearest, outside = 0). Deep supervision
+targets are the final label resized with nearest-exact to each ``ds_scales`` size. nnU-Net's order-3
+image interpolation is linear here (torch has no 3D cubic ``grid_sample``); its "dummy 2D"
+augmentation for strongly anisotropic patches is not done.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+import torch
+
+from voxflow.data._transforms import (
+    apply_blur,
+    apply_brightness,
+    apply_contrast,
+    apply_gamma,
+    apply_lowres,
+    apply_mirror,
+    apply_noise,
+    apply_spatial,
+    downsample_targets,
+)
+
+__all__ = ["AugmentConfig", "Params", "apply", "enlarged_patch_size", "sample_params"]
+
+Range = tuple[float, float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AugmentConfig:
+    """Probabilities (per sample unless named ``per_channel``) and ranges of each transform.
+
+    ``rotation_deg=None`` means nnU-Net's default: 30° for 3D patches, 180° for 2D.
+    ``mirror_axes`` are spatial axes of the patch (0 = z, 1 = y, 2 = x in 3D; 0 = y, 1 = x in 2D).
+    """
+
+    p_rotation: float = 0.2
+    rotation_deg: float | None = None
+    p_scale: float = 0.2
+    scale_range: Range = (0.7, 1.4)
+    p_elastic: float = 0.0
+    elastic_magnitude_vox: Range = (0.0, 4.0)
+    elastic_grid_spacing_vox: int = 16
+    p_noise: float = 0.1
+    noise_variance: Range = (0.0, 0.1)
+    p_blur: float = 0.2
+    p_blur_per_channel: float = 0.5
+    blur_sigma: Range = (0.5, 1.0)
+    p_brightness: float = 0.15
+    brightness_range: Range = (0.75, 1.25)
+    p_contrast: float = 0.15
+    contrast_range: Range = (0.75, 1.25)
+    p_lowres: float = 0.25
+    p_lowres_per_channel: float = 0.5
+    lowres_zoom: Range = (0.5, 1.0)
+    p_gamma_inverted: float = 0.1
+    p_gamma: float = 0.3
+    gamma_range: Range = (0.7, 1.5)
+    p_mirror: float = 0.5
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.name.startswith("p_") and not 0.0 <= getattr(self, f.name) <= 1.0:
+                raise ValueError(f"{f.name} must be a probability in [0, 1]; got {getattr(self, f.name)!r}")
+        for name in ("scale_range", "brightness_range", "contrast_range", "lowres_zoom", "gamma_range"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high; got {getattr(self, name)!r}")
+        object.__setattr__(self, "mirror_axes", tuple(int(a) for a in self.mirror_axes))
+
+    def max_rotation_rad(self, spatial_dims: int) -> float:
+        deg = self.rotation_deg if self.rotation_deg is not None else (180.0 if spatial_dims == 2 else 30.0)
+        return math.radians(deg) if self.p_rotation > 0 else 0.0
+
+    @classmethod
+    def off(cls) -> AugmentConfig:
+        """Every transform disabled (validation)."""
+        return cls(**{f.name: 0.0 for f in fields(cls) if f.name.startswith("p_")})
+
+    def for_spatial_dims(self, spatial_dims: int) -> AugmentConfig:
+        """Drop mirror axes that a ``spatial_dims``-D patch does not have."""
+        return replace(self, mirror_axes=tuple(a for a in self.mirror_axes if a < spatial_dims))
+
+
+def _rotation(angles: Sequence[float]) -> np.ndarray:
+    """Rotation matrix in (z, y, x) for angles about the z, y and x axes (3D) or in-plane (2D)."""
+    if len(angles) == 1:
+        c, s = math.cos(angles[0]), math.sin(angles[0])
+        return np.array([[c, -s], [s, c]])
+    mats = []
+    for axis, a in enumerate(angles):
+        c, s = math.cos(a), math.sin(a)
+        m = np.eye(3)
+        i, j = [k for k in range(3) if k != axis]
+        m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+        mats.append(m)
+    return mats[0] @ mats[1] @ mats[2]
+
+
+def enlarged_patch_size(final_patch_size: Sequence[int], config: AugmentConfig) -> tuple[int, ...]:
+    """Patch to read so that rotation and scaling rarely pull in zero padding (nnU-Net's ``get_patch_size``).
+
+    Per axis, the largest extent of the final patch rotated about each axis in turn by any angle up
+    to the maximum, times ``min(scale_range[1], 1 / 0.85)`` -- nnU-Net's compromise between
+    coverage at the largest zoom-out and read cost; combined rotations and stronger zoom-out pull
+    in some zero padding at the corners, as in nnU-Net. Rounded up so that the difference to the
+    final size is even (exact centre crop). Without rotation and scaling: the final size itself.
+    """
+    final = np.asarray(final_patch_size, dtype=float)
+    dims = len(final)
+    rot = config.max_rotation_rad(dims)
+    if rot == 0.0 and config.p_scale == 0.0:
+        return tuple(int(v) for v in final)
+    extent = final.copy()
+    half = np.array(list(itertools.product(*[(-v / 2, v / 2) for v in final]))).T
+    for axis in range(1 if dims == 2 else 3):
+        for a in np.linspace(-min(rot, math.pi), min(rot, math.pi), 181):
+            angles = [0.0] * (1 if dims == 2 else 3)
+            angles[axis] = float(a)
+            extent = np.maximum(extent, 2 * np.abs(_rotation(angles) @ half).max(axis=1))
+    if config.p_scale > 0:
+        extent = extent * max(1.0, min(config.scale_range[1], 1 / 0.85))
+    out = np.ceil(extent - 1e-6).astype(int)
+    out += (out - final.astype(int)) % 2
+    return tuple(int(v) for v in out)
+
+
+@dataclass(frozen=True)
+class Params:
+    """Every random choice for one batch of ``B`` samples with ``C`` channels and ``D`` spatial axes.
+
+    Neutral values mean "not applied": ``spatial`` False, noise_std 0, blur_sigma 0, brightness 1,
+    contrast 1, lowres_zoom 1, gamma / gamma_inverted 1, mirror False.
+    """
+
+    matrix: np.ndarray            # (B, D, D) output offset (vox, z-y-x) -> input offset
+    spatial: np.ndarray           # (B,) bool: resample this sample (else exact centre crop)
+    elastic: np.ndarray | None    # (B, D, *coarse) displacement (vox) at control points, or None
+    noise_std: np.ndarray         # (B,)
+    noise_seed: int
+    blur_sigma: np.ndarray        # (B, C) vox
+    brightness: np.ndarray        # (B, C)
+    contrast: np.ndarray          # (B, C)
+    lowres_zoom: np.ndarray       # (B, C)
+    gamma_inverted: np.ndarray    # (B,)
+    gamma: np.ndarray             # (B,)
+    mirror: np.ndarray            # (B, D) bool
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def identity(cls, batch_size: int, n_channels: int, spatial_dims: int) -> Params:
+        b, c, d = batch_size, n_channels, spatial_dims
+        return cls(matrix=np.tile(np.eye(d), (b, 1, 1)), spatial=np.zeros(b, bool), elastic=None,
+                   noise_std=np.zeros(b), noise_seed=0, blur_sigma=np.zeros((b, c)), brightness=np.ones((b, c)),
+                   contrast=np.ones((b, c)), lowres_zoom=np.ones((b, c)), gamma_inverted=np.ones(b),
+                   gamma=np.ones(b), mirror=np.zeros((b, d), bool))
+
+
+def _two_sided(rng: np.random.Generator, rng_range: Range, size: int | tuple[int, ...]) -> np.ndarray:
+    """batchgenerators' factor draw: half U(low, 1), half U(1, high) (when low < 1 < high)."""
+    lo, hi = rng_range
+    below = rng.random(size) < 0.5
+    return np.where(below & (lo < 1), rng.uniform(lo, min(hi, 1.0), size), rng.uniform(max(lo, 1.0), hi, size))
+
+
+def _where(rng: np.random.Generator, p: float, values: np.ndarray, neutral: float) -> np.ndarray:
+    return np.where(rng.random(values.shape) < p, values, neutral)
+
+
+def _spatial_params(rng: np.random.Generator, b: int, d: int, cfg: AugmentConfig,
+                    patch_size: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    rot_max = cfg.max_rotation_rad(d)
+    do_rot = rng.random(b) < cfg.p_rotation
+    do_scale = rng.random(b) < cfg.p_scale
+    angles = rng.uniform(-rot_max, rot_max, (b, 1 if d == 2 else 3))
+    scale = _two_sided(rng, cfg.scale_range, b)
+    matrix = np.tile(np.eye(d), (b, 1, 1))
+    for i in range(b):
+        if do_rot[i]:
+            matrix[i] = _rotation(angles[i])
+        if do_scale[i]:
+            matrix[i] = matrix[i] * scale[i]
+    do_el = rng.random(b) < cfg.p_elastic
+    elastic = None
+    if do_el.any():
+        coarse = tuple(max(2, math.ceil(p / cfg.elastic_grid_spacing_vox) + 1) for p in patch_size)
+        mag = rng.uniform(*cfg.elastic_magnitude_vox, b) * do_el
+        elastic = rng.normal(size=(b, d, *coarse)) * mag.reshape((b,) + (1,) * (d + 1))
+    return matrix, do_rot | do_scale | do_el, elastic
+
+
+def sample_params(rng: np.random.Generator, batch_size: int, *, n_channels: int, spatial_dims: int,
+                  config: AugmentConfig | None = None, patch_size: Sequence[int] | None = None) -> Params:
+    """Draw the augmentation parameters of one batch (numpy only; cheap).
+
+    ``patch_size`` (the final patch, ``spatial_dims`` entries) is needed only for elastic deformation.
+    """
+    cfg = (config or AugmentConfig()).for_spatial_dims(spatial_dims)
+    b, c, d = batch_size, n_channels, spatial_dims
+    matrix, spatial, elastic = _spatial_params(rng, b, d, cfg, patch_size or (32,) * d)
+    noise_std = _where(rng, cfg.p_noise, np.sqrt(rng.uniform(*cfg.noise_variance, b)), 0.0)
+    blur_on = (rng.random(b) < cfg.p_blur)[:, None] & (rng.random((b, c)) < cfg.p_blur_per_channel)
+    blur = np.where(blur_on, rng.uniform(*cfg.blur_sigma, (b, c)), 0.0)
+    brightness = np.where((rng.random(b) < cfg.p_brightness)[:, None],
+                          rng.uniform(*cfg.brightness_range, (b, c)), 1.0)
+    contrast = np.where((rng.random(b) < cfg.p_contrast)[:, None], _two_sided(rng, cfg.contrast_range, (b, c)), 1.0)
+    low_on = (rng.random(b) < cfg.p_lowres)[:, None] & (rng.random((b, c)) < cfg.p_lowres_per_channel)
+    lowres = np.where(low_on, rng.uniform(*cfg.lowres_zoom, (b, c)), 1.0)
+    gamma_inv = _where(rng, cfg.p_gamma_inverted, _two_sided(rng, cfg.gamma_range, b), 1.0)
+    gamma = _where(rng, cfg.p_gamma, _two_sided(rng, cfg.gamma_range, b), 1.0)
+    mirror = np.zeros((b, d), bool)
+    for a in cfg.mirror_axes:
+        mirror[:, a] = rng.random(b) < cfg.p_mirror
+    return Params(matrix=matrix, spatial=spatial, elastic=elastic, noise_std=noise_std,
+                  noise_seed=int(rng.integers(2**62)), blur_sigma=blur, brightness=brightness, contrast=contrast,
+                  lowres_zoom=lowres, gamma_inverted=gamma_inv, gamma=gamma, mirror=mirror)
+
+
+def apply(image: torch.Tensor, label: torch.Tensor | None, params: Params, *, patch_size: Sequence[int],
+          ds_scales: Sequence[Sequence[float]] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Augment one batch on its device; deterministic given ``params``.
+
+    Parameters
+    ----------
+    image : (B, C, *P) float32, ``P`` the (enlarged) input patch, 2 or 3 spatial axes.
+    label : (B, *P) or (B, 1, *P) integer labels, or ``None``.
+    patch_size : final spatial size ``F`` (same number of axes as ``P``; ``P - F`` even).
+    ds_scales : per-axis scale factor of each deep supervision output (full resolution first);
+        ``None`` gives one full-resolution target.
+
+    Returns
+    -------
+    (image (B, C, *F) float32, targets): one (B, 1, *F_s) int64 tensor per scale; empty without a label.
+    """
+    if label is not None and label.ndim == image.ndim - 1:
+        label = label.unsqueeze(1)
+    image, label = apply_spatial(image, label, params, patch_size)
+    image = apply_noise(image, params)
+    image = apply_blur(image, params)
+    image = apply_brightness(image, params)
+    image = apply_contrast(image, params)
+    image = apply_lowres(image, params)
+    image = apply_gamma(image, params.gamma_inverted, invert=True)
+    image = apply_gamma(image, params.gamma, invert=False)
+    image, label = apply_mirror(image, label, params)
+    targets = [] if label is None else downsample_targets(label, ds_scales)
+    return image, targets

@@ -1,0 +1,312 @@
+"""Streaming batch loaders: background threads read patches, the consumer augments on the device.
+
+Each of ``num_workers`` threads owns a :class:`~voxflow.data.sampling.PatchSampler` with its own
+random stream (seed, rank, worker) and fills its own bounded queue with raw patches plus the
+augmentation :class:`~voxflow.data.augment.Params` of that batch. The consumer takes batch ``k``
+from worker ``k % num_workers``, so the sequence of batches depends only on (seed, rank,
+num_workers), not on thread timing. Reading and decompressing Zarr chunks releases the GIL, so
+threads overlap I/O with the consumer's augmentation (torch ops on ``device``) and training step.
+
+Shutdown: :meth:`BatchLoader.close` (or leaving the ``with`` block) stops and joins the threads;
+any exception in a worker is re-raised in the consumer, and any exception or ``KeyboardInterrupt``
+raised while the consumer waits closes the loader before propagating. Threads are daemons, so a
+forgotten loader never blocks interpreter exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from voxflow._types import PathLikeStr
+from voxflow.data.augment import AugmentConfig, Params, apply, enlarged_patch_size, sample_params
+from voxflow.data.sampling import CaseHandle, PatchSampler, open_cases, stream_rng
+from voxflow.errors import LayoutError
+from voxflow.plan.schema import Configuration
+from voxflow.store import Store
+
+__all__ = ["Batch", "BatchLoader", "build_loader"]
+
+log = logging.getLogger(__name__)
+_POLL_S = 0.1
+
+
+@dataclass
+class Batch:
+    """One training batch on the loader's device.
+
+    ``image`` (B, C, Z, Y, X) float32 ((B, C, Y, X) for 2D configurations); ``target`` one int64
+    (B, 1, ...) label tensor per deep supervision scale, full resolution first; ``case_ids`` and
+    ``params`` (the augmentation drawn) for logging.
+    """
+
+    image: torch.Tensor
+    target: list[torch.Tensor]
+    case_ids: tuple[str, ...] = ()
+    params: Params | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Raw:
+    image: torch.Tensor
+    label: torch.Tensor | None
+    case_ids: tuple[str, ...]
+    params: Params
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderSpec:
+    """What one loader produces (derived from a Configuration by :func:`build_loader`)."""
+
+    batch_size: int
+    read_patch_vox: tuple[int, int, int]
+    final_patch_vox: tuple[int, ...]   # spatial axes of the network input: 3 (z, y, x) or 2 (y, x)
+    n_channels: int
+    oversample_foreground: float
+    augment: AugmentConfig | None
+    ds_scales: tuple[tuple[float, ...], ...] | None
+    purpose: str = "train"
+
+
+class BatchLoader:
+    """Iterable of :class:`Batch`; infinite when ``n_batches`` is ``None``, else ``n_batches`` long
+    and identical on every pass (each ``iter()`` restarts the streams). Use as a context manager."""
+
+    def __init__(self, cases: Sequence[CaseHandle], spec: LoaderSpec, *, device: str | torch.device = "cpu",
+                 seed: int = 0, rank: int = 0, num_workers: int = 2, n_batches: int | None = None,
+                 prefetch: int = 2) -> None:
+        self.cases = list(cases)
+        self.spec = spec
+        self.device = torch.device(device)
+        self.seed, self.rank = int(seed), int(rank)
+        self.num_workers = max(0, int(num_workers))
+        self.n_batches = n_batches
+        self.prefetch = max(1, int(prefetch))
+        self._threads: list[threading.Thread] = []
+        self._queues: list[queue.Queue[Any]] = []
+        self._stop = threading.Event()
+        self._inline: _Producer | None = None
+        self._step = 0
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def _start(self) -> None:
+        self.close()
+        self._stop = threading.Event()
+        self._step = 0
+        self._started = True
+        if self.num_workers == 0:
+            self._inline = _Producer(self, 0)
+            return
+        self._queues = [queue.Queue(maxsize=self.prefetch) for _ in range(self.num_workers)]
+        self._threads = [
+            threading.Thread(target=self._work, args=(w, self._queues[w], self._stop), daemon=True,
+                             name=f"voxflow-loader-r{self.rank}-w{w}")
+            for w in range(self.num_workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def close(self) -> None:
+        """Stop and join the worker threads; safe to call more than once."""
+        self._stop.set()
+        for q in self._queues:
+            while not q.empty():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
+        for t in self._threads:
+            t.join(timeout=10)
+            if t.is_alive():  # pragma: no cover - a read stuck in the OS
+                log.warning("loader thread %s did not stop within 10 s", t.name)
+        self._threads, self._queues, self._inline = [], [], None
+        self._started = False
+
+    def __enter__(self) -> BatchLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    # ------------------------------------------------------------------ workers
+    def _work(self, w: int, q: queue.Queue[Any], stop: threading.Event) -> None:
+        try:
+            producer = _Producer(self, w)
+            k = w
+            while not stop.is_set() and (self.n_batches is None or k < self.n_batches):
+                item: Any = producer.next()
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=_POLL_S)
+                        break
+                    except queue.Full:
+                        continue
+                k += self.num_workers
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            while not stop.is_set():
+                try:
+                    q.put(_Failure(e), timeout=_POLL_S)
+                    return
+                except queue.Full:
+                    continue
+
+    def _get(self) -> _Raw:
+        if self._inline is not None:
+            return self._inline.next()
+        w = self._step % self.num_workers
+        q, t = self._queues[w], self._threads[w]
+        while True:
+            try:
+                item = q.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not t.is_alive() and q.empty():
+                    raise RuntimeError(f"loader thread {t.name} stopped without a batch or an error") from None
+                continue
+            if isinstance(item, _Failure):
+                raise item.error
+            return item
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[Batch]:
+        if self.n_batches is not None or not self._started:
+            self._start()
+        return self
+
+    def __len__(self) -> int:
+        if self.n_batches is None:
+            raise TypeError("a training loader is infinite and has no length")
+        return self.n_batches
+
+    def __next__(self) -> Batch:
+        if not self._started:
+            self._start()
+        if self.n_batches is not None and self._step >= self.n_batches:
+            self.close()
+            raise StopIteration
+        try:
+            raw = self._get()
+            self._step += 1
+            return self._finish(raw)
+        except BaseException:
+            self.close()
+            raise
+
+    def _finish(self, raw: _Raw) -> Batch:
+        """Move to the device and augment (centre crop + targets only when augmentation is off)."""
+        nb = self.device.type == "cuda"
+        image = raw.image.to(self.device, non_blocking=nb)
+        label = None if raw.label is None else raw.label.to(self.device, non_blocking=nb)
+        image, targets = apply(image, label, raw.params, patch_size=self.spec.final_patch_vox,
+                               ds_scales=self.spec.ds_scales)
+        return Batch(image=image, target=targets, case_ids=raw.case_ids, params=raw.params)
+
+
+class _Producer:
+    """One worker's sampler and parameter stream."""
+
+    def __init__(self, loader: BatchLoader, worker: int) -> None:
+        spec = loader.spec
+        self.spec = spec
+        self.rng = stream_rng(loader.seed, rank=loader.rank, worker=worker, purpose=spec.purpose)
+        self.sampler = PatchSampler(loader.cases, spec.read_patch_vox,
+                                    final_patch_size_vox=_final_3d(spec), rng=self.rng,
+                                    oversample_foreground=spec.oversample_foreground)
+        self.pin = loader.device.type == "cuda"
+
+    def next(self) -> _Raw:
+        spec = self.spec
+        pb = self.sampler.sample(spec.batch_size)
+        image = torch.from_numpy(pb.image)
+        label = None if pb.label is None else torch.from_numpy(pb.label)
+        dims = len(spec.final_patch_vox)
+        if dims == 2:  # (B, C, 1, Y, X) -> (B, C, Y, X)
+            image = image[:, :, 0]
+            label = None if label is None else label[:, 0]
+        if spec.augment is None:
+            params = Params.identity(spec.batch_size, spec.n_channels, dims)
+        else:
+            params = sample_params(self.rng, spec.batch_size, n_channels=spec.n_channels, spatial_dims=dims,
+                                   config=spec.augment, patch_size=spec.final_patch_vox)
+        if self.pin:
+            image = image.pin_memory()
+            label = None if label is None else label.pin_memory()
+        return _Raw(image, label, pb.case_ids, params)
+
+
+def _final_3d(spec: LoaderSpec) -> tuple[int, int, int]:
+    if len(spec.final_patch_vox) == 2:
+        return (1, *spec.final_patch_vox)  # type: ignore[return-value]
+    return tuple(spec.final_patch_vox)  # type: ignore[return-value]
+
+
+def loader_spec(config: Configuration, *, train: bool, augment: bool | AugmentConfig,
+                ds_scales: Sequence[Sequence[float]] | None, batch_size: int | None = None,
+                n_channels: int | None = None) -> LoaderSpec:
+    """Patch sizes, augmentation and targets of a loader for ``config`` (see :func:`build_loader`)."""
+    final = tuple(config.patch_size_vox[1:]) if config.is_2d else tuple(config.patch_size_vox)
+    aug: AugmentConfig | None = None
+    if train and augment is not False:
+        if isinstance(augment, AugmentConfig):
+            aug = augment
+        else:  # the plan's mirror axes are volume axes (z, y, x); a 2D patch has only (y, x)
+            axes = config.train.mirror_axes
+            aug = AugmentConfig(mirror_axes=tuple(a - 1 for a in axes if a > 0) if config.is_2d else axes)
+    read = enlarged_patch_size(final, aug) if aug is not None else final
+    read3 = (1, *read) if config.is_2d else read
+    scales = None if ds_scales is None else tuple(tuple(float(v) for v in s) for s in ds_scales)
+    if scales is not None and any(len(s) != len(final) for s in scales):
+        raise ValueError(f"ds_scales entries must have {len(final)} factors (one per patch axis); got {scales!r}")
+    return LoaderSpec(batch_size=int(batch_size or config.batch_size), read_patch_vox=read3,  # type: ignore[arg-type]
+                      final_patch_vox=final, n_channels=int(n_channels or config.n_channels),
+                      oversample_foreground=config.train.oversample_foreground, augment=aug,
+                      ds_scales=scales, purpose="train" if train else "val")
+
+
+def build_loader(store: Store | PathLikeStr, case_ids: Sequence[str], config: Configuration, *,
+                 train: bool = True, device: str | torch.device = "cpu", seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 2, ds_scales: Sequence[Sequence[float]] | None = None,
+                 augment: bool | AugmentConfig = True, n_batches: int | None = None,
+                 batch_size: int | None = None, prefetch: int = 2) -> BatchLoader:
+    """Loader of patches from a preprocessed store for one configuration.
+
+    ``train=True``: infinite, augmented (``augment`` True = nnU-Net defaults with the plan's
+    mirror axes, an :class:`AugmentConfig` to customise, False for none). ``train=False``:
+    ``n_batches`` (default ``config.train.val_iters``) unaugmented batches, the same on every pass;
+    foreground oversampling applies to both, as in nnU-Net. Each DDP ``rank`` draws its own stream;
+    ``batch_size`` (default the plan's) is per rank. ``ds_scales`` from
+    :func:`voxflow.nets.deep_supervision_scales`. ``n_batches`` also makes a training loader finite.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}); got {rank!r}")
+    st = store if isinstance(store, Store) else Store.open(store)
+    cases = open_cases(st, list(case_ids), require_label=True)
+    for c in cases:
+        if c.image.shape[0] != config.n_channels:
+            raise LayoutError(f"configuration {config.name!r} expects {config.n_channels} channels; got "
+                              f"{c.image.shape[0]} for case {c.case_id!r} in {st.path}. Preprocess with this plan.")
+    spec = loader_spec(config, train=train, augment=augment, ds_scales=ds_scales, batch_size=batch_size)
+    if not train and n_batches is None:
+        n_batches = config.train.val_iters
+    log.info("loader rank %d: %d cases, read patch %s -> %s, batch %d, %s", rank, len(cases),
+             spec.read_patch_vox, spec.final_patch_vox, spec.batch_size, "augmented" if spec.augment else "plain")
+    return BatchLoader(cases, spec, device=device, seed=seed, rank=rank, num_workers=num_workers,
+                       n_batches=n_batches, prefetch=prefetch)
