@@ -1,0 +1,369 @@
+"""``train_fold``: train one cross-validation fold of one configuration from a workspace.
+
+Run directory ``WORK/runs/<cfg>/fold_<k>/``::
+
+    checkpoint_latest.pt   every ``train.checkpoint_every`` epochs and at exit (for --resume)
+    checkpoint_best.pt     best EMA validation pseudo-Dice so far
+    checkpoint_final.pt    after the last epoch (or early stopping)
+    metrics.jsonl, progress.png, training_log.txt, training_summary.json
+
+Randomness: the network is initialised from ``train.seed`` on every rank (DDP also broadcasts rank
+0's weights); the loader gets ``seed = train.seed + 7919 · start_epoch`` (its streams are derived per
+rank and worker), so a fresh run and a resumed run are each reproducible. Python/numpy/torch RNG
+states are saved in the checkpoints and restored on resume.
+
+The batch of the plan is split across DDP ranks (rank r gets ``B // N`` plus one of the remainder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from voxflow.errors import PlanError
+from voxflow.nets import build_network, count_parameters, deep_supervision_scales
+from voxflow.plan.schema import Configuration, Plan, atomic_write_json
+from voxflow.store import DatasetMeta, Store
+from voxflow.train import distributed as D
+from voxflow.train._steps import amp_dtype_for, pseudo_dice, train_epoch, validate
+from voxflow.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint, strip_state_dict
+from voxflow.train.labels import LabelSpec
+from voxflow.train.losses import DeepSupervisionLoss, SegmentationLoss, deep_supervision_weights
+from voxflow.train.monitor import RunMonitor
+from voxflow.train.schedules import build_optimizer, lr_at, set_lr
+from voxflow.train.splits import fold_cases, load_or_create_splits
+from voxflow.train.validation import validate_fold
+from voxflow.workspace import Workspace
+
+__all__ = ["TrainState", "class_weights_from_counts", "train_fold"]
+
+log = logging.getLogger(__name__)
+
+LoaderFactory = Callable[..., Any]
+EMA_MOMENTUM = 0.9
+
+
+@dataclass
+class TrainState:
+    """Trainer bookkeeping saved in every checkpoint. ``epoch`` is the next epoch to run."""
+
+    epoch: int = 0
+    ema_pseudo_dice: float | None = None
+    best_ema: float = -math.inf
+    epochs_since_best: int = 0
+    class_weights: list[float] | None = None
+    train_seconds: float = 0.0
+    stopped_early: bool = False
+
+
+@dataclass
+class _Job:
+    """Everything one rank needs, resolved once from the workspace."""
+
+    work: Workspace
+    configuration: Configuration
+    meta: DatasetMeta
+    labels: LabelSpec
+    store_path: Path
+    fold: int | str
+    train_ids: list[str]
+    val_ids: list[str]
+    run_dir: Path
+    resume: bool
+    num_workers: int
+    validate_cases: bool
+
+
+def _default_loader() -> LoaderFactory:
+    try:
+        from voxflow.data import build_loader
+    except ImportError as e:
+        raise PlanError("training needs voxflow.data.build_loader, which is not installed in this build; "
+                        "install the full voxflow package.") from e
+    return build_loader
+
+
+def _resolve(work: Workspace, configuration: str, fold: int | str, *, resume: bool,
+             overrides: Mapping[str, Any] | None, num_workers: int, validate_cases: bool) -> _Job:
+    plan = Plan.load(work.plans)
+    if overrides:
+        plan = plan.with_overrides(dict(overrides), configuration=configuration)
+    config = plan.configuration(configuration)
+    store = Store.open(work.preprocessed(configuration))
+    case_ids = store.case_ids()
+    splits = load_or_create_splits(work, case_ids, groups=store.meta.extra.get("case_groups"))
+    train_ids, val_ids = fold_cases(splits, fold, case_ids)
+    if not train_ids or not val_ids:
+        raise PlanError(f"fold {fold!r} of {work.splits} must have training and validation cases; got "
+                        f"{len(train_ids)} and {len(val_ids)}.")
+    return _Job(work, config, store.meta, LabelSpec.from_meta(store.meta), store.path, fold, train_ids,
+                val_ids, work.run_dir(configuration, fold), resume, num_workers, validate_cases)
+
+
+def train_fold(work: Workspace, configuration: str, fold: int | str, *, device: str = "cpu",
+               resume: bool = False, overrides: Mapping[str, Any] | None = None, nproc: int = 1,
+               num_workers: int = 2, loader_factory: LoaderFactory | None = None,
+               validate_cases: bool = True) -> Path:
+    """Train ``configuration`` on ``fold`` (0..4 or ``"all"``) and return the run directory.
+
+    ``overrides`` are ``--set`` style keys relative to the configuration (``{"train.epochs": 5}``).
+    ``nproc > 1`` spawns that many DDP processes. ``loader_factory`` defaults to
+    :func:`voxflow.data.build_loader` (same signature; must be picklable for ``nproc > 1``).
+    ``validate_cases`` predicts the validation cases at the end (when :mod:`voxflow.infer` exists).
+    """
+    job = _resolve(work, configuration, fold, resume=resume, overrides=overrides, num_workers=num_workers,
+                   validate_cases=validate_cases)
+    factory = loader_factory or _default_loader()
+    if nproc > 1:
+        import torch.multiprocessing as mp
+
+        port = D.free_port()
+        mp.spawn(_rank_entry, args=(nproc, port, device, job, factory), nprocs=nproc, join=True)
+    else:
+        _rank_entry(0, 1, None, device, job, factory)
+    return job.run_dir
+
+
+def _rank_entry(rank: int, world_size: int, port: int | None, device: str, job: _Job,
+                factory: LoaderFactory) -> None:
+    info = D.setup_process_group(device, rank=rank, world_size=world_size, port=port)
+    try:
+        _Trainer(job, info, factory).run()
+    finally:
+        D.cleanup(info)
+
+
+def class_weights_from_counts(counts: np.ndarray, *, max_weight: float = 100.0) -> list[float]:
+    """Median-frequency balancing: ``w_c = median(f) / f_c``, clipped to ``[1/max, max]``."""
+    freq = counts.astype(np.float64) / max(float(counts.sum()), 1.0)
+    freq = np.where(freq > 0, freq, np.nan)
+    med = np.nanmedian(freq) if np.isfinite(freq).any() else 1.0
+    w = np.nan_to_num(med / freq, nan=max_weight)
+    return [float(x) for x in np.clip(w, 1.0 / max_weight, max_weight)]
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _Trainer:
+    """The training loop of one rank: parts composed, state in :class:`TrainState`."""
+
+    def __init__(self, job: _Job, info: D.DistInfo, factory: LoaderFactory):
+        self.job, self.info, self.factory = job, info, factory
+        self.cfg = job.configuration
+        self.spec = self.cfg.train
+        _seed_all(self.spec.seed)
+        self.net = build_network(self.cfg.network, self.cfg.n_channels, job.labels.num_outputs).to(info.device)
+        self.optimizer = build_optimizer(self.net.parameters(), self.spec)
+        self.amp_dtype = amp_dtype_for(info.device, self.spec.amp)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp_dtype == torch.float16)
+        self.state = TrainState()
+        self.scales = deep_supervision_scales(self.cfg.network)
+        self.monitor = RunMonitor(job.run_dir, enabled=info.is_main, class_names=job.labels.names)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "network": strip_state_dict(self.net.state_dict()),
+            "configuration": dataclasses.asdict(self.cfg),
+            "dataset": self.job.meta.to_dict(),
+            "in_channels": self.cfg.n_channels,
+            "num_outputs": self.job.labels.num_outputs,
+            "label_spec": dataclasses.asdict(self.job.labels),
+            "epoch": self.state.epoch,
+            "fold": str(self.job.fold),
+            "optimizer": self.optimizer.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),
+            "trainer_state": dataclasses.asdict(self.state),
+            "rng": capture_rng(),
+        }
+
+    def _save(self, *names: str) -> None:
+        if not self.info.is_main:
+            return
+        payload = self._payload()
+        for name in names:
+            save_checkpoint(self.job.run_dir / f"checkpoint_{name}.pt", payload)
+
+    def _try_resume(self) -> bool:
+        """Load checkpoint_latest.pt; return True when the run had already finished."""
+        final, latest = self.job.run_dir / "checkpoint_final.pt", self.job.run_dir / "checkpoint_latest.pt"
+        if not latest.exists() and not final.exists():
+            log.warning("--resume: no checkpoint in %s; starting from scratch", self.job.run_dir)
+            return False
+        ckpt = load_checkpoint(latest if latest.exists() else final, map_location=self.info.device)
+        self.net.load_state_dict(strip_state_dict(ckpt["network"]))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["grad_scaler"])
+        self.state = TrainState(**ckpt["trainer_state"])
+        if self.info.is_main:
+            restore_rng(ckpt["rng"])
+        log.info("resumed %s at epoch %d", self.job.run_dir, self.state.epoch)
+        return final.exists() and self.state.epoch >= self.spec.epochs or self.state.stopped_early
+
+    # ------------------------------------------------------------------ set-up
+    def _rank_config(self) -> Configuration:
+        b, n, r = self.cfg.batch_size, self.info.world_size, self.info.rank
+        per_rank = b // n + (1 if r < b % n else 0)
+        if per_rank < 1:
+            raise PlanError(f"batch_size {b} cannot be split across {n} processes; use --nproc <= {b} or "
+                            f"--set batch_size={n}")
+        return dataclasses.replace(self.cfg, batch_size=per_rank)
+
+    def _loaders(self) -> tuple[Any, Any]:
+        seed = self.spec.seed + 7919 * self.state.epoch
+        common = {"device": self.info.device, "rank": self.info.rank, "world_size": self.info.world_size,
+                  "num_workers": self.job.num_workers, "ds_scales": self.scales}
+        rank_cfg = self._rank_config()
+        train = self.factory(self.job.store_path, self.job.train_ids, rank_cfg, train=True, seed=seed,
+                             augment=True, **common)
+        val = self.factory(self.job.store_path, self.job.val_ids, rank_cfg, train=False, seed=seed + 1,
+                           augment=False, **common)
+        return train, val
+
+    def _class_weights(self, batches: Any) -> torch.Tensor | None:
+        if not self.spec.class_weighted_ce:
+            return None
+        if self.state.class_weights is None:
+            k = self.job.labels.num_outputs
+            counts = torch.zeros(k, dtype=torch.float64, device=self.info.device)
+            for _ in range(min(10, self.spec.iters_per_epoch)):
+                t = next(batches).target
+                t = (t if isinstance(t, torch.Tensor) else t[0]).to(self.info.device).long()
+                counts += torch.bincount(t[(t >= 0) & (t < k)].flatten(), minlength=k).double()
+            D.all_reduce_sum(counts, self.info)
+            self.state.class_weights = class_weights_from_counts(counts.cpu().numpy())
+            log.info("class-weighted CE: weights %s", [round(w, 3) for w in self.state.class_weights])
+        return torch.tensor(self.state.class_weights, dtype=torch.float32, device=self.info.device)
+
+    def _losses(self, batches: Any) -> tuple[nn.Module, nn.Module]:
+        base = SegmentationLoss(self.job.labels, kind=self.spec.loss, class_weights=self._class_weights(batches))
+        return DeepSupervisionLoss(base, deep_supervision_weights(len(self.scales))), base
+
+    def _wrap(self) -> nn.Module:
+        model: nn.Module = self.net
+        if self.info.distributed:
+            ids = [self.info.device] if self.info.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.spec.compile:
+            model = torch.compile(model)  # type: ignore[assignment]
+        return model
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        with self.monitor:
+            finished = self.job.resume and self._try_resume()
+            self.monitor.restore(self.state.epoch)
+            if finished:
+                log.info("%s already finished (epoch %d); nothing to resume", self.job.run_dir, self.state.epoch)
+                return
+            if not (self.job.resume and self.info.is_main and self.state.epoch):
+                _seed_all(self.spec.seed + 1 + self.info.rank + 7919 * self.state.epoch)
+            if self.info.is_main:
+                log.info("training %s fold %s: %d train / %d val cases, %d parameters, %d processes, device %s",
+                         self.cfg.name, self.job.fold, len(self.job.train_ids), len(self.job.val_ids),
+                         count_parameters(self.net), self.info.world_size, self.info.device)
+            model = self._wrap()
+            train_loader, val_loader = self._loaders()
+            try:
+                batches = iter(train_loader)
+                loss_fn, val_loss_fn = self._losses(batches)
+                self._loop(model, loss_fn, val_loss_fn, batches, val_loader)
+            finally:
+                for loader in (train_loader, val_loader):
+                    close = getattr(loader, "close", None)
+                    if close is not None:
+                        close()
+            self._save("latest", "final")
+            self._finish()
+
+    def _loop(self, model: nn.Module, loss_fn: nn.Module, val_loss_fn: nn.Module, batches: Any,
+              val_loader: Any) -> None:
+        for epoch in range(self.state.epoch, self.spec.epochs):
+            t0 = time.perf_counter()
+            lr = lr_at(epoch, self.spec)
+            set_lr(self.optimizer, lr)
+            train_loss = train_epoch(model, loss_fn, self.optimizer, self.scaler, batches,
+                                     n_iters=self.spec.iters_per_epoch, info=self.info, amp_dtype=self.amp_dtype,
+                                     grad_clip=self.spec.grad_clip, desc=f"epoch {epoch}")
+            t_train = time.perf_counter() - t0
+            val_loss, counts = validate(model, val_loss_fn, iter(val_loader), n_iters=self.spec.val_iters,
+                                        info=self.info, amp_dtype=self.amp_dtype, labels=self.job.labels)
+            dice = pseudo_dice(counts.cpu())
+            self._after_epoch(epoch, lr, train_loss, val_loss, dice, t_train, time.perf_counter() - t0)
+            if self._should_stop():
+                log.info("early stopping after epoch %d: EMA pseudo-Dice did not improve for %d epochs",
+                         epoch, self.state.epochs_since_best)
+                self.state.stopped_early = True
+                break
+
+    def _after_epoch(self, epoch: int, lr: float, train_loss: float, val_loss: float, dice: list[float],
+                     t_train: float, t_epoch: float) -> None:
+        finite = [d for d in dice if math.isfinite(d)]
+        mean = float(np.mean(finite)) if finite else 0.0
+        st = self.state
+        st.ema_pseudo_dice = mean if st.ema_pseudo_dice is None else (
+            EMA_MOMENTUM * st.ema_pseudo_dice + (1 - EMA_MOMENTUM) * mean)
+        st.epoch = epoch + 1
+        st.train_seconds += t_epoch
+        improved = st.ema_pseudo_dice > st.best_ema
+        if improved:
+            st.best_ema, st.epochs_since_best = st.ema_pseudo_dice, 0
+            self._save("best")
+        else:
+            st.epochs_since_best += 1
+        if st.epoch % self.spec.checkpoint_every == 0:
+            self._save("latest")
+        self.monitor.record({
+            "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+            "pseudo_dice": [d if math.isfinite(d) else None for d in dice], "mean_pseudo_dice": mean,
+            "ema_pseudo_dice": st.ema_pseudo_dice, "lr": lr, "epoch_seconds": t_epoch,
+            "seconds_per_iter": t_train / self.spec.iters_per_epoch, "new_best": improved,
+        })
+        if self.info.is_main:
+            log.info("epoch %d: train loss %.4f, val loss %.4f, pseudo-Dice %s (EMA %.4f), lr %.2e, %.1f s",
+                     epoch, train_loss, val_loss, [round(d, 4) for d in dice], st.ema_pseudo_dice, lr, t_epoch)
+
+    def _should_stop(self) -> bool:
+        patience = self.spec.early_stopping_patience
+        return patience is not None and self.state.epochs_since_best >= patience
+
+    def _param_spread(self) -> float:
+        """Largest difference of any weight between ranks (0 when DDP kept them identical)."""
+        if not self.info.distributed:
+            return 0.0
+        flat = torch.cat([p.detach().flatten().double() for p in self.net.parameters()])
+        hi, lo = flat.clone(), -flat
+        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MAX)
+        return float((hi + lo).max())
+
+    def _finish(self) -> None:
+        spread = self._param_spread()
+        if spread > 0:
+            log.warning("DDP ranks ended with different weights (max difference %.3g)", spread)
+        if not self.info.is_main:
+            return
+        atomic_write_json(self.job.run_dir / "training_summary.json", {
+            "configuration": self.cfg.name, "fold": str(self.job.fold), "epochs": self.state.epoch,
+            "stopped_early": self.state.stopped_early, "best_ema_pseudo_dice": self.state.best_ema,
+            "train_seconds": self.state.train_seconds, "world_size": self.info.world_size,
+            "ddp_max_param_diff": spread, "n_parameters": count_parameters(self.net),
+        })
+        if self.job.validate_cases:
+            validate_fold(self.job.work, self.cfg.name, self.job.fold, self.job.val_ids,
+                          device=str(self.info.device))
