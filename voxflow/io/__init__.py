@@ -1,0 +1,27 @@
+"""Input/output: convert any supported source into a voxflow store, export a store back to files.
+
+* :func:`convert` -- nnU-Net v2 raw, MSD, images/+labels/ folders, DICOM series (with TCIA mask
+  series), single files, TIFF stacks and 2D-slice folders -> dataset store; cases in parallel with
+  Dask, large volumes slab by slab (gzip NIfTI cannot stream: it must fit in memory).
+* :func:`export_store` -- store arrays -> NIfTI/NRRD/MHA/... files with the original geometry.
+* :func:`store_info` / :func:`format_info` -- a readable summary of a store.
+* :func:`register_format` -- add a source format (or use the ``voxflow.readers`` entry points).
+"""
+
+from voxflow.io._convert import convert, default_max_memory
+from voxflow.io._export import export_store, format_info, store_info, to_xarray
+from voxflow.io._sources import CaseSpec, DatasetSource, detect_source, load_source, register_format
+
+__all__ = [
+    "CaseSpec",
+    "DatasetSource",
+    "convert",
+    "default_max_memory",
+    "detect_source",
+    "export_store",
+    "format_info",
+    "load_source",
+    "register_format",
+    "store_info",
+    "to_xarray",
+]

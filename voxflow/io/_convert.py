@@ -1,0 +1,280 @@
+"""``convert``: any supported source -> voxflow dataset store, cases in parallel, volumes in slabs.
+
+How a case is written:
+
+1. *Plan* (headers only): open every channel and the label, check channel count and that all of
+   them share one grid (:meth:`Geometry.check_matches`), and choose the slab height. A volume
+   whose format streams (uncompressed NIfTI/MHA/NRRD, DICOM, TIFF) is read ``slab_z`` rows at a
+   time, so memory stays bounded by ``max_memory_bytes`` whatever its size. A compressed file
+   (``.nii.gz``) must be decompressed whole: if it does not fit, the case fails with an error
+   saying so and how to make it stream.
+2. *Write*: one Dask task per slab (slab boundaries on chunk boundaries, so no two tasks touch one
+   Zarr chunk), checking images for NaN/Inf and labels for non-integer or undeclared values.
+3. *Finish*: one task per case marks it complete only if every slab succeeded.
+
+A failing case never stops the others; at the end a :class:`ConversionError` lists every failure.
+Complete cases are skipped on a rerun; incomplete ones are redone (``overwrite=True`` redoes all).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+
+from voxflow._types import PathLikeStr
+from voxflow.cluster import compute, scheduler_context
+from voxflow.errors import ConversionError, GeometryMismatchError, VoxflowError
+from voxflow.io._sources import CaseSpec, DatasetSource, load_source
+from voxflow.io._volume import VolumeSource, gzip_hint
+from voxflow.store import DEFAULT_CHUNKS_ZYX, DatasetMeta, Store, label_dtype_for
+
+__all__ = ["convert", "default_max_memory"]
+
+log = logging.getLogger(__name__)
+_COPIES = 3  # read buffer + dtype copy + codec buffers, per slab in flight
+
+
+def default_max_memory() -> int:
+    """Half of the memory available now, in bytes."""
+    import psutil
+
+    return int(psutil.virtual_memory().available // 2)
+
+
+def _n_workers() -> int:
+    return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+
+
+@dataclass
+class _CasePlan:
+    case: CaseSpec
+    images: list[VolumeSource]
+    label: VolumeSource | None
+    dtype: np.dtype
+    slab_z: int
+
+
+def _check_grid(ref: VolumeSource, other: VolumeSource, what: str, case: str) -> None:
+    try:
+        ref.geometry.check_matches(other.geometry, what=what, case=case)
+    except GeometryMismatchError as e:
+        raise GeometryMismatchError(
+            f"{e} File {other.describe()!r} vs image {ref.describe()!r}. Resample it onto the image grid or "
+            f"fix its header.") from None
+
+
+def _plan_case(case: CaseSpec, n_channels: int, chunks_zyx: Sequence[int], max_memory: int) -> _CasePlan:
+    images = [ref.open(case.case_id) for ref in case.images]
+    label = case.label.open(case.case_id) if case.label is not None else None
+    got = sum(s.n_channels for s in images)
+    if got != n_channels:
+        raise ConversionError(f"a case must have {n_channels} channel(s) as declared; got {got} for case "
+                              f"{case.case_id!r} (files {[s.describe() for s in images]}).")
+    for i, s in enumerate(images[1:], start=1):
+        _check_grid(images[0], s, f"channel {i}", case.case_id)
+    if label is not None:
+        _check_grid(images[0], label, "label", case.case_id)
+    vols = images + ([label] if label is not None else [])
+    nz = images[0].geometry.shape_zyx[0]
+    row_bytes = sum(v.nbytes for v in vols) // nz
+    cz = max(1, min(int(chunks_zyx[0]), nz))
+    per_task = max_memory // (_COPIES * _n_workers())
+    if all(v.streamable for v in vols) and row_bytes * nz > per_task:
+        slab_z = max(cz, (per_task // max(row_bytes, 1)) // cz * cz)
+    else:
+        slab_z = nz
+        whole = [v for v in vols if not v.streamable]
+        need = 2 * sum(v.nbytes for v in vols)
+        if whole and need > max_memory:
+            raise ConversionError(
+                f"a volume must stream or fit in the converter's memory ({max_memory / 2**20:.0f} MiB); "
+                f"{whole[0].describe()!r} of case {case.case_id!r} needs about {need / 2**20:.0f} MiB.{gzip_hint(whole[0])}, "
+                f"or allow more memory with --max-memory.")
+    dtype = np.result_type(*[s.dtype for s in images])
+    return _CasePlan(case, images, label, np.dtype(dtype), slab_z)
+
+
+def _check_image(arr: np.ndarray, src: VolumeSource, case: str) -> None:
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        n_bad = int(arr.size - np.isfinite(arr).sum())
+        raise ConversionError(
+            f"images must be finite; got {n_bad} NaN/Inf voxels in {src.describe()!r} for case {case!r}. "
+            f"Replace them (e.g. with the image minimum) before converting.")
+
+
+def _prepare_label(arr: np.ndarray, src: VolumeSource, case: str, declared: tuple[int, ...],
+                   binary: bool, dtype: np.dtype) -> np.ndarray:
+    if binary:
+        return (arr > 0).astype(dtype)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
+            bad = arr[~np.isfinite(arr) | (arr != np.round(arr))]
+            raise ConversionError(f"label values must be integers; got {bad.flat[0]!r} in {src.describe()!r} "
+                                  f"for case {case!r}. Labels are class ids, not probabilities.")
+    values = np.unique(arr)
+    undeclared = sorted(set(values.tolist()) - set(declared))
+    if undeclared:
+        raise ConversionError(
+            f"label values must be declared in the dataset labels {list(declared)}; got undeclared value(s) "
+            f"{[int(v) for v in undeclared]} in {src.describe()!r} for case {case!r}. Add them to dataset.json "
+            f"'labels' or fix the label file.")
+    return arr.astype(dtype)
+
+
+@dataclass(frozen=True)
+class _SlabJob:
+    store: str
+    case: str
+    z0: int
+    z1: int
+    images: tuple[VolumeSource, ...]
+    label: VolumeSource | None
+    declared: tuple[int, ...]
+    binary: bool
+    dtype: str
+    label_dtype: str
+
+
+def _write_slab(job: _SlabJob) -> str | None:
+    """Read, check and write rows z0:z1 of one case; returns an error message instead of raising."""
+    import zarr
+
+    try:
+        parts = []
+        for src in job.images:
+            arr = src.read(job.z0, job.z1)
+            _check_image(arr, src, job.case)
+            parts.append(arr.astype(job.dtype, copy=False))
+        image = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        zarr.open_array(f"{job.store}/cases/{job.case}/image", mode="r+")[:, job.z0:job.z1] = image
+        del image, parts
+        if job.label is not None:
+            lab = job.label.read(job.z0, job.z1)[0]
+            lab = _prepare_label(lab, job.label, job.case, job.declared, job.binary, np.dtype(job.label_dtype))
+            zarr.open_array(f"{job.store}/cases/{job.case}/label", mode="r+")[job.z0:job.z1] = lab
+    except VoxflowError as e:
+        return str(e)
+    except (RuntimeError, OSError, ValueError) as e:
+        return f"could not convert rows {job.z0}:{job.z1} of case {job.case!r}: {e}"
+    return None
+
+
+def _finish_case(store: str, case: str, *errors: str | None) -> str | None:
+    failed = [e for e in errors if e]
+    if failed:
+        return failed[0]
+    Store.open(store, mode="r+").mark_complete(case)
+    return None
+
+
+def _label_values(src: VolumeSource, slab_z: int) -> set[int]:
+    out: set[int] = set()
+    nz = src.geometry.shape_zyx[0]
+    step = nz if not src.streamable else slab_z
+    for z0 in range(0, nz, step):
+        arr = src.read(z0, min(nz, z0 + step))
+        out.update(int(v) for v in np.unique(arr) if float(v).is_integer())
+    return out
+
+
+def _scan_labels(source: DatasetSource, chunks_zyx: Sequence[int]) -> dict[str, int]:
+    """Labels of a source that declares none: every value found in its label files."""
+    tasks = []
+    for case in source.cases:
+        if case.label is None:
+            continue
+        try:
+            src = case.label.open(case.case_id)
+        except VoxflowError:
+            continue  # reported by the conversion itself
+        tasks.append(dask.delayed(_label_values)(src, max(1, int(chunks_zyx[0]))))
+    values: set[int] = {0}
+    for found in compute(*tasks, desc="scanning labels") if tasks else ():
+        values |= found
+    if source.cases and all(c.binary_label for c in source.cases):
+        values = {0, 1}
+    return {"background": 0, **{f"label_{v}": v for v in sorted(values) if v != 0}}
+
+
+def _case_attrs(plan: _CasePlan, source: DatasetSource, split: str) -> dict[str, Any]:
+    return {
+        "provenance": {
+            "format": source.format,
+            "image": [f for s in plan.images for f in s.files],
+            "label": list(plan.label.files) if plan.label is not None else None,
+        },
+        "split": split,
+        "source_dtype": str(plan.dtype),
+    }
+
+
+def _start_case(store: Store, plan: _CasePlan, source: DatasetSource, split: str,
+                chunks_zyx: Sequence[int], label_dtype: np.dtype) -> list[Any]:
+    """Begin the case on disk and return its delayed slab writes plus the finishing task."""
+    geom = plan.images[0].geometry
+    cid = plan.case.case_id
+    store.begin_case(cid, geometry=geom, attrs=_case_attrs(plan, source, split))
+    n_ch = sum(s.n_channels for s in plan.images)
+    store.create_array(cid, "image", shape=(n_ch, *geom.shape_zyx), dtype=plan.dtype, chunks=(1, *chunks_zyx))
+    if plan.label is not None:
+        store.create_array(cid, "label", shape=geom.shape_zyx, dtype=label_dtype, chunks=chunks_zyx)
+    nz = geom.shape_zyx[0]
+    declared = store.meta.label_values
+    jobs = [_SlabJob(str(store.path), cid, z0, min(nz, z0 + plan.slab_z), tuple(plan.images), plan.label,
+                     declared, plan.case.binary_label, str(plan.dtype), str(label_dtype))
+            for z0 in range(0, nz, plan.slab_z)]
+    # traverse=False: dask would otherwise rebuild the dataclasses field by field inside the task
+    slabs = [dask.delayed(_write_slab, pure=False)(dask.delayed(job, traverse=False)) for job in jobs]
+    return [dask.delayed(_finish_case, pure=False)(str(store.path), cid, *slabs)]
+
+
+def convert(src: PathLikeStr, dst: PathLikeStr, *, overwrite: bool = False, scheduler: str = "threads",
+            chunks_zyx: Sequence[int] = DEFAULT_CHUNKS_ZYX, max_memory_bytes: int | None = None,
+            split: str = "train", format: str | None = None, progress: bool = True) -> Store:
+    """Convert a dataset, series or file at ``src`` into the voxflow store ``dst``.
+
+    ``src`` is auto-detected (see :mod:`voxflow.io._sources`; ``format`` forces one). ``split``
+    picks training (``imagesTr``) or test (``imagesTs``) cases of nnU-Net/MSD datasets.
+    ``chunks_zyx`` are the store chunks in voxels; ``max_memory_bytes`` bounds the converter's
+    memory (default: half the available RAM). Raises :class:`ConversionError` listing every case
+    that failed; all other cases are written and marked complete.
+    """
+    source = load_source(Path(src), split=split, format=format)
+    chunks = tuple(int(c) for c in chunks_zyx)
+    max_memory = int(max_memory_bytes or default_max_memory())
+    with scheduler_context(scheduler):
+        labels = source.labels if source.labels is not None else _scan_labels(source, chunks)
+        meta = DatasetMeta(channel_names=source.channel_names, labels=labels,
+                           regions_class_order=source.regions_class_order, file_ending=source.file_ending,
+                           name=source.name, extra={"source_format": source.format})
+        store = Store.create(dst, meta, overwrite=overwrite)
+        label_dtype = label_dtype_for(max(meta.label_values))
+        done = set(store.case_ids())
+        todo = [c for c in source.cases if c.case_id not in done]
+        errors: dict[str, str] = {}
+        tasks: list[Any] = []
+        ids: list[str] = []
+        for case in todo:
+            try:
+                plan = _plan_case(case, len(meta.channel_names), chunks, max_memory)
+            except VoxflowError as e:
+                errors[case.case_id] = str(e)
+                continue
+            tasks += _start_case(store, plan, source, split, chunks, label_dtype)
+            ids.append(case.case_id)
+        log.info("converting %d case(s) from %s (%s); %d already complete", len(ids), src, source.format, len(done))
+        results = compute(*tasks, desc="convert", progress=progress) if tasks else ()
+    errors.update({cid: err for cid, err in zip(ids, results) if err})
+    if errors:
+        first = next(iter(errors.values()))
+        raise ConversionError(
+            f"{len(errors)} of {len(source.cases)} case(s) could not be converted (left incomplete): "
+            f"{sorted(errors)}. First error: {first}")
+    return Store.open(dst)

@@ -1,0 +1,163 @@
+"""Export store arrays back to image files, and summarise a store (``voxflow info``).
+
+Export writes each case with the geometry recorded at conversion (spacing, origin, direction; a
+2D source comes back as a 2D file), in the store's dtype: NIfTI, NRRD and MHA round-trip voxels
+and geometry bit for bit. Each exported volume is held in memory once while its file is written
+(SimpleITK writes whole images); export therefore needs memory for the largest single volume.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+
+from voxflow._types import PathLikeStr
+from voxflow.cluster import compute, scheduler_context
+from voxflow.errors import CaseNotFoundError
+from voxflow.geometry import Geometry
+from voxflow.store import Store, open_case
+
+__all__ = ["export_store", "format_info", "store_info", "to_xarray"]
+
+log = logging.getLogger(__name__)
+
+
+def _as_store(store: Store | PathLikeStr) -> Store:
+    return store if isinstance(store, Store) else Store.open(store)
+
+
+def to_xarray(store: Store | PathLikeStr, case_id: str, *, name: str = "image") -> Any:
+    """Lazy ``xarray.DataArray`` of one case (dims c, z, y, x; mm coordinates); see :func:`open_case`."""
+    return open_case(_as_store(store), case_id, name=name)
+
+
+def _sitk_image(volume: np.ndarray, geometry: Geometry) -> Any:
+    """(Z, Y, X) numpy volume -> SimpleITK image with ``geometry`` (2D when the source was 2D)."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(volume[0] if geometry.is_2d else volume))
+    return geometry.apply_to_sitk(img)
+
+
+def _write_case(store_path: str, case_id: str, array: str, out_dir: str, file_ending: str) -> list[str]:
+    import SimpleITK as sitk
+
+    store = Store.open(store_path)
+    data = np.asarray(store.zarr_array(case_id, array)[...])
+    geometry = store.geometry(case_id)
+    out = Path(out_dir)
+    if data.ndim == 3:
+        targets = [(out / f"{case_id}{file_ending}", data)]
+    else:
+        targets = [(out / f"{case_id}_{c:04d}{file_ending}", data[c]) for c in range(data.shape[0])]
+    for path, vol in targets:
+        sitk.WriteImage(_sitk_image(vol, geometry), str(path), True)
+    return [str(p) for p, _ in targets]
+
+
+def export_store(store: Store | PathLikeStr, out_dir: PathLikeStr, *, case_ids: Sequence[str] | None = None,
+                 file_ending: str = ".nii.gz", array: str = "label", scheduler: str = "threads",
+                 progress: bool = True) -> list[Path]:
+    """Write ``array`` of each complete case to ``out_dir`` with the case's original geometry.
+
+    Labels (Z, Y, X) become ``<case><file_ending>``; images and other (C, Z, Y, X) arrays become one
+    file per channel, ``<case>_<CCCC><file_ending>`` (nnU-Net naming). Cases without ``array`` are
+    skipped unless named in ``case_ids``. Returns the written paths.
+    """
+    st = _as_store(store)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if case_ids is None:
+        ids = [c for c in st.case_ids() if st.has_array(c, array)]
+    else:
+        ids = list(case_ids)
+        for cid in ids:
+            if not st.has_array(cid, array):
+                raise CaseNotFoundError(f"case {cid!r} in {st.path} has no {array!r} array to export; "
+                                        f"choose another --array or case.")
+            st.zarr_array(cid, array)  # raises for incomplete cases
+    tasks = [dask.delayed(_write_case, pure=False)(str(st.path), cid, array, str(out), file_ending) for cid in ids]
+    with scheduler_context(scheduler):
+        results = compute(*tasks, desc="export", progress=progress) if tasks else ()
+    log.info("exported %s of %d case(s) to %s", array, len(ids), out)
+    return [Path(p) for paths in results for p in paths]
+
+
+# ---------------------------------------------------------------------- info
+def store_info(store: Store | PathLikeStr) -> dict[str, Any]:
+    """A JSON-able summary: metadata, size on disk, and per case shape, spacing, dtypes, completeness."""
+    st = _as_store(store)
+    cases = []
+    for cid in st.all_case_ids():
+        attrs = st.case_attrs(cid)
+        geom = attrs.get("geometry", {})
+        g = st.case_group(cid)
+        entry: dict[str, Any] = {
+            "case_id": cid,
+            "complete": bool(attrs.get("complete", False)),
+            "shape_zyx": geom.get("shape_zyx"),
+            "spacing_zyx": geom.get("spacing_zyx"),
+        }
+        for name in ("image", "label", "probs"):
+            if name in g:
+                entry[f"{name}_dtype"] = str(g[name].dtype)
+                entry[f"{name}_shape"] = list(g[name].shape)
+        cases.append(entry)
+    meta = st.meta
+    return {
+        "path": str(st.path),
+        "kind": meta.kind,
+        "name": meta.name,
+        "channel_names": list(meta.channel_names),
+        "labels": meta.to_dict()["labels"],
+        "regions_class_order": meta.to_dict()["regions_class_order"],
+        "file_ending": meta.file_ending,
+        "n_cases": sum(c["complete"] for c in cases),
+        "incomplete_cases": [c["case_id"] for c in cases if not c["complete"]],
+        "size_on_disk_bytes": st.nbytes_on_disk(),
+        "cases": cases,
+    }
+
+
+def _fmt_tuple(v: Any, fmt: str = "{}") -> str:
+    return "-" if v is None else "x".join(fmt.format(x) for x in v)
+
+
+def format_info(info: dict[str, Any], *, max_cases: int = 50) -> str:
+    """Human-readable text of :func:`store_info`."""
+    size = info["size_on_disk_bytes"]
+    lines = [
+        f"store     {info['path']}  ({info['kind']}, {size / 2**20:.1f} MiB on disk)",
+        f"name      {info['name'] or '-'}",
+        f"channels  {', '.join(info['channel_names'])}",
+        f"labels    {', '.join(f'{k}={v}' for k, v in info['labels'].items())}",
+        f"cases     {info['n_cases']} complete, {len(info['incomplete_cases'])} incomplete",
+    ]
+    if info["regions_class_order"]:
+        lines.append(f"regions   class order {info['regions_class_order']}")
+    if info["incomplete_cases"]:
+        lines.append(f"incomplete: {', '.join(info['incomplete_cases'])} (rerun the command that wrote them)")
+    cases = info["cases"]
+    if cases:
+        shapes = np.array([c["shape_zyx"] for c in cases if c["shape_zyx"]], float)
+        spac = np.array([c["spacing_zyx"] for c in cases if c["spacing_zyx"]], float)
+        if len(shapes):
+            lines.append(f"shape_zyx    median {_fmt_tuple(np.median(shapes, 0), '{:.0f}')}  "
+                         f"min {_fmt_tuple(shapes.min(0), '{:.0f}')}  max {_fmt_tuple(shapes.max(0), '{:.0f}')}")
+            lines.append(f"spacing_zyx  median {_fmt_tuple(np.median(spac, 0), '{:.3g}')} mm  "
+                         f"min {_fmt_tuple(spac.min(0), '{:.3g}')}  max {_fmt_tuple(spac.max(0), '{:.3g}')}")
+        w = max(len(c["case_id"]) for c in cases)
+        lines.append("")
+        lines.append(f"{'case':<{w}}  {'shape_zyx':<14} {'spacing_zyx (mm)':<22} {'image':<9} {'label':<7} status")
+        for c in cases[:max_cases]:
+            lines.append(f"{c['case_id']:<{w}}  {_fmt_tuple(c['shape_zyx']):<14} "
+                         f"{_fmt_tuple(c['spacing_zyx'], '{:.4g}'):<22} {c.get('image_dtype', '-'):<9} "
+                         f"{c.get('label_dtype', '-'):<7} {'ok' if c['complete'] else 'INCOMPLETE'}")
+        if len(cases) > max_cases:
+            lines.append(f"... {len(cases) - max_cases} more (use --json for all)")
+    return "\n".join(lines)
