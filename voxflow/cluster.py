@@ -97,7 +97,7 @@ def compute(*collections: Any, desc: str = "computing", progress: bool = True) -
             for _ in as_completed(futures):
                 bar.update(1)
         return tuple(client.gather(futures))
-    return dask.compute(*collections, callbacks=[_TqdmCallback(desc)] if progress else None)
+    return dask.compute(*collections, callbacks=[_TqdmCallback(desc)._callback])
 
 
 class _TqdmCallback(dask.callbacks.Callback):  # type: ignore[misc]
