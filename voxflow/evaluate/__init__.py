@@ -1,0 +1,34 @@
+"""Evaluation: spacing-aware segmentation metrics per case and class/region, and summaries.
+
+Overlap counts come from chunk-wise histograms; surface distances (HD95, ASSD, NSD) load only the
+bounding box of one structure (prediction and reference together) at a time. Conventions, including
+empty cases, are documented in :mod:`voxflow.evaluate._metrics`.
+"""
+
+from voxflow.evaluate._evaluate import evaluate, evaluate_pairs, format_table, parse_labels, summarize
+from voxflow.evaluate._io import Segmentation, open_segmentations, pair_segmentations
+from voxflow.evaluate._metrics import (
+    bounding_box,
+    confusion_matrix,
+    overlap_metrics,
+    region_counts,
+    surface_distances,
+    surface_metrics,
+)
+
+__all__ = [
+    "Segmentation",
+    "bounding_box",
+    "confusion_matrix",
+    "evaluate",
+    "evaluate_pairs",
+    "format_table",
+    "open_segmentations",
+    "overlap_metrics",
+    "pair_segmentations",
+    "parse_labels",
+    "region_counts",
+    "summarize",
+    "surface_distances",
+    "surface_metrics",
+]

@@ -1,0 +1,285 @@
+"""Connected components of chunked (dask) masks, equal to ``scipy.ndimage.label`` up to a permutation.
+
+Two passes over the mask, each holding one block per worker:
+
+1. *Summary pass* -- every block is labelled on its own with ``scipy.ndimage.label``; the task keeps
+   only the block's component count, its first/last plane along each axis (local labels), the local
+   labels on the array border and, when asked, the local component sizes.
+2. *Tables* (one small task) -- global labels are ``local + offset(block)``; the planes on both sides
+   of every block boundary, assembled across the whole array, give the pairs of global labels that
+   touch (for each structuring-element offset that crosses the boundary, so that edge and corner
+   neighbours count under full connectivity); a union-find (``scipy.sparse.csgraph``) merges them.
+   Each merged group keeps its smallest global label; final labels are the kept ones renumbered
+   ``1..n`` in order.
+3. *Relabel pass* -- each block is labelled again and mapped through its lookup table. The mask
+   graph is cloned (``dask.graph_manipulation.bind``) behind the tables, so the scheduler re-reads
+   the mask instead of holding every block in memory until the tables exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import scipy.ndimage as ndi
+from dask.graph_manipulation import bind
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from voxflow.errors import VoxflowError
+
+__all__ = ["ComponentTables", "component_sizes", "connectivity_structure", "label_components", "select_components"]
+
+Decide = Callable[["ComponentTables"], np.ndarray]
+
+
+class ConnectivityError(VoxflowError, ValueError):
+    """An unsupported connectivity was asked for."""
+
+
+def connectivity_structure(ndim: int, connectivity: int) -> np.ndarray:
+    """Structuring element for ``connectivity``.
+
+    Accepts the rank form of ``scipy.ndimage.generate_binary_structure`` (1 = face neighbours,
+    ``ndim`` = full) or the neighbour counts 4/8 (2D) and 6/18/26 (3D).
+    """
+    counts = {2: {4: 1, 8: 2}, 3: {6: 1, 18: 2, 26: 3}}.get(ndim, {})
+    rank = counts.get(int(connectivity), int(connectivity))
+    if not 1 <= rank <= ndim:
+        allowed = sorted({*range(1, ndim + 1), *counts})
+        raise ConnectivityError(
+            f"connectivity must be one of {allowed} for a {ndim}-D mask; got {connectivity!r}. "
+            f"Use 1 for face neighbours or {ndim} for full connectivity."
+        )
+    return ndi.generate_binary_structure(ndim, rank)
+
+
+def _label_block(block: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, int]:
+    lab, n = ndi.label(np.asarray(block, dtype=bool), structure=structure)
+    return lab, int(n)
+
+
+def _small(a: np.ndarray, n: int) -> np.ndarray:
+    return a.astype(np.uint16 if n < 2**16 else np.uint32)
+
+
+def _block_summary(block: np.ndarray, structure: np.ndarray, index: tuple[int, ...],
+                   numblocks: tuple[int, ...], sizes: bool) -> dict[str, Any]:
+    """Pass 1 for one block: count, boundary planes, border labels, optional sizes."""
+    lab, n = _label_block(block, structure)
+    lo, hi, border = [], [], []
+    for ax in range(lab.ndim):
+        first, last = np.take(lab, 0, axis=ax), np.take(lab, -1, axis=ax)
+        lo.append(_small(first, n) if index[ax] > 0 else None)
+        hi.append(_small(last, n) if index[ax] < numblocks[ax] - 1 else None)
+        if index[ax] == 0:
+            border.append(np.unique(first))
+        if index[ax] == numblocks[ax] - 1:
+            border.append(np.unique(last))
+    out: dict[str, Any] = {"n": n, "lo": lo, "hi": hi,
+                           "border": np.unique(np.concatenate(border)) if border else np.zeros(0, np.int64)}
+    if sizes:
+        out["sizes"] = np.bincount(lab.ravel(), minlength=n + 1).astype(np.int64)
+    return out
+
+
+@dataclass(frozen=True)
+class ComponentTables:
+    """Everything needed to relabel blocks: offsets, merged labels, optional sizes/border flags.
+
+    ``merged`` holds the sorted global labels absorbed into a smaller one and ``merged_final``
+    the final label each of them maps to. ``sizes_vox[k]`` is the voxel count of final component
+    ``k`` (index 0 = background, unset) and ``touches_border[k]`` whether it reaches the array border.
+    """
+
+    numblocks: tuple[int, ...]
+    offsets: np.ndarray
+    counts: np.ndarray
+    merged: np.ndarray
+    merged_final: np.ndarray
+    n: int
+    sizes_vox: np.ndarray | None = None
+    touches_border: np.ndarray | None = None
+
+    def lut(self, flat_index: int) -> np.ndarray:
+        """Local label -> final label for one block (C-order block index)."""
+        off, cnt = int(self.offsets[flat_index]), int(self.counts[flat_index])
+        g = np.arange(off, off + cnt + 1, dtype=np.int64)
+        out = g - np.searchsorted(self.merged, g)
+        lo, hi = np.searchsorted(self.merged, [off + 1, off + cnt + 1])
+        out[self.merged[lo:hi] - off] = self.merged_final[lo:hi]
+        out[0] = 0
+        return out
+
+
+def _face_pairs(lower: np.ndarray, upper: np.ndarray, structure: np.ndarray, axis: int) -> np.ndarray:
+    """Pairs (a, b) of nonzero labels across one boundary plane; ``lower`` is the plane before it."""
+    pairs = []
+    sub = np.take(structure, 2, axis=axis)  # offsets reaching into the next plane
+    for off in zip(*np.nonzero(sub)):
+        d = [int(o) - 1 for o in off]
+        src = tuple(slice(max(0, -k), s - max(0, k)) for k, s in zip(d, lower.shape))
+        dst = tuple(slice(max(0, k), s - max(0, -k)) for k, s in zip(d, upper.shape))
+        a, b = lower[src].ravel(), upper[dst].ravel()
+        keep = (a != 0) & (b != 0)
+        if keep.any():
+            pairs.append(np.unique(np.stack([a[keep], b[keep]], axis=1), axis=0))
+    return np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+
+
+def _assemble_plane(summaries: np.ndarray, offsets: np.ndarray, axis: int, i: int, side: str) -> np.ndarray:
+    """Global-label plane across the whole array: ``side`` planes of the blocks at index ``i``."""
+    sl = np.take(summaries, i, axis=axis)
+    off = np.take(offsets.reshape(summaries.shape), i, axis=axis)
+    tiles = np.empty(sl.shape, dtype=object)
+    for idx in np.ndindex(sl.shape):
+        p = sl[idx][side][axis].astype(np.int64)
+        tiles[idx] = np.where(p > 0, p + off[idx], 0)
+    return np.block(tiles.tolist()) if tiles.ndim else tiles[()]
+
+
+def _build_tables(summaries_list: list[dict[str, Any]], numblocks: tuple[int, ...],
+                  structure: np.ndarray) -> ComponentTables:
+    summaries = np.empty(len(summaries_list), dtype=object)
+    summaries[:] = summaries_list
+    summaries = summaries.reshape(numblocks)
+    counts = np.array([s["n"] for s in summaries_list], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    total = int(counts.sum())
+    pairs = [np.zeros((0, 2), np.int64)]
+    for ax, nb in enumerate(numblocks):
+        for i in range(nb - 1):
+            lower = _assemble_plane(summaries, offsets, ax, i, "hi")
+            upper = _assemble_plane(summaries, offsets, ax, i + 1, "lo")
+            pairs.append(_face_pairs(lower, upper, structure, ax))
+    allp = np.concatenate(pairs)
+    merged, merged_final = _merge(allp)
+    # final label of a kept global label g: g minus the merged labels below it
+    merged_final = merged_final - np.searchsorted(merged, merged_final)
+    tables = ComponentTables(numblocks=numblocks, offsets=offsets, counts=counts, merged=merged,
+                             merged_final=merged_final, n=total - len(merged))
+    return _with_extras(tables, summaries_list)
+
+
+def _merge(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Union-find over label pairs: (absorbed labels sorted, the smallest label of their group)."""
+    if len(pairs) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    nodes, inv = np.unique(pairs.ravel(), return_inverse=True)
+    inv = inv.reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(inv), np.int8), (inv[:, 0], inv[:, 1])), shape=(len(nodes),) * 2)
+    _, comp = connected_components(graph, directed=False)
+    rep = np.full(comp.max() + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(rep, comp, nodes)
+    root = rep[comp]
+    absorbed = nodes != root
+    return nodes[absorbed], root[absorbed]
+
+
+def _with_extras(tables: ComponentTables, summaries: list[dict[str, Any]]) -> ComponentTables:
+    touches = np.zeros(tables.n + 1, dtype=bool)
+    sizes = np.zeros(tables.n + 1, dtype=np.int64) if "sizes" in summaries[0] else None
+    for b, s in enumerate(summaries):
+        lut = tables.lut(b)
+        touches[lut[s["border"]]] = True
+        if sizes is not None:
+            np.add.at(sizes, lut[1:], s["sizes"][1:])
+    touches[0] = False
+    return ComponentTables(**{**tables.__dict__, "sizes_vox": sizes, "touches_border": touches})
+
+
+def _tables_graph(mask: da.Array, structure: np.ndarray, sizes: bool) -> Any:
+    """A delayed :class:`ComponentTables` for ``mask`` (pass 1 + merge)."""
+    blocks = mask.to_delayed()
+    summary = dask.delayed(_block_summary, pure=True)
+    parts = [summary(blocks[idx], structure, idx, mask.numblocks, sizes) for idx in np.ndindex(mask.numblocks)]
+    return dask.delayed(_build_tables, pure=True)(parts, mask.numblocks, structure)
+
+
+def _check_mask(mask: da.Array) -> da.Array:
+    if not isinstance(mask, da.Array):
+        mask = da.asarray(mask)
+    if mask.ndim < 2 or any(np.isnan(c) for cs in mask.chunks for c in cs):
+        raise VoxflowError(f"mask must be a dask array with known chunks; got shape {mask.shape} chunks {mask.chunks}")
+    return mask
+
+
+def _relabel(block: np.ndarray, tables: ComponentTables, structure: np.ndarray, dtype: np.dtype,
+             block_id: tuple[int, ...] | None = None) -> np.ndarray:
+    lab, _ = _label_block(block, structure)
+    return tables.lut(int(np.ravel_multi_index(block_id, tables.numblocks)))[lab].astype(dtype)
+
+
+def _select(block: np.ndarray, tables: ComponentTables, keep: np.ndarray, structure: np.ndarray,
+            block_id: tuple[int, ...] | None = None) -> np.ndarray:
+    lab, _ = _label_block(block, structure)
+    lut = tables.lut(int(np.ravel_multi_index(block_id, tables.numblocks)))
+    return keep[lut][lab]
+
+
+def label_components(mask: da.Array, *, connectivity: int = 1) -> tuple[da.Array, int]:
+    """Label the connected components of a chunked boolean mask.
+
+    Parameters
+    ----------
+    mask : dask array, any dimensionality (``(Z, Y, X)`` or ``(Y, X)``), nonzero = foreground.
+    connectivity : 1 (faces; 6 in 3D, 4 in 2D) up to ``ndim`` (full; 26 / 8), or a neighbour count.
+
+    Returns
+    -------
+    (labels, n) : lazy int32 labels (0 = background, ``1..n``), chunked like ``mask``, the same
+    partition as ``scipy.ndimage.label`` with the same structure; and the number of components.
+    Finding ``n`` runs the summary pass over the mask now (one block per task, small results);
+    the returned labels stay lazy.
+    """
+    mask = _check_mask(mask)
+    structure = connectivity_structure(mask.ndim, connectivity)
+    tables: ComponentTables = _tables_graph(mask, structure, sizes=False).compute()
+    dtype = np.dtype(np.int32 if tables.n < 2**31 - 1 else np.int64)
+    labels = da.map_blocks(_relabel, mask, tables, structure, dtype, dtype=dtype,
+                           meta=np.empty((0,) * mask.ndim, dtype=dtype))
+    return labels, tables.n
+
+
+def component_sizes(mask: da.Array, *, connectivity: int = 1,
+                    spacing: tuple[float, ...] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sizes of the components :func:`label_components` finds, without loading the volume.
+
+    Returns ``(sizes_vox, sizes_mm3)`` indexed by final label (index 0 unused, 0); ``sizes_mm3`` is
+    ``None`` without ``spacing`` (mm per voxel along each axis, array order).
+    """
+    mask = _check_mask(mask)
+    structure = connectivity_structure(mask.ndim, connectivity)
+    tables: ComponentTables = _tables_graph(mask, structure, sizes=True).compute()
+    sizes = tables.sizes_vox
+    assert sizes is not None  # built with sizes=True
+    mm3 = sizes * float(np.prod(spacing)) if spacing is not None else None
+    return sizes, mm3
+
+
+def select_components(mask: da.Array, decide: Decide, *, connectivity: int = 1, sizes: bool = True) -> da.Array:
+    """Lazy boolean mask of the components for which ``decide(tables)[final_label]`` is true.
+
+    ``decide`` receives the :class:`ComponentTables` (with ``sizes_vox`` when ``sizes`` and
+    ``touches_border``) and returns a bool array of length ``n + 1``. Nothing is computed here.
+    """
+    mask = _check_mask(mask)
+    structure = connectivity_structure(mask.ndim, connectivity)
+    tables = _tables_graph(mask, structure, sizes=sizes)
+    keep = dask.delayed(_keep_array, pure=True)(tables, decide)
+    again = bind(mask, keep)  # re-read the mask after the tables exist: bounded memory
+    return da.map_blocks(_select, again, tables, keep, structure, dtype=bool,
+                         meta=np.empty((0,) * mask.ndim, dtype=bool))
+
+
+def _keep_array(tables: ComponentTables, decide: Decide) -> np.ndarray:
+    keep = np.asarray(decide(tables), dtype=bool)
+    if keep.shape != (tables.n + 1,):
+        raise VoxflowError(f"a component filter must return n + 1 = {tables.n + 1} flags; got shape {keep.shape}")
+    keep = keep.copy()
+    keep[0] = False
+    return keep

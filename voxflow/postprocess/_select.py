@@ -1,0 +1,132 @@
+"""Choosing postprocessing by cross-validation, as nnU-Net does.
+
+On the validation predictions of all folds (with their references):
+
+1. baseline: mean Dice per target over cases (NaN cases -- both empty -- excluded);
+2. with more than one target, try ``keep_largest`` on all foreground together; keep it when the
+   mean over targets of the per-target mean Dice improves;
+3. then for each target and each candidate operation (``keep_largest``; ``fill_holes`` for single
+   classes), on top of what was kept so far: keep it when that target's mean Dice improves.
+
+"Improves" means strictly greater (by more than ``min_gain``); an operation that changes nothing
+or hurts is dropped. Every trial is recorded in ``spec.selection``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import dask
+import numpy as np
+
+from voxflow._types import PathLikeStr
+from voxflow.cluster import scheduler_context
+from voxflow.evaluate._evaluate import _present_values, parse_labels, target_key
+from voxflow.evaluate._io import Segmentation, declared_labels, open_segmentations, pair_segmentations
+from voxflow.evaluate._metrics import confusion_matrix, overlap_metrics, region_counts
+from voxflow.postprocess._spec import Operation, PostprocessingSpec, apply_postprocessing
+from voxflow.store import Store
+
+__all__ = ["determine_postprocessing", "mean_dice"]
+
+log = logging.getLogger(__name__)
+Source = Union[Store, PathLikeStr]
+
+
+def mean_dice(pairs: list[tuple[Segmentation, Segmentation]], targets: list[tuple[int, ...]],
+              spec: PostprocessingSpec) -> dict[str, float]:
+    """Mean Dice per target over all pairs with ``spec`` applied to the predictions (one compute)."""
+    n_values = max(max(t) for t in targets) + 2
+    mats = []
+    for p, r in pairs:
+        pred = apply_postprocessing(p.array, spec, spacing=p.geometry.spacing_zyx)
+        mats.append(confusion_matrix(pred, r.array, n_values))
+    (computed,) = dask.compute(mats)
+    out = {}
+    for t in targets:
+        d = np.array([overlap_metrics(**region_counts(m, t))["dice"] for m in computed], dtype=float)
+        d = d[np.isfinite(d)]
+        out[target_key(t)] = float(d.mean()) if d.size else math.nan
+    return out
+
+
+def _mean(scores: Mapping[str, float]) -> float:
+    vals = [v for v in scores.values() if math.isfinite(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def _candidates(target: tuple[int, ...], ops: Sequence[str]) -> list[Operation]:
+    tgt: Any = target[0] if len(target) == 1 else target
+    return [Operation(op=o, target=tgt) for o in ops if o != "fill_holes" or len(target) == 1]
+
+
+def _gain(after: float, before: float, min_gain: float) -> bool:
+    if not math.isfinite(after):
+        return False
+    return not math.isfinite(before) or after > before + min_gain
+
+
+def _open_all(sources: Source | Sequence[Source]) -> dict[str, Segmentation]:
+    if isinstance(sources, (list, tuple)):
+        out: dict[str, Segmentation] = {}
+        for s in sources:
+            out.update(open_segmentations(s))
+        return out
+    return open_segmentations(sources)  # type: ignore[arg-type]
+
+
+def determine_postprocessing(predictions: Source | Sequence[Source], references: Source, *,
+                             labels: Sequence[Any] | Mapping[str, Any] | None = None, connectivity: int = 1,
+                             candidates: Sequence[str] = ("keep_largest", "fill_holes"), min_gain: float = 0.0,
+                             output: PathLikeStr | None = None, scheduler: str = "threads") -> PostprocessingSpec:
+    """Choose postprocessing operations on cross-validation predictions (see module docstring).
+
+    ``predictions`` is one store/folder or a list of them (e.g. one per fold); every case needs a
+    reference in ``references``. Returns the spec and saves it to ``output`` when given.
+    """
+    pairs = pair_segmentations(_open_all(predictions), open_segmentations(references))
+    trials: list[dict[str, Any]] = []
+    kept: list[Operation] = []
+    with scheduler_context(scheduler):
+        if labels is None:
+            declared = declared_labels(references)
+            targets = parse_labels(declared) if declared else _present_values(pairs)
+        else:
+            targets = parse_labels(labels)
+        if not targets:
+            log.warning("predictions and references hold only background: no postprocessing to choose")
+            return PostprocessingSpec(connectivity=connectivity, selection={"n_cases": len(pairs), "trials": []})
+        base = mean_dice(pairs, targets, PostprocessingSpec(connectivity=connectivity))
+        baseline = dict(base)
+        steps: list[tuple[Operation, str | None]] = []
+        if len(targets) > 1 and "keep_largest" in candidates:
+            steps.append((Operation(op="keep_largest", target="foreground"), None))
+        steps += [(op, target_key(t)) for t in targets for op in _candidates(t, candidates)]
+        for op, key in steps:
+            trial = PostprocessingSpec(operations=(*kept, op), connectivity=connectivity)
+            after = mean_dice(pairs, targets, trial)
+            before_v, after_v = (_mean(base), _mean(after)) if key is None else (base[key], after[key])
+            accept = _gain(after_v, before_v, min_gain)
+            trials.append({"operation": op.to_dict(), "scored_on": key or "foreground_mean",
+                           "dice_before": before_v, "dice_after": after_v, "kept": accept})
+            log.info("postprocessing trial %s: Dice %.4f -> %.4f (%s)", op.describe(), before_v, after_v,
+                     "kept" if accept else "dropped")
+            if accept:
+                kept.append(op)
+                base = after
+    selection = {"n_cases": len(pairs), "targets": [target_key(t) for t in targets], "baseline_dice": baseline,
+                 "final_dice": base, "trials": trials}
+    spec = PostprocessingSpec(operations=tuple(kept), connectivity=connectivity,
+                              selection=_json_safe(selection))
+    if output is not None:
+        spec.save(output)
+    return spec
+
+
+def _json_safe(value: Any) -> Any:
+    from voxflow.evaluate._metrics import nan_to_none
+
+    return nan_to_none(value)
