@@ -8,17 +8,22 @@ prediction store and export files).
 from voxflow.infer._accumulator import TileAccumulator
 from voxflow.infer._gaussian import gaussian_importance_map
 from voxflow.infer._tiling import TileGrid, tile_grid, tile_starts
+from voxflow.infer._undo import probabilities_to_label, undo_preprocessing
 
 __all__ = [
     "TileAccumulator",
     "TileGrid",
+    "PredictOptions",
     "TilePredictor",
     "gaussian_importance_map",
     "mirror_combinations",
+    "predict",
+    "probabilities_to_label",
     "sliding_window_predict",
     "sliding_window_predict_in_memory",
     "tile_grid",
     "tile_starts",
+    "undo_preprocessing",
 ]
 
 
@@ -31,4 +36,8 @@ def __getattr__(name: str):  # torch is imported only when a predictor is needed
         from voxflow.infer import _sliding
 
         return getattr(_sliding, name)
+    if name in ("predict", "PredictOptions"):
+        from voxflow.infer import _predict
+
+        return getattr(_predict, name)
     raise AttributeError(f"module 'voxflow.infer' has no attribute {name!r}")

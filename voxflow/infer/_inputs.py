@@ -1,0 +1,134 @@
+"""Inputs of `voxflow predict`: a voxflow store, a folder of images or image files; and the
+preprocessed view of one case for one configuration."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from voxflow.errors import ConversionError, LayoutError
+from voxflow.geometry import Geometry
+from voxflow.plan.schema import Configuration
+from voxflow.preprocess import preprocess_case
+from voxflow.store import DEFAULT_CHUNKS_ZYX, DatasetMeta, Store
+
+__all__ = ["PreparedCase", "open_input", "prepare_case"]
+
+log = logging.getLogger(__name__)
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".tif", ".tiff", ".png")
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+
+
+def _split_suffix(name: str) -> tuple[str, str]:
+    for suf in _IMAGE_SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)], suf
+    return name, ""
+
+
+def _image_files(paths: Sequence[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files.extend(sorted(f for f in p.iterdir() if f.is_file() and _split_suffix(f.name)[1]))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ConversionError(f"input {str(p)!r} must be an existing file, folder or voxflow store; "
+                                  f"it does not exist.")
+    if not files:
+        raise ConversionError(f"input {[str(p) for p in paths]} must contain image files "
+                              f"({', '.join(_IMAGE_SUFFIXES)}); found none.")
+    return files
+
+
+def _convert_files(files: Sequence[Path], dst: Path) -> Store:
+    """Fallback converter (used until ``voxflow.io.convert`` exists): one case per file name, channels
+    from the nnU-Net ``_0000`` suffix, read whole with SimpleITK."""
+    import SimpleITK as sitk
+
+    cases: dict[str, dict[int, Path]] = {}
+    ending = ""
+    for f in files:
+        stem, ending = _split_suffix(f.name)
+        m = _CHANNEL.match(stem)
+        case, ch = (m["case"], int(m["ch"])) if m else (stem, 0)
+        cases.setdefault(case, {})[ch] = f
+    n_ch = max(len(v) for v in cases.values())
+    meta = DatasetMeta(channel_names=tuple(f"channel_{i}" for i in range(n_ch)), labels={"background": 0},
+                       file_ending=ending or ".nii.gz", name="predict-input")
+    store = Store.create(dst, meta, overwrite=True)
+    for case, chans in sorted(cases.items()):
+        if sorted(chans) != list(range(n_ch)):
+            raise ConversionError(f"every case must have channels 0..{n_ch - 1}; got {sorted(chans)} for case "
+                                  f"{case!r} (files {[str(p) for p in chans.values()]}).")
+        imgs = [sitk.ReadImage(str(chans[c])) for c in range(n_ch)]
+        geom = Geometry.from_sitk(imgs[0])
+        arr = np.stack([sitk.GetArrayFromImage(i).reshape(geom.shape_zyx) for i in imgs])
+        store.begin_case(case, geometry=geom, attrs={"provenance": {"files": [str(chans[c]) for c in range(n_ch)]}})
+        z = store.create_array(case, "image", shape=arr.shape, dtype=arr.dtype, chunks=(1, *DEFAULT_CHUNKS_ZYX))
+        z[...] = arr
+        store.mark_complete(case)
+    return store
+
+
+def open_input(source: Store | str | Path | Sequence[str | Path], work_dir: Path, *,
+               scheduler: str = "threads") -> Store:
+    """A voxflow store for the input: opened as is, or converted into ``work_dir/input.zarr``."""
+    if isinstance(source, Store):
+        return source
+    paths = [Path(source)] if isinstance(source, (str, Path)) else [Path(p) for p in source]
+    if len(paths) == 1 and (paths[0] / "zarr.json").exists():
+        return Store.open(paths[0])
+    dst = work_dir / "input.zarr"
+    try:
+        from voxflow.io import convert
+    except ImportError:
+        return _convert_files(_image_files(paths), dst)
+    if len(paths) == 1 and paths[0].is_dir():
+        return convert(paths[0], dst, overwrite=True, scheduler=scheduler, progress=False)
+    staging = work_dir / "input_files"
+    staging.mkdir(parents=True, exist_ok=True)
+    for f in _image_files(paths):
+        link = staging / f.name
+        if not link.exists():
+            link.symlink_to(f.resolve())
+    return convert(staging, dst, overwrite=True, scheduler=scheduler, progress=False)
+
+
+@dataclass(frozen=True)
+class PreparedCase:
+    """One case on a configuration's preprocessed grid, with what is needed to undo it."""
+
+    image: da.Array  # (C, z, y, x) float32, lazy
+    original_geometry: Geometry
+    crop_bbox_zyx: tuple[tuple[int, int], ...]
+    shape_after_crop_zyx: tuple[int, int, int]
+
+
+def prepare_case(store: Store, case_id: str, config: Configuration) -> PreparedCase:
+    """The lazy preprocessed image of a case for ``config`` (read as is from a preprocessed store)."""
+    if store.meta.kind == "preprocessed":
+        have = store.meta.extra.get("configuration")
+        if have != config.name:
+            raise LayoutError(f"a preprocessed input store must match the model configuration {config.name!r}; "
+                              f"got {have!r} in {store.path}. Pass the raw images or the matching store.")
+        a = store.case_attrs(case_id)
+        return PreparedCase(store.image(case_id).astype(np.float32), Geometry.from_dict(a["original_geometry"]),
+                            tuple((int(lo), int(hi)) for lo, hi in a["crop_bbox_zyx"]),
+                            tuple(int(s) for s in a["shape_after_crop_zyx"]))  # type: ignore[arg-type]
+    image, geometry = store.image(case_id), store.geometry(case_id)
+    if image.shape[0] != config.n_channels:
+        raise LayoutError(f"images must have the {config.n_channels} channels the model was trained on; got "
+                          f"{image.shape[0]} for case {case_id!r} in {store.path}.")
+    pc = preprocess_case(image, geometry, config, case_id=case_id)
+    return PreparedCase(pc.image, pc.original_geometry,
+                        tuple((int(lo), int(hi)) for lo, hi in pc.crop_bbox_zyx),
+                        tuple(int(s) for s in pc.shape_after_crop_zyx))  # type: ignore[arg-type]
