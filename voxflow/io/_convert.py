@@ -237,19 +237,21 @@ def _start_case(store: Store, plan: _CasePlan, source: DatasetSource, split: str
 
 def convert(src: PathLikeStr, dst: PathLikeStr, *, overwrite: bool = False, scheduler: str = "threads",
             chunks_zyx: Sequence[int] = DEFAULT_CHUNKS_ZYX, max_memory_bytes: int | None = None,
-            split: str = "train", format: str | None = None, progress: bool = True) -> Store:
+            split: str = "train", format: str | None = None, progress: bool = True,
+            memory_limit: str | None = None) -> Store:
     """Convert a dataset, series or file at ``src`` into the voxflow store ``dst``.
 
     ``src`` is auto-detected (see :mod:`voxflow.io._sources`; ``format`` forces one). ``split``
     picks training (``imagesTr``) or test (``imagesTs``) cases of nnU-Net/MSD datasets.
     ``chunks_zyx`` are the store chunks in voxels; ``max_memory_bytes`` bounds the converter's
-    memory (default: half the available RAM). Raises :class:`ConversionError` listing every case
+    memory (default: half the available RAM); ``memory_limit`` is the per-worker limit of a
+    ``local:N`` scheduler. Raises :class:`ConversionError` listing every case
     that failed; all other cases are written and marked complete.
     """
     source = load_source(Path(src), split=split, format=format)
     chunks = tuple(int(c) for c in chunks_zyx)
     max_memory = int(max_memory_bytes or default_max_memory())
-    with scheduler_context(scheduler):
+    with scheduler_context(scheduler, memory_limit=memory_limit):
         labels = source.labels if source.labels is not None else _scan_labels(source, chunks)
         meta = DatasetMeta(channel_names=source.channel_names, labels=labels,
                            regions_class_order=source.regions_class_order, file_ending=source.file_ending,

@@ -62,7 +62,7 @@ def _write_case(store_path: str, case_id: str, array: str, out_dir: str, file_en
 
 def export_store(store: Store | PathLikeStr, out_dir: PathLikeStr, *, case_ids: Sequence[str] | None = None,
                  file_ending: str = ".nii.gz", array: str = "label", scheduler: str = "threads",
-                 progress: bool = True) -> list[Path]:
+                 progress: bool = True, memory_limit: str | None = None) -> list[Path]:
     """Write ``array`` of each complete case to ``out_dir`` with the case's original geometry.
 
     Labels (Z, Y, X) become ``<case><file_ending>``; images and other (C, Z, Y, X) arrays become one
@@ -82,7 +82,7 @@ def export_store(store: Store | PathLikeStr, out_dir: PathLikeStr, *, case_ids: 
                                         f"choose another --array or case.")
             st.zarr_array(cid, array)  # raises for incomplete cases
     tasks = [dask.delayed(_write_case, pure=False)(str(st.path), cid, array, str(out), file_ending) for cid in ids]
-    with scheduler_context(scheduler):
+    with scheduler_context(scheduler, memory_limit=memory_limit):
         results = compute(*tasks, desc="export", progress=progress) if tasks else ()
     log.info("exported %s of %d case(s) to %s", array, len(ids), out)
     return [Path(p) for paths in results for p in paths]
