@@ -4,7 +4,9 @@ Per-image statistics (``zscore``, ``rescale_0_1``) are small dask reductions ins
 as the normalised output; nothing is computed here. To keep memory bounded, the statistics are
 reduced from a *clone* of the input (its own reads, released block by block) and the normalised
 branch is *bound* to them, so its reads start only once the scalars exist: the image is read
-twice instead of being held in memory until the reduction finishes.
+twice instead of being held in memory until the reduction finishes. (``dask.graph_manipulation``
+``clone``/``bind`` would do this but lose keys of sliced arrays in dask 2026.8, hence
+:func:`_rekeyed`.)
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from collections.abc import Sequence
 
 import dask.array as da
 import numpy as np
-from dask.graph_manipulation import bind, clone
+from dask._task_spec import Task, TaskRef, convert_legacy_graph
+from dask.base import tokenize
+from dask.core import flatten
+from dask.highlevelgraph import HighLevelGraph
 
 from voxflow.errors import VoxflowError
 from voxflow.plan.schema import ChannelNormalization
@@ -21,6 +26,44 @@ from voxflow.plan.schema import ChannelNormalization
 __all__ = ["normalize"]
 
 _EPS = 1e-8
+
+
+def _first(value: object, *_after: object) -> object:
+    return value
+
+
+def _rekeyed(x: da.Array, salt: str, *, after: Sequence[da.Array] = ()) -> da.Array:
+    """An independent copy of ``x``'s graph (every key renamed), optionally starting after ``after``.
+
+    The copy recomputes ``x`` from its sources instead of sharing results with other users of
+    ``x``; with ``after`` its source tasks additionally wait for those (small) arrays.
+    """
+    keys = set(flatten(x.__dask_keys__()))
+    dsk = convert_legacy_graph(dict(x.__dask_graph__().cull(keys)))
+    suffix = f"-{salt}-{tokenize(x.name, salt, [a.name for a in after])[:10]}"
+
+    def rename(k: object) -> object:
+        return (f"{k[0]}{suffix}", *k[1:]) if isinstance(k, tuple) else f"{k}{suffix}"
+
+    subs = {k: rename(k) for k in dsk}
+    after_keys = [k for a in after for k in flatten(a.__dask_keys__())]
+    new = {}
+    for k, task in dsk.items():
+        node = task.substitute(subs, key=subs[k])
+        if after_keys and not task.dependencies:
+            node = Task(subs[k], _first, node.substitute({}, key=f"{subs[k]}-inner"),
+                        *(TaskRef(a) for a in after_keys))
+        new[subs[k]] = node
+    name = f"{x.name}{suffix}"
+    layers = {name: new}
+    deps: dict[str, set[str]] = {name: set()}
+    for a in after:
+        hlg = a.__dask_graph__()
+        layers.update(hlg.layers)
+        deps.update(hlg.dependencies)
+        deps[name].add(a.name)
+    graph = HighLevelGraph(layers, deps)
+    return da.Array(graph, name, x.chunks, meta=x._meta)
 
 
 def _stats(x: da.Array, mask: da.Array | None) -> dict[str, da.Array]:
@@ -84,14 +127,14 @@ def normalize(image: da.Array, schemes: Sequence[ChannelNormalization]) -> da.Ar
     any_mask = any(s.use_mask and st for s, st in zip(schemes, needs_stats))
     if not any(needs_stats):
         return da.stack([_apply(image[c], s, None, None) for c, s in enumerate(schemes)])
-    stats_src = clone(image)
+    stats_src = _rekeyed(image, "stats")
     stats_mask = (stats_src != 0).any(axis=0) if any_mask else None
     stats: list[dict[str, da.Array] | None] = [
         _stats(stats_src[c], stats_mask if s.use_mask else None) if st else None
         for c, (s, st) in enumerate(zip(schemes, needs_stats))
     ]
     scalars = [v for d in stats if d is not None for v in d.values()]
-    src = bind(image, scalars)
+    src = _rekeyed(image, "normalize", after=scalars)
     mask = (src != 0).any(axis=0) if any_mask else None
     return da.stack([
         _apply(src[c], s, stats[c], mask if (s.use_mask and needs_stats[c]) else None)

@@ -175,9 +175,9 @@ def resample_to_shape(arr: da.Array, out_shape_zyx: Sequence[int], *, order: int
     return x.rechunk(tuple(arr.chunks[:lead]) + tuple(_split(n, c) for n, c in zip(out_shape, target)))
 
 
-def _argmax_classes(*channels: np.ndarray, values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _argmax_classes(*channels: np.ndarray, values: np.ndarray, out_dtype: np.dtype) -> np.ndarray:
     stacked = np.stack(channels)
-    return values[np.argmax(stacked, axis=0)].astype(dtype, copy=False)
+    return values[np.argmax(stacked, axis=0)].astype(out_dtype, copy=False)
 
 
 def resample_label_to_shape(label: da.Array, out_shape_zyx: Sequence[int], *, values: Sequence[int],
@@ -209,7 +209,7 @@ def resample_label_to_shape(label: da.Array, out_shape_zyx: Sequence[int], *, va
         for axis, k in axes:
             onehot = _resample_axis(onehot, axis, out_shape[axis], k, target[axis])
         chans.append(onehot.rechunk(final_chunks))
-    return da.map_blocks(_argmax_classes, *chans, values=vals, dtype=label.dtype,
+    return da.map_blocks(_argmax_classes, *chans, values=vals, out_dtype=label.dtype, dtype=label.dtype,
                          meta=np.empty((0, 0, 0), dtype=label.dtype))
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,10 @@ def _bboxes(src: Store, case_ids: Sequence[str], progress: bool) -> dict[str, BB
     return out
 
 
+def _box_fits(box: BBox, shape_zyx: Sequence[int]) -> bool:
+    return len(box) == 3 and all(0 <= lo < hi <= n for (lo, hi), n in zip(box, shape_zyx))
+
+
 def _write_case(src: Store, out: Store, case_id: str, config: Configuration, bbox: BBox, *,
                 seed: int, progress: bool) -> PreprocessedCase:
     pc = preprocess_case(src.image(case_id), src.geometry(case_id), config, label=src.label(case_id),
@@ -71,9 +76,9 @@ def _write_case(src: Store, out: Store, case_id: str, config: Configuration, bbo
 
 
 def run_preprocess(store_path: Store | PathLikeStr, plan: Plan | PathLikeStr, configuration: str,
-                   out_path: PathLikeStr, *, scheduler: str = "threads", overwrite: bool = False,
+                   out_path: PathLikeStr, *, scheduler: str | None = "threads", overwrite: bool = False,
                    memory_limit: str | None = None, case_ids: Sequence[str] | None = None, seed: int = 0,
-                   progress: bool = True) -> Store:
+                   bboxes: Mapping[str, BBox] | None = None, progress: bool = True) -> Store:
     """Preprocess every complete case of a dataset store for one configuration of the plan.
 
     Writes a store with ``meta.kind == "preprocessed"``: per case ``image`` (C, Z, Y, X) float32,
@@ -103,8 +108,11 @@ def run_preprocess(store_path: Store | PathLikeStr, plan: Plan | PathLikeStr, co
              configuration, len(todo), len(wanted) - len(todo))
     if not todo:
         return out
-    with scheduler_context(scheduler, memory_limit=memory_limit), dask.config.set({"array.slicing.split_large_chunks": False}):
-        boxes = _bboxes(src, todo, progress)
+    context = (scheduler_context(scheduler, memory_limit=memory_limit) if scheduler is not None
+               else contextlib.nullcontext())
+    with context, dask.config.set({"array.slicing.split_large_chunks": False}):
+        known = {c: b for c, b in (bboxes or {}).items() if c in todo and _box_fits(b, src.geometry(c).shape_zyx)}
+        boxes = {**_bboxes(src, [c for c in todo if c not in known], progress), **known}
         for k, cid in enumerate(todo, 1):
             pc = _write_case(src, out, cid, config, boxes[cid], seed=seed, progress=progress)
             log.info("[%d/%d] %s: %s -> %s voxels", k, len(todo), cid, pc.original_geometry.shape_zyx,
