@@ -161,7 +161,7 @@ def _write_slab(job: _SlabJob) -> str | None:
             zarr.open_array(f"{job.store}/cases/{job.case}/label", mode="r+")[job.z0:job.z1] = lab
     except VoxflowError as e:
         return str(e)
-    except (RuntimeError, OSError, ValueError) as e:
+    except (RuntimeError, OSError, ValueError, MemoryError) as e:
         return f"could not convert rows {job.z0}:{job.z1} of case {job.case!r}: {e}"
     return None
 

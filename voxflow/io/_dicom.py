@@ -243,16 +243,19 @@ _BAD = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def series_case_ids(root: Path, pairs: list[tuple[DicomSeries, Any]]) -> list[str]:
-    """Case id per image series: its folder relative to ``root`` (sanitised), plus the series
-    number when several image series share a folder."""
-    per_folder: dict[Path, int] = defaultdict(int)
+    """Case id per image series: its folder relative to ``root`` (sanitised), plus ``_s<SeriesNumber>``
+    when several image series share a folder (``_<SeriesInstanceUID>`` if their numbers clash)."""
+    per_folder: dict[Path, list[DicomSeries]] = defaultdict(list)
     for s, _ in pairs:
-        per_folder[s.folder] += 1
+        per_folder[s.folder].append(s)
     ids = []
     for s, _ in pairs:
         rel = s.folder.relative_to(root) if s.folder != root else Path(root.name)
         cid = _BAD.sub("_", "_".join(rel.parts)).strip("._-") or "series"
-        if per_folder[s.folder] > 1:
-            cid += f"_s{_BAD.sub('_', s.number) or s.uid[-8:]}"
+        siblings = per_folder[s.folder]
+        if len(siblings) > 1:
+            numbers = [x.number for x in siblings]
+            unique = s.number and numbers.count(s.number) == 1
+            cid += f"_s{_BAD.sub('_', s.number)}" if unique else f"_{_BAD.sub('_', s.uid)}"
         ids.append(cid)
     return ids

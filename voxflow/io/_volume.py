@@ -29,6 +29,11 @@ def read_error(path: Path | str, exc: BaseException, case: str | None = None) ->
     where = f" for case {case!r}" if case else ""
     msg = str(exc).strip().splitlines()
     detail = msg[-1] if msg else type(exc).__name__
+    if isinstance(exc, MemoryError) or "bad_alloc" in str(exc) or "allocate memory" in str(exc):
+        return ConversionError(
+            f"reading an image must fit in memory; ran out of memory reading {str(path)!r}{where} ({detail}). "
+            f"Lower --max-memory so that volumes stream in thinner slabs, use a streamable format "
+            f"(.nii, .mha, .nrrd, DICOM, TIFF), or run on a machine with more memory.")
     return ConversionError(
         f"image files must be readable and complete; could not read {str(path)!r}{where} ({detail}). "
         f"Check that the file is not truncated or corrupt, or remove the case from the source."
