@@ -106,11 +106,32 @@ def _surface_task(pred: Segmentation, ref: Segmentation, values: tuple[int, ...]
     return dask.delayed(surface_metrics, pure=True)(p, r, spacing, tolerance_mm=tolerance_mm)
 
 
+def _compute_nested(graphs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``dask.compute`` of a list of ``{"matrix": x, "profiles": [[...], ...]}`` via one flat call.
+
+    Every entry is a dask Array: dask 2026.8 returns misplaced results when one ``dask.compute``
+    call mixes Delayed objects and Arrays.
+    """
+    flat: list[Any] = []
+    for g in graphs:
+        flat.append(g["matrix"])
+        for prof in g.get("profiles", []):
+            flat.extend(prof)
+    values = iter(dask.compute(*flat))
+    out = []
+    for g in graphs:
+        item: dict[str, Any] = {"matrix": next(values)}
+        if "profiles" in g:
+            item["profiles"] = [[next(values) for _ in prof] for prof in g["profiles"]]
+        out.append(item)
+    return out
+
+
 def evaluate_pairs(pairs: list[tuple[Segmentation, Segmentation]], targets: list[tuple[int, ...]], *,
                    tolerance_mm: float = 1.0, surface: bool = True) -> list[dict[str, Any]]:
     """Metrics of every (prediction, reference) pair for every target; two dask computes in all."""
     graphs = [_case_graph(p, r, targets, surface) for p, r in pairs]
-    (computed,) = dask.compute(graphs)
+    computed = _compute_nested(graphs)
     tasks: dict[tuple[int, str], Any] = {}
     if surface:
         for i, ((p, r), g) in enumerate(zip(pairs, computed)):
@@ -118,7 +139,7 @@ def evaluate_pairs(pairs: list[tuple[Segmentation, Segmentation]], targets: list
                 box = bounding_box(prof, pad=1)
                 if box is not None:
                     tasks[(i, target_key(t))] = _surface_task(p, r, t, box, tolerance_mm)
-    (surf,) = dask.compute(tasks)
+    surf = dict(zip(tasks, dask.compute(*tasks.values())))
     results = []
     for i, ((p, r), g) in enumerate(zip(pairs, computed)):
         vox_mm3 = float(np.prod(p.geometry.spacing_zyx))

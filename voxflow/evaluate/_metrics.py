@@ -45,8 +45,8 @@ def _block_hist(pred: np.ndarray, ref: np.ndarray, n_values: int) -> np.ndarray:
     return np.bincount(r * n_values + p, minlength=n_values * n_values)
 
 
-def confusion_matrix(pred: da.Array, ref: da.Array, n_values: int) -> Any:
-    """Lazy (delayed) ``(n_values, n_values)`` voxel counts: rows reference value, columns prediction.
+def confusion_matrix(pred: da.Array, ref: da.Array, n_values: int) -> da.Array:
+    """Lazy ``(n_values, n_values)`` int64 voxel counts: rows reference value, columns prediction.
 
     Values ``>= n_values - 1`` share the last bin. Computed block by block (``ref`` is rechunked
     like ``pred``); only the small histograms meet in memory.
@@ -54,7 +54,9 @@ def confusion_matrix(pred: da.Array, ref: da.Array, n_values: int) -> Any:
     ref = ref.rechunk(pred.chunks)
     hist = dask.delayed(_block_hist, pure=True)
     parts = [hist(p, r, n_values) for p, r in zip(pred.to_delayed().ravel(), ref.to_delayed().ravel())]
-    return dask.delayed(_sum_hists, pure=True)(parts, n_values)
+    total = dask.delayed(_sum_hists, pure=True)(parts, n_values)
+    # an Array, not a Delayed: dask 2026.8 misorders dask.compute results that mix the two
+    return da.from_delayed(total, shape=(n_values, n_values), dtype=np.int64)
 
 
 def _sum_hists(hists: list[np.ndarray], n_values: int) -> np.ndarray:

@@ -44,7 +44,7 @@ def mean_dice(pairs: list[tuple[Segmentation, Segmentation]], targets: list[tupl
     for p, r in pairs:
         pred = apply_postprocessing(p.array, spec, spacing=p.geometry.spacing_zyx)
         mats.append(confusion_matrix(pred, r.array, n_values))
-    (computed,) = dask.compute(mats)
+    computed = dask.compute(*mats)
     out = {}
     for t in targets:
         d = np.array([overlap_metrics(**region_counts(m, t))["dice"] for m in computed], dtype=float)
