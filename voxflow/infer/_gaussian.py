@@ -13,10 +13,10 @@ def gaussian_importance_map(patch_size_vox: Sequence[int], *, sigma_scale: float
                             min_value: float = 1e-3, dtype: np.dtype | type = np.float32) -> np.ndarray:
     """Separable Gaussian weight over a tile, shape ``patch_size_vox`` (z, y, x).
 
-    ``w(i) = max(prod_a exp(-(i_a - c_a)^2 / (2 sigma_a^2)), min_value)`` with centre
-    ``c_a = (p_a - 1) / 2`` and ``sigma_a = sigma_scale * p_a`` voxels, so the peak is 1, the map is
-    symmetric under flips, and no voxel has zero weight (``min_value > 0``) — corners of the volume,
-    covered by one tile only, still get a well-defined weighted average.
+    ``g(i) = prod_a exp(-(i_a - c_a)^2 / (2 sigma_a^2))`` with centre ``c_a = (p_a - 1) / 2`` and
+    ``sigma_a = sigma_scale * p_a`` voxels; ``w = max(g / max(g), min_value)``. The peak is 1, the map
+    is symmetric under flips, and no voxel has zero weight (``min_value > 0``): corners of the
+    volume, covered by one tile only, still get a well-defined weighted average.
     """
     if not 0.0 < min_value <= 1.0:
         raise ValueError(f"min_value must be in (0, 1]; got {min_value!r}")

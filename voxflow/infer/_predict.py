@@ -222,7 +222,8 @@ def predict(source: Store | str | Path | Sequence[str | Path], output: str | Pat
             models: Sequence[tuple[Any, Any, DatasetMeta]] | None = None,
             configuration: str | Sequence[str] | None = None, folds: Sequence[int | str] | None = None,
             step: float = 0.5, tta: bool = True, device: str | Sequence[str] = "cpu",
-            save_probabilities: bool = False, scheduler: str = "threads", batch_size: int | None = None,
+            save_probabilities: bool = False, scheduler: str = "threads", memory_limit: str | None = None,
+            batch_size: int | None = None,
             cache_bytes: int = 512 * 2**20, export: bool = True, overwrite: bool = False,
             case_ids: Sequence[str] | None = None, progress: bool = True) -> Store:
     """Segment every case of ``source`` and write ``output/prediction.zarr`` (+ files in ``output``).
@@ -242,7 +243,7 @@ def predict(source: Store | str | Path | Sequence[str | Path], output: str | Pat
     tta : mirror test-time augmentation over the configuration's ``train.mirror_axes``.
     device : ``cpu``, ``cuda``, ``cuda:1``; several (``"cuda:0,cuda:1"`` or a list, or ``cuda`` with
         several GPUs) predict different cases in one process per device.
-    scheduler : dask scheduler for preprocessing and writing (see :mod:`voxflow.cluster`).
+    scheduler, memory_limit : dask scheduler for preprocessing and writing (see :mod:`voxflow.cluster`).
     cache_bytes : memory for partial accumulator blocks before they spill to scratch Zarr.
     overwrite : redo cases already complete in the output store (else they are skipped: resume).
     """
@@ -264,7 +265,7 @@ def predict(source: Store | str | Path | Sequence[str | Path], output: str | Pat
     else:
         raise VoxflowError("predict needs model_dir (WORK/runs/<configuration>) or models; got neither.")
     scratch_root = out_dir / ".scratch"
-    with scheduler_context(scheduler):
+    with scheduler_context(scheduler, memory_limit=memory_limit):
         src = open_input(source, out_dir / ".input", scheduler=scheduler)
         meta = DatasetMeta(channel_names=src.meta.channel_names, labels=ensembles[0].dataset.labels,
                            regions_class_order=ensembles[0].dataset.regions_class_order,

@@ -22,7 +22,8 @@ def tile_starts(size: int, patch: int, *, step: float = 0.5) -> list[int]:
     """Start indices of tiles of length ``patch`` along an axis of length ``size``.
 
     nnU-Net's rule: the fewest tiles whose spacing does not exceed ``step * patch``, spread evenly
-    from 0 to ``size - patch`` so that the first and last tile touch the borders. ``size < patch``
+    from 0 to ``size - patch`` so that the first and last tile touch the borders (at least one voxel
+    apart, so no tile repeats). ``size < patch``
     gives one tile at 0 (the axis is padded to the patch).
 
     >>> tile_starts(11, 4, step=0.5)
@@ -34,7 +35,7 @@ def tile_starts(size: int, patch: int, *, step: float = 0.5) -> list[int]:
         raise VoxflowError(f"size and patch must be positive; got size={size!r}, patch={patch!r}.")
     if size <= patch:
         return [0]
-    n = math.ceil((size - patch) / (patch * step)) + 1
+    n = math.ceil((size - patch) / max(patch * step, 1.0)) + 1
     actual = (size - patch) / (n - 1)
     return [int(round(actual * i)) for i in range(n)]
 

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch import nn
+
+from voxflow.infer import (
+    TileAccumulator,
+    TilePredictor,
+    mirror_combinations,
+    sliding_window_predict,
+    sliding_window_predict_in_memory,
+    tile_grid,
+)
+
+
+@pytest.mark.parametrize("shape", [(13, 22, 17), (5, 9, 30), (8, 16, 16)])
+@pytest.mark.parametrize(("cache_bytes", "batch_size"), [(2**30, 1), (30_000, 3)])
+def test_tiled_zarr_prediction_equals_in_memory_oracle(shape: tuple[int, int, int], cache_bytes: int,
+                                                       batch_size: int, rng: np.random.Generator, conv_net) -> None:  # noqa: ANN001
+    """Same tiles + same Gaussian weights, accumulated chunk-wise into Zarr (with spills when the cache
+    is tiny) == whole-volume numpy accumulation (nnU-Net style)."""
+    pred = TilePredictor(conv_net())
+    img = rng.normal(size=(1, *shape)).astype(np.float32)
+    ref = sliding_window_predict_in_memory(img, pred, patch_size_vox=(8, 16, 16), n_classes=3)
+    out = zarr.create_array(store={}, shape=(3, *shape), chunks=(3, 5, 7, 6), dtype="f4")
+    sliding_window_predict(zarr.create_array(store={}, data=img, chunks=(1, 7, 6, 5)), pred,
+                           patch_size_vox=(8, 16, 16), n_classes=3, out=out, batch_size=batch_size,
+                           cache_bytes=cache_bytes)
+    np.testing.assert_allclose(out[...], ref, atol=2e-6)
+    np.testing.assert_allclose(out[...].sum(0), 1.0, atol=1e-5)
+
+
+def test_tiled_prediction_equals_one_shot_full_volume(rng: np.random.Generator) -> None:
+    """A pointwise network sees no tile borders: tiled == one forward pass on the whole volume."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv3d(2, 6, 1), nn.Tanh(), nn.Conv3d(6, 4, 1))
+    pred = TilePredictor(net)
+    img = rng.normal(size=(2, 13, 22, 19)).astype(np.float32)
+    tiled = sliding_window_predict(img, pred, patch_size_vox=(8, 8, 16), n_classes=4, cache_bytes=40_000,
+                                   block_zyx=(5, 6, 7))
+    one_shot = pred(img[None]).numpy()[0]
+    np.testing.assert_allclose(tiled, one_shot, atol=2e-6)
+
+
+def test_volume_smaller_than_patch(rng: np.random.Generator, conv_net) -> None:  # noqa: ANN001
+    pred = TilePredictor(conv_net())
+    img = rng.normal(size=(1, 3, 5, 7)).astype(np.float32)
+    out = sliding_window_predict(img, pred, patch_size_vox=(8, 16, 16), n_classes=3)
+    # one tile: the zero-padded volume through the net, cropped back (weights cancel)
+    padded = np.zeros((1, 1, 8, 16, 16), np.float32)
+    padded[0, :, 2:5, 5:10, 4:11] = img
+    expected = pred(padded).numpy()[0][:, 2:5, 5:10, 4:11]
+    assert out.shape == (3, 3, 5, 7)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_tta_with_mirror_equivariant_network_changes_nothing(rng: np.random.Generator, conv_net,  # noqa: ANN001
+                                                            symmetric_net) -> None:  # noqa: ANN001
+    net = symmetric_net(seed=5)
+    img = rng.normal(size=(1, 12, 12, 12)).astype(np.float32)
+    plain = TilePredictor(net)(img[None]).numpy()
+    tta = TilePredictor(net, mirror_axes=(0, 1, 2))(img[None]).numpy()
+    np.testing.assert_allclose(tta, plain, atol=1e-6)
+    # a network that is not mirror-equivariant does change under TTA (the check above can fail)
+    skewed = TilePredictor(conv_net(seed=5), mirror_axes=(0, 1, 2))(img[None]).numpy()
+    assert np.abs(skewed - TilePredictor(conv_net(seed=5))(img[None]).numpy()).max() > 1e-4
+
+
+def test_tta_averages_flipped_predictions(rng: np.random.Generator, conv_net) -> None:  # noqa: ANN001
+    net = conv_net(seed=2)
+    x = torch.from_numpy(rng.normal(size=(2, 1, 6, 8, 10)).astype(np.float32))
+    with torch.no_grad():
+        ref = torch.stack([torch.flip(torch.softmax(net(torch.flip(x, [a + 2 for a in c])), 1),
+                                      [a + 2 for a in c]) for c in mirror_combinations((1, 2))]).mean(0)
+    np.testing.assert_allclose(TilePredictor(net, mirror_axes=(2, 1))(x).numpy(), ref.numpy(), atol=1e-6)
+    assert mirror_combinations((2, 0)) == [(), (0,), (2,), (0, 2)]
+
+
+def test_fold_ensemble_averages_probabilities(rng: np.random.Generator, conv_net) -> None:  # noqa: ANN001
+    nets = [conv_net(seed=s) for s in (1, 2, 3)]
+    x = rng.normal(size=(1, 1, 8, 8, 8)).astype(np.float32)
+    mean = np.mean([TilePredictor(n)(x).numpy() for n in nets], axis=0)
+    np.testing.assert_allclose(TilePredictor(nets)(x).numpy(), mean, atol=1e-6)
+
+
+def test_sigmoid_and_2d_networks(rng: np.random.Generator) -> None:
+    torch.manual_seed(0)
+    net2d = nn.Conv2d(1, 2, 3, padding=1).eval()
+    img = rng.normal(size=(1, 4, 20, 18)).astype(np.float32)
+    pred = TilePredictor(net2d, activation="sigmoid", spatial_dims=2, mirror_axes=(1, 2))
+    out = sliding_window_predict(img, pred, patch_size_vox=(1, 16, 16), n_classes=2, batch_size=4)
+    ref = sliding_window_predict_in_memory(img, pred, patch_size_vox=(1, 16, 16), n_classes=2)
+    np.testing.assert_allclose(out, ref, atol=2e-6)
+    assert ((out > 0) & (out < 1)).all()
+
+
+def test_accumulator_normalises_and_writes_each_block_once() -> None:
+    writes: list[tuple] = []
+
+    class Recorder(np.ndarray):
+        def __setitem__(self, key, value):  # noqa: ANN001
+            writes.append(key)
+            super().__setitem__(key, value)
+
+    out = np.zeros((1, 6, 6, 6), np.float32).view(Recorder)
+    boxes = [((0, 4), (0, 6), (0, 6)), ((2, 6), (0, 6), (0, 6))]
+    acc = TileAccumulator(out, boxes, block_zyx=(3, 3, 3), cache_bytes=10**6)
+    for value, box in zip((2.0, 4.0), boxes):
+        shape = tuple(b - a for a, b in box)
+        acc.add(box, np.full((1, *shape), value * 0.5, np.float32), np.full(shape, 0.5, np.float32))
+    assert acc.complete
+    assert len(writes) == len(set(map(str, writes))) == 8
+    np.testing.assert_allclose(np.asarray(out)[0, :2], 2.0)
+    np.testing.assert_allclose(np.asarray(out)[0, 2:4], 3.0)
+    np.testing.assert_allclose(np.asarray(out)[0, 4:], 4.0)
+
+
+def test_accumulator_spills_with_a_small_cache_and_cleans_up(tmp_path, rng: np.random.Generator,  # noqa: ANN001
+                                                             conv_net) -> None:  # noqa: ANN001
+    pred = TilePredictor(conv_net())
+    img = rng.normal(size=(1, 12, 20, 24)).astype(np.float32)
+    grid = tile_grid(img.shape[1:], (8, 8, 8))
+    boxes = [grid.region(s)[0] for s in grid.tiles()]
+    out = np.zeros((3, *img.shape[1:]), np.float32)
+    with TileAccumulator(out, boxes, block_zyx=(8, 8, 8), cache_bytes=1, scratch_dir=tmp_path) as acc:
+        assert acc.block_nbytes == 4 * 512 * 4
+    ref = sliding_window_predict_in_memory(img, pred, patch_size_vox=(8, 8, 8), n_classes=3)
+    got = sliding_window_predict(img, pred, patch_size_vox=(8, 8, 8), n_classes=3, block_zyx=(8, 8, 8),
+                                 cache_bytes=3 * 4 * 512 * 4, scratch_dir=tmp_path)
+    np.testing.assert_allclose(got, ref, atol=2e-6)
+    assert list(tmp_path.iterdir()) == []
