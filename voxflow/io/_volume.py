@@ -5,12 +5,16 @@ channel count, and reads rows ``z0:z1`` as a (C, Z', Y, X) array. ``streamable``
 slab read touches only that slab: true for uncompressed NIfTI/MHA/MHD/NRRD (SimpleITK region
 reading), DICOM series (one file per slice), TIFF stacks and slice folders; false for compressed
 files such as ``.nii.gz``, which can only be decompressed whole.
+
+Note: SimpleITK's NIfTI reader turns NaN voxels into 0 as it reads, so NaN/Inf can only be
+detected (and are refused) in the other formats (NRRD, MHA, TIFF, ...).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+import re
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +114,26 @@ class SitkFile(VolumeSource):
         self.files = (str(self.path),)
         gz = self.path.name.endswith(".gz") or _is_gzip(self.path)
         self.streamable = dim == 3 and not gz and self.path.name.lower().endswith(_STREAM_SUFFIXES)
+        if not gz:
+            self._check_size()
+
+    def _check_size(self) -> None:
+        """Uncompressed single-file formats must hold all voxel bytes (SimpleITK may not notice)."""
+        name = self.path.name.lower()
+        if not name.endswith((".nii", ".mha", ".nrrd")):
+            return
+        head = self.path.open("rb").read(4096)
+        if name.endswith(".mha") and re.search(rb"CompressedData\s*=\s*True", head):
+            return
+        if name.endswith(".nrrd") and not re.search(rb"encoding:\s*raw", head):
+            return
+        header = 348 if name.endswith(".nii") else 0
+        have = self.path.stat().st_size
+        if have < header + self.nbytes:
+            raise ConversionError(
+                f"image files must be complete; {str(self.path)!r}{f' for case {self.case!r}' if self.case else ''} "
+                f"holds {have} bytes but its voxels need {self.nbytes} (the file is truncated). "
+                f"Copy or export it again.")
 
     def read(self, z0: int, z1: int) -> np.ndarray:
         import SimpleITK as sitk
