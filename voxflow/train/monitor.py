@@ -29,18 +29,26 @@ class RunMonitor:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []
         self._handler: logging.Handler | None = None
+        self._old_level = logging.NOTSET
 
     def __enter__(self) -> RunMonitor:
         if self.enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._handler = logging.FileHandler(self.run_dir / "training_log.txt")
             self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            logging.getLogger("voxflow").addHandler(self._handler)
+            self._handler.setLevel(logging.INFO)
+            root = logging.getLogger("voxflow")
+            self._old_level = root.level
+            if root.getEffectiveLevel() > logging.INFO:  # the log file always gets INFO
+                root.setLevel(logging.INFO)
+            root.addHandler(self._handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._handler is not None:
-            logging.getLogger("voxflow").removeHandler(self._handler)
+            root = logging.getLogger("voxflow")
+            root.removeHandler(self._handler)
+            root.setLevel(self._old_level)
             self._handler.close()
             self._handler = None
 

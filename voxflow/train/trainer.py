@@ -202,6 +202,9 @@ class _Trainer:
     def _try_resume(self) -> bool:
         """Load checkpoint_latest.pt; return True when the run had already finished."""
         final, latest = self.job.run_dir / "checkpoint_final.pt", self.job.run_dir / "checkpoint_latest.pt"
+        if self.info.is_main:  # temporary files of writes cut short by a kill
+            for tmp in self.job.run_dir.glob(".checkpoint_*.tmp"):
+                tmp.unlink(missing_ok=True)
         if not latest.exists() and not final.exists():
             log.warning("--resume: no checkpoint in %s; starting from scratch", self.job.run_dir)
             return False

@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from voxflow.plan.schema import TrainSpec
+from voxflow.train import load_model, lr_at, train_fold
+from voxflow.train.checkpoint import load_checkpoint
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from train_fakes import fake_build_loader, make_workspace, tiny_network  # noqa: E402
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_loss_decreases_and_run_dir_is_complete(tmp_path: Path) -> None:
+    work = make_workspace(tmp_path, epochs=4, iters_per_epoch=5)
+    run_dir = train_fold(work, "tiny", 0, loader_factory=fake_build_loader, num_workers=0, validate_cases=False)
+    m = _metrics(run_dir)
+    assert [r["epoch"] for r in m] == [0, 1, 2, 3]
+    assert m[-1]["train_loss"] < 0.85 * m[0]["train_loss"]
+    assert [r["lr"] for r in m] == pytest.approx([lr_at(e, TrainSpec(epochs=4)) for e in range(4)])
+    for name in ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt", "progress.png",
+                 "training_log.txt", "training_summary.json"):
+        assert (run_dir / name).is_file(), name
+    assert "epoch 3" in (run_dir / "training_log.txt").read_text()
+    net, cfg, meta = load_model(run_dir / "checkpoint_final.pt")
+    assert not net.training and cfg.name == "tiny" and meta.labels["lesion"] == 2
+    assert net(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
+    assert json.loads(work.splits.read_text())  # splits made on first use
+
+
+def test_2d_residual_config_and_options(tmp_path: Path) -> None:
+    work = make_workspace(tmp_path, patch=(1, 16, 16), network=tiny_network(dims=2, architecture="resenc_unet"),
+                          epochs=2, optimizer="adamw", lr=1e-3, schedule="cosine", warmup_epochs=1,
+                          class_weighted_ce=True, early_stopping_patience=1, loss="dice_ce")
+    run_dir = train_fold(work, "tiny", "all", loader_factory=fake_build_loader, num_workers=0,
+                         validate_cases=False, overrides={"train.epochs": 6})
+    ckpt = load_checkpoint(run_dir / "checkpoint_final.pt")
+    state = ckpt["trainer_state"]
+    assert len(state["class_weights"]) == 3 and state["class_weights"][2] > state["class_weights"][0]
+    m = _metrics(run_dir)
+    # early stopping: patience 1 stops at the first epoch without a new best EMA
+    stopped = state["stopped_early"]
+    assert stopped == (len(m) < 6)
+    if stopped:
+        assert not m[-1]["new_best"]
+    assert ckpt["configuration"]["train"]["epochs"] == 6
+
+
+def test_cli_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import voxflow.train.trainer as trainer
+    from voxflow.cli import main
+
+    work = make_workspace(tmp_path)
+    monkeypatch.setattr(trainer, "_default_loader", lambda: fake_build_loader)
+    res = CliRunner().invoke(main, ["train", str(work.root), "-c", "tiny", "-f", "1", "--epochs", "1",
+                                    "--iters", "1", "--num-workers", "0", "--no-validation",
+                                    "--set", "train.val_iters=1"])
+    assert res.exit_code == 0, res.output
+    assert len(_metrics(work.run_dir("tiny", 1))) == 1
+    res = CliRunner().invoke(main, ["train", str(work.root), "-c", "tiny", "--set", "train.epoch=3"])
+    assert res.exit_code != 0 and "Did you mean 'epochs'" in res.output
+
+
+_CHILD = """
+import sys, logging
+sys.path.insert(0, {here!r})
+from train_fakes import fake_build_loader
+from voxflow.train import train_fold
+from voxflow.workspace import Workspace
+train_fold(Workspace({root!r}), "tiny", 0, loader_factory=fake_build_loader, num_workers=0, validate_cases=False,
+           resume={resume})
+"""
+
+
+def test_sigkill_then_resume_finishes_with_the_right_schedule(tmp_path: Path) -> None:
+    epochs = 8
+    work = make_workspace(tmp_path, epochs=epochs, iters_per_epoch=3)
+    run_dir = work.run_dir("tiny", 0)
+    code = _CHILD.format(here=str(HERE), root=str(work.root), resume=False)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the training finished before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(run_dir / "checkpoint_latest.pt")["epoch"]
+    assert 1 <= killed_at < epochs
+    assert not (run_dir / "checkpoint_final.pt").exists()
+
+    code = _CHILD.format(here=str(HERE), root=str(work.root), resume=True)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+    final = load_checkpoint(run_dir / "checkpoint_final.pt")
+    assert final["epoch"] == epochs and final["trainer_state"]["epoch"] == epochs
+    m = _metrics(run_dir)
+    assert [r["epoch"] for r in m] == list(range(epochs))
+    spec = TrainSpec(epochs=epochs)
+    assert [r["lr"] for r in m] == pytest.approx([lr_at(e, spec) for e in range(epochs)])
+    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr_at(epochs - 1, spec))
+    assert not list(run_dir.glob(".checkpoint_*.tmp"))
+    # resuming a finished run is a no-op
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+    assert len(_metrics(run_dir)) == epochs
+
+
+@pytest.mark.ddp
+def test_ddp_two_cpu_processes_keep_weights_identical(tmp_path: Path) -> None:
+    work = make_workspace(tmp_path, epochs=2, iters_per_epoch=3, batch_size=2)
+    run_dir = train_fold(work, "tiny", 0, nproc=2, loader_factory=fake_build_loader, num_workers=0,
+                         validate_cases=False)
+    summary = json.loads((run_dir / "training_summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["ddp_max_param_diff"] == 0.0
+    assert len(_metrics(run_dir)) == 2
+    # the ranks saw different data: a single-process run of the same plan ends with other weights
+    single = train_fold(make_workspace(tmp_path / "single", epochs=2, iters_per_epoch=3, batch_size=2), "tiny", 0,
+                        loader_factory=fake_build_loader, num_workers=0, validate_cases=False)
+    a = load_checkpoint(run_dir / "checkpoint_final.pt")["network"]
+    b = load_checkpoint(single / "checkpoint_final.pt")["network"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,46 @@
+"""``voxflow train``: train one fold of one configuration of a workspace."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from voxflow._cliutil import handle_errors, parse_set_options, set_option
+
+log = logging.getLogger(__name__)
+
+
+@click.command("train")
+@click.argument("workdir", type=click.Path(file_okay=False, exists=True))
+@click.option("-c", "--configuration", default="3d_fullres", show_default=True, help="Configuration in plans.json.")
+@click.option("-f", "--fold", default="0", show_default=True, help="Fold 0..4 of splits.json, or 'all'.")
+@click.option("--epochs", type=int, default=None, help="Override train.epochs.")
+@click.option("--iters", type=int, default=None, help="Override train.iters_per_epoch.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="DDP processes on this machine (gloo on CPU, NCCL on CUDA). For several nodes use "
+                   "`torchrun --nnodes ... -m voxflow.train WORKDIR ...`.")
+@click.option("--num-workers", type=int, default=2, show_default=True, help="Loader worker processes per rank.")
+@click.option("--resume", is_flag=True, help="Continue from checkpoint_latest.pt of this fold.")
+@click.option("--no-validation", is_flag=True, help="Skip predicting the validation cases at the end.")
+@set_option
+@handle_errors
+def train(workdir: str, configuration: str, fold: str, epochs: int | None, iters: int | None, device: str,
+          nproc: int, num_workers: int, resume: bool, no_validation: bool, overrides: tuple[str, ...]) -> None:
+    """Train fold FOLD of configuration CFG from WORKDIR (plans.json + preprocessed store).
+
+    Writes WORKDIR/runs/CFG/fold_FOLD/ (checkpoints, metrics.jsonl, progress.png, training_log.txt).
+    """
+    from voxflow.train import train_fold
+    from voxflow.workspace import Workspace
+
+    sets: dict[str, object] = dict(parse_set_options(overrides))
+    if epochs is not None:
+        sets["train.epochs"] = epochs
+    if iters is not None:
+        sets["train.iters_per_epoch"] = iters
+    fold_value: int | str = fold if fold == "all" else int(fold)
+    run_dir = train_fold(Workspace(workdir), configuration, fold_value, device=device, resume=resume,
+                         overrides=sets, nproc=nproc, num_workers=num_workers, validate_cases=not no_validation)
+    click.echo(str(run_dir))
