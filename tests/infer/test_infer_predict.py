@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from voxflow.cli import main
+from voxflow.errors import IncompleteStoreError, LayoutError
+from voxflow.geometry import Geometry
+from voxflow.infer import TilePredictor, predict, sliding_window_predict_in_memory
+from voxflow.preprocess import preprocess_case, zoom_reference
+from voxflow.store import Store
+
+SHAPES = [(11, 23, 17), (5, 9, 30)]
+
+
+def _oracle(src: Store, cid: str, net: nn.Module, cfg) -> np.ndarray:  # noqa: ANN001
+    """Eager pipeline: preprocess (computed), whole-array sliding window, zoom back, uncrop."""
+    pc = preprocess_case(src.image(cid), src.geometry(cid), cfg)
+    img = pc.image.compute()
+    probs = sliding_window_predict_in_memory(img, TilePredictor(net), patch_size_vox=cfg.patch_size_vox,
+                                             n_classes=3)
+    back = np.stack([zoom_reference(p, pc.shape_after_crop_zyx, order=1) for p in probs])
+    full = np.zeros((3, *pc.original_geometry.shape_zyx), np.float32)
+    full[0] = 1.0
+    full[(slice(None), *(slice(lo, hi) for lo, hi in pc.crop_bbox_zyx))] = back
+    return full
+
+
+def test_predict_matches_eager_pipeline_and_exports_geometry(tmp_path: Path, meta, make_config, conv_net,  # noqa: ANN001
+                                                             write_store) -> None:  # noqa: ANN001
+    src = write_store(tmp_path / "ds.zarr", meta, SHAPES)
+    cfg = make_config()
+    net = conv_net(seed=4)
+    out = predict(src, tmp_path / "out", models=[(net, cfg, meta)], tta=False, save_probabilities=True,
+                  progress=False)
+    assert out.meta.kind == "prediction"
+    assert out.case_ids() == src.case_ids()
+    assert not (tmp_path / "out" / ".scratch").exists()
+    for cid in src.case_ids():
+        expected = _oracle(src, cid, net, cfg)
+        probs = out.array(cid, "probs").compute()
+        label = out.array(cid, "label").compute()
+        assert probs.dtype == np.float16 and label.dtype == np.uint8
+        np.testing.assert_allclose(probs.astype(np.float32), expected, atol=2e-3)
+        top2 = np.sort(expected, axis=0)[-2:]
+        clear = (top2[1] - top2[0]) > 1e-4
+        np.testing.assert_array_equal(label[clear], expected.argmax(0)[clear])
+        assert out.geometry(cid) == src.geometry(cid)
+        img = sitk.ReadImage(str(tmp_path / "out" / f"{cid}.nii.gz"))
+        src.geometry(cid).check_matches(Geometry.from_sitk(img), what="exported label", case=cid)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(img), label)
+
+
+class _Exploding(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a complete case must not be predicted again")
+
+
+def test_predict_resumes_and_ensembles_folds(tmp_path: Path, meta, make_config, conv_net,  # noqa: ANN001
+                                             write_store) -> None:  # noqa: ANN001
+    src = write_store(tmp_path / "ds.zarr", meta, SHAPES[1:])
+    cfg = make_config(mirror_axes=(1, 2))
+    nets = [conv_net(seed=s) for s in (1, 2)]
+    first = predict(src, tmp_path / "out", models=[(n, cfg, meta) for n in nets], save_probabilities=True,
+                    progress=False, export=False)
+    again = predict(src, tmp_path / "out", models=[(_Exploding(), cfg, meta), (_Exploding(), cfg, meta)],
+                    save_probabilities=True, progress=False, export=False)
+    assert again.case_ids() == first.case_ids() == ["case_000"]
+    single = predict(src, tmp_path / "single", models=[(nets[0], cfg, meta)], save_probabilities=True,
+                     progress=False, export=False)
+    a = first.array("case_000", "probs").compute().astype(np.float32)
+    b = single.array("case_000", "probs").compute().astype(np.float32)
+    assert np.abs(a - b).max() > 1e-3  # the second fold changed the result
+    with pytest.raises(LayoutError, match="different metadata"):
+        predict(src, tmp_path / "out", models=[(nets[0], cfg, meta)], step=0.7, progress=False)
+
+
+def _save_fold(run_dir: Path, cfg, meta, seed: int) -> None:  # noqa: ANN001
+    from voxflow.nets import build_network
+    from voxflow.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    net = build_network(cfg.network, 1, 3)
+    save_checkpoint(run_dir / "checkpoint_final.pt", {
+        "network": net.state_dict(), "configuration": dataclasses.asdict(cfg), "dataset": meta.to_dict(),
+        "in_channels": 1, "num_outputs": 3, "epoch": 1})
+
+
+def test_cli_predict_nifti_folder_with_checkpoints(tmp_path: Path, meta, make_config) -> None:  # noqa: ANN001
+    cfg = make_config(patch=(8, 16, 16))
+    for fold in (0, 1):
+        _save_fold(tmp_path / "runs" / cfg.name / f"fold_{fold}", cfg, meta, seed=fold)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    geoms = {}
+    for i, shape in enumerate(SHAPES):
+        img = sitk.GetImageFromArray(rng.normal(size=shape).astype(np.float32))
+        img.SetSpacing((0.9, 1.1, 1.7))
+        img.SetOrigin((10.0, -5.0, 2.5))
+        img.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+        sitk.WriteImage(img, str(images / f"pat{i}_0000.nii.gz"))
+        geoms[f"pat{i}"] = Geometry.from_sitk(img)
+    out = tmp_path / "pred"
+    res = CliRunner().invoke(main, ["predict", "-i", str(images), "-o", str(out), "-m",
+                                    str(tmp_path / "runs" / cfg.name), "-f", "0", "1", "--no-tta"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    store = Store.open(out / "prediction.zarr")
+    assert store.meta.extra["models"] == ["3d_fullres/fold_0", "3d_fullres/fold_1"]
+    for cid, geom in geoms.items():
+        written = sitk.ReadImage(str(out / f"{cid}.nii.gz"))
+        geom.check_matches(Geometry.from_sitk(written), what="exported label", case=cid)
+        assert set(np.unique(sitk.GetArrayFromImage(written))) <= {0, 1, 2}
+    bad = CliRunner().invoke(main, ["predict", "-i", str(images), "-o", str(out), "-m",
+                                    str(tmp_path / "runs" / cfg.name), "-f", "7"])
+    assert bad.exit_code != 0
+    assert "fold_7" in bad.output
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, meta, write_store) -> None:  # noqa: ANN001
+    src = write_store(tmp_path / "ds.zarr", meta, SHAPES[1:])
+    (tmp_path / "runs" / "3d_fullres" / "fold_0").mkdir(parents=True)
+    with pytest.raises(IncompleteStoreError, match="checkpoint_final.pt must exist"):
+        predict(src, tmp_path / "out", model_dir=tmp_path / "runs" / "3d_fullres", folds=[0], progress=False)
