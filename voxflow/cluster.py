@@ -55,6 +55,10 @@ def scheduler_context(spec: str = "threads", *, memory_limit: str | None = None,
         cfg: dict[str, Any] = {"scheduler": "synchronous" if spec == "sync" else spec}
         if num_workers:
             cfg["num_workers"] = num_workers
+        if spec == "processes":  # one worker pool for the whole block, not one per compute
+            with _process_pool(num_workers) as pool, dask.config.set({**cfg, "pool": pool}):
+                yield None
+            return
         with dask.config.set(cfg):
             yield None
         return
@@ -71,6 +75,25 @@ def scheduler_context(spec: str = "threads", *, memory_limit: str | None = None,
     with Client(spec) as client:
         log.info("connected to Dask scheduler %s; dashboard at %s", spec, client.dashboard_link)
         yield client
+
+
+@contextlib.contextmanager
+def _process_pool(num_workers: int | None) -> Iterator[Any]:
+    """The process pool dask's ``processes`` scheduler would create per compute, kept for a block."""
+    import functools
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    import dask.multiprocessing as dmp
+
+    if os.environ.get("PYTHONHASHSEED") in (None, "0"):
+        os.environ["PYTHONHASHSEED"] = "6640"  # as dask does: consistent hashing in the workers
+    pool = ProcessPoolExecutor(num_workers or dmp.CPU_COUNT, mp_context=dmp.get_context(),
+                               initializer=functools.partial(dmp.initialize_worker_process, user_initializer=None))
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
 
 
 def compute(*collections: Any, desc: str = "computing", progress: bool = True) -> tuple[Any, ...]:

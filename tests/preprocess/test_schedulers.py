@@ -1,0 +1,87 @@
+"""The same preprocessing on every scheduler: threads, processes, a LocalCluster, a tcp:// cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from voxflow.preprocess import run_preprocess
+from voxflow.store import Store
+
+
+def _assert_same(a: Store, b: Store) -> None:
+    assert a.case_ids() == b.case_ids()
+    for cid in a.case_ids():
+        for name in ("image", "label", "fg_index"):
+            np.testing.assert_array_equal(a.zarr_array(cid, name)[...], b.zarr_array(cid, name)[...])
+        assert a.case_attrs(cid) == {**b.case_attrs(cid)}
+
+
+@pytest.fixture
+def dataset(tmp_path, rng, helpers):
+    src = helpers.write_store(tmp_path / "ds.zarr", {"a": helpers.small_case(rng)})
+    plan = helpers.make_plan(helpers.make_config())
+    reference = run_preprocess(src, plan, "3d_fullres", tmp_path / "threads.zarr", progress=False)
+    return src, plan, reference
+
+
+def test_processes_scheduler_gives_identical_store(tmp_path, dataset) -> None:
+    src, plan, reference = dataset
+    out = run_preprocess(src, plan, "3d_fullres", tmp_path / "proc.zarr", scheduler="processes", progress=False)
+    _assert_same(reference, out)
+
+
+@pytest.mark.slow
+def test_local_cluster_gives_identical_store(tmp_path, dataset) -> None:
+    src, plan, reference = dataset
+    out = run_preprocess(src, plan, "3d_fullres", tmp_path / "local.zarr", scheduler="local:2",
+                         memory_limit="1GB", progress=False)
+    _assert_same(reference, out)
+
+
+def _wait_for(path: Path, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:
+                pass
+        time.sleep(0.2)
+    raise TimeoutError(f"no scheduler file at {path} after {timeout} s")
+
+
+@pytest.mark.slow
+def test_tcp_cluster_of_two_worker_processes_gives_identical_store(tmp_path, dataset) -> None:
+    src, plan, reference = dataset
+    sched_file = tmp_path / "scheduler.json"
+    dask_cli = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    worker_cli = [sys.executable, "-m", "distributed.cli.dask_worker"]
+    procs = [subprocess.Popen([*dask_cli, "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
+                               "--scheduler-file", str(sched_file)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        address = _wait_for(sched_file, 60)["address"]
+        procs += [subprocess.Popen([*worker_cli, address, "--nthreads", "1", "--no-dashboard",
+                                    "--memory-limit", "1GB", "--local-directory", str(tmp_path / f"w{i}")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+        out = run_preprocess(src, plan, "3d_fullres", tmp_path / "tcp.zarr", scheduler=address, progress=False)
+        _assert_same(reference, out)
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
