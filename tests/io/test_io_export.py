@@ -15,8 +15,9 @@ from voxflow.store import Store
 from voxflow.synthetic import make_dataset
 
 
-@pytest.mark.parametrize("ending", [".nii.gz", ".nii", ".nrrd", ".mha"])
-@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint8])
+@pytest.mark.parametrize(("ending", "dtype"), [(".nii.gz", np.float32), (".nii.gz", np.int16), (".nii", np.uint8),
+                                               (".nrrd", np.float32), (".nrrd", np.int16), (".mha", np.float32),
+                                               (".mha", np.uint8)])
 def test_export_round_trip_is_bit_exact(tmp_path: Path, image_factory, oblique_xyz, ending: str, dtype: type) -> None:
     rng = np.random.default_rng(3)
     (tmp_path / "src/images").mkdir(parents=True)
