@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from voxflow.data import AugmentConfig, build_loader
-from voxflow.data.sampling import PatchSampler
+from voxflow.data import AugmentConfig, apply, build_loader, sample_params
+from voxflow.data.sampling import PatchSampler, stream_rng
 from voxflow.errors import LayoutError
 
 
@@ -96,15 +96,15 @@ def test_close_joins_threads_and_worker_errors_propagate(preprocessed_store, con
     assert not _loader_threads()
 
     calls = {"n": 0}
-    original = PatchSampler.sample
+    original = PatchSampler.read
 
-    def flaky(self, batch_size):
+    def flaky(self, *args):
         calls["n"] += 1
-        if calls["n"] > 2:
+        if calls["n"] > 4:
             raise OSError("disk went away")
-        return original(self, batch_size)
+        return original(self, *args)
 
-    monkeypatch.setattr(PatchSampler, "sample", flaky)
+    monkeypatch.setattr(PatchSampler, "read", flaky)
     with pytest.raises(OSError, match="disk went away"), build_loader(store, store.case_ids(), cfg) as loader:
         _take(loader, 10)
     assert not _loader_threads()
@@ -134,3 +134,35 @@ def test_custom_augment_config_and_bad_inputs(preprocessed_store, config_factory
         build_loader(store, store.case_ids(), cfg, ds_scales=[(1.0, 1.0)])
     with pytest.raises(TypeError, match="infinite"):
         len(build_loader(store, store.case_ids(), cfg, num_workers=0))
+
+
+@pytest.mark.parametrize("patch", [(8, 8, 8), (1, 10, 8)])
+def test_footprint_reads_equal_reading_the_enlarged_patch(preprocessed_store, config_factory, patch) -> None:
+    """The loader reads only each sample's footprint; the result must equal augmenting the whole
+    enlarged patch with the same draws and parameters."""
+    store = preprocessed_store()
+    cfg = config_factory(patch, batch_size=4)
+    aug = AugmentConfig(p_rotation=0.7, p_scale=0.7, p_elastic=0.3, mirror_axes=(0, 1))
+    scales = [(1.0,) * (len(patch) if patch[0] != 1 else 2)]
+    loader = build_loader(store, store.case_ids(), cfg, augment=aug, num_workers=0, seed=3, ds_scales=scales)
+    batches = _take(loader, 3)
+    spec = loader.spec
+    rng = stream_rng(3, rank=0, worker=0, purpose="train")
+    sampler = PatchSampler(loader.cases, spec.read_patch_vox, final_patch_size_vox=(1, *spec.final_patch_vox)
+                           if len(spec.final_patch_vox) == 2 else spec.final_patch_vox,
+                           oversample_foreground=spec.oversample_foreground, rng=rng)
+    dims = len(spec.final_patch_vox)
+    for batch in batches:
+        cases, corners, _ = sampler.draw(4)
+        params = sample_params(rng, 4, n_channels=1, spatial_dims=dims, config=spec.augment,
+                               patch_size=spec.final_patch_vox)
+        assert np.array_equal(params.matrix, batch.params.matrix)
+        reads = [sampler.read(c, lo) for c, lo in zip(cases, corners)]
+        image = torch.from_numpy(np.stack([r[0] for r in reads]))
+        label = torch.from_numpy(np.stack([r[1] for r in reads]))
+        if dims == 2:
+            image, label = image[:, :, 0], label[:, 0]
+        ref_image, ref_targets = apply(image, label, params, patch_size=spec.final_patch_vox, ds_scales=scales)
+        torch.testing.assert_close(batch.image, ref_image, atol=1e-4, rtol=1e-5)
+        assert (batch.target[0] == ref_targets[0]).float().mean() > 0.995
+    assert any(b.params.spatial.any() for b in batches)

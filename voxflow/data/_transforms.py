@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "apply_blur", "apply_brightness", "apply_contrast", "apply_gamma", "apply_lowres", "apply_mirror",
-    "apply_noise", "apply_spatial", "centre_crop", "downsample_targets", "gaussian_blur",
+    "apply_noise", "apply_spatial", "centre_crop", "downsample_targets", "gaussian_blur", "input_footprint",
 ]
 
 
@@ -37,38 +37,80 @@ def centre_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 def _sampling_grid(params: Params, sel: np.ndarray, in_shape: Sequence[int], out_shape: Sequence[int],
                    device: torch.device) -> torch.Tensor:
-    """grid_sample grid (n, *F, D) in (x, y, z) order, normalised with align_corners=True."""
-    offs = torch.meshgrid(*[torch.arange(f, device=device, dtype=torch.float32) - (f - 1) / 2 for f in out_shape],
-                          indexing="ij")
-    offs_t = torch.stack(offs, dim=-1)
-    mats = torch.as_tensor(params.matrix[sel], dtype=torch.float32, device=device)
-    coords = torch.einsum("nij,...j->n...i", mats, offs_t)
+    """grid_sample grid (n, *F, D) in (x, y, z) order, normalised with align_corners=True.
+
+    Output voxel offset ``o`` from the output centre maps to input offset ``M @ o`` (+ elastic
+    displacement) from the input centre; both in voxels, (z, y, x).
+    """
+    d = len(out_shape)
+    mats = np.asarray(params.matrix[sel], dtype=np.float64)
+    to_norm = np.array([2.0 / (p - 1) if p > 1 else 0.0 for p in in_shape])
+    from_norm = np.array([(f - 1) / 2.0 for f in out_shape])
+    theta = to_norm[None, :, None] * mats * from_norm[None, None, :]
+    theta = torch.as_tensor(theta[:, ::-1, ::-1].copy(), dtype=torch.float32, device=device)  # -> (x, y, z)
+    # grid[n, *o] = sum_j base_j(o_j) * theta[n, :, j]: three broadcast adds, cheaper than affine_grid
+    grid = torch.zeros((len(sel), *out_shape, d), dtype=torch.float32, device=device)
+    for j, f in enumerate(out_shape):  # j indexes output axes in (z, y, x); its column in theta is d-1-j
+        base = torch.linspace(-1.0, 1.0, f, device=device) if f > 1 else torch.zeros(1, device=device)
+        view = [1] * (d + 2)
+        view[1 + j] = f
+        grid.add_(base.view(view) * theta[:, :, d - 1 - j].reshape(len(sel), *([1] * d), d))
     if params.elastic is not None:
         coarse = torch.as_tensor(params.elastic[sel], dtype=torch.float32, device=device)
-        mode = "trilinear" if len(out_shape) == 3 else "bilinear"
+        mode = "trilinear" if d == 3 else "bilinear"
         disp = nnf.interpolate(coarse, size=tuple(out_shape), mode=mode, align_corners=True)
-        coords = coords + disp.movedim(1, -1)
-    scale = torch.tensor([2.0 / (p - 1) if p > 1 else 0.0 for p in in_shape], device=device)
-    return (coords * scale).flip(-1)
+        scale = torch.as_tensor(to_norm, dtype=torch.float32, device=device)
+        grid = grid + (disp.movedim(1, -1) * scale).flip(-1)
+    return grid
 
 
-def apply_spatial(image: torch.Tensor, label: torch.Tensor | None, params: Params,
-                  patch_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def apply_spatial(image: torch.Tensor, label: torch.Tensor | None, params: Params, patch_size: Sequence[int], *,
+                  spatial_input: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotation/scaling/elastic as one ``grid_sample`` over the transformed samples, centre crop
-    for the others. Image: linear; label: nearest; outside the input patch: 0."""
+    for the others. Image: linear; label: nearest; outside the input patch: 0.
+
+    With ``spatial_input = (image_s, label_s)``, the transformed samples are read from those
+    tensors (n_spatial, C, *P') instead (each centred on its patch), and ``image``/``label`` may
+    already have the final size.
+    """
     out_img = centre_crop(image, patch_size).clone(memory_format=torch.contiguous_format)
     out_lab = None if label is None else centre_crop(label, patch_size).clone(memory_format=torch.contiguous_format)
     if not params.spatial.any():
         return out_img, out_lab
     sel = np.flatnonzero(params.spatial)
     idx = torch.as_tensor(sel, dtype=torch.long, device=image.device)
-    grid = _sampling_grid(params, sel, image.shape[2:], patch_size, image.device)
-    out_img[idx] = nnf.grid_sample(image[idx].float(), grid, mode="bilinear", padding_mode="zeros",
+    if spatial_input is None:
+        src_img, src_lab = image[idx], None if label is None else label[idx]
+    else:
+        src_img, src_lab = spatial_input
+    grid = _sampling_grid(params, sel, src_img.shape[2:], patch_size, image.device)
+    out_img[idx] = nnf.grid_sample(src_img.float(), grid, mode="bilinear", padding_mode="zeros",
                                    align_corners=True).to(out_img.dtype)
-    if label is not None and out_lab is not None:
-        lab = nnf.grid_sample(label[idx].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)
-        out_lab[idx] = lab.round().to(out_lab.dtype)
+    if src_lab is not None and out_lab is not None:
+        lab = nnf.grid_sample(src_lab.float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)
+        out_lab[idx] = lab.to(out_lab.dtype)
     return out_img, out_lab
+
+
+def input_footprint(params: Params, patch_size: Sequence[int], max_size: Sequence[int]) -> np.ndarray:
+    """(B, D) size of the centred input box each sample's output actually reads, capped at ``max_size``.
+
+    Non-transformed samples need the final ``patch_size``; transformed ones the extent of the
+    mapped output box plus one voxel for linear interpolation (plus the largest elastic
+    displacement). Sizes keep the parity of ``patch_size`` so boxes stay exactly centred. Reading
+    just this box gives the same result as reading the whole ``max_size`` patch.
+    """
+    final = np.asarray(patch_size, dtype=np.int64)
+    cap = np.asarray(max_size, dtype=np.int64)
+    half = (final - 1) / 2.0
+    extent = np.abs(params.matrix) @ half  # (B, D) half-extent of the mapped box
+    if params.elastic is not None:
+        extent = extent + np.abs(params.elastic).reshape(len(extent), len(final), -1).max(-1)
+    need = 2 * np.ceil(extent + 1 - 1e-9).astype(np.int64) + 1
+    need += (need - final) % 2
+    need = np.minimum(np.maximum(need, final), cap)
+    return np.where(params.spatial[:, None], need, final[None])
 
 
 def apply_noise(image: torch.Tensor, params: Params) -> torch.Tensor:
@@ -92,25 +134,32 @@ def _symmetric_pad(x: torch.Tensor, axis: int, r: int) -> torch.Tensor:
     return x.index_select(axis, torch.cat([left, torch.arange(n, device=x.device), right]))
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, *, truncate: float = 4.0) -> torch.Tensor:
+def _kernel(sigma: float, truncate: float) -> np.ndarray:
+    radius = int(truncate * sigma + 0.5)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    return taps / taps.sum()
+
+
+def gaussian_blur(x: torch.Tensor, sigma: Sequence[float], *, truncate: float = 4.0) -> torch.Tensor:
     """Separable Gaussian blur of each of ``n`` volumes ``x`` (n, *S) with its own ``sigma`` (n,) in
-    voxels, equal to ``scipy.ndimage.gaussian_filter(..., mode='reflect', truncate=4)`` per volume."""
-    n, spatial = x.shape[0], x.shape[1:]
-    radius = int(truncate * float(sigma.max()) + 0.5)
-    if radius == 0:
-        return x
-    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    own = (truncate * sigma + 0.5).floor().to(x.dtype)[:, None]
-    kern = torch.exp(-0.5 * (taps[None] / sigma[:, None].to(x.dtype)) ** 2) * (taps.abs()[None] <= own)
-    kern = kern / kern.sum(dim=1, keepdim=True)
-    conv = nnf.conv3d if len(spatial) == 3 else nnf.conv2d
-    out = x.unsqueeze(0)
-    for a in range(len(spatial)):
-        shape = [n, 1] + [1] * len(spatial)
-        shape[2 + a] = 2 * radius + 1
-        padded = _symmetric_pad(out, 2 + a, radius)
-        out = conv(padded, kern.reshape(shape), groups=n)
-    return out.squeeze(0)
+    voxels, equal to ``scipy.ndimage.gaussian_filter(..., mode='reflect', truncate=4)`` per volume.
+
+    Each 1-D pass is a sum of shifted slices of the padded volume (memory-bound, fast on CPU).
+    """
+    out = torch.empty_like(x)
+    for i, s in enumerate(sigma):
+        y = x[i]
+        for axis in range(y.ndim):
+            w = _kernel(float(s), truncate)
+            r = len(w) // 2
+            n = y.shape[axis]
+            padded = _symmetric_pad(y, axis, r)
+            acc = padded.narrow(axis, 0, n) * float(w[0])
+            for k in range(1, len(w)):
+                acc.add_(padded.narrow(axis, k, n), alpha=float(w[k]))
+            y = acc
+        out[i] = y
+    return out
 
 
 def apply_blur(image: torch.Tensor, params: Params) -> torch.Tensor:
@@ -119,8 +168,7 @@ def apply_blur(image: torch.Tensor, params: Params) -> torch.Tensor:
     if not on.any():
         return image
     b, c = (torch.as_tensor(v, device=image.device) for v in np.nonzero(on))
-    sigma = torch.as_tensor(params.blur_sigma[on], dtype=image.dtype, device=image.device)
-    image[b, c] = gaussian_blur(image[b, c], sigma)
+    image[b, c] = gaussian_blur(image[b, c], params.blur_sigma[on].tolist())
     return image
 
 
@@ -169,16 +217,16 @@ def apply_gamma(image: torch.Tensor, gamma: np.ndarray, *, invert: bool) -> torc
         return image
     idx = _index(on, image.device)
     x = image[idx]
-    flat = x.reshape(len(x), -1).double()
+    flat = x.reshape(len(x), -1).float()
     if invert:
         flat = -flat
-    mean, sd = flat.mean(1, keepdim=True), flat.std(1, unbiased=False, keepdim=True)
+    sd, mean = (v[:, None] for v in torch.std_mean(flat, dim=1, unbiased=False))
     lo = flat.amin(1, keepdim=True)
     rng = flat.amax(1, keepdim=True) - lo + 1e-7
     g = torch.as_tensor(gamma[on], dtype=flat.dtype, device=image.device)[:, None]
-    flat = ((flat - lo) / rng).clamp(min=0) ** g * rng + lo
-    flat = flat - flat.mean(1, keepdim=True)
-    flat = flat / (flat.std(1, unbiased=False, keepdim=True) + 1e-8) * sd + mean
+    flat = ((flat - lo) / rng).clamp_(min=0).pow_(g).mul_(rng).add_(lo)
+    sd2, mean2 = (v[:, None] for v in torch.std_mean(flat, dim=1, unbiased=False))
+    flat = (flat - mean2).mul_(sd / (sd2 + 1e-8)).add_(mean)
     if invert:
         flat = -flat
     image[idx] = flat.reshape(x.shape).to(image.dtype)

@@ -251,7 +251,9 @@ def sample_params(rng: np.random.Generator, batch_size: int, *, n_channels: int,
 
 
 def apply(image: torch.Tensor, label: torch.Tensor | None, params: Params, *, patch_size: Sequence[int],
-          ds_scales: Sequence[Sequence[float]] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+          ds_scales: Sequence[Sequence[float]] | None = None,
+          spatial_input: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Augment one batch on its device; deterministic given ``params``.
 
     Parameters
@@ -261,6 +263,10 @@ def apply(image: torch.Tensor, label: torch.Tensor | None, params: Params, *, pa
     patch_size : final spatial size ``F`` (same number of axes as ``P``; ``P - F`` even).
     ds_scales : per-axis scale factor of each deep supervision output (full resolution first);
         ``None`` gives one full-resolution target.
+    spatial_input : optional (image (n, C, *P'), label (n, *P') or None) holding only the samples
+        with ``params.spatial``, each centred on its patch (the loader reads just their footprint,
+        :func:`voxflow.data._transforms.input_footprint`); ``image``/``label`` then need only
+        the final size for the other samples.
 
     Returns
     -------
@@ -268,7 +274,9 @@ def apply(image: torch.Tensor, label: torch.Tensor | None, params: Params, *, pa
     """
     if label is not None and label.ndim == image.ndim - 1:
         label = label.unsqueeze(1)
-    image, label = apply_spatial(image, label, params, patch_size)
+    if spatial_input is not None and spatial_input[1] is not None and spatial_input[1].ndim == image.ndim - 1:
+        spatial_input = (spatial_input[0], spatial_input[1].unsqueeze(1))
+    image, label = apply_spatial(image, label, params, patch_size, spatial_input=spatial_input)
     image = apply_noise(image, params)
     image = apply_blur(image, params)
     image = apply_brightness(image, params)

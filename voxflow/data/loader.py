@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from voxflow._types import PathLikeStr
+from voxflow.data._transforms import input_footprint
 from voxflow.data.augment import AugmentConfig, Params, apply, enlarged_patch_size, sample_params
 from voxflow.data.sampling import CaseHandle, PatchSampler, open_cases, stream_rng
 from voxflow.errors import LayoutError
@@ -55,10 +56,12 @@ class Batch:
 
 @dataclass
 class _Raw:
-    image: torch.Tensor
+    image: torch.Tensor                  # (B, C, *F): the samples without spatial transform
     label: torch.Tensor | None
     case_ids: tuple[str, ...]
     params: Params
+    spatial_image: torch.Tensor | None   # (n, C, *P'): footprints of the transformed samples
+    spatial_label: torch.Tensor | None
 
 
 @dataclass
@@ -215,8 +218,12 @@ class BatchLoader:
         nb = self.device.type == "cuda"
         image = raw.image.to(self.device, non_blocking=nb)
         label = None if raw.label is None else raw.label.to(self.device, non_blocking=nb)
+        spatial = None
+        if raw.spatial_image is not None:
+            spatial = (raw.spatial_image.to(self.device, non_blocking=nb),
+                       None if raw.spatial_label is None else raw.spatial_label.to(self.device, non_blocking=nb))
         image, targets = apply(image, label, raw.params, patch_size=self.spec.final_patch_vox,
-                               ds_scales=self.spec.ds_scales)
+                               ds_scales=self.spec.ds_scales, spatial_input=spatial)
         return Batch(image=image, target=targets, case_ids=raw.case_ids, params=raw.params)
 
 
@@ -232,24 +239,59 @@ class _Producer:
                                     oversample_foreground=spec.oversample_foreground)
         self.pin = loader.device.type == "cuda"
 
-    def next(self) -> _Raw:
-        spec = self.spec
-        pb = self.sampler.sample(spec.batch_size)
-        image = torch.from_numpy(pb.image)
-        label = None if pb.label is None else torch.from_numpy(pb.label)
-        dims = len(spec.final_patch_vox)
-        if dims == 2:  # (B, C, 1, Y, X) -> (B, C, Y, X)
+    def _params(self) -> Params:
+        spec, dims = self.spec, len(self.spec.final_patch_vox)
+        if spec.augment is None:
+            return Params.identity(spec.batch_size, spec.n_channels, dims)
+        return sample_params(self.rng, spec.batch_size, n_channels=spec.n_channels, spatial_dims=dims,
+                             config=spec.augment, patch_size=spec.final_patch_vox)
+
+    def _read(self, cases: list[CaseHandle], corners: np.ndarray, which: np.ndarray,
+              size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stacked reads of the ``which`` samples, boxes of ``size`` (spatial axes) centred in their patch."""
+        size3 = (1, *size) if len(size) == 2 else tuple(size)
+        reads = [self.sampler.read(cases[b], corners[b], size3) for b in which]
+        image = torch.from_numpy(np.stack([r[0] for r in reads]))
+        labels = [r[1] for r in reads]
+        label = None if any(x is None for x in labels) else torch.from_numpy(np.stack(labels))  # type: ignore[arg-type]
+        if len(size) == 2:  # (n, C, 1, Y, X) -> (n, C, Y, X)
             image = image[:, :, 0]
             label = None if label is None else label[:, 0]
-        if spec.augment is None:
-            params = Params.identity(spec.batch_size, spec.n_channels, dims)
-        else:
-            params = sample_params(self.rng, spec.batch_size, n_channels=spec.n_channels, spatial_dims=dims,
-                                   config=spec.augment, patch_size=spec.final_patch_vox)
+        return image, label
+
+    def next(self) -> _Raw:
+        """One batch: non-transformed samples read at the final size, transformed ones at the
+        largest footprint among them (never more than the enlarged patch)."""
+        spec = self.spec
+        cases, corners, _ = self.sampler.draw(spec.batch_size)
+        params = self._params()
+        final = tuple(spec.final_patch_vox)
+        sizes = input_footprint(params, final, spec.read_patch_vox[-len(final):])
+        plain, moved = np.flatnonzero(~params.spatial), np.flatnonzero(params.spatial)
+        image, label = self._read(cases, corners, np.arange(spec.batch_size), final) if len(moved) == 0 else \
+            self._read_split(cases, corners, plain, final)
+        s_image = s_label = None
+        if len(moved):
+            s_image, s_label = self._read(cases, corners, moved, tuple(int(v) for v in sizes[moved].max(0)))
         if self.pin:
-            image = image.pin_memory()
-            label = None if label is None else label.pin_memory()
-        return _Raw(image, label, pb.case_ids, params)
+            image, label, s_image, s_label = (None if t is None else t.pin_memory()
+                                              for t in (image, label, s_image, s_label))
+        return _Raw(image, label, tuple(c.case_id for c in cases), params, s_image, s_label)  # type: ignore[arg-type]
+
+    def _read_split(self, cases: list[CaseHandle], corners: np.ndarray, plain: np.ndarray,
+                    final: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, C, *F) batch with the ``plain`` samples read and zeros for the transformed ones."""
+        spec = self.spec
+        image = torch.zeros((spec.batch_size, spec.n_channels, *final))
+        label: torch.Tensor | None = torch.zeros((spec.batch_size, *final), dtype=torch.uint8)
+        if len(plain):
+            img, lab = self._read(cases, corners, plain, final)
+            image[torch.from_numpy(plain)] = img
+            if lab is None:
+                label = None
+            else:
+                label[torch.from_numpy(plain)] = lab  # type: ignore[index]
+        return image, label
 
 
 def _final_3d(spec: LoaderSpec) -> tuple[int, int, int]:

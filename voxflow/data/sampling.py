@@ -194,20 +194,32 @@ class PatchSampler:
             return np.clip(voxel - self.patch // 2, lb, ub)
         return np.array([self.rng.integers(a, b + 1) for a, b in zip(lb, ub)], dtype=np.int64)
 
-    def sample(self, batch_size: int) -> PatchBatch:
-        """Draw and read one batch of patches (the last ``n_foreground`` are foreground draws)."""
+    def draw(self, batch_size: int) -> tuple[list[CaseHandle], np.ndarray, np.ndarray]:
+        """Choose cases and patch corners of one batch without reading: (cases, lo_zyx (B, 3),
+        forced_fg (B,)); the last ``n_foreground`` patches are foreground draws."""
         n_fg = self.n_foreground(batch_size)
         forced = np.arange(batch_size) >= batch_size - n_fg
         picks = self.rng.integers(len(self.cases), size=batch_size)
-        images, labels, corners = [], [], []
-        for b in range(batch_size):
-            case = self.cases[int(picks[b])]
-            lo = self.draw_corner(case, foreground=bool(forced[b]))
-            size = tuple(int(s) for s in self.patch)
-            images.append(read_patch(case.image, lo, size, fill=0).astype(np.float32, copy=False))
-            if case.label is not None:
-                labels.append(read_patch(case.label, lo, size, fill=0).astype(np.uint8, copy=False))
-            corners.append(lo)
-        label = np.stack(labels) if len(labels) == batch_size else None
-        return PatchBatch(np.stack(images), label, tuple(self.cases[int(i)].case_id for i in picks),
-                          np.stack(corners), forced)
+        cases = [self.cases[int(i)] for i in picks]
+        corners = np.stack([self.draw_corner(c, foreground=bool(f)) for c, f in zip(cases, forced)]) \
+            if batch_size else np.zeros((0, 3), np.int64)
+        return cases, corners, forced
+
+    def read(self, case: CaseHandle, lo_zyx: np.ndarray, size_zyx: Sequence[int] | None = None
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Image (C, *size) float32 and label (*size) uint8 of the box of ``size_zyx`` centred in the
+        patch at ``lo_zyx`` (default: the whole patch). ``patch - size`` must be even."""
+        size = self.patch if size_zyx is None else np.asarray(size_zyx, dtype=np.int64)
+        lo = np.asarray(lo_zyx) + (self.patch - size) // 2
+        shape = tuple(int(v) for v in size)
+        image = read_patch(case.image, lo, shape, fill=0).astype(np.float32, copy=False)
+        label = None if case.label is None else read_patch(case.label, lo, shape, fill=0).astype(np.uint8, copy=False)
+        return image, label
+
+    def sample(self, batch_size: int) -> PatchBatch:
+        """Draw and read one batch of whole patches."""
+        cases, corners, forced = self.draw(batch_size)
+        reads = [self.read(c, lo) for c, lo in zip(cases, corners)]
+        labels = [r[1] for r in reads]
+        label = np.stack(labels) if all(lab is not None for lab in labels) else None  # type: ignore[arg-type]
+        return PatchBatch(np.stack([r[0] for r in reads]), label, tuple(c.case_id for c in cases), corners, forced)
