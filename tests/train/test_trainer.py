@@ -26,16 +26,16 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def test_smoke_loss_decreases_and_run_dir_is_complete(tmp_path: Path) -> None:
-    work = make_workspace(tmp_path, epochs=4, iters_per_epoch=5)
+    work = make_workspace(tmp_path, epochs=3, iters_per_epoch=4)
     run_dir = train_fold(work, "tiny", 0, loader_factory=fake_build_loader, num_workers=0, validate_cases=False)
     m = _metrics(run_dir)
-    assert [r["epoch"] for r in m] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in m] == [0, 1, 2]
     assert m[-1]["train_loss"] < 0.85 * m[0]["train_loss"]
-    assert [r["lr"] for r in m] == pytest.approx([lr_at(e, TrainSpec(epochs=4)) for e in range(4)])
+    assert [r["lr"] for r in m] == pytest.approx([lr_at(e, TrainSpec(epochs=3)) for e in range(3)])
     for name in ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt", "progress.png",
                  "training_log.txt", "training_summary.json"):
         assert (run_dir / name).is_file(), name
-    assert "epoch 3" in (run_dir / "training_log.txt").read_text()
+    assert "epoch 2" in (run_dir / "training_log.txt").read_text()
     net, cfg, meta = load_model(run_dir / "checkpoint_final.pt")
     assert not net.training and cfg.name == "tiny" and meta.labels["lesion"] == 2
     assert net(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
@@ -87,7 +87,7 @@ train_fold(Workspace({root!r}), "tiny", 0, loader_factory=fake_build_loader, num
 
 
 def test_sigkill_then_resume_finishes_with_the_right_schedule(tmp_path: Path) -> None:
-    epochs = 8
+    epochs = 5
     work = make_workspace(tmp_path, epochs=epochs, iters_per_epoch=3)
     run_dir = work.run_dir("tiny", 0)
     code = _CHILD.format(here=str(HERE), root=str(work.root), resume=False)
@@ -95,7 +95,7 @@ def test_sigkill_then_resume_finishes_with_the_right_schedule(tmp_path: Path) ->
     deadline = time.time() + 120
     metrics = run_dir / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 1:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the training finished before it could be killed; make it longer"
@@ -105,8 +105,8 @@ def test_sigkill_then_resume_finishes_with_the_right_schedule(tmp_path: Path) ->
     assert 1 <= killed_at < epochs
     assert not (run_dir / "checkpoint_final.pt").exists()
 
-    code = _CHILD.format(here=str(HERE), root=str(work.root), resume=True)
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+    resume = {"loader_factory": fake_build_loader, "num_workers": 0, "validate_cases": False, "resume": True}
+    train_fold(work, "tiny", 0, **resume)
     final = load_checkpoint(run_dir / "checkpoint_final.pt")
     assert final["epoch"] == epochs and final["trainer_state"]["epoch"] == epochs
     m = _metrics(run_dir)
@@ -116,7 +116,7 @@ def test_sigkill_then_resume_finishes_with_the_right_schedule(tmp_path: Path) ->
     assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr_at(epochs - 1, spec))
     assert not list(run_dir.glob(".checkpoint_*.tmp"))
     # resuming a finished run is a no-op
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+    train_fold(work, "tiny", 0, **resume)
     assert len(_metrics(run_dir)) == epochs
 
 

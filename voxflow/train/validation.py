@@ -1,12 +1,16 @@
-"""End-of-fold validation: predict the fold's validation cases with the sliding-window predictor and
-score them against their references. Needs :mod:`voxflow.infer` and :mod:`voxflow.evaluate`; when a
-build lacks them the step is skipped with a logged warning (training results stay valid)."""
+"""End-of-fold validation: predict the fold's validation cases from the dataset store with the
+sliding-window predictor (:func:`voxflow.infer.predict`, original geometry) and score them against
+their reference labels (:func:`voxflow.evaluate.evaluate`).
+
+Output: ``runs/<cfg>/fold_<k>/validation/`` with ``prediction.zarr`` and ``summary.json``.
+Skipped, with a logged warning, when the workspace has no dataset store (training straight from a
+preprocessed store) or the build lacks :mod:`voxflow.infer` / :mod:`voxflow.evaluate`.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from voxflow.workspace import Workspace
@@ -17,22 +21,30 @@ log = logging.getLogger(__name__)
 
 
 def validate_fold(work: Workspace, configuration: str, fold: int | str, val_ids: Sequence[str], *,
-                  device: str = "cpu") -> dict[str, Any] | None:
-    """Predict ``val_ids`` from the dataset store into ``run_dir/validation`` and write
-    ``run_dir/validation/summary.json``; returns the summary or ``None`` when skipped."""
-    try:
-        from voxflow.evaluate import evaluate  # noqa: F401
-        from voxflow.infer import predict  # noqa: F401
-    except ImportError as e:
-        log.warning("end-of-fold validation skipped for %s fold %s: %s is not available in this build "
-                    "(the pseudo-Dice in metrics.jsonl is the only validation metric)", configuration, fold, e.name)
+                  device: str = "cpu", tta: bool = True, scheduler: str = "threads") -> dict[str, Any] | None:
+    """Predict ``val_ids`` with ``checkpoint_final.pt`` of the fold and write ``validation/summary.json``;
+    return the evaluation summary, or ``None`` when skipped."""
+    run_dir = work.run_dir(configuration, fold)
+    if not (work.dataset_store / "zarr.json").exists():
+        log.warning("end-of-fold validation skipped for %s fold %s: no dataset store at %s to predict from",
+                    configuration, fold, work.dataset_store)
         return None
-    return _predict_and_score(work, configuration, fold, val_ids, device=device,
-                              out_dir=work.run_dir(configuration, fold) / "validation")
+    try:
+        from voxflow.evaluate import evaluate
+        from voxflow.infer import predict
+    except ImportError as e:
+        log.warning("end-of-fold validation skipped for %s fold %s: %s is not available in this build",
+                    configuration, fold, e.name)
+        return None
+    from voxflow.train.checkpoint import load_model
 
-
-def _predict_and_score(work: Workspace, configuration: str, fold: int | str, val_ids: Sequence[str], *,
-                       device: str, out_dir: Path) -> dict[str, Any] | None:
-    log.warning("end-of-fold validation skipped for %s fold %s: voxflow.infer.predict has no case selection "
-                "yet, so the %d validation cases cannot be predicted alone", configuration, fold, len(val_ids))
-    return None
+    out_dir = run_dir / "validation"
+    model = load_model(run_dir / "checkpoint_final.pt", device=device)
+    log.info("predicting %d validation cases of %s fold %s", len(val_ids), configuration, fold)
+    pred = predict(work.dataset_store, out_dir, models=[model], device=device, tta=tta, case_ids=list(val_ids),
+                   export=False, overwrite=True, scheduler=scheduler, progress=False)
+    summary = evaluate(pred, work.dataset_store, surface=False, output=out_dir / "summary.json",
+                       scheduler=scheduler)
+    log.info("validation of %s fold %s: foreground mean Dice %.4f", configuration, fold,
+             summary["foreground_mean"].get("dice", float("nan")))
+    return summary
