@@ -32,7 +32,8 @@ def run_postprocess(source: Store | PathLikeStr, output: PathLikeStr,
                     memory_limit: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Postprocess every case of ``source`` into ``output``; one dask compute over all cases.
 
-    A store gives a store (same metadata, ``label`` per case, case attrs plus ``postprocessing``);
+    A store gives a store (same metadata, ``label`` per case, case attrs plus ``postprocessing``;
+    ``probs`` arrays are not copied, since they would no longer match the labels);
     a folder of label files gives a folder of ``.nii.gz``-style files with the same names and
     geometry. Returns ``output``.
     """
