@@ -129,3 +129,36 @@ def test_run_postprocess_store_folder_and_cli(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["postprocess", str(tmp_path / "files"), str(tmp_path / "files_pp"),
                                     "--model-dir", str(tmp_path / "model")])
     assert res.exit_code != 0 and "--overwrite" in res.output
+
+
+def _store_with(path: Path, kind: str, labels: dict[str, np.ndarray]) -> None:
+    meta = DatasetMeta(channel_names=("CT",), labels={"background": 0, "organ": 1}, kind=kind)
+    st = Store.create(path, meta)
+    for cid, lab in labels.items():
+        st.begin_case(cid, geometry=Geometry(shape_zyx=SHAPE, spacing_zyx=(2.0, 0.8, 0.8)))
+        st.create_array(cid, "label", shape=SHAPE, dtype=np.uint8, chunks=(6, 8, 7))[...] = lab
+        st.mark_complete(cid)
+
+
+def test_determine_for_configuration_reads_every_fold(tmp_path: Path) -> None:
+    from voxflow.errors import IncompleteStoreError
+    from voxflow.postprocess import determine_for_configuration, load_model_postprocessing
+    from voxflow.workspace import Workspace
+
+    work = Workspace(tmp_path / "work")
+    refs = {f"c{i}": organ(i) for i in range(4)}
+    _store_with(work.dataset_store, "dataset", refs)
+    for fold, ids in enumerate((("c0", "c1"), ("c2", "c3"))):
+        preds = {}
+        for cid in ids:
+            p = refs[cid].copy()
+            p[0:2, 0:2, 17:20] = 1
+            preds[cid] = p
+        _store_with(work.run_dir("3d_fullres", fold) / "validation" / "prediction.zarr", "prediction", preds)
+    assert load_model_postprocessing(work.configuration_dir("3d_fullres")) is None
+    spec = determine_for_configuration(work, "3d_fullres")
+    assert spec.selection["n_cases"] == 4
+    assert load_model_postprocessing(work.configuration_dir("3d_fullres")) == spec
+    assert Operation(op="keep_largest", target=1) in spec.operations
+    with pytest.raises(IncompleteStoreError, match="fold_7"):
+        determine_for_configuration(work, "3d_fullres", folds=[0, 7])

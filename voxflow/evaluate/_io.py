@@ -155,7 +155,7 @@ def pair_segmentations(pred: Mapping[str, Segmentation],
         )
     extra = sorted(set(ref) - set(pred))
     if extra:
-        log.warning("%d reference cases have no prediction and are not evaluated (e.g. %s)", len(extra), extra[0])
+        log.info("%d reference cases have no prediction and are not evaluated (e.g. %s)", len(extra), extra[0])
     pairs = []
     for cid in sorted(pred):
         p, r = pred[cid], ref[cid]

@@ -23,7 +23,11 @@ from voxflow.postprocess._ops import (
     target_mask,
 )
 from voxflow.postprocess._run import run_postprocess
-from voxflow.postprocess._select import determine_postprocessing
+from voxflow.postprocess._select import (
+    determine_for_configuration,
+    determine_postprocessing,
+    load_model_postprocessing,
+)
 from voxflow.postprocess._spec import Operation, PostprocessingSpec, apply_postprocessing
 
 __all__ = [
@@ -34,11 +38,13 @@ __all__ = [
     "apply_postprocessing",
     "component_sizes",
     "connectivity_structure",
+    "determine_for_configuration",
     "determine_postprocessing",
     "fill_holes",
     "fill_holes_mask",
     "keep_largest_component",
     "label_components",
+    "load_model_postprocessing",
     "remove_small_components",
     "run_postprocess",
     "select_components",

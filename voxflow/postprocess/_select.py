@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
@@ -24,13 +25,15 @@ import numpy as np
 
 from voxflow._types import PathLikeStr
 from voxflow.cluster import scheduler_context
+from voxflow.errors import IncompleteStoreError
 from voxflow.evaluate._evaluate import _present_values, parse_labels, target_key
 from voxflow.evaluate._io import Segmentation, declared_labels, open_segmentations, pair_segmentations
 from voxflow.evaluate._metrics import confusion_matrix, overlap_metrics, region_counts
 from voxflow.postprocess._spec import Operation, PostprocessingSpec, apply_postprocessing
 from voxflow.store import Store
+from voxflow.workspace import Workspace
 
-__all__ = ["determine_postprocessing", "mean_dice"]
+__all__ = ["determine_for_configuration", "determine_postprocessing", "load_model_postprocessing", "mean_dice"]
 
 log = logging.getLogger(__name__)
 Source = Union[Store, PathLikeStr]
@@ -124,6 +127,34 @@ def determine_postprocessing(predictions: Source | Sequence[Source], references:
     if output is not None:
         spec.save(output)
     return spec
+
+
+def determine_for_configuration(work: Workspace, configuration: str, *, folds: Sequence[int | str] | None = None,
+                                connectivity: int = 1, scheduler: str = "threads") -> PostprocessingSpec:
+    """Choose postprocessing for a trained configuration from its folds' validation predictions.
+
+    Reads ``WORK/runs/<cfg>/fold_<k>/validation/prediction.zarr`` (written by end-of-fold
+    validation) against the dataset store and saves ``WORK/runs/<cfg>/postprocessing.json``, which
+    ``voxflow predict`` / ``voxflow postprocess --model-dir`` pick up.
+    """
+    cfg_dir = work.configuration_dir(configuration)
+    names = [f"fold_{f}" for f in folds] if folds is not None else sorted(
+        p.name for p in cfg_dir.glob("fold_*") if p.is_dir())
+    stores = [cfg_dir / n / "validation" / "prediction.zarr" for n in names]
+    missing = [str(s) for s in stores if not (s / "zarr.json").is_file()]
+    if not stores or missing:
+        raise IncompleteStoreError(
+            f"choosing postprocessing needs every fold's validation predictions; missing {missing or cfg_dir}. "
+            f"Train the folds (end-of-fold validation writes them) or pass folds=[...]."
+        )
+    return determine_postprocessing(stores, work.dataset_store, connectivity=connectivity,
+                                    output=cfg_dir / "postprocessing.json", scheduler=scheduler)
+
+
+def load_model_postprocessing(model_dir: PathLikeStr) -> PostprocessingSpec | None:
+    """``MODEL_DIR/postprocessing.json`` as a spec, or ``None`` when the model has none."""
+    path = Path(model_dir) / "postprocessing.json"
+    return PostprocessingSpec.load(path) if path.is_file() else None
 
 
 def _json_safe(value: Any) -> Any:
