@@ -157,3 +157,15 @@ def test_to_xarray_is_lazy(tmp_path: Path) -> None:
         xa = to_xarray(store, "synmr_000")
     assert xa.dims == ("c", "z", "y", "x") and list(xa.c.values) == ["T1", "T2"]
     np.testing.assert_array_equal(xa.values, store.image("synmr_000").compute())
+
+
+@pytest.mark.slow  # starts a 2-process LocalCluster (~5-10 s)
+def test_convert_on_local_cluster_matches_threads(tmp_path: Path) -> None:
+    src = make_dataset(tmp_path / "raw", kind="mr", n_cases=3, shape_zyx=(10, 20, 20))
+    cluster = convert(src, tmp_path / "a.zarr", scheduler="local:2", chunks_zyx=(2, 8, 8),
+                      max_memory_bytes=5_000_000, progress=False)
+    threads = convert(src, tmp_path / "b.zarr", progress=False)
+    assert cluster.case_ids() == threads.case_ids()
+    for cid in cluster.case_ids():
+        np.testing.assert_array_equal(cluster.image(cid).compute(), threads.image(cid).compute())
+        np.testing.assert_array_equal(cluster.label(cid).compute(), threads.label(cid).compute())

@@ -94,11 +94,15 @@ def _plan_case(case: CaseSpec, n_channels: int, chunks_zyx: Sequence[int], max_m
         need = 2 * sum(v.nbytes for v in vols)
         if whole and need > max_memory:
             raise ConversionError(
-                f"a volume must stream or fit in the converter's memory ({max_memory / 2**20:.0f} MiB); "
-                f"{whole[0].describe()!r} of case {case.case_id!r} needs about {need / 2**20:.0f} MiB.{gzip_hint(whole[0])}, "
+                f"a volume must stream or fit in the converter's memory ({_mib(max_memory)}); "
+                f"{whole[0].describe()!r} of case {case.case_id!r} needs about {_mib(need)}.{gzip_hint(whole[0])}, "
                 f"or allow more memory with --max-memory.")
     dtype = np.result_type(*[s.dtype for s in images])
     return _CasePlan(case, images, label, np.dtype(dtype), slab_z)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.3g} MiB"
 
 
 def _check_image(arr: np.ndarray, src: VolumeSource, case: str) -> None:
