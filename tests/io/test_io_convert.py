@@ -34,7 +34,8 @@ def test_nnunet_dataset_converts_voxel_exact(tmp_path: Path, kind: str) -> None:
             np.testing.assert_array_equal(image[c].reshape(src_img.shape), src_img)
             assert image.dtype == src_img.dtype
         label = store.label(cid)
-        assert label is not None and label.dtype == np.uint8
+        assert label is not None
+        assert label.dtype == np.uint8
         np.testing.assert_array_equal(label.compute().reshape(-1), _arr(src / "labelsTr" / f"{cid}.nii.gz").ravel())
         ref = sitk.ReadImage(str(src / "labelsTr" / f"{cid}.nii.gz"))
         geom = store.geometry(cid)
@@ -111,7 +112,8 @@ def test_single_file_tiff_stack_and_slice_folder(tmp_path: Path, image_factory) 
     vol = np.arange(5 * 6 * 7, dtype=np.uint16).reshape(5, 6, 7)
     sitk.WriteImage(image_factory(vol), str(tmp_path / "one.mha"))
     store = convert(tmp_path / "one.mha", tmp_path / "a.zarr", progress=False)
-    assert store.case_ids() == ["one"] and store.label("one") is None
+    assert store.case_ids() == ["one"]
+    assert store.label("one") is None
     np.testing.assert_array_equal(store.image("one")[0].compute(), vol)
 
     tifffile.imwrite(tmp_path / "stack.tif", vol)
@@ -155,7 +157,8 @@ def test_to_xarray_is_lazy(tmp_path: Path) -> None:
     store = convert(src, tmp_path / "ds.zarr", progress=False)
     with raise_if_computes():
         xa = to_xarray(store, "synmr_000")
-    assert xa.dims == ("c", "z", "y", "x") and list(xa.c.values) == ["T1", "T2"]
+    assert xa.dims == ("c", "z", "y", "x")
+    assert list(xa.c.values) == ["T1", "T2"]
     np.testing.assert_array_equal(xa.values, store.image("synmr_000").compute())
 
 

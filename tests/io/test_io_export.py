@@ -45,7 +45,9 @@ def test_2d_exports_2d(tmp_path: Path) -> None:
     store = convert(src, tmp_path / "ds.zarr", progress=False)
     (path,) = export_store(store, tmp_path / "out", progress=False)
     a, b = sitk.ReadImage(str(src / "labelsTr" / path.name)), sitk.ReadImage(str(path))
-    assert b.GetDimension() == 2 and a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin()
+    assert b.GetDimension() == 2
+    assert a.GetSpacing() == b.GetSpacing()
+    assert a.GetOrigin() == b.GetOrigin()
     np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
 
 
@@ -61,12 +63,17 @@ def test_info_lists_incomplete_cases_and_sizes(tmp_path: Path) -> None:
     convert(src, tmp_path / "ds.zarr", progress=False)
     Store.open(tmp_path / "ds.zarr", mode="r+").update_case_attrs("synmr_001", complete=False)
     info = store_info(tmp_path / "ds.zarr")
-    assert info["n_cases"] == 1 and info["incomplete_cases"] == ["synmr_001"]
-    assert info["channel_names"] == ["T1", "T2"] and info["labels"]["tumor"] == 2
+    assert info["n_cases"] == 1
+    assert info["incomplete_cases"] == ["synmr_001"]
+    assert info["channel_names"] == ["T1", "T2"]
+    assert info["labels"]["tumor"] == 2
     assert info["size_on_disk_bytes"] > 0
-    assert info["cases"][0]["shape_zyx"] == [4, 6, 8] and info["cases"][0]["spacing_zyx"] == [1.0, 1.0, 1.0]
+    assert info["cases"][0]["shape_zyx"] == [4, 6, 8]
+    assert info["cases"][0]["spacing_zyx"] == [1.0, 1.0, 1.0]
     text = format_info(info)
-    assert "1 complete, 1 incomplete" in text and "INCOMPLETE" in text and "T1, T2" in text
+    assert "1 complete, 1 incomplete" in text
+    assert "INCOMPLETE" in text
+    assert "T1, T2" in text
 
 
 def test_cli_convert_info_export(tmp_path: Path) -> None:
@@ -84,7 +91,10 @@ def test_cli_convert_info_export(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["synct_001.mha"]
     res = runner.invoke(main, ["convert", str(src), str(tmp_path / "bad.zarr"), "--chunks", "2,4"])
-    assert res.exit_code != 0 and "Z,Y,X" in res.output
+    assert res.exit_code != 0
+    assert "Z,Y,X" in res.output
     (src / "labelsTr/synct_000.nii.gz").write_bytes(b"garbage")
     res = runner.invoke(main, ["convert", str(src), str(tmp_path / "ds2.zarr")])
-    assert res.exit_code == 1 and "synct_000" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 1
+    assert "synct_000" in res.output
+    assert "Traceback" not in res.output

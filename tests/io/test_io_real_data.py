@@ -68,7 +68,8 @@ def test_tcia_mr_series_with_masks(shared_data: Path, tmp_path: Path) -> None:
         prov = store.case_attrs(cid)["provenance"]
         image_dir = Path(prov["image"][0]).parent
         mask_dir = Path(prov["label"][0]).parent
-        assert "T1post" in image_dir.name and "Mask" in mask_dir.name
+        assert "T1post" in image_dir.name
+        assert "Mask" in mask_dir.name
         assert image_dir.parent == mask_dir.parent
         ref_img, ref_mask = _series(image_dir), _series(mask_dir)
         geom = store.geometry(cid)

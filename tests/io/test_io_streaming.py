@@ -49,7 +49,8 @@ def test_slab_path_is_voxel_exact(tmp_path: Path, fmt: str, image_factory, dicom
     budget = 4 * 3 * 2 * 20 * 24 * 2  # a few rows per slab
     case = load_source(src).cases[0]
     plan = _plan_case(case, 1, (2, 8, 8), budget)
-    assert plan.slab_z < shape[0] and plan.slab_z % 2 == 0
+    assert plan.slab_z < shape[0]
+    assert plan.slab_z % 2 == 0
     store = convert(src, tmp_path / "ds.zarr", chunks_zyx=(2, 8, 8), max_memory_bytes=budget, progress=False)
     np.testing.assert_array_equal(store.image(store.case_ids()[0])[0].compute(), vol)
 
@@ -68,7 +69,8 @@ def test_volume_larger_than_memory_cap_converts_exactly(tmp_path: Path) -> None:
     )
     env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
     peak, _ = run_with_memory_cap(code, cap_bytes=cap, env=env, timeout=300)
-    assert cap < volume_bytes and peak < volume_bytes
+    assert cap < volume_bytes
+    assert peak < volume_bytes
     import zarr
 
     arr = zarr.open_array(str(dst / "cases/big/image"), mode="r")

@@ -12,9 +12,9 @@ detected (and are refused) in the other formats (NRRD, MHA, TIFF, ...).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-import re
 from pathlib import Path
 from typing import Any
 
