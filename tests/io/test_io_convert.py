@@ -172,3 +172,14 @@ def test_convert_on_local_cluster_matches_threads(tmp_path: Path) -> None:
     for cid in cluster.case_ids():
         np.testing.assert_array_equal(cluster.image(cid).compute(), threads.image(cid).compute())
         np.testing.assert_array_equal(cluster.label(cid).compute(), threads.label(cid).compute())
+
+
+def test_test_images_folder_with_training_names(tmp_path: Path) -> None:
+    src = make_dataset(tmp_path / "raw", kind="mr", n_cases=1, shape_zyx=(4, 6, 8), n_test_cases=2)
+    assert detect_source(src / "imagesTs") == "image-folder"
+    store = convert(src / "imagesTs", tmp_path / "ts.zarr", channel_names=("T1", "T2"),
+                    labels={"background": 0, "edema": 1, "tumor": 2}, progress=False)
+    assert store.case_ids() == ["synmr_001", "synmr_002"]
+    assert store.meta.channel_names == ("T1", "T2")
+    assert store.image("synmr_002").shape == (2, 4, 6, 8)
+    assert store.label("synmr_002") is None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,8 +202,6 @@ def _scan_labels(source: DatasetSource, chunks_zyx: Sequence[int]) -> dict[str, 
     values: set[int] = {0}
     for found in compute(*tasks, desc="scanning labels") if tasks else ():
         values |= found
-    if source.cases and all(c.binary_label for c in source.cases):
-        values = {0, 1}
     return {"background": 0, **{f"label_{v}": v for v in sorted(values) if v != 0}}
 
 
@@ -242,17 +240,25 @@ def _start_case(store: Store, plan: _CasePlan, source: DatasetSource, split: str
 def convert(src: PathLikeStr, dst: PathLikeStr, *, overwrite: bool = False, scheduler: str = "threads",
             chunks_zyx: Sequence[int] = DEFAULT_CHUNKS_ZYX, max_memory_bytes: int | None = None,
             split: str = "train", format: str | None = None, progress: bool = True,
-            memory_limit: str | None = None) -> Store:
+            memory_limit: str | None = None, channel_names: Sequence[str] | None = None,
+            labels: Mapping[str, Any] | None = None) -> Store:
     """Convert a dataset, series or file at ``src`` into the voxflow store ``dst``.
 
     ``src`` is auto-detected (see :mod:`voxflow.io._sources`; ``format`` forces one). ``split``
     picks training (``imagesTr``) or test (``imagesTs``) cases of nnU-Net/MSD datasets.
     ``chunks_zyx`` are the store chunks in voxels; ``max_memory_bytes`` bounds the converter's
     memory (default: half the available RAM); ``memory_limit`` is the per-worker limit of a
-    ``local:N`` scheduler. Raises :class:`ConversionError` listing every case
+    ``local:N`` scheduler. ``channel_names``/``labels`` override what the source declares (e.g. to
+    convert a folder of test images with a training dataset's names). Memory: each streamed slab
+    task uses at most about ``max_memory_bytes / n_workers``; a volume that cannot stream is read
+    whole by one task and must fit in ``max_memory_bytes``. Raises :class:`ConversionError` listing every case
     that failed; all other cases are written and marked complete.
     """
     source = load_source(Path(src), split=split, format=format)
+    if channel_names is not None:
+        source.channel_names = tuple(str(c) for c in channel_names)
+    if labels is not None:
+        source.labels = dict(labels)
     chunks = tuple(int(c) for c in chunks_zyx)
     max_memory = int(max_memory_bytes or default_max_memory())
     with scheduler_context(scheduler, memory_limit=memory_limit):
