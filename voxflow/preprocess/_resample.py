@@ -13,13 +13,18 @@ Resampling back with ``resample_to_shape(y, n_in)`` uses the same rule, so the p
 the preprocessed volume (see :func:`resampled_geometry`) is consistent both ways.
 
 How it stays exact and bounded: a spline zoom is separable, so the 3-D zoom equals three 1-D zooms
-applied one axis after the other. Each 1-D zoom is a linear operator ``M`` (``n_out x n_in``)
-built by zooming unit impulses with scipy itself, so its weights *are* scipy's (rounding of
-order 0, boundary handling, the global order-3 prefilter). ``M`` is banded: entries below
-``1e-9`` of a row's largest weight are dropped (the order-3 prefilter decays as 0.268**k, i.e.
-a halo of ~16 voxels). Per output chunk the graph reads only the input footprint of its rows
-(the halo follows from the band, hence from the order) and applies the block of ``M`` with a
-matrix product; order 0 is a gather (exact for any dtype). Axes that shrink are resampled first.
+applied one axis after the other (shrinking axes first). Along one axis:
+
+* orders 0 and 1: the 1-D operator ``M`` (``n_out x n_in``) is built by zooming unit impulses with
+  scipy itself, so its weights *are* scipy's (rounding of order 0, edge clamping). Each row has
+  one or two taps: a gather (order 0, exact for any dtype) or two gathers and a weighted sum.
+* orders 2 and 3: exactly scipy's recipe -- pad 12 edge voxels, spline-prefilter (``mode=
+  "nearest"``), then ``order + 1`` B-spline taps per output whose weights come from scipy's
+  ``map_coordinates(prefilter=False)`` on impulses. The prefilter is a global recursive filter,
+  but its impulse response decays as 0.268**k (order 3), so each output chunk reads its taps'
+  footprint plus a halo of ``_SPLINE_HALO[order]`` voxels (error ~1e-8 of the value range).
+
+Per output chunk the graph reads only its input footprint (other axes keep their chunks).
 """
 
 from __future__ import annotations
@@ -37,13 +42,16 @@ from voxflow.errors import VoxflowError
 __all__ = ["axis_operator", "resample_label_to_shape", "resample_to_shape", "zoom_reference"]
 
 _DROP = 1e-9  # relative weight below which an operator entry is treated as zero
+_NPAD = 12  # edge voxels scipy pads before its spline prefilter (mode="nearest")
+_SPLINE_HALO = {2: 10, 3: 14}  # prefilter halo per spline order: 0.17**10, 0.268**14 ~ 1e-8
 
 
 @functools.lru_cache(maxsize=64)
 def axis_operator(n_in: int, n_out: int, order: int) -> np.ndarray:
-    """The 1-D resampling operator ``M`` (``n_out x n_in``, float64) of ``zoom_reference``.
+    """The dense 1-D resampling operator ``M`` (``n_out x n_in``, float64) of ``zoom_reference``.
 
-    Column ``i`` is scipy's 1-D zoom of the unit impulse at ``i``; small entries are zeroed.
+    Column ``i`` is scipy's 1-D zoom of the unit impulse at ``i``; entries below ``1e-9`` of a
+    row's largest are zeroed. (Documentation and tests; the kernels use banded forms.)
     """
     if n_in < 1 or n_out < 1:
         raise VoxflowError(f"axis lengths must be >= 1; got n_in={n_in}, n_out={n_out}")
@@ -56,11 +64,45 @@ def axis_operator(n_in: int, n_out: int, order: int) -> np.ndarray:
     if order == 0:  # make selection exact: one 1 per row
         rows = np.zeros_like(m)
         rows[np.arange(n_out), np.argmax(m, axis=1)] = 1.0
-        return rows
+        m = rows
     scale = np.abs(m).max(axis=1, keepdims=True)
     m[np.abs(m) < _DROP * scale] = 0.0
     m.setflags(write=False)
     return m
+
+
+def _band(m: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Banded form of ``m``: first nonzero column per row and the ``width`` weights from there."""
+    nz = m != 0
+    starts = np.argmax(nz, axis=1)
+    if width is None:
+        last = m.shape[1] - 1 - np.argmax(nz[:, ::-1], axis=1)
+        width = int((last - starts).max()) + 1
+    cols = starts[:, None] + np.arange(width)[None, :]
+    weights = np.where(cols < m.shape[1], m[np.arange(m.shape[0])[:, None], np.minimum(cols, m.shape[1] - 1)], 0.0)
+    return starts.astype(np.intp), weights
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_taps(n_in: int, n_out: int, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first tap, tap weights (n_out, W)) along one axis.
+
+    Orders 0-1: taps index the input. Orders 2-3: taps index the spline coefficients of the input
+    padded by ``_NPAD`` edge voxels per side (scipy's ``map_coordinates(prefilter=False)`` on
+    impulses, at scipy's zoom coordinates shifted by the padding).
+    """
+    if order <= 1:
+        return _band(axis_operator(n_in, n_out, order))
+    n_pad = n_in + 2 * _NPAD
+    coords = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5 + _NPAD
+    m = np.empty((n_out, n_pad), dtype=np.float64)
+    impulse = np.zeros(n_pad, dtype=np.float64)
+    for i in range(n_pad):
+        impulse[i] = 1.0
+        m[:, i] = ndi.map_coordinates(impulse, coords[None], order=order, mode="nearest", prefilter=False)
+        impulse[i] = 0.0
+    m[np.abs(m) < _DROP * np.abs(m).max(axis=1, keepdims=True)] = 0.0
+    return _band(m, width=order + 1)
 
 
 def zoom_reference(x: np.ndarray, out_shape: Sequence[int], *, order: int) -> np.ndarray:
@@ -69,52 +111,66 @@ def zoom_reference(x: np.ndarray, out_shape: Sequence[int], *, order: int) -> np
     return ndi.zoom(x, factors, order=order, mode="nearest", grid_mode=True)
 
 
-def _axis_footprints(m: np.ndarray, out_chunks: Sequence[int]) -> list[tuple[int, int, int, int]]:
-    """(out_lo, out_hi, in_lo, in_hi) per output chunk: the input rows that chunk needs."""
-    nz = m != 0
-    first = np.argmax(nz, axis=1)
-    last = m.shape[1] - 1 - np.argmax(nz[:, ::-1], axis=1)
-    spans = []
-    lo = 0
-    for c in out_chunks:
-        hi = lo + c
-        spans.append((lo, hi, int(first[lo:hi].min()), int(last[lo:hi].max()) + 1))
-        lo = hi
-    return spans
+def _gather(block: np.ndarray, starts: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
+    """``out[..., j, ...] = sum_k weights[j, k] * block[..., starts[j] + k, ...]`` along ``axis``."""
+    if weights.shape[1] == 1 and np.all(weights == 1.0):
+        return np.take(block, starts, axis=axis)
+    shape = [1] * block.ndim
+    shape[axis] = len(starts)
+    last = block.shape[axis] - 1
+    out = None
+    for k in range(weights.shape[1]):
+        w = weights[:, k].astype(np.float32).reshape(shape)
+        term = np.take(block, np.minimum(starts + k, last), axis=axis)
+        term *= w
+        out = term if out is None else np.add(out, term, out=out)
+    assert out is not None
+    return out
 
 
-def _apply_dense(block: np.ndarray, m: np.ndarray, axis: int) -> np.ndarray:
-    moved = np.moveaxis(block, axis, 0)
-    out = np.tensordot(m, moved, axes=(1, 0))
-    return np.ascontiguousarray(np.moveaxis(out, 0, axis)).astype(np.float32, copy=False)
+def _apply_taps(block: np.ndarray, starts: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
+    return _gather(block, starts, weights, axis)
 
 
-def _apply_take(block: np.ndarray, idx: np.ndarray, axis: int) -> np.ndarray:
-    return np.take(block, idx, axis=axis)
+def _apply_spline(block: np.ndarray, starts: np.ndarray, weights: np.ndarray, axis: int, order: int) -> np.ndarray:
+    pad = [(0, 0)] * block.ndim
+    pad[axis] = (_NPAD, _NPAD)
+    coeff = ndi.spline_filter1d(np.pad(block, pad, mode="edge"), order, axis=axis, output=np.float32, mode="nearest")
+    return _gather(coeff, starts, weights, axis)
 
 
 def _resample_axis(x: da.Array, axis: int, n_out: int, order: int, chunks_out: int) -> da.Array:
     """Resample ``x`` along one axis to ``n_out`` voxels; other axes keep their chunks."""
     n_in = x.shape[axis]
-    m = axis_operator(n_in, n_out, order)
-    out_chunks = _split(n_out, chunks_out)
+    starts, weights = _axis_taps(n_in, n_out, order)
+    width = weights.shape[1]
+    spline = order >= 2
+    shift, halo = (_NPAD, _SPLINE_HALO[order]) if spline else (0, 0)
     pieces = []
-    for o_lo, o_hi, i_lo, i_hi in _axis_footprints(m, out_chunks):
+    o_lo = 0
+    for c in _split(n_out, chunks_out):
+        o_hi = o_lo + c
+        s = starts[o_lo:o_hi]
+        i_lo = max(0, int(s.min()) - shift - halo)
+        i_hi = min(n_in, int(s.max()) + width - shift + halo)
         index = [slice(None)] * x.ndim
         index[axis] = slice(i_lo, i_hi)
         slab = x[tuple(index)].rechunk({axis: i_hi - i_lo})
         new_chunks = list(slab.chunks)
-        new_chunks[axis] = (o_hi - o_lo,)
-        sub = m[o_lo:o_hi, i_lo:i_hi]
+        new_chunks[axis] = (c,)
+        local = (s - i_lo).astype(np.intp)
+        w = weights[o_lo:o_hi]
         if order == 0:
-            idx = np.argmax(sub, axis=1).astype(np.intp)
-            piece = slab.map_blocks(_apply_take, idx, axis, chunks=tuple(new_chunks), dtype=x.dtype,
+            piece = slab.map_blocks(_apply_taps, local, w, axis, chunks=tuple(new_chunks), dtype=x.dtype,
                                     meta=np.empty((0,) * x.ndim, dtype=x.dtype))
+        elif spline:
+            piece = slab.map_blocks(_apply_spline, local, w, axis, order, chunks=tuple(new_chunks),
+                                    dtype=np.float32, meta=np.empty((0,) * x.ndim, dtype=np.float32))
         else:
-            w = sub.astype(np.float32) if x.dtype == np.float32 else sub
-            piece = slab.map_blocks(_apply_dense, w, axis, chunks=tuple(new_chunks), dtype=np.float32,
+            piece = slab.map_blocks(_apply_taps, local, w, axis, chunks=tuple(new_chunks), dtype=np.float32,
                                     meta=np.empty((0,) * x.ndim, dtype=np.float32))
         pieces.append(piece)
+        o_lo = o_hi
     return da.concatenate(pieces, axis=axis) if len(pieces) > 1 else pieces[0]
 
 
