@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from voxflow._types import PathLikeStr
 from voxflow.errors import VoxflowError
@@ -71,8 +72,9 @@ def _grid(shape_zyx: Sequence[int], lo: int = 0, hi: int | None = None) -> tuple
     return gz, gy, gx
 
 
-def _ellipsoid(g: tuple[np.ndarray, ...], centre: Sequence[float], radii: Sequence[float]) -> np.ndarray:
-    return sum(((gi - c) / r) ** 2 for gi, c, r in zip(g, centre, radii)) <= 1.0  # type: ignore[no-any-return]
+def _ellipsoid(g: tuple[np.ndarray, ...], centre: ArrayLike, radii: ArrayLike) -> np.ndarray:
+    c, r = np.asarray(centre, float), np.asarray(radii, float)
+    return np.asarray(sum(((gi - ci) / ri) ** 2 for gi, ci, ri in zip(g, c, r)) <= 1.0)
 
 
 def _ct_params(rng: np.random.Generator, flat: bool) -> dict[str, Any]:
@@ -132,8 +134,8 @@ def _mr_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.
         img[brain] = tissue
         img[edema] = ed
         img[tumor] = tu
-        img = img * bias + rng.normal(0.0, 8.0, size=shape)
-        chans.append(np.maximum(img, 0.0).astype(np.float32))
+        noisy = img * bias + rng.normal(0.0, 8.0, size=shape)
+        chans.append(np.maximum(noisy, 0.0).astype(np.float32))
     return np.stack(chans), label
 
 

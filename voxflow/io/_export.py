@@ -15,6 +15,7 @@ from typing import Any
 
 import dask
 import numpy as np
+import zarr
 
 from voxflow._types import PathLikeStr
 from voxflow.cluster import compute, scheduler_context
@@ -104,9 +105,10 @@ def store_info(store: Store | PathLikeStr) -> dict[str, Any]:
             "spacing_zyx": geom.get("spacing_zyx"),
         }
         for name in ("image", "label", "probs"):
-            if name in g:
-                entry[f"{name}_dtype"] = str(g[name].dtype)
-                entry[f"{name}_shape"] = list(g[name].shape)
+            arr = g[name] if name in g else None
+            if isinstance(arr, zarr.Array):
+                entry[f"{name}_dtype"] = str(arr.dtype)
+                entry[f"{name}_shape"] = list(arr.shape)
         cases.append(entry)
     meta = st.meta
     return {

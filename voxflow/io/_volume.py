@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from voxflow.errors import ConversionError
 from voxflow.geometry import Geometry
@@ -178,15 +179,15 @@ def _geometry_from_reader(reader: Any) -> Geometry:
     return geom.with_shape(shape)
 
 
-def geometry_from_sitk_values(size_xyz: Sequence[int], spacing_xyz: Sequence[float], origin_xyz: Sequence[float],
-                              direction_xyz: Sequence[float]) -> Geometry:
+def geometry_from_sitk_values(size_xyz: Sequence[int], spacing_xyz: ArrayLike, origin_xyz: ArrayLike,
+                              direction_xyz: ArrayLike) -> Geometry:
     """Geometry from SimpleITK-order values (via :meth:`Geometry.from_sitk`, the one conversion)."""
     import SimpleITK as sitk
 
     probe = sitk.Image([1, 1, 1], sitk.sitkUInt8)
-    probe.SetSpacing(tuple(float(s) for s in spacing_xyz))
-    probe.SetOrigin(tuple(float(o) for o in origin_xyz))
-    probe.SetDirection(tuple(float(d) for d in direction_xyz))
+    probe.SetSpacing(tuple(float(s) for s in np.ravel(spacing_xyz)))
+    probe.SetOrigin(tuple(float(o) for o in np.ravel(origin_xyz)))
+    probe.SetDirection(tuple(float(d) for d in np.ravel(direction_xyz)))
     return Geometry.from_sitk(probe).with_shape((size_xyz[2], size_xyz[1], size_xyz[0]))
 
 
@@ -229,7 +230,7 @@ class SliceStack(VolumeSource):
         try:
             with tifffile.TiffFile(self.paths[0]) as tf:
                 ij = tf.imagej_metadata or {}
-                page = tf.pages[0]
+                page: Any = tf.pages[0]
                 xr = page.tags.get("XResolution")
                 yr = page.tags.get("YResolution")
                 if not ij and xr is None:
