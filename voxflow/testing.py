@@ -51,7 +51,8 @@ def run_with_memory_cap(code: str, *, cap_bytes: int | None = None, timeout: flo
                         env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run ``python -c code`` in a subprocess; return (peak RSS in bytes, its stdout).
 
-    The peak is the child's own ``ru_maxrss`` plus that of its children (worker processes).
+    The peak is the child's own high-water RSS (``VmHWM``, not inflated by the parent's RSS at fork)
+    plus the ``ru_maxrss`` of its children (worker processes).
     ``cap_bytes`` optionally sets RLIMIT_DATA so that an allocation beyond it fails outright,
     which proves the stage never *needed* more than the cap.
     """
@@ -61,8 +62,16 @@ def run_with_memory_cap(code: str, *, cap_bytes: int | None = None, timeout: flo
         if cap_bytes is not None:
             resource.setrlimit(resource.RLIMIT_DATA, (cap_bytes, cap_bytes))
 
+    # The child's own peak is VmHWM (reset by exec); ru_maxrss of RUSAGE_SELF would include the RSS the
+    # parent had when it forked (Linux keeps the larger maxrss across execve).
     wrapped = (code + "\nimport resource as _r\n"
-               "print('__PEAK_RSS__', (_r.getrusage(_r.RUSAGE_SELF).ru_maxrss"
+               "def _own_peak_kib():\n"
+               "    try:\n"
+               "        with open('/proc/self/status') as _f:\n"
+               "            return int(_f.read().split('VmHWM:')[1].split()[0])\n"
+               "    except (OSError, IndexError, ValueError):\n"
+               "        return _r.getrusage(_r.RUSAGE_SELF).ru_maxrss\n"
+               "print('__PEAK_RSS__', (_own_peak_kib()"
                " + _r.getrusage(_r.RUSAGE_CHILDREN).ru_maxrss) * 1024)\n")
     proc = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, timeout=timeout,
                           preexec_fn=_limit, env={**os.environ, **(env or {})}, check=False)
