@@ -186,3 +186,15 @@ def test_augment_config_rejects_bad_values() -> None:
         AugmentConfig(p_noise=1.5)
     with pytest.raises(ValueError, match="scale_range"):
         AugmentConfig(scale_range=(1.4, 0.7))
+
+
+def test_mirror_of_resampled_samples_is_folded_into_the_grid(rng) -> None:
+    image, label = _batch(rng, (9, 8, 7), b=2, c=1)
+    mirror = np.array([[True, False, True], [False, True, False]])
+    p = _params(2, 1, 3, mirror=mirror, spatial=np.array([True, True]))  # identity matrix, but resampled
+    out, targets = apply(image, label, p, patch_size=(7, 6, 5))
+    for b in range(2):
+        axes = tuple(int(a) for a in np.flatnonzero(mirror[b]))
+        crop = image[b, :, 1:8, 1:7, 1:6].numpy()
+        np.testing.assert_allclose(out[b].numpy(), np.flip(crop, tuple(1 + a for a in axes)), atol=1e-5)
+        np.testing.assert_array_equal(targets[0][b, 0].numpy(), np.flip(label[b, 1:8, 1:7, 1:6].numpy(), axes))

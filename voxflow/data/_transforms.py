@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from voxflow.data.augment import Params
 
 __all__ = [
-    "apply_blur", "apply_brightness", "apply_contrast", "apply_gamma", "apply_lowres", "apply_mirror",
+    "apply_blur", "apply_brightness", "apply_contrast", "apply_gamma", "apply_lowres",
     "apply_noise", "apply_spatial", "centre_crop", "downsample_targets", "gaussian_blur", "input_footprint",
 ]
 
@@ -43,18 +43,20 @@ def _sampling_grid(params: Params, sel: np.ndarray, in_shape: Sequence[int], out
     displacement) from the input centre; both in voxels, (z, y, x).
     """
     d = len(out_shape)
-    mats = np.asarray(params.matrix[sel], dtype=np.float64)
+    signs = np.where(params.mirror[sel], -1.0, 1.0)  # mirroring the output = negating its offset axis
+    mats = np.asarray(params.matrix[sel], dtype=np.float64) * signs[:, None, :]
     to_norm = np.array([2.0 / (p - 1) if p > 1 else 0.0 for p in in_shape])
     from_norm = np.array([(f - 1) / 2.0 for f in out_shape])
     theta = to_norm[None, :, None] * mats * from_norm[None, None, :]
     theta = torch.as_tensor(theta[:, ::-1, ::-1].copy(), dtype=torch.float32, device=device)  # -> (x, y, z)
     # grid[n, *o] = sum_j base_j(o_j) * theta[n, :, j]: three broadcast adds, cheaper than affine_grid
-    grid = torch.zeros((len(sel), *out_shape, d), dtype=torch.float32, device=device)
+    grid = torch.empty((len(sel), *out_shape, d), dtype=torch.float32, device=device)
     for j, f in enumerate(out_shape):  # j indexes output axes in (z, y, x); its column in theta is d-1-j
         base = torch.linspace(-1.0, 1.0, f, device=device) if f > 1 else torch.zeros(1, device=device)
         view = [1] * (d + 2)
         view[1 + j] = f
-        grid.add_(base.view(view) * theta[:, :, d - 1 - j].reshape(len(sel), *([1] * d), d))
+        term = base.view(view) * theta[:, :, d - 1 - j].reshape(len(sel), *([1] * d), d)
+        grid.copy_(term) if j == 0 else grid.add_(term)
     if params.elastic is not None:
         coarse = torch.as_tensor(params.elastic[sel], dtype=torch.float32, device=device)
         mode = "trilinear" if d == 3 else "bilinear"
@@ -68,7 +70,9 @@ def apply_spatial(image: torch.Tensor, label: torch.Tensor | None, params: Param
                   spatial_input: tuple[torch.Tensor, torch.Tensor | None] | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotation/scaling/elastic as one ``grid_sample`` over the transformed samples, centre crop
-    for the others. Image: linear; label: nearest; outside the input patch: 0.
+    for the others. Image: linear; label: nearest; outside the input patch: 0. Mirroring is done
+    here too: folded into the sampling matrix of transformed samples (free), a flip of the crop
+    for the others.
 
     With ``spatial_input = (image_s, label_s)``, the transformed samples are read from those
     tensors (n_spatial, C, *P') instead (each centred on its patch), and ``image``/``label`` may
@@ -76,6 +80,7 @@ def apply_spatial(image: torch.Tensor, label: torch.Tensor | None, params: Param
     """
     out_img = centre_crop(image, patch_size).clone(memory_format=torch.contiguous_format)
     out_lab = None if label is None else centre_crop(label, patch_size).clone(memory_format=torch.contiguous_format)
+    _mirror_plain(out_img, out_lab, params)
     if not params.spatial.any():
         return out_img, out_lab
     sel = np.flatnonzero(params.spatial)
@@ -129,6 +134,9 @@ def _symmetric_pad(x: torch.Tensor, axis: int, r: int) -> torch.Tensor:
     """Pad ``axis`` by ``r`` on both sides like scipy's mode='reflect' (edge repeated); exact for
     ``r <= size``, edge-clamped beyond."""
     n = x.shape[axis]
+    if r <= n:
+        left, right = x.narrow(axis, 0, r).flip(axis), x.narrow(axis, n - r, r).flip(axis)
+        return torch.cat([left, x, right], dim=axis)
     left = torch.arange(r - 1, -1, -1, device=x.device).clamp(max=n - 1)
     right = torch.arange(n - 1, n - 1 - r, -1, device=x.device).clamp(min=0)
     return x.index_select(axis, torch.cat([left, torch.arange(n, device=x.device), right]))
@@ -221,8 +229,8 @@ def apply_gamma(image: torch.Tensor, gamma: np.ndarray, *, invert: bool) -> torc
     if invert:
         flat = -flat
     sd, mean = (v[:, None] for v in torch.std_mean(flat, dim=1, unbiased=False))
-    lo = flat.amin(1, keepdim=True)
-    rng = flat.amax(1, keepdim=True) - lo + 1e-7
+    lo, hi = (v[:, None] for v in torch.aminmax(flat, dim=1))
+    rng = hi - lo + 1e-7
     g = torch.as_tensor(gamma[on], dtype=flat.dtype, device=image.device)[:, None]
     flat = ((flat - lo) / rng).clamp_(min=0).pow_(g).mul_(rng).add_(lo)
     sd2, mean2 = (v[:, None] for v in torch.std_mean(flat, dim=1, unbiased=False))
@@ -233,21 +241,24 @@ def apply_gamma(image: torch.Tensor, gamma: np.ndarray, *, invert: bool) -> torc
     return image
 
 
-def apply_mirror(image: torch.Tensor, label: torch.Tensor | None,
-                 params: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Flip spatial axis ``a`` of the samples with ``mirror[:, a]``, image and label alike."""
-    for a in range(params.mirror.shape[1]):
-        if not params.mirror[:, a].any():
-            continue
-        idx = _index(params.mirror[:, a], image.device)
-        image[idx] = image[idx].flip(2 + a)
+def _mirror_plain(image: torch.Tensor, label: torch.Tensor | None, params: Params) -> None:
+    """Flip, in place, the chosen axes of the samples that are not resampled (one flip per sample)."""
+    for b in np.flatnonzero(params.mirror.any(axis=1) & ~params.spatial):
+        dims = [1 + int(a) for a in np.flatnonzero(params.mirror[b])]  # axes of image[b] / label[b]
+        image[b] = image[b].flip(dims)
         if label is not None:
-            label[idx] = label[idx].flip(2 + a)
-    return image, label
+            label[b] = label[b].flip(dims)
+
+
+def _nearest_exact_index(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """Source index of each output voxel for nearest-exact resizing: floor((i + 0.5) * n_in / n_out)."""
+    return ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * (n_in / n_out)).floor().long().clamp_(
+        max=n_in - 1)
 
 
 def downsample_targets(label: torch.Tensor, ds_scales: Sequence[Sequence[float]] | None) -> list[torch.Tensor]:
-    """One int64 (B, 1, *S_k) target per deep supervision scale, nearest-exact from the full label."""
+    """One int64 (B, 1, *S_k) target per deep supervision scale: nearest-exact (pixel-centre)
+    subsampling of the full label, done as index gathers on the label's own dtype."""
     full = label.long()
     if not ds_scales:
         return [full]
@@ -257,6 +268,15 @@ def downsample_targets(label: torch.Tensor, ds_scales: Sequence[Sequence[float]]
         size = tuple(max(1, round(s * f)) for s, f in zip(spatial, scale))
         if size == tuple(spatial):
             out.append(full)
-        else:
-            out.append(nnf.interpolate(label.float(), size=size, mode="nearest-exact").long())
+            continue
+        x = label
+        for a, (n_in, n_out) in enumerate(zip(spatial, size)):
+            if n_in == n_out:
+                continue
+            if n_in % n_out == 0:  # integer factor k: source voxels k // 2, k // 2 + k, ...
+                k = n_in // n_out
+                x = x.narrow(2 + a, k // 2, n_in - k // 2)[(slice(None),) * (2 + a) + (slice(None, None, k),)]
+            else:
+                x = x.index_select(2 + a, _nearest_exact_index(n_in, n_out, label.device))
+        out.append(x.long())
     return out

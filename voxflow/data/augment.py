@@ -26,7 +26,10 @@ mirroring                   each axis in ``mirror_axes``                        
 ==========================  ===========================================================  ======
 
 Rotation, scaling and elastic deformation form one ``grid_sample`` per batch that also crops the
-enlarged input patch to the final patch (image linear, label nearest, outside = 0). Deep supervision
+enlarged input patch to the final patch (image linear, label nearest, outside = 0). Mirroring is
+applied in that same step (a sign in the sampling matrix, or a flip of the crop) rather than last
+as in nnU-Net: it commutes exactly with brightness, contrast, gamma and blur, and in distribution
+with noise and low-resolution simulation. Deep supervision
 targets are the final label resized with nearest-exact to each ``ds_scales`` size. nnU-Net's order-3
 image interpolation is linear here (torch has no 3D cubic ``grid_sample``); its "dummy 2D"
 augmentation for strongly anisotropic patches is not done.
@@ -48,7 +51,6 @@ from voxflow.data._transforms import (
     apply_contrast,
     apply_gamma,
     apply_lowres,
-    apply_mirror,
     apply_noise,
     apply_spatial,
     downsample_targets,
@@ -284,6 +286,5 @@ def apply(image: torch.Tensor, label: torch.Tensor | None, params: Params, *, pa
     image = apply_lowres(image, params)
     image = apply_gamma(image, params.gamma_inverted, invert=True)
     image = apply_gamma(image, params.gamma, invert=False)
-    image, label = apply_mirror(image, label, params)
     targets = [] if label is None else downsample_targets(label, ds_scales)
     return image, targets
