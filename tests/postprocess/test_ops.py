@@ -15,6 +15,8 @@ from voxflow.postprocess import (
     keep_largest_component,
     remove_small_components,
 )
+from voxflow.postprocess._ops import prepare_fill_holes, prepare_keep_largest
+from voxflow.postprocess._spec import prepare_operation
 from voxflow.testing import raise_if_computes
 
 
@@ -30,9 +32,12 @@ def hand_made() -> np.ndarray:
 
 def test_keep_largest_per_class_is_lazy_and_exact() -> None:
     lab = hand_made()
-    with raise_if_computes():
-        out1 = keep_largest_component(da.from_array(lab, chunks=(3, 4, 5)), 1)
-        out2 = keep_largest_component(out1, 2)
+    with raise_if_computes():  # building the summary pass computes nothing
+        prepare_keep_largest(da.from_array(lab, chunks=(3, 4, 5)), 1)
+    out1 = keep_largest_component(da.from_array(lab, chunks=(3, 4, 5)), 1)
+    with raise_if_computes():  # the summary pass ran; the result itself is lazy
+        out1.sum()
+    out2 = keep_largest_component(out1, 2)
     expected = lab.copy()
     expected[8, 9, 10] = 0
     expected[1, 8, 5:7] = 0
@@ -101,7 +106,8 @@ def test_fill_holes_hand_made_keeps_other_classes() -> None:
 def test_fill_holes_mask_matches_scipy(connectivity: int, rng: np.random.Generator) -> None:
     x = rng.random((16, 17, 18)) < (0.93 if connectivity == 3 else 0.75)
     with raise_if_computes():
-        lazy = fill_holes_mask(da.from_array(x, chunks=(5, 6, 7)), connectivity=connectivity)
+        prepare_fill_holes(da.from_array(x.astype(np.uint8), chunks=(5, 6, 7)), 1, connectivity=connectivity)
+    lazy = fill_holes_mask(da.from_array(x, chunks=(5, 6, 7)), connectivity=connectivity)
     ref = ndi.binary_fill_holes(x, structure=ndi.generate_binary_structure(3, connectivity))
     assert ref.sum() > x.sum()  # the test has holes to fill
     np.testing.assert_array_equal(lazy.compute(), ref)
@@ -127,7 +133,9 @@ def test_spec_roundtrip_apply_and_errors(tmp_path) -> None:
     assert loaded.operations[1].target == 2
     lab = hand_made()
     with raise_if_computes():
-        out = apply_postprocessing(da.from_array(lab, chunks=(3, 4, 5)), tmp_path / "pp.json", spacing=(1, 1, 1))
+        for op in loaded.operations:
+            prepare_operation(da.from_array(lab, chunks=(3, 4, 5)), op, spacing=(1, 1, 1))
+    out = apply_postprocessing(da.from_array(lab, chunks=(3, 4, 5)), tmp_path / "pp.json", spacing=(1, 1, 1))
     expected = np.zeros_like(lab)
     expected[1:4, 1:4, 1:4] = 1
     np.testing.assert_array_equal(out.compute(), expected)

@@ -11,14 +11,19 @@ Two passes over the mask, each holding one block per worker:
    neighbours count under full connectivity); a union-find (``scipy.sparse.csgraph``) merges them.
    Each merged group keeps its smallest global label; final labels are the kept ones renumbered
    ``1..n`` in order.
-3. *Relabel pass* -- each block is labelled again and mapped through its lookup table. The mask
-   graph is cloned (``dask.graph_manipulation.bind``) behind the tables, so the scheduler re-reads
-   the mask instead of holding every block in memory until the tables exist.
+3. *Relabel pass* -- each block is labelled again and mapped through its lookup table.
+
+Passes 1-2 are one ``dask.compute`` (small results); pass 3 is a lazy blockwise graph given the
+computed tables. Keeping them apart means the mask is read twice instead of every block being
+held in memory until the tables exist (a single graph would hold them: pass 3 of any block needs
+the tables, which need every block). A lazy "second read" via ``dask.graph_manipulation.bind``
+was tried and dropped: with dask 2026.8 it loses tasks of ``from_delayed(...).rechunk(...)``
+graphs ("Missing dependency rechunk-split-...").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +31,22 @@ import dask
 import dask.array as da
 import numpy as np
 import scipy.ndimage as ndi
-from dask.graph_manipulation import bind
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from voxflow.errors import VoxflowError
 
-__all__ = ["ComponentTables", "component_sizes", "connectivity_structure", "label_components", "select_components"]
+__all__ = [
+    "ComponentTables",
+    "component_sizes",
+    "connectivity_structure",
+    "PendingFilter",
+    "filter_components",
+    "finish_filters",
+    "label_components",
+    "prepare_filter",
+    "select_components",
+]
 
 Decide = Callable[["ComponentTables"], np.ndarray]
 
@@ -262,18 +276,72 @@ def component_sizes(mask: da.Array, *, connectivity: int = 1,
 
 
 def select_components(mask: da.Array, decide: Decide, *, connectivity: int = 1, sizes: bool = True) -> da.Array:
-    """Lazy boolean mask of the components for which ``decide(tables)[final_label]`` is true.
+    """Boolean mask of the components for which ``decide(tables)[final_label]`` is true.
 
     ``decide`` receives the :class:`ComponentTables` (with ``sizes_vox`` when ``sizes`` and
-    ``touches_border``) and returns a bool array of length ``n + 1``. Nothing is computed here.
+    ``touches_border``) and returns a bool array of length ``n + 1``. The summary pass runs now;
+    the returned mask is lazy.
     """
-    mask = _check_mask(mask)
+    return filter_components(mask, _identity, decide, _kept_only, connectivity=connectivity, sizes=sizes)
+
+
+def _identity(mask: da.Array) -> da.Array:
+    return mask
+
+
+def _kept_only(_source: da.Array, _mask: da.Array, kept: da.Array) -> da.Array:
+    return kept
+
+
+@dataclass(frozen=True)
+class PendingFilter:
+    """A component filter whose tables are still a lazy (delayed) summary pass over ``source``."""
+
+    source: da.Array
+    to_mask: Callable[[da.Array], da.Array]
+    decide: Decide
+    combine: Callable[[da.Array, da.Array, da.Array], da.Array]
+    structure: np.ndarray
+    tables: Any
+
+    def finish(self, tables: ComponentTables) -> da.Array:
+        """The lazy result, given the computed tables: one more blockwise pass over ``source``."""
+        keep = _keep_array(tables, self.decide)
+        mask = self.to_mask(self.source)
+        kept = da.map_blocks(_select, mask, tables, keep, self.structure, dtype=bool,
+                             meta=np.empty((0,) * mask.ndim, dtype=bool))
+        return self.combine(self.source, mask, kept)
+
+
+def prepare_filter(source: da.Array, to_mask: Callable[[da.Array], da.Array], decide: Decide,
+                   combine: Callable[[da.Array, da.Array, da.Array], da.Array], *, connectivity: int = 1,
+                   sizes: bool = True) -> PendingFilter:
+    """Build (lazily) the summary pass of a filter on ``mask = to_mask(source)``; see :func:`finish_filters`."""
+    mask = _check_mask(to_mask(source))
     structure = connectivity_structure(mask.ndim, connectivity)
-    tables = _tables_graph(mask, structure, sizes=sizes)
-    keep = dask.delayed(_keep_array, pure=True)(tables, decide)
-    again = bind(mask, keep)  # re-read the mask after the tables exist: bounded memory
-    return da.map_blocks(_select, again, tables, keep, structure, dtype=bool,
-                         meta=np.empty((0,) * mask.ndim, dtype=bool))
+    return PendingFilter(source, to_mask, decide, combine, structure, _tables_graph(mask, structure, sizes=sizes))
+
+
+def finish_filters(pending: Sequence[PendingFilter]) -> list[da.Array]:
+    """Compute the tables of several filters in one dask call (parallel over cases and blocks).
+
+    The results are lazy and read their sources again block by block, so no block is held
+    between the two passes and chains of filters stay linear in work.
+    """
+    tables = dask.compute(*[p.tables for p in pending])
+    return [p.finish(t) for p, t in zip(pending, tables)]
+
+
+def filter_components(source: da.Array, to_mask: Callable[[da.Array], da.Array], decide: Decide,
+                      combine: Callable[[da.Array, da.Array, da.Array], da.Array], *, connectivity: int = 1,
+                      sizes: bool = True) -> da.Array:
+    """``combine(source, mask, kept)``, ``mask = to_mask(source)``, ``kept`` flagging its chosen components.
+
+    The building block of the label-map operations: the summary pass over ``source`` runs now
+    (streaming, one block per task), the result is lazy.
+    """
+    return finish_filters([prepare_filter(source, to_mask, decide, combine, connectivity=connectivity,
+                                          sizes=sizes)])[0]
 
 
 def _keep_array(tables: ComponentTables, decide: Decide) -> np.ndarray:

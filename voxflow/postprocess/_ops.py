@@ -18,7 +18,13 @@ import dask.array as da
 import numpy as np
 
 from voxflow.errors import VoxflowError
-from voxflow.postprocess._components import ComponentTables, select_components
+from voxflow.postprocess._components import (
+    ComponentTables,
+    PendingFilter,
+    filter_components,
+    finish_filters,
+    prepare_filter,
+)
 
 __all__ = [
     "Target",
@@ -26,6 +32,9 @@ __all__ = [
     "fill_holes_mask",
     "keep_largest_component",
     "parse_target",
+    "prepare_fill_holes",
+    "prepare_keep_largest",
+    "prepare_remove_small",
     "remove_small_components",
     "target_mask",
     "target_name",
@@ -100,57 +109,114 @@ def _enclosed(tables: ComponentTables) -> np.ndarray:
     return ~tables.touches_border
 
 
-def keep_largest_component(label: da.Array, target: Target = "foreground", *, connectivity: int = 1) -> da.Array:
-    """Keep only the largest connected component of ``target``; its other voxels become 0.
-
-    ``label`` is an integer label map (``(Z, Y, X)`` or ``(Y, X)``), lazy; ties keep the component
-    with the smallest label (first in block order).
-    """
-    mask = target_mask(label, target)
-    kept = select_components(mask, _largest, connectivity=connectivity, sizes=True)
+def _drop_unkept(label: da.Array, mask: da.Array, kept: da.Array) -> da.Array:
     return da.where(mask & ~kept, label.dtype.type(0), label)
 
 
-def remove_small_components(label: da.Array, target: Target = "foreground", *, min_size_vox: float | None = None,
-                            min_size_mm3: float | None = None, spacing: Sequence[float] | None = None,
-                            connectivity: int = 1) -> da.Array:
-    """Set components of ``target`` smaller than a threshold to 0.
+def prepare_keep_largest(label: da.Array, target: Target = "foreground", *, connectivity: int = 1) -> PendingFilter:
+    """Lazy first half of :func:`keep_largest_component` (for batching with :func:`finish_filters`)."""
+    return prepare_filter(label, _TargetMask(target), _largest, _drop_unkept, connectivity=connectivity, sizes=True)
 
-    Give ``min_size_vox`` (voxels), or ``min_size_mm3`` with ``spacing`` (mm per voxel, array order).
+
+def keep_largest_component(label: da.Array, target: Target = "foreground", *, connectivity: int = 1) -> da.Array:
+    """Keep only the largest connected component of ``target``; its other voxels become 0.
+
+    ``label`` is an integer label map (``(Z, Y, X)`` or ``(Y, X)``), lazy. Ties keep the component
+    with the smallest label (first in block order). The summary pass over ``label`` runs now
+    (streaming); the result is lazy.
     """
+    return finish_filters([prepare_keep_largest(label, target, connectivity=connectivity)])[0]
+
+
+def prepare_remove_small(label: da.Array, target: Target = "foreground", *, min_size_vox: float | None = None,
+                         min_size_mm3: float | None = None, spacing: Sequence[float] | None = None,
+                         connectivity: int = 1) -> PendingFilter:
+    """Lazy first half of :func:`remove_small_components`."""
     if min_size_mm3 is not None:
         if spacing is None:
             raise PostprocessingError("remove_small_components with min_size_mm3 needs spacing (mm per voxel)")
         min_size_vox = float(min_size_mm3) / float(np.prod(spacing))
     if min_size_vox is None or min_size_vox < 0:
         raise PostprocessingError(f"min_size_vox must be >= 0 (or give min_size_mm3); got {min_size_vox!r}")
-    mask = target_mask(label, target)
-    kept = select_components(mask, _AtLeast(float(min_size_vox)), connectivity=connectivity, sizes=True)
-    return da.where(mask & ~kept, label.dtype.type(0), label)
+    return prepare_filter(label, _TargetMask(target), _AtLeast(float(min_size_vox)), _drop_unkept,
+                          connectivity=connectivity, sizes=True)
+
+
+def remove_small_components(label: da.Array, target: Target = "foreground", *, min_size_vox: float | None = None,
+                            min_size_mm3: float | None = None, spacing: Sequence[float] | None = None,
+                            connectivity: int = 1) -> da.Array:
+    """Set components of ``target`` smaller than a threshold to 0 (summary pass now, result lazy).
+
+    Give ``min_size_vox`` (voxels), or ``min_size_mm3`` with ``spacing`` (mm per voxel, array order).
+    """
+    return finish_filters([prepare_remove_small(label, target, min_size_vox=min_size_vox, min_size_mm3=min_size_mm3,
+                                                spacing=spacing, connectivity=connectivity)])[0]
+
+
+class _Outside:
+    """Mask of the voxels not in class ``target``; in-plane for a (1, Y, X) image."""
+
+    def __init__(self, target: int, squeeze: bool):
+        self.target, self.squeeze = target, squeeze
+
+    def __call__(self, label: da.Array) -> da.Array:
+        outside = label != self.target
+        return outside[0] if self.squeeze else outside
+
+
+class _Fill:
+    def __init__(self, target: int, squeeze: bool):
+        self.target, self.squeeze = target, squeeze
+
+    def __call__(self, label: da.Array, _outside: da.Array, enclosed: da.Array) -> da.Array:
+        if self.squeeze:
+            enclosed = enclosed[None]
+        return da.where(enclosed & (label == 0), label.dtype.type(self.target), label)
+
+
+def prepare_fill_holes(label: da.Array, target: int, *, connectivity: int = 1) -> PendingFilter:
+    """Lazy first half of :func:`fill_holes`."""
+    if not isinstance(target, int):
+        raise PostprocessingError(f"fill_holes works on one class value; got target {target!r}")
+    squeeze = label.ndim == 3 and label.shape[0] == 1  # a 2D image stored as (1, Y, X): holes are in-plane
+    conn = _in_plane(connectivity) if squeeze else connectivity
+    return prepare_filter(label, _Outside(target, squeeze), _enclosed, _Fill(target, squeeze), connectivity=conn,
+                          sizes=False)
 
 
 def fill_holes(label: da.Array, target: int, *, connectivity: int = 1) -> da.Array:
     """Fill the holes of class ``target``: background voxels it encloses become ``target``.
 
     A hole is a connected component (``connectivity``) of voxels *not* in ``target`` that does not
-    touch the array border -- as ``scipy.ndimage.binary_fill_holes`` with the same structure. Only
-    voxels that are background (0) in the hole are filled; other classes inside it are kept.
+    touch the array border -- as ``scipy.ndimage.binary_fill_holes`` with the same structure; a
+    ``(1, Y, X)`` image is treated as 2D. Only voxels that are background (0) in the hole are
+    filled; other classes inside it are kept. Summary pass now, result lazy.
     """
-    if not isinstance(target, int):
-        raise PostprocessingError(f"fill_holes works on one class value; got target {target!r}")
-    if label.ndim == 3 and label.shape[0] == 1:  # a 2D image stored as (1, Y, X): holes are in-plane
-        return fill_holes(label[0], target, connectivity=_in_plane(connectivity))[None]
-    mask = label == target
-    enclosed = select_components(~mask, _enclosed, connectivity=connectivity, sizes=False)
-    return da.where(enclosed & (label == 0), label.dtype.type(target), label)
+    return finish_filters([prepare_fill_holes(label, target, connectivity=connectivity)])[0]
 
 
 def fill_holes_mask(mask: da.Array, *, connectivity: int = 1) -> da.Array:
     """Boolean ``mask`` with its holes filled (``scipy.ndimage.binary_fill_holes``, chunked)."""
     if mask.ndim == 3 and mask.shape[0] == 1:
         return fill_holes_mask(mask[0], connectivity=_in_plane(connectivity))[None]
-    mask = mask.astype(bool)
-    return mask | select_components(~mask, _enclosed, connectivity=connectivity, sizes=False)
+    return filter_components(mask.astype(bool), _invert, _enclosed, _or_enclosed, connectivity=connectivity,
+                             sizes=False)
+
+
+def _invert(mask: da.Array) -> da.Array:
+    return ~mask
+
+
+def _or_enclosed(mask: da.Array, _outside: da.Array, enclosed: da.Array) -> da.Array:
+    return mask | enclosed
+
+
+class _TargetMask:
+    def __init__(self, target: Target):
+        self.target = target
+
+    def __call__(self, label: da.Array) -> da.Array:
+        return target_mask(label, self.target)
 
 
 def _in_plane(connectivity: int) -> int:

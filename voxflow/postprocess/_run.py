@@ -15,7 +15,7 @@ from voxflow.cluster import compute, scheduler_context
 from voxflow.errors import LayoutError
 from voxflow.evaluate._io import Segmentation, open_segmentations
 from voxflow.geometry import Geometry
-from voxflow.postprocess._spec import PostprocessingSpec, _as_spec, apply_postprocessing
+from voxflow.postprocess._spec import PostprocessingSpec, _as_spec, apply_postprocessing_many
 from voxflow.store import Store
 
 __all__ = ["run_postprocess"]
@@ -30,7 +30,9 @@ def _is_store(path: Path) -> bool:
 def run_postprocess(source: Store | PathLikeStr, output: PathLikeStr,
                     spec: PostprocessingSpec | dict[str, Any] | PathLikeStr, *, scheduler: str = "threads",
                     memory_limit: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
-    """Postprocess every case of ``source`` into ``output``; one dask compute over all cases.
+    """Postprocess every case of ``source`` into ``output``, in parallel over cases and blocks.
+
+    One dask compute per operation (its summary pass over all cases) and one for the writes.
 
     A store gives a store (same metadata, ``label`` per case, case attrs plus ``postprocessing``;
     ``probs`` arrays are not copied, since they would no longer match the labels);
@@ -53,16 +55,15 @@ def run_postprocess(source: Store | PathLikeStr, output: PathLikeStr,
 
 def _run_store(src: Store, out: Path, spec: PostprocessingSpec, *, overwrite: bool, progress: bool) -> None:
     dst = Store.create(out, src.meta, overwrite=overwrite)
+    cases = [cid for cid in src.case_ids() if src.has_array(cid, "label")]
+    labels = [src.label(cid) for cid in cases]
+    results = apply_postprocessing_many(labels, spec, spacings=[src.geometry(cid).spacing_zyx for cid in cases])
     writes, done = [], []
-    for cid in src.case_ids():
-        label = src.label(cid)
-        if label is None:
-            continue
+    for cid, label, lazy in zip(cases, labels, results):
         attrs = {k: v for k, v in src.case_attrs(cid).items() if k not in ("complete", "geometry")}
         attrs["postprocessing"] = spec.to_dict()
         geom = src.geometry(cid)
         dst.begin_case(cid, geometry=geom, attrs=attrs)
-        lazy = apply_postprocessing(label, spec, spacing=geom.spacing_zyx)
         target = dst.create_array(cid, "label", shape=label.shape, dtype=label.dtype,
                                   chunks=tuple(c[0] for c in label.chunks))
         writes.append(da.store(lazy.rechunk(target.chunks), target, lock=False, compute=False))
@@ -86,14 +87,17 @@ def _write_file(array: np.ndarray, geometry: Geometry, path: str) -> str:
 
 def _run_folder(src: Path, out: Path, spec: PostprocessingSpec, *, overwrite: bool, progress: bool) -> None:
     segs: dict[str, Segmentation] = open_segmentations(src)
+    for seg in segs.values():
+        if (out / Path(seg.source).name).exists() and not overwrite:
+            raise LayoutError(f"{out / Path(seg.source).name} exists; pass --overwrite to replace it or choose "
+                              f"another output folder")
     out.mkdir(parents=True, exist_ok=True)
+    results = apply_postprocessing_many([s.array for s in segs.values()], spec,
+                                        spacings=[s.geometry.spacing_zyx for s in segs.values()])
     tasks = []
-    for cid, seg in segs.items():
+    for seg, lazy in zip(segs.values(), results):
         name = Path(seg.source).name
         target = out / name
-        if target.exists() and not overwrite:
-            raise LayoutError(f"{target} exists; pass --overwrite to replace it or choose another output folder")
-        lazy = apply_postprocessing(seg.array, spec, spacing=seg.geometry.spacing_zyx)
         tmp = out / f".{name}.part{''.join(Path(name).suffixes)}"
         tasks.append((dask.delayed(_write_file)(lazy, seg.geometry, str(tmp)), tmp, target))
     if tasks:

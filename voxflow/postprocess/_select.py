@@ -8,6 +8,9 @@ On the validation predictions of all folds (with their references):
 3. then for each target and each candidate operation (``keep_largest``; ``fill_holes`` for single
    classes), on top of what was kept so far: keep it when that target's mean Dice improves.
 
+Each trial is two dask computes over all cases (the operation's summary pass, then the Dice
+counts), applied incrementally to the predictions as postprocessed so far.
+
 "Improves" means strictly greater (by more than ``min_gain``); an operation that changes nothing
 or hurts is dropped. Every trial is recorded in ``spec.selection``.
 """
@@ -21,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import dask
+import dask.array as da
 import numpy as np
 
 from voxflow._types import PathLikeStr
@@ -29,7 +33,7 @@ from voxflow.errors import IncompleteStoreError
 from voxflow.evaluate._evaluate import _present_values, parse_labels, target_key
 from voxflow.evaluate._io import Segmentation, declared_labels, open_segmentations, pair_segmentations
 from voxflow.evaluate._metrics import confusion_matrix, overlap_metrics, region_counts
-from voxflow.postprocess._spec import Operation, PostprocessingSpec, apply_postprocessing
+from voxflow.postprocess._spec import Operation, PostprocessingSpec, apply_operation_many
 from voxflow.store import Store
 from voxflow.workspace import Workspace
 
@@ -39,15 +43,10 @@ log = logging.getLogger(__name__)
 Source = Union[Store, PathLikeStr]
 
 
-def mean_dice(pairs: list[tuple[Segmentation, Segmentation]], targets: list[tuple[int, ...]],
-              spec: PostprocessingSpec) -> dict[str, float]:
-    """Mean Dice per target over all pairs with ``spec`` applied to the predictions (one compute)."""
+def mean_dice(preds: Sequence[da.Array], refs: Sequence[da.Array], targets: list[tuple[int, ...]]) -> dict[str, float]:
+    """Mean Dice per target over the (prediction, reference) pairs; one dask compute."""
     n_values = max(max(t) for t in targets) + 2
-    mats = []
-    for p, r in pairs:
-        pred = apply_postprocessing(p.array, spec, spacing=p.geometry.spacing_zyx)
-        mats.append(confusion_matrix(pred, r.array, n_values))
-    computed = dask.compute(*mats)
+    computed = dask.compute(*[confusion_matrix(p, r, n_values) for p, r in zip(preds, refs)])
     out = {}
     for t in targets:
         d = np.array([overlap_metrics(**region_counts(m, t))["dice"] for m in computed], dtype=float)
@@ -102,15 +101,18 @@ def determine_postprocessing(predictions: Source | Sequence[Source], references:
         if not targets:
             log.warning("predictions and references hold only background: no postprocessing to choose")
             return PostprocessingSpec(connectivity=connectivity, selection={"n_cases": len(pairs), "trials": []})
-        base = mean_dice(pairs, targets, PostprocessingSpec(connectivity=connectivity))
+        current = [p.array for p, _ in pairs]
+        refs = [r.array for _, r in pairs]
+        spacings = [p.geometry.spacing_zyx for p, _ in pairs]
+        base = mean_dice(current, refs, targets)
         baseline = dict(base)
         steps: list[tuple[Operation, str | None]] = []
         if len(targets) > 1 and "keep_largest" in candidates:
             steps.append((Operation(op="keep_largest", target="foreground"), None))
         steps += [(op, target_key(t)) for t in targets for op in _candidates(t, candidates)]
         for op, key in steps:
-            trial = PostprocessingSpec(operations=(*kept, op), connectivity=connectivity)
-            after = mean_dice(pairs, targets, trial)
+            trial = apply_operation_many(current, op, connectivity=connectivity, spacings=spacings)
+            after = mean_dice(trial, refs, targets)
             before_v, after_v = (_mean(base), _mean(after)) if key is None else (base[key], after[key])
             accept = _gain(after_v, before_v, min_gain)
             trials.append({"operation": op.to_dict(), "scored_on": key or "foreground_mean",
@@ -119,7 +121,7 @@ def determine_postprocessing(predictions: Source | Sequence[Source], references:
                      "kept" if accept else "dropped")
             if accept:
                 kept.append(op)
-                base = after
+                base, current = after, trial
     selection = {"n_cases": len(pairs), "targets": [target_key(t) for t in targets], "baseline_dice": baseline,
                  "final_dice": base, "trials": trials}
     spec = PostprocessingSpec(operations=tuple(kept), connectivity=connectivity,

@@ -22,18 +22,27 @@ import dask.array as da
 
 from voxflow._types import PathLikeStr
 from voxflow.plan.schema import atomic_write_json
-from voxflow.postprocess._components import connectivity_structure
+from voxflow.postprocess._components import PendingFilter, connectivity_structure, finish_filters
 from voxflow.postprocess._ops import (
     PostprocessingError,
     Target,
-    fill_holes,
-    keep_largest_component,
     parse_target,
-    remove_small_components,
+    prepare_fill_holes,
+    prepare_keep_largest,
+    prepare_remove_small,
     target_name,
 )
 
-__all__ = ["FORMAT", "OPERATIONS", "Operation", "PostprocessingSpec", "apply_postprocessing"]
+__all__ = [
+    "FORMAT",
+    "OPERATIONS",
+    "Operation",
+    "PostprocessingSpec",
+    "apply_operation_many",
+    "apply_postprocessing",
+    "apply_postprocessing_many",
+    "prepare_operation",
+]
 
 FORMAT = "voxflow-postprocessing-1"
 OPERATIONS = ("keep_largest", "remove_small", "fill_holes")
@@ -126,29 +135,43 @@ def _as_spec(spec: PostprocessingSpec | Mapping[str, Any] | PathLikeStr) -> Post
     return PostprocessingSpec.load(spec)
 
 
-def apply_operation(label: da.Array, op: Operation, *, connectivity: int = 1,
-                    spacing: Sequence[float] | None = None) -> da.Array:
-    """One operation on a lazy label map (``spacing`` in mm per voxel, array order, for mm3 sizes)."""
+def prepare_operation(label: da.Array, op: Operation, *, connectivity: int = 1,
+                      spacing: Sequence[float] | None = None) -> PendingFilter:
+    """The lazy summary pass of one operation (``spacing`` in mm per voxel, array order, for mm3)."""
     if op.op == "keep_largest":
-        return keep_largest_component(label, op.target, connectivity=connectivity)
+        return prepare_keep_largest(label, op.target, connectivity=connectivity)
     if op.op == "fill_holes":
-        return fill_holes(label, op.target, connectivity=connectivity)  # type: ignore[arg-type]
+        return prepare_fill_holes(label, op.target, connectivity=connectivity)  # type: ignore[arg-type]
     if spacing is None:
         raise PostprocessingError(f"{op.describe()} needs the voxel spacing to convert mm3 to voxels")
-    return remove_small_components(label, op.target, min_size_mm3=op.min_size_mm3, spacing=spacing,
-                                   connectivity=connectivity)
+    return prepare_remove_small(label, op.target, min_size_mm3=op.min_size_mm3, spacing=spacing,
+                                connectivity=connectivity)
+
+
+def apply_operation_many(labels: Sequence[da.Array], op: Operation, *, connectivity: int = 1,
+                         spacings: Sequence[Sequence[float] | None] | None = None) -> list[da.Array]:
+    """One operation on several label maps: their summary passes in one dask call, results lazy."""
+    spacings = list(spacings) if spacings is not None else [None] * len(labels)
+    pending = [prepare_operation(lab, op, connectivity=connectivity, spacing=sp) for lab, sp in zip(labels, spacings)]
+    return finish_filters(pending)
+
+
+def apply_postprocessing_many(labels: Sequence[da.Array], spec: PostprocessingSpec | Mapping[str, Any] | PathLikeStr,
+                              *, spacings: Sequence[Sequence[float] | None] | None = None) -> list[da.Array]:
+    """:func:`apply_postprocessing` on several label maps; one dask call per operation, over all of them."""
+    spec = _as_spec(spec)
+    out = list(labels)
+    for op in spec.operations:
+        out = apply_operation_many(out, op, connectivity=spec.connectivity, spacings=spacings)
+    return out
 
 
 def apply_postprocessing(label: da.Array, spec: PostprocessingSpec | Mapping[str, Any] | PathLikeStr, *,
                          spacing: Sequence[float] | None = None) -> da.Array:
-    """Apply a postprocessing spec (object, dict or ``postprocessing.json`` path) lazily.
+    """Apply a postprocessing spec (object, dict or ``postprocessing.json`` path) to a label map.
 
-    ``label`` is ``(Z, Y, X)`` (or ``(Y, X)``); nothing is computed until the result is. Each
-    operation adds two streaming passes over its input; memory stays one block per worker plus
-    small per-component tables.
+    ``label`` is ``(Z, Y, X)`` (or ``(Y, X)``), lazy. Each operation runs its summary pass now
+    (streaming over the blocks, small results: component sizes and merges) and the returned
+    array is a lazy blockwise graph; memory stays about one block per worker plus the tables.
     """
-    spec = _as_spec(spec)
-    out = label
-    for op in spec.operations:
-        out = apply_operation(out, op, connectivity=spec.connectivity, spacing=spacing)
-    return out
+    return apply_postprocessing_many([label], spec, spacings=[spacing])[0]
