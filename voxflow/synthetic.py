@@ -151,7 +151,7 @@ def synthetic_volume(kind: str, shape_zyx: Sequence[int], *, seed: int | Sequenc
         raise VoxflowError(f"shape_zyx must be three positive sizes (z, y, x); got {shape_zyx!r}")
     rng = np.random.default_rng(seed)
     if kind == "mr":
-        return _mr_case(shape, rng)  # type: ignore[arg-type]
+        return _mr_case(shape, rng)
     flat = kind == "2d"
     if flat:
         shape = (1, shape[1], shape[2])

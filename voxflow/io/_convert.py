@@ -27,6 +27,7 @@ from typing import Any
 
 import dask
 import numpy as np
+from dask.delayed import delayed
 
 from voxflow._types import PathLikeStr
 from voxflow.cluster import compute, scheduler_context
@@ -198,7 +199,7 @@ def _scan_labels(source: DatasetSource, chunks_zyx: Sequence[int]) -> dict[str, 
             src = case.label.open(case.case_id)
         except VoxflowError:
             continue  # reported by the conversion itself
-        tasks.append(dask.delayed(_label_values)(src, max(1, int(chunks_zyx[0]))))
+        tasks.append(delayed(_label_values)(src, max(1, int(chunks_zyx[0]))))
     values: set[int] = {0}
     for found in compute(*tasks, desc="scanning labels") if tasks else ():
         values |= found
@@ -233,8 +234,8 @@ def _start_case(store: Store, plan: _CasePlan, source: DatasetSource, split: str
                      declared, plan.case.binary_label, str(plan.dtype), str(label_dtype))
             for z0 in range(0, nz, plan.slab_z)]
     # traverse=False: dask would otherwise rebuild the dataclasses field by field inside the task
-    slabs = [dask.delayed(_write_slab, pure=False)(dask.delayed(job, traverse=False)) for job in jobs]
-    return [dask.delayed(_finish_case, pure=False)(str(store.path), cid, *slabs)]
+    slabs = [delayed(_write_slab, pure=False)(delayed(job, traverse=False)) for job in jobs]
+    return [delayed(_finish_case, pure=False)(str(store.path), cid, *slabs)]
 
 
 def convert(src: PathLikeStr, dst: PathLikeStr, *, overwrite: bool = False, scheduler: str = "threads",

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import dask
 import numpy as np
 import zarr
+from dask.delayed import delayed
 
 from voxflow._types import PathLikeStr
 from voxflow.cluster import compute, scheduler_context
@@ -82,7 +82,7 @@ def export_store(store: Store | PathLikeStr, out_dir: PathLikeStr, *, case_ids: 
                 raise CaseNotFoundError(f"case {cid!r} in {st.path} has no {array!r} array to export; "
                                         f"choose another --array or case.")
             st.zarr_array(cid, array)  # raises for incomplete cases
-    tasks = [dask.delayed(_write_case, pure=False)(str(st.path), cid, array, str(out), file_ending) for cid in ids]
+    tasks = [delayed(_write_case, pure=False)(str(st.path), cid, array, str(out), file_ending) for cid in ids]
     with scheduler_context(scheduler, memory_limit=memory_limit):
         results = compute(*tasks, desc="export", progress=progress) if tasks else ()
     log.info("exported %s of %d case(s) to %s", array, len(ids), out)
