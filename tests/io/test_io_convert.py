@@ -183,3 +183,11 @@ def test_test_images_folder_with_training_names(tmp_path: Path) -> None:
     assert store.meta.channel_names == ("T1", "T2")
     assert store.image("synmr_002").shape == (2, 4, 6, 8)
     assert store.label("synmr_002") is None
+
+
+def test_folder_of_2d_nnunet_cases_is_not_a_stack(tmp_path: Path) -> None:
+    src = make_dataset(tmp_path / "raw", kind="2d", n_cases=1, shape_zyx=(1, 10, 12), n_test_cases=2)
+    store = convert(src / "imagesTs", tmp_path / "ts.zarr", progress=False)
+    assert store.case_ids() == ["syn2d_001", "syn2d_002"]
+    assert store.geometry("syn2d_001").is_2d
+    assert store.image("syn2d_001").shape == (1, 1, 10, 12)

@@ -8,8 +8,9 @@ Built-in formats are tried in this order; the first whose ``detect`` accepts the
 ``image-label-folders``  images/ + labels/ (or imagesTr/ + labelsTr/, ...) with matching file names
 ``dicom``       a folder tree of DICOM series (mask series become labels, see ``_dicom``)
 ``file``        one image file (NIfTI, NRRD, MHA, ...), or a multi-page TIFF stack as one volume
-``image-folder`` a folder of image files: 2D slices (PNG/TIFF/...) form one volume; 3D files are one
-                case each (``CASE_0000.ext``, ``CASE_0001.ext`` are channels of one case)
+``image-folder`` a folder of image files: nnU-Net names (``CASE_0000.ext``, ``CASE_0001.ext`` = channels
+                of one case; 2D or 3D) are cases; otherwise 2D slices (PNG/TIFF/...) form one volume
+                (natural sort order) and 3D files are one case each
 
 More formats register with :func:`register_format` or the ``voxflow.readers`` entry-point group.
 """
@@ -347,16 +348,29 @@ def _is_2d_file(p: Path) -> bool:
     return r.GetDimension() == 2 or r.GetSize()[2] == 1
 
 
+def _nnunet_named(stems: list[str]) -> bool:
+    """Names look like nnU-Net cases (``CASE_XXXX``): several cases, or one case with few channels.
+
+    One prefix with more than 8 numbered files (``slice_0000`` .. ``slice_0099``) is a slice stack.
+    """
+    matches = [_CHANNEL.match(s) for s in stems]
+    if not stems or not all(matches):
+        return False
+    cases = {m["case"] for m in matches if m}
+    return len(cases) > 1 or len(stems) <= 8
+
+
 @register_format("image-folder", lambda p: p.is_dir() and bool(_image_files(p)))
 def _load_folder(root: Path, split: str) -> DatasetSource:
     files = _image_files(root)
     cid = re.sub(r"[^A-Za-z0-9._-]+", "_", root.name).strip("._-") or "case"
-    if all(_is_2d_file(p) for p in files[:3]) and len({p.suffix.lower() for p in files}) == 1:
+    stems = [split_suffix(p.name)[0] for p in files]
+    nnunet = _nnunet_named(stems)
+    if not nnunet and all(_is_2d_file(p) for p in files[:3]) and len({p.suffix.lower() for p in files}) == 1:
         files = sorted(files, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
         return DatasetSource("image-folder", root, ("image",), None, [CaseSpec(cid, (stack_ref(tuple(files)),))],
                              file_ending=".nii.gz", name=cid)
-    stems = [split_suffix(p.name)[0] for p in files]
-    if all(_CHANNEL.match(s) for s in stems):
+    if nnunet:
         groups = _group_channels(files, None, root)
     else:
         groups = {s: [p] for s, p in _files_by_stem(root).items()}
@@ -366,4 +380,3 @@ def _load_folder(root: Path, split: str) -> DatasetSource:
     names = ("image",) if n_ch == 1 else tuple(f"channel_{i}" for i in range(n_ch))
     return DatasetSource("image-folder", root, names, None, cases, file_ending=split_suffix(files[0].name)[1],
                          name=root.name)
-
