@@ -12,6 +12,10 @@ with torch on ``--device`` in the consumer thread):
   voxflow, so the script reports ``null`` for it instead.
 
     python benchmarks/dataloader.py --quick          # ~1 minute on 2 cores
+
+``cpu_s_per_batch`` (process CPU time, all threads, per batch) is the cost that does not depend
+on how busy a shared machine is; ``batches_per_s`` is wall-clock and does. ``max_read_patch_vox``
+is the enlarged patch; each sample reads only its own footprint inside it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
 from voxflow.data import build_loader
@@ -46,15 +51,17 @@ def _time_loader(store: Store, config: Configuration, *, augment: bool, n_batche
         it = iter(loader)
         for _ in range(2):  # warm-up: threads started, queues filled once
             next(it)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n_batches):
             batch = next(it)
         if batch.image.is_cuda:
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         read = list(loader.spec.read_patch_vox)
+        rss = psutil.Process().memory_info().rss
     return {"batches_per_s": round(n_batches / dt, 2), "patches_per_s": round(n_batches * config.batch_size / dt, 2),
-            "read_patch_vox": read, "n_batches": n_batches}
+            "cpu_s_per_batch": round(cpu / n_batches, 3), "max_read_patch_vox": read, "n_batches": n_batches,
+            "rss_mb": round(rss / 2**20, 1)}
 
 
 def _synthetic_plan_store(tmp: Path, quick: bool) -> tuple[Store, Configuration, list[tuple[float, ...]]] | None:
@@ -129,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     n = 10 if args.quick else 40
     out: dict[str, Any] = {"device": args.device, "workers": args.workers, "torch_threads": torch.get_num_threads(),
+                           "cpu_cores": psutil.cpu_count(), "load_avg_1min_start": round(psutil.getloadavg()[0], 2),
                            "scenarios": {}}
     from voxflow.nets import deep_supervision_scales
 
@@ -157,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res["augmented"]["batches_per_s"] / NNUNET_REFERENCE["batches_per_s_2_workers"], 2)
         res["nnunet_measured"] = None if importlib.util.find_spec("nnunetv2") is None else "not run: compare by hand"
         out["scenarios"]["nnunet_shape"] = res
+    out["load_avg_1min_end"] = round(psutil.getloadavg()[0], 2)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")

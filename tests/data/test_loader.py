@@ -166,3 +166,19 @@ def test_footprint_reads_equal_reading_the_enlarged_patch(preprocessed_store, co
         torch.testing.assert_close(batch.image, ref_image, atol=1e-4, rtol=1e-5)
         assert (batch.target[0] == ref_targets[0]).float().mean() > 0.995
     assert any(b.params.spatial.any() for b in batches)
+
+
+def test_dropped_loader_stops_its_threads(preprocessed_store, config_factory) -> None:
+    import gc
+    import time
+
+    store = preprocessed_store()
+    loader = build_loader(store, store.case_ids(), config_factory((8, 8, 8)), num_workers=2)
+    _take(loader, 1)
+    assert _loader_threads()
+    del loader
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while _loader_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _loader_threads()

@@ -111,16 +111,21 @@ class BatchLoader:
         self._step = 0
         self._started = True
         if self.num_workers == 0:
-            self._inline = _Producer(self, 0)
+            self._inline = self._producer(0)
             return
         self._queues = [queue.Queue(maxsize=self.prefetch) for _ in range(self.num_workers)]
         self._threads = [
-            threading.Thread(target=self._work, args=(w, self._queues[w], self._stop), daemon=True,
-                             name=f"voxflow-loader-r{self.rank}-w{w}")
+            threading.Thread(target=_work, daemon=True, name=f"voxflow-loader-r{self.rank}-w{w}",
+                             args=(self._producer(w), w, self.num_workers, self.n_batches, self._queues[w],
+                                   self._stop))
             for w in range(self.num_workers)
         ]
         for t in self._threads:
             t.start()
+
+    def _producer(self, worker: int) -> _Producer:
+        return _Producer(self.spec, self.cases, seed=self.seed, rank=self.rank, worker=worker,
+                         pin=self.device.type == "cuda")
 
     def close(self) -> None:
         """Stop and join the worker threads; safe to call more than once."""
@@ -151,27 +156,6 @@ class BatchLoader:
             pass
 
     # ------------------------------------------------------------------ workers
-    def _work(self, w: int, q: queue.Queue[Any], stop: threading.Event) -> None:
-        try:
-            producer = _Producer(self, w)
-            k = w
-            while not stop.is_set() and (self.n_batches is None or k < self.n_batches):
-                item: Any = producer.next()
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=_POLL_S)
-                        break
-                    except queue.Full:
-                        continue
-                k += self.num_workers
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            while not stop.is_set():
-                try:
-                    q.put(_Failure(e), timeout=_POLL_S)
-                    return
-                except queue.Full:
-                    continue
-
     def _get(self) -> _Raw:
         if self._inline is not None:
             return self._inline.next()
@@ -227,17 +211,43 @@ class BatchLoader:
         return Batch(image=image, target=targets, case_ids=raw.case_ids, params=raw.params)
 
 
+def _work(producer: _Producer, w: int, n_workers: int, n_batches: int | None, q: queue.Queue[Any],
+          stop: threading.Event) -> None:
+    """Worker thread body: batches w, w + n_workers, ... into ``q`` until stopped or done.
+
+    It holds no reference to the loader, so a loader dropped without ``close()`` is still
+    collected and its ``__del__`` stops the threads.
+    """
+    try:
+        k = w
+        while not stop.is_set() and (n_batches is None or k < n_batches):
+            item: Any = producer.next()
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=_POLL_S)
+                    break
+                except queue.Full:
+                    continue
+            k += n_workers
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer
+        while not stop.is_set():
+            try:
+                q.put(_Failure(e), timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+
 class _Producer:
     """One worker's sampler and parameter stream."""
 
-    def __init__(self, loader: BatchLoader, worker: int) -> None:
-        spec = loader.spec
+    def __init__(self, spec: LoaderSpec, cases: Sequence[CaseHandle], *, seed: int, rank: int, worker: int,
+                 pin: bool) -> None:
         self.spec = spec
-        self.rng = stream_rng(loader.seed, rank=loader.rank, worker=worker, purpose=spec.purpose)
-        self.sampler = PatchSampler(loader.cases, spec.read_patch_vox,
-                                    final_patch_size_vox=_final_3d(spec), rng=self.rng,
+        self.rng = stream_rng(seed, rank=rank, worker=worker, purpose=spec.purpose)
+        self.sampler = PatchSampler(cases, spec.read_patch_vox, final_patch_size_vox=_final_3d(spec), rng=self.rng,
                                     oversample_foreground=spec.oversample_foreground)
-        self.pin = loader.device.type == "cuda"
+        self.pin = pin
 
     def _params(self) -> Params:
         spec, dims = self.spec, len(self.spec.final_patch_vox)
