@@ -118,6 +118,12 @@ def test_sigkill_then_resume_finishes_with_the_right_schedule(tmp_path: Path) ->
     # resuming a finished run is a no-op
     train_fold(work, "tiny", 0, **resume)
     assert len(_metrics(run_dir)) == epochs
+    # and the resumed run ends with the weights of an uninterrupted one (deterministic loader, CPU)
+    ref_work = make_workspace(tmp_path / "ref", epochs=epochs, iters_per_epoch=3)
+    ref = train_fold(ref_work, "tiny", 0, loader_factory=fake_build_loader, num_workers=0, validate_cases=False)
+    a, b = final["network"], load_checkpoint(ref / "checkpoint_final.pt")["network"]
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    assert [r["train_loss"] for r in m] == pytest.approx([r["train_loss"] for r in _metrics(ref)], rel=1e-5)
 
 
 @pytest.mark.ddp

@@ -8,9 +8,10 @@ Run directory ``WORK/runs/<cfg>/fold_<k>/``::
     metrics.jsonl, progress.png, training_log.txt, training_summary.json
 
 Randomness: the network is initialised from ``train.seed`` on every rank (DDP also broadcasts rank
-0's weights); the loader gets ``seed = train.seed + 7919 · start_epoch`` (its streams are derived per
-rank and worker), so a fresh run and a resumed run are each reproducible. Python/numpy/torch RNG
-states are saved in the checkpoints and restored on resume.
+0's weights); each epoch gets a fresh training loader seeded with ``train.seed + 7919 · epoch`` (its
+streams are derived per rank and worker), so a run resumed at epoch k sees the batches an uninterrupted
+run would (bit-identical weights with a deterministic loader, see the kill-and-resume test).
+Python/numpy/torch RNG states are saved in the checkpoints and restored on resume.
 
 The batch of the plan is split across DDP ranks (rank r gets ``B // N`` plus one of the remainder).
 """
@@ -153,6 +154,12 @@ def class_weights_from_counts(counts: np.ndarray, *, max_weight: float = 100.0) 
     return [float(x) for x in np.clip(w, 1.0 / max_weight, max_weight)]
 
 
+def _close(loader: Any) -> None:
+    close = getattr(loader, "close", None)
+    if close is not None:
+        close()
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -227,16 +234,11 @@ class _Trainer:
                             f"--set batch_size={n}")
         return dataclasses.replace(self.cfg, batch_size=per_rank)
 
-    def _loaders(self) -> tuple[Any, Any]:
-        seed = self.spec.seed + 7919 * self.state.epoch
-        common = {"device": self.info.device, "rank": self.info.rank, "world_size": self.info.world_size,
-                  "num_workers": self.job.num_workers, "ds_scales": self.scales}
-        rank_cfg = self._rank_config()
-        train = self.factory(self.job.store_path, self.job.train_ids, rank_cfg, train=True, seed=seed,
-                             augment=True, **common)
-        val = self.factory(self.job.store_path, self.job.val_ids, rank_cfg, train=False, seed=seed + 1,
-                           augment=False, **common)
-        return train, val
+    def _loader(self, case_ids: list[str], *, train: bool, seed: int) -> Any:
+        return self.factory(self.job.store_path, case_ids, self._rank_config(), train=train, seed=seed,
+                            augment=train, device=self.info.device, rank=self.info.rank,
+                            world_size=self.info.world_size, num_workers=self.job.num_workers,
+                            ds_scales=self.scales)
 
     def _class_weights(self, batches: Any) -> torch.Tensor | None:
         if not self.spec.class_weighted_ce:
@@ -281,30 +283,33 @@ class _Trainer:
                          self.cfg.name, self.job.fold, len(self.job.train_ids), len(self.job.val_ids),
                          count_parameters(self.net), self.info.world_size, self.info.device)
             model = self._wrap()
-            train_loader, val_loader = self._loaders()
+            val_loader = self._loader(self.job.val_ids, train=False, seed=self.spec.seed + 1)
             try:
-                batches = iter(train_loader)
-                loss_fn, val_loss_fn = self._losses(batches)
-                self._loop(model, loss_fn, val_loss_fn, batches, val_loader)
+                self._loop(model, val_loader)
             finally:
-                for loader in (train_loader, val_loader):
-                    close = getattr(loader, "close", None)
-                    if close is not None:
-                        close()
+                _close(val_loader)
             self._save("latest", "final")
             self._finish()
 
-    def _loop(self, model: nn.Module, loss_fn: nn.Module, val_loss_fn: nn.Module, batches: Any,
-              val_loader: Any) -> None:
+    def _loop(self, model: nn.Module, val_loader: Any) -> None:
+        losses: tuple[nn.Module, nn.Module] | None = None
         for epoch in range(self.state.epoch, self.spec.epochs):
             t0 = time.perf_counter()
             lr = lr_at(epoch, self.spec)
             set_lr(self.optimizer, lr)
-            train_loss = train_epoch(model, loss_fn, self.optimizer, self.scaler, batches,
-                                     n_iters=self.spec.iters_per_epoch, info=self.info, amp_dtype=self.amp_dtype,
-                                     grad_clip=self.spec.grad_clip, desc=f"epoch {epoch}")
+            # one loader per epoch, seeded by the epoch: a resumed run sees the data an uninterrupted one would
+            loader = self._loader(self.job.train_ids, train=True, seed=self.spec.seed + 7919 * epoch)
+            try:
+                batches = iter(loader)
+                losses = losses or self._losses(batches)
+                train_loss = train_epoch(model, losses[0], self.optimizer, self.scaler, batches,
+                                         n_iters=self.spec.iters_per_epoch, info=self.info,
+                                         amp_dtype=self.amp_dtype, grad_clip=self.spec.grad_clip,
+                                         desc=f"epoch {epoch}")
+            finally:
+                _close(loader)
             t_train = time.perf_counter() - t0
-            val_loss, counts = validate(model, val_loss_fn, iter(val_loader), n_iters=self.spec.val_iters,
+            val_loss, counts = validate(model, losses[1], iter(val_loader), n_iters=self.spec.val_iters,
                                         info=self.info, amp_dtype=self.amp_dtype, labels=self.job.labels)
             dice = pseudo_dice(counts.cpu())
             self._after_epoch(epoch, lr, train_loss, val_loss, dice, t_train, time.perf_counter() - t0)
