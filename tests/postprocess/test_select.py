@@ -162,3 +162,20 @@ def test_determine_for_configuration_reads_every_fold(tmp_path: Path) -> None:
     assert Operation(op="keep_largest", target=1) in spec.operations
     with pytest.raises(IncompleteStoreError, match="fold_7"):
         determine_for_configuration(work, "3d_fullres", folds=[0, 7])
+
+
+def test_cli_determine_then_apply(tmp_path: Path) -> None:
+    refs = [organ(i) for i in range(2)]
+    preds = [r.copy() for r in refs]
+    for p in preds:
+        p[0:2, 0:2, 17:20] = 1
+    pred_dir, gt_dir = write_cases(tmp_path, preds, refs)
+    res = CliRunner().invoke(main, ["postprocess", str(pred_dir), str(tmp_path / "out"), "--determine-with",
+                                    str(gt_dir), "-p", str(tmp_path / "pp.json")])
+    assert res.exit_code == 0, res.output
+    assert "keep_largest 1" in res.output
+    assert PostprocessingSpec.load(tmp_path / "pp.json").operations == (Operation(op="keep_largest", target=1),)
+    for i, r in enumerate(refs):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"c{i}.nii.gz"))), r)
+    res = CliRunner().invoke(main, ["postprocess", str(pred_dir), str(tmp_path / "out2")])
+    assert res.exit_code != 0 and "--postprocessing" in res.output
