@@ -124,3 +124,16 @@ def test_overlap_metrics_agree_with_numpy_on_random_masks(rng: np.random.Generat
     assert m["iou"] == pytest.approx((p & r).sum() / (p | r).sum())
     assert m["volume_pred_mm3"] == pytest.approx(p.sum() * 0.5)
     assert m["volume_diff_mm3"] == pytest.approx((p.sum() - r.sum()) * 0.5)
+
+
+def test_case_graph_builds_without_computing(rng: np.random.Generator) -> None:
+    from voxflow.evaluate._evaluate import _case_graph
+    from voxflow.evaluate._io import Segmentation
+    from voxflow.geometry import Geometry
+
+    geom = Geometry(shape_zyx=(9, 10, 11), spacing_zyx=(1.0, 1.0, 1.0))
+    arr = da.from_array(rng.integers(0, 3, size=(9, 10, 11)).astype(np.uint8), chunks=(4, 5, 6))
+    seg = Segmentation("c", arr, geom, "mem")
+    with raise_if_computes():
+        graph = _case_graph(seg, seg, [(1,), (1, 2)], surface=True)
+    assert isinstance(graph["matrix"], da.Array)

@@ -145,3 +145,17 @@ def test_threads_and_sync_schedulers_agree(rng: np.random.Generator) -> None:
     b, nb = label_components(x)
     assert na == nb
     assert_same_partition(a, b.compute())
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.tuples(st.integers(1, 20), st.integers(1, 20)),
+    chunk=st.tuples(st.integers(1, 7), st.integers(1, 7)),
+    density=st.floats(0.05, 0.95),
+    connectivity=st.sampled_from([1, 2, 4, 8]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_2d_matches_scipy(shape: tuple[int, int], chunk: tuple[int, int], density: float,
+                                   connectivity: int, seed: int) -> None:
+    x = np.random.default_rng(seed).random(shape) < density
+    check(x, chunk, connectivity)
