@@ -25,7 +25,8 @@ def _params(b: int, c: int, d: int, **changes) -> Params:
 def test_identity_params_return_input_exactly(rng, shape) -> None:
     image, label = _batch(rng, shape)
     out, targets = apply(image, label, Params.identity(3, 2, len(shape)), patch_size=shape)
-    assert torch.equal(out, image) and torch.equal(targets[0][:, 0], label.long())
+    assert torch.equal(out, image)
+    assert torch.equal(targets[0][:, 0], label.long())
     assert out.data_ptr() != image.data_ptr()  # a copy: later in-place steps never touch the input
 
 
@@ -48,14 +49,16 @@ def test_mirror_once_flips_and_twice_is_identity(rng) -> None:
         assert torch.equal(t1[0][b, 0], torch.from_numpy(np.flip(label[b].numpy(), tuple(a - 1 for a in axes)).copy()).long())
     np.testing.assert_array_equal(once.numpy(), expected)
     twice, t2 = apply(once, t1[0], p, patch_size=(6, 5, 4))
-    assert torch.equal(twice, image) and torch.equal(t2[0][:, 0], label.long())
+    assert torch.equal(twice, image)
+    assert torch.equal(t2[0][:, 0], label.long())
 
 
 def test_noise_has_expected_std_only_where_drawn() -> None:
     image = torch.zeros((3, 2, 32, 32, 32))
     p = _params(3, 2, 3, noise_std=np.array([0.3, 0.0, 0.1]), noise_seed=11)
     out, _ = apply(image, None, p, patch_size=(32, 32, 32))
-    assert abs(float(out[0].std()) - 0.3) < 0.005 and abs(float(out[2].std()) - 0.1) < 0.002
+    assert abs(float(out[0].std()) - 0.3) < 0.005
+    assert abs(float(out[2].std()) - 0.1) < 0.002
     assert torch.equal(out[1], image[1])
     again, _ = apply(image, None, p, patch_size=(32, 32, 32))
     assert torch.equal(out, again)
@@ -97,7 +100,8 @@ def test_augmentation_keeps_image_and_label_aligned(shape, final, elastic) -> No
                             "p_gamma_inverted")})
     params = sample_params(np.random.default_rng(0), b, n_channels=d + 1, spatial_dims=d, config=cfg,
                            patch_size=final)
-    assert params.spatial.all() and params.mirror.any()
+    assert params.spatial.all()
+    assert params.mirror.any()
     out, targets = apply(image, label, params, patch_size=final)
     pos = out.numpy()[:, :d]  # sampled source position of every output voxel (linear interpolation is exact)
     inside = out.numpy()[:, d] > 1 - 1e-5
@@ -118,7 +122,8 @@ def test_blur_matches_scipy_per_channel(rng) -> None:
     for b, c in [(0, 0), (1, 1)]:
         np.testing.assert_allclose(out[b, c].numpy(), ndi.gaussian_filter(image[b, c].numpy(), sigma[b, c]),
                                    atol=1e-5)
-    assert torch.equal(out[0, 1], image[0, 1]) and torch.equal(out[1, 0], image[1, 0])
+    assert torch.equal(out[0, 1], image[0, 1])
+    assert torch.equal(out[1, 0], image[1, 0])
 
 
 def test_intensity_transforms_change_what_they_should(rng) -> None:
@@ -135,12 +140,16 @@ def test_intensity_transforms_change_what_they_should(rng) -> None:
     gam, _ = apply(image, None, _params(2, 2, 3, gamma=np.array([1.4, 1.0])), patch_size=size)
     torch.testing.assert_close(gam[0].mean(), image[0].mean(), atol=1e-4, rtol=0)
     torch.testing.assert_close(gam[0].std(unbiased=False), image[0].std(unbiased=False), atol=1e-4, rtol=0)
-    assert not torch.allclose(gam[0], image[0]) and torch.equal(gam[1], image[1])
+    assert not torch.allclose(gam[0], image[0])
+    assert torch.equal(gam[1], image[1])
     inv, _ = apply(image, None, _params(2, 2, 3, gamma_inverted=np.array([1.0, 0.8])), patch_size=size)
-    assert not torch.allclose(inv[1], image[1]) and torch.equal(inv[0], image[0])
+    assert not torch.allclose(inv[1], image[1])
+    assert torch.equal(inv[0], image[0])
     low, _ = apply(image, None, _params(2, 2, 3, lowres_zoom=np.array([[1.0, 1.0], [0.5, 1.0]])), patch_size=size)
-    assert low.shape == image.shape and not torch.allclose(low[1, 0], image[1, 0])
-    assert torch.equal(low[0], image[0]) and torch.equal(low[1, 1], image[1, 1])
+    assert low.shape == image.shape
+    assert not torch.allclose(low[1, 0], image[1, 0])
+    assert torch.equal(low[0], image[0])
+    assert torch.equal(low[1, 1], image[1, 1])
 
 
 def test_deep_supervision_targets_are_nearest_downsampled(rng) -> None:
@@ -167,10 +176,12 @@ def test_sample_params_is_seeded_and_follows_probabilities() -> None:
                        (p.spatial.mean(), 1 - 0.8 * 0.8), ((p.blur_sigma > 0).mean(), 0.1)]:
         assert abs(freq - prob) < 4 * math.sqrt(prob * (1 - prob) / n)
     scales = np.linalg.det(p.matrix[p.spatial]) ** (1 / 3)
-    assert scales.min() >= 0.7 - 1e-9 and scales.max() <= 1.4 + 1e-9
+    assert scales.min() >= 0.7 - 1e-9
+    assert scales.max() <= 1.4 + 1e-9
     two_d = sample_params(np.random.default_rng(0), 4, n_channels=1, spatial_dims=2,
                           config=AugmentConfig(mirror_axes=(0, 1, 2)))
-    assert two_d.matrix.shape == (4, 2, 2) and two_d.mirror.shape == (4, 2)
+    assert two_d.matrix.shape == (4, 2, 2)
+    assert two_d.mirror.shape == (4, 2)
 
 
 def test_enlarged_patch_size() -> None:
@@ -178,7 +189,7 @@ def test_enlarged_patch_size() -> None:
     big = enlarged_patch_size((80, 160, 160), AugmentConfig())
     assert big == (176, 258, 258)  # nnU-Net's get_patch_size gives about the same for this patch
     small = enlarged_patch_size((7, 9), AugmentConfig(p_scale=0.0, rotation_deg=10))
-    assert all(s > f and (s - f) % 2 == 0 for s, f in zip(small, (7, 9)))
+    assert all(s > f and (s - f) % 2 == 0 for s, f in zip(small, (7, 9), strict=False))
 
 
 def test_augment_config_rejects_bad_values() -> None:

@@ -26,7 +26,8 @@ def test_train_batches_have_contract_shapes(preprocessed_store, config_factory) 
     with build_loader(store, store.case_ids(), cfg, ds_scales=[(1.0, 1.0, 1.0), (0.5, 0.5, 0.5)]) as loader:
         assert loader.spec.read_patch_vox != (8, 8, 8)  # enlarged for rotation/scaling
         for batch in _take(loader, 4):
-            assert batch.image.shape == (3, 1, 8, 8, 8) and batch.image.dtype == torch.float32
+            assert batch.image.shape == (3, 1, 8, 8, 8)
+            assert batch.image.dtype == torch.float32
             assert [tuple(t.shape) for t in batch.target] == [(3, 1, 8, 8, 8), (3, 1, 4, 4, 4)]
             assert all(t.dtype == torch.int64 for t in batch.target)
             assert set(batch.target[0].unique().tolist()) <= {0, 1, 2}
@@ -38,9 +39,11 @@ def test_2d_configuration_gives_4d_batches(preprocessed_store, config_factory) -
     store = preprocessed_store()
     cfg = config_factory((1, 8, 8), batch_size=2)
     with build_loader(store, store.case_ids(), cfg, ds_scales=[(1.0, 1.0), (0.5, 0.5)], num_workers=1) as loader:
-        assert loader.spec.augment is not None and loader.spec.augment.mirror_axes == (0, 1)
+        assert loader.spec.augment is not None
+        assert loader.spec.augment.mirror_axes == (0, 1)
         batch = _take(loader, 2)[-1]
-    assert batch.image.shape == (2, 1, 8, 8) and [tuple(t.shape) for t in batch.target] == [(2, 1, 8, 8), (2, 1, 4, 4)]
+    assert batch.image.shape == (2, 1, 8, 8)
+    assert [tuple(t.shape) for t in batch.target] == [(2, 1, 8, 8), (2, 1, 4, 4)]
 
 
 def test_same_seed_same_batches_distinct_ranks(preprocessed_store, config_factory) -> None:
@@ -52,19 +55,22 @@ def test_same_seed_same_batches_distinct_ranks(preprocessed_store, config_factor
             return [b.image for b in _take(loader, 4)]
 
     a, b = batches(seed=1), batches(seed=1)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=False))
     other = batches(seed=1, rank=1, world_size=2)
-    assert not any(torch.equal(x, y) for x, y in zip(a, other))
+    assert not any(torch.equal(x, y) for x, y in zip(a, other, strict=False))
 
 
 def test_validation_loader_is_finite_unaugmented_and_repeatable(preprocessed_store, config_factory) -> None:
     store = preprocessed_store()
     cfg = config_factory((8, 8, 8), val_iters=3, oversample=1.0)
     with build_loader(store, store.case_ids(), cfg, train=False, num_workers=2) as loader:
-        assert loader.spec.augment is None and loader.spec.read_patch_vox == (8, 8, 8) and len(loader) == 3
+        assert loader.spec.augment is None
+        assert loader.spec.read_patch_vox == (8, 8, 8)
+        assert len(loader) == 3
         first = list(loader)
         second = list(loader)
-    assert len(first) == 3 and all(torch.equal(x.image, y.image) for x, y in zip(first, second))
+    assert len(first) == 3
+    assert all(torch.equal(x.image, y.image) for x, y in zip(first, second, strict=False))
     assert all(x.params is not None and not x.params.spatial.any() for x in first)
     # oversample 1.0: every validation patch is centred on foreground
     assert all((x.target[0] > 0).flatten(1).any(1).all() for x in first)
@@ -114,7 +120,7 @@ def test_close_joins_threads_and_worker_errors_propagate(preprocessed_store, con
 def test_exception_in_training_loop_leaves_no_thread(preprocessed_store, config_factory, exc) -> None:
     store = preprocessed_store()
     cfg = config_factory((8, 8, 8))
-    with pytest.raises(exc), build_loader(store, store.case_ids(), cfg, num_workers=2, prefetch=1) as loader:
+    with pytest.raises(exc), build_loader(store, store.case_ids(), cfg, num_workers=2, prefetch=1) as loader:  # noqa: PT012
         for i, _ in enumerate(loader):
             if i == 1:
                 raise exc()
@@ -157,7 +163,7 @@ def test_footprint_reads_equal_reading_the_enlarged_patch(preprocessed_store, co
         params = sample_params(rng, 4, n_channels=1, spatial_dims=dims, config=spec.augment,
                                patch_size=spec.final_patch_vox)
         assert np.array_equal(params.matrix, batch.params.matrix)
-        reads = [sampler.read(c, lo) for c, lo in zip(cases, corners)]
+        reads = [sampler.read(c, lo) for c, lo in zip(cases, corners, strict=False)]
         image = torch.from_numpy(np.stack([r[0] for r in reads]))
         label = torch.from_numpy(np.stack([r[1] for r in reads]))
         if dims == 2:

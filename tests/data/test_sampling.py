@@ -14,7 +14,7 @@ def _padded_region(x: np.ndarray, lo: np.ndarray, size: tuple[int, ...]) -> np.n
     """Eager oracle: pad the whole array with zeros, then slice."""
     pad = max(size) + int(np.abs(lo).max()) + 1
     padded = np.pad(x, [(0, 0)] * (x.ndim - 3) + [(pad, pad)] * 3)
-    sl = tuple(slice(int(l) + pad, int(l) + pad + s) for l, s in zip(lo, size))
+    sl = tuple(slice(int(a) + pad, int(a) + pad + s) for a, s in zip(lo, size, strict=True))
     return padded[(slice(None),) * (x.ndim - 3) + sl]
 
 
@@ -59,7 +59,8 @@ def test_sampler_patches_equal_store_regions(preprocessed_store) -> None:
             img, lab = full[pb.case_ids[b]]
             np.testing.assert_array_equal(pb.image[b], _padded_region(img, pb.lo_zyx[b], (12, 10, 8)))
             np.testing.assert_array_equal(pb.label[b], _padded_region(lab[None], pb.lo_zyx[b], (12, 10, 8))[0])
-    assert pb.image.dtype == np.float32 and pb.label.dtype == np.uint8
+    assert pb.image.dtype == np.float32
+    assert pb.label.dtype == np.uint8
 
 
 def _numpy_case(label: np.ndarray, case_id: str = "n") -> CaseHandle:
@@ -80,7 +81,8 @@ def test_final_patch_stays_inside_volume() -> None:
     for _ in range(300):
         lo = sampler.draw_corner(case, foreground=bool(sampler.rng.random() < 0.5))
         final_lo = lo + (np.array([14, 12, 10]) - [8, 8, 6]) // 2
-        assert (final_lo >= 0).all() and (final_lo + [8, 8, 6] <= shape).all()
+        assert (final_lo >= 0).all()
+        assert (final_lo + [8, 8, 6] <= shape).all()
 
 
 def test_small_volume_is_padded_around() -> None:
@@ -100,7 +102,7 @@ def test_foreground_ratio_matches_configuration() -> None:
     sampler = PatchSampler([case], size, oversample_foreground=p, rng=stream_rng(7))
     # exact chance q that a uniformly placed patch contains foreground
     lb, ub = sampler.bounds(label.shape)
-    hits = [(lo <= 3) & (lo + 8 > 2) for lo in (np.arange(a, b + 1) for a, b in zip(lb, ub))]
+    hits = [(lo <= 3) & (lo + 8 > 2) for lo in (np.arange(a, b + 1) for a, b in zip(lb, ub, strict=False))]
     q = float(np.prod([h.mean() for h in hits]))
     forced = contains = 0
     for _ in range(n):
@@ -155,7 +157,8 @@ def test_2d_patches_are_single_slices() -> None:
     case = _numpy_case(label)
     pb = PatchSampler([case], (1, 8, 8), oversample_foreground=1.0, rng=stream_rng(0)).sample(3)
     assert pb.image.shape == (3, 1, 1, 8, 8)
-    assert (pb.lo_zyx[:, 0] == 4).all() and (pb.label == 1).reshape(3, -1).any(1).all()
+    assert (pb.lo_zyx[:, 0] == 4).all()
+    assert (pb.label == 1).reshape(3, -1).any(1).all()
 
 
 def test_open_cases_errors(preprocessed_store, rng) -> None:

@@ -111,7 +111,8 @@ class AugmentConfig:
     @classmethod
     def off(cls) -> AugmentConfig:
         """Every transform disabled (validation)."""
-        return cls(**{f.name: 0.0 for f in fields(cls) if f.name.startswith("p_")})
+        return cls(p_rotation=0.0, p_scale=0.0, p_elastic=0.0, p_noise=0.0, p_blur=0.0, p_brightness=0.0,
+                   p_contrast=0.0, p_lowres=0.0, p_gamma_inverted=0.0, p_gamma=0.0, p_mirror=0.0)
 
     def for_spatial_dims(self, spatial_dims: int) -> AugmentConfig:
         """Drop mirror axes that a ``spatial_dims``-D patch does not have."""

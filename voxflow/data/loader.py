@@ -280,13 +280,14 @@ class _Producer:
         plain, moved = np.flatnonzero(~params.spatial), np.flatnonzero(params.spatial)
         image, label = self._read(cases, corners, np.arange(spec.batch_size), final) if len(moved) == 0 else \
             self._read_split(cases, corners, plain, final)
-        s_image = s_label = None
+        s_image: torch.Tensor | None = None
+        s_label: torch.Tensor | None = None
         if len(moved):
             s_image, s_label = self._read(cases, corners, moved, tuple(int(v) for v in sizes[moved].max(0)))
         if self.pin:
-            image, label, s_image, s_label = (None if t is None else t.pin_memory()
-                                              for t in (image, label, s_image, s_label))
-        return _Raw(image, label, tuple(c.case_id for c in cases), params, s_image, s_label)  # type: ignore[arg-type]
+            image = image.pin_memory()
+            label, s_image, s_label = (None if t is None else t.pin_memory() for t in (label, s_image, s_label))
+        return _Raw(image, label, tuple(c.case_id for c in cases), params, s_image, s_label)
 
     def _read_split(self, cases: list[CaseHandle], corners: np.ndarray, plain: np.ndarray,
                     final: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
