@@ -5,7 +5,9 @@ with torch on ``--device`` in the consumer thread):
 
 * ``synthetic_plan``: the synthetic CT dataset run through convert -> fingerprint -> plan ->
   preprocess, loaded with its own 3d_fullres patch and batch size.
-* ``nnunet_shape``: a preprocessed store of ``--shape`` volumes written directly, loaded with
+* ``nnunet_shape``: a preprocessed store of ``--shape`` volumes written directly (chunks of half
+  the patch, as voxflow's preprocessing writes them), without and with a chunk cache that holds
+  the whole (small) dataset, loaded with
   nnU-Net's reference setting (patch 80x160x160, batch 2) to compare with the figure measured
   for nnU-Net 2.8.1 on this machine (~4.3 batches/s with 2 worker processes, ~1.7 single-threaded).
   If ``nnunetv2`` is importable its figure could be measured here too; it is not installed by
@@ -45,9 +47,9 @@ NNUNET_REFERENCE = {"batches_per_s_2_workers": 4.3, "batches_per_s_single_thread
 
 
 def _time_loader(store: Store, config: Configuration, *, augment: bool, n_batches: int, workers: int,
-                 device: str, ds_scales: list[tuple[float, ...]] | None) -> dict[str, Any]:
+                 device: str, ds_scales: list[tuple[float, ...]] | None, cache_mb: float = 0) -> dict[str, Any]:
     with build_loader(store, store.case_ids(), config, train=True, augment=augment, num_workers=workers,
-                      device=device, ds_scales=ds_scales, seed=0) as loader:
+                      device=device, ds_scales=ds_scales, seed=0, cache_mb=cache_mb) as loader:
         it = iter(loader)
         for _ in range(2):  # warm-up: threads started, queues filled once
             next(it)
@@ -61,7 +63,9 @@ def _time_loader(store: Store, config: Configuration, *, augment: bool, n_batche
         rss = psutil.Process().memory_info().rss
     return {"batches_per_s": round(n_batches / dt, 2), "patches_per_s": round(n_batches * config.batch_size / dt, 2),
             "cpu_s_per_batch": round(cpu / n_batches, 3), "max_read_patch_vox": read, "n_batches": n_batches,
-            "rss_mb": round(rss / 2**20, 1)}
+            "rss_mb": round(rss / 2**20, 1), "chunk_cache_mb": cache_mb,
+            "cache_hit_rate": None if loader.cache is None else round(
+                loader.cache.hits / max(1, loader.cache.hits + loader.cache.misses), 3)}
 
 
 def _synthetic_plan_store(tmp: Path, quick: bool) -> tuple[Store, Configuration, list[tuple[float, ...]]] | None:
@@ -158,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res = {"patch_size_vox": list(cfg.patch_size_vox), "batch_size": cfg.batch_size, "volume": list(args.shape),
                "augmented": _time_loader(store, cfg, augment=True, n_batches=n, workers=args.workers,
                                          device=args.device, ds_scales=scales),
+               "augmented_chunk_cache": _time_loader(store, cfg, augment=True, n_batches=n, workers=args.workers,
+                                                     device=args.device, ds_scales=scales, cache_mb=512),
                "plain": _time_loader(store, cfg, augment=False, n_batches=n, workers=args.workers,
                                      device=args.device, ds_scales=scales),
                "nnunet_reference": NNUNET_REFERENCE}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from voxflow.data.sampling import CaseHandle, PatchSampler, open_cases, read_patch, stream_rng
+from voxflow.data.sampling import CaseHandle, ChunkCache, PatchSampler, open_cases, read_patch, stream_rng
 from voxflow.errors import LayoutError, VoxflowWarning
 
 
@@ -182,3 +182,19 @@ def test_missing_fg_index_warns(preprocessed_store, rng) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         PatchSampler([case], (4, 4, 4), rng=stream_rng(0)).sample(2)
+
+
+@pytest.mark.parametrize("cache_bytes", [10**7, 2000])  # everything fits / constant eviction
+def test_cached_reads_equal_numpy_region(tmp_path, rng, cache_bytes) -> None:
+    x = rng.normal(size=(2, 20, 18, 16)).astype(np.float32)
+    arr = zarr.create_array(store=str(tmp_path / "c.zarr"), shape=x.shape, chunks=(1, 7, 6, 5), dtype="float32")
+    arr[...] = x
+    cache = ChunkCache(cache_bytes)
+    for _ in range(30):
+        lo = rng.integers(-6, 18, size=3)
+        size = tuple(int(v) for v in rng.integers(1, 12, size=3))
+        np.testing.assert_array_equal(read_patch(arr, lo, size, cache=cache, key="x"), _padded_region(x, lo, size))
+    assert cache.nbytes <= cache_bytes
+    if cache_bytes > x.nbytes:
+        assert cache.hits > 0
+        np.testing.assert_array_equal(read_patch(arr, (0, 0, 0), (20, 18, 16), cache=cache, key="x"), x)

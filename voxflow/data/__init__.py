@@ -7,13 +7,22 @@ and other loaders.
 
 from voxflow.data.augment import AugmentConfig, Params, apply, enlarged_patch_size, sample_params
 from voxflow.data.loader import Batch, BatchLoader, LoaderSpec, build_loader, loader_spec
-from voxflow.data.sampling import CaseHandle, PatchBatch, PatchSampler, open_cases, read_patch, stream_rng
+from voxflow.data.sampling import (
+    CaseHandle,
+    ChunkCache,
+    PatchBatch,
+    PatchSampler,
+    open_cases,
+    read_patch,
+    stream_rng,
+)
 
 __all__ = [
     "AugmentConfig",
     "Batch",
     "BatchLoader",
     "CaseHandle",
+    "ChunkCache",
     "LoaderSpec",
     "Params",
     "PatchBatch",

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from voxflow._types import PathLikeStr
+from voxflow.data._cache import ChunkCache
 from voxflow.data._transforms import input_footprint
 from voxflow.data.augment import AugmentConfig, Params, apply, enlarged_patch_size, sample_params
 from voxflow.data.sampling import CaseHandle, PatchSampler, open_cases, stream_rng
@@ -89,8 +90,9 @@ class BatchLoader:
 
     def __init__(self, cases: Sequence[CaseHandle], spec: LoaderSpec, *, device: str | torch.device = "cpu",
                  seed: int = 0, rank: int = 0, num_workers: int = 2, n_batches: int | None = None,
-                 prefetch: int = 2) -> None:
+                 prefetch: int = 2, cache: ChunkCache | None = None) -> None:
         self.cases = list(cases)
+        self.cache = cache
         self.spec = spec
         self.device = torch.device(device)
         self.seed, self.rank = int(seed), int(rank)
@@ -125,7 +127,7 @@ class BatchLoader:
 
     def _producer(self, worker: int) -> _Producer:
         return _Producer(self.spec, self.cases, seed=self.seed, rank=self.rank, worker=worker,
-                         pin=self.device.type == "cuda")
+                         pin=self.device.type == "cuda", cache=self.cache)
 
     def close(self) -> None:
         """Stop and join the worker threads; safe to call more than once."""
@@ -242,11 +244,11 @@ class _Producer:
     """One worker's sampler and parameter stream."""
 
     def __init__(self, spec: LoaderSpec, cases: Sequence[CaseHandle], *, seed: int, rank: int, worker: int,
-                 pin: bool) -> None:
+                 pin: bool, cache: ChunkCache | None) -> None:
         self.spec = spec
         self.rng = stream_rng(seed, rank=rank, worker=worker, purpose=spec.purpose)
         self.sampler = PatchSampler(cases, spec.read_patch_vox, final_patch_size_vox=_final_3d(spec), rng=self.rng,
-                                    oversample_foreground=spec.oversample_foreground)
+                                    oversample_foreground=spec.oversample_foreground, cache=cache)
         self.pin = pin
 
     def _params(self) -> Params:
@@ -338,7 +340,7 @@ def build_loader(store: Store | PathLikeStr, case_ids: Sequence[str], config: Co
                  train: bool = True, device: str | torch.device = "cpu", seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 2, ds_scales: Sequence[Sequence[float]] | None = None,
                  augment: bool | AugmentConfig = True, n_batches: int | None = None,
-                 batch_size: int | None = None, prefetch: int = 2) -> BatchLoader:
+                 batch_size: int | None = None, prefetch: int = 2, cache_mb: float = 256) -> BatchLoader:
     """Loader of patches from a preprocessed store for one configuration.
 
     ``train=True``: infinite, augmented (``augment`` True = nnU-Net defaults with the plan's
@@ -347,6 +349,8 @@ def build_loader(store: Store | PathLikeStr, case_ids: Sequence[str], config: Co
     foreground oversampling applies to both, as in nnU-Net. Each DDP ``rank`` draws its own stream;
     ``batch_size`` (default the plan's) is per rank. ``ds_scales`` from
     :func:`voxflow.nets.deep_supervision_scales`. ``n_batches`` also makes a training loader finite.
+    ``cache_mb`` bounds the loader's decoded-chunk cache (shared by its threads; 0 disables it):
+    small datasets end up served from memory, large ones are streamed chunk by chunk.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}); got {rank!r}")
@@ -361,5 +365,6 @@ def build_loader(store: Store | PathLikeStr, case_ids: Sequence[str], config: Co
         n_batches = config.train.val_iters
     log.info("loader rank %d: %d cases, read patch %s -> %s, batch %d, %s", rank, len(cases),
              spec.read_patch_vox, spec.final_patch_vox, spec.batch_size, "augmented" if spec.augment else "plain")
+    cache = ChunkCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
     return BatchLoader(cases, spec, device=device, seed=seed, rank=rank, num_workers=num_workers,
-                       n_batches=n_batches, prefetch=prefetch)
+                       n_batches=n_batches, prefetch=prefetch, cache=cache)

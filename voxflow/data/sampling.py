@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from voxflow.data._cache import ChunkCache, read_box_cached
 from voxflow.errors import LayoutError, VoxflowWarning
 from voxflow.store import Store
 
-__all__ = ["CaseHandle", "PatchBatch", "PatchSampler", "open_cases", "read_patch", "stream_rng"]
+__all__ = ["CaseHandle", "ChunkCache", "PatchBatch", "PatchSampler", "open_cases", "read_patch", "stream_rng"]
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +106,14 @@ def open_cases(store: Store, case_ids: Sequence[str], *, require_label: bool = T
     return [_open_case(store, c, require_label=require_label) for c in case_ids]
 
 
-def read_patch(array: Any, lo_zyx: Sequence[int], size_zyx: Sequence[int], *, fill: float = 0) -> np.ndarray:
+def read_patch(array: Any, lo_zyx: Sequence[int], size_zyx: Sequence[int], *, fill: float = 0,
+               cache: ChunkCache | None = None, key: Hashable = None) -> np.ndarray:
     """Read ``array[..., lo:lo+size]`` over the last three axes, padding with ``fill`` outside.
 
     ``array`` is a Zarr (or numpy) array; ``lo_zyx`` may be negative and ``lo + size`` may pass
     the end. Only the in-bounds part is sliced from ``array``, so Zarr fetches just the chunks
-    that overlap it. Returns a new numpy array of shape ``array.shape[:-3] + size_zyx``.
+    that overlap it (through ``cache``, keyed by ``key``, when given). Returns a new numpy array
+    of shape ``array.shape[:-3] + size_zyx``.
     """
     lead = tuple(array.shape[:-3])
     shape = tuple(int(s) for s in array.shape[-3:])
@@ -123,7 +126,10 @@ def read_patch(array: Any, lo_zyx: Sequence[int], size_zyx: Sequence[int], *, fi
         src.append(slice(a, b))
         dst.append(slice(a - int(lo), b - int(lo)))
     head = (slice(None),) * len(lead)
-    out[head + tuple(dst)] = array[head + tuple(src)]
+    if cache is not None and hasattr(array, "chunks"):
+        out[head + tuple(dst)] = read_box_cached(array, src, cache, key)
+    else:
+        out[head + tuple(dst)] = array[head + tuple(src)]
     return out
 
 
@@ -150,12 +156,14 @@ class PatchSampler:
         ``patch_size_vox - final_patch_size_vox`` must be even so that the crop is centred exactly.
     oversample_foreground : expected fraction of foreground-centred patches, in [0, 1].
     rng : the sampler's own random stream (see :func:`stream_rng`).
+    cache : optional decoded-chunk cache shared with other samplers of the same cases.
     """
 
     def __init__(self, cases: Sequence[CaseHandle], patch_size_vox: Sequence[int], *,
                  final_patch_size_vox: Sequence[int] | None = None, oversample_foreground: float = 1 / 3,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, cache: ChunkCache | None = None) -> None:
         self.cases = list(cases)
+        self.cache = cache
         self.patch = np.asarray(patch_size_vox, dtype=np.int64)
         self.final = np.asarray(final_patch_size_vox if final_patch_size_vox is not None else patch_size_vox,
                                 dtype=np.int64)
@@ -212,8 +220,10 @@ class PatchSampler:
         size = self.patch if size_zyx is None else np.asarray(size_zyx, dtype=np.int64)
         lo = np.asarray(lo_zyx) + (self.patch - size) // 2
         shape = tuple(int(v) for v in size)
-        image = read_patch(case.image, lo, shape, fill=0).astype(np.float32, copy=False)
-        label = None if case.label is None else read_patch(case.label, lo, shape, fill=0).astype(np.uint8, copy=False)
+        image = read_patch(case.image, lo, shape, cache=self.cache, key=(case.case_id, "image"))
+        label = None if case.label is None else read_patch(case.label, lo, shape, cache=self.cache,
+                                                            key=(case.case_id, "label")).astype(np.uint8, copy=False)
+        image = image.astype(np.float32, copy=False)
         return image, label
 
     def sample(self, batch_size: int) -> PatchBatch:
