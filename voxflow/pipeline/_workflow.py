@@ -1,0 +1,313 @@
+"""`voxflow run`: the whole workflow, each step skipped when its output is already complete.
+
+Steps (outputs under the work directory, see :class:`voxflow.workspace.Workspace`):
+
+1. convert       SRC -> dataset.zarr (skipped when SRC is already a voxflow store: it is linked)
+2. fingerprint   -> fingerprint.json
+3. plan          -> plans.json (preset and memory budget from the arguments)
+4. preprocess    -> preprocessed/<cfg>.zarr for every requested configuration
+5. train         -> runs/<cfg>/fold_<k>/checkpoint_final.pt; the trainer predicts and scores the
+                    fold's validation cases at its end (runs/<cfg>/fold_<k>/validation/)
+6. postprocess   -> runs/<cfg>/postprocessing.json, chosen on the cross-validation predictions
+7. select        -> best_configuration.json: the configuration, or ensemble of two, with the highest
+                    cross-validated mean foreground Dice (nnU-Net's find_best_configuration)
+8. summary       -> summary.json and the `voxflow predict` command to use
+
+Every step is resumable: a rerun after an interruption skips what is complete and finishes the rest
+with the same result (training resumes from checkpoint_latest.pt).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import shlex
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from voxflow._types import PathLikeStr
+from voxflow.errors import VoxflowError
+from voxflow.plan.schema import Plan, atomic_write_json
+from voxflow.workspace import Workspace
+
+__all__ = ["RunOptions", "find_best_configuration", "run_workflow"]
+
+log = logging.getLogger(__name__)
+Reporter = Callable[[str], None]
+UNSUPPORTED = ("3d_cascade_fullres",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """What `voxflow run` does; defaults follow nnU-Net (every configuration, 5 folds)."""
+
+    configurations: tuple[str, ...] | None = None
+    folds: tuple[str, ...] = ("0", "1", "2", "3", "4")
+    scheduler: str = "threads"
+    device: str = "cpu"
+    preset: str = "default"
+    gpu_memory_gb: float | None = None
+    overrides: Mapping[str, str] = field(default_factory=dict)
+    nproc: int = 1
+    num_workers: int = 2
+    tta: bool = True
+
+
+def _is_store(path: Path) -> bool:
+    zj = path / "zarr.json"
+    if not zj.is_file():
+        return False
+    try:
+        return "voxflow" in json.loads(zj.read_text()).get("attributes", {})
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _step(report: Reporter, name: str, message: str) -> None:
+    report(f"[{name}] {message}")
+
+
+def _convert(src: Path, work: Workspace, opts: RunOptions, report: Reporter) -> None:
+    from voxflow.io import convert
+    from voxflow.store import Store
+
+    target = work.dataset_store
+    if _is_store(src):
+        if target.resolve() != src.resolve():
+            if target.is_symlink() or target.exists():
+                if target.resolve() != src.resolve():
+                    raise VoxflowError(f"{target} already exists and is not {src}; use another --work directory.")
+            else:
+                os.symlink(src.resolve(), target, target_is_directory=True)
+        _step(report, "convert", f"using existing store {src} ({len(Store.open(src).case_ids())} cases)")
+        return
+    if _is_store(target):
+        store = Store.open(target)
+        if not store.incomplete_case_ids():
+            _step(report, "convert", f"skipped: {target} holds {len(store.case_ids())} complete cases")
+            return
+    store = convert(src, target, scheduler=opts.scheduler)
+    _step(report, "convert", f"{src} -> {target} ({len(store.case_ids())} cases)")
+
+
+def _fingerprint(work: Workspace, opts: RunOptions, report: Reporter) -> None:
+    if work.fingerprint.is_file():
+        _step(report, "fingerprint", f"skipped: {work.fingerprint} exists")
+        return
+    from voxflow.cluster import scheduler_context
+    from voxflow.fingerprint import compute_fingerprint
+
+    with scheduler_context(opts.scheduler):
+        fp = compute_fingerprint(work.dataset_store)
+    fp.save(work.fingerprint)
+    _step(report, "fingerprint", f"-> {work.fingerprint}")
+
+
+def _plan(work: Workspace, opts: RunOptions, report: Reporter) -> Plan:
+    if work.plans.is_file():
+        _step(report, "plan", f"skipped: {work.plans} exists")
+        return Plan.load(work.plans)
+    from voxflow.fingerprint import Fingerprint
+    from voxflow.plan import plan_experiment
+
+    kwargs: dict[str, Any] = {"preset": opts.preset}
+    if opts.gpu_memory_gb is not None:
+        kwargs["gpu_memory_gb"] = opts.gpu_memory_gb
+    plan = plan_experiment(Fingerprint.load(work.fingerprint), **kwargs)
+    plan.save(work.plans)
+    _step(report, "plan", f"-> {work.plans} (preset {opts.preset}; configurations {sorted(plan.configurations)})")
+    return plan
+
+
+def _configurations(plan: Plan, opts: RunOptions) -> list[str]:
+    if opts.configurations:
+        for c in opts.configurations:
+            plan.configuration(c)  # validates the name
+            if c in UNSUPPORTED:
+                raise VoxflowError(f"configuration {c!r} (the cascade's second stage) is not supported yet; "
+                                   f"train 3d_lowres or 3d_fullres instead.")
+        return list(opts.configurations)
+    return [c for c in plan.configurations if c not in UNSUPPORTED]
+
+
+def _preprocess(work: Workspace, plan: Plan, cfg: str, opts: RunOptions, report: Reporter) -> None:
+    from voxflow.preprocess import run_preprocess
+    from voxflow.store import Store
+
+    out = work.preprocessed(cfg)
+    src = Store.open(work.dataset_store)
+    if _is_store(out):
+        done = Store.open(out)
+        if set(done.case_ids()) >= set(src.case_ids()):
+            _step(report, "preprocess", f"skipped: {out} is complete ({len(done.case_ids())} cases)")
+            return
+    run_preprocess(work.dataset_store, plan, cfg, out, scheduler=opts.scheduler)
+    _step(report, "preprocess", f"{cfg} -> {out}")
+
+
+def _train(work: Workspace, cfg: str, fold: str, opts: RunOptions, report: Reporter) -> None:
+    from voxflow.train import train_fold
+
+    run_dir = work.run_dir(cfg, fold)
+    final = run_dir / "checkpoint_final.pt"
+    summary = run_dir / "validation" / "summary.json"
+    if final.is_file() and (summary.is_file() or fold == "all"):
+        _step(report, "train", f"skipped: {cfg} fold {fold} is trained ({final})")
+        return
+    if final.is_file():
+        from voxflow.train.validation import validate_fold
+
+        validate_fold(work, cfg, fold, device=opts.device)
+        _step(report, "train", f"{cfg} fold {fold}: validation predicted -> {summary}")
+        return
+    resume = (run_dir / "checkpoint_latest.pt").is_file()
+    t0 = time.perf_counter()
+    train_fold(work, cfg, _fold_arg(fold), device=opts.device, resume=resume, overrides=dict(opts.overrides),
+               nproc=opts.nproc, num_workers=opts.num_workers, validate_cases=fold != "all")
+    _step(report, "train", f"{cfg} fold {fold} {'resumed and ' if resume else ''}trained in "
+                           f"{time.perf_counter() - t0:.0f} s -> {run_dir}")
+
+
+def _fold_arg(fold: str) -> int | str:
+    return int(fold) if fold.isdigit() else fold
+
+
+def _postprocess(work: Workspace, cfg: str, folds: Sequence[str], opts: RunOptions, report: Reporter) -> None:
+    out = work.configuration_dir(cfg) / "postprocessing.json"
+    cv_folds = [f for f in folds if f != "all"]
+    if not cv_folds:
+        _step(report, "postprocess", f"skipped for {cfg}: no cross-validation folds to choose on")
+        return
+    if out.is_file():
+        _step(report, "postprocess", f"skipped: {out} exists")
+        return
+    from voxflow.postprocess._select import determine_for_configuration
+
+    spec = determine_for_configuration(work, cfg, folds=[_fold_arg(f) for f in cv_folds], scheduler=opts.scheduler)
+    kept = [op.to_dict() if hasattr(op, "to_dict") else str(op) for op in getattr(spec, "operations", [])]
+    _step(report, "postprocess", f"{cfg}: kept {kept or 'no operation'} -> {out}")
+
+
+def _cv_dice(work: Workspace, cfg: str, folds: Sequence[str]) -> float:
+    """Mean over folds' validation cases of the foreground-mean Dice (NaN if any fold lacks one)."""
+    values: list[float] = []
+    for f in folds:
+        path = work.run_dir(cfg, f) / "validation" / "summary.json"
+        if not path.is_file():
+            return math.nan
+        per_case = json.loads(path.read_text()).get("metric_per_case", [])
+        for case in per_case:
+            dices = [m.get("dice") for m in case["metrics"].values()]
+            dices = [d for d in dices if d is not None and not math.isnan(d)]
+            if dices:
+                values.append(sum(dices) / len(dices))
+    return sum(values) / len(values) if values else math.nan
+
+
+def _ensemble_dice(work: Workspace, cfgs: Sequence[str], folds: Sequence[str], opts: RunOptions) -> float:
+    """Cross-validated Dice of the softmax average of ``cfgs`` (each fold predicted by both models)."""
+    from voxflow.evaluate import evaluate
+    from voxflow.infer import predict
+    from voxflow.store import Store
+    from voxflow.train.splits import fold_cases, load_or_create_splits
+
+    case_ids = Store.open(work.dataset_store).case_ids()
+    splits = load_or_create_splits(work, case_ids)
+    name = "ensemble__" + "__".join(cfgs)
+    per_case: list[float] = []
+    for f in folds:
+        _, val_ids = fold_cases(splits, _fold_arg(f), case_ids)
+        out = work.root / "runs" / name / f"fold_{f}" / "validation"
+        pred = predict(work.dataset_store, out, model_dir=[work.configuration_dir(c) for c in cfgs],
+                       folds=[_fold_arg(f)], device=opts.device, tta=opts.tta, case_ids=val_ids, export=False,
+                       scheduler=opts.scheduler, progress=False)
+        summary = evaluate(pred, work.dataset_store, surface=False, output=out / "summary.json",
+                           scheduler=opts.scheduler)
+        for case in summary["metric_per_case"]:
+            d = [m["dice"] for m in case["metrics"].values() if m.get("dice") is not None and not math.isnan(m["dice"])]
+            if d:
+                per_case.append(sum(d) / len(d))
+    return sum(per_case) / len(per_case) if per_case else math.nan
+
+
+def find_best_configuration(work: Workspace, configurations: Sequence[str], folds: Sequence[str], *,
+                            opts: RunOptions | None = None, ensembles: bool = True) -> dict[str, Any]:
+    """Rank configurations (and pairwise ensembles) by cross-validated mean foreground Dice.
+
+    Single configurations use the validation predictions written at the end of each fold; a pair is
+    scored by predicting each fold's validation cases with both configurations' models averaged.
+    Returns ``{"configurations": [...best...], "dice": float, "candidates": {name: dice}}``.
+    """
+    opts = opts or RunOptions()
+    cv_folds = [f for f in folds if f != "all"]
+    candidates: dict[str, float] = {}
+    for c in configurations:
+        candidates[c] = _cv_dice(work, c, cv_folds) if cv_folds else math.nan
+    if ensembles and cv_folds and len(configurations) > 1:
+        for pair in itertools.combinations(configurations, 2):
+            candidates["+".join(pair)] = _ensemble_dice(work, pair, cv_folds, opts)
+    scored = {k: v for k, v in candidates.items() if not math.isnan(v)}
+    best = max(scored, key=lambda k: scored[k]) if scored else configurations[0]
+    return {"configurations": best.split("+"), "dice": scored.get(best, math.nan),
+            "candidates": {k: (None if math.isnan(v) else v) for k, v in candidates.items()}, "folds": list(folds)}
+
+
+def predict_command(work: Workspace, best: Mapping[str, Any]) -> str:
+    """The exact `voxflow predict` command for the chosen configuration(s)."""
+    cfgs = best["configurations"]
+    models = " ".join(f"-m {shlex.quote(str(work.configuration_dir(c)))}" for c in cfgs)
+    folds = " ".join(str(f) for f in best["folds"])
+    return f"voxflow predict -i INPUT_FOLDER -o OUTPUT_FOLDER {models} -f {folds}"
+
+
+def run_workflow(src: PathLikeStr, work: PathLikeStr | Workspace, opts: RunOptions | None = None, *,
+                 report: Reporter | None = None) -> dict[str, Any]:
+    """Run every step of the workflow (see the module docstring); returns the summary dict."""
+    opts = opts or RunOptions()
+    report = report or log.info
+    work = (work if isinstance(work, Workspace) else Workspace(work)).ensure()
+    src = Path(src)
+    if not src.exists():
+        raise VoxflowError(f"source {src} does not exist; give a dataset folder, files or a voxflow store.")
+    t0 = time.perf_counter()
+    _convert(src, work, opts, report)
+    _fingerprint(work, opts, report)
+    plan = _plan(work, opts, report)
+    configs = _configurations(plan, opts)
+    folds = [str(f) for f in opts.folds]
+    for cfg in configs:
+        _preprocess(work, plan, cfg, opts, report)
+    for cfg in configs:
+        for fold in folds:
+            _train(work, cfg, fold, opts, report)
+        _postprocess(work, cfg, folds, opts, report)
+    best_path = work.root / "best_configuration.json"
+    if best_path.is_file() and json.loads(best_path.read_text()).get("candidates_for") == sorted(configs):
+        best = json.loads(best_path.read_text())
+        _step(report, "select", f"skipped: {best_path} exists")
+    else:
+        best = find_best_configuration(work, configs, folds, opts=opts)
+        best["candidates_for"] = sorted(configs)
+        atomic_write_json(best_path, best)
+        _step(report, "select", f"best: {'+'.join(best['configurations'])} (CV Dice {best['dice']:.4f}) -> {best_path}")
+    summary = {
+        "work": str(work.root),
+        "dataset": str(work.dataset_store),
+        "configurations": configs,
+        "folds": folds,
+        "cv_dice": best["candidates"],
+        "best": best["configurations"],
+        "best_dice": best["dice"],
+        "predict_command": predict_command(work, best),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    atomic_write_json(work.root / "summary.json", summary)
+    _step(report, "summary", f"-> {work.root / 'summary.json'}")
+    report(f"To segment new images:\n  {summary['predict_command']}")
+    return summary
