@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from voxflow.io import convert
-from voxflow.store import Store
 from voxflow.synthetic import make_dataset
 from voxflow.testing import run_with_memory_cap
 

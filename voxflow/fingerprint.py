@@ -83,7 +83,7 @@ def _triple(value: Any, name: str, cast: type) -> tuple[Any, Any, Any]:
         raise PlanError(f"{name} must be a list of 3 numbers (z, y, x); got {value!r}") from None
     if len(out) != 3:
         raise PlanError(f"{name} must have 3 entries (z, y, x); got {value!r}")
-    return out  # type: ignore[return-value]
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,11 +11,11 @@ from voxflow.cluster import scheduler_context
 from voxflow.errors import PlanError
 from voxflow.fingerprint import (
     Fingerprint,
+    _block_seed,
     allocate_samples,
     chunk_statistics,
     compute_fingerprint,
     fingerprint_graph,
-    _block_seed,
 )
 from voxflow.geometry import Geometry
 from voxflow.store import DatasetMeta, Store
@@ -58,7 +58,7 @@ def _numpy_case(cid: str, image: np.ndarray, label: np.ndarray, samples: int, se
     values, counts = np.unique(label, return_counts=True)
     grid = [range(0, n, c) for n, c in zip(label.shape, IMAGE_CHUNKS[1:])]
     per_chunk = []
-    for bi, starts in enumerate(np.ndindex(*(len(g) for g in grid))):
+    for starts in np.ndindex(*(len(g) for g in grid)):
         sl = tuple(slice(g[i], g[i] + c) for g, i, c in zip(grid, starts, IMAGE_CHUNKS[1:]))
         rng = np.random.default_rng(_block_seed(seed, cid, starts))
         per_chunk.append(chunk_statistics(image[(slice(None), *sl)], label[sl], offset_zyx=[s.start for s in sl],
@@ -147,7 +147,8 @@ def test_json_round_trip_and_named_errors(tiny_store: Store, tmp_path) -> None:
 def test_allocate_samples() -> None:
     np.testing.assert_array_equal(allocate_samples([3, 0, 5], 100), [3, 0, 5])
     q = allocate_samples([10, 30, 60, 1], 10)
-    assert q.sum() == 10 and list(q) == [1, 3, 6, 0]
+    assert q.sum() == 10
+    assert list(q) == [1, 3, 6, 0]
     q = allocate_samples([5, 5, 5], 10)  # ties broken by position
     assert list(q) == [4, 3, 3]
     assert all(allocate_samples([7, 1, 2], k).sum() == min(k, 10) for k in range(15))
@@ -160,9 +161,12 @@ def test_unlabelled_and_all_zero_case(tmp_path) -> None:
     store.mark_complete("zero")
     fp = compute_fingerprint(store, progress=False)
     case = fp.cases[0]
-    assert case.nonzero_bbox_zyx == ((0, 5), (0, 6), (0, 7)) and case.fraction_kept_by_crop == 1.0
-    assert not case.labelled and case.n_foreground_voxels == 0
-    assert fp.intensity[0].n_samples == 0 and fp.intensity[0].mean is None
+    assert case.nonzero_bbox_zyx == ((0, 5), (0, 6), (0, 7))
+    assert case.fraction_kept_by_crop == 1.0
+    assert not case.labelled
+    assert case.n_foreground_voxels == 0
+    assert fp.intensity[0].n_samples == 0
+    assert fp.intensity[0].mean is None
 
 
 def test_empty_store_is_an_error(tmp_path) -> None:

@@ -32,7 +32,8 @@ def test_fingerprint_and_plan_commands(tmp_path) -> None:
     res = runner.invoke(main, ["fingerprint", "--work", str(work), "--samples-per-case", "50"])
     assert res.exit_code == 0, res.output
     fp = Fingerprint.load(work / "fingerprint.json")
-    assert fp.n_cases == 2 and fp.samples_per_case == 50
+    assert fp.n_cases == 2
+    assert fp.samples_per_case == 50
     assert fp.intensity[0].n_samples == sum(min(50, c.n_foreground_voxels) for c in fp.cases) > 50
     res = runner.invoke(main, ["plan", "--work", str(work), "--preset", "cpu", "--set", "train.epochs=3",
                                "--set", "3d_fullres.batch_size=3"])
@@ -41,7 +42,8 @@ def test_fingerprint_and_plan_commands(tmp_path) -> None:
         assert row in res.output
     plan = Plan.load(work / "plans.json")
     assert {c.train.epochs for c in plan.configurations.values()} == {3}
-    assert plan.configuration("3d_fullres").batch_size == 3 and plan.preset == "cpu"
+    assert plan.configuration("3d_fullres").batch_size == 3
+    assert plan.preset == "cpu"
     out = tmp_path / "other.json"
     res = runner.invoke(main, ["plan", str(work / "fingerprint.json"), "-o", str(out), "--gpu-memory-gb", "2"])
     assert res.exit_code == 0, res.output
@@ -51,12 +53,16 @@ def test_fingerprint_and_plan_commands(tmp_path) -> None:
 def test_cli_errors_are_short_and_named(tmp_path) -> None:
     runner = CliRunner()
     res = runner.invoke(main, ["plan", "--work", str(tmp_path)])
-    assert res.exit_code != 0 and "run `voxflow fingerprint` first" in res.output
+    assert res.exit_code != 0
+    assert "run `voxflow fingerprint` first" in res.output
     res = runner.invoke(main, ["fingerprint", str(tmp_path / "nope.zarr"), "-o", str(tmp_path / "fp.json")])
-    assert res.exit_code != 0 and "nope.zarr" in res.output and "Traceback" not in res.output
+    assert res.exit_code != 0
+    assert "nope.zarr" in res.output
+    assert "Traceback" not in res.output
     (tmp_path / "fingerprint.json").write_text("{}")
     _store(tmp_path / "dataset.zarr")
     res = runner.invoke(main, ["fingerprint", "--work", str(tmp_path)])
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["plan", "--work", str(tmp_path), "--set", "train.epochz=3"])
-    assert res.exit_code != 0 and "epochz" in res.output
+    assert res.exit_code != 0
+    assert "epochz" in res.output

@@ -59,7 +59,8 @@ def test_invalid_edits_name_the_field(plan: Plan, tmp_path, change, message: str
 
 def test_overrides(plan: Plan) -> None:
     out = plan.with_overrides({"3d_fullres.train.epochs": "7", "2d.batch_size": "3"})
-    assert out.configuration("3d_fullres").train.epochs == 7 and out.configuration("2d").batch_size == 3
+    assert out.configuration("3d_fullres").train.epochs == 7
+    assert out.configuration("2d").batch_size == 3
     assert out.configuration("2d").train.epochs == plan.configuration("2d").train.epochs
     rel = plan.with_overrides({"train.mirror_axes": "[1, 2]"}, configuration="3d_fullres")
     assert rel.configuration("3d_fullres").train.mirror_axes == (1, 2)

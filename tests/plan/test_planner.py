@@ -52,13 +52,15 @@ def test_isotropic_3d() -> None:
     full = plan.configuration("3d_fullres")
     assert full.spacing_zyx == (1.0, 1.0, 1.0)
     assert full.median_shape_vox == (155, 160, 160)
-    assert full.network.n_stages == 6 and full.network.total_stride == (32, 32, 32)
+    assert full.network.n_stages == 6
+    assert full.network.total_stride == (32, 32, 32)
     assert full.network.kernel_sizes == ((3, 3, 3),) * 6
     assert full.network.features_per_stage == (32, 64, 128, 256, 320, 320)
     assert not full.resampling.separate_z
     assert plan.configuration("2d").network.features_per_stage[-1] == 512
     assert [n.scheme for n in full.normalization] == ["ct"]
-    assert full.normalization[0].lower == -500.0 and full.normalization[0].upper == 1500.0
+    assert full.normalization[0].lower == -500.0
+    assert full.normalization[0].upper == 1500.0
 
 
 def test_anisotropic_coarse_z() -> None:
@@ -72,7 +74,9 @@ def test_anisotropic_coarse_z() -> None:
     assert full.network.kernel_sizes[0] == (1, 3, 3)  # thick slices: no conv across z at full resolution
     assert full.network.strides[1] == (1, 2, 2)  # in-plane pooling first
     assert full.patch_size_vox[0] < full.patch_size_vox[1]
-    assert full.resampling.separate_z and full.resampling.separate_axis == 0 and full.resampling.separate_order == 0
+    assert full.resampling.separate_z
+    assert full.resampling.separate_axis == 0
+    assert full.resampling.separate_order == 0
     assert plan.extra["anisotropic"] is True
 
 
@@ -102,7 +106,8 @@ def test_2d_dataset() -> None:
     cfg = plan.configuration("2d")
     assert cfg.spacing_zyx == (1.0, 0.5, 0.5)
     assert cfg.patch_size_vox == (1, 512, 512)  # 480 padded up to a multiple of the total stride 128
-    assert cfg.network.spatial_dims == 2 and cfg.network.n_stages == 8
+    assert cfg.network.spatial_dims == 2
+    assert cfg.network.n_stages == 8
     assert all(len(k) == 2 for k in cfg.network.kernel_sizes)
     assert cfg.network.features_per_stage[-1] == 512
 
@@ -117,8 +122,10 @@ def test_large_images_get_lowres_and_cascade() -> None:
     assert math.prod(full.patch_size_vox) < 0.25 * math.prod(full.median_shape_vox)
     assert math.prod(low.patch_size_vox) >= 0.25 * math.prod(low.median_shape_vox)
     assert all(lo > fu for lo, fu in zip(low.spacing_zyx, full.spacing_zyx))
-    assert low.next_stage == "3d_cascade_fullres" and casc.previous_stage == "3d_lowres"
-    assert casc.patch_size_vox == full.patch_size_vox and full.previous_stage is None
+    assert low.next_stage == "3d_cascade_fullres"
+    assert casc.previous_stage == "3d_lowres"
+    assert casc.patch_size_vox == full.patch_size_vox
+    assert full.previous_stage is None
 
 
 def test_memory_estimate_is_monotone() -> None:
@@ -126,7 +133,8 @@ def test_memory_estimate_is_monotone() -> None:
     net = cfg.network
     patches = [(32, 32, 32), (32, 32, 64), (64, 64, 64), (96, 96, 96), (128, 128, 128)]
     mems = [estimate_memory_bytes(net, p, 2, 1, 3) for p in patches]
-    assert mems == sorted(mems) and len(set(mems)) == len(mems)
+    assert mems == sorted(mems)
+    assert len(set(mems)) == len(mems)
     by_batch = [estimate_memory_bytes(net, (64, 64, 64), b, 1, 3) for b in (1, 2, 4)]
     assert by_batch[0] < by_batch[1] < by_batch[2]
     assert estimate_memory_bytes(net, (64, 64, 64), 2, 1, 3, amp=False) > by_batch[1]
@@ -146,7 +154,8 @@ def test_batch_grows_up_to_five_percent_of_the_data() -> None:
     cfg = plan_experiment(fp).configuration("3d_fullres")
     assert cfg.patch_size_vox == (40, 56, 40)
     dataset = 40 * 56 * 40 * 200
-    assert cfg.batch_size > 2 and cfg.batch_size * math.prod(cfg.patch_size_vox) <= 0.05 * dataset
+    assert cfg.batch_size > 2
+    assert cfg.batch_size * math.prod(cfg.patch_size_vox) <= 0.05 * dataset
 
 
 @pytest.mark.parametrize("preset", ["resenc-m", "resenc-l"])
@@ -168,8 +177,10 @@ def test_cpu_preset_is_small_and_fast() -> None:
     check_plan(plan, 4)
     for cfg in plan.configurations.values():
         net = cfg.network
-        assert cfg.batch_size == 2 and not cfg.train.amp
-        assert max(net.features_per_stage) <= 128 and net.features_per_stage[0] <= 16
+        assert cfg.batch_size == 2
+        assert not cfg.train.amp
+        assert max(net.features_per_stage) <= 128
+        assert net.features_per_stage[0] <= 16
         assert estimate_iteration_seconds(net, cfg.patch_size_vox, 2, 1, 3) <= PRESETS["cpu"].seconds_per_iteration
         assert (cfg.train.epochs, cfg.train.iters_per_epoch) == (50, 25)
 
@@ -186,7 +197,9 @@ def test_parameter_count_matches_built_networks() -> None:
 
 def test_topology_matches_nnunet() -> None:
     topo = pool_and_conv_props((1.0, 1.0, 1.0), (128, 128, 128))
-    assert topo.n_stages == 6 and topo.total_stride == (32, 32, 32) and topo.patch_size == (128, 128, 128)
+    assert topo.n_stages == 6
+    assert topo.total_stride == (32, 32, 32)
+    assert topo.patch_size == (128, 128, 128)
     topo = pool_and_conv_props((3.0, 0.8, 0.8), (20, 160, 160))
     assert topo.strides[:3] == ((1, 1, 1), (1, 2, 2), (2, 2, 2))  # z pooled once x/y spacing reaches 1.6 mm
     assert topo.kernel_sizes[:2] == ((1, 3, 3), (3, 3, 3))
@@ -212,4 +225,5 @@ def test_custom_memory_estimator_is_used() -> None:
         return math.prod(patch[-spec.spatial_dims:]) * batch * 1024
 
     cfg = plan_experiment(fp, gpu_memory_gb=1, memory_estimator=per_voxel).configuration("3d_fullres")
-    assert calls and math.prod(cfg.patch_size_vox) * cfg.batch_size * 1024 <= GIB
+    assert calls
+    assert math.prod(cfg.patch_size_vox) * cfg.batch_size * 1024 <= GIB

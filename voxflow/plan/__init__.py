@@ -2,7 +2,6 @@
 
 from voxflow.plan._cost import estimate_iteration_seconds, estimate_memory_bytes
 from voxflow.plan.planner import PRESETS, plan_experiment
-
 from voxflow.plan.schema import (
     ChannelNormalization,
     Configuration,

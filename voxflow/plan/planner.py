@@ -61,7 +61,6 @@ import dataclasses
 import difflib
 import functools
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -284,6 +283,10 @@ def _fit_patch(spacing: Sequence[float], median: Sequence[int], budget: _Budget)
     return topo, spec
 
 
+def _triple_int(values: Sequence[int]) -> tuple[int, int, int]:
+    return int(values[0]), int(values[1]), int(values[2])
+
+
 def plan_configuration(name: str, spacing_zyx: Sequence[float], median_shape_zyx: Sequence[int], *,
                        spatial_dims: int, n_cases: int, budget: _Budget, normalization: Sequence[ChannelNormalization],
                        resampling: ResamplingSpec) -> Configuration:
@@ -298,11 +301,12 @@ def plan_configuration(name: str, spacing_zyx: Sequence[float], median_shape_zyx
     while ((cap is None or batch < cap) and (batch + 1) * patch_vox <= MAX_DATASET_FRACTION_PER_BATCH * dataset_vox
            and budget.fits(spec, topo.patch_size, batch + 1)):
         batch += 1
-    patch3 = tuple(topo.patch_size) if spatial_dims == 3 else (1, *topo.patch_size)
+    patch3 = _triple_int(topo.patch_size if spatial_dims == 3 else (1, *topo.patch_size))
     mirror = (0, 1, 2) if spatial_dims == 3 else (1, 2)
     train = TrainSpec(mirror_axes=mirror, **budget.preset.train)
     return Configuration(
-        name=name, spacing_zyx=tuple(spacing_zyx), median_shape_vox=tuple(median_shape_zyx),
+        name=name, spacing_zyx=(float(spacing_zyx[0]), float(spacing_zyx[1]), float(spacing_zyx[2])),
+        median_shape_vox=_triple_int(median_shape_zyx),
         patch_size_vox=patch3, batch_size=batch, normalization=tuple(normalization), resampling=resampling,
         network=spec, train=train, estimated_memory_gb=round(budget.memory(spec, patch3, batch) / GIB, 3))
 
