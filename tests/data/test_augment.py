@@ -209,3 +209,26 @@ def test_mirror_of_resampled_samples_is_folded_into_the_grid(rng) -> None:
         crop = image[b, :, 1:8, 1:7, 1:6].numpy()
         np.testing.assert_allclose(out[b].numpy(), np.flip(crop, tuple(1 + a for a in axes)), atol=1e-5)
         np.testing.assert_array_equal(targets[0][b, 0].numpy(), np.flip(label[b, 1:8, 1:7, 1:6].numpy(), axes))
+
+
+def _batchgenerators_gamma(x: np.ndarray, gamma: float, invert: bool) -> np.ndarray:
+    """Oracle: batchgenerators' augment_gamma (retain_stats=True, per_channel=False) in float64."""
+    x = -x.astype(np.float64) if invert else x.astype(np.float64)
+    mean, sd = x.mean(), x.std()
+    lo, rng = x.min(), x.max() - x.min() + 1e-7
+    y = ((x - lo) / rng) ** gamma * rng + lo
+    y = (y - y.mean()) / (y.std() + 1e-8) * sd + mean
+    return -y if invert else y
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_gamma_matches_batchgenerators(rng, invert) -> None:
+    image, _ = _batch(rng, (9, 8, 7), b=3, c=2)
+    image = image * 40 + 100
+    gamma = np.array([0.75, 1.0, 1.4])
+    field = "gamma_inverted" if invert else "gamma"
+    out, _ = apply(image, None, _params(3, 2, 3, **{field: gamma}), patch_size=(9, 8, 7))
+    for b in (0, 2):
+        np.testing.assert_allclose(out[b].numpy(), _batchgenerators_gamma(image[b].numpy(), gamma[b], invert),
+                                   rtol=1e-4, atol=1e-3)
+    assert torch.equal(out[1], image[1])

@@ -50,13 +50,16 @@ def _sampling_grid(params: Params, sel: np.ndarray, in_shape: Sequence[int], out
     theta = to_norm[None, :, None] * mats * from_norm[None, None, :]
     theta = torch.as_tensor(theta[:, ::-1, ::-1].copy(), dtype=torch.float32, device=device)  # -> (x, y, z)
     # grid[n, *o] = sum_j base_j(o_j) * theta[n, :, j]: three broadcast adds, cheaper than affine_grid
-    grid = torch.empty((len(sel), *out_shape, d), dtype=torch.float32, device=device)
+    terms = []
     for j, f in enumerate(out_shape):  # j indexes output axes in (z, y, x); its column in theta is d-1-j
         base = torch.linspace(-1.0, 1.0, f, device=device) if f > 1 else torch.zeros(1, device=device)
         view = [1] * (d + 2)
         view[1 + j] = f
-        term = base.view(view) * theta[:, :, d - 1 - j].reshape(len(sel), *([1] * d), d)
-        grid.copy_(term) if j == 0 else grid.add_(term)
+        terms.append(base.view(view) * theta[:, :, d - 1 - j].reshape(len(sel), *([1] * d), d))
+    grid = torch.empty((len(sel), *out_shape, d), dtype=torch.float32, device=device)
+    torch.add(terms[0], terms[1], out=grid)  # broadcast: one pass writes the grid
+    for term in terms[2:]:
+        grid.add_(term)
     if params.elastic is not None:
         coarse = torch.as_tensor(params.elastic[sel], dtype=torch.float32, device=device)
         mode = "trilinear" if d == 3 else "bilinear"
@@ -219,25 +222,30 @@ def apply_lowres(image: torch.Tensor, params: Params) -> torch.Tensor:
 
 
 def apply_gamma(image: torch.Tensor, gamma: np.ndarray, *, invert: bool) -> torch.Tensor:
-    """batchgenerators' gamma with retained mean/std over all channels of each selected sample."""
+    """batchgenerators' gamma with retained mean/std over all channels of each selected sample.
+
+    ``y = ((x - min) / range) ** gamma`` (on ``-x`` when inverted), then rescaled to the input's
+    mean and std; the intermediate ``* range + min`` cancels in that rescaling and is skipped.
+    """
     on = gamma != 1
     if not on.any():
         return image
     idx = _index(on, image.device)
     x = image[idx]
     flat = x.reshape(len(x), -1).float()
-    if invert:
-        flat = -flat
     sd, mean = (v[:, None] for v in torch.std_mean(flat, dim=1, unbiased=False))
     lo, hi = (v[:, None] for v in torch.aminmax(flat, dim=1))
     rng = hi - lo + 1e-7
+    z = torch.sub(hi, flat) if invert else torch.sub(flat, lo)
     g = torch.as_tensor(gamma[on], dtype=flat.dtype, device=image.device)[:, None]
-    flat = ((flat - lo) / rng).clamp_(min=0).pow_(g).mul_(rng).add_(lo)
-    sd2, mean2 = (v[:, None] for v in torch.std_mean(flat, dim=1, unbiased=False))
-    flat = (flat - mean2).mul_(sd / (sd2 + 1e-8)).add_(mean)
-    if invert:
-        flat = -flat
-    image[idx] = flat.reshape(x.shape).to(image.dtype)
+    z.div_(rng).clamp_(min=0).pow_(g)
+    sz, mz = (v[:, None] for v in torch.std_mean(z, dim=1, unbiased=False))
+    scale = sd * rng / (sz * rng + 1e-8)
+    if invert:  # y = -((z - mz) * scale + (-mean))
+        z.mul_(-scale).add_(mean + mz * scale)
+    else:
+        z.mul_(scale).add_(mean - mz * scale)
+    image[idx] = z.reshape(x.shape).to(image.dtype)
     return image
 
 
