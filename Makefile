@@ -1,6 +1,7 @@
 # voxflow set-up and common tasks. Every target installs what it needs on first use.
 #   make demo   -- the end-to-end demo on the built-in synthetic dataset
 #   make test   -- the default (fast) test suite
+#   make test-nnunet -- nnU-Net v2 parity tests in a separate venv (.venv-nnunet) with nnunetv2
 # Choose another torch build with TORCH_SPEC / TORCH_PIP_ARGS, e.g.
 #   make demo TORCH_SPEC="torch==2.5.1" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu124"
 PYTHON ?= python3
@@ -10,8 +11,11 @@ TORCH_PIP_ARGS ?=
 WORK ?= voxflow_demo
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
+NNUNET_VENV ?= .venv-nnunet
+NNUNET_BIN := $(NNUNET_VENV)/bin
+TORCHVISION_SPEC ?= torchvision==0.28.0
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow test-nnunet bench clean
 
 $(BIN)/.voxflow-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +34,18 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# nnunetv2 goes into its own venv (never into $(VENV)); the constraints keep the CPU torch build.
+$(NNUNET_BIN)/.voxflow-nnunet-installed: pyproject.toml
+	test -x $(NNUNET_BIN)/python || $(PYTHON) -m venv $(NNUNET_VENV)
+	$(NNUNET_BIN)/python -m pip install -q --upgrade pip
+	$(NNUNET_BIN)/python -c "import torch" 2>/dev/null || $(NNUNET_BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	printf '%s\n%s\n' "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)" > $(NNUNET_VENV)/constraints.txt
+	$(NNUNET_BIN)/python -m pip install -q $(TORCH_PIP_ARGS) -e ".[test,nnunet]" nnunetv2 -c $(NNUNET_VENV)/constraints.txt
+	touch $@
+
+test-nnunet: $(NNUNET_BIN)/.voxflow-nnunet-installed
+	$(NNUNET_BIN)/python -m pytest -q -m nnunet $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

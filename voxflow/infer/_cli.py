@@ -12,9 +12,13 @@ from voxflow._cliutil import handle_errors, scheduler_option
               help="A folder of images, image files (repeat -i), or a voxflow store.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Output folder: prediction.zarr plus one label file per case.")
-@click.option("-m", "--model-dir", "model_dirs", multiple=True, required=True,
+@click.option("-m", "--model-dir", "model_dirs", multiple=True,
               type=click.Path(exists=True, file_okay=False),
               help="WORK/runs/<configuration> (repeat to ensemble configurations), or WORK/runs with -c.")
+@click.option("--nnunet-model", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Instead of -m: an nnU-Net v2 model folder RESULTS/DatasetXXX/TRAINER__PLANS__CONFIG.")
+@click.option("--nnunet-checkpoint", default="checkpoint_final.pth", show_default=True,
+              help="Checkpoint file name in each fold_<k> of --nnunet-model (e.g. checkpoint_best.pth).")
 @click.option("-c", "--configuration", "configurations", multiple=True,
               help="Configuration(s) under a WORK/runs model dir, e.g. 3d_fullres (repeatable).")
 @click.option("-f", "--folds", multiple=True, help="Folds to ensemble: -f 0 1 2, -f 0,1 or -f 0 -f 1 (default: every trained fold).")
@@ -31,7 +35,8 @@ from voxflow._cliutil import handle_errors, scheduler_option
 @scheduler_option
 @handle_errors
 def predict(inputs: tuple[str, ...], output: str, model_dirs: tuple[str, ...], configurations: tuple[str, ...],
-            folds: tuple[str, ...], step: float, no_tta: bool, save_probabilities: bool, device: str,
+            nnunet_model: str | None, nnunet_checkpoint: str, folds: tuple[str, ...], step: float,
+            no_tta: bool, save_probabilities: bool, device: str,
             cache_mb: int, overwrite: bool, more_folds: tuple[str, ...], scheduler: str,
             memory_limit: str | None) -> None:
     """Predict every case of INPUT with the trained folds in MODEL_DIR; write OUTPUT."""
@@ -45,6 +50,17 @@ def predict(inputs: tuple[str, ...], output: str, model_dirs: tuple[str, ...], c
     items = [f for item in (*folds, *more_folds) for f in item.split(",") if f]
     fold_list: list[int | str] = [int(f) if f.isdigit() else f for f in items]
     source = inputs[0] if len(inputs) == 1 else list(inputs)
+    if bool(nnunet_model) == bool(model_dirs):
+        raise click.UsageError("give either -m/--model-dir or --nnunet-model (exactly one).")
+    if nnunet_model:
+        from voxflow.nnunet import predict_nnunet
+
+        store = predict_nnunet(source, output, nnunet_model, folds=fold_list or None, checkpoint=nnunet_checkpoint,
+                               step=step, tta=not no_tta, device=device, save_probabilities=save_probabilities,
+                               scheduler=scheduler, memory_limit=memory_limit, cache_bytes=cache_mb * 2**20,
+                               overwrite=overwrite)
+        click.echo(str(store.path))
+        return
     store = run_predict(source, output, model_dir=list(model_dirs), configuration=list(configurations) or None,
                         folds=fold_list or None, step=step, tta=not no_tta, device=device,
                         save_probabilities=save_probabilities, scheduler=scheduler, cache_bytes=cache_mb * 2**20,

@@ -1,0 +1,146 @@
+"""Load an nnU-Net v2 trained-model folder: plans, dataset, folds' checkpoints -> networks + voxflow plan.
+
+Folder layout (``RESULTS/DatasetXXX/TRAINER__PLANS__CONFIG``): ``plans.json``, ``dataset.json``,
+``dataset_fingerprint.json`` (optional here), ``fold_<k>/checkpoint_final.pth`` (or
+``checkpoint_best.pth``). The network is built with ``dynamic_network_architectures`` (the
+package nnU-Net itself builds it with; optional extra ``voxflow[nnunet]``) from the plans'
+``architecture`` entry, and the checkpoint's ``network_weights`` load into it strictly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from voxflow.nnunet._translate import NnunetModelError, NnunetSpec, dataset_meta, translate_configuration
+from voxflow.store import DatasetMeta
+
+__all__ = ["NnunetModel", "build_network", "load_nnunet_model"]
+
+log = logging.getLogger(__name__)
+_NETWORK_PREFIX = "dynamic_network_architectures."
+_OP_PREFIX = "torch.nn."
+_DEFAULT_TRAINER = "nnUNetTrainer"
+
+
+@dataclass
+class NnunetModel:
+    """An nnU-Net model folder ready for voxflow: the translated spec, dataset metadata and one
+    network per fold (eval mode, weights from the checkpoints)."""
+
+    folder: Path
+    spec: NnunetSpec
+    dataset: DatasetMeta
+    networks: list[Any]
+    fold_names: list[str]
+    trainer_name: str
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise NnunetModelError(f"{path.name} must exist in the nnU-Net model folder {str(path.parent)!r}; it "
+                               f"does not. Pass RESULTS/DatasetXXX/TRAINER__PLANS__CONFIG.") from None
+    except json.JSONDecodeError as e:
+        raise NnunetModelError(f"{path} must be valid JSON; got {e}.") from None
+
+
+def _locate(path: str, prefix: str, what: str) -> Any:
+    """Import ``module.Class`` for a dotted path, only below ``prefix`` (no arbitrary imports)."""
+    if not path.startswith(prefix) or "." not in path:
+        raise NnunetModelError(f"{what} {path!r} is not supported: voxflow builds classes from {prefix}* only. "
+                               f"A custom architecture needs its own loader.")
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        if path.startswith(_NETWORK_PREFIX):
+            raise NnunetModelError(f"{what} {path!r} needs the package dynamic-network-architectures; install "
+                                   f"it with `pip install 'voxflow[nnunet]'` ({e}).") from None
+        raise NnunetModelError(f"{what} {path!r} cannot be imported: {e}.") from None
+    except AttributeError:
+        raise NnunetModelError(f"{what} {path!r} does not exist in the installed {module}; check the "
+                               f"dynamic-network-architectures version nnU-Net trained with.") from None
+
+
+def build_network(spec: NnunetSpec) -> Any:
+    """The plans' network (``architecture.network_class_name`` + ``arch_kwargs``), without deep
+    supervision, as nnU-Net's predictor builds it (no weight initialisation: weights are loaded)."""
+    cls = _locate(spec.network_class, _NETWORK_PREFIX, "network class")
+    kwargs = dict(spec.arch_kwargs)
+    for key in spec.requires_import:
+        if kwargs.get(key) is not None:
+            kwargs[key] = _locate(str(kwargs[key]), _OP_PREFIX, f"arch_kwargs[{key!r}]")
+    try:
+        return cls(input_channels=spec.num_input_channels, num_classes=spec.num_outputs, deep_supervision=False,
+                   **kwargs)
+    except TypeError as e:
+        raise NnunetModelError(f"network class {spec.network_class!r} rejects the plans' arch_kwargs: {e}.") from None
+
+
+def _fold_dirs(folder: Path, folds: Sequence[int | str] | None, checkpoint: str) -> list[Path]:
+    if folds:
+        dirs = [folder / f"fold_{f}" for f in folds]
+    else:
+        dirs = sorted((p for p in folder.glob("fold_*") if (p / checkpoint).exists()), key=lambda p: p.name)
+    missing = [str(d / checkpoint) for d in dirs if not (d / checkpoint).exists()]
+    if missing or not dirs:
+        raise NnunetModelError(f"every selected fold must hold {checkpoint}; missing {missing or 'all folds'} in "
+                               f"{str(folder)!r}. Choose folds with -f or --nnunet-checkpoint checkpoint_best.pth.")
+    return dirs
+
+
+def _load_checkpoint(path: Path) -> Mapping[str, Any]:
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # nnU-Net pickles numpy values in 'logging'; its own predictor loads with weights_only=False
+        log.info("%s holds more than tensors; loading it with weights_only=False (trusted checkpoints only)", path)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, Mapping) or "network_weights" not in ckpt:
+        raise NnunetModelError(f"{path} must be an nnU-Net checkpoint with 'network_weights'; got "
+                               f"{sorted(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__}.")
+    return ckpt
+
+
+def load_nnunet_model(folder: str | Path, *, folds: Sequence[int | str] | None = None,
+                      checkpoint: str = "checkpoint_final.pth", device: str = "cpu") -> NnunetModel:
+    """Read an nnU-Net v2 model folder and build one network per fold with its weights loaded strictly.
+
+    Raises :class:`NnunetModelError` for a missing file, an unsupported configuration (cascade,
+    normalisation, reader, resampling function) or a network whose state dict does not match the
+    checkpoint (a custom trainer's architecture: the message names trainer and network class).
+    """
+    folder = Path(folder)
+    plans, dataset = _read_json(folder / "plans.json"), _read_json(folder / "dataset.json")
+    dirs = _fold_dirs(folder, folds, checkpoint)
+    ckpts = [_load_checkpoint(d / checkpoint) for d in dirs]
+    config_name = str(ckpts[0].get("init_args", {}).get("configuration") or folder.name.rsplit("__", 1)[-1])
+    mirrors = {tuple(c.get("inference_allowed_mirroring_axes") or ()) for c in ckpts}
+    if len(mirrors) > 1:
+        raise NnunetModelError(f"the folds of {str(folder)!r} must share inference_allowed_mirroring_axes; "
+                               f"got {sorted(mirrors)}.")
+    spec = translate_configuration(plans, dataset, config_name, mirror_axes_net=mirrors.pop())
+    trainer = str(ckpts[0].get("trainer_name", _DEFAULT_TRAINER))
+    networks = []
+    for d, ck in zip(dirs, ckpts):
+        net = build_network(spec)
+        try:
+            net.load_state_dict(ck["network_weights"], strict=True)
+        except RuntimeError as e:
+            raise NnunetModelError(
+                f"the weights of {d / checkpoint} must fit the plans' network {spec.network_class!r}; they do not "
+                f"(trainer {trainer!r} probably builds its own architecture, which voxflow does not know). "
+                f"Details: {str(e).splitlines()[0]}") from None
+        networks.append(net.to(device).eval())
+    if trainer != _DEFAULT_TRAINER:
+        log.warning("trainer %r is not nnU-Net's default; its weights loaded strictly into %s, so the "
+                    "architecture matches", trainer, spec.network_class)
+    return NnunetModel(folder, spec, dataset_meta(dataset, plans), networks, [d.name for d in dirs], trainer)
