@@ -114,7 +114,7 @@ def _saved_activation_bytes(net: torch.nn.Module, x: torch.Tensor, k: int) -> in
 
 
 @pytest.mark.parametrize("architecture", ["unet", "resenc_unet", "unetpp"])
-@pytest.mark.parametrize(("dims", "patch"), [(3, (16, 32, 24)), (2, (1, 48, 64))])
+@pytest.mark.parametrize(("dims", "patch"), [(3, (8, 16, 16)), (2, (1, 32, 48))])
 def test_activation_estimate_tracks_autograd(architecture: str, dims: int, patch: tuple[int, ...]) -> None:
     spec = _spec(dims, architecture)
     net = build_network(spec, 1, 3).train()
