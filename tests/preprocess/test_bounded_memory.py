@@ -12,9 +12,9 @@ from voxflow.geometry import Geometry
 from voxflow.store import DatasetMeta, Store
 from voxflow.testing import run_with_memory_cap
 
-SHAPE = (160, 1000, 1000)  # 640 MB of float32
-CAP = 560 * 2**20  # RLIMIT_DATA of the preprocessing subprocess: less than the volume
-SPACING_OUT = 1.25  # from 1 mm: (128, 800, 800)
+SHAPE = (256, 1000, 1000)  # 1.02 GB of float32
+CAP = 800 * 2**20  # RLIMIT_DATA (virtual data incl. thread stacks) of the subprocess: less than the volume
+SPACING_OUT = 1.25  # from 1 mm: (205, 800, 800)
 
 
 def _write_volume(path) -> Store:
