@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 
 # ~8 s: converts the 24 real hippocampus cases, fingerprints and plans them
