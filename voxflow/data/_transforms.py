@@ -56,10 +56,11 @@ def _sampling_grid(params: Params, sel: np.ndarray, in_shape: Sequence[int], out
         view = [1] * (d + 2)
         view[1 + j] = f
         terms.append(base.view(view) * theta[:, :, d - 1 - j].reshape(len(sel), *([1] * d), d))
+    head = terms[0]
+    for term in terms[1:-1]:  # small: every axis but the last
+        head = head + term
     grid = torch.empty((len(sel), *out_shape, d), dtype=torch.float32, device=device)
-    torch.add(terms[0], terms[1], out=grid)  # broadcast: one pass writes the grid
-    for term in terms[2:]:
-        grid.add_(term)
+    torch.add(head, terms[-1], out=grid)  # broadcast: one pass writes the full grid
     if params.elastic is not None:
         coarse = torch.as_tensor(params.elastic[sel], dtype=torch.float32, device=device)
         mode = "trilinear" if d == 3 else "bilinear"
