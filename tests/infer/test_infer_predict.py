@@ -129,3 +129,37 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, meta, write_store) 
     (tmp_path / "runs" / "3d_fullres" / "fold_0").mkdir(parents=True)
     with pytest.raises(IncompleteStoreError, match="checkpoint_final.pt must exist"):
         predict(src, tmp_path / "out", model_dir=tmp_path / "runs" / "3d_fullres", folds=[0], progress=False)
+
+
+def test_configurations_are_ensembled_in_original_space(tmp_path: Path, meta, make_config, conv_net,  # noqa: ANN001
+                                                        write_store) -> None:  # noqa: ANN001
+    src = write_store(tmp_path / "ds.zarr", meta, SHAPES[:1])
+    full = make_config(name="3d_fullres", mirror_axes=())
+    low = make_config(name="3d_lowres", spacing=(3.0, 2.0, 2.0), patch=(8, 8, 8), mirror_axes=())
+    models = [(conv_net(seed=1), full, meta), (conv_net(seed=2), low, meta)]
+    kw = {"save_probabilities": True, "progress": False, "export": False}
+    both = predict(src, tmp_path / "both", models=models, **kw)
+    singles = [predict(src, tmp_path / m[1].name, models=[m], **kw) for m in models]
+    probs = [s.array("case_000", "probs").compute().astype(np.float32) for s in singles]
+    np.testing.assert_allclose(both.array("case_000", "probs").compute().astype(np.float32),
+                               (probs[0] + probs[1]) / 2, atol=2e-3)
+    assert both.meta.extra["configurations"] == ["3d_fullres", "3d_lowres"]
+
+
+def test_preprocessed_store_input_equals_dataset_input(tmp_path: Path, meta, make_config, conv_net,  # noqa: ANN001
+                                                       write_store) -> None:  # noqa: ANN001
+    from voxflow.plan.schema import Plan
+    from voxflow.preprocess import run_preprocess
+
+    src = write_store(tmp_path / "ds.zarr", meta, SHAPES[1:])
+    cfg = make_config()
+    plan = Plan(channel_names=("MR",), labels=meta.labels, configurations={cfg.name: cfg})
+    pre = run_preprocess(src, plan, cfg.name, tmp_path / "pre.zarr", progress=False)
+    kw = {"models": [(conv_net(seed=3), cfg, meta)], "save_probabilities": True, "progress": False, "export": False}
+    a = predict(src, tmp_path / "a", **kw)
+    b = predict(pre, tmp_path / "b", **kw)
+    assert b.geometry("case_000") == src.geometry("case_000")
+    np.testing.assert_array_equal(a.array("case_000", "probs").compute(), b.array("case_000", "probs").compute())
+    wrong = make_config(name="2d_other")
+    with pytest.raises(LayoutError, match="must match the model configuration"):
+        predict(pre, tmp_path / "c", models=[(conv_net(), wrong, meta)], progress=False, export=False)

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from voxflow.errors import VoxflowError
-from voxflow.infer import probabilities_to_label, undo_preprocessing
-from voxflow.infer._undo import uncrop
+from voxflow.infer import probabilities_to_label, uncrop, undo_preprocessing
 from voxflow.preprocess import zoom_reference
 from voxflow.testing import raise_if_computes
 

@@ -27,6 +27,7 @@ from voxflow.cluster import compute, scheduler_context, split_evenly
 from voxflow.errors import VoxflowError
 from voxflow.infer._export import export_labels
 from voxflow.infer._inputs import PreparedCase, open_input, prepare_case
+from voxflow.infer._memory import release_large_allocations
 from voxflow.infer._models import Ensemble, find_checkpoints, group_models
 from voxflow.infer._undo import probabilities_to_label, undo_preprocessing
 from voxflow.store import DEFAULT_CHUNKS_ZYX, DatasetMeta, Store
@@ -85,6 +86,15 @@ def _chunks_for(patch: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(max(1, min(int(p), int(s))) for p, s in zip(patch, shape))
 
 
+def _output_chunks(shape_zyx: Sequence[int], n_outputs: int, max_bytes: int = 16 * 2**20) -> tuple[int, ...]:
+    """Chunks of the prediction store: DEFAULT_CHUNKS_ZYX, z halved until one float32 (K, chunk)
+    block of probabilities fits in ``max_bytes`` (bounds each write task's memory)."""
+    cz, cy, cx = DEFAULT_CHUNKS_ZYX
+    while cz > 1 and n_outputs * cz * cy * cx * 4 > max_bytes:
+        cz //= 2
+    return _chunks_for((cz, cy, cx), shape_zyx)
+
+
 def _stage_case(src: Store, case_id: str, ensembles: Sequence[Ensemble], scratch_root: Path,
                 progress: bool) -> _Staged:
     """Write each configuration's preprocessed image of a case to scratch Zarr (one compute)."""
@@ -115,11 +125,11 @@ def _predict_staged(st: _Staged, ensembles: Sequence[Ensemble], predictors: Sequ
     n_out, activation, regions_order = _label_outputs(ensembles[0].dataset)
     group = zarr.open_group(str(st.scratch), mode="r+", zarr_format=3)
     geom = st.prepared[0].original_geometry
-    out_chunks = _chunks_for(DEFAULT_CHUNKS_ZYX, geom.shape_zyx)
+    out_chunks = _output_chunks(geom.shape_zyx, n_out)
     back = []
     for ens, pred, image, prep in zip(ensembles, predictors, st.images, st.prepared):
         cfg = ens.configuration
-        block = _chunks_for(cfg.patch_size_vox, image.shape[1:])
+        block = _chunks_for([-(-p // 2) for p in cfg.patch_size_vox], image.shape[1:])  # half-patch blocks
         probs = group.create_array(f"{cfg.name}_probs", shape=(n_out, *image.shape[1:]), chunks=(n_out, *block),
                                    dtype=np.float32, compressors=None, fill_value=0.0)
         batch = opts.batch_size or (cfg.batch_size if cfg.is_2d else 1)
@@ -246,9 +256,13 @@ def predict(source: Store | str | Path | Sequence[str | Path], output: str | Pat
     scheduler, memory_limit : dask scheduler for preprocessing and writing (see :mod:`voxflow.cluster`).
     cache_bytes : memory for partial accumulator blocks before they spill to scratch Zarr.
     overwrite : redo cases already complete in the output store (else they are skipped: resume).
+
+    Memory is bounded by ``cache_bytes``, the patch and the store chunks, not by the volume; this
+    fixes glibc's mmap threshold for the process (:func:`release_large_allocations`).
     """
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    release_large_allocations()
     opts = PredictOptions(step=step, tta=tta, save_probabilities=save_probabilities, batch_size=batch_size,
                           cache_bytes=cache_bytes, progress=progress)
     devices = _devices(device)

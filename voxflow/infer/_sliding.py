@@ -66,6 +66,8 @@ def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: 
     starts = grid.tiles()
     boxes = [grid.region(s) for s in starts]
     gauss = torch.from_numpy(gaussian_importance_map(grid.patch_size_vox))
+    gauss_np = gauss.numpy()
+    gauss_on: dict[torch.device, torch.Tensor] = {}
     with TileAccumulator(out, [b[0] for b in boxes], block_zyx=block_zyx, cache_bytes=cache_bytes,
                          scratch_dir=scratch_dir) as acc:
         order = order_tiles([b[0] for b in boxes], block_zyx=acc.block_zyx, block_nbytes=acc.block_nbytes,
@@ -83,11 +85,12 @@ def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: 
                 if bi + 1 < len(batches):
                     pending = pool.submit(load, batches[bi + 1])
                 probs = torch.as_tensor(predictor(tiles))
-                weighted = (probs * gauss.to(probs.device)).cpu().numpy()
+                g = gauss_on.setdefault(probs.device, gauss.to(probs.device))
+                weighted = (probs * g).cpu().numpy()
                 for j, i in enumerate(idx):
                     vol, loc = boxes[i]
                     sl = tuple(slice(lo, hi) for lo, hi in loc)
-                    acc.add(vol, weighted[j][(slice(None), *sl)], gauss.numpy()[sl])
+                    acc.add(vol, weighted[j][(slice(None), *sl)], gauss_np[sl])
                 if bar is not None:
                     bar.update(len(idx))
         if bar is not None:

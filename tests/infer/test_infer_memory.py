@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from voxflow.testing import run_with_memory_cap
+
+CAP_BYTES = 900 * 2**20
+SHAPE = (128, 512, 512)  # 33.5M voxels
+N_CLASSES = 8
+
+CODE = textwrap.dedent("""
+    import numpy as np, torch
+    from pathlib import Path
+    from torch import nn
+    from voxflow.geometry import Geometry
+    from voxflow.infer import predict
+    from voxflow.plan.schema import ChannelNormalization, Configuration, NetworkSpec, ResamplingSpec
+    from voxflow.store import DatasetMeta, Store
+    shape, tmp, k = {shape!r}, Path({tmp!r}), {k}
+    spec = NetworkSpec(n_stages=1, features_per_stage=(4,), kernel_sizes=((1, 1, 1),), strides=((1, 1, 1),),
+                       n_blocks_per_stage=(1,), n_conv_per_stage_decoder=())
+    cfg = Configuration(name="3d_fullres", spacing_zyx=(1.0, 1.0, 1.0), median_shape_vox=shape,
+                        patch_size_vox=(32, 128, 128), batch_size=2, resampling=ResamplingSpec(), network=spec,
+                        normalization=(ChannelNormalization(scheme="ct", mean=0.0, std=1.0, lower=-9.0, upper=9.0),))
+    meta = DatasetMeta(channel_names=("CT",), labels={{"background": 0, **{{f"c{{i}}": i for i in range(1, k)}}}})
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 1), nn.Tanh(), nn.Conv3d(4, k, 1))
+    src = Store.create(tmp / "ds.zarr", meta)
+    src.begin_case("big", geometry=Geometry(shape_zyx=shape, spacing_zyx=(1.0, 1.0, 1.0)))
+    z = src.create_array("big", "image", shape=(1, *shape), dtype=np.float32, chunks=(1, 32, 256, 256))
+    for z0 in range(0, shape[0], 32):
+        z[0, z0:z0 + 32] = np.random.default_rng(z0).normal(size=(32, *shape[1:])).astype(np.float32) + 1.0
+    src.mark_complete("big")
+    out = predict(src, tmp / "pred", models=[(net, cfg, meta)], tta=False, export=False, progress=False,
+                  cache_bytes=128 * 2**20)
+    # a pointwise network: the label of a voxel is the argmax of the network at that voxel
+    slab = np.asarray(z[:, 40:44])
+    with torch.no_grad():
+        expected = net(torch.from_numpy(slab[None])).argmax(1)[0].numpy()
+    got = np.asarray(out.zarr_array("big", "label")[40:44])
+    print("AGREE", float((got == expected).mean()))
+""")
+
+
+@pytest.mark.slow
+def test_prediction_runs_a_volume_larger_than_its_memory_cap(tmp_path: Path) -> None:
+    voxels = SHAPE[0] * SHAPE[1] * SHAPE[2]
+    # float32 image + K float32 probabilities on the preprocessed grid: what an in-memory predictor holds
+    volume_bytes = voxels * 4 * (1 + N_CLASSES)
+    assert volume_bytes > CAP_BYTES
+    peak, out = run_with_memory_cap(CODE.format(shape=SHAPE, tmp=str(tmp_path), k=N_CLASSES), cap_bytes=CAP_BYTES,
+                                    timeout=1800)
+    agree = float(out.split("AGREE")[-1])
+    assert agree > 0.999
+    assert peak < CAP_BYTES
