@@ -16,12 +16,12 @@ Case = tuple[np.ndarray, np.ndarray | None]
 
 
 def write_preprocessed_store(path: Path, cases: Mapping[str, Case], *, chunks_zyx: Sequence[int] = (7, 6, 5),
-                             fg_index: bool = True) -> Store:
+                             fg_index: bool = True, labels: Mapping[str, int] | None = None) -> Store:
     """A store laid out like `voxflow preprocess` output: image float32 (C,Z,Y,X), label uint8,
     fg_index int32 (N, 4) with every foreground voxel, classes_present in the case attrs."""
     n_channels = next(iter(cases.values()))[0].shape[0]
     meta = DatasetMeta(channel_names=tuple(f"ch{i}" for i in range(n_channels)),
-                       labels={"background": 0, "a": 1, "b": 2, "c": 3}, kind="preprocessed",
+                       labels=dict(labels or {"background": 0, "a": 1, "b": 2, "c": 3}), kind="preprocessed",
                        extra={"configuration": "3d_fullres"})
     store = Store.create(path, meta)
     for cid, (image, label) in cases.items():

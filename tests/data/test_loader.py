@@ -130,8 +130,9 @@ def test_exception_in_training_loop_leaves_no_thread(preprocessed_store, config_
 def test_custom_augment_config_and_bad_inputs(preprocessed_store, config_factory, rng) -> None:
     store = preprocessed_store()
     cfg = config_factory((8, 8, 8))
-    loader = build_loader(store, store.case_ids(), cfg, augment=AugmentConfig.off(), num_workers=0)
+    loader = build_loader(str(store.path), store.case_ids(), cfg, augment=AugmentConfig.off(), num_workers=0)
     assert loader.spec.read_patch_vox == (8, 8, 8)
+    assert next(iter(loader)).image.shape == (2, 1, 8, 8, 8)
     with pytest.raises(ValueError, match="rank"):
         build_loader(store, store.case_ids(), cfg, rank=2, world_size=2)
     with pytest.raises(LayoutError, match="expects 2 channels"):

@@ -198,3 +198,13 @@ def test_cached_reads_equal_numpy_region(tmp_path, rng, cache_bytes) -> None:
     if cache_bytes > x.nbytes:
         assert cache.hits > 0
         np.testing.assert_array_equal(read_patch(arr, (0, 0, 0), (20, 18, 16), cache=cache, key="x"), x)
+
+
+def test_ignore_label_is_not_a_foreground_target(preprocessed_store, rng) -> None:
+    label = np.zeros((10, 10, 10), np.uint8)
+    label[:5] = 3  # ignore
+    label[8, 8, 8] = 1
+    image = rng.normal(size=(1, 10, 10, 10)).astype(np.float32)
+    store = preprocessed_store({"a": (image, label)}, labels={"background": 0, "x": 1, "ignore": 3})
+    (case,) = open_cases(store, ["a"])
+    assert case.fg_classes == (1,)

@@ -13,7 +13,7 @@ per axis from ``[lb, ub]`` with ``lb = -floor(pad / 2)``, ``ub = Z + ceil(pad / 
 ``pad = P - F`` (more when the volume is smaller than the patch), so the final patch lies inside
 the volume whenever the volume is at least ``F``. A foreground patch is centred on a voxel drawn
 from the case's ``fg_index`` (class chosen uniformly among the classes present), then clipped to
-``[lb, ub]``. Per batch, ``floor(B * p)`` patches plus one more with probability ``frac(B * p)``
+``[lb, ub]`` (the dataset's ``"ignore"`` label, if any, is never a target). Per batch, ``floor(B * p)`` patches plus one more with probability ``frac(B * p)``
 are foreground patches (``p = oversample_foreground``): the expected fraction is exactly ``p``.
 
 2D configurations (patch ``(1, Y, X)``) use the same code: a patch is one slice.
@@ -96,7 +96,8 @@ def _open_case(store: Store, case_id: str, *, require_label: bool) -> CaseHandle
     present = store.case_attrs(case_id).get("classes_present")
     in_index = {int(c) for c in np.unique(fg[:, 0])}
     classes = sorted(in_index if present is None else in_index & {int(c) for c in present})
-    return CaseHandle(case_id, image, label, fg, tuple(c for c in classes if c != 0))
+    ignore = store.meta.labels.get("ignore")  # nnU-Net's ignore label is never a sampling target
+    return CaseHandle(case_id, image, label, fg, tuple(c for c in classes if c not in (0, ignore)))
 
 
 def open_cases(store: Store, case_ids: Sequence[str], *, require_label: bool = True) -> list[CaseHandle]:
