@@ -101,7 +101,7 @@ def test_cli_predict_nifti_folder_with_checkpoints(tmp_path: Path, meta, make_co
     images.mkdir()
     rng = np.random.default_rng(0)
     geoms = {}
-    for i, shape in enumerate(SHAPES):
+    for i, shape in enumerate(SHAPES[1:]):
         img = sitk.GetImageFromArray(rng.normal(size=shape).astype(np.float32))
         img.SetSpacing((0.9, 1.1, 1.7))
         img.SetOrigin((10.0, -5.0, 2.5))
@@ -163,3 +163,20 @@ def test_preprocessed_store_input_equals_dataset_input(tmp_path: Path, meta, mak
     wrong = make_config(name="2d_other")
     with pytest.raises(LayoutError, match="must match the model configuration"):
         predict(pre, tmp_path / "c", models=[(conv_net(), wrong, meta)], progress=False, export=False)
+
+
+@pytest.mark.slow
+def test_one_process_per_device_and_dask_cluster(tmp_path: Path, meta, make_config, write_store) -> None:  # noqa: ANN001
+    """Cases split over two worker processes ("cpu,cpu" stands in for two GPUs) and a LocalCluster for
+    the dask parts give the same result as one process on the threaded scheduler."""
+    src = write_store(tmp_path / "ds.zarr", meta, [(6, 10, 12), (7, 9, 11), (5, 12, 10)])
+    cfg = make_config()
+    _save_fold(tmp_path / "runs" / cfg.name / "fold_0", cfg, meta, seed=0)
+    kw = {"model_dir": tmp_path / "runs" / cfg.name, "save_probabilities": True, "progress": False, "export": False}
+    ref = predict(src, tmp_path / "ref", **kw)
+    multi = predict(src, tmp_path / "multi", device="cpu,cpu", **kw)
+    cluster = predict(src, tmp_path / "cluster", scheduler="local:2", **kw)
+    assert multi.case_ids() == cluster.case_ids() == ref.case_ids() == src.case_ids()
+    for cid in src.case_ids():
+        for other in (multi, cluster):
+            np.testing.assert_array_equal(other.array(cid, "probs").compute(), ref.array(cid, "probs").compute())
