@@ -180,3 +180,21 @@ def test_one_process_per_device_and_dask_cluster(tmp_path: Path, meta, make_conf
     for cid in src.case_ids():
         for other in (multi, cluster):
             np.testing.assert_array_equal(other.array(cid, "probs").compute(), ref.array(cid, "probs").compute())
+
+
+def test_region_dataset_uses_sigmoid_and_regions_class_order(tmp_path: Path, make_config, conv_net,  # noqa: ANN001
+                                                             write_store) -> None:  # noqa: ANN001
+    from voxflow.store import DatasetMeta
+
+    regions = DatasetMeta(channel_names=("MR",), labels={"background": 0, "whole": [1, 2], "core": [2]},
+                          regions_class_order=(1, 2))
+    src = write_store(tmp_path / "ds.zarr", regions, SHAPES[1:])
+    out = predict(src, tmp_path / "out", models=[(conv_net(k=2, seed=6), make_config(), regions)],
+                  save_probabilities=True, progress=False, export=False)
+    probs = out.array("case_000", "probs").compute().astype(np.float32)
+    label = out.array("case_000", "label").compute()
+    assert probs.shape[0] == 2 and out.case_attrs("case_000")["activation"] == "sigmoid"
+    expected = np.where(probs[1] > 0.5, 2, np.where(probs[0] > 0.5, 1, 0))
+    clear = (np.abs(probs - 0.5) > 1e-2).all(0)
+    np.testing.assert_array_equal(label[clear], expected[clear])
+    assert not np.allclose(probs.sum(0), 1.0)  # independent sigmoids, not a softmax

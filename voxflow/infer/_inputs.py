@@ -4,26 +4,24 @@ preprocessed view of one case for one configuration."""
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import dask.array as da
 import numpy as np
 
 from voxflow.errors import ConversionError, LayoutError
 from voxflow.geometry import Geometry
+from voxflow.io import convert
 from voxflow.plan.schema import Configuration
 from voxflow.preprocess import preprocess_case
-from voxflow.store import DEFAULT_CHUNKS_ZYX, DatasetMeta, Store
+from voxflow.store import Store
 
 __all__ = ["PreparedCase", "open_input", "prepare_case"]
 
 log = logging.getLogger(__name__)
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".tif", ".tiff", ".png")
-_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
 
 def _split_suffix(name: str) -> tuple[str, str]:
@@ -49,36 +47,6 @@ def _image_files(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
-def _convert_files(files: Sequence[Path], dst: Path) -> Store:
-    """Fallback converter (used until ``voxflow.io.convert`` exists): one case per file name, channels
-    from the nnU-Net ``_0000`` suffix, read whole with SimpleITK."""
-    import SimpleITK as sitk
-
-    cases: dict[str, dict[int, Path]] = {}
-    ending = ""
-    for f in files:
-        stem, ending = _split_suffix(f.name)
-        m = _CHANNEL.match(stem)
-        case, ch = (m["case"], int(m["ch"])) if m else (stem, 0)
-        cases.setdefault(case, {})[ch] = f
-    n_ch = max(len(v) for v in cases.values())
-    meta = DatasetMeta(channel_names=tuple(f"channel_{i}" for i in range(n_ch)), labels={"background": 0},
-                       file_ending=ending or ".nii.gz", name="predict-input")
-    store = Store.create(dst, meta, overwrite=True)
-    for case, chans in sorted(cases.items()):
-        if sorted(chans) != list(range(n_ch)):
-            raise ConversionError(f"every case must have channels 0..{n_ch - 1}; got {sorted(chans)} for case "
-                                  f"{case!r} (files {[str(p) for p in chans.values()]}).")
-        imgs = [sitk.ReadImage(str(chans[c])) for c in range(n_ch)]
-        geom = Geometry.from_sitk(imgs[0])
-        arr = np.stack([sitk.GetArrayFromImage(i).reshape(geom.shape_zyx) for i in imgs])
-        store.begin_case(case, geometry=geom, attrs={"provenance": {"files": [str(chans[c]) for c in range(n_ch)]}})
-        z = store.create_array(case, "image", shape=arr.shape, dtype=arr.dtype, chunks=(1, *DEFAULT_CHUNKS_ZYX))
-        z[...] = arr
-        store.mark_complete(case)
-    return store
-
-
 def open_input(source: Store | str | Path | Sequence[str | Path], work_dir: Path, *,
                scheduler: str = "threads") -> Store:
     """A voxflow store for the input: opened as is, or converted into ``work_dir/input.zarr``."""
@@ -88,10 +56,6 @@ def open_input(source: Store | str | Path | Sequence[str | Path], work_dir: Path
     if len(paths) == 1 and (paths[0] / "zarr.json").exists():
         return Store.open(paths[0])
     dst = work_dir / "input.zarr"
-    try:
-        from voxflow.io import convert
-    except ImportError:
-        return _convert_files(_image_files(paths), dst)
     if len(paths) == 1 and paths[0].is_dir():
         return convert(paths[0], dst, overwrite=True, scheduler=scheduler, progress=False)
     staging = work_dir / "input_files"

@@ -297,5 +297,6 @@ def predict(source: Store | str | Path | Sequence[str | Path], output: str | Pat
             _predict_cases(src, out, ensembles, todo, device=devices[0], opts=opts, scratch_root=scratch_root)
     shutil.rmtree(scratch_root, ignore_errors=True)
     if export:
-        export_labels(out, out_dir, ids, file_ending=src.meta.file_ending)
+        export_labels(out, out_dir, ids, file_ending=src.meta.file_ending,
+                      scheduler=scheduler if scheduler in ("threads", "processes", "sync") else "threads")
     return out
