@@ -88,10 +88,10 @@ def _ct_case(shape, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """HU-like volume: air (-1000) around a soft-tissue ellipsoid body, an organ and a lesion."""
     rng = np.random.default_rng(seed)
     grid = np.ogrid[tuple(slice(-1, 1, complex(0, n)) for n in shape)]
-    body = sum((g / r) ** 2 for g, r in zip(grid, (1.2, 0.8, 0.9))) < 1
+    body = sum((g / r) ** 2 for g, r in zip(grid, (1.2, 0.8, 0.9), strict=False)) < 1
     c = rng.uniform(-0.2, 0.2, 3)
-    organ = sum(((g - ci) / r) ** 2 for g, ci, r in zip(grid, c, (0.5, 0.3, 0.3))) < 1
-    lesion = sum(((g - ci - 0.05) / 0.08) ** 2 for g, ci in zip(grid, c)) < 1
+    organ = sum(((g - ci) / r) ** 2 for g, ci, r in zip(grid, c, (0.5, 0.3, 0.3), strict=False)) < 1
+    lesion = sum(((g - ci - 0.05) / 0.08) ** 2 for g, ci in zip(grid, c, strict=False)) < 1
     image = np.where(body, 40.0, -1000.0) + np.where(organ, 60.0, 0.0) + np.where(lesion, -30.0, 0.0)
     image = (image + rng.normal(0, 15, shape)).astype(np.int16)
     label = (organ & body).astype(np.uint8)
@@ -118,12 +118,12 @@ def _baseline_case(args: tuple[str, str, str, Configuration]) -> int:
     src, out = Store.open(src_path), Store.open(out_path, mode="r+")
     image, label, geom = src.zarr_array(cid, "image")[...], src.zarr_array(cid, "label")[...], src.geometry(cid)
     nz = np.argwhere(np.any(image != 0, axis=0))
-    box = [(int(lo), int(hi) + 1) for lo, hi in zip(nz.min(0), nz.max(0))]
+    box = [(int(lo), int(hi) + 1) for lo, hi in zip(nz.min(0), nz.max(0), strict=False)]
     sl = tuple(slice(a, b) for a, b in box)
     img, lab = image[(slice(None), *sl)], label[sl]
     n = cfg.normalization[0]
     img = ((np.clip(img[0].astype(np.float32), n.lower, n.upper) - n.mean) / n.std).astype(np.float32)
-    shape = tuple(max(1, round(s * a / b)) for s, a, b in zip(img.shape, geom.spacing_zyx, cfg.spacing_zyx))
+    shape = tuple(max(1, round(s * a / b)) for s, a, b in zip(img.shape, geom.spacing_zyx, cfg.spacing_zyx, strict=False))
     inplane = (img.shape[0], *shape[1:])
     out_img = zoom_reference(zoom_reference(img, inplane, order=3), shape, order=0)
     onehot = [zoom_reference(zoom_reference((lab == v).astype(np.float32), inplane, order=1), shape, order=0)

@@ -14,7 +14,8 @@ def test_foreground_index_is_bounded_valid_and_chunking_independent(rng) -> None
     with raise_if_computes():
         lazy = foreground_index(da.from_array(label, chunks=(4, 7, 5)), max_per_class=50, seed=3)
     index, present = lazy.compute()
-    assert index.dtype == np.int32 and index.shape[1] == 4
+    assert index.dtype == np.int32
+    assert index.shape[1] == 4
     assert present == sorted(np.unique(label).tolist())
     for v in (1, 2, 7):
         rows = index[index[:, 0] == v]
@@ -30,4 +31,5 @@ def test_foreground_index_is_bounded_valid_and_chunking_independent(rng) -> None
 
 def test_foreground_index_of_empty_label() -> None:
     index, present = foreground_index(da.zeros((5, 6, 7), dtype=np.uint8, chunks=3)).compute()
-    assert index.shape == (0, 4) and present == [0]
+    assert index.shape == (0, 4)
+    assert present == [0]

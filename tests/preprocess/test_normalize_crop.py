@@ -22,7 +22,7 @@ def test_nonzero_bbox_and_crop_match_numpy(rng) -> None:
     lazy = da.from_array(x, chunks=(1, 5, 6, 4))
     box = nonzero_bbox(lazy)
     nz = np.argwhere(np.any(x != 0, axis=0))
-    expected = tuple((int(lo), int(hi) + 1) for lo, hi in zip(nz.min(0), nz.max(0)))
+    expected = tuple((int(lo), int(hi) + 1) for lo, hi in zip(nz.min(0), nz.max(0), strict=False))
     assert box == expected
     with raise_if_computes():
         cropped = crop(lazy, box)
@@ -57,7 +57,8 @@ def test_normalize_matches_numpy_and_is_lazy(specs, rng) -> None:
     with raise_if_computes():
         lazy = normalize(da.from_array(x, chunks=(1, 7, 6, 5)), specs)
     got = lazy.compute()
-    assert got.dtype == np.float32 and got.shape == x.shape
+    assert got.dtype == np.float32
+    assert got.shape == x.shape
     mask = np.any(x != 0, axis=0)
     for c, spec in enumerate(specs):
         np.testing.assert_allclose(got[c], _eager(x[c], spec, mask), rtol=1e-5, atol=1e-5)

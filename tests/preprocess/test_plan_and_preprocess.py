@@ -20,10 +20,12 @@ def test_plan_and_preprocess_from_raw_dataset_and_from_store(tmp_path) -> None:
                                        "-c", "3d_fullres"])
     assert result.exit_code == 0, result.output
     plan = Plan.load(ws.plans)
-    assert ws.fingerprint.is_file() and "3d_fullres" in plan.configurations
+    assert ws.fingerprint.is_file()
+    assert "3d_fullres" in plan.configurations
     pp = Store.open(ws.preprocessed("3d_fullres"))
     src = Store.open(ws.dataset_store)
-    assert pp.case_ids() == src.case_ids() and len(pp.case_ids()) == 2
+    assert pp.case_ids() == src.case_ids()
+    assert len(pp.case_ids()) == 2
     cfg = plan.configuration("3d_fullres")
     for cid in pp.case_ids():
         geom = pp.geometry(cid)

@@ -14,13 +14,13 @@ from voxflow.testing import raise_if_computes
 def _eager(image, label, geom: Geometry, config):
     """The whole pipeline in numpy/scipy: crop, z-score in the mask, zoom (order 3 / one-hot 1)."""
     nz = np.argwhere(np.any(image != 0, axis=0))
-    box = tuple((int(lo), int(hi) + 1) for lo, hi in zip(nz.min(0), nz.max(0)))
+    box = tuple((int(lo), int(hi) + 1) for lo, hi in zip(nz.min(0), nz.max(0), strict=False))
     sl = tuple(slice(a, b) for a, b in box)
     img, lab = image[(slice(None), *sl)].astype(np.float64), label[sl]
     mask = np.any(img != 0, axis=0)
     sel = img[0][mask]
     img = np.where(mask, (img - sel.mean()) / sel.std(), 0.0).astype(np.float32)
-    shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(img.shape[1:], geom.spacing_zyx, config.spacing_zyx))
+    shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(img.shape[1:], geom.spacing_zyx, config.spacing_zyx, strict=False))
     out = zoom_reference(img[0], shape, order=3)[None]
     stack = np.stack([zoom_reference((lab == v).astype(np.float64), shape, order=1) for v in (0, 1, 2)])
     top2 = np.sort(stack, axis=0)[-2:]
@@ -36,8 +36,10 @@ def test_preprocess_case_is_lazy_and_matches_eager_pipeline(rng, helpers) -> Non
     with raise_if_computes():
         pc = preprocess_case(da.from_array(image, chunks=(1, 5, 7, 6)), geom, config,
                              label=da.from_array(label, chunks=(5, 7, 6)), bbox_zyx=box, label_values=(0, 1, 2))
-    assert pc.crop_bbox_zyx == box and pc.shape_after_crop_zyx == tuple(b - a for a, b in box)
-    assert pc.image.shape == ref_img.shape and pc.geometry.shape_zyx == ref_img.shape[1:]
+    assert pc.crop_bbox_zyx == box
+    assert pc.shape_after_crop_zyx == tuple(b - a for a, b in box)
+    assert pc.image.shape == ref_img.shape
+    assert pc.geometry.shape_zyx == ref_img.shape[1:]
     np.testing.assert_allclose(pc.image.compute(), ref_img, atol=1e-4 * np.ptp(ref_img))
     got_lab = pc.label.compute()
     assert np.array_equal(got_lab[~ties], ref_lab[~ties])
@@ -55,7 +57,8 @@ def test_preprocess_case_computes_box_when_not_given(rng, helpers) -> None:
     config = helpers.make_config(spacing_zyx=geom.spacing_zyx)
     pc = preprocess_case(da.from_array(image, chunks=5), geom, config)
     assert pc.crop_bbox_zyx == tuple((3, n - 3) for n in geom.shape_zyx)
-    assert pc.label is None and pc.fg_index is None
+    assert pc.label is None
+    assert pc.fg_index is None
 
 
 def test_run_preprocess_store_layout_and_values(tmp_path, rng, helpers) -> None:
@@ -63,23 +66,28 @@ def test_run_preprocess_store_layout_and_values(tmp_path, rng, helpers) -> None:
     config = helpers.make_config()
     plan = helpers.make_plan(config)
     out = run_preprocess(src.path, plan, "3d_fullres", tmp_path / "pp.zarr", progress=False)
-    assert out.meta.kind == "preprocessed" and out.meta.extra["configuration"] == "3d_fullres"
+    assert out.meta.kind == "preprocessed"
+    assert out.meta.extra["configuration"] == "3d_fullres"
     assert out.meta.extra["configuration_plan"]["patch_size_vox"] == [16, 16, 16]
     assert out.case_ids() == ["a", "b"]
     for cid in ("a", "b"):
         image, label = src.image(cid).compute(), src.label(cid).compute()
         box, ref_img, ref_lab, ties = _eager(image, label, src.geometry(cid), config)
         got = out.image(cid)
-        assert got.dtype == np.float32 and out.zarr_array(cid, "image").chunks == (1, 8, 8, 8)
+        assert got.dtype == np.float32
+        assert out.zarr_array(cid, "image").chunks == (1, 8, 8, 8)
         np.testing.assert_allclose(got.compute(), ref_img, atol=1e-4 * np.ptp(ref_img))
         lab = out.label(cid).compute()
-        assert lab.dtype == np.uint8 and np.array_equal(lab[~ties], ref_lab[~ties])
+        assert lab.dtype == np.uint8
+        assert np.array_equal(lab[~ties], ref_lab[~ties])
         attrs = out.case_attrs(cid)
         assert attrs["crop_bbox_zyx"] == [list(b) for b in box]
         assert attrs["classes_present"] == sorted(np.unique(lab).tolist())
         assert Geometry.from_dict(attrs["original_geometry"]) == src.geometry(cid)
         fg = out.zarr_array(cid, "fg_index")[...]
-        assert fg.dtype == np.int32 and fg.shape[1] == 4 and len(fg) > 0
+        assert fg.dtype == np.int32
+        assert fg.shape[1] == 4
+        assert len(fg) > 0
         assert (lab[fg[:, 1], fg[:, 2], fg[:, 3]] == fg[:, 0]).all()
 
 
@@ -112,7 +120,8 @@ def test_interrupted_case_is_not_complete(tmp_path, rng, helpers, monkeypatch) -
     with pytest.raises(KeyboardInterrupt):
         run_preprocess(src, plan, "3d_fullres", tmp_path / "pp.zarr", progress=False)
     out = Store.open(tmp_path / "pp.zarr")
-    assert out.case_ids() == [] and out.incomplete_case_ids() == ["a"]
+    assert out.case_ids() == []
+    assert out.incomplete_case_ids() == ["a"]
 
 
 def test_anisotropic_separate_axis_and_2d_configuration(tmp_path, rng, helpers) -> None:
@@ -160,4 +169,5 @@ def test_cli_preprocess(tmp_path, rng, helpers) -> None:
     assert Store.open(tmp_path / "pp.zarr").case_ids() == ["a"]
     bad = CliRunner().invoke(main, ["preprocess", str(src.path), "--plans", str(tmp_path / "plans.json"),
                                     "-c", "3d_fulres"])
-    assert bad.exit_code != 0 and "Did you mean '3d_fullres'" in bad.output
+    assert bad.exit_code != 0
+    assert "Did you mean '3d_fullres'" in bad.output

@@ -12,6 +12,7 @@ twice instead of being held in memory until the reduction finishes. (``dask.grap
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import dask.array as da
 import numpy as np
@@ -39,7 +40,8 @@ def _rekeyed(x: da.Array, salt: str, *, after: Sequence[da.Array] = ()) -> da.Ar
     ``x``; with ``after`` its source tasks additionally wait for those (small) arrays.
     """
     keys = set(flatten(x.__dask_keys__()))
-    dsk = convert_legacy_graph(dict(x.__dask_graph__().cull(keys)))
+    graph = cast(HighLevelGraph, x.__dask_graph__())
+    dsk = convert_legacy_graph(dict(graph.cull(keys)))
     suffix = f"-{salt}-{tokenize(x.name, salt, [a.name for a in after])[:10]}"
 
     def rename(k: object) -> object:
@@ -47,7 +49,7 @@ def _rekeyed(x: da.Array, salt: str, *, after: Sequence[da.Array] = ()) -> da.Ar
 
     subs = {k: rename(k) for k in dsk}
     after_keys = [k for a in after for k in flatten(a.__dask_keys__())]
-    new = {}
+    new: dict[Any, Any] = {}
     for k, task in dsk.items():
         node = task.substitute(subs, key=subs[k])
         if after_keys and not task.dependencies:
@@ -55,10 +57,10 @@ def _rekeyed(x: da.Array, salt: str, *, after: Sequence[da.Array] = ()) -> da.Ar
                         *(TaskRef(a) for a in after_keys))
         new[subs[k]] = node
     name = f"{x.name}{suffix}"
-    layers = {name: new}
+    layers: dict[str, Any] = {name: new}
     deps: dict[str, set[str]] = {name: set()}
     for a in after:
-        hlg = a.__dask_graph__()
+        hlg = cast(HighLevelGraph, a.__dask_graph__())
         layers.update(hlg.layers)
         deps.update(hlg.dependencies)
         deps[name].add(a.name)
@@ -124,14 +126,14 @@ def normalize(image: da.Array, schemes: Sequence[ChannelNormalization]) -> da.Ar
             f"{image.shape[0]} channels. Check that plans.json matches the dataset."
         )
     needs_stats = [s.scheme in ("zscore", "rescale_0_1") for s in schemes]
-    any_mask = any(s.use_mask and st for s, st in zip(schemes, needs_stats))
+    any_mask = any(s.use_mask and st for s, st in zip(schemes, needs_stats, strict=False))
     if not any(needs_stats):
         return da.stack([_apply(image[c], s, None, None) for c, s in enumerate(schemes)])
     stats_src = _rekeyed(image, "stats")
     stats_mask = (stats_src != 0).any(axis=0) if any_mask else None
     stats: list[dict[str, da.Array] | None] = [
         _stats(stats_src[c], stats_mask if s.use_mask else None) if st else None
-        for c, (s, st) in enumerate(zip(schemes, needs_stats))
+        for c, (s, st) in enumerate(zip(schemes, needs_stats, strict=False))
     ]
     scalars = [v for d in stats if d is not None for v in d.values()]
     src = _rekeyed(image, "normalize", after=scalars)

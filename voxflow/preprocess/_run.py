@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,6 @@ _BBOX_BATCH = 16  # cases whose bounding boxes are reduced in one compute
 
 
 def _configuration_dict(config: Configuration) -> dict[str, Any]:
-    from dataclasses import asdict
-
     return json.loads(json.dumps(asdict(config)))
 
 
@@ -41,12 +39,12 @@ def _bboxes(src: Store, case_ids: Sequence[str], progress: bool) -> dict[str, BB
         batch = case_ids[i:i + _BBOX_BATCH]
         projections = [nonzero_projections(src.image(c)) for c in batch]
         results = compute(*projections, desc="nonzero boxes", progress=progress)
-        out.update({c: bbox_from_projections(r) for c, r in zip(batch, results)})
+        out.update({c: bbox_from_projections(r) for c, r in zip(batch, results, strict=False)})
     return out
 
 
 def _box_fits(box: BBox, shape_zyx: Sequence[int]) -> bool:
-    return len(box) == 3 and all(0 <= lo < hi <= n for (lo, hi), n in zip(box, shape_zyx))
+    return len(box) == 3 and all(0 <= lo < hi <= n for (lo, hi), n in zip(box, shape_zyx, strict=False))
 
 
 def _write_case(src: Store, out: Store, case_id: str, config: Configuration, bbox: BBox, *,
@@ -55,11 +53,11 @@ def _write_case(src: Store, out: Store, case_id: str, config: Configuration, bbo
                          seed=seed, bbox_zyx=bbox, label_values=src.meta.label_values, case_id=case_id)
     out.begin_case(case_id, geometry=pc.geometry, attrs={**pc.attrs(), "source_store": str(src.path)})
     image_chunks = tuple(max(c) for c in pc.image.chunks)
-    target = out.create_array(case_id, "image", shape=pc.image.shape, dtype=np.float32, chunks=image_chunks)
+    target: Any = out.create_array(case_id, "image", shape=pc.image.shape, dtype=np.float32, chunks=image_chunks)
     writes = [da.store(pc.image, target, lock=False, compute=False)]
     if pc.label is not None:
         label_chunks = tuple(max(c) for c in pc.label.chunks)
-        target_l = out.create_array(case_id, "label", shape=pc.label.shape, dtype=np.uint8, chunks=label_chunks)
+        target_l: Any = out.create_array(case_id, "label", shape=pc.label.shape, dtype=np.uint8, chunks=label_chunks)
         writes.append(da.store(pc.label, target_l, lock=False, compute=False))
     results = compute(*writes, *([pc.fg_index] if pc.fg_index is not None else []),
                       desc=f"preprocess {case_id}", progress=progress)
