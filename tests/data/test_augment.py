@@ -232,3 +232,18 @@ def test_gamma_matches_batchgenerators(rng, invert) -> None:
         np.testing.assert_allclose(out[b].numpy(), _batchgenerators_gamma(image[b].numpy(), gamma[b], invert),
                                    rtol=1e-4, atol=1e-3)
     assert torch.equal(out[1], image[1])
+
+
+def test_nnunet_rotation_rules_for_anisotropic_and_elongated_patches() -> None:
+    cfg = AugmentConfig(p_rotation=1.0, p_scale=1.0)
+    aniso = (16, 160, 160)
+    assert cfg.is_in_plane(aniso)
+    assert not cfg.is_in_plane((80, 160, 160))
+    assert enlarged_patch_size(aniso, cfg)[0] == 16  # z is neither rotated nor scaled
+    p = sample_params(np.random.default_rng(0), 16, n_channels=1, spatial_dims=3, config=cfg, patch_size=aniso)
+    np.testing.assert_allclose(p.matrix[:, 0], np.tile([1.0, 0.0, 0.0], (16, 1)), atol=1e-12)
+    np.testing.assert_allclose(p.matrix[:, :, 0], np.tile([1.0, 0.0, 0.0], (16, 1)), atol=1e-12)
+    assert math.isclose(cfg.max_rotation_rad(2, (64, 256)), math.radians(15))
+    assert math.isclose(cfg.max_rotation_rad(2, (128, 128)), math.radians(180))
+    assert math.isclose(cfg.max_rotation_rad(3, (80, 160, 160)), math.radians(30))
+    assert not AugmentConfig(in_plane=False).is_in_plane(aniso)

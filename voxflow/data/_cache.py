@@ -77,8 +77,9 @@ def read_box_cached(array: Any, box: Sequence[slice], cache: ChunkCache, key: Ha
         union = np.asarray(array[head + tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))])
         for b in blocks:
             sl = tuple(slice(i * c - a, min((i + 1) * c, n) - a) for i, c, a, n in zip(b, chunk, lo, shape, strict=True))
-            found[b] = np.ascontiguousarray(union[head + sl])
-            cache.put((key, b), found[b])
+            block = np.ascontiguousarray(union[head + sl])
+            found[b] = block
+            cache.put((key, b), block)
     out = np.empty(lead + tuple(s.stop - s.start for s in box), dtype=array.dtype)
     for b, data in found.items():
         src, dst = [], []

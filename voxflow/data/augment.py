@@ -10,9 +10,11 @@ Defaults (:class:`AugmentConfig`) follow nnU-Net v2's training transforms, in nn
 ==========================  ===========================================================  ======
 transform                   parameters                                                   p
 ==========================  ===========================================================  ======
-rotation                    each axis U(-30°, 30°) in 3D (about the patch axis in 2D:   0.2
-                            U(-180°, 180°))
-scaling                     one isotropic factor, U(0.7, 1) or U(1, 1.4) (half each)      0.2
+rotation                    each axis U(-30°, 30°) in 3D; 2D U(-180°, 180°) (±15° for     0.2
+                            patches with aspect > 1.5); anisotropic 3D patches (largest
+                            axis > 3x z): about z only, U(-180°, 180°) ("dummy 2D")
+scaling                     one isotropic factor, U(0.7, 1) or U(1, 1.4) (half each);     0.2
+                            in-plane only for anisotropic 3D patches
 elastic (off by default)    smooth random displacement, ``elastic_magnitude_vox``        0.0
 Gaussian noise              variance U(0, 0.1), all channels                              0.1
 Gaussian blur               sigma U(0.5, 1) per channel; each channel with p 0.5          0.2
@@ -32,7 +34,7 @@ as in nnU-Net: it commutes exactly with brightness, contrast, gamma and blur, an
 with noise and low-resolution simulation. Deep supervision
 targets are the final label resized with nearest-exact to each ``ds_scales`` size. nnU-Net's order-3
 image interpolation is linear here (torch has no 3D cubic ``grid_sample``); its "dummy 2D"
-augmentation for strongly anisotropic patches is not done.
+augmentation is approximated by rotating/scaling in-plane (one 3D grid), not slice by slice.
 """
 
 from __future__ import annotations
@@ -65,12 +67,15 @@ Range = tuple[float, float]
 class AugmentConfig:
     """Probabilities (per sample unless named ``per_channel``) and ranges of each transform.
 
-    ``rotation_deg=None`` means nnU-Net's default: 30° for 3D patches, 180° for 2D.
+    ``rotation_deg=None`` means nnU-Net's default for the patch (see :meth:`max_rotation_rad`);
+    ``in_plane`` restricts 3D rotation/scaling to the (y, x) plane (``None``: nnU-Net's rule for
+    anisotropic patches, :meth:`is_in_plane`).
     ``mirror_axes`` are spatial axes of the patch (0 = z, 1 = y, 2 = x in 3D; 0 = y, 1 = x in 2D).
     """
 
     p_rotation: float = 0.2
     rotation_deg: float | None = None
+    in_plane: bool | None = None
     p_scale: float = 0.2
     scale_range: Range = (0.7, 1.4)
     p_elastic: float = 0.0
@@ -104,9 +109,26 @@ class AugmentConfig:
                 raise ValueError(f"{name} must be (low, high) with 0 < low <= high; got {getattr(self, name)!r}")
         object.__setattr__(self, "mirror_axes", tuple(int(a) for a in self.mirror_axes))
 
-    def max_rotation_rad(self, spatial_dims: int) -> float:
-        deg = self.rotation_deg if self.rotation_deg is not None else (180.0 if spatial_dims == 2 else 30.0)
-        return math.radians(deg) if self.p_rotation > 0 else 0.0
+    def max_rotation_rad(self, spatial_dims: int, patch_size: Sequence[int] | None = None) -> float:
+        """Largest rotation angle; ``rotation_deg=None`` follows nnU-Net: 2D 180° (15° for patches
+        with an aspect ratio above 1.5), 3D 30° (180° about z for in-plane-only patches)."""
+        if self.p_rotation == 0:
+            return 0.0
+        if self.rotation_deg is not None:
+            return math.radians(self.rotation_deg)
+        if spatial_dims == 2:
+            elongated = patch_size is not None and max(patch_size) / min(patch_size) > 1.5
+            return math.radians(15.0 if elongated else 180.0)
+        return math.radians(180.0 if self.is_in_plane(patch_size) else 30.0)
+
+    def is_in_plane(self, patch_size: Sequence[int] | None) -> bool:
+        """Rotate and scale only in the (y, x) plane: ``in_plane``, or with ``in_plane=None``
+        nnU-Net's "dummy 2D" rule for a 3D patch whose largest axis exceeds 3x its z size."""
+        if patch_size is not None and len(patch_size) != 3:
+            return False
+        if self.in_plane is not None:
+            return self.in_plane
+        return patch_size is not None and max(patch_size) / patch_size[0] > 3.0
 
     @classmethod
     def off(cls) -> AugmentConfig:
@@ -137,26 +159,29 @@ def _rotation(angles: Sequence[float]) -> np.ndarray:
 def enlarged_patch_size(final_patch_size: Sequence[int], config: AugmentConfig) -> tuple[int, ...]:
     """Patch to read so that rotation and scaling rarely pull in zero padding (nnU-Net's ``get_patch_size``).
 
-    Per axis, the largest extent of the final patch rotated about each axis in turn by any angle up
-    to the maximum, times ``min(scale_range[1], 1 / 0.85)`` -- nnU-Net's compromise between
+    Per axis, the largest extent of the final patch rotated about each axis in turn (only about z
+    for in-plane augmentation, which leaves z as it is) by any angle up to the maximum, times ``min(scale_range[1], 1 / 0.85)`` -- nnU-Net's compromise between
     coverage at the largest zoom-out and read cost; combined rotations and stronger zoom-out pull
     in some zero padding at the corners, as in nnU-Net. Rounded up so that the difference to the
     final size is even (exact centre crop). Without rotation and scaling: the final size itself.
     """
     final = np.asarray(final_patch_size, dtype=float)
     dims = len(final)
-    rot = config.max_rotation_rad(dims)
+    rot = config.max_rotation_rad(dims, final_patch_size)
     if rot == 0.0 and config.p_scale == 0.0:
         return tuple(int(v) for v in final)
+    in_plane = config.is_in_plane(final_patch_size)
     extent = final.copy()
     half = np.array(list(itertools.product(*[(-v / 2, v / 2) for v in final]))).T
-    for axis in range(1 if dims == 2 else 3):
+    for axis in range(1 if dims == 2 or in_plane else 3):
         for a in np.linspace(-min(rot, math.pi), min(rot, math.pi), 181):
             angles = [0.0] * (1 if dims == 2 else 3)
             angles[axis] = float(a)
             extent = np.maximum(extent, 2 * np.abs(_rotation(angles) @ half).max(axis=1))
     if config.p_scale > 0:
         extent = extent * max(1.0, min(config.scale_range[1], 1 / 0.85))
+    if in_plane:
+        extent[0] = final[0]
     out = np.ceil(extent - 1e-6).astype(int)
     out += (out - final.astype(int)) % 2
     return tuple(int(v) for v in out)
@@ -206,17 +231,21 @@ def _where(rng: np.random.Generator, p: float, values: np.ndarray, neutral: floa
 
 def _spatial_params(rng: np.random.Generator, b: int, d: int, cfg: AugmentConfig,
                     patch_size: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    rot_max = cfg.max_rotation_rad(d)
+    rot_max = cfg.max_rotation_rad(d, patch_size)
+    in_plane = cfg.is_in_plane(patch_size)
     do_rot = rng.random(b) < cfg.p_rotation
     do_scale = rng.random(b) < cfg.p_scale
     angles = rng.uniform(-rot_max, rot_max, (b, 1 if d == 2 else 3))
+    if in_plane:
+        angles[:, 1:] = 0.0  # rotation about z only
     scale = _two_sided(rng, cfg.scale_range, b)
     matrix = np.tile(np.eye(d), (b, 1, 1))
     for i in range(b):
         if do_rot[i]:
             matrix[i] = _rotation(angles[i])
         if do_scale[i]:
-            matrix[i] = matrix[i] * scale[i]
+            factors = np.array([1.0, scale[i], scale[i]]) if in_plane else np.full(d, scale[i])
+            matrix[i] = matrix[i] * factors[None, :]
     do_el = rng.random(b) < cfg.p_elastic
     elastic = None
     if do_el.any():
@@ -230,7 +259,8 @@ def sample_params(rng: np.random.Generator, batch_size: int, *, n_channels: int,
                   config: AugmentConfig | None = None, patch_size: Sequence[int] | None = None) -> Params:
     """Draw the augmentation parameters of one batch (numpy only; cheap).
 
-    ``patch_size`` (the final patch, ``spatial_dims`` entries) is needed only for elastic deformation.
+    ``patch_size`` (the final patch, ``spatial_dims`` entries) sets the elastic control grid and
+    nnU-Net's patch-dependent rotation rules (:meth:`AugmentConfig.max_rotation_rad`).
     """
     cfg = (config or AugmentConfig()).for_spatial_dims(spatial_dims)
     b, c, d = batch_size, n_channels, spatial_dims
