@@ -227,3 +227,11 @@ def test_custom_memory_estimator_is_used() -> None:
     cfg = plan_experiment(fp, gpu_memory_gb=1, memory_estimator=per_voxel).configuration("3d_fullres")
     assert calls
     assert math.prod(cfg.patch_size_vox) * cfg.batch_size * 1024 <= GIB
+
+
+def test_large_isotropic_data_gets_nnunets_default_patch() -> None:
+    fp = make_fp([(256, 256, 256)] * 6, [(1.0, 1.0, 1.0)] * 6)
+    cfg = plan_experiment(fp).configuration("3d_fullres")
+    assert cfg.patch_size_vox == (128, 128, 128)
+    assert cfg.batch_size == 2
+    assert 6.0 < cfg.estimated_memory_gb <= 8.0
