@@ -34,8 +34,8 @@ def test_output_shapes_follow_deep_supervision_scales(architecture: str, dims: i
     scales = deep_supervision_scales(spec)
     assert isinstance(outs, list)
     assert len(outs) == len(scales) == 2
-    for out, scale in zip(outs, scales):
-        assert out.shape == (2, 3, *(int(s * f) for s, f in zip(spatial, scale)))
+    for out, scale in zip(outs, scales, strict=True):
+        assert out.shape == (2, 3, *(int(s * f) for s, f in zip(spatial, scale, strict=True)))
     net.eval()
     with torch.no_grad():
         assert net(x).shape == (2, 3, *spatial)

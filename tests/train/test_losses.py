@@ -62,7 +62,9 @@ def test_ignore_label_voxels_do_not_count() -> None:
 def test_regions_use_sigmoid_per_region() -> None:
     meta = DatasetMeta(channel_names=("t1",), labels={"background": 0, "whole": [1, 2], "core": [2]})
     labels = LabelSpec.from_meta(meta)
-    assert labels.uses_regions and labels.num_outputs == 2 and labels.regions == ((1, 2), (2,))
+    assert labels.uses_regions
+    assert labels.num_outputs == 2
+    assert labels.regions == ((1, 2), (2,))
     target = torch.tensor([0, 1, 2, 2]).reshape(1, 1, 4, 1, 1)
     masks = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.float32).reshape(1, 2, 4, 1, 1)
     perfect = (masks * 2 - 1) * 20
@@ -87,7 +89,7 @@ def test_class_weighted_ce() -> None:
     got = SegmentationLoss(SOFTMAX, kind="ce", class_weights=w)(logits, target)
     per_voxel = [math.log(2), -math.log(0.75), math.log(2), -math.log(0.75)]
     weights = [1, 3, 3, 1]
-    assert float(got) == pytest.approx(sum(a * b for a, b in zip(per_voxel, weights)) / sum(weights), rel=1e-6)
+    assert float(got) == pytest.approx(sum(a * b for a, b in zip(per_voxel, weights, strict=True)) / sum(weights), rel=1e-6)
 
 
 def test_deep_supervision_weights_halve_and_normalise() -> None:

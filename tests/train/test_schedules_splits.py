@@ -32,17 +32,21 @@ def test_optimizers_by_name() -> None:
     params = [torch.nn.Parameter(torch.zeros(2))]
     sgd = build_optimizer(params, TrainSpec())
     assert isinstance(sgd, torch.optim.SGD)
-    assert sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.99 and sgd.defaults["weight_decay"] == 3e-5
+    assert sgd.defaults["nesterov"]
+    assert sgd.defaults["momentum"] == 0.99
+    assert sgd.defaults["weight_decay"] == 3e-5
     assert isinstance(build_optimizer(params, TrainSpec(optimizer="adamw", lr=1e-3)), torch.optim.AdamW)
 
 
 def test_splits_are_seeded_disjoint_and_grouped() -> None:
     ids = [f"c{i}" for i in range(11)]
     a, b = make_splits(ids), make_splits(ids)
-    assert a == b and len(a) == 5
+    assert a == b
+    assert len(a) == 5
     assert sorted(c for f in a for c in f["val"]) == sorted(ids)
     for f in a:
-        assert set(f["train"]).isdisjoint(f["val"]) and set(f["train"]) | set(f["val"]) == set(ids)
+        assert set(f["train"]).isdisjoint(f["val"])
+        assert set(f["train"]) | set(f["val"]) == set(ids)
     groups = {c: f"patient{i // 3}" for i, c in enumerate(ids)}
     for f in make_splits(ids, groups=groups):
         val_groups = {groups[c] for c in f["val"]}

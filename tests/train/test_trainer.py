@@ -37,7 +37,9 @@ def test_smoke_loss_decreases_and_run_dir_is_complete(tmp_path: Path) -> None:
         assert (run_dir / name).is_file(), name
     assert "epoch 2" in (run_dir / "training_log.txt").read_text()
     net, cfg, meta = load_model(run_dir / "checkpoint_final.pt")
-    assert not net.training and cfg.name == "tiny" and meta.labels["lesion"] == 2
+    assert not net.training
+    assert cfg.name == "tiny"
+    assert meta.labels["lesion"] == 2
     assert net(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
     assert json.loads(work.splits.read_text())  # splits made on first use
 
@@ -50,7 +52,8 @@ def test_2d_residual_config_and_options(tmp_path: Path) -> None:
                          validate_cases=False, overrides={"train.epochs": 6})
     ckpt = load_checkpoint(run_dir / "checkpoint_final.pt")
     state = ckpt["trainer_state"]
-    assert len(state["class_weights"]) == 3 and state["class_weights"][2] > state["class_weights"][0]
+    assert len(state["class_weights"]) == 3
+    assert state["class_weights"][2] > state["class_weights"][0]
     m = _metrics(run_dir)
     # early stopping: patience 1 stops at the first epoch without a new best EMA
     stopped = state["stopped_early"]
@@ -72,7 +75,8 @@ def test_cli_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert res.exit_code == 0, res.output
     assert len(_metrics(work.run_dir("tiny", 1))) == 1
     res = CliRunner().invoke(main, ["train", str(work.root), "-c", "tiny", "--set", "train.epoch=3"])
-    assert res.exit_code != 0 and "Did you mean 'epochs'" in res.output
+    assert res.exit_code != 0
+    assert "Did you mean 'epochs'" in res.output
 
 
 _CHILD = """
@@ -108,7 +112,8 @@ def test_sigkill_then_resume_finishes_with_the_right_schedule(tmp_path: Path) ->
     resume = {"loader_factory": fake_build_loader, "num_workers": 0, "validate_cases": False, "resume": True}
     train_fold(work, "tiny", 0, **resume)
     final = load_checkpoint(run_dir / "checkpoint_final.pt")
-    assert final["epoch"] == epochs and final["trainer_state"]["epoch"] == epochs
+    assert final["epoch"] == epochs
+    assert final["trainer_state"]["epoch"] == epochs
     m = _metrics(run_dir)
     assert [r["epoch"] for r in m] == list(range(epochs))
     spec = TrainSpec(epochs=epochs)

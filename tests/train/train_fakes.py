@@ -13,7 +13,14 @@ import numpy as np
 import torch
 
 from voxflow.geometry import Geometry
-from voxflow.plan.schema import ChannelNormalization, Configuration, NetworkSpec, Plan, ResamplingSpec, TrainSpec
+from voxflow.plan.schema import (
+    ChannelNormalization,
+    Configuration,
+    NetworkSpec,
+    Plan,
+    ResamplingSpec,
+    TrainSpec,
+)
 from voxflow.store import DatasetMeta, Store
 from voxflow.testing import synthetic_case
 from voxflow.workspace import Workspace
@@ -85,13 +92,13 @@ class FakeLoader:
         imgs, labs = [], []
         for _ in range(self.config.batch_size):
             image, label = self.cases[rng.integers(len(self.cases))]
-            hi = [s - q for s, q in zip(label.shape, p)]
+            hi = [s - q for s, q in zip(label.shape, p, strict=True)]
             if rng.random() < 0.5 and (label > 0).any():
                 fg = np.argwhere(label > 0)[rng.integers(int((label > 0).sum()))]
-                lo = [int(np.clip(c - q // 2, 0, h)) for c, q, h in zip(fg, p, hi)]
+                lo = [int(np.clip(c - q // 2, 0, h)) for c, q, h in zip(fg, p, hi, strict=True)]
             else:
                 lo = [int(rng.integers(h + 1)) for h in hi]
-            sl = tuple(slice(a, a + q) for a, q in zip(lo, p))
+            sl = tuple(slice(a, a + q) for a, q in zip(lo, p, strict=True))
             imgs.append(image[(slice(None), *sl)])
             labs.append(label[sl][None])
         image = torch.from_numpy(np.stack(imgs))

@@ -70,7 +70,7 @@ class ResidualBlock(nn.Module):
         skip: list[nn.Module] = []
         if any(s != 1 for s in stride):
             pool = nn.AvgPool3d if dims == 3 else nn.AvgPool2d
-            skip.append(pool(tuple(stride), tuple(stride)))
+            skip.append(pool(tuple(stride), tuple(stride)))  # type: ignore[arg-type]
         if in_ch != out_ch:
             skip.append(ConvNormAct(dims, in_ch, out_ch, (1,) * dims, (1,) * dims, act=False))
         self.skip = nn.Sequential(*skip) if skip else nn.Identity()

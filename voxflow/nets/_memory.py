@@ -30,7 +30,7 @@ def _stage_voxels(spec: NetworkSpec, patch_size_vox: Sequence[int]) -> list[int]
     patch = list(patch_size_vox)[-spec.spatial_dims:]
     out, cur = [], patch
     for st in spec.strides:
-        cur = [max(1, c // s) for c, s in zip(cur, st)]
+        cur = [max(1, c // s) for c, s in zip(cur, st, strict=True)]
         out.append(math.prod(cur))
     return out
 

@@ -78,11 +78,12 @@ class _SegmentationNet(nn.Module):
     """Shared deep-supervision switch and output selection."""
 
     deep_supervision: bool
+    heads: nn.ModuleList
 
     def _outputs(self, decoded: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         """``decoded[s]`` is the decoder feature map at stage s (full resolution first)."""
         if self.deep_supervision and self.training:
-            return [head(x) for head, x in zip(self.heads, decoded)]
+            return [head(x) for head, x in zip(self.heads, decoded, strict=True)]
         return self.heads[0](decoded[0])
 
 

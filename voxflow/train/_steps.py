@@ -70,7 +70,7 @@ def confusion_counts(logits: torch.Tensor, target: torch.Tensor, labels: LabelSp
     ignore-label voxels excluded. ``logits`` (B, K, ...), ``target`` (B, 1, ...)."""
     target = target.long()
     valid = (target != labels.ignore_label) if labels.ignore_label is not None else torch.ones_like(target, dtype=torch.bool)
-    if labels.uses_regions:
+    if labels.regions is not None:
         pred = torch.sigmoid(logits.float()) > 0.5
         gt = region_targets(target, labels.regions).bool()
     else:
@@ -89,7 +89,7 @@ def pseudo_dice(counts: torch.Tensor) -> list[float]:
     absent from both prediction and reference."""
     tp, fp, fn = counts
     denom = 2 * tp + fp + fn
-    return [float(2 * t / d) if d > 0 else float("nan") for t, d in zip(tp, denom)]
+    return [float(2 * t / d) if d > 0 else float("nan") for t, d in zip(tp, denom, strict=True)]
 
 
 @torch.no_grad()

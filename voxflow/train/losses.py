@@ -77,6 +77,7 @@ class SegmentationLoss(nn.Module):
         self.smooth = smooth
         self.weight_dice = weight_dice if kind != "ce" else 0.0
         self.weight_ce = weight_ce if kind != "dice" else 0.0
+        self.class_weights: torch.Tensor | None
         self.register_buffer("class_weights", class_weights, persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -84,21 +85,14 @@ class SegmentationLoss(nn.Module):
         target = target.long()
         ign = self.labels.ignore_label
         mask = (target != ign).float() if ign is not None else None
-        n_valid = mask.sum().clamp(min=1.0) if mask is not None else None
-        if self.labels.uses_regions:
+        if self.labels.regions is not None:
             onehot = region_targets(target, self.labels.regions)
             ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
             probs, dice_classes = torch.sigmoid(logits), slice(None)
-            ce = (ce * mask).sum() / (n_valid * onehot.shape[1]) if mask is not None else ce.mean()
+            ce = (ce * mask).sum() / (mask.sum().clamp(min=1.0) * onehot.shape[1]) if mask is not None else ce.mean()
         else:
             t = torch.where(target == ign, 0, target) if ign is not None else target
-            ce = F.cross_entropy(logits, t[:, 0], weight=self.class_weights, reduction="none")
-            if mask is not None:
-                ce = (ce * mask[:, 0]).sum() / n_valid
-            elif self.class_weights is not None:
-                ce = ce.sum() / self.class_weights[t[:, 0]].sum()
-            else:
-                ce = ce.mean()
+            ce = self._ce(logits, t[:, 0], mask)
             probs = torch.softmax(logits, 1)
             onehot = torch.zeros_like(probs).scatter_(1, t, 1.0)
             dice_classes = slice(1, None)
@@ -108,6 +102,16 @@ class SegmentationLoss(nn.Module):
                            batch_dice=self.batch_dice, smooth=self.smooth)
             loss = loss + self.weight_dice * (1.0 - dc.mean())
         return loss
+
+    def _ce(self, logits: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Softmax CE averaged over valid voxels (class-weighted: a weighted mean, as torch's ``mean``)."""
+        w = self.class_weights
+        ce = F.cross_entropy(logits, t, weight=w, reduction="none")
+        if mask is not None:
+            valid = mask[:, 0]
+            denom = (w[t] * valid).sum() if w is not None else valid.sum()
+            return (ce * valid).sum() / denom.clamp(min=1e-8)
+        return ce.sum() / w[t].sum() if w is not None else ce.mean()
 
 
 class DeepSupervisionLoss(nn.Module):
@@ -130,7 +134,7 @@ class DeepSupervisionLoss(nn.Module):
                              f"(build the loader with ds_scales=deep_supervision_scales(spec))")
         weights = self.weights if self.weights is not None else deep_supervision_weights(len(outs))
         total = outs[0].new_zeros(())
-        for w, o, t in zip(weights, outs, tgts):
+        for w, o, t in zip(weights, outs, tgts, strict=False):  # extra targets unused
             if w:
                 if o.shape[2:] != t.shape[2:]:
                     raise ValueError(f"output and target shapes differ at one scale: {tuple(o.shape)} vs "

@@ -38,7 +38,13 @@ from voxflow.plan.schema import Configuration, Plan, atomic_write_json
 from voxflow.store import DatasetMeta, Store
 from voxflow.train import distributed as D
 from voxflow.train._steps import amp_dtype_for, pseudo_dice, train_epoch, validate
-from voxflow.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint, strip_state_dict
+from voxflow.train.checkpoint import (
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    strip_state_dict,
+)
 from voxflow.train.labels import LabelSpec
 from voxflow.train.losses import DeepSupervisionLoss, SegmentationLoss, deep_supervision_weights
 from voxflow.train.monitor import RunMonitor
