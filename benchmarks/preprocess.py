@@ -23,6 +23,8 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -43,18 +45,22 @@ LABELS = {"background": 0, "organ": 1, "lesion": 2}
 
 
 class PeakRSS:
-    """Samples the summed RSS of this process and all its descendants every ``interval`` s."""
+    """Samples the summed RSS of process ``pid`` and all its descendants every ``interval`` s."""
 
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+    def __init__(self, pid: int, interval: float = 0.05):
+        self.pid, self.interval, self.peak, self._stop = pid, interval, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> int:
-        me = psutil.Process()
-        total = me.memory_info().rss
-        for child in me.children(recursive=True):
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        total = 0
+        for proc in procs:
             try:
-                total += child.memory_info().rss
+                total += proc.memory_info().rss
             except psutil.Error:
                 pass
         return total
@@ -65,13 +71,38 @@ class PeakRSS:
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakRSS:
-        self.peak = self._sample()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _measure(call: str) -> dict[str, Any]:
+    """Run ``call`` (an expression on this module, imported as ``B``) in a fresh Python process:
+    wall seconds (measured inside it) and peak RSS of its process tree (sampled from outside)."""
+    code = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parent)!r}); import preprocess as B; "
+            f"t = time.perf_counter(); {call}; print('__WALL__', time.perf_counter() - t)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    with PeakRSS(proc.pid) as rss:
+        out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark step failed ({proc.returncode}): {call}")
+    wall = float(out.split("__WALL__")[1].split()[0])
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(rss.peak / 2**20)}
+
+
+def run_voxflow(src: str, plans: str, out: str, scheduler: str, memory_limit: str | None) -> None:
+    run_preprocess(src, Plan.load(plans), "3d_fullres", out, scheduler=scheduler, memory_limit=memory_limit,
+                   overwrite=True, progress=False)
+
+
+def run_baseline(src: str, plans: str, out: str) -> None:
+    cfg = Plan.load(plans).configuration("3d_fullres")
+    Store.create(out, Store.open(src).meta, overwrite=True)
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(_baseline_case, [(src, out, c, cfg) for c in Store.open(src).case_ids()]))
 
 
 def _config(spacing_zyx, *, separate_z: bool, norm: ChannelNormalization, patch=(64, 128, 128)) -> Configuration:
@@ -143,23 +174,15 @@ def bench_dataset(work: Path, n_cases: int, shape, scheduler: str) -> dict[str, 
     src = make_ct_store(work / "ct.zarr", n_cases, tuple(shape))
     norm = ChannelNormalization(scheme="ct", mean=60.0, std=40.0, lower=-100.0, upper=200.0)
     cfg = _config((2.0, 1.0, 1.0), separate_z=True, norm=norm)
-    plan = Plan(channel_names=("CT",), labels=LABELS, configurations={"3d_fullres": cfg})
+    Plan(channel_names=("CT",), labels=LABELS, configurations={"3d_fullres": cfg}).save(work / "plans_a.json")
     voxels = n_cases * int(np.prod(shape))
-    with PeakRSS() as rss:
-        t = time.perf_counter()
-        run_preprocess(src, plan, "3d_fullres", work / "pp.zarr", scheduler=scheduler, overwrite=True, progress=False)
-        wall = time.perf_counter() - t
-    ours = {"wall_s": round(wall, 2), "voxels_per_s": round(voxels / wall), "peak_rss_mb": round(rss.peak / 2**20)}
-    Store.create(work / "baseline.zarr", Store.open(work / "pp.zarr").meta, overwrite=True)
-    with PeakRSS() as rss:
-        t = time.perf_counter()
-        with ProcessPoolExecutor(2) as pool:
-            list(pool.map(_baseline_case, [(str(src.path), str(work / "baseline.zarr"), c, cfg)
-                                           for c in src.case_ids()]))
-        wall_b = time.perf_counter() - t
-    base = {"wall_s": round(wall_b, 2), "voxels_per_s": round(voxels / wall_b), "peak_rss_mb": round(rss.peak / 2**20)}
+    args = f"{str(src.path)!r}, {str(work / 'plans_a.json')!r}"
+    ours = _measure(f"B.run_voxflow({args}, {str(work / 'pp.zarr')!r}, {scheduler!r}, None)")
+    base = _measure(f"B.run_baseline({args}, {str(work / 'baseline.zarr')!r})")
+    for r in (ours, base):
+        r["voxels_per_s"] = round(voxels / r["wall_s"])
     return {"cases": n_cases, "shape_zyx": list(shape), "scheduler": scheduler, "voxflow": ours,
-            "scipy_2_processes": base, "speedup_vs_baseline": round(wall_b / wall, 2)}
+            "scipy_2_processes": base, "speedup_vs_baseline": round(base["wall_s"] / ours["wall_s"], 2)}
 
 
 def make_big_store(path: Path, shape, chunks=(64, 128, 128)) -> Store:
@@ -180,16 +203,12 @@ def make_big_store(path: Path, shape, chunks=(64, 128, 128)) -> Store:
 def bench_big(work: Path, shape, scheduler: str, memory_limit: str | None) -> dict[str, Any]:
     src = make_big_store(work / "big.zarr", tuple(shape))
     cfg = _config((1.25, 1.25, 1.25), separate_z=False, norm=ChannelNormalization(scheme="zscore"))
-    plan = Plan(channel_names=("MR",), labels={"background": 0}, configurations={"3d_fullres": cfg})
+    Plan(channel_names=("MR",), labels={"background": 0}, configurations={"3d_fullres": cfg}).save(work / "plans_b.json")
     voxels = int(np.prod(shape))
-    with PeakRSS() as rss:
-        t = time.perf_counter()
-        run_preprocess(src, plan, "3d_fullres", work / "big_pp.zarr", scheduler=scheduler,
-                       memory_limit=memory_limit, overwrite=True, progress=False)
-        wall = time.perf_counter() - t
+    r = _measure(f"B.run_voxflow({str(src.path)!r}, {str(work / 'plans_b.json')!r}, {str(work / 'big_pp.zarr')!r}, "
+                 f"{scheduler!r}, {memory_limit!r})")
     return {"shape_zyx": list(shape), "gb_float32": round(voxels * 4 / 1e9, 2), "order": 3,
-            "scheduler": scheduler, "wall_s": round(wall, 2), "voxels_per_s": round(voxels / wall),
-            "peak_rss_mb": round(rss.peak / 2**20)}
+            "scheduler": scheduler, **r, "voxels_per_s": round(voxels / r["wall_s"])}
 
 
 def main() -> None:
