@@ -20,15 +20,18 @@ __all__ = ["validate_fold"]
 log = logging.getLogger(__name__)
 
 
-def validate_fold(work: Workspace, configuration: str, fold: int | str, val_ids: Sequence[str], *,
+def validate_fold(work: Workspace, configuration: str, fold: int | str, val_ids: Sequence[str] | None = None, *,
                   device: str = "cpu", tta: bool = True, scheduler: str = "threads") -> dict[str, Any] | None:
-    """Predict ``val_ids`` with ``checkpoint_final.pt`` of the fold and write ``validation/summary.json``;
-    return the evaluation summary, or ``None`` when skipped."""
+    """Predict ``val_ids`` (default: the fold's validation cases in ``splits.json``) with
+    ``checkpoint_final.pt`` of the fold and write ``validation/summary.json``; return the evaluation
+    summary, or ``None`` when skipped."""
     run_dir = work.run_dir(configuration, fold)
     if not (work.dataset_store / "zarr.json").exists():
         log.warning("end-of-fold validation skipped for %s fold %s: no dataset store at %s to predict from",
                     configuration, fold, work.dataset_store)
         return None
+    if val_ids is None:
+        val_ids = _fold_validation_ids(work, configuration, fold)
     try:
         from voxflow.evaluate import evaluate
         from voxflow.infer import predict
@@ -48,3 +51,13 @@ def validate_fold(work: Workspace, configuration: str, fold: int | str, val_ids:
     log.info("validation of %s fold %s: foreground mean Dice %.4f", configuration, fold,
              summary["foreground_mean"].get("dice", float("nan")))
     return summary
+
+
+def _fold_validation_ids(work: Workspace, configuration: str, fold: int | str) -> list[str]:
+    from voxflow.store import Store
+    from voxflow.train.splits import fold_cases, load_or_create_splits
+
+    store = Store.open(work.preprocessed(configuration))
+    case_ids = store.case_ids()
+    splits = load_or_create_splits(work, case_ids, groups=store.meta.extra.get("case_groups"))
+    return fold_cases(splits, fold, case_ids)[1]
