@@ -97,7 +97,6 @@ def test_run_preprocess_resumes_and_overwrites(tmp_path, rng, helpers) -> None:
     out = run_preprocess(src, plan, "3d_fullres", tmp_path / "pp.zarr", progress=False)
     before = out.image("a").compute()
     out.update_case_attrs("b", complete=False)  # as if interrupted while writing b
-    out.zarr_array  # noqa: B018
     marker = out.case_group("a").attrs["voxflow"]
     out = run_preprocess(src, plan, "3d_fullres", tmp_path / "pp.zarr", progress=False)
     assert out.case_ids() == ["a", "b"]
@@ -171,3 +170,13 @@ def test_cli_preprocess(tmp_path, rng, helpers) -> None:
                                     "-c", "3d_fulres"])
     assert bad.exit_code != 0
     assert "Did you mean '3d_fullres'" in bad.output
+
+
+def test_run_preprocess_refuses_a_preprocessed_store_as_input(tmp_path, rng, helpers) -> None:
+    from voxflow.errors import VoxflowError
+
+    src = helpers.write_store(tmp_path / "ds.zarr", {"a": helpers.small_case(rng)})
+    plan = helpers.make_plan(helpers.make_config())
+    out = run_preprocess(src, plan, "3d_fullres", tmp_path / "pp.zarr", progress=False)
+    with pytest.raises(VoxflowError, match="dataset store"):
+        run_preprocess(out, plan, "3d_fullres", tmp_path / "pp2.zarr", progress=False)

@@ -89,6 +89,9 @@ def run_preprocess(store_path: Store | PathLikeStr, plan: Plan | PathLikeStr, co
     src = store_path if isinstance(store_path, Store) else Store.open(store_path)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     config = plan.configuration(configuration)
+    if src.meta.kind != "dataset":
+        raise VoxflowError(f"preprocessing reads a dataset store (kind 'dataset'); got kind {src.meta.kind!r} "
+                           f"for {src.path}. Pass the store written by `voxflow convert`.")
     if config.n_channels != len(src.meta.channel_names):
         raise VoxflowError(
             f"configuration {configuration!r} normalises {config.n_channels} channels; the store {src.path} "
