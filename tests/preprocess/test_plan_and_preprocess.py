@@ -37,3 +37,28 @@ def test_plan_and_preprocess_from_raw_dataset_and_from_store(tmp_path) -> None:
                                       "--preset", "cpu", "-c", "3d_fullres"])
     assert again.exit_code == 0, again.output
     assert "3d_fullres: 2 cases" in again.output
+
+
+def test_plan_and_preprocess_real_hippocampus_cases(tmp_path, shared_data) -> None:
+    """Real MSD data (uint8 and float32 images, a float32 label file) through the whole command."""
+    src = tmp_path / "hippo"
+    for sub in ("images", "labels"):
+        (src / sub).mkdir(parents=True)
+        for name in ("hippocampus_001.nii.gz", "hippocampus_003.nii.gz"):
+            (src / sub / name).symlink_to(shared_data / "hippocampus-dev" / sub / name)
+    ws = Workspace(tmp_path / "work")
+    result = CliRunner().invoke(main, ["plan-and-preprocess", str(src), "--work", str(ws.root), "--preset", "cpu",
+                                       "-c", "3d_fullres"])
+    assert result.exit_code == 0, result.output
+    pp = Store.open(ws.preprocessed("3d_fullres"))
+    norm = Plan.load(ws.plans).configuration("3d_fullres").normalization[0]
+    assert norm.scheme == "zscore"
+    for cid in pp.case_ids():
+        image = pp.image(cid).compute()[0]
+        sel = image[image != 0] if norm.use_mask else image
+        assert abs(float(sel.mean())) < 0.05
+        assert abs(float(sel.std()) - 1.0) < 0.05
+        label = pp.label(cid).compute()
+        fg = pp.zarr_array(cid, "fg_index")[...]
+        assert set(np.unique(label)) == {0, 1, 2}
+        assert (label[fg[:, 1], fg[:, 2], fg[:, 3]] == fg[:, 0]).all()
