@@ -9,6 +9,7 @@ wall time, voxels/s and peak RSS; the script prints one JSON document.
 
     python benchmarks/predict.py --quick               # 1M and 4M voxels (shared machines)
     python benchmarks/predict.py --sizes 32M 128M 512M # the issue's sizes (hours on 2 CPU cores)
+    python benchmarks/predict.py --net pointwise --sizes 4M 32M 128M   # memory scaling, fast
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ SETUP = textwrap.dedent("""
                                                             upper=1500.0),), train=TrainSpec())
     meta = DatasetMeta(channel_names=("CT",), labels={{"background": 0, "organ": 1, "lesion": 2}})
     torch.manual_seed(0)
-    net = build_network(spec, 1, 3).eval()
+    if {net!r} == "unet":
+        net = build_network(spec, 1, 3).eval()
+    else:  # per-voxel network: measures the tiling, accumulation and I/O machinery, not convolutions
+        net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 1), torch.nn.Tanh(), torch.nn.Conv3d(8, 3, 1)).eval()
 """)
 
 VOXFLOW = SETUP + textwrap.dedent("""
@@ -59,7 +63,8 @@ VOXFLOW = SETUP + textwrap.dedent("""
 """)
 
 BASELINE = SETUP + textwrap.dedent("""
-    from voxflow.infer import TilePredictor, sliding_window_predict_in_memory
+    from voxflow.infer import TilePredictor, release_large_allocations, sliding_window_predict_in_memory
+    release_large_allocations()  # same allocator setting as voxflow: the baseline's own needs only
     image = np.concatenate([large_volume_slab(shape, z0, min(z0 + 64, shape[0]))[0]
                             for z0 in range(0, shape[0], 64)])[None].astype(np.float32)
     t = time.perf_counter()
@@ -82,7 +87,8 @@ def shape_for(n_voxels: int) -> tuple[int, int, int]:
     return (z, 2 * z, 2 * z)
 
 
-def run_size(n_voxels: int, *, patch: tuple[int, int, int], cache_mb: int, baseline: bool) -> dict[str, object]:
+def run_size(n_voxels: int, *, patch: tuple[int, int, int], cache_mb: int, baseline: bool,
+             net: str) -> dict[str, object]:
     shape = shape_for(n_voxels)
     voxels = shape[0] * shape[1] * shape[2]
     row: dict[str, object] = {"voxels": voxels, "shape_zyx": list(shape), "patch_size_vox": list(patch)}
@@ -91,7 +97,7 @@ def run_size(n_voxels: int, *, patch: tuple[int, int, int], cache_mb: int, basel
         runs["in_memory_baseline"] = BASELINE
     for name, template in runs.items():
         with tempfile.TemporaryDirectory(prefix="voxflow-bench-") as tmp:
-            code = template.format(shape=shape, tmp=tmp, patch=patch, cache_bytes=cache_mb * 2**20)
+            code = template.format(shape=shape, tmp=tmp, patch=patch, cache_bytes=cache_mb * 2**20, net=net)
             peak, out = run_with_memory_cap(code, timeout=6 * 3600)
         wall = json.loads(out.strip().splitlines()[-1])["wall_s"]
         row[name] = {"wall_s": round(wall, 2), "voxels_per_s": round(voxels / wall), "peak_rss_mb": round(peak / 2**20)}
@@ -106,12 +112,15 @@ def main() -> None:
     ap.add_argument("--patch", type=int, nargs=3, default=(32, 64, 64), metavar=("Z", "Y", "X"))
     ap.add_argument("--cache-mb", type=int, default=256, help="accumulator cache before spilling")
     ap.add_argument("--no-baseline", action="store_true", help="skip the in-memory baseline")
+    ap.add_argument("--net", choices=("unet", "pointwise"), default="unet",
+                    help="unet: 3-stage U-Net (8-32 features); pointwise: 1x1x1 convs (machinery only, fast)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sizes = ["1M", "4M"] if args.quick else args.sizes
-    rows = [run_size(parse_size(s), patch=tuple(args.patch), cache_mb=args.cache_mb, baseline=not args.no_baseline)
-            for s in sizes]
-    print(json.dumps({"benchmark": "predict", "step": 0.5, "tta": False, "results": rows}, indent=2))
+    rows = [run_size(parse_size(s), patch=tuple(args.patch), cache_mb=args.cache_mb, baseline=not args.no_baseline,
+                     net=args.net) for s in sizes]
+    print(json.dumps({"benchmark": "predict", "net": args.net, "step": 0.5, "tta": False,
+                      "cache_mb": args.cache_mb, "results": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -132,3 +132,20 @@ def test_accumulator_spills_with_a_small_cache_and_cleans_up(tmp_path, rng: np.r
                                  cache_bytes=3 * 4 * 512 * 4, scratch_dir=tmp_path)
     np.testing.assert_allclose(got, ref, atol=2e-6)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_custom_importance_map(rng: np.random.Generator, conv_net) -> None:  # noqa: ANN001
+    """A uniform map gives the plain mean over overlapping tiles; a wrong map is rejected."""
+    pred = TilePredictor(conv_net(seed=9))
+    img = rng.normal(size=(1, 6, 12, 12)).astype(np.float32)
+    got = sliding_window_predict(img, pred, patch_size_vox=(6, 8, 8), n_classes=3,
+                                 importance_map=np.ones((6, 8, 8), np.float32))
+    grid = tile_grid(img.shape[1:], (6, 8, 8))
+    acc, n = np.zeros((3, 6, 12, 12)), np.zeros((6, 12, 12))
+    for start in grid.tiles():
+        sl = tuple(slice(s, s + p) for s, p in zip(start, (6, 8, 8)))
+        acc[(slice(None), *sl)] += pred(img[(slice(None), *sl)][None]).numpy()[0]
+        n[sl] += 1
+    np.testing.assert_allclose(got, acc / n, atol=1e-6)
+    with pytest.raises(ValueError, match="importance_map must have the patch shape"):
+        sliding_window_predict(img, pred, patch_size_vox=(6, 8, 8), n_classes=3, importance_map=np.ones((6, 8, 7)))

@@ -40,7 +40,7 @@ def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: 
                            n_classes: int, out: Any = None, step: float = 0.5, batch_size: int = 1,
                            cache_bytes: int = 512 * 2**20, block_zyx: Sequence[int] | None = None,
                            scratch_dir: str | Path | None = None, progress: bool = False,
-                           desc: str = "tiles") -> Any:
+                           desc: str = "tiles", importance_map: np.ndarray | None = None) -> Any:
     """Predict class probabilities of a (C, Z, Y, X) volume tile by tile.
 
     Each tile's probabilities are weighted with :func:`gaussian_importance_map` and accumulated by a
@@ -55,6 +55,8 @@ def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: 
     out : (K, Z, Y, X) destination (e.g. a float32 Zarr array); a numpy array when ``None``.
     block_zyx : accumulation block; defaults to ``out``'s spatial chunks, or the patch size.
     cache_bytes : memory for partial blocks before they spill to ``scratch_dir``.
+    importance_map : tile weights of shape ``patch_size_vox`` instead of
+        :func:`gaussian_importance_map` (e.g. nnU-Net's own map for nnU-Net models); all > 0.
     """
     shape = tuple(int(s) for s in image.shape[1:])
     grid = tile_grid(shape, patch_size_vox, step=step)
@@ -65,7 +67,12 @@ def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: 
         block_zyx = tuple(chunks[1:]) if chunks is not None else tuple(grid.patch_size_vox)
     starts = grid.tiles()
     boxes = [grid.region(s) for s in starts]
-    gauss = torch.from_numpy(gaussian_importance_map(grid.patch_size_vox))
+    if importance_map is None:
+        importance_map = gaussian_importance_map(grid.patch_size_vox)
+    elif tuple(np.shape(importance_map)) != tuple(grid.patch_size_vox) or not np.all(np.asarray(importance_map) > 0):
+        raise ValueError(f"importance_map must have the patch shape {tuple(grid.patch_size_vox)} and positive "
+                         f"values; got shape {np.shape(importance_map)}.")
+    gauss = torch.from_numpy(np.ascontiguousarray(importance_map, dtype=np.float32))
     gauss_np = gauss.numpy()
     gauss_on: dict[torch.device, torch.Tensor] = {}
     with TileAccumulator(out, [b[0] for b in boxes], block_zyx=block_zyx, cache_bytes=cache_bytes,
