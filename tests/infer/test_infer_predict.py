@@ -198,3 +198,21 @@ def test_region_dataset_uses_sigmoid_and_regions_class_order(tmp_path: Path, mak
     clear = (np.abs(probs - 0.5) > 1e-2).all(0)
     np.testing.assert_array_equal(label[clear], expected[clear])
     assert not np.allclose(probs.sum(0), 1.0)  # independent sigmoids, not a softmax
+
+
+def test_2d_configuration_predicts_slice_by_slice(tmp_path: Path, meta, write_store) -> None:  # noqa: ANN001
+    from voxflow.plan.schema import ChannelNormalization, Configuration, NetworkSpec, ResamplingSpec, TrainSpec
+
+    spec = NetworkSpec(spatial_dims=2, n_stages=1, features_per_stage=(4,), kernel_sizes=((3, 3),),
+                       strides=((1, 1),), n_blocks_per_stage=(1,), n_conv_per_stage_decoder=())
+    cfg = Configuration(name="2d", spacing_zyx=(1.5, 1.0, 1.0), median_shape_vox=(5, 9, 30), patch_size_vox=(1, 16, 16),
+                        batch_size=4, normalization=(ChannelNormalization(scheme="zscore"),),
+                        resampling=ResamplingSpec(), network=spec, train=TrainSpec(mirror_axes=(0, 1, 2)))
+    torch.manual_seed(0)
+    net2d = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1)).eval()
+    src = write_store(tmp_path / "ds.zarr", meta, SHAPES[1:])
+    out = predict(src, tmp_path / "out", models=[(net2d, cfg, meta)], save_probabilities=True, progress=False,
+                  export=False)
+    probs = out.array("case_000", "probs").compute().astype(np.float32)
+    assert probs.shape == (3, *SHAPES[1])
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=3e-3)
