@@ -21,11 +21,12 @@ import zarr
 
 from voxflow.cluster import compute, scheduler_context
 from voxflow.infer._export import export_labels
-from voxflow.infer._inputs import open_input, prepare_case
+from voxflow.infer._inputs import open_input
 from voxflow.infer._undo import probabilities_to_label, uncrop
 from voxflow.nnunet._model import NnunetModel, load_nnunet_model
-from voxflow.nnunet._translate import case_configuration, separate_z_axis
-from voxflow.preprocess import resample_to_shape
+from voxflow.nnunet._preprocess import clip_bounds, nnunet_gaussian, normalized_crop, resample_like_nnunet
+from voxflow.nnunet._translate import NnunetModelError, case_configuration, separate_z_axis
+from voxflow.preprocess import nonzero_bbox, resample_to_shape, target_shape
 from voxflow.store import DEFAULT_CHUNKS_ZYX, DatasetMeta, Store
 
 __all__ = ["NnunetTilePredictor", "predict_nnunet"]
@@ -100,15 +101,25 @@ def _predict_case(src: Store, out: Store, model: NnunetModel, predictor: NnunetT
 
     spec, geom = model.spec, src.geometry(case_id)
     cfg = case_configuration(spec, geom.spacing_zyx)
-    prep = prepare_case(src, case_id, cfg)
+    raw = src.image(case_id)
+    if raw.shape[0] != spec.num_input_channels:
+        raise NnunetModelError(f"images must have the {spec.num_input_channels} channels the nnU-Net model was "
+                               f"trained on; got {raw.shape[0]} for case {case_id!r} in {src.path}.")
+    bbox = nonzero_bbox(raw)
+    norm = normalized_crop(raw, bbox, cfg)
+    sep_in = cfg.resampling.separate_axis if cfg.resampling.separate_z else None
+    bounds = compute(*clip_bounds(norm, sep_in), desc=f"{case_id}: value range", progress=progress)
+    shape_crop = tuple(int(s) for s in norm.shape[1:])
+    chunks_zyx = _chunks_for(cfg.patch_size_vox, target_shape(shape_crop, geom.spacing_zyx, cfg))
+    image_lazy = resample_like_nnunet(norm, geom, cfg, bounds, out_chunks=chunks_zyx)
     if scratch.exists():
         shutil.rmtree(scratch)
     group = zarr.open_group(str(scratch), mode="w", zarr_format=3)
-    shape = prep.image.shape
-    chunks = (shape[0], *_chunks_for(cfg.patch_size_vox, shape[1:]))
+    shape = image_lazy.shape
+    chunks = (shape[0], *chunks_zyx)
     image = group.create_array("image", shape=shape, chunks=chunks, dtype=np.float32, compressors=None,
                                fill_value=0.0)
-    compute(da.store(prep.image.astype(np.float32).rechunk(chunks), image, lock=False, compute=False),
+    compute(da.store(image_lazy.rechunk(chunks), image, lock=False, compute=False),
             desc=f"{case_id}: preprocess", progress=progress)
     k = spec.num_outputs
     block = _chunks_for([-(-p // 2) for p in cfg.patch_size_vox], shape[1:])
@@ -116,18 +127,18 @@ def _predict_case(src: Store, out: Store, model: NnunetModel, predictor: NnunetT
                                 compressors=None, fill_value=0.0)
     sliding_window_predict(image, predictor, patch_size_vox=cfg.patch_size_vox, n_classes=k, out=logits, step=step,
                            batch_size=batch_size, cache_bytes=cache_bytes, scratch_dir=scratch, progress=progress,
-                           desc=f"{case_id} {cfg.name}")
+                           desc=f"{case_id} {cfg.name}", importance_map=nnunet_gaussian(cfg.patch_size_vox))
     target = list(cfg.spacing_zyx)
     if cfg.is_2d:
         target[0] = geom.spacing_zyx[0]
     sep = separate_z_axis(target, geom.spacing_zyx, force=spec.force_separate_z)
     out_chunks = _chunks_for(DEFAULT_CHUNKS_ZYX, geom.shape_zyx)
-    back = resample_to_shape(da.from_zarr(logits), prep.shape_after_crop_zyx, order=spec.probabilities_order,
+    back = resample_to_shape(da.from_zarr(logits), shape_crop, order=spec.probabilities_order,
                              separate_axis=sep, separate_order=spec.probabilities_order_z, out_chunks=out_chunks)
     activation = "sigmoid" if model.dataset.regions_class_order is not None else "softmax"
     probs = _activate(back, activation)
     background = [1.0 if (activation == "softmax" and c == 0) else 0.0 for c in range(k)]
-    full = uncrop(probs, prep.crop_bbox_zyx, geom.shape_zyx, background=background).rechunk((k, *out_chunks))
+    full = uncrop(probs, bbox, geom.shape_zyx, background=background).rechunk((k, *out_chunks))
     out.begin_case(case_id, geometry=geom, attrs={"configurations": [cfg.name], "models": model.fold_names,
                                                   "activation": activation, "nnunet_model": str(model.folder)})
     label = out.create_array(case_id, "label", shape=geom.shape_zyx, dtype=np.uint8, chunks=out_chunks)
@@ -166,6 +177,9 @@ def predict_nnunet(source: Store | str | Path | Sequence[str | Path], output: st
     out_dir.mkdir(parents=True, exist_ok=True)
     with scheduler_context(scheduler, memory_limit=memory_limit):
         src = open_input(source, out_dir / ".input", scheduler=scheduler)
+        if src.meta.kind != "dataset":
+            raise NnunetModelError(f"an nnU-Net model predicts raw images (a folder, files or a converted dataset "
+                                   f"store); got a {src.meta.kind!r} store at {src.path}.")
         meta = DatasetMeta(channel_names=src.meta.channel_names, labels=model.dataset.labels,
                            regions_class_order=model.dataset.regions_class_order, file_ending=src.meta.file_ending,
                            name=src.meta.name, kind="prediction",

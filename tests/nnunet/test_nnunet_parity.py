@@ -1,0 +1,195 @@
+"""voxflow's predictor vs nnU-Net's own (nnunetv2, in-process) on a model folder nnU-Net planned.
+
+Runs only with nnunetv2 installed (``make test-nnunet``). nnU-Net extracts the fingerprint, plans
+and preprocesses a tiny synthetic dataset; the plans are shrunk (3 stages, few features, small
+patch, a target spacing that forces resampling) and two folds of seeded random weights are saved
+in nnU-Net's checkpoint format. Both predictors then segment the same test cases.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.nnunet
+
+DATASET_ID = 901
+
+
+def _point_nnunet_at(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nnU-Net reads its folders from environment variables at import: set them, and patch modules
+    already imported (another test may have imported nnunetv2 with other folders)."""
+    paths = {"nnUNet_raw": root / "raw", "nnUNet_preprocessed": root / "preprocessed",
+             "nnUNet_results": root / "results"}
+    for name, p in paths.items():
+        p.mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(name, str(p))
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    pytest.importorskip("nnunetv2")
+    values: dict[str, Any] = {name: str(p) for name, p in paths.items()}
+    values["default_num_processes"] = 1
+    for mod in [m for n, m in sys.modules.items() if n.startswith("nnunetv2") and m is not None]:
+        for name, value in values.items():
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, value)
+
+
+def _shrink(cfg: dict[str, Any], patch_net: list[int], spacing_net: list[float]) -> None:
+    """Three stages with few features and a small patch (network axis order) and a new target spacing."""
+    kw = cfg["architecture"]["arch_kwargs"]
+    n = 3
+    kw["n_stages"] = n
+    kw["features_per_stage"] = [4, 8, 16]
+    kw["kernel_sizes"] = [[3] * len(patch_net)] * n
+    kw["strides"] = [[1] * len(patch_net), [2] * len(patch_net), [2] * len(patch_net)]
+    for key in ("n_conv_per_stage", "n_blocks_per_stage"):
+        if key in kw:
+            kw[key] = [2] * n
+    kw["n_conv_per_stage_decoder"] = [2] * (n - 1)
+    cfg["patch_size"] = patch_net
+    cfg["spacing"] = spacing_net
+    cfg["batch_size"] = 2
+
+
+def _train_briefly(net: Any, cases: list[tuple[np.ndarray, np.ndarray]], patch: list[int], seed: int,
+                   steps: int = 25) -> None:
+    """A few Adam steps of cross-entropy on random patches of nnU-Net-preprocessed training cases, so
+    that the network's classes are separated by margins like a trained model's (random weights give
+    near-ties everywhere, where any rounding flips the argmax)."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    net.train()
+    for _ in range(steps):
+        xs, ys = [], []
+        for _ in range(2):
+            data, seg = cases[rng.integers(len(cases))]
+            lo = [int(rng.integers(0, max(s - p, 0) + 1)) for s, p in zip(data.shape[1:], patch)]
+            sl = tuple(slice(a, a + p) for a, p in zip(lo, patch))
+            xs.append(data[(slice(None), *sl)])
+            ys.append(np.maximum(seg[(0, *sl)], 0))
+        out = net(torch.from_numpy(np.stack(xs)).float())
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        loss = torch.nn.functional.cross_entropy(out, torch.from_numpy(np.stack(ys)).long())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+
+
+def _build_model(root: Path, kind: str, spacing_zyx: tuple[float, float, float],
+                 target_zyx: tuple[float, float, float], monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[Path]]:
+    """nnU-Net plans a synthetic dataset; returns the model folder and the test images."""
+    import torch
+
+    from voxflow.synthetic import make_dataset
+
+    _point_nnunet_at(root, monkeypatch)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints,
+        plan_experiments,
+        preprocess,
+    )
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    name = f"Dataset{DATASET_ID}_Syn{kind}"
+    raw = make_dataset(root / "raw" / name, kind=kind, n_cases=3, n_test_cases=1, shape_zyx=(20, 36, 28),
+                       spacing_zyx=spacing_zyx, seed=3)
+    extract_fingerprints([DATASET_ID], num_processes=1, show_progress_bar=False, verbose=False)
+    plans_id = plan_experiments([DATASET_ID])
+    pre = root / "preprocessed" / name
+    plans_file = pre / f"{plans_id}.json"
+    plans = json.loads(plans_file.read_text())
+    tf = plans["transpose_forward"]
+    plans["configurations"] = {"3d_fullres": plans["configurations"]["3d_fullres"]}
+    _shrink(plans["configurations"]["3d_fullres"], patch_net=[[16, 24, 16][i] for i in tf],
+            spacing_net=[target_zyx[i] for i in tf])
+    plans_file.write_text(json.dumps(plans, indent=2))
+    preprocess([DATASET_ID], plans_id, configurations=("3d_fullres",), num_processes=(1,), verbose=False)
+
+    model = root / "results" / name / f"nnUNetTrainer__{plans_id}__3d_fullres"
+    dataset = json.loads((raw / "dataset.json").read_text())
+    pm = PlansManager(plans)
+    cm = pm.get_configuration("3d_fullres")
+    n_out = pm.get_label_manager(dataset).num_segmentation_heads
+    n_ch = len(dataset["channel_names"])
+    train = []
+    for case in sorted(f.name[: -len(".nii.gz")] for f in (raw / "labelsTr").iterdir()):
+        data, seg, _ = DefaultPreprocessor(verbose=False).run_case(
+            [str(raw / "imagesTr" / f"{case}_{c:04d}.nii.gz") for c in range(n_ch)], str(raw / "labelsTr" /
+                                                                                        f"{case}.nii.gz"),
+            pm, cm, dataset)
+        train.append((data, seg))
+    for fold in (0, 1):
+        torch.manual_seed(fold)
+        net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                     cm.network_arch_init_kwargs_req_import, n_ch, n_out,
+                                     allow_init=True, deep_supervision=True)
+        _train_briefly(net, train, list(cm.patch_size), seed=fold)
+        (model / f"fold_{fold}").mkdir(parents=True)
+        torch.save({"network_weights": net.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
+                    "logging": {}, "_best_ema": None, "current_epoch": 0,
+                    "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": fold,
+                                  "dataset_json": dataset, "device": "cpu"},
+                    "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)},
+                   model / f"fold_{fold}" / "checkpoint_final.pth")
+    (model / "plans.json").write_text(json.dumps(plans))
+    (model / "dataset.json").write_text(json.dumps(dataset))
+    fp = pre / "dataset_fingerprint.json"
+    (model / "dataset_fingerprint.json").write_text(fp.read_text())
+    return model, sorted((raw / "imagesTs").iterdir())
+
+
+def _nnunet_predict(model: Path, images: list[Path]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    import torch
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model), use_folds=(0, 1), checkpoint_name="checkpoint_final.pth")
+    cases: dict[str, list[Path]] = {}
+    for f in images:
+        cases.setdefault(f.name[: -len("_0000.nii.gz")], []).append(f)
+    out = {}
+    for case, files in cases.items():
+        img, props = SimpleITKIO().read_images([str(f) for f in sorted(files)])
+        seg, probs = predictor.predict_single_npy_array(img, props, None, None, True)
+        out[case] = (np.asarray(seg), np.asarray(probs))
+    return out
+
+
+@pytest.mark.parametrize(("kind", "spacing_zyx", "target_zyx"), [
+    ("ct", (0.8, 0.8, 2.5), (1.0, 0.9, 2.2)),  # x coarsest: transpose_forward [2, 0, 1], separate-z along x
+    ("mr", (1.0, 1.0, 1.0), (1.2, 0.9, 1.1)),  # two channels, z-score, order-3 resampling on all axes
+])
+def test_voxflow_matches_nnunet_predictor(kind: str, spacing_zyx: tuple[float, float, float],
+                                          target_zyx: tuple[float, float, float], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from voxflow.nnunet import load_nnunet_model, predict_nnunet
+
+    model_dir, images = _build_model(tmp_path, kind, spacing_zyx, target_zyx, monkeypatch)
+    reference = _nnunet_predict(model_dir, images)
+    model = load_nnunet_model(model_dir)
+    assert len(model.networks) == 2
+    store = predict_nnunet(images, tmp_path / "voxflow_out", model, save_probabilities=True, progress=False,
+                           export=False)
+    for case, (seg_ref, probs_ref) in reference.items():
+        seg = store.label(case).compute()
+        probs = store.array(case, "probs").compute().astype(np.float32)
+        assert seg.shape == seg_ref.shape and probs.shape == probs_ref.shape
+        agree = float((seg == seg_ref).mean())
+        err = np.abs(probs - probs_ref)
+        print(f"{kind} {case}: agreement {agree:.6f}, |dp| max {err.max():.2e} mean {err.mean():.2e}, "
+              f"classes {np.bincount(seg_ref.ravel(), minlength=3)}")
+        assert agree >= 0.999, f"{case}: {agree:.5f} voxel agreement"
+        assert err.mean() < 2e-3 and err.max() < 0.1
