@@ -73,9 +73,10 @@ def test_translate_fullres_matches_plans() -> None:
     (norm,) = cfg.normalization
     assert (norm.scheme, norm.mean, norm.std, norm.lower, norm.upper) == ("ct", 120.0, 80.0, -200.0, 400.0)
     assert (cfg.resampling.image_order, cfg.resampling.label_order, cfg.resampling.separate_order) == (3, 1, 0)
-    assert cfg.network.kernel_sizes[0] == (1, 3, 3) and cfg.network.total_stride == (2, 4, 4)
+    assert cfg.network.kernel_sizes[0] == (1, 3, 3)
+    assert cfg.network.total_stride == (2, 4, 4)
     assert cfg.train.mirror_axes == (0, 1, 2)
-    assert spec.num_outputs == 3 and spec.num_input_channels == 1
+    assert (spec.num_outputs, spec.num_input_channels) == (3, 1)
     assert (spec.probabilities_order, spec.probabilities_order_z) == (1, 0)
 
 
@@ -92,7 +93,8 @@ def test_translate_undoes_transpose_forward() -> None:
 
 def test_inherited_configuration_and_cascade_error() -> None:
     low = translate_configuration(_plans(), DATASET, "3d_lowres").configuration
-    assert low.spacing_zyx == (5.0, 1.6, 1.4) and low.patch_size_vox == (8, 16, 24)
+    assert low.spacing_zyx == (5.0, 1.6, 1.4)
+    assert low.patch_size_vox == (8, 16, 24)
     with pytest.raises(NnunetModelError, match="cascade configuration '3d_cascade_fullres'"):
         translate_configuration(_plans(), DATASET, "3d_cascade_fullres")
     with pytest.raises(NnunetModelError, match="must define configuration '2d'"):
@@ -142,7 +144,9 @@ def test_region_dataset_meta() -> None:
                                                                "enh": [3]},
           "regions_class_order": [1, 2, 3], "file_ending": ".nii.gz"}
     meta = dataset_meta(ds, {"dataset_name": "Dataset002_Reg"})
-    assert meta.channel_names == ("T1", "T2") and meta.regions_class_order == (1, 2, 3) and meta.has_regions
+    assert meta.channel_names == ("T1", "T2")
+    assert meta.regions_class_order == (1, 2, 3)
+    assert meta.has_regions
 
 
 @pytest.mark.parametrize(("current", "new", "force", "expected"), [

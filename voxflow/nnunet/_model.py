@@ -130,7 +130,7 @@ def load_nnunet_model(folder: str | Path, *, folds: Sequence[int | str] | None =
     spec = translate_configuration(plans, dataset, config_name, mirror_axes_net=mirrors.pop())
     trainer = str(ckpts[0].get("trainer_name", _DEFAULT_TRAINER))
     networks = []
-    for d, ck in zip(dirs, ckpts):
+    for d, ck in zip(dirs, ckpts, strict=True):
         net = build_network(spec)
         try:
             net.load_state_dict(ck["network_weights"], strict=True)

@@ -78,7 +78,7 @@ class NnunetTilePredictor:
 
 
 def _chunks_for(patch: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
-    return tuple(max(1, min(int(p), int(s))) for p, s in zip(patch, shape))
+    return tuple(max(1, min(int(p), int(s))) for p, s in zip(patch, shape, strict=True))
 
 
 def _activate(logits: da.Array, activation: str) -> da.Array:

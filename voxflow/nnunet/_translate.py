@@ -125,7 +125,7 @@ def _normalization(cfg: Mapping[str, Any], plans: Mapping[str, Any], n_channels:
                                f"channel ({n_channels}); got {schemes!r}.")
     props = plans.get("foreground_intensity_properties_per_channel", {})
     out = []
-    for c, (scheme, mask) in enumerate(zip(schemes, masks)):
+    for c, (scheme, mask) in enumerate(zip(schemes, masks, strict=False)):
         if scheme not in _NORMALIZATION:
             raise NnunetModelError(f"normalization scheme {scheme!r} (channel {c} of {name!r}) is not supported; "
                                    f"voxflow runs {sorted(_NORMALIZATION)}.")
