@@ -137,7 +137,8 @@ def _predict_staged(st: _Staged, ensembles: Sequence[Ensemble], predictors: Sequ
                                step=opts.step, batch_size=batch, cache_bytes=opts.cache_bytes,
                                scratch_dir=st.scratch, progress=opts.progress, desc=f"{st.case_id} {cfg.name}")
         sep = cfg.resampling.separate_axis if cfg.resampling.separate_z else None
-        back.append(undo_preprocessing(da.from_zarr(probs), shape_after_crop_zyx=prep.shape_after_crop_zyx,
+        lazy = da.from_zarr(probs, chunks=(n_out, *_output_chunks(image.shape[1:], n_out)))  # fewer, larger tasks
+        back.append(undo_preprocessing(lazy, shape_after_crop_zyx=prep.shape_after_crop_zyx,
                                        crop_bbox_zyx=prep.crop_bbox_zyx, original_shape_zyx=geom.shape_zyx,
                                        activation=activation, separate_axis=sep, out_chunks_zyx=out_chunks))
     mean = back[0] if len(back) == 1 else sum(back[1:], back[0]) / len(back)
