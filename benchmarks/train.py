@@ -33,22 +33,32 @@ from voxflow.testing import run_with_memory_cap
 def _prepare(work: Path, data: Path | None, preset: str, configuration: str, n_cases: int) -> dict[str, Any]:
     from voxflow.fingerprint import compute_fingerprint
     from voxflow.io import convert
-    from voxflow.nets import build_network, count_parameters
     from voxflow.plan import plan_experiment
     from voxflow.preprocess import run_preprocess
     from voxflow.synthetic import make_dataset
-    from voxflow.train.labels import LabelSpec
     from voxflow.workspace import Workspace
 
     w = Workspace(work).ensure()
+    if w.plans.exists() and (w.preprocessed(configuration) / "zarr.json").exists():
+        return _describe(w, configuration)  # reuse a prepared workspace (--work): same plan for every fold
     src = data or make_dataset(work / "raw", kind="ct", n_cases=n_cases, shape_zyx=(24, 48, 48))
     store = convert(src, w.dataset_store, progress=False)
     fp = compute_fingerprint(store)
     fp.save(w.fingerprint)
     plan = plan_experiment(fp, preset=preset)
     plan.save(w.plans)
-    cfg = plan.configuration(configuration)
     run_preprocess(w.dataset_store, plan, configuration, w.preprocessed(configuration))
+    return _describe(w, configuration)
+
+
+def _describe(w: Any, configuration: str) -> dict[str, Any]:
+    from voxflow.nets import build_network, count_parameters
+    from voxflow.plan import Plan
+    from voxflow.store import Store
+    from voxflow.train.labels import LabelSpec
+
+    cfg = Plan.load(w.plans).configuration(configuration)
+    store = Store.open(w.preprocessed(configuration))
     k = LabelSpec.from_meta(store.meta).num_outputs
     return {"configuration": configuration, "patch_size_vox": list(cfg.patch_size_vox), "batch_size": cfg.batch_size,
             "architecture": cfg.network.architecture, "features_per_stage": list(cfg.network.features_per_stage),
@@ -107,7 +117,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--num-workers", type=int, default=1)
     ap.add_argument("--validate", action="store_true", help="predict and score the validation cases per fold")
-    ap.add_argument("--work", type=Path, default=None, help="keep the workspace here (default: temporary)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keep the workspace here (default: temporary); a prepared one is reused as is")
     args = ap.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="voxflow_bench_train_"))
