@@ -199,3 +199,36 @@ def test_voxflow_matches_nnunet_predictor(kind: str, spacing_zyx: tuple[float, f
         assert err.mean() < 1e-3
         assert p999 < 0.1
         assert err.max() < 0.25
+
+
+def test_weights_of_another_architecture_name_the_trainer(tmp_path: Path) -> None:
+    """A custom trainer's network (here: other feature counts) does not load strictly: the error names it."""
+    pytest.importorskip("dynamic_network_architectures")
+    import torch
+
+    from voxflow.nnunet import NnunetModelError, load_nnunet_model
+
+    translate = _import_translate_tests()
+    plans, dataset = translate._plans(), translate.DATASET
+    folder = tmp_path / "Dataset001_Syn" / "MyTrainer__nnUNetPlans__3d_fullres"
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    other = torch.nn.Conv3d(1, 3, 3)
+    torch.save({"network_weights": other.state_dict(), "init_args": {"configuration": "3d_fullres"},
+                "trainer_name": "MyTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)},
+               folder / "fold_0" / "checkpoint_final.pth")
+    with pytest.raises(NnunetModelError, match="trainer 'MyTrainer'.*PlainConvUNet"):
+        load_nnunet_model(folder)
+
+
+def _import_translate_tests() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nnunet_translate_tests", Path(__file__).with_name(
+        "test_nnunet_translate.py"))
+    assert spec is not None
+    assert spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
