@@ -204,3 +204,21 @@ def test_activation_is_lazy_and_matches_scipy(chunks: tuple[int, ...], rng: np.r
         sig = _activate(da.from_array(x, chunks=chunks), "sigmoid")
     np.testing.assert_allclose(soft.compute(), scipy.special.softmax(x, axis=0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(sig.compute(), scipy.special.expit(x), rtol=1e-5, atol=1e-7)
+
+
+def test_cli_nnunet_model_wiring(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from voxflow.cli import main
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "model").mkdir()
+    runner = CliRunner()
+    both = runner.invoke(main, ["predict", "-i", str(tmp_path / "img"), "-o", str(tmp_path / "out"),
+                                "-m", str(tmp_path / "model"), "--nnunet-model", str(tmp_path / "model")])
+    assert both.exit_code != 0
+    assert "exactly one" in both.output
+    empty = runner.invoke(main, ["predict", "-i", str(tmp_path / "img"), "-o", str(tmp_path / "out"),
+                                 "--nnunet-model", str(tmp_path / "model")])
+    assert empty.exit_code != 0
+    assert "plans.json must exist" in empty.output
