@@ -119,7 +119,7 @@ def _predict_case(src: Store, out: Store, model: NnunetModel, predictor: NnunetT
     chunks = (shape[0], *chunks_zyx)
     image = group.create_array("image", shape=shape, chunks=chunks, dtype=np.float32, compressors=None,
                                fill_value=0.0)
-    compute(da.store(image_lazy.rechunk(chunks), image, lock=False, compute=False),
+    compute(da.store(image_lazy.rechunk(chunks), image, lock=False, compute=False),  # type: ignore[arg-type]
             desc=f"{case_id}: preprocess", progress=progress)
     k = spec.num_outputs
     block = _chunks_for([-(-p // 2) for p in cfg.patch_size_vox], shape[1:])
@@ -146,7 +146,8 @@ def _predict_case(src: Store, out: Store, model: NnunetModel, predictor: NnunetT
     if save_probabilities:
         targets.append(out.create_array(case_id, "probs", shape=full.shape, dtype=np.float16, chunks=(1, *out_chunks)))
         sources.append(full.astype(np.float16).rechunk((1, *out_chunks)))
-    compute(da.store(sources, targets, lock=False, compute=False), desc=f"{case_id}: write", progress=progress)
+    compute(da.store(sources, targets, lock=False, compute=False),  # type: ignore[arg-type]
+            desc=f"{case_id}: write", progress=progress)
     out.mark_complete(case_id)
     shutil.rmtree(scratch, ignore_errors=True)
 

@@ -69,9 +69,9 @@ def clip_like_skimage(resampled: da.Array, lo: np.ndarray, hi: np.ndarray, *, n_
         return da.clip(resampled, lo.reshape(shape), hi.reshape(shape)).astype(np.float32)
     n_out = resampled.shape[1 + separate_axis]
     src = np.argmax(axis_operator(int(n_in or lo.shape[1]), int(n_out), 0), axis=1)
-    shape = [lo.shape[0], 1, 1, 1]
-    shape[1 + separate_axis] = n_out
-    return da.clip(resampled, lo[:, src].reshape(shape), hi[:, src].reshape(shape)).astype(np.float32)
+    per_slice = [lo.shape[0], 1, 1, 1]
+    per_slice[1 + separate_axis] = n_out
+    return da.clip(resampled, lo[:, src].reshape(per_slice), hi[:, src].reshape(per_slice)).astype(np.float32)
 
 
 def resample_like_nnunet(normalized: da.Array, geometry: Geometry, config: Configuration,

@@ -103,7 +103,7 @@ def _labels(dataset: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[int, ...]
     n_out = len(fg) if regions else len([k for k in labels if k != "ignore"])
     norm = {k: (list(v) if isinstance(v, (list, tuple)) and regions else
                 (int(v[0]) if isinstance(v, (list, tuple)) else int(v))) for k, v in labels.items()}
-    return norm, (tuple(int(v) for v in order) if regions else None), n_out
+    return norm, (tuple(int(v) for v in order) if regions and order is not None else None), n_out
 
 
 def dataset_meta(dataset: Mapping[str, Any], plans: Mapping[str, Any]) -> DatasetMeta:
@@ -156,9 +156,9 @@ def _network_spec(arch: Mapping[str, Any], back: Sequence[int], spatial_dims: in
     short = cls.rsplit(".", 1)[-1]
     kw = arch.get("arch_kwargs", {})
 
-    def orig(v: Sequence[int]) -> tuple[int, ...]:
-        v = [int(x) for x in (v if isinstance(v, (list, tuple)) else [v] * spatial_dims)]
-        return tuple(v[i] for i in back) if spatial_dims == 3 else tuple(v)
+    def orig(v: Any) -> tuple[int, ...]:
+        vals = [int(x) for x in (v if isinstance(v, (list, tuple)) else [v] * spatial_dims)]
+        return tuple(vals[i] for i in back) if spatial_dims == 3 else tuple(vals)
 
     n = int(kw["n_stages"])
     blocks = kw.get("n_blocks_per_stage", kw.get("n_conv_per_stage"))
@@ -214,8 +214,9 @@ def translate_configuration(plans: Mapping[str, Any], dataset: Mapping[str, Any]
     mirror = tuple(int(a) for a in (mirror_axes_net or ()))
     mirror_zyx = tuple(sorted(tf[a] for a in mirror)) if spatial_dims == 3 else tuple(a + 1 for a in mirror)
     config = Configuration(
-        name=name, spacing_zyx=spacing_zyx, median_shape_vox=tuple(max(1, int(m)) for m in median),
-        patch_size_vox=patch_zyx, batch_size=int(cfg.get("batch_size", 2)),
+        name=name, spacing_zyx=spacing_zyx,  # type: ignore[arg-type]
+        median_shape_vox=tuple(max(1, int(m)) for m in median),  # type: ignore[arg-type]
+        patch_size_vox=patch_zyx, batch_size=int(cfg.get("batch_size", 2)),  # type: ignore[arg-type]
         normalization=_normalization(cfg, plans, len(meta.channel_names), name),
         resampling=ResamplingSpec(image_order=int(data_kw.get("order", 3)), label_order=int(seg_kw.get("order", 1)),
                                   separate_order=int(data_kw.get("order_z", 0))),
