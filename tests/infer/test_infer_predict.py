@@ -216,3 +216,28 @@ def test_2d_configuration_predicts_slice_by_slice(tmp_path: Path, meta, write_st
     probs = out.array("case_000", "probs").compute().astype(np.float32)
     assert probs.shape == (3, *SHAPES[1])
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=3e-3)
+
+
+def test_model_postprocessing_is_applied_automatically(tmp_path: Path, meta, make_config, write_store) -> None:  # noqa: ANN001
+    """postprocessing.json in the model dir is applied (label) and the raw argmax kept (label_raw)."""
+    from scipy import ndimage as ndi
+
+    from voxflow.postprocess import PostprocessingSpec
+
+    cfg = make_config(patch=(8, 16, 16))
+    _save_fold(tmp_path / "runs" / cfg.name / "fold_0", cfg, meta, seed=3)
+    src = write_store(tmp_path / "src.zarr", meta, SHAPES[1:2])
+    spec = PostprocessingSpec(operations=({"op": "keep_largest", "target": "foreground"},))
+    spec.save(tmp_path / "runs" / cfg.name / "postprocessing.json")
+    out = predict(src, tmp_path / "pred", model_dir=tmp_path / "runs" / cfg.name, tta=False, progress=False)
+    cid = out.case_ids()[0]
+    raw, label = out.array(cid, "label_raw").compute(), out.label(cid).compute()
+    comps, n = ndi.label(raw > 0)
+    assert n > 1, "the random network should give several components (else the test proves nothing)"
+    sizes = ndi.sum(raw > 0, comps, range(1, n + 1))
+    keep = comps == 1 + int(np.argmax(sizes))
+    np.testing.assert_array_equal(label, np.where(keep, raw, 0))
+    assert out.case_attrs(cid)["postprocessing"]["operations"][0]["op"] == "keep_largest"
+    plain = predict(src, tmp_path / "plain", model_dir=tmp_path / "runs" / cfg.name, tta=False, progress=False,
+                    postprocessing=None)
+    np.testing.assert_array_equal(plain.label(cid).compute(), raw)

@@ -12,9 +12,11 @@ from voxflow._cliutil import handle_errors, scheduler_option
               help="A folder of images, image files (repeat -i), or a voxflow store.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Output folder: prediction.zarr plus one label file per case.")
-@click.option("-m", "--model-dir", "model_dirs", multiple=True,
-              type=click.Path(exists=True, file_okay=False),
-              help="WORK/runs/<configuration> (repeat to ensemble configurations), or WORK/runs with -c.")
+@click.option("-m", "--model-dir", "model_dirs", multiple=True, type=click.Path(exists=True),
+              help="WORK/runs/<configuration> (repeat to ensemble configurations), WORK/runs with -c, or a "
+                   "model.zip written by `voxflow export-model`.")
+@click.option("--no-postprocessing", is_flag=True,
+              help="Skip the model's postprocessing.json (chosen by cross-validation; applied by default).")
 @click.option("--nnunet-model", type=click.Path(exists=True, file_okay=False), default=None,
               help="Instead of -m: an nnU-Net v2 model folder RESULTS/DatasetXXX/TRAINER__PLANS__CONFIG.")
 @click.option("--nnunet-checkpoint", default="checkpoint_final.pth", show_default=True,
@@ -38,7 +40,7 @@ def predict(inputs: tuple[str, ...], output: str, model_dirs: tuple[str, ...], c
             nnunet_model: str | None, nnunet_checkpoint: str, folds: tuple[str, ...], step: float,
             no_tta: bool, save_probabilities: bool, device: str,
             cache_mb: int, overwrite: bool, more_folds: tuple[str, ...], scheduler: str,
-            memory_limit: str | None) -> None:
+            memory_limit: str | None, no_postprocessing: bool) -> None:
     """Predict every case of INPUT with the trained folds in MODEL_DIR; write OUTPUT."""
     from voxflow.infer._predict import predict as run_predict
 
@@ -64,5 +66,6 @@ def predict(inputs: tuple[str, ...], output: str, model_dirs: tuple[str, ...], c
     store = run_predict(source, output, model_dir=list(model_dirs), configuration=list(configurations) or None,
                         folds=fold_list or None, step=step, tta=not no_tta, device=device,
                         save_probabilities=save_probabilities, scheduler=scheduler, cache_bytes=cache_mb * 2**20,
-                        overwrite=overwrite, memory_limit=memory_limit)
+                        overwrite=overwrite, memory_limit=memory_limit,
+                        postprocessing=None if no_postprocessing else "auto")
     click.echo(str(store.path))

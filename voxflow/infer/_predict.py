@@ -10,12 +10,13 @@ case is being predicted, the next one is already being preprocessed in a backgro
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ class PredictOptions:
     cache_bytes: int = 512 * 2**20
     amp: bool = True
     progress: bool = True
+    postprocessing: Any = None  # a voxflow.postprocess.PostprocessingSpec applied to the label, or None
 
 
 @dataclass
@@ -145,7 +147,9 @@ def _predict_staged(st: _Staged, ensembles: Sequence[Ensemble], predictors: Sequ
     out.begin_case(st.case_id, geometry=geom, attrs={
         "configurations": [e.configuration.name for e in ensembles],
         "models": [n for e in ensembles for n in e.names], "activation": activation})
-    label_z = out.create_array(st.case_id, "label", shape=geom.shape_zyx, dtype=np.uint8, chunks=out_chunks)
+    first = "label_raw" if opts.postprocessing is not None else "label"
+    label_z = out.create_array(st.case_id, first, shape=geom.shape_zyx, dtype=np.uint8, chunks=out_chunks,
+                               dimension_names=("z", "y", "x"))
     sources, targets = [probabilities_to_label(mean, regions_class_order=regions_order)], [label_z]
     if opts.save_probabilities:
         targets.append(out.create_array(st.case_id, "probs", shape=mean.shape, dtype=np.float16,
@@ -153,8 +157,67 @@ def _predict_staged(st: _Staged, ensembles: Sequence[Ensemble], predictors: Sequ
         sources.append(mean.astype(np.float16).rechunk((1, *out_chunks)))
     compute(da.store(sources, targets, lock=False, compute=False), desc=f"{st.case_id}: write",
             progress=opts.progress)
+    if opts.postprocessing is not None:
+        _postprocess_case(out, st.case_id, label_z, geom.spacing_zyx, opts)
     out.mark_complete(st.case_id)
     shutil.rmtree(st.scratch, ignore_errors=True)
+
+
+def _postprocess_case(out: Store, case_id: str, raw: zarr.Array, spacing_zyx: Sequence[float],
+                      opts: PredictOptions) -> None:
+    """Apply the model's postprocessing to the written ``label_raw`` and write ``label``.
+
+    ``label_raw`` (the plain argmax) is kept beside it, so the effect of postprocessing stays visible."""
+    from voxflow.postprocess import apply_postprocessing
+
+    spec = _resolve_postprocessing(opts.postprocessing, [])  # a dict after crossing to a device worker
+    lazy = da.from_zarr(raw, chunks=raw.chunks)
+    label = apply_postprocessing(lazy, spec, spacing=spacing_zyx)
+    target = out.create_array(case_id, "label", shape=raw.shape, dtype=np.uint8, chunks=raw.chunks)
+    compute(da.store(label.astype(np.uint8), target, lock=False, compute=False), desc=f"{case_id}: postprocess",
+            progress=opts.progress)
+    out.update_case_attrs(case_id, postprocessing=spec.to_dict())
+
+
+def _resolve_postprocessing(postprocessing: Any, checkpoints: Sequence[Path]) -> Any:
+    """``"auto"``: the ``postprocessing.json`` of the (single) configuration dir the checkpoints come from;
+    ``None``: none; a spec, dict or path: that one."""
+    from voxflow.postprocess import PostprocessingSpec
+
+    if postprocessing is None:
+        return None
+    if isinstance(postprocessing, str) and postprocessing == "auto":
+        cfg_dirs = {c.parent.parent for c in checkpoints}
+        if len(cfg_dirs) != 1:
+            if cfg_dirs:
+                log.info("no postprocessing applied: it is chosen per configuration, and %d are ensembled",
+                         len(cfg_dirs))
+            return None
+        path = next(iter(cfg_dirs)) / "postprocessing.json"
+        return PostprocessingSpec.load(path) if path.is_file() else None
+    if isinstance(postprocessing, PostprocessingSpec):
+        return postprocessing
+    if isinstance(postprocessing, dict):
+        return PostprocessingSpec.from_dict(postprocessing)
+    return PostprocessingSpec.load(Path(postprocessing))
+
+
+def _unpack_packages(dirs: Sequence[str | Path], configs: Sequence[str] | None
+                     ) -> tuple[list[str | Path], Sequence[str] | None]:
+    """Replace model packages (``voxflow export-model`` zips) by their unpacked folders; the
+    package's configurations become the default selection."""
+    from voxflow.pipeline._package import is_model_package, unpack_model
+
+    out: list[str | Path] = []
+    for d in dirs:
+        if is_model_package(d):
+            root = unpack_model(d)
+            out.append(root)
+            if configs is None:
+                configs = json.loads((root / "voxflow_model.json").read_text())["configurations"]
+        else:
+            out.append(d)
+    return out, configs
 
 
 def _predict_cases(src: Store, out: Store, ensembles: Sequence[Ensemble], case_ids: Sequence[str], *,
@@ -236,7 +299,8 @@ def predict(source: Store | str | Path | Sequence[str | Path], output: str | Pat
             save_probabilities: bool = False, scheduler: str = "threads", memory_limit: str | None = None,
             batch_size: int | None = None,
             cache_bytes: int = 512 * 2**20, export: bool = True, overwrite: bool = False,
-            case_ids: Sequence[str] | None = None, progress: bool = True) -> Store:
+            case_ids: Sequence[str] | None = None, progress: bool = True,
+            postprocessing: Any = "auto") -> Store:
     """Segment every case of ``source`` and write ``output/prediction.zarr`` (+ files in ``output``).
 
     Parameters
@@ -257,6 +321,9 @@ def predict(source: Store | str | Path | Sequence[str | Path], output: str | Pat
     scheduler, memory_limit : dask scheduler for preprocessing and writing (see :mod:`voxflow.cluster`).
     cache_bytes : memory for partial accumulator blocks before they spill to scratch Zarr.
     overwrite : redo cases already complete in the output store (else they are skipped: resume).
+    postprocessing : ``"auto"`` applies the model dir's ``postprocessing.json`` (chosen by
+        cross-validation; single configuration only), ``None`` disables it, or give a spec / path.
+        With postprocessing, the plain argmax is kept as ``label_raw`` beside ``label``.
 
     Memory is bounded by ``cache_bytes``, the patch and the store chunks, not by the volume; this
     fixes glibc's mmap threshold for the process (:func:`release_large_allocations`).
@@ -275,10 +342,12 @@ def predict(source: Store | str | Path | Sequence[str | Path], output: str | Pat
         ensembles = group_models(models)
     elif model_dir is not None:
         dirs = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
+        dirs, configs = _unpack_packages(dirs, configs)
         checkpoints = find_checkpoints(dirs, configurations=configs, folds=folds)
         ensembles = _load_ensembles(checkpoints, devices[0])
     else:
         raise VoxflowError("predict needs model_dir (WORK/runs/<configuration>) or models; got neither.")
+    opts = replace(opts, postprocessing=_resolve_postprocessing(postprocessing, checkpoints))
     scratch_root = out_dir / ".scratch"
     with scheduler_context(scheduler, memory_limit=memory_limit):
         src = open_input(source, out_dir / ".input", scheduler=scheduler)
