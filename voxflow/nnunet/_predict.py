@@ -22,6 +22,7 @@ import zarr
 from voxflow.cluster import compute, scheduler_context
 from voxflow.infer._export import export_labels
 from voxflow.infer._inputs import open_input
+from voxflow.infer._memory import release_large_allocations
 from voxflow.infer._undo import probabilities_to_label, uncrop
 from voxflow.nnunet._model import NnunetModel, load_nnunet_model
 from voxflow.nnunet._preprocess import clip_bounds, nnunet_gaussian, normalized_crop, resample_like_nnunet
@@ -166,8 +167,10 @@ def predict_nnunet(source: Store | str | Path | Sequence[str | Path], output: st
     files). ``model`` is ``RESULTS/DatasetXXX/TRAINER__PLANS__CONFIG`` (or a loaded
     :class:`NnunetModel`); ``folds`` default to every ``fold_<k>`` holding ``checkpoint``. nnU-Net's
     inference defaults: step 0.5, Gaussian weighting, mirroring over the checkpoint's
-    ``inference_allowed_mirroring_axes`` (``tta=False`` disables it), fold logits averaged.
+    ``inference_allowed_mirroring_axes`` (``tta=False`` disables it), fold logits averaged. Like
+    :func:`voxflow.infer.predict`, it fixes glibc's mmap threshold for the process.
     """
+    release_large_allocations()  # tile-sized buffers go back to the OS (see voxflow.infer._memory)
     if not isinstance(model, NnunetModel):
         model = load_nnunet_model(model, folds=folds, checkpoint=checkpoint, device=device)
     spec = model.spec
