@@ -160,18 +160,20 @@ def _train(work: Workspace, cfg: str, fold: str, opts: RunOptions, report: Repor
     if final.is_file() and (summary.is_file() or fold == "all"):
         _step(report, "train", f"skipped: {cfg} fold {fold} is trained ({final})")
         return
-    if final.is_file():
-        from voxflow.train.validation import validate_fold
+    from voxflow.train.validation import validate_fold
 
-        validate_fold(work, cfg, fold, device=opts.device)
-        _step(report, "train", f"{cfg} fold {fold}: validation predicted -> {summary}")
-        return
-    resume = (run_dir / "checkpoint_latest.pt").is_file()
-    t0 = time.perf_counter()
-    train_fold(work, cfg, _fold_arg(fold), device=opts.device, resume=resume, overrides=dict(opts.overrides),
-               nproc=opts.nproc, num_workers=opts.num_workers, validate_cases=fold != "all")
-    _step(report, "train", f"{cfg} fold {fold} {'resumed and ' if resume else ''}trained in "
-                           f"{time.perf_counter() - t0:.0f} s -> {run_dir}")
+    if not final.is_file():
+        resume = (run_dir / "checkpoint_latest.pt").is_file()
+        t0 = time.perf_counter()
+        train_fold(work, cfg, _fold_arg(fold), device=opts.device, resume=resume, overrides=dict(opts.overrides),
+                   nproc=opts.nproc, num_workers=opts.num_workers, validate_cases=False)
+        _step(report, "train", f"{cfg} fold {fold} {'resumed and ' if resume else ''}trained in "
+                               f"{time.perf_counter() - t0:.0f} s -> {run_dir}")
+    if fold != "all":
+        t0 = time.perf_counter()
+        validate_fold(work, cfg, _fold_arg(fold), device=opts.device, tta=opts.tta, scheduler=opts.scheduler)
+        _step(report, "validate", f"{cfg} fold {fold}: validation cases predicted and scored in "
+                                  f"{time.perf_counter() - t0:.0f} s -> {summary}")
 
 
 def _fold_arg(fold: str) -> int | str:
