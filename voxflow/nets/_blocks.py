@@ -28,8 +28,14 @@ def transposed_conv_cls(dims: int) -> type[nn.Module]:
 
 
 def _norm(dims: int, channels: int) -> nn.Module:
-    cls = nn.InstanceNorm3d if dims == 3 else nn.InstanceNorm2d
-    return cls(channels, eps=1e-5, affine=True)
+    """Instance norm (affine), computed as ``GroupNorm(channels, channels)``.
+
+    Both normalise each sample and channel over the spatial axes with the biased variance, so the
+    results agree to float precision and the parameters (``weight``, ``bias``) are the same; PyTorch's
+    CPU group-norm kernel is ~3x faster than its instance-norm one (measured: 17 vs 60 ms forward on a
+    2x16x20x56x48 batch), which matters for CPU training and inference. ``dims`` is kept for callers.
+    """
+    return nn.GroupNorm(channels, channels, eps=1e-5, affine=True)
 
 
 class ConvNormAct(nn.Module):
