@@ -35,7 +35,7 @@ class DemoOptions:
     n_train: int = 8
     n_test: int = 3
     shape_zyx: tuple[int, int, int] = (32, 80, 80)
-    epochs: int = 12
+    epochs: int = 25
     iters_per_epoch: int = 20
     device: str = "cpu"
     scheduler: str = "threads"
