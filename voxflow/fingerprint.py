@@ -25,13 +25,11 @@ dataclass that round-trips through JSON (:meth:`Fingerprint.save` / :meth:`Finge
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import dask
@@ -255,17 +253,10 @@ class Fingerprint:
 
     @classmethod
     def load(cls, path: PathLikeStr) -> Fingerprint:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PlanError(f"fingerprint file {path} does not exist; run `voxflow fingerprint` first.") from None
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{path} is not valid JSON: {e}") from None
-        try:
-            return cls.from_dict(data)
-        except PlanError as e:
-            raise PlanError(f"{path}: {e}") from None
+        from voxflow.plan.schema import load_json_file  # lazy: voxflow.plan imports this module
+
+        return load_json_file(path, cls.from_dict, what="fingerprint",  # type: ignore[no-any-return]
+                              command="voxflow fingerprint")
 
 
 def _coerce(cls: type, value: Any, where: str) -> Any:

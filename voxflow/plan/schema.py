@@ -305,6 +305,21 @@ def _to_jsonable(obj: Any) -> Any:
     return obj
 
 
+def load_json_file(path: PathLikeStr, build: Any, *, what: str, command: str) -> Any:
+    """Read a JSON file and ``build(data)``; every failure is a :class:`PlanError` naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PlanError(f"{what} file {path} does not exist; run `{command}` first.") from None
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{path} is not valid JSON: {e}") from None
+    try:
+        return build(data)
+    except PlanError as e:
+        raise PlanError(f"{path}: {e}") from None
+
+
 def atomic_write_json(path: PathLikeStr, data: Any) -> None:
     """Write JSON via a temporary file and ``os.replace``: readers never see half a file."""
     path = Path(path)
@@ -378,17 +393,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: PathLikeStr) -> Plan:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PlanError(f"plan file {path} does not exist; run `voxflow plan` first.") from None
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{path} is not valid JSON: {e}") from None
-        try:
-            return cls.from_dict(data)
-        except PlanError as e:
-            raise PlanError(f"{path}: {e}") from None
+        return load_json_file(path, cls.from_dict, what="plan", command="voxflow plan")
 
     # ------------------------------------------------------------------ overrides
     def with_overrides(self, overrides: Mapping[str, Any], *, configuration: str | None = None) -> Plan:
