@@ -21,7 +21,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 STAGES = ["convert", "fingerprint", "preprocess", "dataloader", "train", "predict", "postprocess", "evaluate"]
-EXTRA = {"train": {"quick": ["--epochs", "1", "--iters", "3"]}, "predict": {"quick": ["--no-baseline"]}}
+# arguments per stage for --quick (default: the script's own --quick)
+QUICK = {"train": ["--epochs", "1", "--iters", "3"], "predict": ["--quick", "--no-baseline"]}
 
 
 def _last_json(text: str) -> Any:
@@ -44,8 +45,11 @@ def _headline(stage: str, r: Any) -> str:
         if isinstance(node, dict):
             for k, v in node.items():
                 walk(v, f"{path}.{k}" if path else k)
-        elif isinstance(node, (int, float)) and any(
-                key in path.split(".")[-1] for key in ("per_s", "seconds_per_iter", "peak_rss", "wall_s", "ratio")):
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(node, (int, float)) and not isinstance(node, bool) and path.split(".")[-1].lower().endswith(
+                ("_per_s", "per_iter", "peak_rss_mb", "peak_rss_mib", "wall_s", "ratio", "speedup_vs_baseline")):
             found.append(f"{path}={node:.4g}")
 
     walk(r, "")
@@ -62,7 +66,7 @@ def main() -> None:
     for stage in args.only:
         cmd = [sys.executable, str(HERE / f"{stage}.py")]
         if args.quick:
-            cmd += ["--quick", *EXTRA.get(stage, {}).get("quick", [])]
+            cmd += QUICK.get(stage, ["--quick"])
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - t0
