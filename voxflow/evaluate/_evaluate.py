@@ -77,6 +77,16 @@ def target_key(values: tuple[int, ...]) -> str:
     return "+".join(str(v) for v in values)
 
 
+def resolve_targets(labels: Sequence[LabelSpec] | Mapping[str, Any] | None, reference: Any,
+                    pairs: list[tuple[Segmentation, Segmentation]]) -> list[tuple[int, ...]]:
+    """The targets to score: ``labels`` if given, else the reference's declared labels, else every
+    foreground value present in the pairs (the value 0 is never a target)."""
+    if labels is not None:
+        return parse_labels(labels)
+    declared = declared_labels(reference)
+    return parse_labels(declared) if declared else _present_values(pairs)
+
+
 def _present_values(pairs: list[tuple[Segmentation, Segmentation]]) -> list[tuple[int, ...]]:
     highs = dask.compute(*[da.maximum(p.array.max(), r.array.max()) for p, r in pairs])
     n = int(max(highs)) + 2
@@ -187,11 +197,7 @@ def evaluate(pred: Store | PathLikeStr, reference: Store | PathLikeStr, *,
         raise EvaluationError(f"tolerance_mm must be >= 0 mm; got {tolerance_mm!r}")
     pairs = pair_segmentations(open_segmentations(pred), open_segmentations(reference))
     with scheduler_context(scheduler, memory_limit=memory_limit):
-        if labels is None:
-            declared = declared_labels(reference)
-            targets = parse_labels(declared) if declared else _present_values(pairs)
-        else:
-            targets = parse_labels(labels)
+        targets = resolve_targets(labels, reference, pairs)
         if not targets:
             raise EvaluationError("no foreground label to evaluate: predictions and references are all background; "
                                   "pass --labels to score specific values")

@@ -30,8 +30,8 @@ import numpy as np
 from voxflow._types import PathLikeStr
 from voxflow.cluster import scheduler_context
 from voxflow.errors import IncompleteStoreError
-from voxflow.evaluate._evaluate import _present_values, parse_labels, target_key
-from voxflow.evaluate._io import Segmentation, declared_labels, open_segmentations, pair_segmentations
+from voxflow.evaluate._evaluate import resolve_targets, target_key
+from voxflow.evaluate._io import Segmentation, open_segmentations, pair_segmentations
 from voxflow.evaluate._metrics import confusion_matrix, overlap_metrics, region_counts
 from voxflow.postprocess._spec import Operation, PostprocessingSpec, apply_operation_many
 from voxflow.store import Store
@@ -93,11 +93,7 @@ def determine_postprocessing(predictions: Source | Sequence[Source], references:
     trials: list[dict[str, Any]] = []
     kept: list[Operation] = []
     with scheduler_context(scheduler):
-        if labels is None:
-            declared = declared_labels(references)
-            targets = parse_labels(declared) if declared else _present_values(pairs)
-        else:
-            targets = parse_labels(labels)
+        targets = resolve_targets(labels, references, pairs)
         if not targets:
             log.warning("predictions and references hold only background: no postprocessing to choose")
             return PostprocessingSpec(connectivity=connectivity, selection={"n_cases": len(pairs), "trials": []})
