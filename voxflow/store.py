@@ -254,14 +254,15 @@ class Store:
             raise CaseNotFoundError(f"case {case_id!r} in {self.path} has no {name!r} array")
         return g[name]
 
-    def array(self, case_id: str, name: str) -> da.Array:
-        """A lazy dask view of one array of a complete case, chunked like the store."""
+    def array(self, case_id: str, name: str, *, chunks: tuple[int, ...] | None = None) -> da.Array:
+        """A lazy dask view of one array of a complete case, chunked like the store (or ``chunks``:
+        whole multiples of the store's chunks give one read task per dask chunk)."""
         arr = self.zarr_array(case_id, name)
-        return da.from_zarr(arr, chunks=arr.chunks)
+        return da.from_zarr(arr, chunks=arr.chunks if chunks is None else chunks)
 
-    def image(self, case_id: str) -> da.Array:
-        """(C, Z, Y, X) image of a case, lazy."""
-        return self.array(case_id, "image")
+    def image(self, case_id: str, *, chunks: tuple[int, ...] | None = None) -> da.Array:
+        """(C, Z, Y, X) image of a case, lazy (chunked like the store, or ``chunks``)."""
+        return self.array(case_id, "image", chunks=chunks)
 
     def label(self, case_id: str) -> da.Array | None:
         """(Z, Y, X) label of a case, lazy; ``None`` for unlabelled cases."""

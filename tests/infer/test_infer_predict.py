@@ -241,3 +241,31 @@ def test_model_postprocessing_is_applied_automatically(tmp_path: Path, meta, mak
     plain = predict(src, tmp_path / "plain", model_dir=tmp_path / "runs" / cfg.name, tta=False, progress=False,
                     postprocessing=None)
     np.testing.assert_array_equal(plain.label(cid).compute(), raw)
+
+
+def test_staging_graph_does_not_grow_with_small_chunks(tmp_path: Path, meta, make_config, conv_net,  # noqa: ANN001
+                                                        write_store, monkeypatch) -> None:  # noqa: ANN001
+    """The per-case dask graphs must stay small: with half-patch chunks a 512 M-voxel case held ~10^5
+    tasks (~150 MB of Python objects, the part of peak memory that grew with the volume). The case
+    here has 64 x 128 x 128 voxels in 1 x 7 x 6 x 5 store chunks and a 16 x 32 x 32 patch (512
+    half-patch chunks)."""
+    import voxflow.infer._predict as P
+
+    src = write_store(tmp_path / "ds.zarr", meta, [(64, 128, 128)], spacing=(2.0, 1.0, 1.0))
+    cfg = make_config(patch=(16, 32, 32))
+    sizes: dict[str, int] = {}
+    real = P.compute
+
+    def counting(*collections, desc: str = "", progress: bool = True):  # noqa: ANN002, ANN202
+        sizes[desc.split(": ")[-1]] = sum(len(c.__dask_graph__()) for c in collections)
+        return real(*collections, desc=desc, progress=progress)
+
+    monkeypatch.setattr(P, "compute", counting)
+    out = predict(src, tmp_path / "out", models=[(conv_net(seed=2), cfg, meta)], tta=False, progress=False,
+                  export=False, postprocessing=None)
+    assert out.is_complete(src.case_ids()[0])
+    assert set(sizes) == {"preprocess", "write"}
+    assert sizes["preprocess"] < 150, sizes
+    assert sizes["write"] < 150, sizes
+    assert P.grow_chunks((32, 64, 64), 4) == (64, 128, 256)
+    assert P.grow_chunks((80, 160, 160), 8) == (80, 160, 160)

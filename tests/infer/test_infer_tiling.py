@@ -79,3 +79,13 @@ def test_gaussian_is_never_zero_and_peaks_in_centre() -> None:
     g = gaussian_importance_map((64, 64, 64), min_value=1e-5)
     assert g.min() >= 1e-5
     np.testing.assert_array_equal(g[31:33, 31:33, 31:33], g.max())
+
+
+@pytest.mark.parametrize(("shape", "patch", "step"), [((5, 40, 37), (8, 16, 16), 0.5), ((33, 9, 70), (6, 16, 8), 0.3)])
+def test_start_array_and_volume_boxes_match_tiles_and_region(shape, patch, step) -> None:  # noqa: ANN001
+    grid = tile_grid(shape, patch, step=step)
+    starts = grid.start_array()
+    assert starts.shape == (len(grid), 3)
+    assert [tuple(r) for r in starts.tolist()] == grid.tiles()
+    boxes = grid.volume_boxes(starts)
+    assert [tuple(map(tuple, b)) for b in boxes.tolist()] == [grid.region(s)[0] for s in grid.tiles()]

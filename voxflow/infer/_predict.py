@@ -27,7 +27,7 @@ import zarr
 from voxflow.cluster import compute, scheduler_context, split_evenly
 from voxflow.errors import VoxflowError
 from voxflow.infer._export import export_labels
-from voxflow.infer._inputs import PreparedCase, open_input, prepare_case
+from voxflow.infer._inputs import PreparedCase, grow_chunks, open_input, prepare_case
 from voxflow.infer._memory import release_large_allocations
 from voxflow.infer._models import Ensemble, find_checkpoints, group_models
 from voxflow.infer._undo import probabilities_to_label, undo_preprocessing
@@ -106,14 +106,17 @@ def _stage_case(src: Store, case_id: str, ensembles: Sequence[Ensemble], scratch
     group = zarr.open_group(str(scratch), mode="w", zarr_format=3)
     images, prepared, sources = [], [], []
     for ens in ensembles:
-        prep = prepare_case(src, case_id, ens.configuration)
+        cfg = ens.configuration
+        big = grow_chunks(cfg.patch_size_vox, 4 * cfg.n_channels)
+        prep = prepare_case(src, case_id, cfg, out_chunks=big)
         shape = prep.image.shape
-        chunks = (shape[0], *_chunks_for(ens.configuration.patch_size_vox, shape[1:]))
-        z = group.create_array(f"{ens.configuration.name}_image", shape=shape, chunks=chunks, dtype=np.float32,
+        chunks = (shape[0], *_chunks_for(cfg.patch_size_vox, shape[1:]))  # tiles read ~8 of these
+        z = group.create_array(f"{cfg.name}_image", shape=shape, chunks=chunks, dtype=np.float32,
                                compressors=None, fill_value=0.0)
         images.append(z)
         prepared.append(prep)
-        sources.append(prep.image.astype(np.float32).rechunk(chunks))
+        # dask chunks are whole multiples of the Zarr chunks: every task writes whole chunks, no lock
+        sources.append(prep.image.astype(np.float32).rechunk((shape[0], *_chunks_for(big, shape[1:]))))
     compute(da.store(sources, images, lock=False, compute=False), desc=f"{case_id}: preprocess",
             progress=progress)
     return _Staged(case_id, images, prepared, scratch)

@@ -32,8 +32,8 @@ def read_tile(image: Any, grid: TileGrid, start: Sequence[int]) -> np.ndarray:
     return tile
 
 
-def _batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
-    return [list(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: Sequence[int],
@@ -65,8 +65,8 @@ def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: 
     if block_zyx is None:
         chunks = getattr(out, "chunks", None)
         block_zyx = tuple(chunks[1:]) if chunks is not None else tuple(grid.patch_size_vox)
-    starts = grid.tiles()
-    boxes = [grid.region(s) for s in starts]
+    starts = grid.start_array()  # (n, 3): per-tile bookkeeping stays numpy, ~50 bytes per tile
+    vol_boxes = grid.volume_boxes(starts)
     if importance_map is None:
         importance_map = gaussian_importance_map(grid.patch_size_vox)
     elif tuple(np.shape(importance_map)) != tuple(grid.patch_size_vox) or not np.all(np.asarray(importance_map) > 0):
@@ -75,14 +75,15 @@ def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: 
     gauss = torch.from_numpy(np.ascontiguousarray(importance_map, dtype=np.float32))
     gauss_np = gauss.numpy()
     gauss_on: dict[torch.device, torch.Tensor] = {}
-    with TileAccumulator(out, [b[0] for b in boxes], block_zyx=block_zyx, cache_bytes=cache_bytes,
+    with TileAccumulator(out, vol_boxes, block_zyx=block_zyx, cache_bytes=cache_bytes,
                          scratch_dir=scratch_dir) as acc:
-        order = order_tiles([b[0] for b in boxes], block_zyx=acc.block_zyx, block_nbytes=acc.block_nbytes,
+        order = order_tiles(vol_boxes, block_zyx=acc.block_zyx, block_nbytes=acc.block_nbytes,
                             cache_bytes=cache_bytes)
+        del vol_boxes
         batches = _batches(order, batch_size)
         bar = _bar(len(starts), desc, progress)
 
-        def load(idx: list[int]) -> np.ndarray:
+        def load(idx: np.ndarray) -> np.ndarray:
             return np.stack([read_tile(image, grid, starts[i]) for i in idx])
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="voxflow-tile-reader") as pool:
@@ -95,7 +96,7 @@ def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: 
                 g = gauss_on.setdefault(probs.device, gauss.to(probs.device))
                 weighted = (probs * g).cpu().numpy()
                 for j, i in enumerate(idx):
-                    vol, loc = boxes[i]
+                    vol, loc = grid.region(starts[i])
                     sl = tuple(slice(lo, hi) for lo, hi in loc)
                     acc.add(vol, weighted[j][(slice(None), *sl)], gauss_np[sl])
                 if bar is not None:
@@ -103,7 +104,8 @@ def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: 
         if bar is not None:
             bar.close()
         if acc.n_spills:
-            log.info("sliding window: %d block spills to disk (cache %d MiB)", acc.n_spills, cache_bytes >> 20)
+            log.info("sliding window: %d block spills to disk (cache %d MiB, spill file peak %d MiB)",
+                     acc.n_spills, cache_bytes >> 20, acc.spill_file_bytes >> 20)
     return out
 
 

@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from voxflow.errors import VoxflowError
 
 __all__ = ["TileGrid", "tile_grid", "tile_starts"]
@@ -63,6 +65,20 @@ class TileGrid:
         for starts in self.starts_zyx:
             out = [t + (s,) for t in out for s in starts]
         return out
+
+    def start_array(self) -> np.ndarray:
+        """Tile starts as an (n, 3) int64 array in the order of :meth:`tiles` (12-24 bytes per tile
+        instead of Python tuples: bookkeeping for 10^5 tiles stays small)."""
+        mesh = np.meshgrid(*(np.asarray(s, np.int64) for s in self.starts_zyx), indexing="ij")
+        return np.stack([m.ravel() for m in mesh], axis=1).reshape(-1, len(self.starts_zyx))
+
+    def volume_boxes(self, starts: np.ndarray | None = None) -> np.ndarray:
+        """(n, 3, 2) int64 array: ``[:, axis] = (lo, hi)`` of each tile's box in the unpadded volume."""
+        st = self.start_array() if starts is None else np.asarray(starts, np.int64)
+        pad = np.asarray(self.pad_lo_zyx, np.int64)
+        lo = st - pad
+        hi = np.minimum(lo + np.asarray(self.patch_size_vox, np.int64), np.asarray(self.shape_zyx, np.int64))
+        return np.stack([np.maximum(lo, 0), hi], axis=2)
 
     def region(self, start: Sequence[int]) -> tuple[Box, Box]:
         """For a tile start (padded grid): its box ``((lo, hi), ...)`` in the unpadded volume and the
