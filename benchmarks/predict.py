@@ -116,7 +116,8 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["32M", "128M", "512M"], help="voxel counts, e.g. 32M 128M")
     ap.add_argument("--quick", action="store_true", help="only 1M and 4M voxels")
     ap.add_argument("--patch", type=int, nargs=3, default=(32, 64, 64), metavar=("Z", "Y", "X"))
-    ap.add_argument("--cache-mb", type=int, default=256, help="accumulator cache before spilling")
+    ap.add_argument("--cache-mb", type=int, default=128,
+                    help="accumulator cache before spilling (predict's default: 128)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the in-memory baseline")
     ap.add_argument("--net", choices=("unet", "pointwise"), default="unet",
                     help="unet: 3-stage U-Net (8-32 features); pointwise: 1x1x1 convs (machinery only, fast)")

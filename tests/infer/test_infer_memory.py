@@ -56,3 +56,27 @@ def test_prediction_runs_a_volume_larger_than_its_memory_cap(tmp_path: Path) -> 
     agree = float(out.split("AGREE")[-1])
     assert agree > 0.999
     assert peak < CAP_BYTES
+
+
+def _predict_benchmark():  # noqa: ANN202
+    """``benchmarks/predict.py`` as a module (the test measures exactly what the benchmark prints)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "predict.py"
+    spec = importlib.util.spec_from_file_location("voxflow_bench_predict", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_peak_memory_is_flat_in_the_volume() -> None:
+    """Peak RSS of ``predict`` (own subprocess, VmHWM) at 64 M voxels is within 1.15x of that at 8 M
+    voxels: nothing in the pipeline -- tile bookkeeping, dask graphs, the tile cache, freed heap --
+    may grow with the volume. (The issue's figure is 32 M vs 512 M: ``benchmarks/predict.py``.)"""
+    bench = _predict_benchmark()
+    rows = [bench.run_size(n, patch=(32, 64, 64), cache_mb=32, baseline=False, net="pointwise")
+            for n in (8_000_000, 64_000_000)]
+    small, large = (r["voxflow"]["peak_rss_mb"] for r in rows)
+    assert large <= 1.15 * small, rows

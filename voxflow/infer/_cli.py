@@ -30,8 +30,9 @@ from voxflow._cliutil import handle_errors, scheduler_option
 @click.option("--save-probabilities", is_flag=True, help="Also keep the class probabilities (float16) in Zarr.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda (every visible GPU, one process each), cuda:N or a list like cuda:0,cuda:1.")
-@click.option("--cache-mb", type=click.IntRange(min=16), default=512, show_default=True,
-              help="Memory for partial accumulator blocks before they spill to scratch Zarr.")
+@click.option("--cache-mb", type=click.IntRange(min=16), default=128, show_default=True,
+              help="Memory (MB) for partial accumulator blocks; beyond it they spill to a scratch file in OUTPUT "
+                   "(cheap, so peak memory stays flat for any volume).")
 @click.option("--overwrite", is_flag=True, help="Redo cases already complete in the output.")
 @click.argument("more_folds", nargs=-1, metavar="[FOLD]...")
 @scheduler_option

@@ -26,9 +26,10 @@ import zarr
 
 from voxflow.cluster import compute, scheduler_context, split_evenly
 from voxflow.errors import VoxflowError
+from voxflow.infer._accumulator import DEFAULT_CACHE_BYTES
 from voxflow.infer._export import export_labels
 from voxflow.infer._inputs import PreparedCase, grow_chunks, open_input, prepare_case
-from voxflow.infer._memory import release_large_allocations
+from voxflow.infer._memory import release_large_allocations, trim_heap
 from voxflow.infer._models import Ensemble, find_checkpoints, group_models
 from voxflow.infer._undo import probabilities_to_label, undo_preprocessing
 from voxflow.store import DEFAULT_CHUNKS_ZYX, DatasetMeta, Store
@@ -47,7 +48,7 @@ class PredictOptions:
     tta: bool = True
     save_probabilities: bool = False
     batch_size: int | None = None
-    cache_bytes: int = 512 * 2**20
+    cache_bytes: int = DEFAULT_CACHE_BYTES
     amp: bool = True
     progress: bool = True
     postprocessing: Any = None  # a voxflow.postprocess.PostprocessingSpec applied to the label, or None
@@ -119,6 +120,7 @@ def _stage_case(src: Store, case_id: str, ensembles: Sequence[Ensemble], scratch
         sources.append(prep.image.astype(np.float32).rechunk((shape[0], *_chunks_for(big, shape[1:]))))
     compute(da.store(sources, images, lock=False, compute=False), desc=f"{case_id}: preprocess",
             progress=progress)
+    trim_heap()
     return _Staged(case_id, images, prepared, scratch)
 
 
@@ -141,6 +143,7 @@ def _predict_staged(st: _Staged, ensembles: Sequence[Ensemble], predictors: Sequ
         sliding_window_predict(image, pred, patch_size_vox=cfg.patch_size_vox, n_classes=n_out, out=probs,
                                step=opts.step, batch_size=batch, cache_bytes=opts.cache_bytes,
                                scratch_dir=st.scratch, progress=opts.progress, desc=f"{st.case_id} {cfg.name}")
+        trim_heap()  # the tile cache's blocks are free now; keep them from adding to the write phase's peak
         sep = cfg.resampling.separate_axis if cfg.resampling.separate_z else None
         lazy = da.from_zarr(probs, chunks=(n_out, *_output_chunks(image.shape[1:], n_out)))  # fewer, larger tasks
         back.append(undo_preprocessing(lazy, shape_after_crop_zyx=prep.shape_after_crop_zyx,
@@ -301,7 +304,7 @@ def predict(source: Store | str | Path | Sequence[str | Path], output: str | Pat
             step: float = 0.5, tta: bool = True, device: str | Sequence[str] = "cpu",
             save_probabilities: bool = False, scheduler: str = "threads", memory_limit: str | None = None,
             batch_size: int | None = None,
-            cache_bytes: int = 512 * 2**20, export: bool = True, overwrite: bool = False,
+            cache_bytes: int = DEFAULT_CACHE_BYTES, export: bool = True, overwrite: bool = False,
             case_ids: Sequence[str] | None = None, progress: bool = True,
             postprocessing: Any = "auto") -> Store:
     """Segment every case of ``source`` and write ``output/prediction.zarr`` (+ files in ``output``).
@@ -322,7 +325,7 @@ def predict(source: Store | str | Path | Sequence[str | Path], output: str | Pat
     device : ``cpu``, ``cuda``, ``cuda:1``; several (``"cuda:0,cuda:1"`` or a list, or ``cuda`` with
         several GPUs) predict different cases in one process per device.
     scheduler, memory_limit : dask scheduler for preprocessing and writing (see :mod:`voxflow.cluster`).
-    cache_bytes : memory for partial accumulator blocks before they spill to scratch Zarr.
+    cache_bytes : memory for partial accumulator blocks before they spill to a scratch file.
     overwrite : redo cases already complete in the output store (else they are skipped: resume).
     postprocessing : ``"auto"`` applies the model dir's ``postprocessing.json`` (chosen by
         cross-validation; single configuration only), ``None`` disables it, or give a spec / path.

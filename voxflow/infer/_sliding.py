@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from voxflow.infer._accumulator import TileAccumulator, order_tiles
+from voxflow.infer._accumulator import DEFAULT_CACHE_BYTES, TileAccumulator, order_tiles
 from voxflow.infer._gaussian import gaussian_importance_map
 from voxflow.infer._tiling import TileGrid, tile_grid
 
@@ -38,7 +38,7 @@ def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: Sequence[int],
                            n_classes: int, out: Any = None, step: float = 0.5, batch_size: int = 1,
-                           cache_bytes: int = 512 * 2**20, block_zyx: Sequence[int] | None = None,
+                           cache_bytes: int = DEFAULT_CACHE_BYTES, block_zyx: Sequence[int] | None = None,
                            scratch_dir: str | Path | None = None, progress: bool = False,
                            desc: str = "tiles", importance_map: np.ndarray | None = None) -> Any:
     """Predict class probabilities of a (C, Z, Y, X) volume tile by tile.

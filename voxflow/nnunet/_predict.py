@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 
 from voxflow.cluster import compute, scheduler_context
+from voxflow.infer._accumulator import DEFAULT_CACHE_BYTES
 from voxflow.infer._export import export_labels
 from voxflow.infer._inputs import open_input
 from voxflow.infer._memory import release_large_allocations
@@ -157,7 +158,7 @@ def predict_nnunet(source: Store | str | Path | Sequence[str | Path], output: st
                    model: NnunetModel | str | Path, *, folds: Sequence[int | str] | None = None,
                    checkpoint: str = "checkpoint_final.pth", step: float = 0.5, tta: bool = True,
                    device: str = "cpu", save_probabilities: bool = False, scheduler: str = "threads",
-                   memory_limit: str | None = None, batch_size: int = 1, cache_bytes: int = 512 * 2**20,
+                   memory_limit: str | None = None, batch_size: int = 1, cache_bytes: int = DEFAULT_CACHE_BYTES,
                    export: bool = True, overwrite: bool = False, case_ids: Sequence[str] | None = None,
                    progress: bool = True) -> Store:
     """Segment every case of ``source`` with an nnU-Net v2 model folder; write ``output/prediction.zarr``.
