@@ -72,11 +72,11 @@ def _predict_benchmark():  # noqa: ANN202
 
 @pytest.mark.slow
 def test_peak_memory_is_flat_in_the_volume() -> None:
-    """Peak RSS of ``predict`` (own subprocess, VmHWM) at 64 M voxels is within 1.15x of that at 8 M
+    """Peak RSS of ``predict`` (own subprocess, VmHWM) at 64 M voxels is within 1.10x of that at 8 M
     voxels: nothing in the pipeline -- tile bookkeeping, dask graphs, the tile cache, freed heap --
     may grow with the volume. (The issue's figure is 32 M vs 512 M: ``benchmarks/predict.py``.)"""
     bench = _predict_benchmark()
     rows = [bench.run_size(n, patch=(32, 64, 64), cache_mb=32, baseline=False, net="pointwise")
             for n in (8_000_000, 64_000_000)]
     small, large = (r["voxflow"]["peak_rss_mb"] for r in rows)
-    assert large <= 1.15 * small, rows
+    assert large <= 1.10 * small, rows  # measured 437 -> 451 MB (1.03x)
