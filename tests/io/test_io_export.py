@@ -98,3 +98,69 @@ def test_cli_convert_info_export(tmp_path: Path) -> None:
     assert res.exit_code == 1
     assert "synct_000" in res.output
     assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(("ending", "dtype"), [(".nii", np.uint8), (".nii.gz", np.int16), (".nii", np.float32)])
+def test_nifti_export_streams_slabs_with_sitk_bytes(tmp_path: Path, oblique_xyz, monkeypatch, ending: str,  # noqa: ANN001
+                                                    dtype: type) -> None:
+    """Streamed NIfTI == SimpleITK's whole-image write, byte for byte (after gunzip), while the volume
+    is read one slab at a time; a failed write leaves no file under the final name."""
+    import gzip
+
+    import voxflow.io._export as E
+    from voxflow.geometry import Geometry
+
+    rng = np.random.default_rng(5)
+    vol = (rng.normal(size=(23, 9, 11)) * 50).astype(dtype)
+    geom = Geometry.from_sitk(sitk_image_of(vol, oblique_xyz))
+    meta_store = Store.create(tmp_path / "s.zarr", _meta())
+    meta_store.begin_case("c", geometry=geom)
+    z = meta_store.create_array("c", "label", shape=vol.shape, dtype=vol.dtype, chunks=(4, 9, 11))
+    z[...] = vol
+    meta_store.mark_complete("c")
+
+    reads: list[int] = []
+
+    class Recording:
+        def __init__(self, arr):  # noqa: ANN001
+            self._arr = arr
+            self.shape, self.chunks, self.dtype, self.ndim = arr.shape, arr.chunks, arr.dtype, arr.ndim
+
+        def __getitem__(self, key):  # noqa: ANN001, ANN204
+            data = np.asarray(self._arr[key])
+            reads.append(data.nbytes)
+            return data
+
+    monkeypatch.setattr(E, "_SLAB_BYTES", 2 * 9 * 11 * vol.itemsize)  # two slices per slab
+    arr = Recording(meta_store.zarr_array("c", "label"))
+    path = tmp_path / f"c{ending}"
+    assert E._write_nifti_streaming(arr, None, geom, path)
+    assert max(reads) <= 2 * 9 * 11 * vol.itemsize and sum(reads) == vol.nbytes
+    ref = tmp_path / f"ref{ending}"
+    sitk.WriteImage(E._sitk_image(vol, geom), str(ref), True)
+    read = (lambda p: gzip.open(p).read()) if ending.endswith(".gz") else (lambda p: p.read_bytes())
+    assert read(path) == read(ref)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(path))), vol)
+
+    class Broken(Recording):
+        def __getitem__(self, key):  # noqa: ANN001, ANN204
+            raise OSError("disk went away")
+
+    bad = tmp_path / f"bad{ending}"
+    with pytest.raises(OSError, match="disk went away"):
+        E._write_nifti_streaming(Broken(meta_store.zarr_array("c", "label")), None, geom, bad)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("bad")) == []
+
+
+def sitk_image_of(vol: np.ndarray, direction_xyz: tuple[float, ...]) -> sitk.Image:
+    img = sitk.GetImageFromArray(vol)
+    img.SetSpacing((0.712345, 0.8, 2.53))
+    img.SetOrigin((-101.25, 33.125, 7.0625))
+    img.SetDirection(direction_xyz)
+    return img
+
+
+def _meta():  # noqa: ANN202
+    from voxflow.store import DatasetMeta
+
+    return DatasetMeta(channel_names=("CT",), labels={"background": 0, "a": 1})

@@ -2,13 +2,19 @@
 
 Export writes each case with the geometry recorded at conversion (spacing, origin, direction; a
 2D source comes back as a 2D file), in the store's dtype: NIfTI, NRRD and MHA round-trip voxels
-and geometry bit for bit. Each exported volume is held in memory once while its file is written
-(SimpleITK writes whole images); export therefore needs memory for the largest single volume.
+and geometry bit for bit. NIfTI files (``.nii``, ``.nii.gz``) are streamed: SimpleITK's own header
+(written for a one-voxel image of the same geometry and dtype, its dimensions patched) followed by
+the voxels slab by slab, so exporting needs memory for one slab, not the volume -- the bytes equal
+SimpleITK's whole-image write. Other formats are held in memory once while SimpleITK writes them.
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
+import os
+import struct
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,18 +51,70 @@ def _sitk_image(volume: np.ndarray, geometry: Geometry) -> Any:
     return geometry.apply_to_sitk(img)
 
 
+_NIFTI_ENDINGS = (".nii", ".nii.gz")
+_SLAB_BYTES = 64 * 2**20
+
+
+def _nifti_header(geometry: Geometry, dtype: np.dtype, shape_zyx: Sequence[int]) -> bytes | None:
+    """SimpleITK's NIfTI-1 header (up to the voxel offset) for a (Z, Y, X) volume of ``dtype`` on
+    ``geometry``, without the volume: written for a one-voxel image, then dim[1..3] set to
+    (X, Y, Z). ``None`` when the volume does not fit NIfTI-1's int16 dimensions or the header is
+    not the little-endian 348-byte kind (the caller then writes with SimpleITK)."""
+    import SimpleITK as sitk
+
+    if max(shape_zyx) > 32767:
+        return None
+    with tempfile.TemporaryDirectory(prefix="voxflow-nifti-") as tmp:
+        path = Path(tmp) / "header.nii"
+        sitk.WriteImage(_sitk_image(np.zeros((1, 1, 1), dtype), geometry), str(path), False)
+        raw = path.read_bytes()
+    if struct.unpack_from("<i", raw, 0)[0] != 348 or struct.unpack_from("<h", raw, 40)[0] != 3:
+        return None
+    header = bytearray(raw[:int(struct.unpack_from("<f", raw, 108)[0])])
+    struct.pack_into("<3h", header, 42, *(int(n) for n in reversed(tuple(shape_zyx))))
+    return bytes(header)
+
+
+def _write_nifti_streaming(arr: zarr.Array, channel: int | None, geometry: Geometry, path: Path) -> bool:
+    """Write ``arr`` (Z, Y, X), or channel ``channel`` of a (C, Z, Y, X) array, as NIfTI slab by slab;
+    False (nothing written) when the header cannot be made this way. The file appears under its
+    name only when complete (written as ``<name>.part``, then renamed)."""
+    shape = tuple(int(n) for n in arr.shape[-3:])
+    header = _nifti_header(geometry, arr.dtype, shape)
+    if header is None:
+        return False
+    slice_bytes = shape[1] * shape[2] * arr.dtype.itemsize
+    step = max(1, min(int(arr.chunks[-3]), _SLAB_BYTES // max(slice_bytes, 1)))
+    part = path.with_name(path.name + ".part")
+    try:
+        with (gzip.open(part, "wb", compresslevel=6) if path.name.endswith(".gz") else open(part, "wb")) as f:
+            f.write(header)
+            for z0 in range(0, shape[0], step):
+                sl = (slice(z0, min(z0 + step, shape[0])),)
+                slab = arr[sl] if channel is None else arr[(channel, *sl)]
+                f.write(np.ascontiguousarray(slab).tobytes())
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+    return True
+
+
 def _write_case(store_path: str, case_id: str, array: str, out_dir: str, file_ending: str) -> list[str]:
     import SimpleITK as sitk
 
     store = Store.open(store_path)
-    data = np.asarray(store.zarr_array(case_id, array)[...])
+    arr = store.zarr_array(case_id, array)
     geometry = store.geometry(case_id)
     out = Path(out_dir)
-    if data.ndim == 3:
-        targets = [(out / f"{case_id}{file_ending}", data)]
+    if arr.ndim == 3:
+        targets: list[tuple[Path, int | None]] = [(out / f"{case_id}{file_ending}", None)]
     else:
-        targets = [(out / f"{case_id}_{c:04d}{file_ending}", data[c]) for c in range(data.shape[0])]
-    for path, vol in targets:
+        targets = [(out / f"{case_id}_{c:04d}{file_ending}", c) for c in range(arr.shape[0])]
+    stream = file_ending.lower() in _NIFTI_ENDINGS and not geometry.is_2d
+    for path, channel in targets:
+        if stream and _write_nifti_streaming(arr, channel, geometry, path):
+            continue
+        vol = np.asarray(arr[...] if channel is None else arr[channel])
         sitk.WriteImage(_sitk_image(vol, geometry), str(path), True)
     return [str(p) for p, _ in targets]
 
