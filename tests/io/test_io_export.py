@@ -100,13 +100,26 @@ def test_cli_convert_info_export(tmp_path: Path) -> None:
     assert "Traceback" not in res.output
 
 
-@pytest.mark.parametrize(("ending", "dtype"), [(".nii", np.uint8), (".nii.gz", np.int16), (".nii", np.float32)])
-def test_nifti_export_streams_slabs_with_sitk_bytes(tmp_path: Path, oblique_xyz, monkeypatch, ending: str,  # noqa: ANN001
-                                                    dtype: type) -> None:
-    """Streamed NIfTI == SimpleITK's whole-image write, byte for byte (after gunzip), while the volume
-    is read one slab at a time; a failed write leaves no file under the final name."""
+def _uncompressed(path: Path) -> bytes:
+    """A NIfTI file gunzipped, or an NRRD file with its gzip-encoded voxels decoded."""
     import gzip
+    import zlib
 
+    raw = path.read_bytes()
+    if path.name.endswith(".nii.gz"):
+        return gzip.decompress(raw)
+    if path.suffix == ".nrrd":
+        end = raw.index(b"\n\n") + 2
+        return raw[:end] + zlib.decompress(raw[end:], 31)
+    return raw
+
+
+@pytest.mark.parametrize(("ending", "dtype"), [(".nii", np.uint8), (".nii.gz", np.int16), (".nii", np.float32),
+                                               (".nrrd", np.int16), (".nrrd", np.float32)])
+def test_export_streams_slabs_with_sitk_bytes(tmp_path: Path, oblique_xyz, monkeypatch, ending: str,  # noqa: ANN001
+                                                    dtype: type) -> None:
+    """Streamed NIfTI/NRRD == SimpleITK's whole-image write, byte for byte (uncompressed), while the
+    volume is read one slab at a time; a failed write leaves no file under the final name."""
     import voxflow.io._export as E
     from voxflow.geometry import Geometry
 
@@ -134,12 +147,11 @@ def test_nifti_export_streams_slabs_with_sitk_bytes(tmp_path: Path, oblique_xyz,
     monkeypatch.setattr(E, "_SLAB_BYTES", 2 * 9 * 11 * vol.itemsize)  # two slices per slab
     arr = Recording(meta_store.zarr_array("c", "label"))
     path = tmp_path / f"c{ending}"
-    assert E._write_nifti_streaming(arr, None, geom, path)
+    assert E._write_streaming(arr, None, geom, path)
     assert max(reads) <= 2 * 9 * 11 * vol.itemsize and sum(reads) == vol.nbytes
     ref = tmp_path / f"ref{ending}"
     sitk.WriteImage(E._sitk_image(vol, geom), str(ref), True)
-    read = (lambda p: gzip.open(p).read()) if ending.endswith(".gz") else (lambda p: p.read_bytes())
-    assert read(path) == read(ref)
+    assert _uncompressed(path) == _uncompressed(ref)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(path))), vol)
 
     class Broken(Recording):
@@ -148,7 +160,7 @@ def test_nifti_export_streams_slabs_with_sitk_bytes(tmp_path: Path, oblique_xyz,
 
     bad = tmp_path / f"bad{ending}"
     with pytest.raises(OSError, match="disk went away"):
-        E._write_nifti_streaming(Broken(meta_store.zarr_array("c", "label")), None, geom, bad)
+        E._write_streaming(Broken(meta_store.zarr_array("c", "label")), None, geom, bad)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("bad")) == []
 
 

@@ -2,10 +2,11 @@
 
 Export writes each case with the geometry recorded at conversion (spacing, origin, direction; a
 2D source comes back as a 2D file), in the store's dtype: NIfTI, NRRD and MHA round-trip voxels
-and geometry bit for bit. NIfTI files (``.nii``, ``.nii.gz``) are streamed: SimpleITK's own header
-(written for a one-voxel image of the same geometry and dtype, its dimensions patched) followed by
-the voxels slab by slab, so exporting needs memory for one slab, not the volume -- the bytes equal
-SimpleITK's whole-image write. Other formats are held in memory once while SimpleITK writes them.
+and geometry bit for bit. NIfTI (``.nii``, ``.nii.gz``) and NRRD files are streamed: SimpleITK's
+own header (written for a one-voxel image of the same geometry and dtype, its size fields patched)
+followed by the voxels slab by slab, so exporting needs memory for one slab, not the volume -- the
+uncompressed bytes equal SimpleITK's whole-image write. Other formats (MHA: its header carries the
+compressed size) are held in memory once while SimpleITK writes them.
 """
 
 from __future__ import annotations
@@ -51,48 +52,65 @@ def _sitk_image(volume: np.ndarray, geometry: Geometry) -> Any:
     return geometry.apply_to_sitk(img)
 
 
-_NIFTI_ENDINGS = (".nii", ".nii.gz")
+_STREAMED_ENDINGS = (".nii", ".nii.gz", ".nrrd")
 _SLAB_BYTES = 64 * 2**20
 
 
-def _nifti_header(geometry: Geometry, dtype: np.dtype, shape_zyx: Sequence[int]) -> bytes | None:
-    """SimpleITK's NIfTI-1 header (up to the voxel offset) for a (Z, Y, X) volume of ``dtype`` on
-    ``geometry``, without the volume: written for a one-voxel image, then dim[1..3] set to
-    (X, Y, Z). ``None`` when the volume does not fit NIfTI-1's int16 dimensions or the header is
-    not the little-endian 348-byte kind (the caller then writes with SimpleITK)."""
+def _streamed_header(geometry: Geometry, dtype: np.dtype, shape_zyx: Sequence[int], ending: str) -> bytes | None:
+    """SimpleITK's own header for a (Z, Y, X) volume of ``dtype`` on ``geometry``, without the volume:
+    written for a one-voxel image, then its size fields set to (X, Y, Z) -- NIfTI-1 dim[1..3], NRRD
+    ``sizes:`` (the only size-dependent fields). ``None`` when that cannot be done safely (NIfTI
+    dims over int16, a header of another kind); the caller then writes with SimpleITK."""
     import SimpleITK as sitk
 
-    if max(shape_zyx) > 32767:
+    xyz = tuple(int(n) for n in reversed(tuple(shape_zyx)))
+    nifti = ending.startswith(".nii")
+    if nifti and max(xyz) > 32767:
         return None
-    with tempfile.TemporaryDirectory(prefix="voxflow-nifti-") as tmp:
-        path = Path(tmp) / "header.nii"
-        sitk.WriteImage(_sitk_image(np.zeros((1, 1, 1), dtype), geometry), str(path), False)
+    with tempfile.TemporaryDirectory(prefix="voxflow-header-") as tmp:
+        path = Path(tmp) / ("header.nii" if nifti else "header.nrrd")
+        sitk.WriteImage(_sitk_image(np.zeros((1, 1, 1), dtype), geometry), str(path), not nifti)
         raw = path.read_bytes()
-    if struct.unpack_from("<i", raw, 0)[0] != 348 or struct.unpack_from("<h", raw, 40)[0] != 3:
+    if nifti:
+        if struct.unpack_from("<i", raw, 0)[0] != 348 or struct.unpack_from("<h", raw, 40)[0] != 3:
+            return None
+        header = bytearray(raw[:int(struct.unpack_from("<f", raw, 108)[0])])
+        struct.pack_into("<3h", header, 42, *xyz)
+        return bytes(header)
+    end = raw.find(b"\n\n")
+    text = raw[:end + 2]
+    if end < 0 or b"\nsizes: 1 1 1\n" not in text or b"\nencoding: gzip\n" not in text:
         return None
-    header = bytearray(raw[:int(struct.unpack_from("<f", raw, 108)[0])])
-    struct.pack_into("<3h", header, 42, *(int(n) for n in reversed(tuple(shape_zyx))))
-    return bytes(header)
+    return text.replace(b"\nsizes: 1 1 1\n", b"\nsizes: %d %d %d\n" % xyz)
 
 
-def _write_nifti_streaming(arr: zarr.Array, channel: int | None, geometry: Geometry, path: Path) -> bool:
-    """Write ``arr`` (Z, Y, X), or channel ``channel`` of a (C, Z, Y, X) array, as NIfTI slab by slab;
-    False (nothing written) when the header cannot be made this way. The file appears under its
-    name only when complete (written as ``<name>.part``, then renamed)."""
+def _write_streaming(arr: zarr.Array, channel: int | None, geometry: Geometry, path: Path) -> bool:
+    """Write ``arr`` (Z, Y, X), or channel ``channel`` of a (C, Z, Y, X) array, as NIfTI or NRRD slab
+    by slab; False (nothing written) when the header cannot be made this way. The file appears
+    under its name only when complete (written as ``<name>.part``, then renamed)."""
     shape = tuple(int(n) for n in arr.shape[-3:])
-    header = _nifti_header(geometry, arr.dtype, shape)
+    ending = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    header = _streamed_header(geometry, arr.dtype, shape, ending)
     if header is None:
         return False
     slice_bytes = shape[1] * shape[2] * arr.dtype.itemsize
     step = max(1, min(int(arr.chunks[-3]), _SLAB_BYTES // max(slice_bytes, 1)))
     part = path.with_name(path.name + ".part")
     try:
-        with (gzip.open(part, "wb", compresslevel=6) if path.name.endswith(".gz") else open(part, "wb")) as f:
-            f.write(header)
+        with open(part, "wb") as raw:
+            data: Any = raw
+            if ending == ".nrrd":  # plain text header, then gzip-encoded voxels
+                raw.write(header)
+            if ending != ".nii":
+                data = gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0)
+            if ending.startswith(".nii"):  # .nii.gz: the whole file is one gzip stream
+                data.write(header)
             for z0 in range(0, shape[0], step):
                 sl = (slice(z0, min(z0 + step, shape[0])),)
                 slab = arr[sl] if channel is None else arr[(channel, *sl)]
-                f.write(np.ascontiguousarray(slab).tobytes())
+                data.write(np.ascontiguousarray(slab).tobytes())
+            if data is not raw:
+                data.close()
         os.replace(part, path)
     finally:
         part.unlink(missing_ok=True)
@@ -110,9 +128,9 @@ def _write_case(store_path: str, case_id: str, array: str, out_dir: str, file_en
         targets: list[tuple[Path, int | None]] = [(out / f"{case_id}{file_ending}", None)]
     else:
         targets = [(out / f"{case_id}_{c:04d}{file_ending}", c) for c in range(arr.shape[0])]
-    stream = file_ending.lower() in _NIFTI_ENDINGS and not geometry.is_2d
+    stream = file_ending.lower() in _STREAMED_ENDINGS and not geometry.is_2d
     for path, channel in targets:
-        if stream and _write_nifti_streaming(arr, channel, geometry, path):
+        if stream and _write_streaming(arr, channel, geometry, path):
             continue
         vol = np.asarray(arr[...] if channel is None else arr[channel])
         sitk.WriteImage(_sitk_image(vol, geometry), str(path), True)
