@@ -4,7 +4,6 @@ preprocessed view of one case for one configuration."""
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 
 from voxflow.errors import ConversionError, LayoutError
 from voxflow.geometry import Geometry
+from voxflow.infer._chunks import read_chunks
 from voxflow.io import convert
 from voxflow.plan.schema import Configuration
 from voxflow.preprocess import preprocess_case
@@ -68,24 +68,6 @@ def open_input(source: Store | str | Path | Sequence[str | Path], work_dir: Path
     return convert(staging, dst, overwrite=True, scheduler=scheduler, progress=False)
 
 
-def grow_chunks(chunks_zyx: Sequence[int], bytes_per_voxel: int, max_bytes: int = 8 * 2**20) -> tuple[int, ...]:
-    """Whole multiples of ``chunks_zyx``: doubled along x, y, z in turn while one chunk of
-    ``bytes_per_voxel`` (e.g. channels x 4 for float32) stays within ``max_bytes``.
-
-    Dask chunks that are multiples of the Zarr chunks read or write whole chunks per task, and few
-    large tasks keep a case's task graph -- whose Python objects would otherwise grow with the
-    volume -- to a few hundred tasks per G-voxel."""
-    chunks = [max(1, int(c)) for c in chunks_zyx]
-    axis = 2
-    for _ in range(64):
-        grown = list(chunks)
-        grown[axis] *= 2
-        if bytes_per_voxel * math.prod(grown) > max_bytes:
-            break
-        chunks, axis = grown, (axis - 1) % 3
-    return tuple(chunks)
-
-
 @dataclass(frozen=True)
 class PreparedCase:
     """One case on a configuration's preprocessed grid, with what is needed to undo it."""
@@ -110,13 +92,13 @@ def prepare_case(store: Store, case_id: str, config: Configuration, *,
             raise LayoutError(f"a preprocessed input store must match the model configuration {config.name!r}; "
                               f"got {have!r} in {store.path}. Pass the raw images or the matching store.")
         a = store.case_attrs(case_id)
-        img = store.image(case_id, chunks=_read_chunks(store, case_id)).astype(np.float32)
+        img = store.image(case_id, chunks=read_chunks(store, case_id)).astype(np.float32)
         if out_chunks is not None:
             img = img.rechunk((img.shape[0], *(min(int(c), n) for c, n in zip(out_chunks, img.shape[1:]))))
         return PreparedCase(img, Geometry.from_dict(a["original_geometry"]),
                             tuple((int(lo), int(hi)) for lo, hi in a["crop_bbox_zyx"]),
                             tuple(int(s) for s in a["shape_after_crop_zyx"]))  # type: ignore[arg-type]
-    image, geometry = store.image(case_id, chunks=_read_chunks(store, case_id)), store.geometry(case_id)
+    image, geometry = store.image(case_id, chunks=read_chunks(store, case_id)), store.geometry(case_id)
     if image.shape[0] != config.n_channels:
         raise LayoutError(f"images must have the {config.n_channels} channels the model was trained on; got "
                           f"{image.shape[0]} for case {case_id!r} in {store.path}.")
@@ -125,9 +107,3 @@ def prepare_case(store: Store, case_id: str, config: Configuration, *,
                         tuple((int(lo), int(hi)) for lo, hi in pc.crop_bbox_zyx),
                         tuple(int(s) for s in pc.shape_after_crop_zyx))  # type: ignore[arg-type]
 
-
-def _read_chunks(store: Store, case_id: str) -> tuple[int, ...]:
-    """Dask chunks for reading a case's image: whole multiples of its Zarr chunks, ~8 MB as float32."""
-    z = store.zarr_array(case_id, "image")
-    return (int(z.shape[0]), *(min(c, n) for c, n in zip(grow_chunks(z.chunks[1:], 4 * int(z.shape[0])),
-                                                         z.shape[1:])))

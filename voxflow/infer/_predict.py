@@ -27,12 +27,13 @@ import zarr
 from voxflow.cluster import compute, scheduler_context, split_evenly
 from voxflow.errors import VoxflowError
 from voxflow.infer._accumulator import DEFAULT_CACHE_BYTES
+from voxflow.infer._chunks import clamp_chunks, grow_chunks, output_chunks
 from voxflow.infer._export import export_labels
-from voxflow.infer._inputs import PreparedCase, grow_chunks, open_input, prepare_case
+from voxflow.infer._inputs import PreparedCase, open_input, prepare_case
 from voxflow.infer._memory import release_large_allocations, trim_heap
 from voxflow.infer._models import Ensemble, find_checkpoints, group_models
 from voxflow.infer._undo import probabilities_to_label, undo_preprocessing
-from voxflow.store import DEFAULT_CHUNKS_ZYX, DatasetMeta, Store
+from voxflow.store import DatasetMeta, Store
 
 __all__ = ["PredictOptions", "predict"]
 
@@ -85,19 +86,6 @@ def _predictor(ens: Ensemble, device: str, opts: PredictOptions) -> Any:
                          spatial_dims=cfg.network.spatial_dims, device=device, amp=opts.amp)
 
 
-def _chunks_for(patch: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
-    return tuple(max(1, min(int(p), int(s))) for p, s in zip(patch, shape))
-
-
-def _output_chunks(shape_zyx: Sequence[int], n_outputs: int, max_bytes: int = 16 * 2**20) -> tuple[int, ...]:
-    """Chunks of the prediction store: DEFAULT_CHUNKS_ZYX, z halved until one float32 (K, chunk)
-    block of probabilities fits in ``max_bytes`` (bounds each write task's memory)."""
-    cz, cy, cx = DEFAULT_CHUNKS_ZYX
-    while cz > 1 and n_outputs * cz * cy * cx * 4 > max_bytes:
-        cz //= 2
-    return _chunks_for((cz, cy, cx), shape_zyx)
-
-
 def _stage_case(src: Store, case_id: str, ensembles: Sequence[Ensemble], scratch_root: Path,
                 progress: bool) -> _Staged:
     """Write each configuration's preprocessed image of a case to scratch Zarr (one compute)."""
@@ -111,13 +99,13 @@ def _stage_case(src: Store, case_id: str, ensembles: Sequence[Ensemble], scratch
         big = grow_chunks(cfg.patch_size_vox, 4 * cfg.n_channels)
         prep = prepare_case(src, case_id, cfg, out_chunks=big)
         shape = prep.image.shape
-        chunks = (shape[0], *_chunks_for(cfg.patch_size_vox, shape[1:]))  # tiles read ~8 of these
+        chunks = (shape[0], *clamp_chunks(cfg.patch_size_vox, shape[1:]))  # tiles read ~8 of these
         z = group.create_array(f"{cfg.name}_image", shape=shape, chunks=chunks, dtype=np.float32,
                                compressors=None, fill_value=0.0)
         images.append(z)
         prepared.append(prep)
         # dask chunks are whole multiples of the Zarr chunks: every task writes whole chunks, no lock
-        sources.append(prep.image.astype(np.float32).rechunk((shape[0], *_chunks_for(big, shape[1:]))))
+        sources.append(prep.image.astype(np.float32).rechunk((shape[0], *clamp_chunks(big, shape[1:]))))
     compute(da.store(sources, images, lock=False, compute=False), desc=f"{case_id}: preprocess",
             progress=progress)
     trim_heap()
@@ -132,11 +120,11 @@ def _predict_staged(st: _Staged, ensembles: Sequence[Ensemble], predictors: Sequ
     n_out, activation, regions_order = _label_outputs(ensembles[0].dataset)
     group = zarr.open_group(str(st.scratch), mode="r+", zarr_format=3)
     geom = st.prepared[0].original_geometry
-    out_chunks = _output_chunks(geom.shape_zyx, n_out)
+    out_chunks = output_chunks(geom.shape_zyx, n_out)
     back = []
     for ens, pred, image, prep in zip(ensembles, predictors, st.images, st.prepared):
         cfg = ens.configuration
-        block = _chunks_for([-(-p // 2) for p in cfg.patch_size_vox], image.shape[1:])  # half-patch blocks
+        block = clamp_chunks([-(-p // 2) for p in cfg.patch_size_vox], image.shape[1:])  # half-patch blocks
         probs = group.create_array(f"{cfg.name}_probs", shape=(n_out, *image.shape[1:]), chunks=(n_out, *block),
                                    dtype=np.float32, compressors=None, fill_value=0.0)
         batch = opts.batch_size or (cfg.batch_size if cfg.is_2d else 1)
@@ -145,7 +133,7 @@ def _predict_staged(st: _Staged, ensembles: Sequence[Ensemble], predictors: Sequ
                                scratch_dir=st.scratch, progress=opts.progress, desc=f"{st.case_id} {cfg.name}")
         trim_heap()  # the tile cache's blocks are free now; keep them from adding to the write phase's peak
         sep = cfg.resampling.separate_axis if cfg.resampling.separate_z else None
-        lazy = da.from_zarr(probs, chunks=(n_out, *_output_chunks(image.shape[1:], n_out)))  # fewer, larger tasks
+        lazy = da.from_zarr(probs, chunks=(n_out, *output_chunks(image.shape[1:], n_out)))  # fewer, larger tasks
         back.append(undo_preprocessing(lazy, shape_after_crop_zyx=prep.shape_after_crop_zyx,
                                        crop_bbox_zyx=prep.crop_bbox_zyx, original_shape_zyx=geom.shape_zyx,
                                        activation=activation, separate_axis=sep, out_chunks_zyx=out_chunks))

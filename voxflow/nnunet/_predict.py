@@ -21,14 +21,15 @@ import zarr
 
 from voxflow.cluster import compute, scheduler_context
 from voxflow.infer._accumulator import DEFAULT_CACHE_BYTES
+from voxflow.infer._chunks import clamp_chunks, grow_chunks, output_chunks, read_chunks
 from voxflow.infer._export import export_labels
 from voxflow.infer._inputs import open_input
-from voxflow.infer._memory import release_large_allocations
+from voxflow.infer._memory import release_large_allocations, trim_heap
 from voxflow.infer._undo import probabilities_to_label, uncrop
 from voxflow.nnunet._model import NnunetModel, load_nnunet_model
 from voxflow.nnunet._preprocess import clip_bounds, nnunet_gaussian, normalized_crop, resample_like_nnunet
 from voxflow.nnunet._translate import NnunetModelError, case_configuration, separate_z_axis
-from voxflow.preprocess import nonzero_bbox, resample_to_shape, target_shape
+from voxflow.preprocess import nonzero_bbox, resample_to_shape
 from voxflow.store import DEFAULT_CHUNKS_ZYX, DatasetMeta, Store
 
 __all__ = ["NnunetTilePredictor", "predict_nnunet"]
@@ -79,10 +80,6 @@ class NnunetTilePredictor:
             return total.permute(self.inverse).contiguous()
 
 
-def _chunks_for(patch: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
-    return tuple(max(1, min(int(p), int(s))) for p, s in zip(patch, shape, strict=True))
-
-
 def _activate(logits: da.Array, activation: str) -> da.Array:
     """Softmax over the class axis (0) or per-channel sigmoid, blockwise (classes in one chunk)."""
     def softmax(x: np.ndarray) -> np.ndarray:
@@ -103,7 +100,7 @@ def _predict_case(src: Store, out: Store, model: NnunetModel, predictor: NnunetT
 
     spec, geom = model.spec, src.geometry(case_id)
     cfg = case_configuration(spec, geom.spacing_zyx)
-    raw = src.image(case_id)
+    raw = src.image(case_id, chunks=read_chunks(src, case_id))
     if raw.shape[0] != spec.num_input_channels:
         raise NnunetModelError(f"images must have the {spec.num_input_channels} channels the nnU-Net model was "
                                f"trained on; got {raw.shape[0]} for case {case_id!r} in {src.path}.")
@@ -112,30 +109,34 @@ def _predict_case(src: Store, out: Store, model: NnunetModel, predictor: NnunetT
     sep_in = cfg.resampling.separate_axis if cfg.resampling.separate_z else None
     bounds = compute(*clip_bounds(norm, sep_in), desc=f"{case_id}: value range", progress=progress)
     shape_crop = tuple(int(s) for s in norm.shape[1:])
-    chunks_zyx = _chunks_for(cfg.patch_size_vox, target_shape(shape_crop, geom.spacing_zyx, cfg))
-    image_lazy = resample_like_nnunet(norm, geom, cfg, bounds, out_chunks=chunks_zyx)
+    big = grow_chunks(cfg.patch_size_vox, 4 * spec.num_input_channels)  # compute in few, large tasks
+    image_lazy = resample_like_nnunet(norm, geom, cfg, bounds, out_chunks=big)
     if scratch.exists():
         shutil.rmtree(scratch)
     group = zarr.open_group(str(scratch), mode="w", zarr_format=3)
     shape = image_lazy.shape
-    chunks = (shape[0], *chunks_zyx)
-    image = group.create_array("image", shape=shape, chunks=chunks, dtype=np.float32, compressors=None,
-                               fill_value=0.0)
-    compute(da.store(image_lazy.rechunk(chunks), image, lock=False, compute=False),  # type: ignore[arg-type]
-            desc=f"{case_id}: preprocess", progress=progress)
+    image = group.create_array("image", shape=shape, chunks=(shape[0], *clamp_chunks(cfg.patch_size_vox, shape[1:])),
+                               dtype=np.float32, compressors=None, fill_value=0.0)
+    # dask chunks are whole multiples of the Zarr chunks: every task writes whole chunks, no lock
+    staged = da.store(image_lazy.rechunk((shape[0], *clamp_chunks(big, shape[1:]))), image,  # type: ignore[arg-type]
+                      lock=False, compute=False)
+    compute(staged, desc=f"{case_id}: preprocess", progress=progress)
+    trim_heap()
     k = spec.num_outputs
-    block = _chunks_for([-(-p // 2) for p in cfg.patch_size_vox], shape[1:])
+    block = clamp_chunks([-(-p // 2) for p in cfg.patch_size_vox], shape[1:])
     logits = group.create_array("logits", shape=(k, *shape[1:]), chunks=(k, *block), dtype=np.float32,
                                 compressors=None, fill_value=0.0)
     sliding_window_predict(image, predictor, patch_size_vox=cfg.patch_size_vox, n_classes=k, out=logits, step=step,
                            batch_size=batch_size, cache_bytes=cache_bytes, scratch_dir=scratch, progress=progress,
                            desc=f"{case_id} {cfg.name}", importance_map=nnunet_gaussian(cfg.patch_size_vox))
+    trim_heap()  # the tile cache's blocks are free now; keep them from adding to the write phase's peak
     target = list(cfg.spacing_zyx)
     if cfg.is_2d:
         target[0] = geom.spacing_zyx[0]
     sep = separate_z_axis(target, geom.spacing_zyx, force=spec.force_separate_z)
-    out_chunks = _chunks_for(DEFAULT_CHUNKS_ZYX, geom.shape_zyx)
-    back = resample_to_shape(da.from_zarr(logits), shape_crop, order=spec.probabilities_order,
+    out_chunks = clamp_chunks(DEFAULT_CHUNKS_ZYX, geom.shape_zyx)
+    lazy = da.from_zarr(logits, chunks=(k, *output_chunks(shape[1:], k)))  # fewer, larger tasks than the blocks
+    back = resample_to_shape(lazy, shape_crop, order=spec.probabilities_order,
                              separate_axis=sep, separate_order=spec.probabilities_order_z, out_chunks=out_chunks)
     activation = "sigmoid" if model.dataset.regions_class_order is not None else "softmax"
     probs = _activate(back, activation)
