@@ -19,18 +19,22 @@ log = logging.getLogger(__name__)
 _M_MMAP_THRESHOLD = -3
 
 
+def _glibc_call(name: str, *args: int) -> int | None:
+    """``name(*args)`` from glibc, or ``None`` where there is no glibc (other platforms, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return int(getattr(ctypes.CDLL("libc.so.6"), name)(*args))
+    except (OSError, AttributeError):
+        return None
+
+
 def release_large_allocations(threshold_bytes: int = 1 << 20) -> bool:
     """Serve allocations of at least ``threshold_bytes`` with mmap (glibc only; process-wide).
 
     Returns whether the setting was applied (False on other platforms or C libraries).
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
-    except (OSError, AttributeError):
-        return False
+    ok = bool(_glibc_call("mallopt", _M_MMAP_THRESHOLD, int(threshold_bytes)))
     log.debug("glibc mmap threshold fixed at %d bytes: %s", threshold_bytes, ok)
     return ok
 
@@ -43,11 +47,4 @@ def trim_heap() -> bool:
     write phase, their peaks add up (measured at 512 M voxels with a 256 MB tile cache: 288 MB of
     free heap still resident during the write). Returns whether a trim ran (glibc only).
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        return False
-    return True
+    return _glibc_call("malloc_trim", 0) is not None
