@@ -147,7 +147,7 @@ def test_export_streams_slabs_with_sitk_bytes(tmp_path: Path, oblique_xyz, monke
     monkeypatch.setattr(E, "_SLAB_BYTES", 2 * 9 * 11 * vol.itemsize)  # two slices per slab
     arr = Recording(meta_store.zarr_array("c", "label"))
     path = tmp_path / f"c{ending}"
-    assert E._write_streaming(arr, None, geom, path)
+    assert E._write_streaming(arr, None, geom, path, ending)
     assert max(reads) <= 2 * 9 * 11 * vol.itemsize and sum(reads) == vol.nbytes
     ref = tmp_path / f"ref{ending}"
     sitk.WriteImage(E._sitk_image(vol, geom), str(ref), True)
@@ -160,7 +160,7 @@ def test_export_streams_slabs_with_sitk_bytes(tmp_path: Path, oblique_xyz, monke
 
     bad = tmp_path / f"bad{ending}"
     with pytest.raises(OSError, match="disk went away"):
-        E._write_streaming(Broken(meta_store.zarr_array("c", "label")), None, geom, bad)
+        E._write_streaming(Broken(meta_store.zarr_array("c", "label")), None, geom, bad, ending)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("bad")) == []
 
 

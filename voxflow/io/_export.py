@@ -84,12 +84,12 @@ def _streamed_header(geometry: Geometry, dtype: np.dtype, shape_zyx: Sequence[in
     return text.replace(b"\nsizes: 1 1 1\n", b"\nsizes: %d %d %d\n" % xyz)
 
 
-def _write_streaming(arr: zarr.Array, channel: int | None, geometry: Geometry, path: Path) -> bool:
-    """Write ``arr`` (Z, Y, X), or channel ``channel`` of a (C, Z, Y, X) array, as NIfTI or NRRD slab
-    by slab; False (nothing written) when the header cannot be made this way. The file appears
-    under its name only when complete (written as ``<name>.part``, then renamed)."""
+def _write_streaming(arr: zarr.Array, channel: int | None, geometry: Geometry, path: Path, ending: str) -> bool:
+    """Write ``arr`` (Z, Y, X), or channel ``channel`` of a (C, Z, Y, X) array, as NIfTI or NRRD
+    (``ending``, one of ``_STREAMED_ENDINGS``) slab by slab; False (nothing written) when the header
+    cannot be made this way. The file appears under its name only when complete (written as
+    ``<name>.part``, then renamed)."""
     shape = tuple(int(n) for n in arr.shape[-3:])
-    ending = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     header = _streamed_header(geometry, arr.dtype, shape, ending)
     if header is None:
         return False
@@ -98,12 +98,11 @@ def _write_streaming(arr: zarr.Array, channel: int | None, geometry: Geometry, p
     part = path.with_name(path.name + ".part")
     try:
         with open(part, "wb") as raw:
-            data: Any = raw
-            if ending == ".nrrd":  # plain text header, then gzip-encoded voxels
+            if ending == ".nrrd":  # NRRD: a plain text header, then gzip-encoded voxels
                 raw.write(header)
-            if ending != ".nii":
-                data = gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0)
-            if ending.startswith(".nii"):  # .nii.gz: the whole file is one gzip stream
+            data: Any = raw if ending == ".nii" else gzip.GzipFile(filename="", fileobj=raw, mode="wb",
+                                                                   compresslevel=6, mtime=0)
+            if ending != ".nrrd":  # NIfTI: the header is part of the (.nii.gz: gzip) stream
                 data.write(header)
             for z0 in range(0, shape[0], step):
                 sl = (slice(z0, min(z0 + step, shape[0])),)
@@ -128,9 +127,10 @@ def _write_case(store_path: str, case_id: str, array: str, out_dir: str, file_en
         targets: list[tuple[Path, int | None]] = [(out / f"{case_id}{file_ending}", None)]
     else:
         targets = [(out / f"{case_id}_{c:04d}{file_ending}", c) for c in range(arr.shape[0])]
-    stream = file_ending.lower() in _STREAMED_ENDINGS and not geometry.is_2d
+    ending = file_ending.lower()
+    stream = ending in _STREAMED_ENDINGS and not geometry.is_2d
     for path, channel in targets:
-        if stream and _write_streaming(arr, channel, geometry, path):
+        if stream and _write_streaming(arr, channel, geometry, path, ending):
             continue
         vol = np.asarray(arr[...] if channel is None else arr[channel])
         sitk.WriteImage(_sitk_image(vol, geometry), str(path), True)
