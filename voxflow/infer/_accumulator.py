@@ -68,11 +68,12 @@ class _SlotFile:
     data never counts towards the process's resident memory)."""
 
     def __init__(self, slot_bytes: int, parent: str | Path | None):
-        fd, path = tempfile.mkstemp(prefix="voxflow-acc-", suffix=".spill", dir=parent)
-        self.fd, self.path, self.slot_bytes = fd, Path(path), int(slot_bytes)
+        fd, name = tempfile.mkstemp(prefix="voxflow-acc-", suffix=".spill", dir=parent)
+        self.fd, self.slot_bytes = fd, int(slot_bytes)
+        self.path: Path | None = Path(name)  # kept only where an open file cannot be unlinked
         try:  # unlinked while open: the file disappears even if the process is killed
             self.path.unlink()
-            self.path = None  # type: ignore[assignment]
+            self.path = None
         except OSError:
             pass
         self._free: list[int] = []
