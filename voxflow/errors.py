@@ -14,6 +14,7 @@ __all__ = [
     "IncompleteStoreError",
     "LayoutError",
     "PlanError",
+    "TrainingInterrupted",
     "VoxflowError",
     "VoxflowWarning",
 ]
@@ -49,3 +50,7 @@ class ConversionError(VoxflowError, ValueError):
 
 class CaseNotFoundError(VoxflowError, FileNotFoundError):
     """A case id or file that was asked for does not exist."""
+
+
+class TrainingInterrupted(VoxflowError):
+    """Training stopped on SIGTERM/SIGUSR1 after writing ``checkpoint_latest.pt``; ``--resume`` continues."""

@@ -20,14 +20,14 @@ def _spec(dims: int = 3, architecture: str = "unet", strides=None, features=(4, 
     n = len(features)
     strides = strides or [(1,) * dims] + [(2,) * dims] * (n - 1)
     return NetworkSpec(architecture=architecture, spatial_dims=dims, n_stages=n, features_per_stage=features,
-                       kernel_sizes=kernels or [(3,) * dims] * n, strides=strides, n_blocks_per_stage=[1, 2, 2][:n],
+                       kernel_sizes=kernels or [(3,) * dims] * n, strides=strides, n_blocks_per_stage=[1, 2, 2, 1, 1][:n],
                        n_conv_per_stage_decoder=[1] * (n - 1), deep_supervision=ds)
 
 
 @pytest.mark.parametrize("architecture", ["unet", "resenc_unet", "unetpp"])
-@pytest.mark.parametrize(("dims", "spatial"), [(3, (8, 16, 12)), (2, (16, 20))])
+@pytest.mark.parametrize(("dims", "spatial"), [(3, (8, 16, 24)), (2, (16, 24))])
 def test_output_shapes_follow_deep_supervision_scales(architecture: str, dims: int, spatial: tuple[int, ...]) -> None:
-    spec = _spec(dims, architecture)
+    spec = _spec(dims, architecture, features=(4, 8, 16, 16))  # 3 decoder stages, the lowest unsupervised
     net = build_network(spec, in_channels=2, num_outputs=3).train()
     x = torch.randn(2, 2, *spatial)
     outs = net(x)
@@ -44,15 +44,36 @@ def test_output_shapes_follow_deep_supervision_scales(architecture: str, dims: i
     assert net(x).shape == (2, 3, *spatial)
 
 
+@pytest.mark.parametrize("architecture", ["unet", "resenc_unet", "unetpp"])
+@pytest.mark.parametrize("ds", [True, False])
+def test_every_parameter_gets_a_gradient_from_the_deep_supervision_loss(architecture: str, ds: bool) -> None:
+    """The root of the DDP crash: nnU-Net's lowest-resolution output has loss weight 0, so a head for it
+    receives no gradient. The network builds only heads that the loss covers."""
+    from voxflow.train import DeepSupervisionLoss, SegmentationLoss, deep_supervision_weights
+    from voxflow.train.labels import LabelSpec
+
+    spec = _spec(3, architecture, features=(4, 8, 8, 8, 8), ds=ds)
+    net = build_network(spec, in_channels=1, num_outputs=3).train()
+    scales = deep_supervision_scales(spec)
+    assert len(net.heads) == len(scales) == (3 if ds else 1)  # 4 decoder stages, the lowest unsupervised
+    outs = net(torch.randn(2, 1, 16, 16, 16))
+    outs = outs if isinstance(outs, list) else [outs]
+    tgts = [torch.randint(0, 3, (2, 1, *o.shape[2:])) for o in outs]
+    loss = DeepSupervisionLoss(SegmentationLoss(LabelSpec(3, ("a", "b"))), deep_supervision_weights(len(scales)))
+    loss(outs, tgts).backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
 def test_anisotropic_plan() -> None:
-    strides = [(1, 1, 1), (1, 2, 2), (2, 2, 2)]
-    kernels = [(1, 3, 3), (1, 3, 3), (3, 3, 3)]
-    spec = _spec(3, "resenc_unet", strides=strides, kernels=kernels)
-    assert spec.total_stride == (2, 4, 4)
+    strides = [(1, 1, 1), (1, 2, 2), (2, 2, 2), (1, 2, 2)]
+    kernels = [(1, 3, 3), (1, 3, 3), (3, 3, 3), (3, 3, 3)]
+    spec = _spec(3, "resenc_unet", strides=strides, kernels=kernels, features=(4, 8, 16, 16))
+    assert spec.total_stride == (2, 8, 8)
     assert deep_supervision_scales(spec) == [(1.0, 1.0, 1.0), (1.0, 0.5, 0.5)]
     net = build_network(spec, 1, 2)
     outs = net(torch.randn(1, 1, 4, 16, 24))
-    assert [tuple(o.shape[2:]) for o in outs] == [(4, 16, 24), (4, 8, 12)]
+    assert [tuple(o.shape[2:]) for o in outs] == [(4, 16, 24), (4, 8, 12)]  # (2, 4, 6) is not supervised
     # a (1, 3, 3) kernel never mixes neighbouring z slices at full resolution in the first conv
     first = net.encoder.stem.conv
     assert tuple(first.kernel_size) == (1, 3, 3)

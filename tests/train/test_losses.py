@@ -92,11 +92,22 @@ def test_class_weighted_ce() -> None:
     assert float(got) == pytest.approx(sum(a * b for a, b in zip(per_voxel, weights, strict=True)) / sum(weights), rel=1e-6)
 
 
-def test_deep_supervision_weights_halve_and_normalise() -> None:
+def _nnunet_weights(n_decoder_outputs: int) -> list[float]:
+    """nnU-Net v2's ``_get_deep_supervision_scales`` weights: halve per scale, the lowest 0, normalised."""
+    w = [1 / 2**i for i in range(n_decoder_outputs)]
+    w[-1] = 0.0
+    return [x / sum(w) for x in w]
+
+
+def test_deep_supervision_weights_are_nnunets_without_the_zero_weight_output() -> None:
     assert deep_supervision_weights(1) == [1.0]
-    w = deep_supervision_weights(4)
-    assert w == pytest.approx([4 / 7, 2 / 7, 1 / 7, 0.0])
+    w = deep_supervision_weights(3)
+    assert w == pytest.approx([4 / 7, 2 / 7, 1 / 7])
     assert sum(w) == pytest.approx(1.0)
+    for n_dec in range(2, 8):
+        assert deep_supervision_weights(n_dec - 1) == pytest.approx(_nnunet_weights(n_dec)[:-1])
+    with pytest.raises(ValueError, match="at least one"):
+        deep_supervision_weights(0)
 
 
 def test_deep_supervision_loss_weights_each_scale() -> None:
@@ -106,9 +117,11 @@ def test_deep_supervision_loss_weights_each_scale() -> None:
             torch.randn(2, 3, 2, 2, 2, generator=g)]
     tgts = [torch.randint(0, 3, (2, 1, *o.shape[2:]), generator=g) for o in outs]
     got = DeepSupervisionLoss(base)(outs, tgts)
-    expected = 2 / 3 * base(outs[0], tgts[0]) + 1 / 3 * base(outs[1], tgts[1])  # lowest scale weight 0
+    expected = (4 * base(outs[0], tgts[0]) + 2 * base(outs[1], tgts[1]) + base(outs[2], tgts[2])) / 7
     assert float(got) == pytest.approx(float(expected), rel=1e-6)
     with pytest.raises(ValueError, match="one target per output"):
         DeepSupervisionLoss(base)(outs, tgts[:1])
+    with pytest.raises(ValueError, match="3 outputs for 2"):
+        DeepSupervisionLoss(base, [2 / 3, 1 / 3])(outs, tgts)
     with pytest.raises(ValueError, match="shapes differ"):
         DeepSupervisionLoss(base)(outs, tgts[::-1])

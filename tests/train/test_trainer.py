@@ -150,11 +150,11 @@ def test_ddp_two_cpu_processes_keep_weights_identical(tmp_path: Path) -> None:
 
 def test_validation_is_skipped_with_a_warning_without_dataset_store(tmp_path: Path,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
-    from voxflow.train._steps import amp_dtype_for
+    from voxflow.train._steps import amp_dtype_for, resolve_precision
     from voxflow.train.validation import validate_fold
 
     work = make_workspace(tmp_path, n_cases=2)
     with caplog.at_level("WARNING", logger="voxflow"):
         assert validate_fold(work, "tiny", 0, ["case_000"]) is None
     assert "no dataset store" in caplog.text
-    assert amp_dtype_for(torch.device("cpu"), True) is None
+    assert amp_dtype_for(resolve_precision("auto", torch.device("cpu"))) is None

@@ -92,12 +92,9 @@ def build_network(spec: NetworkSpec, in_channels: int, num_outputs: int) -> nn.M
 
 def deep_supervision_scales(spec: NetworkSpec) -> list[tuple[float, ...]]:
     """Per-axis scale of every output of :func:`build_network` relative to the input, full
-    resolution (all 1.0) first: one entry per decoder stage, or only the first without deep supervision."""
-    scales = []
-    for s in range(max(spec.n_stages - 1, 1)):
-        scales.append(tuple(1.0 / math.prod(st[a] for st in spec.strides[: s + 1])
-                            for a in range(spec.spatial_dims)))
-    return scales if spec.deep_supervision else scales[:1]
+    resolution (all 1.0) first: one entry per head (``spec.output_stages``)."""
+    return [tuple(1.0 / math.prod(st[a] for st in spec.strides[: s + 1]) for a in range(spec.spatial_dims))
+            for s in spec.output_stages]
 
 
 def count_parameters(module: nn.Module, *, trainable_only: bool = True) -> int:

@@ -56,8 +56,7 @@ def activation_elements(spec: NetworkSpec, patch_size_vox: Sequence[int], in_cha
         columns = range(1, n - s) if spec.architecture == "unetpp" else [1]
         for j in columns:
             total += (j + 1) * f[s] * v[s] + 2 * f[s] * v[s] * n_conv
-    heads = range(n - 1) if spec.deep_supervision else [0]
-    total += sum(3 * num_outputs * v[s] for s in heads)
+    total += sum(3 * num_outputs * v[s] for s in spec.output_stages)
     largest = sorted((f[s] * v[s] for s in range(n)), reverse=True)
     return total + 2 * largest[0]
 

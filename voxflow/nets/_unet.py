@@ -10,8 +10,11 @@
 Decoders upsample with transposed convs (kernel = stride) and concatenate the skip. Decoder
 stage counts follow nnU-Net: ``n_conv_per_stage_decoder[0]`` is the deepest decoder stage. With
 deep supervision (``spec.deep_supervision`` and ``module.deep_supervision`` true) a training-mode
-forward returns one logit tensor per decoder stage, full resolution first (scales as
-:func:`voxflow.nets.deep_supervision_scales`); otherwise one tensor (B, K, *spatial).
+forward returns one logit tensor per supervised decoder stage (``spec.output_stages``: every
+decoder stage but the lowest-resolution one, whose nnU-Net loss weight is 0 and which is therefore
+not built), full resolution first (scales as :func:`voxflow.nets.deep_supervision_scales`);
+otherwise one tensor (B, K, *spatial). Every parameter takes part in every training forward, so
+DDP needs no ``find_unused_parameters``.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class _SegmentationNet(nn.Module):
     def _outputs(self, decoded: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         """``decoded[s]`` is the decoder feature map at stage s (full resolution first)."""
         if self.deep_supervision and self.training:
-            return [head(x) for head, x in zip(self.heads, decoded, strict=True)]
+            return [head(decoded[s]) for s, head in enumerate(self.heads)]
         return self.heads[0](decoded[0])
 
 
@@ -98,8 +101,7 @@ class UNet(_SegmentationNet):
         self.encoder = _Encoder(spec, in_channels, residual=residual)
         self.ups = nn.ModuleList(_up(spec, s) for s in range(n - 1))
         self.decoders = nn.ModuleList(_dec_convs(spec, s, 2 * f[s]) for s in range(n - 1))
-        n_heads = max(n - 1, 1)
-        self.heads = nn.ModuleList(_head(spec, s, num_outputs) for s in range(n_heads))
+        self.heads = nn.ModuleList(_head(spec, s, num_outputs) for s in spec.output_stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         skips = self.encoder(x)
@@ -129,7 +131,7 @@ class NestedUNet(_SegmentationNet):
             for i in range(n - j):
                 self.ups[f"{i}_{j}"] = _up(spec, i)
                 self.nodes[f"{i}_{j}"] = _dec_convs(spec, i, f[i] * (j + 1))
-        self.heads = nn.ModuleList(_head(spec, s, num_outputs) for s in range(max(n - 1, 1)))
+        self.heads = nn.ModuleList(_head(spec, s, num_outputs) for s in spec.output_stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         enc = self.encoder(x)

@@ -82,7 +82,7 @@ def _layers(spec: NetworkSpec, in_channels: int, num_outputs: int
             yield s, f[s] * (j + 1), f[s], k[s], 1
             for _ in range(n_conv - 1):
                 yield s, f[s], f[s], k[s], 1
-    for s in range(max(n - 1, 1)):
+    for s in spec.output_stages:
         yield s, f[s], num_outputs, 1, 0  # segmentation heads
 
 

@@ -42,6 +42,9 @@ ARCHITECTURES = ("unet", "resenc_unet", "unetpp")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "cosine")
 LOSSES = ("dice_ce", "dice", "ce")
+#: ``train.precision``: auto (bf16 on CUDA where supported, fp16 + GradScaler on older GPUs, fp32 on the CPU),
+#: or one of them explicitly (fp16 needs CUDA).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 T = TypeVar("T")
 
@@ -195,6 +198,20 @@ class NetworkSpec:
         """Product of the strides per axis: every patch axis must be divisible by it."""
         return tuple(math.prod(s[a] for s in self.strides) for a in range(self.spatial_dims))
 
+    @property
+    def output_stages(self) -> tuple[int, ...]:
+        """Decoder stages that carry a segmentation head, full resolution (stage 0) first.
+
+        Without deep supervision only stage 0. With it, nnU-Net supervises every decoder stage but
+        gives the lowest-resolution one a loss weight of 0; a head that carries no loss receives no
+        gradient (and breaks DDP), so that head is not built at all: stages ``0 .. n_stages - 3``
+        (just stage 0 for networks of up to 3 stages).
+        """
+        n_decoder = max(self.n_stages - 1, 1)
+        if not self.deep_supervision or n_decoder == 1:
+            return (0,)
+        return tuple(range(n_decoder - 1))
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainSpec:
@@ -218,6 +235,7 @@ class TrainSpec:
     mirror_axes: tuple[int, ...] = (0, 1, 2)
     checkpoint_every: int = 50
     amp: bool = True
+    precision: str = "auto"
     compile: bool = False
     seed: int = 12345
 
@@ -229,6 +247,7 @@ class TrainSpec:
         _choice(self.optimizer, OPTIMIZERS, "optimizer")
         _choice(self.schedule, SCHEDULES, "schedule")
         _choice(self.loss, LOSSES, "loss")
+        _choice(self.precision, PRECISIONS, "precision")
         if not (self.lr > 0):
             raise PlanError(f"lr must be > 0; got {self.lr!r}")
         if not (0.0 <= self.oversample_foreground <= 1.0):

@@ -7,6 +7,10 @@ import logging
 import click
 
 from voxflow._cliutil import handle_errors, parse_set_options, set_option
+from voxflow.errors import TrainingInterrupted
+
+#: exit status after a stop signal (EX_TEMPFAIL: "try again", i.e. ``--resume``)
+EXIT_INTERRUPTED = 75
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +26,23 @@ log = logging.getLogger(__name__)
               help="DDP processes on this machine (gloo on CPU, NCCL on CUDA). For several nodes use "
                    "`torchrun --nnodes ... -m voxflow.train WORKDIR ...`.")
 @click.option("--num-workers", type=int, default=2, show_default=True, help="Loader worker processes per rank.")
-@click.option("--resume", is_flag=True, help="Continue from checkpoint_latest.pt of this fold.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
+              help="Override train.precision: auto (bf16 on CUDA where supported, fp16 with loss scaling on "
+                   "older GPUs, fp32 on the CPU), or fp32 / bf16 / fp16 (CUDA only). Recorded in the checkpoint.")
+@click.option("--resume", is_flag=True,
+              help="Continue from checkpoint_latest.pt of this fold (also after SIGTERM/SIGUSR1, from the step "
+                   "where the run stopped; the number of processes may differ).")
 @click.option("--no-validation", is_flag=True, help="Skip predicting the validation cases at the end.")
 @set_option
 @handle_errors
 def train(workdir: str, configuration: str, fold: str, epochs: int | None, iters: int | None, device: str,
-          nproc: int, num_workers: int, resume: bool, no_validation: bool, overrides: tuple[str, ...]) -> None:
+          nproc: int, num_workers: int, precision: str | None, resume: bool, no_validation: bool,
+          overrides: tuple[str, ...]) -> None:
     """Train fold FOLD of configuration CFG from WORKDIR (plans.json + preprocessed store).
 
     Writes WORKDIR/runs/CFG/fold_FOLD/ (checkpoints, metrics.jsonl, progress.png, training_log.txt).
+    On SIGTERM or SIGUSR1 (SLURM, spot instances) every process finishes its step, checkpoint_latest.pt
+    is written and the command exits with status 75; `--resume` continues from there.
     """
     from voxflow.train import train_fold
     from voxflow.workspace import Workspace
@@ -40,7 +52,15 @@ def train(workdir: str, configuration: str, fold: str, epochs: int | None, iters
         sets["train.epochs"] = epochs
     if iters is not None:
         sets["train.iters_per_epoch"] = iters
+    if precision is not None:
+        sets["train.precision"] = precision
     fold_value: int | str = fold if fold == "all" else int(fold)
-    run_dir = train_fold(Workspace(workdir), configuration, fold_value, device=device, resume=resume,
-                         overrides=sets, nproc=nproc, num_workers=num_workers, validate_cases=not no_validation)
+    try:
+        run_dir = train_fold(Workspace(workdir), configuration, fold_value, device=device, resume=resume,
+                             overrides=sets, nproc=nproc, num_workers=num_workers,
+                             validate_cases=not no_validation)
+    except TrainingInterrupted as e:
+        err = click.ClickException(str(e))
+        err.exit_code = EXIT_INTERRUPTED
+        raise err from e
     click.echo(str(run_dir))

@@ -4,26 +4,71 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from voxflow.train.distributed import DistInfo
+from voxflow.train.distributed import DistInfo, any_rank
 from voxflow.train.labels import LabelSpec
 from voxflow.train.losses import region_targets
 
-__all__ = ["amp_dtype_for", "confusion_counts", "pseudo_dice", "train_epoch", "validate"]
+__all__ = ["EpochProgress", "amp_dtype_for", "confusion_counts", "cpu_has_native_bf16", "epoch_loss", "pseudo_dice",
+           "resolve_precision", "train_epoch", "validate"]
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 on CUDA devices that support it, else fp16 (with a GradScaler); ``None`` (fp32) on CPU."""
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def cpu_has_native_bf16() -> bool:
+    """True when the processor computes bf16 natively (AVX512-BF16 or AMX), where a bf16 autocast
+    is faster than fp32; elsewhere bf16 on the CPU is emulated and slower."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # older torch: read the flags
+        try:
+            flags = Path("/proc/cpuinfo").read_text().split()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device, *, amp: bool = True) -> str:
+    """The precision a run uses: ``fp32``, ``bf16`` or ``fp16`` (mixed, with a GradScaler).
+
+    ``auto``: bf16 on CUDA devices that support it, fp16 on older ones; on the CPU fp32 (a bf16
+    autocast is emulated, hence slower, on processors without AVX512-BF16/AMX; on those that have
+    it, fp32 stays the default until its accuracy is measured, see the README). ``amp=False``
+    (the older ``train.amp`` switch) turns ``auto`` into fp32. fp16 on the CPU is refused.
+    """
+    if precision == "auto":
+        if not amp or device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision not in _DTYPES:
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16; got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return precision
+
+
+def amp_dtype_for(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision (``None``: plain fp32)."""
+    return _DTYPES[precision]
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stands: optimiser steps done, their summed loss (this rank), and whether a
+    stop was requested (every rank agrees on it)."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    stopped: bool = False
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
@@ -37,11 +82,18 @@ def _targets(batch: Any) -> list[torch.Tensor]:
 
 def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, batches: Iterator[Any], *, n_iters: int, info: DistInfo,
-                amp_dtype: torch.dtype | None, grad_clip: float, desc: str) -> float:
-    """``n_iters`` optimiser steps; returns the mean training loss over ranks."""
+                amp_dtype: torch.dtype | None, grad_clip: float, desc: str,
+                progress: EpochProgress | None = None,
+                stop_requested: Callable[[], bool] | None = None) -> EpochProgress:
+    """Optimiser steps until ``n_iters`` are done (counting those already in ``progress``), or until
+    ``stop_requested()`` is true on any rank after a step (preemption). Returns the progress; the
+    mean training loss of a finished epoch over ranks is :func:`epoch_loss`."""
     model.train()
+    progress = progress or EpochProgress()
+    progress.stopped = False
     total = torch.zeros((), dtype=torch.float64, device=info.device)
-    bar = tqdm(range(n_iters), desc=desc, disable=not info.is_main, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(progress.steps, n_iters), desc=desc, disable=not info.is_main, leave=False,
+               dynamic_ncols=True, initial=progress.steps, total=n_iters)
     for _ in bar:
         batch = next(batches)
         image = batch.image.to(info.device, non_blocking=True)
@@ -59,10 +111,22 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opt
         scaler.step(optimizer)
         scaler.update()
         total += loss.detach()
+        progress.steps += 1
         bar.set_postfix(loss=f"{value:.4f}")
+        if stop_requested is not None and progress.steps < n_iters and any_rank(stop_requested(), info):
+            progress.stopped = True
+            break
+    bar.close()
+    progress.loss_sum += float(total)
+    return progress
+
+
+def epoch_loss(progress: EpochProgress, info: DistInfo) -> float:
+    """Mean training loss of an epoch over its steps and over ranks (the global-batch loss)."""
+    total = torch.tensor([progress.loss_sum], dtype=torch.float64, device=info.device)
     if info.distributed:
         torch.distributed.all_reduce(total)
-    return float(total) / (n_iters * info.world_size)
+    return float(total) / (max(progress.steps, 1) * info.world_size)
 
 
 def confusion_counts(logits: torch.Tensor, target: torch.Tensor, labels: LabelSpec) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from voxflow.nets import build_network
 from voxflow.plan.schema import Configuration
 from voxflow.store import DatasetMeta
 
-__all__ = ["FORMAT", "capture_rng", "load_checkpoint", "load_model", "restore_rng", "save_checkpoint",
-           "strip_state_dict"]
+__all__ = ["FORMAT", "capture_rng", "fit_state_dict", "load_checkpoint", "load_model", "restore_rng",
+           "save_checkpoint", "strip_state_dict"]
 
 FORMAT = "voxflow-checkpoint-1"
 
@@ -68,6 +69,23 @@ def strip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+_HEAD_KEY = re.compile(r"^heads\.(\d+)\.")
+
+
+def fit_state_dict(state: dict[str, torch.Tensor], net: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` (prefixes stripped) without the keys of segmentation heads that ``net`` does not build.
+
+    Checkpoints written before the unsupervised lowest-resolution head was dropped (see
+    ``NetworkSpec.output_stages``) hold one head more (or, without deep supervision, several more);
+    those weights never received a gradient and are discarded. Every other key must match
+    (``load_state_dict`` stays strict). Returns the fitted dict and the dropped keys, in order.
+    """
+    state = strip_state_dict(state)
+    own = net.state_dict()
+    dropped = [k for k in state if k not in own and _HEAD_KEY.match(k)]
+    return {k: v for k, v in state.items() if k not in dropped}, dropped
+
+
 def capture_rng() -> dict[str, Any]:
     state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
                              "torch": torch.get_rng_state()}
@@ -91,5 +109,5 @@ def load_model(path: PathLikeStr, device: str | torch.device = "cpu") -> tuple[n
     config = Configuration(**ckpt["configuration"])
     meta = DatasetMeta.from_dict(ckpt["dataset"])
     net = build_network(config.network, int(ckpt["in_channels"]), int(ckpt["num_outputs"]))
-    net.load_state_dict(strip_state_dict(ckpt["network"]))
+    net.load_state_dict(fit_state_dict(ckpt["network"], net)[0])
     return net.to(device).eval(), config, meta

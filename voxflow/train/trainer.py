@@ -13,7 +13,16 @@ streams are derived per rank and worker), so a run resumed at epoch k sees the b
 run would (bit-identical weights with a deterministic loader, see the kill-and-resume test).
 Python/numpy/torch RNG states are saved in the checkpoints and restored on resume.
 
-The batch of the plan is split across DDP ranks (rank r gets ``B // N`` plus one of the remainder).
+The batch of the plan is split across DDP ranks (rank r gets ``B // N`` plus one of the remainder);
+the loss is that of the global batch (Dice statistics all-reduced with gradient, see
+:mod:`voxflow.train.losses`), so N ranks take the step one process with batch B would.
+
+Preemption: SIGTERM or SIGUSR1 (what SLURM and spot instances send before a kill) on any rank asks
+every rank to stop after its current step; rank 0 writes ``checkpoint_latest.pt`` (atomically, with
+the position inside the epoch and every rank's RNG state) and the run ends with
+:class:`~voxflow.errors.TrainingInterrupted`. ``--resume`` replays the epoch's loader up to that
+position, so it continues exactly; resuming with another number of processes works (same global
+batch, other per-rank data streams) and says so.
 """
 
 from __future__ import annotations
@@ -21,8 +30,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import random
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +45,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from voxflow.errors import PlanError
+from voxflow.errors import PlanError, TrainingInterrupted
 from voxflow.nets import build_network, count_parameters, deep_supervision_scales
 from voxflow.plan.schema import Configuration, Plan, atomic_write_json
 from voxflow.store import DatasetMeta, Store
 from voxflow.train import distributed as D
-from voxflow.train._steps import amp_dtype_for, pseudo_dice, train_epoch, validate
+from voxflow.train._steps import (
+    EpochProgress,
+    amp_dtype_for,
+    epoch_loss,
+    pseudo_dice,
+    resolve_precision,
+    train_epoch,
+    validate,
+)
 from voxflow.train.checkpoint import (
     capture_rng,
+    fit_state_dict,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -72,6 +94,8 @@ class TrainState:
     class_weights: list[float] | None = None
     train_seconds: float = 0.0
     stopped_early: bool = False
+    epoch_steps: int = 0      # optimiser steps done in epoch ``epoch`` when it was interrupted
+    epoch_batches: int = 0    # batches drawn from that epoch's loader by then (replayed on resume)
 
 
 @dataclass
@@ -133,22 +157,114 @@ def train_fold(work: Workspace, configuration: str, fold: int | str, *, device: 
                    validate_cases=validate_cases)
     factory = loader_factory or _default_loader()
     if nproc > 1:
-        import torch.multiprocessing as mp
-
-        port = D.free_port()
-        mp.spawn(_rank_entry, args=(nproc, port, device, job, factory), nprocs=nproc, join=True)
+        interrupted = _spawn(nproc, device, job, factory)
     else:
-        _rank_entry(0, 1, None, device, job, factory)
+        interrupted = _rank_entry(0, 1, None, device, job, factory)
+    if interrupted:
+        raise TrainingInterrupted(interrupted)
     return job.run_dir
 
 
+def _spawn(nproc: int, device: str, job: _Job, factory: LoaderFactory) -> str | None:
+    """Run ``nproc`` ranks with ``torch.multiprocessing``; SIGTERM/SIGUSR1 reaching this process are
+    passed on to the ranks (which stop after their step). Returns rank 0's interruption message."""
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    ctx = mp.start_processes(_rank_main, args=(nproc, D.free_port(), device, job, factory, queue),
+                             nprocs=nproc, join=False, start_method="spawn")
+
+    def forward(signum: int, frame: object) -> None:
+        for p in ctx.processes:
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signum)
+
+    with _handlers(forward):
+        while not ctx.join():
+            pass
+    return None if queue.empty() else queue.get()
+
+
+def _rank_main(rank: int, world_size: int, port: int, device: str, job: _Job, factory: LoaderFactory,
+               queue: Any) -> None:
+    message = _rank_entry(rank, world_size, port, device, job, factory)
+    if rank == 0 and message:
+        queue.put(message)
+
+
 def _rank_entry(rank: int, world_size: int, port: int | None, device: str, job: _Job,
-                factory: LoaderFactory) -> None:
+                factory: LoaderFactory) -> str | None:
+    """Train on one rank; returns a message when the run was interrupted by a signal."""
     info = D.setup_process_group(device, rank=rank, world_size=world_size, port=port)
     try:
-        _Trainer(job, info, factory).run()
+        return _Trainer(job, info, factory).run()
     finally:
         D.cleanup(info)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class _handlers:
+    """Install ``handler`` for :data:`STOP_SIGNALS` inside the block (main thread only)."""
+
+    def __init__(self, handler: Any):
+        self.handler, self.previous = handler, {}
+
+    def __enter__(self) -> _handlers:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self.handler) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev)
+
+
+class _StopRequest:
+    """Remembers the first stop signal received; the training loop polls it after every step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+            log.warning("received %s: stopping after the current step and writing checkpoint_latest.pt",
+                        signal.Signals(signum).name)
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+class _Counted:
+    """An iterator that counts what was drawn from it."""
+
+    def __init__(self, it: Iterator[Any]):
+        self.it, self.n = it, 0
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self.it)
+        self.n += 1
+        return item
+
+
+def _drop_optimizer_params(state: dict[str, Any], keys: list[str], dropped: list[str],
+                           params: set[str]) -> dict[str, Any]:
+    """An optimiser state dict without the entries of the parameters named ``dropped``.
+
+    ``keys`` are the checkpoint's state-dict keys in order; the optimiser numbered its parameters in
+    that order (buffers are not parameters: keys that are neither ``params`` nor ``dropped`` are skipped).
+    """
+    order = [k for k in keys if k in params or k in dropped]
+    gone = {i for i, k in enumerate(order) if k in dropped}
+    remap = {old: new for new, old in enumerate(i for i in range(len(order)) if i not in gone)}
+    groups = [{**g, "params": [remap[i] for i in g["params"] if i not in gone]} for g in state["param_groups"]]
+    kept = {remap[i]: v for i, v in state["state"].items() if i not in gone}
+    return {"state": kept, "param_groups": groups}
 
 
 def class_weights_from_counts(counts: np.ndarray, *, max_weight: float = 100.0) -> list[float]:
@@ -182,9 +298,16 @@ class _Trainer:
         _seed_all(self.spec.seed)
         self.net = build_network(self.cfg.network, self.cfg.n_channels, job.labels.num_outputs).to(info.device)
         self.optimizer = build_optimizer(self.net.parameters(), self.spec)
-        self.amp_dtype = amp_dtype_for(info.device, self.spec.amp)
+        try:
+            self.precision = resolve_precision(self.spec.precision, info.device, amp=self.spec.amp)
+        except ValueError as e:
+            raise PlanError(f"train.precision: {e}") from e
+        self.amp_dtype = amp_dtype_for(self.precision)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = TrainState()
+        self.stop = _StopRequest()
+        self.epoch_loss_sum = 0.0  # this rank's summed loss of the unfinished epoch (for exact resumes)
+        self.rng_restored = False
         self.scales = deep_supervision_scales(self.cfg.network)
         self.monitor = RunMonitor(job.run_dir, enabled=info.is_main, class_names=job.labels.names)
 
@@ -202,13 +325,26 @@ class _Trainer:
             "optimizer": self.optimizer.state_dict(),
             "grad_scaler": self.scaler.state_dict(),
             "trainer_state": dataclasses.asdict(self.state),
+            "precision": self.precision,
+            "world_size": self.info.world_size,
             "rng": capture_rng(),
         }
 
+    def _rank_states(self) -> list[dict[str, Any]]:
+        """Every rank's RNG state and unfinished-epoch loss (a collective: all ranks call it)."""
+        mine = {"rng": capture_rng(), "epoch_loss_sum": self.epoch_loss_sum}
+        if not self.info.distributed:
+            return [mine]
+        gathered: list[Any] = [None] * self.info.world_size
+        torch.distributed.all_gather_object(gathered, mine)
+        return gathered
+
     def _save(self, *names: str) -> None:
+        """Write checkpoints ``names`` on rank 0; every rank must call it (it gathers rank states)."""
+        ranks = self._rank_states()
         if not self.info.is_main:
             return
-        payload = self._payload()
+        payload = {**self._payload(), "rank_states": ranks}
         for name in names:
             save_checkpoint(self.job.run_dir / f"checkpoint_{name}.pt", payload)
 
@@ -222,13 +358,37 @@ class _Trainer:
             log.warning("--resume: no checkpoint in %s; starting from scratch", self.job.run_dir)
             return False
         ckpt = load_checkpoint(latest if latest.exists() else final, map_location=self.info.device)
-        self.net.load_state_dict(strip_state_dict(ckpt["network"]))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        network, dropped = fit_state_dict(ckpt["network"], self.net)
+        self.net.load_state_dict(network)
+        optimizer = ckpt["optimizer"]
+        if dropped:
+            log.info("checkpoint holds %d weights of unsupervised heads that this version no longer builds; "
+                     "dropped: %s", len(dropped), ", ".join(dropped))
+            optimizer = _drop_optimizer_params(optimizer, list(strip_state_dict(ckpt["network"])), dropped,
+                                               {n for n, _ in self.net.named_parameters()})
+        self.optimizer.load_state_dict(optimizer)
         self.scaler.load_state_dict(ckpt["grad_scaler"])
         self.state = TrainState(**ckpt["trainer_state"])
-        if self.info.is_main:
-            restore_rng(ckpt["rng"])
-        log.info("resumed %s at epoch %d", self.job.run_dir, self.state.epoch)
+        ranks, old_world = ckpt.get("rank_states"), int(ckpt.get("world_size", 1))
+        if ranks is not None and len(ranks) == self.info.world_size:
+            restore_rng(ranks[self.info.rank]["rng"])
+            self.epoch_loss_sum = float(ranks[self.info.rank]["epoch_loss_sum"])
+            self.rng_restored = True
+        else:
+            if self.info.is_main and ranks is None:
+                restore_rng(ckpt["rng"])
+                self.rng_restored = True
+            if old_world != self.info.world_size:
+                # the per-rank streams of the old run cannot be replayed: the unfinished epoch goes on
+                # with fresh streams of the new ranks
+                self.state.epoch_batches = 0
+                self.epoch_loss_sum = 0.0
+                if self.info.is_main:
+                    log.warning("resuming a run of %d processes with %d: the global batch stays %d, but the ranks'"
+                                " data streams differ from the original run's, so the result is not identical to "
+                                "an uninterrupted run", old_world, self.info.world_size, self.cfg.batch_size)
+        where = f" step {self.state.epoch_steps}" if self.state.epoch_steps else ""
+        log.info("resumed %s at epoch %d%s", self.job.run_dir, self.state.epoch, where)
         return final.exists() and self.state.epoch >= self.spec.epochs or self.state.stopped_early
 
     # ------------------------------------------------------------------ set-up
@@ -262,7 +422,8 @@ class _Trainer:
         return torch.tensor(self.state.class_weights, dtype=torch.float32, device=self.info.device)
 
     def _losses(self, batches: Any) -> tuple[nn.Module, nn.Module]:
-        base = SegmentationLoss(self.job.labels, kind=self.spec.loss, class_weights=self._class_weights(batches))
+        base = SegmentationLoss(self.job.labels, kind=self.spec.loss, class_weights=self._class_weights(batches),
+                                distributed=self.info.distributed)
         return DeepSupervisionLoss(base, deep_supervision_weights(len(self.scales))), base
 
     def _wrap(self) -> nn.Module:
@@ -275,45 +436,73 @@ class _Trainer:
         return model
 
     # ------------------------------------------------------------------ loop
-    def run(self) -> None:
-        with self.monitor:
+    def run(self) -> str | None:
+        """Train to the end (or early stop); returns a message instead when a stop signal came."""
+        with self.monitor, _handlers(self.stop):
             finished = self.job.resume and self._try_resume()
             self.monitor.restore(self.state.epoch)
             if finished:
                 log.info("%s already finished (epoch %d); nothing to resume", self.job.run_dir, self.state.epoch)
-                return
-            if not (self.job.resume and self.info.is_main and self.state.epoch):
+                return None
+            if not self.rng_restored:
                 _seed_all(self.spec.seed + 1 + self.info.rank + 7919 * self.state.epoch)
             if self.info.is_main:
-                log.info("training %s fold %s: %d train / %d val cases, %d parameters, %d processes, device %s",
-                         self.cfg.name, self.job.fold, len(self.job.train_ids), len(self.job.val_ids),
-                         count_parameters(self.net), self.info.world_size, self.info.device)
+                log.info("training %s fold %s: %d train / %d val cases, %d parameters, %d processes, device %s, "
+                         "precision %s", self.cfg.name, self.job.fold, len(self.job.train_ids),
+                         len(self.job.val_ids), count_parameters(self.net), self.info.world_size,
+                         self.info.device, self.precision)
             model = self._wrap()
             val_loader = self._loader(self.job.val_ids, train=False, seed=self.spec.seed + 1)
             try:
-                self._loop(model, val_loader)
+                interrupted = self._loop(model, val_loader)
             finally:
                 _close(val_loader)
+            if interrupted:
+                self._save("latest")
+                return self._interrupted_message()
             self._save("latest", "final")
             self._finish()
+            return None
 
-    def _loop(self, model: nn.Module, val_loader: Any) -> None:
+    def _interrupted_message(self) -> str:
+        name = signal.Signals(self.stop.signum).name if self.stop.signum is not None else "a stop signal"
+        where = (f"epoch {self.state.epoch}, step {self.state.epoch_steps} of {self.spec.iters_per_epoch}"
+                 if self.state.epoch_steps else f"the end of epoch {self.state.epoch - 1}")
+        msg = (f"training of {self.cfg.name} fold {self.job.fold} stopped by {name} at {where}; "
+               f"{self.job.run_dir / 'checkpoint_latest.pt'} is written. Continue with `voxflow train "
+               f"{self.job.work.root} -c {self.cfg.name} -f {self.job.fold} --resume` (any number of processes).")
+        log.warning("%s", msg)
+        return msg
+
+    def _loop(self, model: nn.Module, val_loader: Any) -> bool:
+        """The epochs; True when a stop signal ended them early (state is then ready to save)."""
         losses: tuple[nn.Module, nn.Module] | None = None
         for epoch in range(self.state.epoch, self.spec.epochs):
             t0 = time.perf_counter()
             lr = lr_at(epoch, self.spec)
             set_lr(self.optimizer, lr)
+            progress = EpochProgress(self.state.epoch_steps, self.epoch_loss_sum)
             # one loader per epoch, seeded by the epoch: a resumed run sees the data an uninterrupted one would
             loader = self._loader(self.job.train_ids, train=True, seed=self.spec.seed + 7919 * epoch)
             try:
-                batches = iter(loader)
+                batches = _Counted(iter(loader))
+                for _ in range(self.state.epoch_batches):  # replay up to where an interrupted epoch stopped
+                    next(batches)
                 losses = losses or self._losses(batches)
-                train_loss = train_epoch(model, losses[0], self.optimizer, self.scaler, batches,
-                                         n_iters=self.spec.iters_per_epoch, info=self.info,
-                                         amp_dtype=self.amp_dtype, grad_clip=self.spec.grad_clip,
-                                         desc=f"epoch {epoch}")
+                progress = train_epoch(model, losses[0], self.optimizer, self.scaler, batches,
+                                       n_iters=self.spec.iters_per_epoch, info=self.info,
+                                       amp_dtype=self.amp_dtype, grad_clip=self.spec.grad_clip,
+                                       desc=f"epoch {epoch}", progress=progress,
+                                       stop_requested=self.stop.requested)
             finally:
                 _close(loader)
+            if progress.stopped:
+                self.state.epoch_steps, self.state.epoch_batches = progress.steps, batches.n
+                self.epoch_loss_sum = progress.loss_sum
+                return True
+            self.state.epoch_steps = self.state.epoch_batches = 0
+            self.epoch_loss_sum = 0.0
+            train_loss = epoch_loss(progress, self.info)
             t_train = time.perf_counter() - t0
             val_loss, counts = validate(model, losses[1], iter(val_loader), n_iters=self.spec.val_iters,
                                         info=self.info, amp_dtype=self.amp_dtype, labels=self.job.labels)
@@ -324,6 +513,9 @@ class _Trainer:
                          epoch, self.state.epochs_since_best)
                 self.state.stopped_early = True
                 break
+            if epoch + 1 < self.spec.epochs and D.any_rank(self.stop.requested(), self.info):
+                return True
+        return False
 
     def _after_epoch(self, epoch: int, lr: float, train_loss: float, val_loss: float, dice: list[float],
                      t_train: float, t_epoch: float) -> None:
