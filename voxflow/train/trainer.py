@@ -47,7 +47,7 @@ from torch import nn
 
 from voxflow.errors import PlanError, TrainingInterrupted
 from voxflow.nets import build_network, count_parameters, deep_supervision_scales
-from voxflow.plan.schema import Configuration, Plan, atomic_write_json
+from voxflow.plan.schema import Configuration, Plan, TrainSpec, atomic_write_json
 from voxflow.store import DatasetMeta, Store
 from voxflow.train import distributed as D
 from voxflow.train._steps import (
@@ -75,7 +75,7 @@ from voxflow.train.splits import fold_cases, load_or_create_splits
 from voxflow.train.validation import validate_fold
 from voxflow.workspace import Workspace
 
-__all__ = ["TrainState", "class_weights_from_counts", "train_fold"]
+__all__ = ["TrainState", "build_losses", "class_weights_from_counts", "train_fold"]
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,14 @@ def _drop_optimizer_params(state: dict[str, Any], keys: list[str], dropped: list
     return {"state": kept, "param_groups": groups}
 
 
+def build_losses(labels: LabelSpec, spec: TrainSpec, n_outputs: int, *, distributed: bool = False,
+                 class_weights: torch.Tensor | None = None) -> tuple[nn.Module, nn.Module]:
+    """The training loss over the ``n_outputs`` deep-supervision outputs and the full-resolution loss
+    used for validation; ``distributed``: the loss of the global DDP batch."""
+    base = SegmentationLoss(labels, kind=spec.loss, class_weights=class_weights, distributed=distributed)
+    return DeepSupervisionLoss(base, deep_supervision_weights(n_outputs)), base
+
+
 def class_weights_from_counts(counts: np.ndarray, *, max_weight: float = 100.0) -> list[float]:
     """Median-frequency balancing: ``w_c = median(f) / f_c``, clipped to ``[1/max, max]``."""
     freq = counts.astype(np.float64) / max(float(counts.sum()), 1.0)
@@ -422,9 +430,8 @@ class _Trainer:
         return torch.tensor(self.state.class_weights, dtype=torch.float32, device=self.info.device)
 
     def _losses(self, batches: Any) -> tuple[nn.Module, nn.Module]:
-        base = SegmentationLoss(self.job.labels, kind=self.spec.loss, class_weights=self._class_weights(batches),
-                                distributed=self.info.distributed)
-        return DeepSupervisionLoss(base, deep_supervision_weights(len(self.scales))), base
+        return build_losses(self.job.labels, self.spec, len(self.scales), distributed=self.info.distributed,
+                            class_weights=self._class_weights(batches))
 
     def _wrap(self) -> nn.Module:
         model: nn.Module = self.net
