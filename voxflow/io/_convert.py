@@ -102,6 +102,26 @@ def _plan_case(case: CaseSpec, n_channels: int, chunks_zyx: Sequence[int], max_m
     return _CasePlan(case, images, label, np.dtype(dtype), slab_z)
 
 
+def _refuse_2d_in_3d(plans: Sequence[_CasePlan], store: Store, done: set[str]) -> dict[str, str]:
+    """Errors for cases read from 2D files when other cases are 3D volumes (1 x Y x X would pass)."""
+    flat = [p for p in plans if any(v.ndim == 2 for v in [*p.images, *([p.label] if p.label else [])])]
+    if not flat:
+        return {}
+    deep = next((p.images[0].describe() for p in plans if p.images[0].geometry.shape_zyx[0] > 1), None)
+    if deep is None:
+        deep = next((cid for cid in sorted(done) if store.geometry(cid).shape_zyx[0] > 1), None)
+    if deep is None:
+        return {}
+    out = {}
+    for p in flat:
+        f = next(v for v in [*p.images, *([p.label] if p.label else [])] if v.ndim == 2)
+        out[p.case.case_id] = (
+            f"the cases of a dataset must all be 3D or all be 2D; {f.describe()!r} of case {p.case.case_id!r} is a 2D "
+            f"image (shape {f.geometry.shape_zyx[1:]}), but {deep!r} is 3D. Remove the case, save it as a 3D "
+            f"volume, or convert 2D and 3D data separately.")
+    return out
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.3g} MiB"
 
@@ -121,8 +141,12 @@ def _prepare_label(arr: np.ndarray, src: VolumeSource, case: str, declared: tupl
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
             bad = arr[~np.isfinite(arr) | (arr != np.round(arr))]
-            raise ConversionError(f"label values must be integers; got {bad.flat[0]!r} in {src.describe()!r} "
-                                  f"for case {case!r}. Labels are class ids, not probabilities.")
+            values = np.unique(bad)
+            shown = [float(v) for v in values[:5]] + (["..."] if values.size > 5 else [])
+            raise ConversionError(
+                f"label values must be integers; got {bad.size} voxel(s) with non-integer values {shown} in "
+                f"{src.describe()!r} for case {case!r}. Labels are class ids, not probabilities: round or "
+                f"threshold the label file, or fix how it was exported.")
     values = np.unique(arr)
     undeclared = sorted(set(values.tolist()) - set(declared))
     if undeclared:
@@ -274,14 +298,17 @@ def convert(src: PathLikeStr, dst: PathLikeStr, *, overwrite: bool = False, sche
         errors: dict[str, str] = {}
         tasks: list[Any] = []
         ids: list[str] = []
+        plans = []
         for case in todo:
             try:
-                plan = _plan_case(case, len(meta.channel_names), chunks, max_memory)
+                plans.append(_plan_case(case, len(meta.channel_names), chunks, max_memory))
             except VoxflowError as e:
                 errors[case.case_id] = str(e)
-                continue
-            tasks += _start_case(store, plan, source, split, chunks, label_dtype)
-            ids.append(case.case_id)
+        errors.update(_refuse_2d_in_3d(plans, store, done))
+        for plan in plans:
+            if plan.case.case_id not in errors:
+                tasks += _start_case(store, plan, source, split, chunks, label_dtype)
+                ids.append(plan.case.case_id)
         log.info("converting %d case(s) from %s (%s); %d already complete", len(ids), src, source.format, len(done))
         results = compute(*tasks, desc="convert", progress=progress) if tasks else ()
     errors.update({cid: err for cid, err in zip(ids, results) if err})
