@@ -36,7 +36,7 @@ from voxflow.io._sources import CaseSpec, DatasetSource, load_source
 from voxflow.io._volume import VolumeSource, gzip_hint
 from voxflow.store import DEFAULT_CHUNKS_ZYX, DatasetMeta, Store, label_dtype_for
 
-__all__ = ["convert", "default_max_memory"]
+__all__ = ["convert", "default_max_memory", "file_stats"]
 
 log = logging.getLogger(__name__)
 _COPIES = 3  # read buffer + dtype copy + codec buffers, per slab in flight
@@ -230,12 +230,24 @@ def _scan_labels(source: DatasetSource, chunks_zyx: Sequence[int]) -> dict[str, 
     return {"background": 0, **{f"label_{v}": v for v in sorted(values) if v != 0}}
 
 
+def file_stats(path: str | Path) -> dict[str, Any]:
+    """Resolved path, size and modification time of a file: what tells a changed input apart."""
+    p = Path(path).resolve()
+    try:
+        st = p.stat()
+    except OSError:
+        return {"path": str(p), "size": None, "mtime_ns": None}
+    return {"path": str(p), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
 def _case_attrs(plan: _CasePlan, source: DatasetSource, split: str) -> dict[str, Any]:
+    files = [f for s in plan.images for f in s.files] + (list(plan.label.files) if plan.label is not None else [])
     return {
         "provenance": {
             "format": source.format,
             "image": [f for s in plan.images for f in s.files],
             "label": list(plan.label.files) if plan.label is not None else None,
+            "files": [file_stats(f) for f in files],
         },
         "split": split,
         "source_dtype": str(plan.dtype),
@@ -262,14 +274,15 @@ def _start_case(store: Store, plan: _CasePlan, source: DatasetSource, split: str
     return [delayed(_finish_case, pure=False)(str(store.path), cid, *slabs)]
 
 
-def convert(src: PathLikeStr, dst: PathLikeStr, *, overwrite: bool = False, scheduler: str = "threads",
+def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bool = False, scheduler: str = "threads",
             chunks_zyx: Sequence[int] = DEFAULT_CHUNKS_ZYX, max_memory_bytes: int | None = None,
             split: str = "train", format: str | None = None, progress: bool = True,
             memory_limit: str | None = None, channel_names: Sequence[str] | None = None,
             labels: Mapping[str, Any] | None = None) -> Store:
     """Convert a dataset, series or file at ``src`` into the voxflow store ``dst``.
 
-    ``src`` is auto-detected (see :mod:`voxflow.io._sources`; ``format`` forces one). ``split``
+    ``src`` is auto-detected (see :mod:`voxflow.io._sources`; ``format`` forces one), or an already
+    loaded :class:`DatasetSource` (e.g. :func:`files_source` of single files). ``split``
     picks training (``imagesTr``) or test (``imagesTs``) cases of nnU-Net/MSD datasets.
     ``chunks_zyx`` are the store chunks in voxels; ``max_memory_bytes`` bounds the converter's
     memory (default: half the available RAM); ``memory_limit`` is the per-worker limit of a
@@ -279,7 +292,7 @@ def convert(src: PathLikeStr, dst: PathLikeStr, *, overwrite: bool = False, sche
     whole by one task and must fit in ``max_memory_bytes``. Raises :class:`ConversionError` listing every case
     that failed; all other cases are written and marked complete.
     """
-    source = load_source(Path(src), split=split, format=format)
+    source = src if isinstance(src, DatasetSource) else load_source(Path(src), split=split, format=format)
     if channel_names is not None:
         source.channel_names = tuple(str(c) for c in channel_names)
     if labels is not None:
@@ -309,7 +322,7 @@ def convert(src: PathLikeStr, dst: PathLikeStr, *, overwrite: bool = False, sche
             if plan.case.case_id not in errors:
                 tasks += _start_case(store, plan, source, split, chunks, label_dtype)
                 ids.append(plan.case.case_id)
-        log.info("converting %d case(s) from %s (%s); %d already complete", len(ids), src, source.format, len(done))
+        log.info("converting %d case(s) from %s (%s); %d already complete", len(ids), source.root, source.format, len(done))
         results = compute(*tasks, desc="convert", progress=progress) if tasks else ()
     errors.update({cid: err for cid, err in zip(ids, results) if err})
     if errors:

@@ -438,4 +438,6 @@ def files_source(files: Sequence[Path]) -> DatasetSource:
         by_name[p.name] = p
     folders = {p.parent for p in paths}
     where = next(iter(folders)) if len(folders) == 1 else None
-    return check_source(_folder_source(paths[0].parent, paths, where), where=str(paths[0]))
+    src = _folder_source(paths[0].parent, paths, where)
+    src.name = "input_files"  # stable whatever folders the files are in (the name of the staging folder before)
+    return check_source(src, where=str(paths[0]))
