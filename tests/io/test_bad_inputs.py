@@ -246,6 +246,8 @@ BAD = [
         ("dataset.json", "labels", "[1]", "'organ', 'lesion'")),
     Bad("num-training-not-a-number", _json_edit(lambda m: m.update(numTraining="two")), ConversionError,
         ("dataset.json", "numTraining", "'two'")),
+    Bad("msd-without-training-list", _json_edit(lambda m: m.update(modality=m.pop("channel_names"))),
+        ConversionError, ("dataset.json", "training is required", "MSD")),
     Bad("dataset-json-not-json", _json_text("{'labels': }"), ConversionError, ("dataset.json", "valid JSON")),
     Bad("dataset-json-not-an-object", _json_text("[1, 2]"), ConversionError, ("dataset.json", "JSON object")),
     Bad("msd-training-entry-without-label", _msd_entry_without_label, ConversionError,
@@ -313,7 +315,8 @@ def test_bad_input_cli(bad: Bad, tmp_path: Path) -> None:
         res = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "ds.zarr")])
     assert res.exit_code == 1, res.output
     assert isinstance(res.exception, SystemExit), repr(res.exception)  # a clean error, not a traceback
-    assert "Error:" in res.output and "Traceback" not in res.output
+    assert "Error:" in res.output
+    assert "Traceback" not in res.output
     flat = " ".join(res.output.split())
     for fragment in bad.fragments:
         assert " ".join(fragment.split()) in flat, f"{fragment!r} not in: {res.output}"

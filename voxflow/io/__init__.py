@@ -11,7 +11,14 @@
 
 from voxflow.io._convert import convert, default_max_memory, file_stats
 from voxflow.io._export import export_store, format_info, store_info, to_xarray
-from voxflow.io._sources import CaseSpec, DatasetSource, detect_source, files_source, load_source, register_format
+from voxflow.io._sources import (
+    CaseSpec,
+    DatasetSource,
+    detect_source,
+    files_source,
+    load_source,
+    register_format,
+)
 
 __all__ = [
     "CaseSpec",

@@ -124,6 +124,10 @@ def _nnunet_labels(value: Any, path: Path) -> dict[str, int | tuple[int, ...]]:
 
 def parse_nnunet(path: Path, meta: dict[str, Any]) -> NnunetJson:
     """Validate an nnU-Net v2 dataset.json (already read from ``path``)."""
+    if "modality" in meta and "channel_names" not in meta:
+        raise ConversionError(f"training is required in {str(path)!r}: an MSD dataset.json (it has 'modality') "
+                              f"must list its cases as [{{\"image\": ..., \"label\": ...}}, ...]; an nnU-Net one "
+                              f"needs 'channel_names' instead. Fix dataset.json.")
     chans = _channels(_require(meta, "channel_names", path, 'an object such as {"0": "CT"}'), path, "channel_names")
     labels = _nnunet_labels(_require(meta, "labels", path, 'an object such as {"background": 0, "tumor": 1}'),
                             path)

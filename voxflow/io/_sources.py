@@ -215,7 +215,9 @@ def _group_channels(files: list[Path], n_channels: int | None,
 def _files_by_stem(folder: Path | None, files: Sequence[Path] | None = None) -> dict[str, Path]:
     out: dict[str, Path] = {}
     in_where = f" in {str(folder)!r}" if folder is not None else ""
-    for p in _image_files(folder) if files is None else files:
+    if files is None:
+        files = _image_files(folder) if folder is not None else []
+    for p in files:
         stem = split_suffix(p.name)[0]
         if stem in out:
             raise ConversionError(f"case ids must be unique; {_shown(out[stem], folder)!r} and "
