@@ -41,6 +41,7 @@ __all__ = [
     "DatasetMeta",
     "Store",
     "default_compressor",
+    "is_valid_case_id",
     "label_dtype_for",
     "ngff_multiscales",
     "open_case",
@@ -50,6 +51,11 @@ FORMAT_VERSION = 1
 DEFAULT_CHUNKS_ZYX: tuple[int, int, int] = (64, 128, 128)
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DIMS = {"image": ("c", "z", "y", "x"), "probs": ("c", "z", "y", "x"), "label": ("z", "y", "x")}
+
+
+def is_valid_case_id(case_id: str) -> bool:
+    """Whether a store can hold a case of this id (a letter or digit, then letters, digits, ``._-``)."""
+    return bool(_CASE_ID.match(case_id))
 
 
 def default_compressor() -> BloscCodec:

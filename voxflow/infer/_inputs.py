@@ -1,12 +1,22 @@
 """Inputs of `voxflow predict`: a voxflow store, a folder of images or image files; and the
-preprocessed view of one case for one configuration."""
+preprocessed view of one case for one configuration.
+
+Folders and files are converted into ``OUT/.input/input.zarr``, reading the user's files in place
+(so errors name them). ``OUT/.input/inputs.json`` records every input file by resolved path, size
+and modification time: a later call with the same, unchanged files reuses the converted store;
+any other call converts afresh, so nothing from a previous call's inputs is kept. Each predicted
+case records the files it was predicted from, and resuming redoes a case whose input changed.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -14,12 +24,12 @@ import numpy as np
 from voxflow.errors import ConversionError, LayoutError
 from voxflow.geometry import Geometry
 from voxflow.infer._chunks import read_chunks
-from voxflow.io import convert
+from voxflow.io import DatasetSource, convert, file_stats, files_source, load_source
 from voxflow.plan.schema import Configuration
 from voxflow.preprocess import preprocess_case
 from voxflow.store import Store
 
-__all__ = ["PreparedCase", "open_input", "prepare_case"]
+__all__ = ["PreparedCase", "cases_to_predict", "describe_case", "input_signature", "open_input", "prepare_case"]
 
 log = logging.getLogger(__name__)
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".tif", ".tiff", ".png")
@@ -48,24 +58,73 @@ def _image_files(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
+def _manifest(source: DatasetSource) -> dict[str, Any]:
+    """Every file a source reads, by resolved path, size and modification time."""
+    paths = {str(Path(p).resolve()) for c in source.cases
+             for ref in (*c.images, *([c.label] if c.label is not None else [])) for p in ref.paths}
+    return {"format": source.format, "files": [file_stats(p) for p in sorted(paths)]}
+
+
+def _reusable(dst: Path, manifest_path: Path, manifest: dict[str, Any], n_cases: int) -> Store | None:
+    """The store converted by an earlier call from exactly these (unchanged) files, if complete."""
+    try:
+        if json.loads(manifest_path.read_text()) != manifest:
+            return None
+        store = Store.open(dst)
+    except (OSError, ValueError, LayoutError):
+        return None
+    return store if len(store.case_ids()) == n_cases and not store.incomplete_case_ids() else None
+
+
 def open_input(source: Store | str | Path | Sequence[str | Path], work_dir: Path, *,
                scheduler: str = "threads") -> Store:
-    """A voxflow store for the input: opened as is, or converted into ``work_dir/input.zarr``."""
+    """A voxflow store for the input: opened as is, or converted into ``work_dir/input.zarr``.
+
+    Image files are read where they are; two files that would be one case are refused (naming
+    both). The converted store is reused only if the recorded inputs (resolved path, size, mtime)
+    are the same files, unchanged; otherwise it is converted afresh from the current inputs alone.
+    """
     if isinstance(source, Store):
         return source
     paths = [Path(source)] if isinstance(source, (str, Path)) else [Path(p) for p in source]
     if len(paths) == 1 and (paths[0] / "zarr.json").exists():
         return Store.open(paths[0])
-    dst = work_dir / "input.zarr"
-    if len(paths) == 1 and paths[0].is_dir():
-        return convert(paths[0], dst, overwrite=True, scheduler=scheduler, progress=False)
-    staging = work_dir / "input_files"
-    staging.mkdir(parents=True, exist_ok=True)
-    for f in _image_files(paths):
-        link = staging / f.name
-        if not link.exists():
-            link.symlink_to(f.resolve())
-    return convert(staging, dst, overwrite=True, scheduler=scheduler, progress=False)
+    shutil.rmtree(work_dir / "input_files", ignore_errors=True)  # symlink staging of older versions
+    src = load_source(paths[0]) if len(paths) == 1 and paths[0].is_dir() else files_source(_image_files(paths))
+    dst, manifest_path = work_dir / "input.zarr", work_dir / "inputs.json"
+    manifest = _manifest(src)
+    reused = _reusable(dst, manifest_path, manifest, len(src.cases))
+    if reused is not None:
+        log.info("reusing %s: its %d input file(s) are unchanged", dst, len(manifest["files"]))
+        return reused
+    manifest_path.unlink(missing_ok=True)
+    store = convert(src, dst, overwrite=True, scheduler=scheduler, progress=False)
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    return store
+
+
+def input_signature(store: Store, case_id: str) -> Any:
+    """What a case of an input store was converted from (files with size and mtime), or None."""
+    return store.case_attrs(case_id).get("provenance")
+
+
+def describe_case(store: Store, case_id: str) -> str:
+    """Where a case comes from, for error messages: its source files, else the store."""
+    prov = input_signature(store, case_id) or {}
+    files = list(prov.get("image") or [])
+    return f"from {files}" if files else f"in {store.path}"
+
+
+def cases_to_predict(src: Store, out: Store, case_ids: Sequence[str]) -> list[str]:
+    """Cases not complete in ``out``, or predicted from other input files than ``src`` holds now."""
+    todo = []
+    for cid in case_ids:
+        if out.is_complete(cid):
+            if out.case_attrs(cid).get("input") == input_signature(src, cid):
+                continue
+            log.info("case %s: its input changed since it was predicted; predicting it again", cid)
+        todo.append(cid)
+    return todo
 
 
 @dataclass(frozen=True)
@@ -101,7 +160,8 @@ def prepare_case(store: Store, case_id: str, config: Configuration, *,
     image, geometry = store.image(case_id, chunks=read_chunks(store, case_id)), store.geometry(case_id)
     if image.shape[0] != config.n_channels:
         raise LayoutError(f"images must have the {config.n_channels} channels the model was trained on; got "
-                          f"{image.shape[0]} for case {case_id!r} in {store.path}.")
+                          f"{image.shape[0]} for case {case_id!r} {describe_case(store, case_id)}. Give one "
+                          f"file per channel, named CASE_0000, CASE_0001, ... (nnU-Net style).")
     pc = preprocess_case(image, geometry, config, case_id=case_id, out_chunks=out_chunks)
     return PreparedCase(pc.image, pc.original_geometry,
                         tuple((int(lo), int(hi)) for lo, hi in pc.crop_bbox_zyx),

@@ -29,7 +29,7 @@ from voxflow.errors import VoxflowError
 from voxflow.infer._accumulator import DEFAULT_CACHE_BYTES
 from voxflow.infer._chunks import clamp_chunks, grow_chunks, output_chunks
 from voxflow.infer._export import export_labels
-from voxflow.infer._inputs import PreparedCase, open_input, prepare_case
+from voxflow.infer._inputs import PreparedCase, cases_to_predict, input_signature, open_input, prepare_case
 from voxflow.infer._memory import release_large_allocations, trim_heap
 from voxflow.infer._models import Ensemble, find_checkpoints, group_models
 from voxflow.infer._undo import probabilities_to_label, undo_preprocessing
@@ -61,6 +61,7 @@ class _Staged:
     images: list[zarr.Array]
     prepared: list[PreparedCase]
     scratch: Path
+    input: Any = None  # the files the case was converted from (recorded with the prediction)
 
 
 def _label_outputs(meta: DatasetMeta) -> tuple[int, str, tuple[int, ...] | None]:
@@ -109,7 +110,7 @@ def _stage_case(src: Store, case_id: str, ensembles: Sequence[Ensemble], scratch
     compute(da.store(sources, images, lock=False, compute=False), desc=f"{case_id}: preprocess",
             progress=progress)
     trim_heap()
-    return _Staged(case_id, images, prepared, scratch)
+    return _Staged(case_id, images, prepared, scratch, input_signature(src, case_id))
 
 
 def _predict_staged(st: _Staged, ensembles: Sequence[Ensemble], predictors: Sequence[Any], out: Store,
@@ -140,7 +141,7 @@ def _predict_staged(st: _Staged, ensembles: Sequence[Ensemble], predictors: Sequ
     mean = back[0] if len(back) == 1 else sum(back[1:], back[0]) / len(back)
     out.begin_case(st.case_id, geometry=geom, attrs={
         "configurations": [e.configuration.name for e in ensembles],
-        "models": [n for e in ensembles for n in e.names], "activation": activation})
+        "models": [n for e in ensembles for n in e.names], "activation": activation, "input": st.input})
     first = "label_raw" if opts.postprocessing is not None else "label"
     label_z = out.create_array(st.case_id, first, shape=geom.shape_zyx, dtype=np.uint8, chunks=out_chunks,
                                dimension_names=("z", "y", "x"))
@@ -352,7 +353,7 @@ def predict(source: Store | str | Path | Sequence[str | Path], output: str | Pat
                                   "models": [n for e in ensembles for n in e.names], "step": step, "tta": tta})
         out = Store.create(out_dir / STORE_NAME, meta, overwrite=overwrite)
         ids = list(case_ids) if case_ids is not None else src.case_ids()
-        todo = [c for c in ids if not out.is_complete(c)]
+        todo = cases_to_predict(src, out, ids)
         log.info("predicting %d cases (%d already complete) with %s", len(todo), len(ids) - len(todo),
                  ", ".join(n for e in ensembles for n in e.names))
         if len(devices) > 1 and len(todo) > 1:

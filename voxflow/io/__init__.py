@@ -1,5 +1,6 @@
 """Input/output: convert any supported source into a voxflow store, export a store back to files.
 
+* :func:`files_source` -- image files given one by one -> a source :func:`convert` reads in place.
 * :func:`convert` -- nnU-Net v2 raw, MSD, images/+labels/ folders, DICOM series (with TCIA mask
   series), single files, TIFF stacks and 2D-slice folders -> dataset store; cases in parallel with
   Dask, large volumes slab by slab (gzip NIfTI cannot stream: it must fit in memory).
@@ -8,9 +9,16 @@
 * :func:`register_format` -- add a source format (or use the ``voxflow.readers`` entry points).
 """
 
-from voxflow.io._convert import convert, default_max_memory
+from voxflow.io._convert import convert, default_max_memory, file_stats
 from voxflow.io._export import export_store, format_info, store_info, to_xarray
-from voxflow.io._sources import CaseSpec, DatasetSource, detect_source, load_source, register_format
+from voxflow.io._sources import (
+    CaseSpec,
+    DatasetSource,
+    detect_source,
+    files_source,
+    load_source,
+    register_format,
+)
 
 __all__ = [
     "CaseSpec",
@@ -19,6 +27,8 @@ __all__ = [
     "default_max_memory",
     "detect_source",
     "export_store",
+    "file_stats",
+    "files_source",
     "format_info",
     "load_source",
     "register_format",

@@ -36,7 +36,7 @@ from voxflow.io._sources import CaseSpec, DatasetSource, load_source
 from voxflow.io._volume import VolumeSource, gzip_hint
 from voxflow.store import DEFAULT_CHUNKS_ZYX, DatasetMeta, Store, label_dtype_for
 
-__all__ = ["convert", "default_max_memory"]
+__all__ = ["convert", "default_max_memory", "file_stats"]
 
 log = logging.getLogger(__name__)
 _COPIES = 3  # read buffer + dtype copy + codec buffers, per slab in flight
@@ -102,6 +102,26 @@ def _plan_case(case: CaseSpec, n_channels: int, chunks_zyx: Sequence[int], max_m
     return _CasePlan(case, images, label, np.dtype(dtype), slab_z)
 
 
+def _refuse_2d_in_3d(plans: Sequence[_CasePlan], store: Store, done: set[str]) -> dict[str, str]:
+    """Errors for cases read from 2D files when other cases are 3D volumes (1 x Y x X would pass)."""
+    flat = [p for p in plans if any(v.ndim == 2 for v in [*p.images, *([p.label] if p.label else [])])]
+    if not flat:
+        return {}
+    deep = next((p.images[0].describe() for p in plans if p.images[0].geometry.shape_zyx[0] > 1), None)
+    if deep is None:
+        deep = next((cid for cid in sorted(done) if store.geometry(cid).shape_zyx[0] > 1), None)
+    if deep is None:
+        return {}
+    out = {}
+    for p in flat:
+        f = next(v for v in [*p.images, *([p.label] if p.label else [])] if v.ndim == 2)
+        out[p.case.case_id] = (
+            f"the cases of a dataset must all be 3D or all be 2D; {f.describe()!r} of case {p.case.case_id!r} is a 2D "
+            f"image (shape {f.geometry.shape_zyx[1:]}), but {deep!r} is 3D. Remove the case, save it as a 3D "
+            f"volume, or convert 2D and 3D data separately.")
+    return out
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.3g} MiB"
 
@@ -121,8 +141,12 @@ def _prepare_label(arr: np.ndarray, src: VolumeSource, case: str, declared: tupl
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
             bad = arr[~np.isfinite(arr) | (arr != np.round(arr))]
-            raise ConversionError(f"label values must be integers; got {bad.flat[0]!r} in {src.describe()!r} "
-                                  f"for case {case!r}. Labels are class ids, not probabilities.")
+            values = np.unique(bad)
+            shown = [float(v) for v in values[:5]] + (["..."] if values.size > 5 else [])
+            raise ConversionError(
+                f"label values must be integers; got {bad.size} voxel(s) with non-integer values {shown} in "
+                f"{src.describe()!r} for case {case!r}. Labels are class ids, not probabilities: round or "
+                f"threshold the label file, or fix how it was exported.")
     values = np.unique(arr)
     undeclared = sorted(set(values.tolist()) - set(declared))
     if undeclared:
@@ -206,12 +230,24 @@ def _scan_labels(source: DatasetSource, chunks_zyx: Sequence[int]) -> dict[str, 
     return {"background": 0, **{f"label_{v}": v for v in sorted(values) if v != 0}}
 
 
+def file_stats(path: str | Path) -> dict[str, Any]:
+    """Resolved path, size and modification time of a file: what tells a changed input apart."""
+    p = Path(path).resolve()
+    try:
+        st = p.stat()
+    except OSError:
+        return {"path": str(p), "size": None, "mtime_ns": None}
+    return {"path": str(p), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
 def _case_attrs(plan: _CasePlan, source: DatasetSource, split: str) -> dict[str, Any]:
+    files = [f for s in plan.images for f in s.files] + (list(plan.label.files) if plan.label is not None else [])
     return {
         "provenance": {
             "format": source.format,
             "image": [f for s in plan.images for f in s.files],
             "label": list(plan.label.files) if plan.label is not None else None,
+            "files": [file_stats(f) for f in files],
         },
         "split": split,
         "source_dtype": str(plan.dtype),
@@ -238,14 +274,15 @@ def _start_case(store: Store, plan: _CasePlan, source: DatasetSource, split: str
     return [delayed(_finish_case, pure=False)(str(store.path), cid, *slabs)]
 
 
-def convert(src: PathLikeStr, dst: PathLikeStr, *, overwrite: bool = False, scheduler: str = "threads",
+def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bool = False, scheduler: str = "threads",
             chunks_zyx: Sequence[int] = DEFAULT_CHUNKS_ZYX, max_memory_bytes: int | None = None,
             split: str = "train", format: str | None = None, progress: bool = True,
             memory_limit: str | None = None, channel_names: Sequence[str] | None = None,
             labels: Mapping[str, Any] | None = None) -> Store:
     """Convert a dataset, series or file at ``src`` into the voxflow store ``dst``.
 
-    ``src`` is auto-detected (see :mod:`voxflow.io._sources`; ``format`` forces one). ``split``
+    ``src`` is auto-detected (see :mod:`voxflow.io._sources`; ``format`` forces one), or an already
+    loaded :class:`DatasetSource` (e.g. :func:`files_source` of single files). ``split``
     picks training (``imagesTr``) or test (``imagesTs``) cases of nnU-Net/MSD datasets.
     ``chunks_zyx`` are the store chunks in voxels; ``max_memory_bytes`` bounds the converter's
     memory (default: half the available RAM); ``memory_limit`` is the per-worker limit of a
@@ -255,7 +292,7 @@ def convert(src: PathLikeStr, dst: PathLikeStr, *, overwrite: bool = False, sche
     whole by one task and must fit in ``max_memory_bytes``. Raises :class:`ConversionError` listing every case
     that failed; all other cases are written and marked complete.
     """
-    source = load_source(Path(src), split=split, format=format)
+    source = src if isinstance(src, DatasetSource) else load_source(Path(src), split=split, format=format)
     if channel_names is not None:
         source.channel_names = tuple(str(c) for c in channel_names)
     if labels is not None:
@@ -274,15 +311,18 @@ def convert(src: PathLikeStr, dst: PathLikeStr, *, overwrite: bool = False, sche
         errors: dict[str, str] = {}
         tasks: list[Any] = []
         ids: list[str] = []
+        plans = []
         for case in todo:
             try:
-                plan = _plan_case(case, len(meta.channel_names), chunks, max_memory)
+                plans.append(_plan_case(case, len(meta.channel_names), chunks, max_memory))
             except VoxflowError as e:
                 errors[case.case_id] = str(e)
-                continue
-            tasks += _start_case(store, plan, source, split, chunks, label_dtype)
-            ids.append(case.case_id)
-        log.info("converting %d case(s) from %s (%s); %d already complete", len(ids), src, source.format, len(done))
+        errors.update(_refuse_2d_in_3d(plans, store, done))
+        for plan in plans:
+            if plan.case.case_id not in errors:
+                tasks += _start_case(store, plan, source, split, chunks, label_dtype)
+                ids.append(plan.case.case_id)
+        log.info("converting %d case(s) from %s (%s); %d already complete", len(ids), source.root, source.format, len(done))
         results = compute(*tasks, desc="convert", progress=progress) if tasks else ()
     errors.update({cid: err for cid, err in zip(ids, results) if err})
     if errors:

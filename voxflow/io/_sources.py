@@ -17,19 +17,22 @@ More formats register with :func:`register_format` or the ``voxflow.readers`` en
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from voxflow.errors import ConversionError
+from voxflow.errors import ConversionError, VoxflowWarning
+from voxflow.io._dataset_json import is_msd_meta, parse_msd, parse_nnunet, read_json
 from voxflow.io._dicom import find_dicom_files, pair_masks, scan_dicom_series, series_case_ids
 from voxflow.io._volume import SitkFile, SliceStack, VolumeSource
+from voxflow.store import is_valid_case_id
 
-__all__ = ["CaseSpec", "DatasetSource", "SourceFormat", "detect_source", "load_source", "register_format"]
+__all__ = ["CaseSpec", "DatasetSource", "SourceFormat", "check_source", "detect_source", "files_source",
+           "load_source", "register_format"]
 
 log = logging.getLogger(__name__)
 
@@ -151,127 +154,158 @@ def load_source(path: Path, *, split: str = "train", format: str | None = None) 
         raise ConversionError(f"format must be one of {list(_FORMATS)}; got {name!r}.")
     if split not in ("train", "test"):
         raise ConversionError(f"split must be 'train' or 'test'; got {split!r}.")
-    src = _FORMATS[name].load(Path(path), split)
+    return check_source(_FORMATS[name].load(Path(path), split), where=str(path))
+
+
+def check_source(src: DatasetSource, *, where: str) -> DatasetSource:
+    """Refuse a source without cases, with a case id twice, or with case ids a store cannot hold."""
     seen: dict[str, CaseSpec] = {}
     for case in src.cases:
+        first = case.images[0].paths[0]
         if case.case_id in seen:
-            a, b = seen[case.case_id].images[0].paths[0], case.images[0].paths[0]
+            a = seen[case.case_id].images[0].paths[0]
             raise ConversionError(f"case ids must be unique; {case.case_id!r} comes from both {str(a)!r} and "
-                                  f"{str(b)!r}. Rename or remove one of them.")
+                                  f"{str(first)!r}. Rename or remove one of them.")
+        if not is_valid_case_id(case.case_id):
+            fixed = re.sub(r"[^A-Za-z0-9._-]+", "_", first.name).lstrip("._-")
+            raise ConversionError(
+                f"case ids (from file names) must start with a letter or digit and use only letters, digits, "
+                f"'.', '_' and '-'; got {case.case_id!r} from {str(first)!r}. Rename the file (e.g. to "
+                f"{fixed!r}).")
         seen[case.case_id] = case
     if not src.cases:
-        raise ConversionError(f"a source must hold at least one case; found none in {str(path)!r} ({name}).")
+        raise ConversionError(f"a source must hold at least one case; found none in {where!r} ({src.format}).")
     return src
 
 
 # ---------------------------------------------------------------------- helpers
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"{str(path)!r} must be valid JSON; {e}. Fix the file.") from None
-
-
 def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_file() and split_suffix(p.name)[1])
 
 
-def _group_channels(files: list[Path], n_channels: int | None, where: Path) -> dict[str, list[Path | None]]:
+def _shown(p: Path, where: Path | None) -> str:
+    """A file's name if it lies in ``where``, else its whole path (files from several folders)."""
+    return p.name if where is not None and p.parent == where else str(p)
+
+
+def _group_channels(files: list[Path], n_channels: int | None,
+                    where: Path | None) -> dict[str, list[Path | None]]:
     """``CASE_XXXX.ext`` files -> {case: [channel 0 path, channel 1 path, ...]} (None where missing)."""
     cases: dict[str, dict[int, Path]] = {}
+    in_where = f" in {str(where)!r}" if where is not None else ""
     for p in files:
         stem, _ = split_suffix(p.name)
         m = _CHANNEL.match(stem)
         if not m:
             raise ConversionError(f"image files must be named CASE_XXXX<ending> (XXXX = channel); got "
-                                  f"{p.name!r} in {str(where)!r}.")
+                                  f"{_shown(p, where)!r}{in_where}.")
         chans = cases.setdefault(m["case"], {})
         ch = int(m["ch"])
         if ch in chans:
             raise ConversionError(f"case ids must be unique; channel {ch} of case {m['case']!r} is both "
-                                  f"{chans[ch].name!r} and {p.name!r} in {str(where)!r}.")
+                                  f"{_shown(chans[ch], where)!r} and {_shown(p, where)!r}{in_where}. "
+                                  f"Rename or remove one of them.")
         chans[ch] = p
     n = n_channels or max((max(c) + 1 for c in cases.values()), default=1)
     return {cid: [chans.get(i) for i in range(n)] for cid, chans in sorted(cases.items())}
 
 
-def _files_by_stem(folder: Path) -> dict[str, Path]:
+def _files_by_stem(folder: Path | None, files: Sequence[Path] | None = None) -> dict[str, Path]:
     out: dict[str, Path] = {}
-    for p in _image_files(folder):
+    in_where = f" in {str(folder)!r}" if folder is not None else ""
+    if files is None:
+        files = _image_files(folder) if folder is not None else []
+    for p in files:
         stem = split_suffix(p.name)[0]
         if stem in out:
-            raise ConversionError(f"case ids must be unique; {out[stem].name!r} and {p.name!r} in "
-                                  f"{str(folder)!r} name the same case. Remove one of them.")
+            raise ConversionError(f"case ids must be unique; {_shown(out[stem], folder)!r} and "
+                                  f"{_shown(p, folder)!r}{in_where} name the same case. Remove one of them.")
         out[stem] = p
     return out
 
 
-def _missing_ref(path: Path) -> VolumeRef:
-    return VolumeRef((path,), lambda cid: SitkFile(path, case=cid))  # SitkFile raises "missing"
+def _missing_ref(path: Path, channel: int, names: Sequence[str] | None = None) -> VolumeRef:
+    """A channel file that is not there: opening it raises an error saying what to add."""
+    def _open(cid: str) -> VolumeSource:
+        name = f" ({names[channel]!r})" if names and channel < len(names) else ""
+        fix = ("remove it from 'channel_names' in dataset.json" if names else
+               "rename the files so that channels are numbered from _0000 without gaps")
+        raise ConversionError(
+            f"every case needs one file per channel; channel {channel}{name} of case {cid!r} must be "
+            f"{path.name!r}, and {str(path)!r} is missing for case {cid!r}. Add the file, move the case out, "
+            f"or, if the dataset has no channel {channel}, {fix}.")
+
+    return VolumeRef((path,), _open)
+
+
+def _channel_refs(cid: str, paths: Sequence[Path | None], folder: Path,
+                  names: Sequence[str] | None = None) -> tuple[VolumeRef, ...]:
+    """File refs of a case's channels; missing channels get a ref that explains what is expected."""
+    ending = next((split_suffix(p.name)[1] for p in paths if p is not None), "")
+    return tuple(file_ref(p) if p is not None else _missing_ref(folder / f"{cid}_{i:04d}{ending}", i, names)
+                 for i, p in enumerate(paths))
 
 
 # ---------------------------------------------------------------------- nnU-Net v2
 def _is_nnunet(p: Path) -> bool:
-    return p.is_dir() and (p / "dataset.json").is_file() and "channel_names" in _read_json(p / "dataset.json")
+    """A folder with a dataset.json that is not MSD's (a missing ``channel_names`` is then an error)."""
+    return p.is_dir() and (p / "dataset.json").is_file() and not is_msd_meta(read_json(p / "dataset.json"))
+
+
+def _warn_other_endings(folder: Path, ending: str) -> None:
+    others = [p.name for p in _image_files(folder) if not p.name.endswith(ending)]
+    if others:
+        warnings.warn(VoxflowWarning(
+            f"image files in {str(folder)!r} must end with the dataset's file_ending {ending!r}; skipped "
+            f"{len(others)} that do not: {others[:5]}. Convert them to {ending} or move them out of the folder."),
+            stacklevel=4)
 
 
 @register_format("nnunet-v2", _is_nnunet)
 def _load_nnunet(root: Path, split: str) -> DatasetSource:
-    meta = _read_json(root / "dataset.json")
-    for key in ("channel_names", "labels", "file_ending"):
-        if key not in meta:
-            raise ConversionError(f"an nnU-Net dataset.json must have {key!r}; it is missing in "
-                                  f"{str(root / 'dataset.json')!r}.")
-    chans = meta["channel_names"]
-    channel_names = tuple(str(chans[k]) for k in sorted(chans, key=int))
-    ending = str(meta["file_ending"])
+    info = parse_nnunet(root / "dataset.json", read_json(root / "dataset.json"))
+    channel_names, ending = info.channel_names, info.file_ending
     img_dir, lab_dir = (root / "imagesTr", root / "labelsTr") if split == "train" else \
         (root / "imagesTs", root / "labelsTs")
+    _warn_other_endings(img_dir, ending)
+    _warn_other_endings(lab_dir, ending)
     files = [p for p in _image_files(img_dir) if p.name.endswith(ending)]
     groups = _group_channels(files, len(channel_names), img_dir)
     cases = []
     for cid, paths in groups.items():
-        refs = tuple(file_ref(p) if p is not None else
-                     _missing_ref(img_dir / f"{cid}_{i:04d}{ending}") for i, p in enumerate(paths))
+        refs = _channel_refs(cid, paths, img_dir, channel_names)
         lab = lab_dir / f"{cid}{ending}"
         if split == "train" and not lab.is_file():
             raise ConversionError(f"every training case needs a label file; {str(lab)!r} is missing for case "
                                   f"{cid!r}. Add it or move the case to imagesTs/.")
         cases.append(CaseSpec(cid, refs, file_ref(lab) if lab.is_file() else None))
-    if split == "train" and meta.get("numTraining") not in (None, len(cases)):
-        log.warning("dataset.json says numTraining=%s but %s holds %d cases", meta["numTraining"], img_dir, len(cases))
-    rco = meta.get("regions_class_order")
-    return DatasetSource("nnunet-v2", root, channel_names, dict(meta["labels"]), cases,
-                         regions_class_order=tuple(rco) if rco else None, file_ending=ending,
-                         name=str(meta.get("name", root.name)))
+    if split == "train" and info.num_training not in (None, len(cases)):
+        log.warning("dataset.json says numTraining=%s but %s holds %d cases", info.num_training, img_dir, len(cases))
+    return DatasetSource("nnunet-v2", root, channel_names, dict(info.labels), cases,
+                         regions_class_order=info.regions_class_order, file_ending=ending, name=info.name)
 
 
 # ---------------------------------------------------------------------- MSD
 def _is_msd(p: Path) -> bool:
     if not (p.is_dir() and (p / "dataset.json").is_file()):
         return False
-    meta = _read_json(p / "dataset.json")
-    return "modality" in meta and "training" in meta
+    return is_msd_meta(read_json(p / "dataset.json"))
 
 
 @register_format("msd", _is_msd)
 def _load_msd(root: Path, split: str) -> DatasetSource:
-    meta = _read_json(root / "dataset.json")
-    mod = meta["modality"]
-    channel_names = tuple(str(mod[k]) for k in sorted(mod, key=int))
-    labels = {str(name): int(v) for v, name in meta.get("labels", {"0": "background"}).items()}
-    entries = meta["training"] if split == "train" else meta.get("test", [])
+    info = parse_msd(root / "dataset.json", read_json(root / "dataset.json"))
+    entries = info.training if split == "train" else tuple((t, None) for t in info.test)
     cases = []
-    for e in entries:
-        img_rel = e["image"] if isinstance(e, dict) else e
+    for img_rel, lab_rel in entries:
         img = (root / img_rel).resolve()
         cid = split_suffix(img.name)[0]
-        lab = (root / e["label"]).resolve() if isinstance(e, dict) and e.get("label") else None
+        lab = (root / lab_rel).resolve() if lab_rel else None
         cases.append(CaseSpec(cid, (file_ref(img),), file_ref(lab) if lab else None))
-    return DatasetSource("msd", root, channel_names, labels, cases, file_ending=".nii.gz",
-                         name=str(meta.get("name", root.name)))
+    return DatasetSource("msd", root, info.channel_names, dict(info.labels), cases, file_ending=".nii.gz",
+                         name=info.name)
 
 
 # ---------------------------------------------------------------------- images/ + labels/
@@ -301,8 +335,7 @@ def _load_pairs(root: Path, split: str) -> DatasetSource:
     n_ch = max(len(v) for v in groups.values()) if groups else 1
     cases = []
     for cid, paths in groups.items():
-        refs = tuple(file_ref(p) if p is not None else _missing_ref(img_dir / f"{cid}_{i:04d}")
-                     for i, p in enumerate(paths))
+        refs = _channel_refs(cid, paths, img_dir)
         cases.append(CaseSpec(cid, refs, file_ref(labels[cid]) if cid in labels else None))
     names = ("image",) if n_ch == 1 else tuple(f"channel_{i}" for i in range(n_ch))
     ending = split_suffix(files[0].name)[1] if files else ".nii.gz"
@@ -362,7 +395,11 @@ def _nnunet_named(stems: list[str]) -> bool:
 
 @register_format("image-folder", lambda p: p.is_dir() and bool(_image_files(p)))
 def _load_folder(root: Path, split: str) -> DatasetSource:
-    files = _image_files(root)
+    return _folder_source(root, _image_files(root), root)
+
+
+def _folder_source(root: Path, files: list[Path], where: Path | None) -> DatasetSource:
+    """Cases of image files (one folder, ``where``, or several: ``None``), read as ``image-folder``."""
     cid = re.sub(r"[^A-Za-z0-9._-]+", "_", root.name).strip("._-") or "case"
     stems = [split_suffix(p.name)[0] for p in files]
     nnunet = _nnunet_named(stems)
@@ -371,12 +408,38 @@ def _load_folder(root: Path, split: str) -> DatasetSource:
         return DatasetSource("image-folder", root, ("image",), None, [CaseSpec(cid, (stack_ref(tuple(files)),))],
                              file_ending=".nii.gz", name=cid)
     if nnunet:
-        groups = _group_channels(files, None, root)
+        groups = _group_channels(files, None, where)
     else:
-        groups = {s: [p] for s, p in _files_by_stem(root).items()}
+        groups = {s: [p] for s, p in _files_by_stem(where, files).items()}
     n_ch = max(len(v) for v in groups.values())
-    cases = [CaseSpec(c, tuple(file_ref(p) if p is not None else _missing_ref(root / f"{c}_{i:04d}")
-                               for i, p in enumerate(paths))) for c, paths in groups.items()]
+    cases = [CaseSpec(c, _channel_refs(c, paths, paths[0].parent if paths[0] else root))
+             for c, paths in groups.items()]
     names = ("image",) if n_ch == 1 else tuple(f"channel_{i}" for i in range(n_ch))
     return DatasetSource("image-folder", root, names, None, cases, file_ending=split_suffix(files[0].name)[1],
                          name=root.name)
+
+
+def files_source(files: Sequence[Path]) -> DatasetSource:
+    """The cases of image files given one by one (e.g. ``voxflow predict -i A -i B``), read in place.
+
+    Files are grouped as in a folder (``CASE_XXXX`` names are channels of one case). The same file
+    given twice counts once; two different files that map to one case id are refused, naming both.
+    """
+    unique: dict[Path, Path] = {}
+    for f in files:
+        unique.setdefault(Path(f).resolve(), Path(f))
+    paths = list(unique.values())
+    if not paths:
+        raise ConversionError("predict needs at least one image file; got none.")
+    by_name: dict[str, Path] = {}
+    for p in paths:
+        if p.name in by_name:
+            raise ConversionError(
+                f"input files must map to distinct cases; {str(by_name[p.name])!r} and {str(p)!r} have the same "
+                f"name, so both would be case {split_suffix(p.name)[0]!r}. Rename one, or predict them separately.")
+        by_name[p.name] = p
+    folders = {p.parent for p in paths}
+    where = next(iter(folders)) if len(folders) == 1 else None
+    src = _folder_source(paths[0].parent, paths, where)
+    src.name = "input_files"  # stable whatever folders the files are in (the name of the staging folder before)
+    return check_source(src, where=str(paths[0]))

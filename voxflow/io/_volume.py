@@ -53,6 +53,7 @@ class VolumeSource:
     n_channels: int
     streamable: bool
     files: tuple[str, ...]
+    ndim: int = 3  # spatial dimensions of the file: 2 for a 2D image (read as 1 x Y x X)
 
     @property
     def nbytes(self) -> int:
@@ -111,6 +112,7 @@ class SitkFile(VolumeSource):
         if dim == 4 and ncomp > 1:
             raise ConversionError(f"4D images must have scalar pixels; got {ncomp} components in {str(self.path)!r}.")
         self.dtype = _dtype_of_pixel_id(reader.GetPixelID())
+        self.ndim = 2 if dim == 2 else 3
         self.geometry = _geometry_from_reader(reader)
         self.files = (str(self.path),)
         gz = self.path.name.endswith(".gz") or _is_gzip(self.path)
@@ -213,6 +215,7 @@ class SliceStack(VolumeSource):
         self.n_channels = first.shape[-1] if first.ndim == 4 else 1
         self.dtype = first.dtype
         nz = self._n_pages() if self._multipage else len(self.paths)
+        self.ndim = 2 if nz == 1 else 3
         spacing = self.spacing_zyx or self._tiff_spacing() or (1.0, 1.0, 1.0)
         self.geometry = Geometry(shape_zyx=(nz, first.shape[1], first.shape[2]), spacing_zyx=spacing)
 

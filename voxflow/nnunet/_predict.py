@@ -23,7 +23,7 @@ from voxflow.cluster import compute, scheduler_context
 from voxflow.infer._accumulator import DEFAULT_CACHE_BYTES
 from voxflow.infer._chunks import clamp_chunks, grow_chunks, output_chunks, read_chunks
 from voxflow.infer._export import export_labels
-from voxflow.infer._inputs import open_input
+from voxflow.infer._inputs import cases_to_predict, describe_case, input_signature, open_input
 from voxflow.infer._memory import release_large_allocations, trim_heap
 from voxflow.infer._undo import probabilities_to_label, uncrop
 from voxflow.nnunet._model import NnunetModel, load_nnunet_model
@@ -103,7 +103,8 @@ def _predict_case(src: Store, out: Store, model: NnunetModel, predictor: NnunetT
     raw = src.image(case_id, chunks=read_chunks(src, case_id))
     if raw.shape[0] != spec.num_input_channels:
         raise NnunetModelError(f"images must have the {spec.num_input_channels} channels the nnU-Net model was "
-                               f"trained on; got {raw.shape[0]} for case {case_id!r} in {src.path}.")
+                               f"trained on; got {raw.shape[0]} for case {case_id!r} {describe_case(src, case_id)}. "
+                               f"Give one file per channel, named CASE_0000, CASE_0001, ... (nnU-Net style).")
     bbox = nonzero_bbox(raw)
     norm = normalized_crop(raw, bbox, cfg)
     sep_in = cfg.resampling.separate_axis if cfg.resampling.separate_z else None
@@ -143,7 +144,8 @@ def _predict_case(src: Store, out: Store, model: NnunetModel, predictor: NnunetT
     background = [1.0 if (activation == "softmax" and c == 0) else 0.0 for c in range(k)]
     full = uncrop(probs, bbox, geom.shape_zyx, background=background).rechunk((k, *out_chunks))
     out.begin_case(case_id, geometry=geom, attrs={"configurations": [cfg.name], "models": model.fold_names,
-                                                  "activation": activation, "nnunet_model": str(model.folder)})
+                                                  "activation": activation, "nnunet_model": str(model.folder),
+                                                  "input": input_signature(src, case_id)})
     label = out.create_array(case_id, "label", shape=geom.shape_zyx, dtype=np.uint8, chunks=out_chunks)
     sources, targets = [probabilities_to_label(full, regions_class_order=model.dataset.regions_class_order)], [label]
     if save_probabilities:
@@ -193,7 +195,7 @@ def predict_nnunet(source: Store | str | Path | Sequence[str | Path], output: st
                                   "nnunet_model": str(model.folder), "step": step, "tta": tta})
         out = Store.create(out_dir / STORE_NAME, meta, overwrite=overwrite)
         ids = list(case_ids) if case_ids is not None else src.case_ids()
-        todo = [c for c in ids if not out.is_complete(c)]
+        todo = cases_to_predict(src, out, ids)
         log.info("predicting %d cases (%d already complete) with nnU-Net model %s (%s)", len(todo),
                  len(ids) - len(todo), model.folder, ", ".join(model.fold_names))
         for cid in todo:
