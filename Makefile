@@ -2,6 +2,7 @@
 #   make demo   -- the end-to-end demo on the built-in synthetic dataset
 #   make test   -- the default (fast) test suite
 #   make test-nnunet -- nnU-Net v2 parity tests in a separate venv (.venv-nnunet) with nnunetv2
+#   make gpu-check -- every CUDA path (tests marked gpu; they skip without CUDA) + the training benchmark on CUDA
 # Choose another torch build with TORCH_SPEC / TORCH_PIP_ARGS, e.g.
 #   make demo TORCH_SPEC="torch==2.5.1" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu124"
 PYTHON ?= python3
@@ -15,7 +16,7 @@ NNUNET_VENV ?= .venv-nnunet
 NNUNET_BIN := $(NNUNET_VENV)/bin
 TORCHVISION_SPEC ?= torchvision==0.28.0
 
-.PHONY: setup demo test test-slow test-nnunet bench clean
+.PHONY: setup demo test test-slow test-nnunet gpu-check bench clean
 
 $(BIN)/.voxflow-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +35,13 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# Install a CUDA build first, e.g. make gpu-check TORCH_SPEC=torch==2.13.0 TORCH_PIP_ARGS="--index-url ..."
+gpu-check: setup
+	$(BIN)/python -m pytest -q -s -rs -m gpu tests/gpu $(PYTEST_ARGS)
+	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && \
+	  $(BIN)/python benchmarks/train.py --data ../shared/data/hippocampus-dev --preset default --device cuda \
+	    --epochs 3 --iters 50 --num-workers 2 || echo "gpu-check: no CUDA device, benchmark skipped"
 
 # nnunetv2 goes into its own venv (never into $(VENV)); the constraints keep the CPU torch build.
 $(NNUNET_BIN)/.voxflow-nnunet-installed: pyproject.toml

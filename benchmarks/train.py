@@ -4,7 +4,8 @@ Default (a minute or so): a synthetic CT dataset (4 cases, 24×48×48), converte
 planned with ``--preset cpu``, preprocessed, then fold 0 trained for ``--epochs`` × ``--iters`` in a
 fresh subprocess (so the peak RSS is the training's own, loader workers included). Prints one JSON
 object: the plan (patch, batch, features, parameters), seconds per iteration (median over epochs
-after the first, which includes warm-up), peak RSS, and on CUDA the peak allocated GPU memory.
+after the first, which includes warm-up), the fraction of each step spent waiting for the loader,
+peak RSS, and on CUDA the peak allocated GPU memory. ``--precision`` compares fp32 and bf16.
 
 Real data: ``--data ../shared/data/hippocampus-dev --patches 3500 --folds 0 1 2 3 4`` trains each
 fold on as many patches as nnU-Net's reference (500 iterations × batch 7) and reports the mean
@@ -93,6 +94,8 @@ def _train(work: Path, cfg: str, fold: int | str, *, device: str, workers: int, 
         "fold": str(fold), "wall_seconds": float(vals["SECONDS"]), "epochs": len(metrics),
         "seconds_per_iter": statistics.median(per_iter[1:] or per_iter), "seconds_per_iter_first_epoch": per_iter[0],
         "peak_rss_bytes": peak, "final_ema_pseudo_dice": metrics[-1]["ema_pseudo_dice"],
+        "data_wait_fraction": statistics.median(m.get("data_wait_fraction", 0.0) for m in metrics[1:] or metrics),
+        "precision": overrides.get("train.precision", "auto"),
     }
     if "CUDA_PEAK" in vals:
         res["cuda_peak_allocated_bytes"] = int(vals["CUDA_PEAK"])
@@ -116,6 +119,8 @@ def main() -> None:
                     help="train on this many patches in total (sets epochs from --iters and the batch)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--num-workers", type=int, default=1)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="train.precision (auto: bf16/fp16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--validate", action="store_true", help="predict and score the validation cases per fold")
     ap.add_argument("--work", type=Path, default=None,
                     help="keep the workspace here (default: temporary); a prepared one is reused as is")
@@ -129,13 +134,15 @@ def main() -> None:
         epochs = args.epochs
         if args.patches:
             epochs = max(1, round(args.patches / (args.iters * plan["batch_size"])))
-        overrides = {"train.epochs": epochs, "train.iters_per_epoch": args.iters, "train.val_iters": 2}
+        overrides = {"train.epochs": epochs, "train.iters_per_epoch": args.iters, "train.val_iters": 2,
+                     "train.precision": args.precision}
         folds = [f if f == "all" else int(f) for f in args.folds]
         runs = [_train(work, args.configuration, f, device=args.device, workers=args.num_workers,
                        overrides=overrides, validate=args.validate or bool(args.data)) for f in folds]
         out: dict[str, Any] = {"device": args.device, "plan": plan, "prepare_seconds": prep,
                                "patches_per_fold": epochs * args.iters * plan["batch_size"], "folds": runs,
                                "seconds_per_iter": statistics.median(r["seconds_per_iter"] for r in runs),
+                               "data_wait_fraction": statistics.median(r["data_wait_fraction"] for r in runs),
                                "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs)}
         dices = [r["validation_dice"] for r in runs if "validation_dice" in r]
         if dices:

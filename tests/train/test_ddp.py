@@ -20,6 +20,7 @@ import torch
 from voxflow.train import distributed as D
 from voxflow.train.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.ddp
 HERE = Path(__file__).resolve().parent
 SHORT = ["--epochs", "1", "--iters", "2", "--set", "train.val_iters=1", "--no-validation", "--num-workers", "0"]
 

@@ -158,3 +158,64 @@ def test_validation_is_skipped_with_a_warning_without_dataset_store(tmp_path: Pa
         assert validate_fold(work, "tiny", 0, ["case_000"]) is None
     assert "no dataset store" in caplog.text
     assert amp_dtype_for(resolve_precision("auto", torch.device("cpu"))) is None
+
+
+def _as_written_before_unused_heads_were_dropped(path: Path) -> None:
+    """Rewrite a checkpoint as the previous version wrote it: one more (unsupervised) head, heads.1,
+    whose weights are the last parameters, with SGD momentum for them."""
+    ckpt = torch.load(path, weights_only=False)
+    net = ckpt["network"]
+    n_before = sum(1 for k in net if k.startswith("heads.0."))
+    assert n_before == 2 and "heads.1.weight" not in net
+    f1 = net["encoder.stages.1.0.conv.weight"].shape[0]
+    k = net["heads.0.weight"].shape[0]
+    net["heads.1.weight"] = torch.randn(k, f1, 1, 1, 1)
+    net["heads.1.bias"] = torch.randn(k)
+    opt = ckpt["optimizer"]
+    n = len(opt["param_groups"][0]["params"])
+    opt["param_groups"][0]["params"] += [n, n + 1]
+    opt["state"][n] = {"momentum_buffer": torch.randn(k, f1, 1, 1, 1)}
+    opt["state"][n + 1] = {"momentum_buffer": torch.randn(k)}
+    torch.save(ckpt, path)
+
+
+def test_checkpoints_with_the_old_unsupervised_head_load_and_resume(tmp_path: Path) -> None:
+    """Checkpoints written before the zero-weight lowest head was dropped still load (the head's weights
+    and optimiser state are discarded) and resume to the weights of an uninterrupted run."""
+    net_spec = tiny_network(features=(4, 8, 8))  # 3 stages: nnU-Net supervises 2 decoder outputs, one with weight 0
+    kw = {"loader_factory": fake_build_loader, "num_workers": 0, "validate_cases": False}
+    work = make_workspace(tmp_path / "a", network=net_spec, epochs=2, iters_per_epoch=2)
+    run_dir = train_fold(work, "tiny", 0, overrides={"train.epochs": 1}, **kw)
+    for name in ("checkpoint_latest.pt", "checkpoint_final.pt"):
+        _as_written_before_unused_heads_were_dropped(run_dir / name)
+    (run_dir / "checkpoint_final.pt").unlink()
+    net, _, _ = load_model(run_dir / "checkpoint_latest.pt")
+    assert len(net.heads) == 1
+    train_fold(work, "tiny", 0, resume=True, **kw)
+    ref = train_fold(make_workspace(tmp_path / "b", network=net_spec, epochs=2, iters_per_epoch=2), "tiny", 0, **kw)
+    a = load_checkpoint(run_dir / "checkpoint_final.pt")["network"]
+    b = load_checkpoint(ref / "checkpoint_final.pt")["network"]
+    assert set(a) == set(b)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in b)
+
+
+def test_precision_is_a_choice_recorded_in_the_checkpoint(tmp_path: Path) -> None:
+    from voxflow.errors import PlanError
+    from voxflow.train._steps import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", torch.device("cuda"), amp=False) == "fp32"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(PlanError, match="precision"):
+        TrainSpec(precision="fp8")
+    kw = {"loader_factory": fake_build_loader, "num_workers": 0, "validate_cases": False}
+    work = make_workspace(tmp_path, epochs=1, iters_per_epoch=2)
+    run_dir = train_fold(work, "tiny", 0, overrides={"train.precision": "bf16"}, **kw)
+    ckpt = load_checkpoint(run_dir / "checkpoint_final.pt")
+    assert ckpt["precision"] == "bf16"
+    assert ckpt["configuration"]["train"]["precision"] == "bf16"
+    with pytest.raises(PlanError, match="fp16 needs a CUDA device"):
+        train_fold(work, "tiny", 1, overrides={"train.precision": "fp16"}, **kw)

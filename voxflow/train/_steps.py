@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -69,6 +70,12 @@ class EpochProgress:
     steps: int = 0
     loss_sum: float = 0.0
     stopped: bool = False
+    wait_seconds: float = 0.0   # host time spent waiting for the loader's next batch
+    step_seconds: float = 0.0   # host time of the whole steps (wait included; the loss read syncs CUDA)
+
+    @property
+    def data_wait_fraction(self) -> float:
+        return self.wait_seconds / self.step_seconds if self.step_seconds > 0 else 0.0
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
@@ -95,9 +102,11 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opt
     bar = tqdm(range(progress.steps, n_iters), desc=desc, disable=not info.is_main, leave=False,
                dynamic_ncols=True, initial=progress.steps, total=n_iters)
     for _ in bar:
+        t0 = time.perf_counter()
         batch = next(batches)
         image = batch.image.to(info.device, non_blocking=True)
         targets = [t.to(info.device, non_blocking=True) for t in _targets(batch)]
+        progress.wait_seconds += time.perf_counter() - t0
         optimizer.zero_grad(set_to_none=True)
         with _autocast(info.device, amp_dtype):
             out = model(image)
@@ -112,6 +121,7 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opt
         scaler.update()
         total += loss.detach()
         progress.steps += 1
+        progress.step_seconds += time.perf_counter() - t0
         bar.set_postfix(loss=f"{value:.4f}")
         if stop_requested is not None and progress.steps < n_iters and any_rank(stop_requested(), info):
             progress.stopped = True

@@ -316,6 +316,7 @@ class _Trainer:
         self.stop = _StopRequest()
         self.epoch_loss_sum = 0.0  # this rank's summed loss of the unfinished epoch (for exact resumes)
         self.rng_restored = False
+        self.data_wait_fraction = 0.0  # of the last epoch's step time, on this rank
         self.scales = deep_supervision_scales(self.cfg.network)
         self.monitor = RunMonitor(job.run_dir, enabled=info.is_main, class_names=job.labels.names)
 
@@ -510,6 +511,7 @@ class _Trainer:
             self.state.epoch_steps = self.state.epoch_batches = 0
             self.epoch_loss_sum = 0.0
             train_loss = epoch_loss(progress, self.info)
+            self.data_wait_fraction = progress.data_wait_fraction
             t_train = time.perf_counter() - t0
             val_loss, counts = validate(model, losses[1], iter(val_loader), n_iters=self.spec.val_iters,
                                         info=self.info, amp_dtype=self.amp_dtype, labels=self.job.labels)
@@ -546,6 +548,7 @@ class _Trainer:
             "pseudo_dice": [d if math.isfinite(d) else None for d in dice], "mean_pseudo_dice": mean,
             "ema_pseudo_dice": st.ema_pseudo_dice, "lr": lr, "epoch_seconds": t_epoch,
             "seconds_per_iter": t_train / self.spec.iters_per_epoch, "new_best": improved,
+            "data_wait_fraction": self.data_wait_fraction,
         })
         if self.info.is_main:
             log.info("epoch %d: train loss %.4f, val loss %.4f, pseudo-Dice %s (EMA %.4f), lr %.2e, %.1f s",
