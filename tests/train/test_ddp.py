@@ -123,10 +123,12 @@ def test_sigterm_on_a_two_rank_run_checkpoints_and_resume_is_exact(planned_works
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 75, err[-3000:]
-    assert "stopped by SIGTERM" in err and "--resume" in err
+    assert "stopped by SIGTERM" in err
+    assert "--resume" in err
     ckpt = load_checkpoint(run_dir / "checkpoint_latest.pt")
     assert not (run_dir / "checkpoint_final.pt").exists()
-    assert ckpt["world_size"] == 2 and len(ckpt["rank_states"]) == 2
+    assert ckpt["world_size"] == 2
+    assert len(ckpt["rank_states"]) == 2
     state = ckpt["trainer_state"]
     assert (state["epoch"], state["epoch_steps"]) != (0, 0)
 

@@ -166,7 +166,8 @@ def _as_written_before_unused_heads_were_dropped(path: Path) -> None:
     ckpt = torch.load(path, weights_only=False)
     net = ckpt["network"]
     n_before = sum(1 for k in net if k.startswith("heads.0."))
-    assert n_before == 2 and "heads.1.weight" not in net
+    assert n_before == 2
+    assert "heads.1.weight" not in net
     f1 = net["encoder.stages.1.0.conv.weight"].shape[0]
     k = net["heads.0.weight"].shape[0]
     net["heads.1.weight"] = torch.randn(k, f1, 1, 1, 1)

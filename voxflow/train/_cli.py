@@ -12,6 +12,10 @@ from voxflow.errors import TrainingInterrupted
 #: exit status after a stop signal (EX_TEMPFAIL: "try again", i.e. ``--resume``)
 EXIT_INTERRUPTED = 75
 
+
+class _Interrupted(click.ClickException):
+    exit_code = EXIT_INTERRUPTED
+
 log = logging.getLogger(__name__)
 
 
@@ -60,7 +64,5 @@ def train(workdir: str, configuration: str, fold: str, epochs: int | None, iters
                              overrides=sets, nproc=nproc, num_workers=num_workers,
                              validate_cases=not no_validation)
     except TrainingInterrupted as e:
-        err = click.ClickException(str(e))
-        err.exit_code = EXIT_INTERRUPTED
-        raise err from e
+        raise _Interrupted(str(e)) from e
     click.echo(str(run_dir))

@@ -35,8 +35,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,7 +208,8 @@ class _handlers:
     """Install ``handler`` for :data:`STOP_SIGNALS` inside the block (main thread only)."""
 
     def __init__(self, handler: Any):
-        self.handler, self.previous = handler, {}
+        self.handler = handler
+        self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> _handlers:
         if threading.current_thread() is threading.main_thread():
