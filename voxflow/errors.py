@@ -13,7 +13,9 @@ __all__ = [
     "GeometryMismatchError",
     "IncompleteStoreError",
     "LayoutError",
+    "LockedError",
     "PlanError",
+    "StoreDamagedError",
     "VoxflowError",
     "VoxflowWarning",
 ]
@@ -37,6 +39,14 @@ class LayoutError(VoxflowError, ValueError):
 
 class IncompleteStoreError(LayoutError):
     """A store, case or artefact is missing or was only partly written."""
+
+
+class StoreDamagedError(LayoutError):
+    """Stored data is damaged: unparseable metadata, a missing chunk file, a failed checksum."""
+
+
+class LockedError(VoxflowError, RuntimeError):
+    """Another voxflow process is writing the same store, folder or run directory."""
 
 
 class GeometryMismatchError(VoxflowError, ValueError):
