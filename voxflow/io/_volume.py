@@ -17,7 +17,6 @@ detected (and are refused) in the other formats (NRRD, MHA, TIFF, ...).
 
 from __future__ import annotations
 
-import gzip
 import re
 import struct
 import zlib
@@ -79,6 +78,9 @@ def _is_gzip(path: Path) -> bool:
         return f.read(2) == b"\x1f\x8b"
 
 
+_GZ_IN, _GZ_OUT = 1 << 20, 4 << 20  # bytes read / decompressed per step of check_gzip_stream
+
+
 def _nifti_promised_bytes(head: bytes) -> int | None:
     """``vox_offset + voxels * bitpix / 8`` from the first bytes of a NIfTI-1/2 stream (None: not NIfTI)."""
     for order in "<>":
@@ -101,22 +103,36 @@ def _nifti_promised_bytes(head: bytes) -> int | None:
 
 
 def check_gzip_stream(path: Path | str, *, case: str | None = None) -> int:
-    """Decompress a gzip file once, streaming (1 MiB buffer), and return its uncompressed size in bytes.
+    """Decompress a gzip file once, streaming, and return its uncompressed size in bytes.
 
-    Raises :class:`ConversionError` naming the file when the stream is cut short, fails its CRC, or
-    (NIfTI) holds fewer bytes than the header promises.
+    Memory: 1 MiB of compressed input and at most 4 MiB of output at a time. zlib checks each
+    member's CRC-32 and length trailer itself. Raises :class:`ConversionError` naming the file when
+    the stream is cut short or fails its CRC, or (NIfTI) holds fewer bytes than its header promises.
     """
     where = f" for case {case!r}" if case else ""
-    buf = bytearray(1 << 20)
-    total = 0
-    head = b""
+    total, head = 0, b""
     try:
-        with gzip.open(path, "rb") as f:
-            while n := f.readinto(buf):  # type: ignore[attr-defined]
+        with open(path, "rb") as f:
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            data = f.read(_GZ_IN)
+            if not data:
+                raise EOFError("the file is empty")
+            while True:
+                out = d.decompress(data, _GZ_OUT)
+                total += len(out)
                 if len(head) < 540:
-                    head += bytes(buf[:min(n, 540 - len(head))])
-                total += n
-    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
+                    head += out[:540 - len(head)]
+                data = d.unconsumed_tail
+                if d.eof:  # end of one gzip member: another may follow (concatenated gzip)
+                    rest = d.unused_data or f.read(_GZ_IN)
+                    if not rest.strip(b"\0"):
+                        break
+                    d, data = zlib.decompressobj(16 + zlib.MAX_WBITS), rest
+                elif not data:
+                    data = f.read(_GZ_IN)
+                    if not data and not out:  # input and zlib's buffered output both exhausted
+                        raise EOFError("the compressed data ends before the end-of-stream marker")
+    except (EOFError, zlib.error, OSError) as e:
         raise ConversionError(
             f"gzip-compressed image files must be complete; {str(path)!r}{where} is cut short or corrupt "
             f"({type(e).__name__}: {e}). Copy or export it again.") from None
