@@ -31,7 +31,8 @@ def hold_lock_in_subprocess(lock_file: Path, procs: list[subprocess.Popen]) -> s
     p = subprocess.Popen([sys.executable, "-c", HOLD, str(lock_file)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     procs.append(p)
-    assert p.stdout is not None and p.stdout.readline().strip() == "held"
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "held"
     return p
 
 
@@ -71,7 +72,9 @@ def test_second_predict_fails_at_once_naming_the_holder(tmp_path: Path, holder) 
     t0 = time.perf_counter()
     res = _voxflow("predict", "-i", str(tmp_path), "-o", str(out), "-m", str(models))
     assert res.returncode != 0
-    assert f"pid {p.pid}" in res.stderr and "holder-under-test" in res.stderr and socket.gethostname() in res.stderr
+    assert f"pid {p.pid}" in res.stderr
+    assert "holder-under-test" in res.stderr
+    assert socket.gethostname() in res.stderr
     assert "Traceback" not in res.stderr
     assert time.perf_counter() - t0 < 60
     assert read_lock(dir_lock_file(out))["pid"] == p.pid  # the holder's lock is untouched
@@ -85,7 +88,8 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path, caplog) -> N
                              "started": "2020-01-01T00:00:00+00:00", "started_unix": 1577836800.0}))
     with caplog.at_level(logging.WARNING, logger="voxflow"), exclusive_lock(f, command="mine"):
         assert read_lock(f)["pid"] == os.getpid()
-    assert "stale" in caplog.text and str(int(dead.stdout)) in caplog.text
+    assert "stale" in caplog.text
+    assert str(int(dead.stdout)) in caplog.text
     assert not f.exists()
 
 

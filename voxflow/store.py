@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 DEFAULT_CHUNKS_ZYX: tuple[int, int, int] = (64, 128, 128)
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_WRITE_CONFIG = {"write_empty_chunks": True}  # every chunk on disk: a missing chunk file is damage
+_WRITE_CONFIG: Any = {"write_empty_chunks": True}  # every chunk on disk: a missing chunk file is damage
 _EXPECTED = "voxflow_expected_cases"  # root attribute: cases a writer was asked for (see expect_cases)
 # what a damaged or unreadable zarr.json / chunk raises inside zarr (JSONDecodeError is a ValueError)
 _READ_ERRORS = (ValueError, RuntimeError, OSError, KeyError, TypeError)
@@ -303,7 +303,7 @@ class Store:
         """Record that a writer was asked for ``case_ids`` (with any recorded before), so readers can
         tell a finished store from one whose writer stopped before starting some cases. ``source``:
         this store is meant to hold every complete case of that store, also ones added to it later."""
-        block = dict(self.group.attrs.get(_EXPECTED, {}))
+        block: dict[str, Any] = dict(self._expected_block())
         block["cases"] = sorted(set(block.get("cases", [])) | set(case_ids))
         if source is not None:
             block["every_case_of"] = str(Path(source).absolute())
@@ -311,7 +311,7 @@ class Store:
 
     def expected_case_ids(self) -> list[str]:
         """Cases recorded by :meth:`expect_cases`, and every complete case of its ``source`` store."""
-        block = self.group.attrs.get(_EXPECTED, {})
+        block = self._expected_block()
         ids = {str(c) for c in block.get("cases", [])}
         source = block.get("every_case_of")
         if source and Path(source, "zarr.json").is_file():
@@ -320,6 +320,10 @@ class Store:
             except LayoutError:
                 pass  # a damaged source is reported by the commands that read it
         return sorted(ids)
+
+    def _expected_block(self) -> dict[str, Any]:
+        block: Any = self.group.attrs.get(_EXPECTED, {})
+        return block if isinstance(block, dict) else {}
 
     def unfinished_case_ids(self) -> list[str]:
         """Cases present but incomplete, or expected (:meth:`expect_cases`) but not complete; sorted."""
@@ -367,7 +371,7 @@ class Store:
         try:
             if name not in g:
                 raise CaseNotFoundError(f"case {case_id!r} in {self.path} has no {name!r} array")
-            arr = g[name]
+            arr: Any = g[name]
         except _READ_ERRORS as e:
             raise _damaged(f"the metadata of array {name!r} of case {case_id!r} in {self.path}", e,
                            self._fix()) from e
@@ -495,7 +499,7 @@ def _verify_array(arr: zarr.Array, folder: Path) -> str | None:
         if not (folder / key).is_file():
             missing.append(coords)
             continue
-        region = tuple(slice(c * n, min((c + 1) * n, s)) for c, n, s in zip(coords, arr.chunks, arr.shape))
+        region = tuple(slice(c * n, min((c + 1) * n, s)) for c, n, s in zip(coords, arr.chunks, arr.shape, strict=True))
         try:
             arr[region]
         except _READ_ERRORS as e:

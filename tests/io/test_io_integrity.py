@@ -37,9 +37,11 @@ def test_truncated_gzip_fails_the_case_naming_the_file(raw: Path, tmp_path: Path
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(ConversionError, match=r"cut short|truncated") as e:
         convert(raw, tmp_path / "ds.zarr", progress=False)
-    assert str(f) in str(e.value) and CASE in str(e.value)
+    assert str(f) in str(e.value)
+    assert CASE in str(e.value)
     st = Store.open(tmp_path / "ds.zarr")
-    assert st.case_ids() == ["synct_001"] and st.incomplete_case_ids() == [CASE]
+    assert st.case_ids() == ["synct_001"]
+    assert st.incomplete_case_ids() == [CASE]
     f.write_bytes(data)  # restored: the rerun converts it
     assert convert(raw, tmp_path / "ds.zarr", progress=False).case_ids() == [CASE, "synct_001"]
 
@@ -94,7 +96,9 @@ def test_missing_chunk_is_damage_not_zeros(raw: Path, tmp_path: Path) -> None:
     (dst / "cases" / CASE / "label" / "c" / "0" / "0" / "0").unlink()
     res = CliRunner().invoke(main, ["info", str(dst)])
     assert res.exit_code != 0
-    assert "DAMAGED" in res.output and CASE in res.output and "'label'" in res.output
+    assert "DAMAGED" in res.output
+    assert CASE in res.output
+    assert "'label'" in res.output
     with pytest.raises(StoreDamagedError, match=f"'label' of case '{CASE}'"):
         Store.open(dst).label(CASE)
 
@@ -108,7 +112,8 @@ def test_verify_reads_every_chunk_and_reports_a_bad_checksum(raw: Path, tmp_path
     assert CliRunner().invoke(main, ["info", str(dst)]).exit_code == 0  # files all present: cheap check passes
     res = CliRunner().invoke(main, ["info", "--verify", str(dst)])
     assert res.exit_code != 0
-    assert f"case '{CASE}' array 'image'" in res.output and "does not decode" in res.output
+    assert f"case '{CASE}' array 'image'" in res.output
+    assert "does not decode" in res.output
     with pytest.raises(StoreDamagedError, match=f"'image' of case '{CASE}'"):
         Store.open(dst).image(CASE).compute()
 
@@ -120,7 +125,9 @@ def test_truncated_zarr_json_is_a_clear_error_and_convert_redoes_the_case(raw: P
     meta = dst / "cases" / CASE / ("zarr.json" if damaged == "case" else "image/zarr.json")
     meta.write_bytes(meta.read_bytes()[:40])
     res = CliRunner().invoke(main, ["info", str(dst)])
-    assert res.exit_code != 0 and "Traceback" not in res.output and CASE in res.output
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output
+    assert CASE in res.output
     with pytest.raises(StoreDamagedError, match=CASE):
         Store.open(dst).image(CASE)
     st = convert(raw, dst, progress=False, chunks_zyx=(4, 8, 8))  # resume redoes the damaged case
@@ -132,7 +139,9 @@ def test_truncated_root_zarr_json(raw: Path, tmp_path: Path) -> None:
     dst = _converted(raw, tmp_path)
     (dst / "zarr.json").write_text('{"zarr_format": 3, "node_')
     res = CliRunner().invoke(main, ["info", str(dst)])
-    assert res.exit_code != 0 and "damaged" in res.output and "Traceback" not in res.output
+    assert res.exit_code != 0
+    assert "damaged" in res.output
+    assert "Traceback" not in res.output
     st = convert(raw, dst, progress=False, chunks_zyx=(4, 8, 8))  # rewrites the root, keeps the cases
     assert st.case_ids() == [CASE, "synct_001"]
 
@@ -152,6 +161,7 @@ def test_store_without_checksums_still_opens(tmp_path: Path) -> None:
     assert not is_checksummed(st.zarr_array("a", "image"))
     assert st.image("a").compute().sum() == 32
     info = store_info(st, verify=True)
-    assert info["damaged_cases"] == [] and info["cases"][0]["status"] == "ok"
+    assert info["damaged_cases"] == []
+    assert info["cases"][0]["status"] == "ok"
     assert json.loads((tmp_path / "old.zarr" / "cases" / "a" / "image" / "zarr.json").read_text())
     assert zarr.open_array(str(tmp_path / "old.zarr/cases/a/image")).nchunks_initialized == 1

@@ -28,17 +28,20 @@ def test_second_preprocess_fails_at_once_naming_the_holder(tmp_path: Path, small
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(store_lock_file(target))], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
         res = subprocess.run([sys.executable, "-m", "voxflow", "preprocess", str(src.path), "--work", str(work)],
                              capture_output=True, text=True, timeout=120)
         assert res.returncode != 0
-        assert f"pid {holder.pid}" in res.stderr and "holder-under-test" in res.stderr
+        assert f"pid {holder.pid}" in res.stderr
+        assert "holder-under-test" in res.stderr
         assert "Traceback" not in res.stderr
         assert not (target / "zarr.json").exists()  # nothing written
         assert read_lock(store_lock_file(target))["pid"] == holder.pid
     finally:
         holder.communicate(timeout=30)
-    assert holder.returncode == 0 and not store_lock_file(target).exists()
+    assert holder.returncode == 0
+    assert not store_lock_file(target).exists()
 
 
 def test_resume_redoes_a_case_with_damaged_metadata(tmp_path: Path, small_store, helpers) -> None:
@@ -46,7 +49,8 @@ def test_resume_redoes_a_case_with_damaged_metadata(tmp_path: Path, small_store,
     plan = helpers.make_plan(helpers.make_config())
     out_path = tmp_path / "pp.zarr"
     out = run_preprocess(src, plan, "3d_fullres", out_path, scheduler="sync", progress=False)
-    assert out.unfinished_case_ids() == [] and not store_lock_file(out_path).exists()
+    assert out.unfinished_case_ids() == []
+    assert not store_lock_file(out_path).exists()
     ref = out.image("case_001").compute()
     meta = out_path / "cases" / "case_001" / "label" / "zarr.json"
     meta.write_bytes(meta.read_bytes()[:30])
@@ -66,5 +70,6 @@ def test_cases_not_yet_started_count_as_unfinished(tmp_path: Path, small_store, 
     assert out.unfinished_case_ids() == ["case_001", "case_002"]
     with exclusive_lock(store_lock_file(tmp_path / "pp.zarr"), command="test"):  # re-entrant in one process
         out = run_preprocess(src, plan, "3d_fullres", tmp_path / "pp.zarr", scheduler="sync", progress=False)
-    assert out.unfinished_case_ids() == [] and Store.open(tmp_path / "pp.zarr").case_ids() == [
+    assert out.unfinished_case_ids() == []
+    assert Store.open(tmp_path / "pp.zarr").case_ids() == [
         "case_000", "case_001", "case_002"]

@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from voxflow.errors import IncompleteStoreError, PlanError
-from voxflow.store import Store
 from voxflow.plan.schema import atomic_write_json
+from voxflow.store import Store
 from voxflow.workspace import Workspace
 
 __all__ = ["fold_cases", "load_or_create_splits", "make_splits", "require_finished_store"]
