@@ -13,8 +13,10 @@ __all__ = [
     "GeometryMismatchError",
     "IncompleteStoreError",
     "LayoutError",
+    "LockedError",
     "PlanError",
     "TrainingInterrupted",
+    "StoreDamagedError",
     "VoxflowError",
     "VoxflowWarning",
 ]
@@ -38,6 +40,14 @@ class LayoutError(VoxflowError, ValueError):
 
 class IncompleteStoreError(LayoutError):
     """A store, case or artefact is missing or was only partly written."""
+
+
+class StoreDamagedError(LayoutError):
+    """Stored data is damaged: unparseable metadata, a missing chunk file, a failed checksum."""
+
+
+class LockedError(VoxflowError, RuntimeError):
+    """Another voxflow process is writing the same store, folder or run directory."""
 
 
 class GeometryMismatchError(VoxflowError, ValueError):

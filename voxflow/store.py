@@ -14,10 +14,20 @@ Every array carries ``dimension_names`` so ``xarray.open_zarr(path, group="cases
 case. A case is written as: :meth:`Store.begin_case` (drops any old copy, writes
 ``complete: false``), arrays, then :meth:`Store.mark_complete`. Readers only list complete cases,
 so an interrupted writer never leaves a case that looks finished; a rerun redoes incomplete cases.
+
+Integrity: arrays are written with every chunk present (zarr's ``write_empty_chunks``, so a
+missing chunk file is damage, not zeros) and a CRC32C checksum after the compressor in each chunk
+(``Crc32cCodec``), so :meth:`Store.verify_case` (``voxflow info --verify``) can tell a damaged
+store from a good one. Stores written before this (no checksum) still open and read.
+A case whose metadata cannot be parsed counts as incomplete for writers resuming (they redo it);
+readers get a :class:`StoreDamagedError` naming the case and array.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+import logging
 import os
 import re
 import shutil
@@ -29,10 +39,11 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from dask.base import tokenize
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from voxflow._types import PathLikeStr
-from voxflow.errors import CaseNotFoundError, IncompleteStoreError, LayoutError
+from voxflow.errors import CaseNotFoundError, IncompleteStoreError, LayoutError, StoreDamagedError
 from voxflow.geometry import Geometry
 
 __all__ = [
@@ -42,14 +53,22 @@ __all__ = [
     "Store",
     "default_compressor",
     "is_valid_case_id",
+    "is_checksummed",
     "label_dtype_for",
     "ngff_multiscales",
+    "open_array_for_write",
     "open_case",
 ]
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 DEFAULT_CHUNKS_ZYX: tuple[int, int, int] = (64, 128, 128)
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_WRITE_CONFIG: Any = {"write_empty_chunks": True}  # every chunk on disk: a missing chunk file is damage
+_EXPECTED = "voxflow_expected_cases"  # root attribute: cases a writer was asked for (see expect_cases)
+# what a damaged or unreadable zarr.json / chunk raises inside zarr (JSONDecodeError is a ValueError)
+_READ_ERRORS = (ValueError, RuntimeError, OSError, KeyError, TypeError)
 _DIMS = {"image": ("c", "z", "y", "x"), "probs": ("c", "z", "y", "x"), "label": ("z", "y", "x")}
 
 
@@ -61,6 +80,36 @@ def is_valid_case_id(case_id: str) -> bool:
 def default_compressor() -> BloscCodec:
     """Blosc/zstd level 3 with byte shuffle: fast, and ~2-4x on CT/MR volumes."""
     return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def open_array_for_write(path: PathLikeStr) -> zarr.Array:
+    """Reopen an existing array to write into it, with every chunk written (even all-fill ones)."""
+    return zarr.open_array(str(path), mode="r+", zarr_format=3).with_config(_WRITE_CONFIG)
+
+
+def is_checksummed(arr: zarr.Array) -> bool:
+    """Whether ``arr`` was written by a voxflow that checksums chunks (and writes every chunk)."""
+    return any(isinstance(c, Crc32cCodec) for c in arr.compressors)
+
+
+def _damaged(what: str, exc: BaseException, fix: str) -> StoreDamagedError:
+    detail = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
+    return StoreDamagedError(f"stored data must be readable; {what} is damaged ({type(exc).__name__}: "
+                             f"{detail[0]}). {fix}")
+
+
+class _CheckedArray:
+    """A zarr array whose failed reads (checksum, codec, metadata) raise StoreDamagedError naming it."""
+
+    def __init__(self, arr: zarr.Array, where: str, fix: str):
+        self.arr, self.where, self.fix = arr, where, fix
+        self.shape, self.dtype, self.ndim = arr.shape, arr.dtype, arr.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return np.asarray(self.arr[key])
+        except _READ_ERRORS as e:
+            raise _damaged(self.where, e, self.fix) from e
 
 
 def label_dtype_for(max_value: int) -> np.dtype:
@@ -181,6 +230,12 @@ class Store:
         if path.exists() and overwrite:
             shutil.rmtree(path)
         if path.exists() and (path / "zarr.json").exists():
+            if not _json_ok(path / "zarr.json"):
+                log.warning("%s: the root zarr.json is damaged; writing it again (cases are checked one by one)",
+                            path)
+                (path / "zarr.json").unlink()
+                group = zarr.open_group(str(path), mode="a", zarr_format=3)
+                group.attrs["voxflow"] = meta.to_dict()
             store = cls.open(path, mode="r+")
             if store.meta.to_dict() != meta.to_dict():
                 old, new = store.meta.to_dict(), meta.to_dict()
@@ -200,17 +255,24 @@ class Store:
         path = Path(path)
         if not (path / "zarr.json").exists():
             raise IncompleteStoreError(f"{path} is not a Zarr v3 store (no zarr.json); create it first.")
-        return cls(zarr.open_group(str(path), mode=mode, zarr_format=3), path)
+        try:
+            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        except _READ_ERRORS as e:
+            raise _damaged(f"the store metadata {path / 'zarr.json'}", e,
+                           "Rerun the command that wrote the store (its cases are kept and checked), or "
+                           "pass --overwrite to write it afresh.") from e
+        return cls(group, path)
 
     # ------------------------------------------------------------------ listing
     def _cases_group(self) -> zarr.Group:
         return self.group.require_group("cases") if self.group.read_only is False else self.group["cases"]
 
     def all_case_ids(self) -> list[str]:
-        """Every case group present, complete or not, sorted."""
-        if "cases" not in self.group:
+        """Every case folder present, complete, incomplete or damaged, sorted (no metadata parsed)."""
+        cases = self.path / "cases"
+        if not cases.is_dir():
             return []
-        return sorted(self.group["cases"].group_keys())
+        return sorted(p.name for p in cases.iterdir() if p.is_dir() and _CASE_ID.match(p.name))
 
     def case_ids(self) -> list[str]:
         """Complete cases, sorted. Incomplete ones are invisible to readers."""
@@ -220,10 +282,58 @@ class Store:
         return [c for c in self.all_case_ids() if not self.is_complete(c)]
 
     def is_complete(self, case_id: str) -> bool:
+        """Whether the case's completion marker is set (``False`` if its metadata is unreadable)."""
         try:
             return bool(self.group[f"cases/{case_id}"].attrs.get("voxflow", {}).get("complete", False))
-        except KeyError:
+        except _READ_ERRORS:
             return False
+
+    def metadata_intact(self, case_id: str) -> bool:
+        """Whether the case's and each of its arrays' ``zarr.json`` parse (cheap: no chunk read)."""
+        folder = self.path / "cases" / case_id
+        if not _json_ok(folder / "zarr.json"):
+            return False
+        return all(_json_ok(p / "zarr.json") for p in folder.iterdir() if p.is_dir())
+
+    def resumable_case_ids(self) -> list[str]:
+        """Complete cases with intact metadata: what a resuming writer may skip (it redoes the rest)."""
+        out = []
+        for cid in self.case_ids():
+            if self.metadata_intact(cid):
+                out.append(cid)
+            else:
+                log.warning("%s: case %r has damaged metadata (zarr.json); it is redone", self.path, cid)
+        return out
+
+    def expect_cases(self, case_ids: Iterable[str], *, source: PathLikeStr | None = None) -> None:
+        """Record that a writer was asked for ``case_ids`` (with any recorded before), so readers can
+        tell a finished store from one whose writer stopped before starting some cases. ``source``:
+        this store is meant to hold every complete case of that store, also ones added to it later."""
+        block: dict[str, Any] = dict(self._expected_block())
+        block["cases"] = sorted(set(block.get("cases", [])) | set(case_ids))
+        if source is not None:
+            block["every_case_of"] = str(Path(source).absolute())
+        self.group.attrs[_EXPECTED] = block
+
+    def expected_case_ids(self) -> list[str]:
+        """Cases recorded by :meth:`expect_cases`, and every complete case of its ``source`` store."""
+        block = self._expected_block()
+        ids = {str(c) for c in block.get("cases", [])}
+        source = block.get("every_case_of")
+        if source and Path(source, "zarr.json").is_file():
+            try:
+                ids |= set(Store.open(source).case_ids())
+            except LayoutError:
+                pass  # a damaged source is reported by the commands that read it
+        return sorted(ids)
+
+    def _expected_block(self) -> dict[str, Any]:
+        block: Any = self.group.attrs.get(_EXPECTED, {})
+        return block if isinstance(block, dict) else {}
+
+    def unfinished_case_ids(self) -> list[str]:
+        """Cases present but incomplete, or expected (:meth:`expect_cases`) but not complete; sorted."""
+        return sorted(set(self.incomplete_case_ids()) | (set(self.expected_case_ids()) - set(self.case_ids())))
 
     # ------------------------------------------------------------------ reading
     def case_group(self, case_id: str) -> zarr.Group:
@@ -234,6 +344,12 @@ class Store:
                 f"case {case_id!r} is not in {self.path}; it has {len(self.all_case_ids())} cases "
                 f"(`voxflow info {self.path}` lists them)."
             ) from None
+        except _READ_ERRORS as e:
+            raise _damaged(f"the metadata of case {case_id!r} in {self.path}", e, self._fix()) from e
+
+    def _fix(self) -> str:
+        return (f"Rerun the command that wrote {self.path} (it redoes damaged cases); "
+                f"`voxflow info --verify {self.path}` checks every case.")
 
     def _require_complete(self, case_id: str) -> zarr.Group:
         g = self.case_group(case_id)
@@ -255,16 +371,33 @@ class Store:
         return name in self.case_group(case_id)
 
     def zarr_array(self, case_id: str, name: str) -> zarr.Array:
+        """One array of a complete case; :class:`StoreDamagedError` if its metadata is unreadable or
+        (checksummed arrays) a chunk file is missing."""
         g = self._require_complete(case_id)
-        if name not in g:
-            raise CaseNotFoundError(f"case {case_id!r} in {self.path} has no {name!r} array")
-        return g[name]
+        try:
+            if name not in g:
+                raise CaseNotFoundError(f"case {case_id!r} in {self.path} has no {name!r} array")
+            arr: Any = g[name]
+        except _READ_ERRORS as e:
+            raise _damaged(f"the metadata of array {name!r} of case {case_id!r} in {self.path}", e,
+                           self._fix()) from e
+        if is_checksummed(arr) and arr.nchunks_initialized != arr.nchunks:
+            raise StoreDamagedError(
+                f"every chunk of array {name!r} of case {case_id!r} in {self.path} must be on disk; "
+                f"{arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunk files are missing. "
+                f"{self._fix()}")
+        return arr
 
     def array(self, case_id: str, name: str, *, chunks: tuple[int, ...] | None = None) -> da.Array:
         """A lazy dask view of one array of a complete case, chunked like the store (or ``chunks``:
-        whole multiples of the store's chunks give one read task per dask chunk)."""
+        whole multiples of the store's chunks give one read task per dask chunk). A chunk that fails
+        to decode (checksum, codec) raises :class:`StoreDamagedError` naming the case and array."""
         arr = self.zarr_array(case_id, name)
-        return da.from_zarr(arr, chunks=arr.chunks if chunks is None else chunks)
+        chunks = arr.chunks if chunks is None else chunks
+        checked = _CheckedArray(arr, f"array {name!r} of case {case_id!r} in {self.path}", self._fix())
+        token = tokenize(str(self.path), case_id, name, arr.shape, str(arr.dtype), chunks)
+        return da.from_array(checked, chunks=chunks, name=f"from-zarr-{token}", asarray=False, fancy=False,
+                             meta=np.empty((0,) * arr.ndim, dtype=arr.dtype))
 
     def image(self, case_id: str, *, chunks: tuple[int, ...] | None = None) -> da.Array:
         """(C, Z, Y, X) image of a case, lazy (chunked like the store, or ``chunks``)."""
@@ -284,8 +417,7 @@ class Store:
                 f"'.', '_' and '-'."
             )
         cases = self.group.require_group("cases")
-        if case_id in cases:
-            del cases[case_id]
+        self.delete_case(case_id)
         g = cases.create_group(case_id)
         block = {"complete": False, "geometry": geometry.to_dict(), **dict(attrs or {})}
         g.attrs.update({"voxflow": block, "ome": ngff_multiscales(geometry, name=case_id)})
@@ -302,8 +434,8 @@ class Store:
             dims = None
         return g.create_array(
             name, shape=tuple(int(s) for s in shape), dtype=dtype, chunks=chunks,
-            compressors=default_compressor(), fill_value=fill_value, dimension_names=dims,
-            overwrite=True,
+            compressors=(default_compressor(), Crc32cCodec()), fill_value=fill_value, dimension_names=dims,
+            overwrite=True, config=_WRITE_CONFIG,
         )
 
     def update_case_attrs(self, case_id: str, **values: Any) -> None:
@@ -317,9 +449,32 @@ class Store:
         self.update_case_attrs(case_id, complete=True)
 
     def delete_case(self, case_id: str) -> None:
-        cases = self.group.require_group("cases")
-        if case_id in cases:
-            del cases[case_id]
+        """Remove a case (also one whose metadata is damaged)."""
+        folder = self.path / "cases" / case_id
+        if folder.exists():
+            shutil.rmtree(folder)
+
+    # ------------------------------------------------------------------ integrity
+    def verify_case(self, case_id: str) -> dict[str, str]:
+        """Read every chunk of every array of a case: ``{array: problem}``, empty when intact.
+
+        Checks that the metadata parses, that every chunk file exists (checksummed arrays; older
+        arrays may legitimately lack all-fill chunks) and that every chunk decodes (CRC32C where
+        present). Memory: one chunk at a time."""
+        folder = self.path / "cases" / case_id
+        if not _json_ok(folder / "zarr.json"):
+            return {"(case)": "zarr.json is unreadable"}
+        problems: dict[str, str] = {}
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+            try:
+                arr = zarr.open_array(str(sub), mode="r", zarr_format=3)
+            except _READ_ERRORS as e:
+                problems[sub.name] = f"zarr.json is unreadable ({type(e).__name__})"
+                continue
+            problem = _verify_array(arr, sub)
+            if problem:
+                problems[sub.name] = problem
+        return problems
 
     # ------------------------------------------------------------------ misc
     def nbytes_on_disk(self) -> int:
@@ -330,6 +485,34 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, kind={self.meta.kind!r}, cases={len(self.case_ids())})"
+
+
+def _json_ok(path: Path) -> bool:
+    try:
+        json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _verify_array(arr: zarr.Array, folder: Path) -> str | None:
+    """The first problem of one array (missing chunk files, a chunk that fails to decode), or None."""
+    grid = [range(n) for n in arr.cdata_shape]
+    checksummed = is_checksummed(arr)
+    missing = []
+    for coords in itertools.product(*grid):
+        key = arr.metadata.encode_chunk_key(coords)
+        if not (folder / key).is_file():
+            missing.append(coords)
+            continue
+        region = tuple(slice(c * n, min((c + 1) * n, s)) for c, n, s in zip(coords, arr.chunks, arr.shape, strict=True))
+        try:
+            arr[region]
+        except _READ_ERRORS as e:
+            return f"chunk {key} does not decode ({type(e).__name__}: {str(e)[:120]})"
+    if missing and checksummed:
+        return f"{len(missing)} of {arr.nchunks} chunk files missing (first: {arr.metadata.encode_chunk_key(missing[0])})"
+    return None
 
 
 def open_case(store: Store | PathLikeStr, case_id: str, *, name: str = "image") -> Any:

@@ -35,16 +35,16 @@ def _voxflow(*args: str) -> list[str]:
     return [sys.executable, "-m", "voxflow", *args]
 
 
-def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+def _run(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, env=_env())
 
 
 def _one_step(work: Path, cfg: str, world: int, out: Path) -> dict:
     port = D.free_port()
     procs = [subprocess.Popen([sys.executable, str(HERE / "ddp_step.py"), str(work), cfg, str(r), str(world),
                                str(port), str(out)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in range(world)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+                              text=True, errors="replace") for r in range(world)]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     return torch.load(out, weights_only=False)
 
@@ -96,8 +96,9 @@ def test_two_torchrun_nodes(planned_workspace: Path, tmp_path: Path) -> None:
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
          "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "vf",
          "-m", "voxflow.train", str(work), "-c", "2d", "-f", "0", *SHORT],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        for node in (0, 1)]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(s[-3000:] for s in logs)
     summary = _summary(work / "runs" / "2d" / "fold_0")
     assert summary["world_size"] == 2
@@ -114,14 +115,15 @@ def test_sigterm_on_a_two_rank_run_checkpoints_and_resume_is_exact(planned_works
     shutil.copytree(planned_workspace, work)
     run_dir = work / "runs" / "2d" / "fold_0"
     cmd = _voxflow("train", str(work), "-c", "2d", "-f", "0", "--nproc", "2", *PREEMPT)
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            errors="replace")
+    deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not (run_dir / "metrics.jsonl").exists():
         time.sleep(0.05)
     assert proc.poll() is None, "training ended before the signal; make it longer"
     time.sleep(1.0)  # into epoch 1
     os.kill(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
+    _, err = proc.communicate(timeout=900)
     assert proc.returncode == 75, err[-3000:]
     assert "stopped by SIGTERM" in err
     assert "--resume" in err

@@ -24,6 +24,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from voxflow._lock import dir_lock_file, locked
 from voxflow.cluster import compute, scheduler_context, split_evenly
 from voxflow.errors import VoxflowError
 from voxflow.infer._accumulator import DEFAULT_CACHE_BYTES
@@ -286,6 +287,7 @@ def _run_on_devices(devices: list[str], src: Store, out: Store, checkpoints: lis
                            f"completed cases are kept.")
 
 
+@locked(lambda a: dir_lock_file(a["output"]), command="predict")
 def predict(source: Store | str | Path | Sequence[str | Path], output: str | Path, *,
             model_dir: str | Path | Sequence[str | Path] | None = None,
             models: Sequence[tuple[Any, Any, DatasetMeta]] | None = None,
@@ -321,7 +323,8 @@ def predict(source: Store | str | Path | Sequence[str | Path], output: str | Pat
         With postprocessing, the plain argmax is kept as ``label_raw`` beside ``label``.
 
     Memory is bounded by ``cache_bytes``, the patch and the store chunks, not by the volume; this
-    fixes glibc's mmap threshold for the process (:func:`release_large_allocations`).
+    fixes glibc's mmap threshold for the process (:func:`release_large_allocations`). One writer per
+    output folder: holds ``output/.voxflow.lock`` (:class:`~voxflow.errors.LockedError` for a second).
     """
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -65,13 +65,20 @@ def convert(src: str, dst: str, overwrite: bool, chunks: str, max_memory: str | 
 @click.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--verify", is_flag=True,
+              help="Read every chunk of every complete case and check it (files present, decodes, checksum); "
+                   "exit with status 1 if anything is damaged.")
 @handle_errors
-def info(store: str, as_json: bool) -> None:
-    """Summarise STORE: cases, shapes, spacings, channels, labels, size on disk, incomplete cases."""
+def info(store: str, as_json: bool, verify: bool) -> None:
+    """Summarise STORE: cases, shapes, spacings, channels, labels, size on disk, incomplete and damaged cases."""
+    from voxflow.errors import StoreDamagedError
     from voxflow.io import format_info, store_info
 
-    data = store_info(store)
+    data = store_info(store, verify=verify)
     click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
+    if data["damaged_cases"]:
+        raise StoreDamagedError(f"{len(data['damaged_cases'])} case(s) of {store} are damaged: "
+                                f"{data['damaged_cases'][:8]}. Rerun the command that wrote the store to redo them.")
 
 
 @click.command()

@@ -13,7 +13,10 @@ How a case is written:
 3. *Finish*: one task per case marks it complete only if every slab succeeded.
 
 A failing case never stops the others; at the end a :class:`ConversionError` lists every failure.
-Complete cases are skipped on a rerun; incomplete ones are redone (``overwrite=True`` redoes all).
+Complete cases are skipped on a rerun; incomplete ones, ones with damaged metadata and ones whose
+source files changed since (size or mtime in ns, recorded per file in the case's ``provenance``)
+are redone (``overwrite=True`` redoes all). One writer at a time: the store's lock file
+(``<dst>.lock``) is held while converting.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ import dask
 import numpy as np
 from dask.delayed import delayed
 
+from voxflow._lock import locked, store_lock_file
 from voxflow._types import PathLikeStr
 from voxflow.cluster import compute, scheduler_context
 from voxflow.errors import ConversionError, GeometryMismatchError, VoxflowError
 from voxflow.io._sources import CaseSpec, DatasetSource, load_source
 from voxflow.io._volume import VolumeSource, gzip_hint
-from voxflow.store import DEFAULT_CHUNKS_ZYX, DatasetMeta, Store, label_dtype_for
+from voxflow.store import DEFAULT_CHUNKS_ZYX, DatasetMeta, Store, label_dtype_for, open_array_for_write
 
 __all__ = ["convert", "default_max_memory", "file_stats"]
 
@@ -173,8 +177,6 @@ class _SlabJob:
 
 def _write_slab(job: _SlabJob) -> str | None:
     """Read, check and write rows z0:z1 of one case; returns an error message instead of raising."""
-    import zarr
-
     try:
         parts = []
         for src in job.images:
@@ -182,12 +184,12 @@ def _write_slab(job: _SlabJob) -> str | None:
             _check_image(arr, src, job.case)
             parts.append(arr.astype(job.dtype, copy=False))
         image = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        zarr.open_array(f"{job.store}/cases/{job.case}/image", mode="r+")[:, job.z0:job.z1] = image
+        open_array_for_write(f"{job.store}/cases/{job.case}/image")[:, job.z0:job.z1] = image
         del image, parts
         if job.label is not None:
             lab = job.label.read(job.z0, job.z1)[0]
             lab = _prepare_label(lab, job.label, job.case, job.declared, job.binary, np.dtype(job.label_dtype))
-            zarr.open_array(f"{job.store}/cases/{job.case}/label", mode="r+")[job.z0:job.z1] = lab
+            open_array_for_write(f"{job.store}/cases/{job.case}/label")[job.z0:job.z1] = lab
     except VoxflowError as e:
         return str(e)
     except (RuntimeError, OSError, ValueError, MemoryError) as e:
@@ -240,6 +242,28 @@ def file_stats(path: str | Path) -> dict[str, Any]:
     return {"path": str(p), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
 
 
+def _case_files(case: CaseSpec) -> list[str]:
+    """The source files of a case (images, then label), as the provenance records them."""
+    refs = [*case.images, *([case.label] if case.label is not None else [])]
+    return [str(p) for ref in refs for p in ref.paths]
+
+
+def _source_changed(store: Store, case: CaseSpec) -> bool:
+    """Whether the files of a complete case differ (set, size or mtime) from when it was written.
+    Stores written before file stats were recorded count as unchanged."""
+    recorded = store.case_attrs(case.case_id).get("provenance", {}).get("files")
+    if not isinstance(recorded, list) or not all(isinstance(r, dict) for r in recorded):
+        return False
+
+    def key(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return sorted((str(r.get("path")), r.get("size"), r.get("mtime_ns")) for r in rows)
+
+    if key(recorded) != key([file_stats(f) for f in _case_files(case)]):
+        log.warning("case %r: its source files changed since it was converted; converting it again", case.case_id)
+        return True
+    return False
+
+
 def _case_attrs(plan: _CasePlan, source: DatasetSource, split: str) -> dict[str, Any]:
     files = [f for s in plan.images for f in s.files] + (list(plan.label.files) if plan.label is not None else [])
     return {
@@ -274,6 +298,7 @@ def _start_case(store: Store, plan: _CasePlan, source: DatasetSource, split: str
     return [delayed(_finish_case, pure=False)(str(store.path), cid, *slabs)]
 
 
+@locked(lambda a: store_lock_file(a["dst"]), command="convert")
 def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bool = False, scheduler: str = "threads",
             chunks_zyx: Sequence[int] = DEFAULT_CHUNKS_ZYX, max_memory_bytes: int | None = None,
             split: str = "train", format: str | None = None, progress: bool = True,
@@ -290,7 +315,8 @@ def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bo
     convert a folder of test images with a training dataset's names). Memory: each streamed slab
     task uses at most about ``max_memory_bytes / n_workers``; a volume that cannot stream is read
     whole by one task and must fit in ``max_memory_bytes``. Raises :class:`ConversionError` listing every case
-    that failed; all other cases are written and marked complete.
+    that failed; all other cases are written and marked complete. Holds the lock ``<dst>.lock``
+    (:class:`~voxflow.errors.LockedError` if another process writes ``dst``).
     """
     source = src if isinstance(src, DatasetSource) else load_source(Path(src), split=split, format=format)
     if channel_names is not None:
@@ -306,8 +332,9 @@ def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bo
                            name=source.name, extra={"source_format": source.format})
         store = Store.create(dst, meta, overwrite=overwrite)
         label_dtype = label_dtype_for(max(meta.label_values))
-        done = set(store.case_ids())
-        todo = [c for c in source.cases if c.case_id not in done]
+        done = set(store.resumable_case_ids())
+        todo = [c for c in source.cases if c.case_id not in done or _source_changed(store, c)]
+        done -= {c.case_id for c in todo}
         errors: dict[str, str] = {}
         tasks: list[Any] = []
         ids: list[str] = []

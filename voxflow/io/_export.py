@@ -26,9 +26,9 @@ from dask.delayed import delayed
 
 from voxflow._types import PathLikeStr
 from voxflow.cluster import compute, scheduler_context
-from voxflow.errors import CaseNotFoundError
+from voxflow.errors import CaseNotFoundError, StoreDamagedError
 from voxflow.geometry import Geometry
-from voxflow.store import Store, open_case
+from voxflow.store import Store, is_checksummed, open_case
 
 __all__ = ["export_store", "format_info", "store_info", "to_xarray"]
 
@@ -166,25 +166,46 @@ def export_store(store: Store | PathLikeStr, out_dir: PathLikeStr, *, case_ids: 
 
 
 # ---------------------------------------------------------------------- info
-def store_info(store: Store | PathLikeStr) -> dict[str, Any]:
-    """A JSON-able summary: metadata, size on disk, and per case shape, spacing, dtypes, completeness."""
+def _case_entry(st: Store, cid: str, verify: bool) -> dict[str, Any]:
+    """One case of :func:`store_info`; ``problems`` maps an array (or ``(case)``) to what is wrong."""
+    entry: dict[str, Any] = {"case_id": cid, "complete": False, "shape_zyx": None, "spacing_zyx": None,
+                             "problems": {}}
+    try:
+        attrs = st.case_attrs(cid)
+        g = st.case_group(cid)
+    except StoreDamagedError:
+        entry["problems"] = {"(case)": "zarr.json is unreadable"}
+        return entry
+    geom = attrs.get("geometry", {})
+    entry.update(complete=bool(attrs.get("complete", False)), shape_zyx=geom.get("shape_zyx"),
+                 spacing_zyx=geom.get("spacing_zyx"))
+    for name in ("image", "label", "probs"):
+        try:
+            arr = g[name] if name in g else None
+        except (ValueError, KeyError, OSError):
+            entry["problems"][name] = "zarr.json is unreadable"
+            continue
+        if isinstance(arr, zarr.Array):
+            entry[f"{name}_dtype"] = str(arr.dtype)
+            entry[f"{name}_shape"] = list(arr.shape)
+            if is_checksummed(arr) and arr.nchunks_initialized != arr.nchunks:
+                entry["problems"][name] = f"{arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunk files missing"
+    if verify and entry["complete"]:
+        entry["problems"].update(st.verify_case(cid))
+    return entry
+
+
+def store_info(store: Store | PathLikeStr, *, verify: bool = False) -> dict[str, Any]:
+    """A JSON-able summary: metadata, size on disk, and per case shape, spacing, dtypes, status.
+
+    A case's ``status`` is ``ok``, ``incomplete`` or ``damaged`` (unreadable metadata, missing chunk
+    files; with ``verify``, also any chunk of a complete case that fails to decode or its checksum:
+    every chunk is read, one at a time). ``damaged_cases`` lists the damaged ones."""
     st = _as_store(store)
     cases = []
     for cid in st.all_case_ids():
-        attrs = st.case_attrs(cid)
-        geom = attrs.get("geometry", {})
-        g = st.case_group(cid)
-        entry: dict[str, Any] = {
-            "case_id": cid,
-            "complete": bool(attrs.get("complete", False)),
-            "shape_zyx": geom.get("shape_zyx"),
-            "spacing_zyx": geom.get("spacing_zyx"),
-        }
-        for name in ("image", "label", "probs"):
-            arr = g[name] if name in g else None
-            if isinstance(arr, zarr.Array):
-                entry[f"{name}_dtype"] = str(arr.dtype)
-                entry[f"{name}_shape"] = list(arr.shape)
+        entry = _case_entry(st, cid, verify)
+        entry["status"] = "damaged" if entry["problems"] else "ok" if entry["complete"] else "incomplete"
         cases.append(entry)
     meta = st.meta
     return {
@@ -195,8 +216,10 @@ def store_info(store: Store | PathLikeStr) -> dict[str, Any]:
         "labels": meta.to_dict()["labels"],
         "regions_class_order": meta.to_dict()["regions_class_order"],
         "file_ending": meta.file_ending,
-        "n_cases": sum(c["complete"] for c in cases),
-        "incomplete_cases": [c["case_id"] for c in cases if not c["complete"]],
+        "n_cases": sum(c["status"] == "ok" for c in cases),
+        "incomplete_cases": [c["case_id"] for c in cases if c["status"] == "incomplete"],
+        "damaged_cases": [c["case_id"] for c in cases if c["status"] == "damaged"],
+        "verified": verify,
         "size_on_disk_bytes": st.nbytes_on_disk(),
         "cases": cases,
     }
@@ -214,12 +237,18 @@ def format_info(info: dict[str, Any], *, max_cases: int = 50) -> str:
         f"name      {info['name'] or '-'}",
         f"channels  {', '.join(info['channel_names'])}",
         f"labels    {', '.join(f'{k}={v}' for k, v in info['labels'].items())}",
-        f"cases     {info['n_cases']} complete, {len(info['incomplete_cases'])} incomplete",
+        f"cases     {info['n_cases']} complete, {len(info['incomplete_cases'])} incomplete, "
+        f"{len(info['damaged_cases'])} damaged{' (every chunk read and checked)' if info['verified'] else ''}",
     ]
     if info["regions_class_order"]:
         lines.append(f"regions   class order {info['regions_class_order']}")
     if info["incomplete_cases"]:
         lines.append(f"incomplete: {', '.join(info['incomplete_cases'])} (rerun the command that wrote them)")
+    for c in info["cases"]:
+        for name, problem in c["problems"].items():
+            lines.append(f"DAMAGED: case {c['case_id']!r} array {name!r}: {problem}")
+    if info["damaged_cases"]:
+        lines.append("(rerun the command that wrote the store: it redoes damaged cases)")
     cases = info["cases"]
     if cases:
         shapes = np.array([c["shape_zyx"] for c in cases if c["shape_zyx"]], float)
@@ -235,7 +264,7 @@ def format_info(info: dict[str, Any], *, max_cases: int = 50) -> str:
         for c in cases[:max_cases]:
             lines.append(f"{c['case_id']:<{w}}  {_fmt_tuple(c['shape_zyx']):<14} "
                          f"{_fmt_tuple(c['spacing_zyx'], '{:.4g}'):<22} {c.get('image_dtype', '-'):<9} "
-                         f"{c.get('label_dtype', '-'):<7} {'ok' if c['complete'] else 'INCOMPLETE'}")
+                         f"{c.get('label_dtype', '-'):<7} {c['status'] if c['status'] == 'ok' else c['status'].upper()}")
         if len(cases) > max_cases:
             lines.append(f"... {len(cases) - max_cases} more (use --json for all)")
     return "\n".join(lines)

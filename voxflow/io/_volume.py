@@ -6,6 +6,11 @@ slab read touches only that slab: true for uncompressed NIfTI/MHA/MHD/NRRD (Simp
 reading), DICOM series (one file per slice), TIFF stacks and slice folders; false for compressed
 files such as ``.nii.gz``, which can only be decompressed whole.
 
+A gzip-compressed file is checked before it is read (SimpleITK reads a truncated ``.nii.gz`` as
+complete, zero-filled): its gzip stream must end with a valid CRC and length trailer, and a NIfTI
+stream must hold at least the bytes its header promises (``vox_offset + voxels * bitpix / 8``).
+The check streams the file once (1 MiB at a time, bounded memory) beside SimpleITK's own read.
+
 Note: SimpleITK's NIfTI reader turns NaN voxels into 0 as it reads, so NaN/Inf can only be
 detected (and are refused) in the other formats (NRRD, MHA, TIFF, ...).
 """
@@ -13,6 +18,8 @@ detected (and are refused) in the other formats (NRRD, MHA, TIFF, ...).
 from __future__ import annotations
 
 import re
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +31,7 @@ from numpy.typing import ArrayLike
 from voxflow.errors import ConversionError
 from voxflow.geometry import Geometry
 
-__all__ = ["SitkFile", "SliceStack", "VolumeSource", "read_error"]
+__all__ = ["SitkFile", "SliceStack", "VolumeSource", "check_gzip_stream", "read_error"]
 
 _STREAM_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".nii")
 
@@ -72,6 +79,73 @@ def _is_gzip(path: Path) -> bool:
         return f.read(2) == b"\x1f\x8b"
 
 
+_GZ_IN, _GZ_OUT = 1 << 20, 4 << 20  # bytes read / decompressed per step of check_gzip_stream
+
+
+def _nifti_promised_bytes(head: bytes) -> int | None:
+    """``vox_offset + voxels * bitpix / 8`` from the first bytes of a NIfTI-1/2 stream (None: not NIfTI)."""
+    for order in "<>":
+        size = struct.unpack_from(order + "i", head, 0)[0] if len(head) >= 4 else 0
+        if size == 348 and len(head) >= 348:
+            dims = struct.unpack_from(order + "8h", head, 40)
+            bitpix = struct.unpack_from(order + "h", head, 72)[0]
+            offset = int(struct.unpack_from(order + "f", head, 108)[0])
+            break
+        if size == 540 and len(head) >= 540:
+            dims = struct.unpack_from(order + "8q", head, 16)
+            bitpix = struct.unpack_from(order + "h", head, 14)[0]
+            offset = int(struct.unpack_from(order + "q", head, 168)[0])
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7 or bitpix <= 0 or min(dims[1:1 + dims[0]]) < 0:
+        return None
+    return max(offset, size) + int(np.prod(dims[1:1 + dims[0]], dtype=np.int64)) * int(bitpix) // 8
+
+
+def check_gzip_stream(path: Path | str, *, case: str | None = None) -> int:
+    """Decompress a gzip file once, streaming, and return its uncompressed size in bytes.
+
+    Memory: 1 MiB of compressed input and at most 4 MiB of output at a time. zlib checks each
+    member's CRC-32 and length trailer itself. Raises :class:`ConversionError` naming the file when
+    the stream is cut short or fails its CRC, or (NIfTI) holds fewer bytes than its header promises.
+    """
+    where = f" for case {case!r}" if case else ""
+    total, head = 0, b""
+    try:
+        with open(path, "rb") as f:
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            data = f.read(_GZ_IN)
+            if not data:
+                raise EOFError("the file is empty")
+            while True:
+                out = d.decompress(data, _GZ_OUT)
+                total += len(out)
+                if len(head) < 540:
+                    head += out[:540 - len(head)]
+                data = d.unconsumed_tail
+                if d.eof:  # end of one gzip member: another may follow (concatenated gzip)
+                    rest = d.unused_data or f.read(_GZ_IN)
+                    if not rest.strip(b"\0"):
+                        break
+                    d, data = zlib.decompressobj(16 + zlib.MAX_WBITS), rest
+                elif not data:
+                    data = f.read(_GZ_IN)
+                    if not data and not out:  # input and zlib's buffered output both exhausted
+                        raise EOFError("the compressed data ends before the end-of-stream marker")
+    except (EOFError, zlib.error, OSError) as e:
+        raise ConversionError(
+            f"gzip-compressed image files must be complete; {str(path)!r}{where} is cut short or corrupt "
+            f"({type(e).__name__}: {e}). Copy or export it again.") from None
+    promised = _nifti_promised_bytes(head)
+    if promised is not None and total < promised:
+        raise ConversionError(
+            f"image files must hold every voxel their header declares; {str(path)!r}{where} decompresses to "
+            f"{total} bytes but its NIfTI header promises {promised} (the file is truncated). "
+            f"Copy or export it again.")
+    return total
+
+
 def _components_first(arr: np.ndarray, image: Any) -> np.ndarray:
     """(Z, Y, X[, comp]) or (T, Z, Y, X) or (Y, X[, comp]) sitk array -> (C, Z, Y, X)."""
     dim = image.GetDimension()
@@ -117,6 +191,8 @@ class SitkFile(VolumeSource):
         self.files = (str(self.path),)
         gz = self.path.name.endswith(".gz") or _is_gzip(self.path)
         self.streamable = dim == 3 and not gz and self.path.name.lower().endswith(_STREAM_SUFFIXES)
+        self._gzip = gz
+        self._gzip_checked = False
         if not gz:
             self._check_size()
 
@@ -141,6 +217,9 @@ class SitkFile(VolumeSource):
     def read(self, z0: int, z1: int) -> np.ndarray:
         import SimpleITK as sitk
 
+        if self._gzip and not self._gzip_checked:
+            check_gzip_stream(self.path, case=self.case)
+            self._gzip_checked = True
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(self.path))
         full = (z0, z1) == (0, self.geometry.shape_zyx[0])

@@ -19,6 +19,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from voxflow._lock import dir_lock_file, locked
 from voxflow.cluster import compute, scheduler_context
 from voxflow.infer._accumulator import DEFAULT_CACHE_BYTES
 from voxflow.infer._chunks import clamp_chunks, grow_chunks, output_chunks, read_chunks
@@ -157,6 +158,7 @@ def _predict_case(src: Store, out: Store, model: NnunetModel, predictor: NnunetT
     shutil.rmtree(scratch, ignore_errors=True)
 
 
+@locked(lambda a: dir_lock_file(a["output"]), command="predict --nnunet-model")
 def predict_nnunet(source: Store | str | Path | Sequence[str | Path], output: str | Path,
                    model: NnunetModel | str | Path, *, folds: Sequence[int | str] | None = None,
                    checkpoint: str = "checkpoint_final.pth", step: float = 0.5, tta: bool = True,

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from voxflow._lock import dir_lock_file, locked
 from voxflow._types import PathLikeStr
 from voxflow.errors import VoxflowError
 from voxflow.plan.schema import Plan, atomic_write_json
@@ -268,6 +269,12 @@ def predict_command(work: Workspace, best: Mapping[str, Any]) -> str:
     return f"voxflow predict -i INPUT_FOLDER -o OUTPUT_FOLDER {models} -f {folds}"
 
 
+def _workspace_lock(args: Mapping[str, Any]) -> Path:
+    work = args["work"]
+    return dir_lock_file(work.root if isinstance(work, Workspace) else Path(work))
+
+
+@locked(_workspace_lock, command="run")
 def run_workflow(src: PathLikeStr, work: PathLikeStr | Workspace, opts: RunOptions | None = None, *,
                  report: Reporter | None = None) -> dict[str, Any]:
     """Run every step of the workflow (see the module docstring); returns the summary dict."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from voxflow._cliutil import handle_errors, scheduler_option, workspace_option
+from voxflow._lock import dir_lock_file, exclusive_lock
 from voxflow.errors import VoxflowError
 from voxflow.plan.schema import Plan
 from voxflow.workspace import Workspace
@@ -78,15 +79,24 @@ def _is_store(path: Path) -> bool:
 @handle_errors
 def plan_and_preprocess(src: str, configurations: tuple[str, ...], preset: str, gpu_memory_gb: float | None,
                         overwrite: bool, work: str, scheduler: str, memory_limit: str | None) -> None:
-    """Convert SRC (unless it is a voxflow store), fingerprint, plan and preprocess, all into --work."""
+    """Convert SRC (unless it is a voxflow store), fingerprint, plan and preprocess, all into --work.
+
+    Holds the workspace lock (WORK/.voxflow.lock) throughout: one writer per workspace."""
+    ws = Workspace(work).ensure()
+    with exclusive_lock(dir_lock_file(ws.root), command="plan-and-preprocess"):
+        _plan_and_preprocess(ws, Path(src), configurations, preset, gpu_memory_gb, overwrite, scheduler,
+                             memory_limit)
+
+
+def _plan_and_preprocess(ws: Workspace, src_path: Path, configurations: tuple[str, ...], preset: str,
+                         gpu_memory_gb: float | None, overwrite: bool, scheduler: str,
+                         memory_limit: str | None) -> None:
     from voxflow.cluster import scheduler_context
     from voxflow.fingerprint import compute_fingerprint
     from voxflow.plan.planner import plan_experiment
     from voxflow.preprocess._run import run_preprocess
     from voxflow.store import Store
 
-    ws = Workspace(work).ensure()
-    src_path = Path(src)
     if _is_store(src_path):
         store = Store.open(src_path)
     else:

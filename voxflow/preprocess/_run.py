@@ -14,6 +14,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from voxflow._lock import locked, store_lock_file
 from voxflow._types import PathLikeStr
 from voxflow.cluster import compute, scheduler_context
 from voxflow.errors import VoxflowError
@@ -73,6 +74,7 @@ def _write_case(src: Store, out: Store, case_id: str, config: Configuration, bbo
     return pc
 
 
+@locked(lambda a: store_lock_file(a["out_path"]), command="preprocess")
 def run_preprocess(store_path: Store | PathLikeStr, plan: Plan | PathLikeStr, configuration: str,
                    out_path: PathLikeStr, *, scheduler: str | None = "threads", overwrite: bool = False,
                    memory_limit: str | None = None, case_ids: Sequence[str] | None = None, seed: int = 0,
@@ -83,8 +85,10 @@ def run_preprocess(store_path: Store | PathLikeStr, plan: Plan | PathLikeStr, co
     ``label`` (Z, Y, X) uint8 and ``fg_index`` (N, 4) int32 rows (class, z, y, x), chunked at half
     the patch size, and case attributes ``geometry`` (target grid), ``original_geometry``,
     ``crop_bbox_zyx``, ``shape_after_crop_zyx`` and ``classes_present``. A rerun skips complete
-    cases and redoes incomplete ones; ``overwrite`` starts afresh. One compute per case on the
-    scheduler ``scheduler`` (see :mod:`voxflow.cluster`); the completion marker is written last.
+    cases and redoes incomplete ones (and ones with damaged metadata); ``overwrite`` starts afresh.
+    One compute per case on the scheduler ``scheduler`` (see :mod:`voxflow.cluster`); the completion
+    marker is written last. The cases asked for are recorded first (:meth:`Store.expect_cases`), so
+    training refuses a store whose preprocessing stopped early. Holds the lock ``<out_path>.lock``.
     """
     src = store_path if isinstance(store_path, Store) else Store.open(store_path)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
@@ -104,7 +108,9 @@ def run_preprocess(store_path: Store | PathLikeStr, plan: Plan | PathLikeStr, co
     missing = sorted(set(wanted) - set(src.case_ids()))
     if missing:
         raise VoxflowError(f"cases {missing} are not complete cases of {src.path}; run `voxflow convert` first.")
-    todo = [c for c in wanted if not out.is_complete(c)]
+    out.expect_cases(wanted, source=src.path if case_ids is None else None)
+    resumable = set(out.resumable_case_ids())
+    todo = [c for c in wanted if c not in resumable]
     log.info("preprocess %s -> %s (%s): %d cases to do, %d already complete", src.path, Path(out_path),
              configuration, len(todo), len(wanted) - len(todo))
     if not todo:

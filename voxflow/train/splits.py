@@ -1,8 +1,10 @@
 """Cross-validation splits: ``WORK/splits.json``, made once per dataset and shared by every configuration.
 
 The file is nnU-Net's format, a list of folds ``[{"train": [case ids], "val": [case ids]}, ...]``.
-An existing file (written by voxflow or by the user) is honoured as is, after checking that it
-names only known cases. Folds are drawn with a seeded permutation; with ``groups`` (case id →
+An existing file is checked to name only known cases. A file the user wrote (or edited) is
+honoured as is, even if it leaves cases out; a file voxflow generated (recognised by being exactly
+what :func:`make_splits` gives for the cases it names) must cover every case of the store: if the
+store gained cases since, training stops and says so, rather than never using them. Folds are drawn with a seeded permutation; with ``groups`` (case id →
 group key, e.g. the patient of several scans) all cases of one group land in the same fold.
 Fold ``"all"`` trains on every case and reports the pseudo-Dice on the training cases.
 """
@@ -15,11 +17,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from voxflow.errors import PlanError
+from voxflow.errors import IncompleteStoreError, PlanError
 from voxflow.plan.schema import atomic_write_json
+from voxflow.store import Store
 from voxflow.workspace import Workspace
 
-__all__ = ["fold_cases", "load_or_create_splits", "make_splits"]
+__all__ = ["fold_cases", "load_or_create_splits", "make_splits", "require_finished_store"]
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +63,48 @@ def load_or_create_splits(work: Workspace, case_ids: Sequence[str], *, n_folds: 
         if unknown:
             raise PlanError(f"{path} names cases that are not in the preprocessed store: {unknown[:5]}"
                             f"{' ...' if len(unknown) > 5 else ''}; fix the file or delete it to regenerate.")
+        _check_coverage(path, splits, known, n_folds=n_folds, seed=seed, groups=groups)
         return splits
     splits = make_splits(case_ids, n_folds=n_folds, seed=seed, groups=groups)
     atomic_write_json(path, splits)
     log.info("wrote %d-fold splits to %s", len(splits), path)
     return splits
+
+
+def _check_coverage(path: object, splits: list[dict[str, list[str]]], known: set[str], *, n_folds: int,
+                    seed: int, groups: Mapping[str, str] | None) -> None:
+    """A voxflow-generated splits file must name every case of the store (a user's file may omit some)."""
+    named = {c for s in splits for c in (*s["train"], *s["val"])}
+    omitted = sorted(known - named)
+    if not omitted:
+        return
+    try:
+        generated = len(named) >= 2 and splits == make_splits(sorted(named), n_folds=n_folds, seed=seed,
+                                                             groups=groups)
+    except PlanError:
+        generated = False
+    if not generated:
+        log.info("%s (written by hand) leaves out %d case(s) of the store, e.g. %s; they are not used",
+                 path, len(omitted), omitted[:3])
+        return
+    raise PlanError(
+        f"a splits file voxflow generated must cover every case of the preprocessed store; {path} was made "
+        f"from {len(named)} cases and the store now has {len(known)} ({len(omitted)} new: {omitted[:5]}"
+        f"{' ...' if len(omitted) > 5 else ''}), e.g. after an interrupted preprocess. Delete {path} to "
+        f"regenerate it (then retrain folds trained on the old splits), or add the cases to it by hand.")
+
+
+def require_finished_store(store: Store, work: Workspace, configuration: str) -> None:
+    """Refuse to train on a preprocessed store whose preprocessing did not finish (killed, still
+    running, or the dataset store gained cases since), naming the cases and the command to finish."""
+    unfinished = store.unfinished_case_ids()
+    if not unfinished:
+        return
+    raise IncompleteStoreError(
+        f"training needs every case of {store.path} preprocessed; {len(unfinished)} case(s) are not: "
+        f"{unfinished[:8]}{' ...' if len(unfinished) > 8 else ''}. Finish them with `voxflow preprocess "
+        f"{work.dataset_store} -c {configuration} --work {work.root}` (it resumes; wait for a preprocess "
+        f"that is still running), then train.")
 
 
 def fold_cases(splits: Sequence[Mapping[str, Sequence[str]]], fold: int | str,

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from voxflow._lock import dir_lock_file, locked
 from voxflow.errors import PlanError, TrainingInterrupted
 from voxflow.nets import build_network, count_parameters, deep_supervision_scales
 from voxflow.plan.schema import Configuration, Plan, TrainSpec, atomic_write_json
@@ -70,7 +71,7 @@ from voxflow.train.labels import LabelSpec
 from voxflow.train.losses import DeepSupervisionLoss, SegmentationLoss, deep_supervision_weights
 from voxflow.train.monitor import RunMonitor
 from voxflow.train.schedules import build_optimizer, lr_at, set_lr
-from voxflow.train.splits import fold_cases, load_or_create_splits
+from voxflow.train.splits import fold_cases, load_or_create_splits, require_finished_store
 from voxflow.train.validation import validate_fold
 from voxflow.workspace import Workspace
 
@@ -131,6 +132,7 @@ def _resolve(work: Workspace, configuration: str, fold: int | str, *, resume: bo
         plan = plan.with_overrides(dict(overrides), configuration=configuration)
     config = plan.configuration(configuration)
     store = Store.open(work.preprocessed(configuration))
+    require_finished_store(store, work, configuration)
     case_ids = store.case_ids()
     splits = load_or_create_splits(work, case_ids, groups=store.meta.extra.get("case_groups"))
     train_ids, val_ids = fold_cases(splits, fold, case_ids)
@@ -141,6 +143,15 @@ def _resolve(work: Workspace, configuration: str, fold: int | str, *, resume: bo
                 val_ids, work.run_dir(configuration, fold), resume, num_workers, validate_cases)
 
 
+def _run_dir_lock(args: Mapping[str, Any]) -> Path | None:
+    """The fold's run-directory lock (issue 19): one writer per fold. A DDP run is one writer: with
+    ``--nproc`` only this launching process takes it; under torchrun only global rank 0 does."""
+    if torch.distributed.is_torchelastic_launched() and os.environ.get("RANK", "0") != "0":
+        return None
+    return dir_lock_file(args["work"].run_dir(args["configuration"], args["fold"]))
+
+
+@locked(_run_dir_lock, command="train")
 def train_fold(work: Workspace, configuration: str, fold: int | str, *, device: str = "cpu",
                resume: bool = False, overrides: Mapping[str, Any] | None = None, nproc: int = 1,
                num_workers: int = 2, loader_factory: LoaderFactory | None = None,
