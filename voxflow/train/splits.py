@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from voxflow._serial import atomic_write_json
 from voxflow.errors import PlanError
-from voxflow.plan.schema import atomic_write_json
 from voxflow.workspace import Workspace
 
 __all__ = ["fold_cases", "load_or_create_splits", "make_splits"]
