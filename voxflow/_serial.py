@@ -78,7 +78,7 @@ def _literal_fields(cls: type) -> tuple[tuple[str, tuple[Any, ...]], ...]:
 
 def check_choices(obj: Any, *, error: ErrorType = PlanError) -> None:
     """Check every ``Literal``-typed field of the dataclass instance ``obj`` (:func:`check_choice`)."""
-    for name, options in _literal_fields(type(obj)):
+    for name, options in _literal_fields(type(obj)):  # type: ignore[arg-type]
         check_choice(getattr(obj, name), options, name, error=error)
 
 

@@ -88,6 +88,7 @@ class NetworkTopology(Protocol):
     def n_conv_per_stage_decoder(self) -> tuple[int, ...]: ...
     @property
     def output_stages(self) -> tuple[int, ...]: ...
+    def __hash__(self) -> int: ...  # cost counts are cached per spec
 
 
 class Layer(NamedTuple):
@@ -159,7 +160,8 @@ def cost_model(name: str) -> CostModel:
         check_architecture(name)
         raise PlanError(f"architecture {name!r} has no cost model, so it cannot be planned: register it with "
                         f"`voxflow.nets.register_network({name!r}, cost=...)` (a CostModel or the name of an "
-                        f"architecture to price it like, e.g. 'unet') or `voxflow.architectures.register_architecture`.")
+                        f"architecture to price it like, e.g. 'unet') or "
+                        f"`voxflow.architectures.register_architecture`.")
     return found
 
 

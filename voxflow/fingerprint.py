@@ -36,15 +36,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from voxflow._serial import (
-    atomic_write_json,
-    coerce,
-    from_dict,
-    load_json_file,
-    number_tuple,
-    set_field,
-    to_jsonable,
-)
+from voxflow import _serial
 from voxflow._types import PathLikeStr
 from voxflow.errors import PlanError
 from voxflow.store import Store
@@ -68,7 +60,7 @@ Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 # ---------------------------------------------------------------------------------------- schema
 def _triple(value: Any, name: str, cast: type) -> tuple[Any, Any, Any]:
-    return number_tuple(value, name, cast=cast, length=3, axes="(z, y, x)")  # type: ignore[return-value]
+    return _serial.number_tuple(value, name, cast=cast, length=3, axes="(z, y, x)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,7 +80,7 @@ class CaseFingerprint:
     n_components: dict[int, int] | None = None
 
     def __post_init__(self) -> None:
-        s = set_field
+        s = _serial.set_field
         s(self, "shape_zyx", _triple(self.shape_zyx, "shape_zyx", int))
         s(self, "spacing_zyx", _triple(self.spacing_zyx, "spacing_zyx", float))
         s(self, "shape_after_crop_zyx", _triple(self.shape_after_crop_zyx, "shape_after_crop_zyx", int))
@@ -144,7 +136,7 @@ class AxisStats:
 
     def __post_init__(self) -> None:
         for name in ("median_zyx", "p10_zyx", "p90_zyx"):
-            set_field(self, name, _triple(getattr(self, name), name, float))
+            _serial.set_field(self, name, _triple(getattr(self, name), name, float))
 
     @classmethod
     def of(cls, values: np.ndarray) -> AxisStats:
@@ -172,19 +164,17 @@ class Fingerprint:
     shape_after_crop: AxisStats
 
     def __post_init__(self) -> None:
-        s = set_field
+        s = _serial.set_field
         if self.fingerprint_version != FINGERPRINT_VERSION:
             raise PlanError(f"fingerprint_version must be {FINGERPRINT_VERSION}; got {self.fingerprint_version!r}. "
                             f"Re-run `voxflow fingerprint`.")
         s(self, "channel_names", tuple(str(c) for c in self.channel_names))
         if self.regions_class_order is not None:
             s(self, "regions_class_order", tuple(int(v) for v in self.regions_class_order))
-        s(self, "cases", tuple(coerce(CaseFingerprint, c, f"cases[{i}]") for i, c in enumerate(self.cases)))
-        s(self, "intensity", tuple(coerce(IntensityStats, c, f"intensity[{i}]")
-                                   for i, c in enumerate(self.intensity)))
-        s(self, "classes", tuple(coerce(ClassStats, c, f"classes[{i}]") for i, c in enumerate(self.classes)))
+        for name, cls in (("cases", CaseFingerprint), ("intensity", IntensityStats), ("classes", ClassStats)):
+            s(self, name, tuple(_serial.coerce(cls, c, f"{name}[{i}]") for i, c in enumerate(getattr(self, name))))
         for name in ("spacing", "shape", "shape_after_crop"):
-            s(self, name, coerce(AxisStats, getattr(self, name), name))
+            s(self, name, _serial.coerce(AxisStats, getattr(self, name), name))
         if not self.cases:
             raise PlanError("cases must not be empty: a fingerprint needs at least one complete case")
         if len(self.intensity) != len(self.channel_names):
@@ -225,18 +215,18 @@ class Fingerprint:
 
     # -------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
-        return to_jsonable(self)  # type: ignore[no-any-return]
+        return _serial.to_jsonable(self)  # type: ignore[no-any-return]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Fingerprint:
-        return from_dict(cls, data, "fingerprint")
+        return _serial.from_dict(cls, data, "fingerprint")
 
     def save(self, path: PathLikeStr) -> None:
-        atomic_write_json(path, self.to_dict())
+        _serial.atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: PathLikeStr) -> Fingerprint:
-        return load_json_file(path, cls.from_dict, what="fingerprint", command="voxflow fingerprint")
+        return _serial.load_json_file(path, cls.from_dict, what="fingerprint", command="voxflow fingerprint")
 
 
 # ---------------------------------------------------------------------------------------- graph

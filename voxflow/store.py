@@ -31,7 +31,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from voxflow._serial import from_dict, to_jsonable
+from voxflow import _serial
 from voxflow._types import PathLikeStr
 from voxflow.errors import CaseNotFoundError, IncompleteStoreError, LayoutError
 from voxflow.geometry import Geometry
@@ -120,7 +120,7 @@ class DatasetMeta:
         return {k: v for k, v in self.labels.items() if v != 0}
 
     def to_dict(self) -> dict[str, Any]:
-        return {**to_jsonable(self), "format_version": FORMAT_VERSION}
+        return {**_serial.to_jsonable(self), "format_version": FORMAT_VERSION}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DatasetMeta:
@@ -128,7 +128,7 @@ class DatasetMeta:
         version = d.pop("format_version", FORMAT_VERSION)
         if version > FORMAT_VERSION:
             raise LayoutError(f"store format_version {version} is newer than this voxflow ({FORMAT_VERSION})")
-        return from_dict(cls, d, error=LayoutError)
+        return _serial.from_dict(cls, d, error=LayoutError)
 
 
 def ngff_multiscales(geometry: Geometry, *, name: str, path: str = "image") -> dict[str, Any]:

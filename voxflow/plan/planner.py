@@ -76,6 +76,7 @@ from voxflow.plan.schema import (
     ChannelNormalization,
     Configuration,
     NetworkSpec,
+    NormScheme,
     Plan,
     ResamplingSpec,
     TrainSpec,
@@ -191,7 +192,7 @@ def median_shape(fp: Fingerprint, spacing_zyx: Sequence[float]) -> tuple[int, in
 
 
 # ------------------------------------------------------------------------------ normalisation, resampling
-_NAMED_SCHEMES = {"ct": "ct", "nonorm": "none", "none": "none", "no_norm": "none", "zscore": "zscore",
+_NAMED_SCHEMES: dict[str, NormScheme] = {"ct": "ct", "nonorm": "none", "none": "none", "no_norm": "none", "zscore": "zscore",
                   "rescale_to_0_1": "rescale_0_1", "rgb_to_0_1": "rescale_0_1", "rescale_0_1": "rescale_0_1"}
 
 

@@ -18,17 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from voxflow._serial import (
-    atomic_write_json,
-    check_choices,
-    choices,
-    coerce,
-    from_dict,
-    load_json_file,
-    number_tuple,
-    set_field,
-    to_jsonable,
-)
+from voxflow import _serial
+from voxflow._serial import atomic_write_json, set_field
 from voxflow._types import PathLikeStr
 from voxflow.architectures import check_architecture
 from voxflow.errors import PlanError
@@ -64,15 +55,15 @@ Loss = Literal["dice_ce", "dice", "ce"]
 #: ``train.precision``: auto (bf16 on CUDA where supported, fp16 + GradScaler on older GPUs, fp32 on the CPU),
 #: or one of them explicitly (fp16 needs CUDA).
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-NORM_SCHEMES: tuple[str, ...] = choices(NormScheme)
-OPTIMIZERS: tuple[str, ...] = choices(Optimizer)
-SCHEDULES: tuple[str, ...] = choices(Schedule)
-LOSSES: tuple[str, ...] = choices(Loss)
-PRECISIONS: tuple[str, ...] = choices(Precision)
+NORM_SCHEMES: tuple[str, ...] = _serial.choices(NormScheme)
+OPTIMIZERS: tuple[str, ...] = _serial.choices(Optimizer)
+SCHEDULES: tuple[str, ...] = _serial.choices(Schedule)
+LOSSES: tuple[str, ...] = _serial.choices(Loss)
+PRECISIONS: tuple[str, ...] = _serial.choices(Precision)
 
 
 def _int_tuple(value: Any, name: str, length: int | None = None) -> tuple[int, ...]:
-    return number_tuple(value, name, cast=int, length=length, minimum=1)
+    return _serial.number_tuple(value, name, cast=int, length=length, minimum=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,7 +84,7 @@ class ChannelNormalization:
     upper: float | None = None
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        _serial.check_choices(self)
         if self.scheme == "ct":
             for name in ("mean", "std", "lower", "upper"):
                 if getattr(self, name) is None:
@@ -216,7 +207,7 @@ class TrainSpec:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise PlanError(f"{name} must be a positive integer; got {v!r}")
-        check_choices(self)
+        _serial.check_choices(self)
         if not (self.lr > 0):
             raise PlanError(f"lr must be > 0; got {self.lr!r}")
         if not (0.0 <= self.oversample_foreground <= 1.0):
@@ -246,21 +237,21 @@ class Configuration:
     estimated_memory_gb: float = 0.0
 
     def __post_init__(self) -> None:
-        set_field(self, "spacing_zyx", number_tuple(self.spacing_zyx, "spacing_zyx", cast=float, length=3,
-                                                    positive=True, axes="(z, y, x)"))
-        set_field(self, "median_shape_vox", number_tuple(self.median_shape_vox, "median_shape_vox", length=3,
-                                                         minimum=1, axes="(z, y, x)"))
-        set_field(self, "patch_size_vox", number_tuple(self.patch_size_vox, "patch_size_vox", length=3,
-                                                       minimum=1, axes="(z, y, x)"))
+        set_field(self, "spacing_zyx", _serial.number_tuple(self.spacing_zyx, "spacing_zyx", cast=float, length=3,
+                                                            positive=True, axes="(z, y, x)"))
+        for name in ("median_shape_vox", "patch_size_vox"):
+            set_field(self, name, _serial.number_tuple(getattr(self, name), name, length=3, minimum=1,
+                                                       axes="(z, y, x)"))
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise PlanError(f"batch_size must be a positive integer; got {self.batch_size!r}")
-        norm = tuple(coerce(ChannelNormalization, n, f"normalization[{i}]") for i, n in enumerate(self.normalization))
+        norm = tuple(_serial.coerce(ChannelNormalization, n, f"normalization[{i}]")
+                     for i, n in enumerate(self.normalization))
         set_field(self, "normalization", norm)
         if not norm:
             raise PlanError("normalization must have one entry per channel; got none")
-        set_field(self, "resampling", coerce(ResamplingSpec, self.resampling, "resampling"))
-        set_field(self, "network", coerce(NetworkSpec, self.network, "network"))
-        set_field(self, "train", coerce(TrainSpec, self.train, "train"))
+        set_field(self, "resampling", _serial.coerce(ResamplingSpec, self.resampling, "resampling"))
+        set_field(self, "network", _serial.coerce(NetworkSpec, self.network, "network"))
+        set_field(self, "train", _serial.coerce(TrainSpec, self.train, "train"))
         net = self.network
         spatial_patch = self.patch_size_vox[-net.spatial_dims:]
         if net.spatial_dims == 2 and self.patch_size_vox[0] != 1:
@@ -303,7 +294,7 @@ class Plan:
             set_field(self, "regions_class_order", tuple(int(v) for v in self.regions_class_order))
         cfgs = {}
         for name, c in dict(self.configurations).items():
-            cfg = coerce(Configuration, c, f"configurations.{name}")
+            cfg = _serial.coerce(Configuration, c, f"configurations.{name}")
             if cfg.name != name:
                 raise PlanError(f"configurations.{name}.name must equal its key {name!r}; got {cfg.name!r}")
             if cfg.n_channels != len(self.channel_names):
@@ -328,18 +319,18 @@ class Plan:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        return to_jsonable(self)  # type: ignore[no-any-return]
+        return _serial.to_jsonable(self)  # type: ignore[no-any-return]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
-        return from_dict(cls, data)
+        return _serial.from_dict(cls, data)
 
     def save(self, path: PathLikeStr) -> None:
-        atomic_write_json(path, self.to_dict())
+        _serial.atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: PathLikeStr) -> Plan:
-        return load_json_file(path, cls.from_dict, what="plan", command="voxflow plan")
+        return _serial.load_json_file(path, cls.from_dict, what="plan", command="voxflow plan")
 
     # ------------------------------------------------------------------ overrides
     def with_overrides(self, overrides: Mapping[str, Any], *, configuration: str | None = None) -> Plan:

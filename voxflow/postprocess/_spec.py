@@ -17,17 +17,7 @@ from typing import Any, Literal
 
 import dask.array as da
 
-from voxflow._serial import (
-    atomic_write_json,
-    check_choice,
-    check_choices,
-    choices,
-    coerce,
-    from_dict,
-    load_json_file,
-    set_field,
-    to_jsonable,
-)
+from voxflow import _serial
 from voxflow._types import PathLikeStr
 from voxflow.postprocess._components import PendingFilter, connectivity_structure, finish_filters
 from voxflow.postprocess._ops import (
@@ -54,7 +44,7 @@ __all__ = [
 
 FORMAT = "voxflow-postprocessing-1"
 OperationKind = Literal["keep_largest", "remove_small", "fill_holes"]
-OPERATIONS: tuple[str, ...] = choices(OperationKind)
+OPERATIONS: tuple[str, ...] = _serial.choices(OperationKind)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,19 +56,19 @@ class Operation:
     min_size_mm3: float | None = None
 
     def __post_init__(self) -> None:
-        check_choices(self, error=PostprocessingError)
-        set_field(self, "target", parse_target(self.target))
+        _serial.check_choices(self, error=PostprocessingError)
+        _serial.set_field(self, "target", parse_target(self.target))
         if self.op == "remove_small" and (self.min_size_mm3 is None or self.min_size_mm3 < 0):
             raise PostprocessingError(f"remove_small needs min_size_mm3 >= 0; got {self.min_size_mm3!r}")
         if self.op == "fill_holes" and not isinstance(self.target, int):
             raise PostprocessingError(f"fill_holes needs one class value as target; got {self.target!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in to_jsonable(self).items() if v is not None}
+        return {k: v for k, v in _serial.to_jsonable(self).items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "operation") -> Operation:
-        return from_dict(cls, d, where, error=PostprocessingError)
+        return _serial.from_dict(cls, d, where, error=PostprocessingError)
 
     def describe(self) -> str:
         extra = f" (< {self.min_size_mm3} mm3)" if self.min_size_mm3 is not None else ""
@@ -94,13 +84,14 @@ class PostprocessingSpec:
     selection: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        set_field(self, "operations", tuple(coerce(Operation, o, f"operations[{i}]", error=PostprocessingError)
-                                            for i, o in enumerate(self.operations)))
-        set_field(self, "selection", dict(self.selection))
+        ops = tuple(_serial.coerce(Operation, o, f"operations[{i}]", error=PostprocessingError)
+                    for i, o in enumerate(self.operations))
+        _serial.set_field(self, "operations", ops)
+        _serial.set_field(self, "selection", dict(self.selection))
         connectivity_structure(3, self.connectivity)  # validates
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, **to_jsonable(self),
+        return {"format": FORMAT, **_serial.to_jsonable(self),
                 "operations": [o.to_dict() for o in self.operations]}
 
     @classmethod
@@ -108,15 +99,16 @@ class PostprocessingSpec:
         if not isinstance(d, Mapping):
             raise PostprocessingError(f"postprocessing must be an object; got {type(d).__name__}")
         data = dict(d)
-        check_choice(data.pop("format", FORMAT), [FORMAT], "postprocessing format", error=PostprocessingError)
-        return from_dict(cls, data, "postprocessing", error=PostprocessingError)
+        _serial.check_choice(data.pop("format", FORMAT), [FORMAT], "postprocessing format",
+                             error=PostprocessingError)
+        return _serial.from_dict(cls, data, "postprocessing", error=PostprocessingError)
 
     def save(self, path: PathLikeStr) -> None:
-        atomic_write_json(path, self.to_dict())
+        _serial.atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: PathLikeStr) -> PostprocessingSpec:
-        return load_json_file(path, cls.from_dict, what="postprocessing", error=PostprocessingError,
+        return _serial.load_json_file(path, cls.from_dict, what="postprocessing", error=PostprocessingError,
                               command="voxflow postprocess SOURCE OUTPUT --determine-with REFERENCE -p FILE")
 
 
