@@ -29,13 +29,14 @@ import logging
 import math
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
 
+from voxflow import _serial
 from voxflow._types import PathLikeStr
 from voxflow.errors import PlanError
 from voxflow.store import Store
@@ -58,30 +59,8 @@ Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
 # ---------------------------------------------------------------------------------------- schema
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Dataclass ``cls`` from a mapping; unknown or missing keys raise :class:`PlanError` naming them."""
-    if not isinstance(data, Mapping):
-        raise PlanError(f"{where} must be an object; got {type(data).__name__}")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise PlanError(f"{where}: unknown field(s) {unknown}; expected a subset of {sorted(names)}")
-    try:
-        return cls(**data)
-    except TypeError as e:
-        raise PlanError(f"{where}: {e}") from None
-    except (ValueError, KeyError) as e:
-        raise PlanError(f"{where}.{e}") from None
-
-
 def _triple(value: Any, name: str, cast: type) -> tuple[Any, Any, Any]:
-    try:
-        out = tuple(cast(v) for v in value)
-    except (TypeError, ValueError):
-        raise PlanError(f"{name} must be a list of 3 numbers (z, y, x); got {value!r}") from None
-    if len(out) != 3:
-        raise PlanError(f"{name} must have 3 entries (z, y, x); got {value!r}")
-    return out
+    return _serial.number_tuple(value, name, cast=cast, length=3, axes="(z, y, x)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,12 +80,12 @@ class CaseFingerprint:
     n_components: dict[int, int] | None = None
 
     def __post_init__(self) -> None:
-        s = object.__setattr__
+        s = _serial.set_field
         s(self, "shape_zyx", _triple(self.shape_zyx, "shape_zyx", int))
         s(self, "spacing_zyx", _triple(self.spacing_zyx, "spacing_zyx", float))
         s(self, "shape_after_crop_zyx", _triple(self.shape_after_crop_zyx, "shape_after_crop_zyx", int))
         box = tuple(tuple(int(v) for v in b) for b in self.nonzero_bbox_zyx)
-        if len(box) != 3 or any(len(b) != 2 or not 0 <= b[0] < b[1] <= n for b, n in zip(box, self.shape_zyx)):
+        if len(box) != 3 or any(len(b) != 2 or not 0 <= b[0] < b[1] <= n for b, n in zip(box, self.shape_zyx, strict=True)):
             raise PlanError(f"nonzero_bbox_zyx must be 3 [lo, hi) ranges inside shape_zyx {self.shape_zyx}; "
                             f"got {self.nonzero_bbox_zyx!r} for case {self.case_id!r}")
         s(self, "nonzero_bbox_zyx", box)
@@ -157,7 +136,7 @@ class AxisStats:
 
     def __post_init__(self) -> None:
         for name in ("median_zyx", "p10_zyx", "p90_zyx"):
-            object.__setattr__(self, name, _triple(getattr(self, name), name, float))
+            _serial.set_field(self, name, _triple(getattr(self, name), name, float))
 
     @classmethod
     def of(cls, values: np.ndarray) -> AxisStats:
@@ -185,19 +164,17 @@ class Fingerprint:
     shape_after_crop: AxisStats
 
     def __post_init__(self) -> None:
-        s = object.__setattr__
+        s = _serial.set_field
         if self.fingerprint_version != FINGERPRINT_VERSION:
             raise PlanError(f"fingerprint_version must be {FINGERPRINT_VERSION}; got {self.fingerprint_version!r}. "
                             f"Re-run `voxflow fingerprint`.")
         s(self, "channel_names", tuple(str(c) for c in self.channel_names))
         if self.regions_class_order is not None:
             s(self, "regions_class_order", tuple(int(v) for v in self.regions_class_order))
-        s(self, "cases", tuple(_coerce(CaseFingerprint, c, f"cases[{i}]") for i, c in enumerate(self.cases)))
-        s(self, "intensity", tuple(_coerce(IntensityStats, c, f"intensity[{i}]")
-                                   for i, c in enumerate(self.intensity)))
-        s(self, "classes", tuple(_coerce(ClassStats, c, f"classes[{i}]") for i, c in enumerate(self.classes)))
+        for name, cls in (("cases", CaseFingerprint), ("intensity", IntensityStats), ("classes", ClassStats)):
+            s(self, name, tuple(_serial.coerce(cls, c, f"{name}[{i}]") for i, c in enumerate(getattr(self, name))))
         for name in ("spacing", "shape", "shape_after_crop"):
-            s(self, name, _coerce(AxisStats, getattr(self, name), name))
+            s(self, name, _serial.coerce(AxisStats, getattr(self, name), name))
         if not self.cases:
             raise PlanError("cases must not be empty: a fingerprint needs at least one complete case")
         if len(self.intensity) != len(self.channel_names):
@@ -238,29 +215,18 @@ class Fingerprint:
 
     # -------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
-        from voxflow.plan.schema import _to_jsonable  # lazy: voxflow.plan imports this module
-
-        return _to_jsonable(self)  # type: ignore[no-any-return]
+        return _serial.to_jsonable(self)  # type: ignore[no-any-return]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Fingerprint:
-        return _build(cls, data, "fingerprint")  # type: ignore[no-any-return]
+        return _serial.from_dict(cls, data, "fingerprint")
 
     def save(self, path: PathLikeStr) -> None:
-        from voxflow.plan.schema import atomic_write_json  # lazy: voxflow.plan imports this module
-
-        atomic_write_json(path, self.to_dict())
+        _serial.atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: PathLikeStr) -> Fingerprint:
-        from voxflow.plan.schema import load_json_file  # lazy: voxflow.plan imports this module
-
-        return load_json_file(path, cls.from_dict, what="fingerprint",  # type: ignore[no-any-return]
-                              command="voxflow fingerprint")
-
-
-def _coerce(cls: type, value: Any, where: str) -> Any:
-    return value if isinstance(value, cls) else _build(cls, value, where)
+        return _serial.load_json_file(path, cls.from_dict, what="fingerprint", command="voxflow fingerprint")
 
 
 # ---------------------------------------------------------------------------------------- graph
@@ -331,7 +297,7 @@ def _case_task(chunks: list[dict[str, Any]], *, shape_zyx: tuple[int, int, int],
         for v, n in c["counts"].items():
             counts[v] = counts.get(v, 0) + n
     quota = allocate_samples([c["n_fg"] for c in chunks], samples_per_case)
-    parts = [c["samples"][:, :q] for c, q in zip(chunks, quota)]
+    parts = [c["samples"][:, :q] for c, q in zip(chunks, quota, strict=True)]
     samples = np.concatenate(parts, axis=1) if parts else np.empty((n_channels, 0))
     counts = dict(sorted(counts.items()))
     return {"box": box, "counts": counts, "n_fg": int(sum(c["n_fg"] for c in chunks)), "samples": samples,
@@ -453,6 +419,6 @@ def compute_fingerprint(store: Store | PathLikeStr, *, samples_per_case: int = 1
     graph = fingerprint_graph(st, samples_per_case=samples_per_case, seed=seed,
                               components_max_voxels=components_max_voxels)
     computed = compute(*graph.values(), desc="fingerprint", progress=progress)
-    results = dict(zip(graph, computed))
+    results = dict(zip(graph, computed, strict=True))
     log.info("fingerprinted %d cases of %s", len(results), st.path)
     return assemble_fingerprint(st, results, samples_per_case=samples_per_case, seed=seed)

@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ import zarr
 from dask.base import tokenize
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from voxflow import _serial
 from voxflow._types import PathLikeStr
 from voxflow.errors import CaseNotFoundError, IncompleteStoreError, LayoutError, StoreDamagedError
 from voxflow.geometry import Geometry
@@ -168,12 +169,7 @@ class DatasetMeta:
         return {k: v for k, v in self.labels.items() if v != 0}
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["channel_names"] = list(self.channel_names)
-        d["labels"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.labels.items()}
-        d["regions_class_order"] = list(self.regions_class_order) if self.regions_class_order else None
-        d["format_version"] = FORMAT_VERSION
-        return d
+        return {**_serial.to_jsonable(self), "format_version": FORMAT_VERSION}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DatasetMeta:
@@ -181,7 +177,7 @@ class DatasetMeta:
         version = d.pop("format_version", FORMAT_VERSION)
         if version > FORMAT_VERSION:
             raise LayoutError(f"store format_version {version} is newer than this voxflow ({FORMAT_VERSION})")
-        return cls(**d)
+        return _serial.from_dict(cls, d, error=LayoutError)
 
 
 def ngff_multiscales(geometry: Geometry, *, name: str, path: str = "image") -> dict[str, Any]:

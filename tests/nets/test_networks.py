@@ -104,18 +104,36 @@ def test_count_parameters_by_hand() -> None:
     assert net.eval()(torch.randn(1, 1, 5, 5)).shape == (1, 3, 5, 5)
 
 
-def test_registry_unknown_name_and_custom_factory() -> None:
-    spec = _spec(2)
-    object.__setattr__(spec, "architecture", "unett")
+@pytest.fixture
+def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Networks registered by a test are gone after it."""
+    import voxflow.architectures as arch
+    import voxflow.nets as nets
+
+    monkeypatch.setattr(arch, "_COSTS", dict(arch._COSTS))
+    monkeypatch.setattr(nets, "NETWORKS", dict(nets.NETWORKS))
+
+
+def test_registry_unknown_name_and_custom_factory(scratch_registry: None) -> None:
     with pytest.raises(PlanError, match="Did you mean 'unet'"):
-        build_network(spec, 1, 2)
+        _spec(2, "unett")
 
     @register_network("tiny_test_net")
     def _factory(spec: NetworkSpec, in_channels: int, num_outputs: int) -> torch.nn.Module:
         return torch.nn.Conv2d(in_channels, num_outputs, 1)
 
-    object.__setattr__(spec, "architecture", "tiny_test_net")
-    assert isinstance(build_network(spec, 1, 2), torch.nn.Conv2d)
+    assert isinstance(build_network(_spec(2, "tiny_test_net"), 1, 2), torch.nn.Conv2d)
+
+
+@pytest.mark.parametrize("architecture", ["unet", "resenc_unet", "unetpp"])
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("ds", [True, False])
+def test_spec_parameter_count_is_exact(architecture: str, dims: int, ds: bool) -> None:
+    from voxflow.architectures import parameter_count
+
+    for features in [(2,), (4, 8, 16), (4, 8, 16, 16)]:
+        spec = _spec(dims, architecture, features=features, ds=ds)
+        assert parameter_count(spec, 2, 3) == count_parameters(build_network(spec, 2, 3))
 
 
 def _saved_activation_bytes(net: torch.nn.Module, x: torch.Tensor, k: int) -> int:

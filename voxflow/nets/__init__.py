@@ -1,5 +1,9 @@
 """Networks built from a plan's :class:`~voxflow.plan.schema.NetworkSpec`, looked up by name.
 
+:data:`NETWORKS` maps an architecture name to its torch factory; the names and their cost models
+(what the planner uses to size a network, torch-free) live in :mod:`voxflow.architectures`.
+:func:`register_network` registers both, so a registered network can be planned and built.
+
 >>> from voxflow.plan.schema import NetworkSpec
 >>> spec = NetworkSpec(n_stages=2, features_per_stage=(4, 8), kernel_sizes=((3, 3, 3),) * 2,
 ...                    strides=((1, 1, 1), (2, 2, 2)), n_blocks_per_stage=(1, 1), n_conv_per_stage_decoder=(1,))
@@ -17,8 +21,13 @@ from importlib.metadata import entry_points
 
 from torch import nn
 
+from voxflow.architectures import (
+    CostModel,
+    activation_elements,
+    estimate_training_memory_bytes,
+    register_architecture,
+)
 from voxflow.errors import PlanError
-from voxflow.nets._memory import activation_elements, estimate_training_memory_bytes
 from voxflow.nets._unet import NestedUNet, UNet
 from voxflow.plan.schema import NetworkSpec
 
@@ -38,13 +47,19 @@ NetworkFactory = Callable[[NetworkSpec, int, int], nn.Module]
 NETWORKS: dict[str, NetworkFactory] = {}
 
 
-def register_network(name: str) -> Callable[[NetworkFactory], NetworkFactory]:
-    """Decorator adding a factory ``(spec, in_channels, num_outputs) -> nn.Module`` to :data:`NETWORKS`.
+def register_network(name: str, *, cost: CostModel | str | None = None
+                     ) -> Callable[[NetworkFactory], NetworkFactory]:
+    """Decorator adding a factory ``(spec, in_channels, num_outputs) -> nn.Module`` to :data:`NETWORKS`
+    and ``name`` to the architectures a plan may name (:func:`voxflow.architectures.register_architecture`).
 
-    Third-party packages can also expose factories via the entry-point group ``voxflow.networks``.
+    ``cost`` is how the planner sizes it: a :class:`~voxflow.architectures.CostModel`, or the name of
+    an architecture to price it like (``"unet"``); without one the network can be named in a plan
+    and built, but not planned. Third-party packages can also expose factories via the entry-point
+    group ``voxflow.networks`` (and cost models via ``voxflow.architectures``).
     """
 
     def deco(factory: NetworkFactory) -> NetworkFactory:
+        register_architecture(name, cost)
         NETWORKS[name] = factory
         return factory
 

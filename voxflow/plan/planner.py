@@ -67,6 +67,7 @@ from typing import Any
 
 import numpy as np
 
+from voxflow.architectures import check_architecture, cost_model
 from voxflow.errors import PlanError
 from voxflow.fingerprint import Fingerprint, IntensityStats
 from voxflow.plan._cost import estimate_iteration_seconds, estimate_memory_bytes
@@ -75,6 +76,7 @@ from voxflow.plan.schema import (
     ChannelNormalization,
     Configuration,
     NetworkSpec,
+    NormScheme,
     Plan,
     ResamplingSpec,
     TrainSpec,
@@ -190,7 +192,7 @@ def median_shape(fp: Fingerprint, spacing_zyx: Sequence[float]) -> tuple[int, in
 
 
 # ------------------------------------------------------------------------------ normalisation, resampling
-_NAMED_SCHEMES = {"ct": "ct", "nonorm": "none", "none": "none", "no_norm": "none", "zscore": "zscore",
+_NAMED_SCHEMES: dict[str, NormScheme] = {"ct": "ct", "nonorm": "none", "none": "none", "no_norm": "none", "zscore": "zscore",
                   "rescale_to_0_1": "rescale_0_1", "rgb_to_0_1": "rescale_0_1", "rescale_0_1": "rescale_0_1"}
 
 
@@ -249,12 +251,12 @@ def _initial_patch(spacing: Sequence[float], median: Sequence[int], edge: int) -
     inv = 1.0 / np.asarray(spacing, dtype=np.float64)
     dims = len(spacing)
     patch = inv * (edge**dims / np.prod(inv)) ** (1.0 / dims)
-    return [max(1, min(int(round(p)), int(m))) for p, m in zip(patch, median)]
+    return [max(1, min(int(round(p)), int(m))) for p, m in zip(patch, median, strict=True)]
 
 
 def _shrink(spacing: Sequence[float], patch: Sequence[int], median: Sequence[int], topo: Topology) -> list[int] | None:
     """One nnU-Net shrink step of the axis largest relative to the median shape; None if stuck."""
-    ratios = [p / m for p, m in zip(patch, median)]
+    ratios = [p / m for p, m in zip(patch, median, strict=True)]
     for axis in np.argsort(ratios)[::-1]:
         tmp = list(patch)
         tmp[axis] -= topo.total_stride[axis]
@@ -338,7 +340,7 @@ def _plan_lowres(fp: Fingerprint, fullres: Configuration, kwargs: dict[str, Any]
 
 
 def plan_experiment(fingerprint: Fingerprint, *, gpu_memory_gb: float | None = None, preset: str = "default",
-                    memory_estimator: MemoryEstimator | None = None,
+                    architecture: str | None = None, memory_estimator: MemoryEstimator | None = None,
                     time_estimator: TimeEstimator = estimate_iteration_seconds) -> Plan:
     """Plan every configuration for a fingerprinted dataset (pure; rules in the module docstring).
 
@@ -351,13 +353,20 @@ def plan_experiment(fingerprint: Fingerprint, *, gpu_memory_gb: float | None = N
         preset's (8, 8, 24, 4 for default, resenc-m, resenc-l, cpu).
     preset
         ``default``, ``resenc-m``, ``resenc-l`` or ``cpu``.
+    architecture
+        Network architecture instead of the preset's: any name registered in
+        :mod:`voxflow.architectures` with a cost model (e.g. by ``voxflow.nets.register_network(name,
+        cost=...)``); the preset's other settings (features, blocks, budget) stay.
     memory_estimator, time_estimator
         Replaceable cost models ``(spec, patch_size_vox, batch_size, in_channels, num_outputs)`` ->
-        bytes / seconds (e.g. :func:`voxflow.nets.estimate_training_memory_bytes`); default
+        bytes / seconds (e.g. :func:`voxflow.architectures.estimate_training_memory_bytes`); default
         :func:`voxflow.plan._cost.estimate_memory_bytes` with the preset's AMP setting and
         :func:`voxflow.plan._cost.estimate_iteration_seconds` (used by presets with a time budget).
     """
     pre = _preset(preset)
+    if architecture is not None:
+        cost_model(check_architecture(architecture))  # a clear error before any planning
+        pre = dataclasses.replace(pre, architecture=architecture)
     budget_gb = pre.gpu_memory_gb if gpu_memory_gb is None else float(gpu_memory_gb)
     if not budget_gb > 0:
         raise PlanError(f"gpu_memory_gb must be > 0; got {gpu_memory_gb!r}")
@@ -368,7 +377,7 @@ def plan_experiment(fingerprint: Fingerprint, *, gpu_memory_gb: float | None = N
                      memory_estimator=memory_estimator or functools.partial(estimate_memory_bytes, amp=pre.amp),
                      time_estimator=time_estimator)
     use_mask = fp.median_fraction_kept_by_crop < 0.75
-    norm = tuple(normalization_for(ch, st, use_mask=use_mask) for ch, st in zip(fp.channel_names, fp.intensity))
+    norm = tuple(normalization_for(ch, st, use_mask=use_mask) for ch, st in zip(fp.channel_names, fp.intensity, strict=True))
     spacing = target_spacing(fp)
     med = median_shape(fp, spacing)
     resampling = resampling_for(spacing, fp.spacing.median_zyx)

@@ -11,96 +11,59 @@ Variants are data: ``plan.with_overrides({"3d_fullres.train.epochs": "50"})`` or
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
+from voxflow import _serial
+from voxflow._serial import atomic_write_json, set_field
 from voxflow._types import PathLikeStr
+from voxflow.architectures import check_architecture
 from voxflow.errors import PlanError
 
 __all__ = [
+    "LOSSES",
+    "NORM_SCHEMES",
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "SCHEDULES",
     "SCHEMA_VERSION",
     "ChannelNormalization",
     "Configuration",
+    "Loss",
     "NetworkSpec",
+    "NormScheme",
+    "Optimizer",
     "Plan",
+    "Precision",
     "ResamplingSpec",
+    "Schedule",
     "TrainSpec",
     "atomic_write_json",
 ]
 
 SCHEMA_VERSION = 1
-NORM_SCHEMES = ("ct", "zscore", "none", "rescale_0_1")
-ARCHITECTURES = ("unet", "resenc_unet", "unetpp")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("poly", "cosine")
-LOSSES = ("dice_ce", "dice", "ce")
+# Closed sets of options: Literal types on the fields, checked by ``check_choices`` in ``__post_init__``.
+# ``network.architecture`` is open: any name registered in :mod:`voxflow.architectures`.
+NormScheme = Literal["ct", "zscore", "none", "rescale_0_1"]
+Optimizer = Literal["sgd", "adamw"]
+Schedule = Literal["poly", "cosine"]
+Loss = Literal["dice_ce", "dice", "ce"]
 #: ``train.precision``: auto (bf16 on CUDA where supported, fp16 + GradScaler on older GPUs, fp32 on the CPU),
 #: or one of them explicitly (fp16 needs CUDA).
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-T = TypeVar("T")
-
-
-def _choice(value: Any, options: tuple[str, ...], name: str) -> str:
-    if value not in options:
-        close = difflib.get_close_matches(str(value), options, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise PlanError(f"{name} must be one of {list(options)}; got {value!r}.{hint}")
-    return str(value)
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+NORM_SCHEMES: tuple[str, ...] = _serial.choices(NormScheme)
+OPTIMIZERS: tuple[str, ...] = _serial.choices(Optimizer)
+SCHEDULES: tuple[str, ...] = _serial.choices(Schedule)
+LOSSES: tuple[str, ...] = _serial.choices(Loss)
+PRECISIONS: tuple[str, ...] = _serial.choices(Precision)
 
 
-def _int_tuple(value: Any, name: str, length: int | None = None, minimum: int = 1) -> tuple[int, ...]:
-    try:
-        out = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise PlanError(f"{name} must be a list of integers; got {value!r}") from None
-    if length is not None and len(out) != length:
-        raise PlanError(f"{name} must have {length} entries; got {value!r}")
-    if any(v < minimum for v in out) or any(float(v) != float(w) for v, w in zip(out, value)):
-        raise PlanError(f"{name} must hold integers >= {minimum}; got {value!r}")
-    return out
-
-
-def _float_tuple(value: Any, name: str, length: int | None = None) -> tuple[float, ...]:
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        raise PlanError(f"{name} must be a list of numbers; got {value!r}") from None
-    if length is not None and len(out) != length:
-        raise PlanError(f"{name} must have {length} entries; got {value!r}")
-    if any(not math.isfinite(v) or v <= 0 for v in out):
-        raise PlanError(f"{name} must hold positive finite numbers; got {value!r}")
-    return out
-
-
-def _set(obj: Any, name: str, value: Any) -> None:
-    object.__setattr__(obj, name, value)
-
-
-def _from_dict(cls: type[T], data: Any, where: str) -> T:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and naming missing ones."""
-    if not isinstance(data, Mapping):
-        raise PlanError(f"{where or cls.__name__} must be an object; got {type(data).__name__}")
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
-    if unknown:
-        hints = [difflib.get_close_matches(u, names, n=1) for u in unknown]
-        hint = "".join(f" ({u!r}: did you mean {h[0]!r}?)" for u, h in zip(unknown, hints) if h)
-        raise PlanError(f"{where or cls.__name__}: unknown field(s) {unknown}{hint}")
-    try:
-        return cls(**data)
-    except PlanError as e:
-        raise PlanError(f"{where}.{e}" if where and not str(e).startswith(where) else str(e)) from None
-    except TypeError as e:
-        raise PlanError(f"{where or cls.__name__}: {e}") from None
+def _int_tuple(value: Any, name: str, length: int | None = None) -> tuple[int, ...]:
+    return _serial.number_tuple(value, name, cast=int, length=length, minimum=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,7 +76,7 @@ class ChannelNormalization:
     min-max to [0, 1]. ``none``: cast to float32 only.
     """
 
-    scheme: str
+    scheme: NormScheme
     use_mask: bool = False
     mean: float | None = None
     std: float | None = None
@@ -121,7 +84,7 @@ class ChannelNormalization:
     upper: float | None = None
 
     def __post_init__(self) -> None:
-        _choice(self.scheme, NORM_SCHEMES, "scheme")
+        _serial.check_choices(self)
         if self.scheme == "ct":
             for name in ("mean", "std", "lower", "upper"):
                 if getattr(self, name) is None:
@@ -171,19 +134,19 @@ class NetworkSpec:
     deep_supervision: bool = True
 
     def __post_init__(self) -> None:
-        _choice(self.architecture, ARCHITECTURES, "architecture")
+        check_architecture(self.architecture)
         if self.spatial_dims not in (2, 3):
             raise PlanError(f"spatial_dims must be 2 or 3; got {self.spatial_dims!r}")
         n = self.n_stages
         if not isinstance(n, int) or n < 1:
             raise PlanError(f"n_stages must be a positive integer; got {n!r}")
-        _set(self, "features_per_stage", _int_tuple(self.features_per_stage, "features_per_stage", n))
-        _set(self, "kernel_sizes", tuple(_int_tuple(k, f"kernel_sizes[{i}]", self.spatial_dims)
+        set_field(self, "features_per_stage", _int_tuple(self.features_per_stage, "features_per_stage", n))
+        set_field(self, "kernel_sizes", tuple(_int_tuple(k, f"kernel_sizes[{i}]", self.spatial_dims)
                                          for i, k in enumerate(self.kernel_sizes)))
-        _set(self, "strides", tuple(_int_tuple(s, f"strides[{i}]", self.spatial_dims)
+        set_field(self, "strides", tuple(_int_tuple(s, f"strides[{i}]", self.spatial_dims)
                                     for i, s in enumerate(self.strides)))
-        _set(self, "n_blocks_per_stage", _int_tuple(self.n_blocks_per_stage, "n_blocks_per_stage", n))
-        _set(self, "n_conv_per_stage_decoder",
+        set_field(self, "n_blocks_per_stage", _int_tuple(self.n_blocks_per_stage, "n_blocks_per_stage", n))
+        set_field(self, "n_conv_per_stage_decoder",
              _int_tuple(self.n_conv_per_stage_decoder, "n_conv_per_stage_decoder", max(n - 1, 0)))
         if len(self.kernel_sizes) != n or len(self.strides) != n:
             raise PlanError(f"kernel_sizes and strides must have n_stages={n} entries; got "
@@ -220,22 +183,22 @@ class TrainSpec:
     epochs: int = 1000
     iters_per_epoch: int = 250
     val_iters: int = 50
-    optimizer: str = "sgd"
+    optimizer: Optimizer = "sgd"
     lr: float = 1e-2
     momentum: float = 0.99
     weight_decay: float = 3e-5
-    schedule: str = "poly"
+    schedule: Schedule = "poly"
     poly_exponent: float = 0.9
     warmup_epochs: int = 0
     grad_clip: float = 12.0
-    loss: str = "dice_ce"
+    loss: Loss = "dice_ce"
     class_weighted_ce: bool = False
     early_stopping_patience: int | None = None
     oversample_foreground: float = 1.0 / 3.0
     mirror_axes: tuple[int, ...] = (0, 1, 2)
     checkpoint_every: int = 50
     amp: bool = True
-    precision: str = "auto"
+    precision: Precision = "auto"
     compile: bool = False
     seed: int = 12345
 
@@ -244,15 +207,12 @@ class TrainSpec:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise PlanError(f"{name} must be a positive integer; got {v!r}")
-        _choice(self.optimizer, OPTIMIZERS, "optimizer")
-        _choice(self.schedule, SCHEDULES, "schedule")
-        _choice(self.loss, LOSSES, "loss")
-        _choice(self.precision, PRECISIONS, "precision")
+        _serial.check_choices(self)
         if not (self.lr > 0):
             raise PlanError(f"lr must be > 0; got {self.lr!r}")
         if not (0.0 <= self.oversample_foreground <= 1.0):
             raise PlanError(f"oversample_foreground must be in [0, 1]; got {self.oversample_foreground!r}")
-        _set(self, "mirror_axes", tuple(int(a) for a in self.mirror_axes))
+        set_field(self, "mirror_axes", tuple(int(a) for a in self.mirror_axes))
         if any(a not in (0, 1, 2) for a in self.mirror_axes):
             raise PlanError(f"mirror_axes must hold spatial axes 0 (z), 1 (y), 2 (x); got {self.mirror_axes!r}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
@@ -277,28 +237,26 @@ class Configuration:
     estimated_memory_gb: float = 0.0
 
     def __post_init__(self) -> None:
-        _set(self, "spacing_zyx", _float_tuple(self.spacing_zyx, "spacing_zyx", 3))
-        _set(self, "median_shape_vox", _int_tuple(self.median_shape_vox, "median_shape_vox", 3))
-        _set(self, "patch_size_vox", _int_tuple(self.patch_size_vox, "patch_size_vox", 3))
+        set_field(self, "spacing_zyx", _serial.number_tuple(self.spacing_zyx, "spacing_zyx", cast=float, length=3,
+                                                            positive=True, axes="(z, y, x)"))
+        for name in ("median_shape_vox", "patch_size_vox"):
+            set_field(self, name, _serial.number_tuple(getattr(self, name), name, length=3, minimum=1,
+                                                       axes="(z, y, x)"))
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise PlanError(f"batch_size must be a positive integer; got {self.batch_size!r}")
-        norm = tuple(n if isinstance(n, ChannelNormalization)
-                     else _from_dict(ChannelNormalization, n, f"normalization[{i}]")
+        norm = tuple(_serial.coerce(ChannelNormalization, n, f"normalization[{i}]")
                      for i, n in enumerate(self.normalization))
-        _set(self, "normalization", norm)
+        set_field(self, "normalization", norm)
         if not norm:
             raise PlanError("normalization must have one entry per channel; got none")
-        if not isinstance(self.resampling, ResamplingSpec):
-            _set(self, "resampling", _from_dict(ResamplingSpec, self.resampling, "resampling"))
-        if not isinstance(self.network, NetworkSpec):
-            _set(self, "network", _from_dict(NetworkSpec, self.network, "network"))
-        if not isinstance(self.train, TrainSpec):
-            _set(self, "train", _from_dict(TrainSpec, self.train, "train"))
+        set_field(self, "resampling", _serial.coerce(ResamplingSpec, self.resampling, "resampling"))
+        set_field(self, "network", _serial.coerce(NetworkSpec, self.network, "network"))
+        set_field(self, "train", _serial.coerce(TrainSpec, self.train, "train"))
         net = self.network
         spatial_patch = self.patch_size_vox[-net.spatial_dims:]
         if net.spatial_dims == 2 and self.patch_size_vox[0] != 1:
             raise PlanError(f"patch_size_vox of a 2D configuration must be (1, Y, X); got {self.patch_size_vox!r}")
-        bad = [(p, t) for p, t in zip(spatial_patch, net.total_stride) if p % t]
+        bad = [(p, t) for p, t in zip(spatial_patch, net.total_stride, strict=True) if p % t]
         if bad:
             raise PlanError(
                 f"patch_size_vox {self.patch_size_vox!r} must be divisible per axis by the network's total "
@@ -312,46 +270,6 @@ class Configuration:
     @property
     def n_channels(self) -> int:
         return len(self.normalization)
-
-
-def _to_jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _to_jsonable(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_to_jsonable(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): _to_jsonable(v) for k, v in obj.items()}
-    return obj
-
-
-def load_json_file(path: PathLikeStr, build: Any, *, what: str, command: str) -> Any:
-    """Read a JSON file and ``build(data)``; every failure is a :class:`PlanError` naming the file."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PlanError(f"{what} file {path} does not exist; run `{command}` first.") from None
-    except json.JSONDecodeError as e:
-        raise PlanError(f"{path} is not valid JSON: {e}") from None
-    try:
-        return build(data)
-    except PlanError as e:
-        raise PlanError(f"{path}: {e}") from None
-
-
-def atomic_write_json(path: PathLikeStr, data: Any) -> None:
-    """Write JSON via a temporary file and ``os.replace``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -371,12 +289,12 @@ class Plan:
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
             raise PlanError(f"schema_version must be {SCHEMA_VERSION}; got {self.schema_version!r}")
-        _set(self, "channel_names", tuple(self.channel_names))
+        set_field(self, "channel_names", tuple(self.channel_names))
         if self.regions_class_order is not None:
-            _set(self, "regions_class_order", tuple(int(v) for v in self.regions_class_order))
+            set_field(self, "regions_class_order", tuple(int(v) for v in self.regions_class_order))
         cfgs = {}
         for name, c in dict(self.configurations).items():
-            cfg = c if isinstance(c, Configuration) else _from_dict(Configuration, c, f"configurations.{name}")
+            cfg = _serial.coerce(Configuration, c, f"configurations.{name}")
             if cfg.name != name:
                 raise PlanError(f"configurations.{name}.name must equal its key {name!r}; got {cfg.name!r}")
             if cfg.n_channels != len(self.channel_names):
@@ -387,7 +305,7 @@ class Plan:
             cfgs[name] = cfg
         if not cfgs:
             raise PlanError("configurations must not be empty")
-        _set(self, "configurations", cfgs)
+        set_field(self, "configurations", cfgs)
 
     def configuration(self, name: str) -> Configuration:
         try:
@@ -401,18 +319,18 @@ class Plan:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        return _to_jsonable(self)
+        return _serial.to_jsonable(self)  # type: ignore[no-any-return]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
-        return _from_dict(cls, data, "")
+        return _serial.from_dict(cls, data)
 
     def save(self, path: PathLikeStr) -> None:
-        atomic_write_json(path, self.to_dict())
+        _serial.atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: PathLikeStr) -> Plan:
-        return load_json_file(path, cls.from_dict, what="plan", command="voxflow plan")
+        return _serial.load_json_file(path, cls.from_dict, what="plan", command="voxflow plan")
 
     # ------------------------------------------------------------------ overrides
     def with_overrides(self, overrides: Mapping[str, Any], *, configuration: str | None = None) -> Plan:

@@ -11,17 +11,14 @@ Example::
 
 from __future__ import annotations
 
-import difflib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dask.array as da
 
+from voxflow import _serial
 from voxflow._types import PathLikeStr
-from voxflow.plan.schema import atomic_write_json
 from voxflow.postprocess._components import PendingFilter, connectivity_structure, finish_filters
 from voxflow.postprocess._ops import (
     PostprocessingError,
@@ -37,6 +34,7 @@ __all__ = [
     "FORMAT",
     "OPERATIONS",
     "Operation",
+    "OperationKind",
     "PostprocessingSpec",
     "apply_operation_many",
     "apply_postprocessing",
@@ -45,43 +43,32 @@ __all__ = [
 ]
 
 FORMAT = "voxflow-postprocessing-1"
-OPERATIONS = ("keep_largest", "remove_small", "fill_holes")
+OperationKind = Literal["keep_largest", "remove_small", "fill_holes"]
+OPERATIONS: tuple[str, ...] = _serial.choices(OperationKind)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Operation:
     """One step: ``op`` on ``target`` (class value, region tuple or ``"foreground"``)."""
 
-    op: str
+    op: OperationKind
     target: Target
     min_size_mm3: float | None = None
 
     def __post_init__(self) -> None:
-        if self.op not in OPERATIONS:
-            close = difflib.get_close_matches(str(self.op), OPERATIONS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise PostprocessingError(f"op must be one of {list(OPERATIONS)}; got {self.op!r}.{hint}")
-        object.__setattr__(self, "target", parse_target(self.target))
+        _serial.check_choices(self, error=PostprocessingError)
+        _serial.set_field(self, "target", parse_target(self.target))
         if self.op == "remove_small" and (self.min_size_mm3 is None or self.min_size_mm3 < 0):
             raise PostprocessingError(f"remove_small needs min_size_mm3 >= 0; got {self.min_size_mm3!r}")
         if self.op == "fill_holes" and not isinstance(self.target, int):
             raise PostprocessingError(f"fill_holes needs one class value as target; got {self.target!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"op": self.op, "target": list(self.target) if isinstance(self.target, tuple)
-                             else self.target}
-        if self.min_size_mm3 is not None:
-            d["min_size_mm3"] = self.min_size_mm3
-        return d
+        return {k: v for k, v in _serial.to_jsonable(self).items() if v is not None}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Operation:
-        unknown = set(d) - {"op", "target", "min_size_mm3"}
-        if unknown or "op" not in d or "target" not in d:
-            raise PostprocessingError(
-                f"an operation needs 'op' and 'target' (and 'min_size_mm3' for remove_small); got keys {sorted(d)}"
-            )
-        return cls(op=d["op"], target=d["target"], min_size_mm3=d.get("min_size_mm3"))
+    def from_dict(cls, d: Mapping[str, Any], where: str = "operation") -> Operation:
+        return _serial.from_dict(cls, d, where, error=PostprocessingError)
 
     def describe(self) -> str:
         extra = f" (< {self.min_size_mm3} mm3)" if self.min_size_mm3 is not None else ""
@@ -97,34 +84,32 @@ class PostprocessingSpec:
     selection: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        ops = tuple(o if isinstance(o, Operation) else Operation.from_dict(o) for o in self.operations)
-        object.__setattr__(self, "operations", ops)
+        ops = tuple(_serial.coerce(Operation, o, f"operations[{i}]", error=PostprocessingError)
+                    for i, o in enumerate(self.operations))
+        _serial.set_field(self, "operations", ops)
+        _serial.set_field(self, "selection", dict(self.selection))
         connectivity_structure(3, self.connectivity)  # validates
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "connectivity": self.connectivity,
-                "operations": [o.to_dict() for o in self.operations], "selection": self.selection}
+        return {"format": FORMAT, **_serial.to_jsonable(self),
+                "operations": [o.to_dict() for o in self.operations]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PostprocessingSpec:
-        if d.get("format", FORMAT) != FORMAT:
-            raise PostprocessingError(f"postprocessing format must be {FORMAT!r}; got {d.get('format')!r}")
-        unknown = set(d) - {"format", "connectivity", "operations", "selection"}
-        if unknown:
-            raise PostprocessingError(f"unknown postprocessing fields {sorted(unknown)}")
-        return cls(operations=tuple(Operation.from_dict(o) for o in d.get("operations", ())),
-                   connectivity=int(d.get("connectivity", 1)), selection=dict(d.get("selection", {})))
+        if not isinstance(d, Mapping):
+            raise PostprocessingError(f"postprocessing must be an object; got {type(d).__name__}")
+        data = dict(d)
+        _serial.check_choice(data.pop("format", FORMAT), [FORMAT], "postprocessing format",
+                             error=PostprocessingError)
+        return _serial.from_dict(cls, data, "postprocessing", error=PostprocessingError)
 
     def save(self, path: PathLikeStr) -> None:
-        atomic_write_json(path, self.to_dict())
+        _serial.atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: PathLikeStr) -> PostprocessingSpec:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise PostprocessingError(f"cannot read postprocessing file {path}: {e}") from e
-        return cls.from_dict(data)
+        return _serial.load_json_file(path, cls.from_dict, what="postprocessing", error=PostprocessingError,
+                              command="voxflow postprocess SOURCE OUTPUT --determine-with REFERENCE -p FILE")
 
 
 def _as_spec(spec: PostprocessingSpec | Mapping[str, Any] | PathLikeStr) -> PostprocessingSpec:
@@ -152,7 +137,7 @@ def apply_operation_many(labels: Sequence[da.Array], op: Operation, *, connectiv
                          spacings: Sequence[Sequence[float] | None] | None = None) -> list[da.Array]:
     """One operation on several label maps: their summary passes in one dask call, results lazy."""
     spacings = list(spacings) if spacings is not None else [None] * len(labels)
-    pending = [prepare_operation(lab, op, connectivity=connectivity, spacing=sp) for lab, sp in zip(labels, spacings)]
+    pending = [prepare_operation(lab, op, connectivity=connectivity, spacing=sp) for lab, sp in zip(labels, spacings, strict=True)]
     return finish_filters(pending)
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic ``torch.save`` (temporary file + ``os.replace``), RNG capture, model loading.
+"""Checkpoints: atomic ``torch.save`` (temporary file + fsync + ``os.replace``), RNG capture, model loading.
 
 A checkpoint is a dict ``{"format": "voxflow-checkpoint-1", "network": state_dict,
 "configuration": Configuration dict, "dataset": DatasetMeta dict, "in_channels", "num_outputs",
@@ -8,10 +8,8 @@ trainer's bookkeeping so ``--resume`` continues exactly.
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from voxflow._serial import atomic_write
 from voxflow._types import PathLikeStr
 from voxflow.errors import IncompleteStoreError
 from voxflow.nets import build_network
@@ -32,20 +31,10 @@ FORMAT = "voxflow-checkpoint-1"
 
 
 def save_checkpoint(path: PathLikeStr, payload: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``: a kill at
-    any moment leaves either the old or the new checkpoint, never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through :func:`voxflow._serial.atomic_write` (temporary file in the same folder,
+    fsync, ``os.replace``, fsync of the folder): a kill at any moment leaves either the old or the
+    new checkpoint, never a truncated one."""
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f), binary=True)
 
 
 def load_checkpoint(path: PathLikeStr, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from voxflow._serial import atomic_write_json
 from voxflow.errors import IncompleteStoreError, PlanError
-from voxflow.plan.schema import atomic_write_json
 from voxflow.store import Store
 from voxflow.workspace import Workspace
 
