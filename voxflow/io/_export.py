@@ -147,15 +147,15 @@ def _write_case(store_path: str, case_id: str, array: str, out_dir: str, file_en
 def _check_seg_export(st: Store, ids: Sequence[str], array: str, reference: Store | None) -> None:
     """Before any work: a DICOM SEG export needs a label array and a DICOM source record per case."""
     for cid in ids:
-        if st.zarr_array(cid, array).ndim != 3:
-            raise ConversionError(f"a DICOM SEG holds a label (Z, Y, X); array {array!r} of case {cid!r} in "
-                                  f"{st.path} is not one. Export --array label, or choose another file ending.")
         if case_reference(st, cid, reference) is None:
             hint = (f"nor does case {cid!r} of the reference store {reference.path}" if reference is not None else
                     "pass --dicom-reference with the dataset store converted from the DICOM series")
             raise ConversionError(
                 f"a DICOM SEG can only be written for a case converted from a DICOM series; case {cid!r} in "
                 f"{st.path} has no DICOM source record ({hint}). Export it as NIfTI instead (--file-ending .nii.gz).")
+        if st.zarr_array(cid, array).ndim != 3:
+            raise ConversionError(f"a DICOM SEG holds a label (Z, Y, X); array {array!r} of case {cid!r} in "
+                                  f"{st.path} is not one. Export --array label, or choose another file ending.")
 
 
 def export_store(store: Store | PathLikeStr, out_dir: PathLikeStr, *, case_ids: Sequence[str] | None = None,
