@@ -33,14 +33,8 @@ import numpy as np
 
 from voxflow.errors import ConversionError, GeometryMismatchError
 from voxflow.geometry import Geometry
-from voxflow.io._dicom_seg import (
-    SEG_SOP_CLASS_UID,
-    SegHeader,
-    SegLabel,
-    read_seg_header,
-    series_reference,
-    substitute_uid,
-)
+from voxflow.io._dicom_seg import SEG_SOP_CLASS_UID, series_reference, substitute_uid
+from voxflow.io._dicom_seg_in import SegHeader, SegLabel, read_seg_header
 from voxflow.io._volume import VolumeSource, geometry_from_sitk_values, read_error
 
 __all__ = ["DicomSeries", "find_dicom_files", "is_dicom", "pair_masks", "pair_segs", "scan_dicom",

@@ -29,7 +29,7 @@ from typing import Any
 from voxflow.errors import ConversionError, VoxflowWarning
 from voxflow.io._dataset_json import is_msd_meta, parse_msd, parse_nnunet, read_json
 from voxflow.io._dicom import find_dicom_files, pair_masks, pair_segs, scan_dicom, seg_label, series_case_ids
-from voxflow.io._dicom_seg import SegHeader
+from voxflow.io._dicom_seg_in import SegHeader
 from voxflow.io._volume import SitkFile, SliceStack, VolumeSource
 from voxflow.store import is_valid_case_id
 
