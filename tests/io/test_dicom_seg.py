@@ -87,17 +87,32 @@ def test_seg_export_of_a_case_not_from_dicom_names_the_case(tmp_path: Path) -> N
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-def test_seg_export_of_a_prediction_like_store_uses_the_reference_store(mr_tree, tmp_path: Path) -> None:
+def _prediction_like(store: Store, label: np.ndarray, path: Path, attrs: dict) -> Store:
+    (cid,) = store.case_ids()
+    meta = dataclasses.replace(store.meta, labels={"background": 0, "a": 1, "b": 2}, kind="prediction")
+    out = Store.create(path, meta)
+    out.begin_case(cid, geometry=store.geometry(cid), attrs=attrs)
+    out.create_array(cid, "label", shape=label.shape, dtype=np.uint8, chunks=label.shape)[...] = label
+    out.mark_complete(cid)
+    return out
+
+
+def test_seg_export_of_a_prediction_store(mr_tree, tmp_path: Path) -> None:
+    """A prediction store records its input case's provenance as ``input`` (with the DICOM record);
+    one that does not needs ``dicom_reference``."""
     _, store, label = mr_tree
     (cid,) = store.case_ids()
-    meta = dataclasses.replace(store.meta, labels={"background": 0, "a": 1, "b": 2})
-    other = Store.create(tmp_path / "pred.zarr", meta)  # a store whose cases do not record DICOM
-    other.begin_case(cid, geometry=store.geometry(cid))
-    other.create_array(cid, "label", shape=label.shape, dtype=np.uint8, chunks=label.shape)[...] = label
-    other.mark_complete(cid)
+    pred = _prediction_like(store, label, tmp_path / "pred.zarr",
+                            {"input": store.case_attrs(cid)["provenance"], "configurations": ["3d_fullres"]})
+    (path,) = export_store(pred, tmp_path / "out", file_ending=".dcm", progress=False)
+    ds = pydicom.dcmread(path)
+    assert ds.Modality == "SEG" and ds.ReferencedSeriesSequence[0].SeriesInstanceUID == "1.2.826.0.1.7"
+    assert ds.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "3d_fullres"
+
+    bare = _prediction_like(store, label, tmp_path / "bare.zarr", {})
     with pytest.raises(ConversionError, match="--dicom-reference"):
-        export_store(other, tmp_path / "out", file_ending=".dcm", progress=False)
-    (path,) = export_store(other, tmp_path / "out", file_ending=".dcm", progress=False, dicom_reference=store.path)
+        export_store(bare, tmp_path / "out2", file_ending=".dcm", progress=False)
+    (path,) = export_store(bare, tmp_path / "out2", file_ending=".dcm", progress=False, dicom_reference=store.path)
     assert pydicom.dcmread(path).Modality == "SEG"
 
 
