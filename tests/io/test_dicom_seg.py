@@ -83,7 +83,8 @@ def test_seg_export_of_a_case_not_from_dicom_names_the_case(tmp_path: Path) -> N
         export_store(store, tmp_path / "out", array="image", file_ending=".dcm", progress=False)
     res = CliRunner().invoke(main, ["export", str(store.path), str(tmp_path / "out"), "--array", "image",
                                     "--file-ending", ".dcm"])
-    assert res.exit_code != 0 and "DICOM SEG" in res.output
+    assert res.exit_code != 0
+    assert "DICOM SEG" in res.output
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
@@ -106,7 +107,8 @@ def test_seg_export_of_a_prediction_store(mr_tree, tmp_path: Path) -> None:
                             {"input": store.case_attrs(cid)["provenance"], "configurations": ["3d_fullres"]})
     (path,) = export_store(pred, tmp_path / "out", file_ending=".dcm", progress=False)
     ds = pydicom.dcmread(path)
-    assert ds.Modality == "SEG" and ds.ReferencedSeriesSequence[0].SeriesInstanceUID == "1.2.826.0.1.7"
+    assert ds.Modality == "SEG"
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == "1.2.826.0.1.7"
     assert ds.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "3d_fullres"
 
     bare = _prediction_like(store, label, tmp_path / "bare.zarr", {})
@@ -178,7 +180,8 @@ def test_channel_names_option_and_ct_warning(tmp_path: Path) -> None:
         compute_fingerprint(plain, progress=False)
 
     bad = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "bad.zarr"), "--channel-names", "CT,"])
-    assert bad.exit_code != 0 and "--channel-names" in bad.output
+    assert bad.exit_code != 0
+    assert "--channel-names" in bad.output
 
 
 def test_mr_like_generic_channel_does_not_warn(tmp_path: Path) -> None:
