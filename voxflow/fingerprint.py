@@ -19,7 +19,9 @@ once (:func:`voxflow.cluster.compute`, with a progress bar, on whatever schedule
 Memory stays at about one chunk per running task plus ``samples_per_case`` values per chunk.
 Dataset-level statistics (intensity mean/std/median/min/max and 0.5/99.5 percentiles from the
 pooled foreground samples, as nnU-Net does; median and 10th/90th percentiles of spacing and shape)
-are computed from those small per-case results. The result is a :class:`Fingerprint`, a frozen
+are computed from those small per-case results. A channel with a generic name (``image``) whose
+integer voxels span the Hounsfield range gets a :class:`~voxflow.errors.VoxflowWarning` (name it
+``CT`` for CT normalisation). The result is a :class:`Fingerprint`, a frozen
 dataclass that round-trips through JSON (:meth:`Fingerprint.save` / :meth:`Fingerprint.load`).
 """
 
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import warnings
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +42,7 @@ import numpy as np
 
 from voxflow import _serial
 from voxflow._types import PathLikeStr
-from voxflow.errors import PlanError
+from voxflow.errors import PlanError, VoxflowWarning
 from voxflow.store import Store
 
 __all__ = [
@@ -250,8 +254,10 @@ def chunk_statistics(image: np.ndarray, label: np.ndarray | None, *, offset_zyx:
             hit = np.flatnonzero(np.any(nonzero, axis=tuple(a for a in range(3) if a != ax)))
             box.append((int(offset_zyx[ax] + hit[0]), int(offset_zyx[ax] + hit[-1] + 1)))
     n_channels = image.shape[0]
+    flat = image.reshape(n_channels, -1)
+    value_range = np.stack([flat.min(axis=1), flat.max(axis=1)], axis=1).astype(np.float64)  # (C, 2)
     if label is None:
-        return {"box": box, "counts": {}, "n_fg": 0, "samples": np.empty((n_channels, 0))}
+        return {"box": box, "counts": {}, "n_fg": 0, "samples": np.empty((n_channels, 0)), "range": value_range}
     counts = np.bincount(label.ravel().astype(np.int64, copy=False))
     fg_index = np.flatnonzero(label.ravel() > 0)
     n_fg = int(fg_index.size)
@@ -259,7 +265,7 @@ def chunk_statistics(image: np.ndarray, label: np.ndarray | None, *, offset_zyx:
     pick = rng.choice(n_fg, size=k, replace=False) if k < n_fg else rng.permutation(n_fg)
     samples = image.reshape(n_channels, -1)[:, fg_index[pick]].astype(np.float64)
     return {"box": box, "counts": {int(v): int(c) for v, c in enumerate(counts) if c}, "n_fg": n_fg,
-            "samples": samples}
+            "samples": samples, "range": value_range}
 
 
 def allocate_samples(counts: Sequence[int], total: int) -> np.ndarray:
@@ -300,8 +306,10 @@ def _case_task(chunks: list[dict[str, Any]], *, shape_zyx: tuple[int, int, int],
     parts = [c["samples"][:, :q] for c, q in zip(chunks, quota, strict=True)]
     samples = np.concatenate(parts, axis=1) if parts else np.empty((n_channels, 0))
     counts = dict(sorted(counts.items()))
+    ranges = np.stack([c["range"] for c in chunks]) if chunks else np.zeros((0, n_channels, 2))
+    value_range = np.stack([ranges[..., 0].min(axis=0), ranges[..., 1].max(axis=0)], axis=1) if chunks else None
     return {"box": box, "counts": counts, "n_fg": int(sum(c["n_fg"] for c in chunks)), "samples": samples,
-            "components": components}
+            "components": components, "range": value_range}
 
 
 def count_components(label: np.ndarray, values: Sequence[int]) -> dict[int, int]:
@@ -362,6 +370,31 @@ def intensity_stats(channel: str, samples: np.ndarray) -> IntensityStats:
                           percentile_00_5=float(lo), percentile_99_5=float(hi))
 
 
+_GENERIC_CHANNEL = re.compile(r"(image|img|channel|ch|input|data|volume)?[_ -]?\d*", re.IGNORECASE)
+
+
+def warn_if_unnamed_ct(store: Store, results: Mapping[str, dict[str, Any]]) -> None:
+    """Warn (VoxflowWarning) for a channel with a generic name (``image``, ``channel_0``, ...) whose
+    voxels look like CT: integer values from about -1024 HU (air) up into bone. Named ``CT`` it would
+    get CT normalisation; z-scored per image it loses the meaning of Hounsfield units."""
+    names = store.meta.channel_names
+    for i, name in enumerate(names):
+        if not _GENERIC_CHANNEL.fullmatch(name):
+            continue
+        ranges = [r["range"][i] for r in results.values() if r.get("range") is not None]
+        ids = [cid for cid, r in results.items() if r.get("range") is not None]
+        if not ranges or any(store.zarr_array(c, "image").dtype.kind != "i" for c in ids):
+            continue
+        lo, hi = min(float(r[0]) for r in ranges), max(float(r[1]) for r in ranges)
+        if -3100 <= lo <= -900 and hi >= 300:
+            new = [("CT" if j == i else n) for j, n in enumerate(names)]
+            warnings.warn(VoxflowWarning(
+                f"channel {i} is named {name!r} but looks like CT (integer values from {lo:.0f} to {hi:.0f}, Hounsfield "
+                f"units); it will be z-scored per image instead of CT normalisation. If it is CT, reconvert with "
+                f"`voxflow convert --channel-names {','.join(new)}` (or set channel_names in dataset.json)."),
+                stacklevel=3)
+
+
 def _class_names(labels: Mapping[str, Any]) -> dict[int, str]:
     return {int(v): k for k, v in labels.items() if not isinstance(v, (list, tuple))}
 
@@ -370,6 +403,7 @@ def assemble_fingerprint(store: Store, results: Mapping[str, dict[str, Any]], *,
                          seed: int) -> Fingerprint:
     """Build the :class:`Fingerprint` from computed per-case results (pure, small data)."""
     meta = store.meta
+    warn_if_unnamed_ct(store, results)
     cases = []
     for case_id, r in results.items():
         geom = store.geometry(case_id)

@@ -43,7 +43,7 @@ def write_dicom_series(folder: Path, volume: np.ndarray, *, series_uid: str, des
             "0020|0032": "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, int(z))))),
             "0020|0037": "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7]))),
             "0028|0030": f"{spacing_xyz[1]}\\{spacing_xyz[0]}",
-            "0008|0018": f"{series_uid}.{int(z) + 1}",
+            "0008|0018": f"{series_uid}.{int(z) + 1}", "0020|0052": "1.2.3.4.5",
         }
         for key, val in tags.items():
             sl.SetMetaData(key, val)

@@ -42,23 +42,32 @@ def _parse_chunks(text: str) -> tuple[int, int, int]:
               help="nnU-Net/MSD datasets: convert training (imagesTr) or test (imagesTs) cases.")
 @click.option("--format", "fmt", default=None,
               help="Force a source format (nnunet-v2, msd, image-label-folders, dicom, file, image-folder).")
+@click.option("--channel-names", default=None, metavar="NAME[,NAME..]",
+              help="Channel names, one per channel, e.g. CT or T1,T2 (default: dataset.json's, DICOM Modality, "
+                   "else 'image'). CT selects CT normalisation in the plan.")
 @scheduler_option
 @handle_errors
 def convert(src: str, dst: str, overwrite: bool, chunks: str, max_memory: str | None, split: str,
-            fmt: str | None, scheduler: str, memory_limit: str | None) -> None:
+            fmt: str | None, channel_names: str | None, scheduler: str, memory_limit: str | None) -> None:
     """Convert SRC into the voxflow dataset store DST (a .zarr folder).
 
     SRC is detected automatically: an nnU-Net v2 raw dataset, an MSD task folder, a folder with
-    images/ and labels/ of matching file names, a folder of DICOM series (TCIA mask series, i.e.
-    series described as "mask" with their image's geometry, become labels), a single image file or
-    multi-page TIFF, or a folder of 2D slices (one volume). Cases run in parallel; a rerun skips
-    complete cases.
+    images/ and labels/ of matching file names, a folder of DICOM series (DICOM SEG objects and TCIA
+    mask series, i.e. series described as "mask" with their image's geometry, become the labels of
+    their image series; the Modality names the channel), a single image file or multi-page TIFF, or
+    a folder of 2D slices (one volume). Cases run in parallel; a rerun skips complete cases.
     """
     from voxflow.io import convert as run_convert
 
+    names = None
+    if channel_names is not None:
+        names = [n.strip() for n in channel_names.split(",")]
+        if not all(names):
+            raise click.BadParameter(f"expected comma-separated names such as CT or T1,T2; got {channel_names!r}",
+                                     param_hint="--channel-names")
     store = run_convert(src, dst, overwrite=overwrite, scheduler=scheduler, chunks_zyx=_parse_chunks(chunks),
                         max_memory_bytes=parse_bytes(max_memory) if max_memory else None, split=split,
-                        format=fmt, memory_limit=memory_limit)
+                        format=fmt, memory_limit=memory_limit, channel_names=names)
     click.echo(f"{store.path}: {len(store.case_ids())} complete case(s)")
 
 
@@ -87,14 +96,21 @@ def info(store: str, as_json: bool, verify: bool) -> None:
 @click.option("--case", "cases", multiple=True, help="Export only this case (repeatable). Default: all.")
 @click.option("--array", default="label", show_default=True, help="Array to export: label, image or probs.")
 @click.option("--file-ending", default=".nii.gz", show_default=True,
-              help="Output format by extension (.nii.gz, .nii, .nrrd, .mha, ...).")
+              help="Output format by extension (.nii.gz, .nii, .nrrd, .mha, ...; .dcm: one DICOM SEG per case, "
+                   "for cases converted from DICOM).")
+@click.option("--dicom-reference", default=None, type=click.Path(exists=True, file_okay=False),
+              help="With .dcm: the dataset store converted from the DICOM series, for stores whose cases do not "
+                   "record their DICOM source (cases matched by id).")
+@click.option("--model-name", default=None, help="With .dcm: the algorithm name in the SEG (default: the "
+                                                  "prediction's configurations, else 'voxflow').")
 @scheduler_option
 @handle_errors
-def export(store: str, out_dir: str, cases: tuple[str, ...], array: str, file_ending: str, scheduler: str,
-           memory_limit: str | None) -> None:
+def export(store: str, out_dir: str, cases: tuple[str, ...], array: str, file_ending: str,
+           dicom_reference: str | None, model_name: str | None, scheduler: str, memory_limit: str | None) -> None:
     """Export an array of STORE's cases to image files in OUT_DIR with the original geometry."""
     from voxflow.io import export_store
 
     paths = export_store(store, out_dir, case_ids=list(cases) or None, file_ending=file_ending, array=array,
-                         scheduler=scheduler, memory_limit=memory_limit)
+                         scheduler=scheduler, memory_limit=memory_limit, dicom_reference=dicom_reference,
+                         model_name=model_name)
     click.echo(f"wrote {len(paths)} file(s) to {out_dir}")

@@ -266,13 +266,17 @@ def _source_changed(store: Store, case: CaseSpec) -> bool:
 
 def _case_attrs(plan: _CasePlan, source: DatasetSource, split: str) -> dict[str, Any]:
     files = [f for s in plan.images for f in s.files] + (list(plan.label.files) if plan.label is not None else [])
+    provenance: dict[str, Any] = {
+        "format": source.format,
+        "image": [f for s in plan.images for f in s.files],
+        "label": list(plan.label.files) if plan.label is not None else None,
+        "files": [file_stats(f) for f in files],
+    }
+    reference = getattr(plan.images[0], "dicom_reference", None)
+    if len(plan.images) == 1 and callable(reference):
+        provenance["dicom"] = reference()  # what a DICOM SEG of this case must reference
     return {
-        "provenance": {
-            "format": source.format,
-            "image": [f for s in plan.images for f in s.files],
-            "label": list(plan.label.files) if plan.label is not None else None,
-            "files": [file_stats(f) for f in files],
-        },
+        "provenance": provenance,
         "split": split,
         "source_dtype": str(plan.dtype),
     }
@@ -303,7 +307,7 @@ def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bo
             chunks_zyx: Sequence[int] = DEFAULT_CHUNKS_ZYX, max_memory_bytes: int | None = None,
             split: str = "train", format: str | None = None, progress: bool = True,
             memory_limit: str | None = None, channel_names: Sequence[str] | None = None,
-            labels: Mapping[str, Any] | None = None) -> Store:
+            labels: Mapping[str, Any] | None = None, regions_class_order: Sequence[int] | None = None) -> Store:
     """Convert a dataset, series or file at ``src`` into the voxflow store ``dst``.
 
     ``src`` is auto-detected (see :mod:`voxflow.io._sources`; ``format`` forces one), or an already
@@ -311,8 +315,11 @@ def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bo
     picks training (``imagesTr``) or test (``imagesTs``) cases of nnU-Net/MSD datasets.
     ``chunks_zyx`` are the store chunks in voxels; ``max_memory_bytes`` bounds the converter's
     memory (default: half the available RAM); ``memory_limit`` is the per-worker limit of a
-    ``local:N`` scheduler. ``channel_names``/``labels`` override what the source declares (e.g. to
-    convert a folder of test images with a training dataset's names). Memory: each streamed slab
+    ``local:N`` scheduler. ``channel_names``/``labels``/``regions_class_order`` override what the
+    source declares (e.g. to convert a folder of test images with a training dataset's names, to
+    name the channel of a NIfTI folder ``CT``, or to declare regions for DICOM SEGs whose segments
+    overlap). A case converted from a DICOM series records its UIDs in ``provenance["dicom"]``
+    (what a DICOM SEG of it must reference). Memory: each streamed slab
     task uses at most about ``max_memory_bytes / n_workers``; a volume that cannot stream is read
     whole by one task and must fit in ``max_memory_bytes``. Raises :class:`ConversionError` listing every case
     that failed; all other cases are written and marked complete. Holds the lock ``<dst>.lock``
@@ -323,6 +330,8 @@ def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bo
         source.channel_names = tuple(str(c) for c in channel_names)
     if labels is not None:
         source.labels = dict(labels)
+    if regions_class_order is not None:
+        source.regions_class_order = tuple(int(v) for v in regions_class_order)
     chunks = tuple(int(c) for c in chunks_zyx)
     max_memory = int(max_memory_bytes or default_max_memory())
     with scheduler_context(scheduler, memory_limit=memory_limit):

@@ -12,6 +12,10 @@ Rules (each checked, with an error naming the folder and files when it does not 
 * Mask series (TCIA style): a series whose SeriesDescription contains "mask" (any case) is a
   label, paired with the one image series of identical geometry (preferring the same study
   folder). Its non-zero voxels become label 1 (``foreground``).
+* DICOM SEG objects (SOP class Segmentation Storage) are labels of the image series their
+  ReferencedSeriesSequence names (same FrameOfReferenceUID), segment numbers becoming label values
+  (see ``_dicom_seg``). A SEG whose series is not in the tree is an error, not a skip.
+* The series' Modality (CT, MR, PT, ...) is the channel name of the dataset.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import logging
 import os
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,15 +33,18 @@ import numpy as np
 
 from voxflow.errors import ConversionError, GeometryMismatchError
 from voxflow.geometry import Geometry
+from voxflow.io._dicom_seg import SEG_SOP_CLASS_UID, series_reference, substitute_uid
+from voxflow.io._dicom_seg_in import SegHeader, SegLabel, read_seg_header
 from voxflow.io._volume import VolumeSource, geometry_from_sitk_values, read_error
 
-__all__ = ["DicomSeries", "find_dicom_files", "is_dicom", "pair_masks", "scan_dicom_series"]
+__all__ = ["DicomSeries", "find_dicom_files", "is_dicom", "pair_masks", "pair_segs", "scan_dicom",
+           "scan_dicom_series"]
 
 log = logging.getLogger(__name__)
 
 _TAGS = {"uid": "0020|000e", "ipp": "0020|0032", "iop": "0020|0037", "spacing": "0028|0030",
          "thickness": "0018|0050", "desc": "0008|103e", "number": "0020|0011", "rows": "0028|0010",
-         "cols": "0028|0011"}
+         "cols": "0028|0011", "modality": "0008|0060", "sop_class": "0008|0016", "frame_of_reference": "0020|0052"}
 
 
 def is_dicom(path: Path) -> bool:
@@ -74,6 +82,10 @@ def _floats(text: str, n: int, tag: str, path: Path) -> np.ndarray:
     return vals
 
 
+class _IsSeg(Exception):
+    """Raised by the header reader for a DICOM Segmentation object (read by ``_dicom_seg``)."""
+
+
 @dataclass
 class _Slice:
     path: Path
@@ -87,6 +99,8 @@ class _Slice:
     number: str
     thickness: float
     pixel_id: int
+    modality: str = ""
+    frame_of_reference: str = ""
 
 
 def _read_header(path: Path) -> _Slice:
@@ -104,6 +118,8 @@ def _read_header(path: Path) -> _Slice:
         return r.GetMetaData(tag).strip() if r.HasMetaDataKey(tag) else default
 
     size = r.GetSize()
+    if get("sop_class") == SEG_SOP_CLASS_UID or get("modality").upper() == "SEG":
+        raise _IsSeg(path)
     ipp = _floats(get("ipp"), 3, "ImagePositionPatient (0020,0032)", path)
     iop = _floats(get("iop", "1\\0\\0\\0\\1\\0"), 6, "ImageOrientationPatient (0020,0037)", path)
     sp = _floats(get("spacing", "1\\1"), 2, "PixelSpacing (0028,0030)", path)
@@ -113,7 +129,8 @@ def _read_header(path: Path) -> _Slice:
         thickness = 1.0
     return _Slice(path=path, uid=get("uid"), ipp=ipp, iop=iop, pixel_spacing=sp, rows=int(size[1]),
                   cols=int(size[0]), desc=get("desc"), number=get("number"), thickness=thickness,
-                  pixel_id=r.GetPixelID())
+                  pixel_id=r.GetPixelID(), modality=get("modality").upper(),
+                  frame_of_reference=get("frame_of_reference"))
 
 
 @dataclass
@@ -194,19 +211,52 @@ class DicomSeries(VolumeSource):
     def describe(self) -> str:
         return f"{self._where()} ({len(self._paths)} files)"
 
+    @property
+    def modality(self) -> str:
+        """DICOM Modality of the series (CT, MR, PT, ...; "" when the files do not say)."""
+        return self.slices[0].modality
+
+    @property
+    def frame_of_reference(self) -> str:
+        return self.slices[0].frame_of_reference
+
+    def referenced_uids(self) -> tuple[str, str]:
+        """(SeriesInstanceUID, FrameOfReferenceUID) as a voxflow SEG of this series references them:
+        the series' own, or for files anonymised without them the substitutes the SEG writer uses."""
+        uid, frame = self.uid, self.frame_of_reference
+        if not (uid and frame):
+            first = series_reference(self._paths[:1])["sop_instance_uids"][0]
+            uid = uid or substitute_uid("SeriesInstanceUID", first)
+            frame = frame or substitute_uid("FrameOfReferenceUID", first)
+        return uid, frame
+
+    def dicom_reference(self) -> dict[str, Any]:
+        """What a DICOM SEG of this series must reference (UIDs per slice, in z order); see ``_dicom_seg``."""
+        return series_reference(self._paths)
+
 
 def scan_dicom_series(root: Path, files: list[Path] | None = None) -> list[DicomSeries]:
-    """Every DICOM series under ``root``, grouped by (folder, SeriesInstanceUID)."""
+    """Every DICOM image series under ``root``, grouped by (folder, SeriesInstanceUID); SEGs left out."""
+    return scan_dicom(root, files)[0]
+
+
+def scan_dicom(root: Path, files: list[Path] | None = None) -> tuple[list[DicomSeries], list[SegHeader]]:
+    """Every DICOM image series under ``root`` (as :func:`scan_dicom_series`) and every DICOM SEG."""
     groups: dict[tuple[Path, str], list[_Slice]] = defaultdict(list)
+    segs: list[SegHeader] = []
     for path in files if files is not None else find_dicom_files(root):
-        s = _read_header(path)
+        try:
+            s = _read_header(path)
+        except _IsSeg:
+            segs.append(read_seg_header(path))
+            continue
         groups[(path.parent, s.uid)].append(s)
     series = []
     for (folder, uid), slices in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
         desc = slices[0].desc
         series.append(DicomSeries(slices=slices, folder=folder, uid=uid, description=desc,
                                   number=slices[0].number, is_mask="mask" in desc.lower()))
-    return series
+    return series, segs
 
 
 def _matches(a: Geometry, b: Geometry) -> bool:
@@ -239,10 +289,55 @@ def pair_masks(series: list[DicomSeries]) -> list[tuple[DicomSeries, DicomSeries
     return [(s, pairs.get(i)) for i, s in enumerate(images)]
 
 
+def pair_segs(pairs: list[tuple[DicomSeries, DicomSeries | None]],
+              segs: list[SegHeader]) -> list[tuple[DicomSeries, DicomSeries | SegHeader | None]]:
+    """(image series, its label: mask series, SEG header or None) pairs: each SEG labels the one image
+    series its ReferencedSeriesSequence names, in the same frame of reference."""
+    by_uid: dict[str, list[int]] = defaultdict(list)
+    frames: dict[int, str] = {}
+    for i, (img, _) in enumerate(pairs):
+        uid, frames[i] = img.referenced_uids() if segs else (img.uid, img.frame_of_reference)
+        by_uid[uid].append(i)
+    out: list[tuple[DicomSeries, DicomSeries | SegHeader | None]] = list(pairs)
+    for seg in segs:
+        hits = sorted({i for uid in seg.referenced_series for i in by_uid.get(uid, [])})
+        if len(hits) > 1:
+            near = [i for i in hits if pairs[i][0].folder.parent == seg.path.parent.parent or
+                    pairs[i][0].folder == seg.path.parent]
+            hits = near if len(near) == 1 else hits
+        if len(hits) != 1:
+            what = "none is" if not hits else f"{len(hits)} are"
+            raise ConversionError(
+                f"a DICOM SEG must reference exactly one image series of the tree; {seg.describe()} references "
+                f"series {list(seg.referenced_series) or '(none)'} and {what} in the tree. Put the SEG next to its "
+                f"image series, or remove it.")
+        img, label = out[hits[0]]
+        if seg.frame_of_reference != frames[hits[0]]:
+            raise ConversionError(
+                f"a DICOM SEG must share the FrameOfReferenceUID of the image series it references; "
+                f"{seg.describe()} has {seg.frame_of_reference!r}, {img.describe()} has "
+                f"{frames[hits[0]]!r}. The SEG was made for other images: remove it or fix its references.")
+        if label is not None:
+            other = label.describe()
+            raise ConversionError(
+                f"an image series may have one label (mask series or SEG); {img.describe()} has both {other} and "
+                f"{seg.describe()}. Merge them into one SEG or remove one.")
+        out[hits[0]] = (img, seg)
+    return out
+
+
+def seg_label(seg: SegHeader, image: DicomSeries, regions_class_order: tuple[int, ...] | None) -> SegLabel:
+    """The SEG as the label volume of ``image`` (its frames placed on the image's slices)."""
+    first = image.slices[0]
+    return SegLabel(header=seg, image_geometry=image.geometry, slice_positions=np.array([s.ipp for s in image.slices]),
+                    image_orientation=np.asarray(first.iop, float), image_pixel_spacing=np.asarray(first.pixel_spacing),
+                    regions_class_order=regions_class_order)
+
+
 _BAD = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def series_case_ids(root: Path, pairs: list[tuple[DicomSeries, Any]]) -> list[str]:
+def series_case_ids(root: Path, pairs: Sequence[tuple[DicomSeries, Any]]) -> list[str]:
     """Case id per image series: its folder relative to ``root`` (sanitised), plus ``_s<SeriesNumber>``
     when several image series share a folder (``_<SeriesInstanceUID>`` if their numbers clash)."""
     per_folder: dict[Path, list[DicomSeries]] = defaultdict(list)

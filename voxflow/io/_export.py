@@ -6,7 +6,8 @@ and geometry bit for bit. NIfTI (``.nii``, ``.nii.gz``) and NRRD files are strea
 own header (written for a one-voxel image of the same geometry and dtype, its size fields patched)
 followed by the voxels slab by slab, so exporting needs memory for one slab, not the volume -- the
 uncompressed bytes equal SimpleITK's whole-image write. Other formats (MHA: its header carries the
-compressed size) are held in memory once while SimpleITK writes them.
+compressed size) are held in memory once while SimpleITK writes them. ``.dcm`` writes a DICOM SEG
+per case (``_dicom_seg``), for cases converted from DICOM.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from dask.delayed import delayed
 
 from voxflow._types import PathLikeStr
 from voxflow.cluster import compute, scheduler_context
-from voxflow.errors import CaseNotFoundError, StoreDamagedError
+from voxflow.errors import CaseNotFoundError, ConversionError, StoreDamagedError
 from voxflow.geometry import Geometry
+from voxflow.io._dicom_seg import case_reference, write_case_seg
 from voxflow.store import Store, is_checksummed, open_case
 
 __all__ = ["export_store", "format_info", "store_info", "to_xarray"]
@@ -116,10 +118,15 @@ def _write_streaming(arr: zarr.Array, channel: int | None, geometry: Geometry, p
     return True
 
 
-def _write_case(store_path: str, case_id: str, array: str, out_dir: str, file_ending: str) -> list[str]:
+def _write_case(store_path: str, case_id: str, array: str, out_dir: str, file_ending: str,
+                reference_store: str | None = None, model_name: str | None = None) -> list[str]:
     import SimpleITK as sitk
 
     store = Store.open(store_path)
+    if file_ending.lower() == ".dcm":
+        ref = Store.open(reference_store) if reference_store else None
+        path = Path(out_dir) / f"{case_id}.dcm"
+        return [str(write_case_seg(store, case_id, path, array=array, reference_store=ref, model_name=model_name))]
     arr = store.zarr_array(case_id, array)
     geometry = store.geometry(case_id)
     out = Path(out_dir)
@@ -137,18 +144,37 @@ def _write_case(store_path: str, case_id: str, array: str, out_dir: str, file_en
     return [str(p) for p, _ in targets]
 
 
+def _check_seg_export(st: Store, ids: Sequence[str], array: str, reference: Store | None) -> None:
+    """Before any work: a DICOM SEG export needs a label array and a DICOM source record per case."""
+    for cid in ids:
+        if case_reference(st, cid, reference) is None:
+            hint = (f"nor does case {cid!r} of the reference store {reference.path}" if reference is not None else
+                    "pass --dicom-reference with the dataset store converted from the DICOM series")
+            raise ConversionError(
+                f"a DICOM SEG can only be written for a case converted from a DICOM series; case {cid!r} in "
+                f"{st.path} has no DICOM source record ({hint}). Export it as NIfTI instead (--file-ending .nii.gz).")
+        if st.zarr_array(cid, array).ndim != 3:
+            raise ConversionError(f"a DICOM SEG holds a label (Z, Y, X); array {array!r} of case {cid!r} in "
+                                  f"{st.path} is not one. Export --array label, or choose another file ending.")
+
+
 def export_store(store: Store | PathLikeStr, out_dir: PathLikeStr, *, case_ids: Sequence[str] | None = None,
                  file_ending: str = ".nii.gz", array: str = "label", scheduler: str = "threads",
-                 progress: bool = True, memory_limit: str | None = None) -> list[Path]:
+                 progress: bool = True, memory_limit: str | None = None,
+                 dicom_reference: Store | PathLikeStr | None = None, model_name: str | None = None) -> list[Path]:
     """Write ``array`` of each complete case to ``out_dir`` with the case's original geometry.
 
     Labels (Z, Y, X) become ``<case><file_ending>``; images and other (C, Z, Y, X) arrays become one
     file per channel, ``<case>_<CCCC><file_ending>`` (nnU-Net naming). Cases without ``array`` are
     skipped unless named in ``case_ids``. Returns the written paths.
+
+    ``file_ending=".dcm"`` writes one DICOM SEG per case (see :func:`voxflow.io.write_dicom_seg`),
+    referencing the DICOM series the case was converted from: recorded in the case itself (dataset
+    stores, and prediction stores of DICOM inputs), else in the same case of ``dicom_reference``
+    (a dataset store). ``model_name`` goes into the SEG's algorithm identification.
     """
     st = _as_store(store)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if case_ids is None:
         ids = [c for c in st.case_ids() if st.has_array(c, array)]
     else:
@@ -158,7 +184,12 @@ def export_store(store: Store | PathLikeStr, out_dir: PathLikeStr, *, case_ids: 
                 raise CaseNotFoundError(f"case {cid!r} in {st.path} has no {array!r} array to export; "
                                         f"choose another --array or case.")
             st.zarr_array(cid, array)  # raises for incomplete cases
-    tasks = [delayed(_write_case, pure=False)(str(st.path), cid, array, str(out), file_ending) for cid in ids]
+    ref = None if dicom_reference is None else _as_store(dicom_reference)
+    if file_ending.lower() == ".dcm":
+        _check_seg_export(st, ids, array, ref)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = [delayed(_write_case, pure=False)(str(st.path), cid, array, str(out), file_ending,
+                                              None if ref is None else str(ref.path), model_name) for cid in ids]
     with scheduler_context(scheduler, memory_limit=memory_limit):
         results = compute(*tasks, desc="export", progress=progress) if tasks else ()
     log.info("exported %s of %d case(s) to %s", array, len(ids), out)

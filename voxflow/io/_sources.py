@@ -6,7 +6,8 @@ Built-in formats are tried in this order; the first whose ``detect`` accepts the
 ``nnunet-v2``   dataset.json with ``channel_names`` + imagesTr/ (CASE_XXXX.ext per channel), labelsTr/
 ``msd``         Medical Segmentation Decathlon: dataset.json with ``modality`` and a ``training`` list (4D images)
 ``image-label-folders``  images/ + labels/ (or imagesTr/ + labelsTr/, ...) with matching file names
-``dicom``       a folder tree of DICOM series (mask series become labels, see ``_dicom``)
+``dicom``       a folder tree of DICOM series (mask series and DICOM SEGs become labels, Modality the
+                channel name; see ``_dicom``)
 ``file``        one image file (NIfTI, NRRD, MHA, ...), or a multi-page TIFF stack as one volume
 ``image-folder`` a folder of image files: nnU-Net names (``CASE_0000.ext``, ``CASE_0001.ext`` = channels
                 of one case; 2D or 3D) are cases; otherwise 2D slices (PNG/TIFF/...) form one volume
@@ -27,7 +28,8 @@ from typing import Any
 
 from voxflow.errors import ConversionError, VoxflowWarning
 from voxflow.io._dataset_json import is_msd_meta, parse_msd, parse_nnunet, read_json
-from voxflow.io._dicom import find_dicom_files, pair_masks, scan_dicom_series, series_case_ids
+from voxflow.io._dicom import find_dicom_files, pair_masks, pair_segs, scan_dicom, seg_label, series_case_ids
+from voxflow.io._dicom_seg_in import SegHeader
 from voxflow.io._volume import SitkFile, SliceStack, VolumeSource
 from voxflow.store import is_valid_case_id
 
@@ -345,12 +347,53 @@ def _load_pairs(root: Path, split: str) -> DatasetSource:
 # ---------------------------------------------------------------------- DICOM
 @register_format("dicom", lambda p: p.is_dir() and bool(find_dicom_files(p, limit=1)))
 def _load_dicom(root: Path, split: str) -> DatasetSource:
-    pairs = pair_masks(scan_dicom_series(root))
+    series, segs = scan_dicom(root)
+    pairs = pair_segs(pair_masks(series), segs)
     ids = series_case_ids(root, pairs)
-    cases = [CaseSpec(cid, (ready_ref(img),), ready_ref(mask) if mask else None, binary_label=True)
-             for cid, (img, mask) in zip(ids, pairs)]
-    labels = {"background": 0, "foreground": 1} if any(m for _, m in pairs) else {"background": 0}
-    return DatasetSource("dicom", root, ("image",), labels, cases, file_ending=".nii.gz", name=root.name)
+    names: dict[int, str] = {0: "background"}
+    for _, lab in pairs:
+        if isinstance(lab, SegHeader):
+            for n, name in sorted(lab.segments.items()):
+                names.setdefault(n, name or f"label_{n}")
+        elif lab is not None:
+            names.setdefault(1, "foreground")
+    labels: dict[str, Any] = {}
+    for v, name in sorted(names.items()):
+        labels[name if name not in labels else f"{name}_{v}"] = v
+    src = DatasetSource("dicom", root, _modality_names([img for img, _ in pairs], root), labels, [],
+                        file_ending=".nii.gz", name=root.name)
+    for cid, (img, lab) in zip(ids, pairs, strict=True):
+        if isinstance(lab, SegHeader):
+            src.cases.append(CaseSpec(cid, (ready_ref(img),), _seg_ref(lab, img, src)))
+        else:
+            src.cases.append(CaseSpec(cid, (ready_ref(img),), ready_ref(lab) if lab else None, binary_label=True))
+    return src
+
+
+def _modality_names(images: Sequence[Any], root: Path) -> tuple[str, ...]:
+    """The channel name of a DICOM dataset: its series' Modality (CT, MR, PT, ...), else ``image``."""
+    found = sorted({s.modality for s in images if s.modality})
+    if len(found) == 1:
+        return (found[0],)
+    if len(found) > 1:
+        warnings.warn(VoxflowWarning(
+            f"the image series of a DICOM dataset should share one Modality (the channel name); {str(root)!r} "
+            f"holds {found}. The channel is named 'image', so no modality-specific normalisation is planned; "
+            f"convert each modality separately, or pass channel_names."), stacklevel=4)
+    return ("image",)
+
+
+def _seg_ref(seg: SegHeader, image: Any, src: DatasetSource) -> VolumeRef:
+    """A SEG label, opened with the dataset's regions as they stand when the case is converted (the
+    caller may override the labels): overlapping segments are allowed only for a region dataset."""
+    def _open(cid: str) -> VolumeSource:
+        regions = any(isinstance(v, (tuple, list)) for v in (src.labels or {}).values())
+        order = tuple(src.regions_class_order or ()) if regions else None
+        label = seg_label(seg, image, order)
+        label.case = cid
+        return label
+
+    return VolumeRef((seg.path,), _open)
 
 
 # ---------------------------------------------------------------------- single files and plain folders
