@@ -36,14 +36,14 @@ def _voxflow(*args: str) -> list[str]:
 
 
 def _run(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, env=_env())
+    return subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout, env=_env())
 
 
 def _one_step(work: Path, cfg: str, world: int, out: Path) -> dict:
     port = D.free_port()
     procs = [subprocess.Popen([sys.executable, str(HERE / "ddp_step.py"), str(work), cfg, str(r), str(world),
                                str(port), str(out)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, errors="replace") for r in range(world)]
+                              text=True, encoding="utf-8", errors="replace") for r in range(world)]
     logs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     return torch.load(out, weights_only=False)
@@ -96,7 +96,7 @@ def test_two_torchrun_nodes(planned_workspace: Path, tmp_path: Path) -> None:
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
          "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "vf",
          "-m", "voxflow.train", str(work), "-c", "2d", "-f", "0", *SHORT],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
         for node in (0, 1)]
     logs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(s[-3000:] for s in logs)
