@@ -48,8 +48,11 @@ def test_label_names_and_colours_come_from_dataset_json() -> None:
     assert meta["properties"] == [{"label-value": 0, "name": "background"}, {"label-value": 1, "name": "liver"},
                                   {"label-value": 2, "name": "tumour"}]
     rgba = {c["label-value"]: c["rgba"] for c in meta["colors"]}
-    assert rgba[0] == [0, 0, 0, 0] and rgba[1] != rgba[2] and rgba[1][3] == 255
-    assert meta["source"] == {"image": "../../"} and meta["version"] == "0.5"
+    assert rgba[0] == [0, 0, 0, 0]
+    assert rgba[1] != rgba[2]
+    assert rgba[1][3] == 255
+    assert meta["source"] == {"image": "../../"}
+    assert meta["version"] == "0.5"
 
 
 @pytest.mark.parametrize("chunks", [(1, 7, 6, 5), (1, 24, 20, 16)])
@@ -62,7 +65,8 @@ def test_downsample_image_is_lazy_and_matches_numpy(chunks: tuple[int, ...], rng
     np.testing.assert_allclose(lazy.compute(), expected, rtol=1e-6)
     ints = (x * 100).astype(np.int16)
     got = ngff.downsample_image(da.from_array(ints, chunks=chunks), (2, 2, 2)).compute()
-    assert got.dtype == np.int16 and got.shape == (1, 7, 10, 5)
+    assert got.dtype == np.int16
+    assert got.shape == (1, 7, 10, 5)
 
 
 def test_downsample_label_is_nearest(rng: np.random.Generator) -> None:
@@ -73,7 +77,13 @@ def test_downsample_label_is_nearest(rng: np.random.Generator) -> None:
 
 # ------------------------------------------------------------------------------------ store kinds
 def _config() -> Any:
-    from voxflow.plan.schema import ChannelNormalization, Configuration, NetworkSpec, ResamplingSpec, TrainSpec
+    from voxflow.plan.schema import (
+        ChannelNormalization,
+        Configuration,
+        NetworkSpec,
+        ResamplingSpec,
+        TrainSpec,
+    )
 
     spec = NetworkSpec(n_stages=1, features_per_stage=(4,), kernel_sizes=((3, 3, 3),), strides=((1, 1, 1),),
                        n_blocks_per_stage=(1,), n_conv_per_stage_decoder=())
@@ -102,7 +112,8 @@ def _check_case(case: Path, *, image: bool, labels: tuple[str, ...], n_channels:
             assert len(label.ome_attributes.multiscales[0].datasets) == len(paths)
     nodes = list(Reader(parse_url(str(case)))())
     first = nodes[0]
-    assert first.specs and isinstance(first.specs[0], Label if not image else Multiscales)
+    assert first.specs
+    assert isinstance(first.specs[0], Label if not image else Multiscales)
     assert len(first.data) == len(paths)
     if image:
         assert first.data[0].shape[0] == n_channels
@@ -178,7 +189,8 @@ def test_levels_match_level_zero_and_do_not_confuse_readers(stores: dict[str, An
                           "label_dtype", "label_shape"}
     assert open_case(st, cid).shape == st.image(cid).shape
     names = g.attrs["ome"]
-    assert names["version"] == "0.5" and "multiscales" in names
+    assert names["version"] == "0.5"
+    assert "multiscales" in names
     props = g["labels/label"].attrs["ome"]["image-label"]["properties"]
     assert [p["name"] for p in props] == list(st.meta.labels)
 

@@ -81,7 +81,7 @@ def pyramid_factors(shape_zyx: Sequence[int], spacing_zyx: Sequence[float], *,
     factor = [1, 1, 1]
     out = [(1, 1, 1)]
     while math.prod(shape) > max_voxels and len(out) < _MAX_LEVELS:
-        finest = min(sp for sp, n in zip(spacing, shape) if n > 1)
+        finest = min(sp for sp, n in zip(spacing, shape, strict=False) if n > 1)
         for ax in range(3):
             if shape[ax] > 1 and spacing[ax] <= 2 * finest:
                 shape[ax] = -(-shape[ax] // 2)
@@ -101,9 +101,9 @@ def level_geometry(spacing_zyx: Sequence[float], origin_zyx: Sequence[float], fa
                    mean: bool) -> tuple[list[float], list[float]]:
     """(scale, translation) in mm of a level: averaged blocks are centred ``(f - 1) / 2`` voxels in;
     taking every f-th voxel (labels) keeps the first voxel's centre."""
-    scale = [float(s) * f for s, f in zip(spacing_zyx, factor)]
-    shift = [(f - 1) / 2 * float(s) if mean else 0.0 for s, f in zip(spacing_zyx, factor)]
-    return scale, [float(o) + d for o, d in zip(origin_zyx, shift)]
+    scale = [float(s) * f for s, f in zip(spacing_zyx, factor, strict=False)]
+    shift = [(f - 1) / 2 * float(s) if mean else 0.0 for s, f in zip(spacing_zyx, factor, strict=False)]
+    return scale, [float(o) + d for o, d in zip(origin_zyx, shift, strict=False)]
 
 
 def multiscales_metadata(*, name: str, paths: Sequence[str], spacing_zyx: Sequence[float],
@@ -119,7 +119,7 @@ def multiscales_metadata(*, name: str, paths: Sequence[str], spacing_zyx: Sequen
     lead = [1.0] if channel else []
     zero = [0.0] if channel else []
     datasets = []
-    for path, factor in zip(paths, factors):
+    for path, factor in zip(paths, factors, strict=False):
         scale, translation = level_geometry(spacing_zyx, origin_zyx, factor, mean=mean)
         datasets.append({"path": path, "coordinateTransformations": [
             {"type": "scale", "scale": lead + scale},
@@ -140,7 +140,7 @@ def label_names(labels: Mapping[str, Any], regions_class_order: Sequence[int] | 
     for k, v in plain.items():
         names.setdefault(int(v), k)
     if predicted and regions and regions_class_order is not None:
-        for name, value in zip(regions, regions_class_order):
+        for name, value in zip(regions, regions_class_order, strict=False):
             names[int(value)] = name
     return dict(sorted(names.items()))
 
@@ -165,7 +165,7 @@ def image_label_metadata(names: Mapping[int, str], *, source: str | None) -> dic
 
 # ---------------------------------------------------------------------------------------- lazy levels
 def _pad_to_multiple(x: da.Array, step: Sequence[int]) -> da.Array:
-    pad = [(0, 0)] * (x.ndim - 3) + [(0, (-n) % s) for n, s in zip(x.shape[-3:], step)]
+    pad = [(0, 0)] * (x.ndim - 3) + [(0, (-n) % s) for n, s in zip(x.shape[-3:], step, strict=False)]
     return da.pad(x, pad, mode="edge") if any(p for _, p in pad) else x
 
 
@@ -205,7 +205,7 @@ def downsample_label(x: da.Array, step: Sequence[int]) -> da.Array:
 # ---------------------------------------------------------------------------------------- writing
 def _create_level(group: zarr.Group, path: str, *, like: zarr.Array, shape: Sequence[int],
                   dims: Sequence[str]) -> zarr.Array:
-    chunks = tuple(max(1, min(int(c), int(s))) for c, s in zip(like.chunks, shape))
+    chunks = tuple(max(1, min(int(c), int(s))) for c, s in zip(like.chunks, shape, strict=False))
     return group.create_array(path, shape=tuple(int(s) for s in shape), dtype=like.dtype, chunks=chunks,
                               compressors=like.compressors, fill_value=like.fill_value, dimension_names=dims,
                               overwrite=True)
@@ -219,15 +219,15 @@ def _pyramid(group: zarr.Group, base: zarr.Array, paths: Sequence[str], factors:
     writes: list[Any] = []
     lazy = da.from_zarr(base, chunks=base.chunks)
     lead = tuple(base.shape[:-3])
-    prev = (1, 1, 1)
-    for k, (path, factor) in enumerate(zip(paths, factors)):
+    prev: tuple[int, ...] = (1, 1, 1)
+    for k, (path, factor) in enumerate(zip(paths, factors, strict=False)):
         if k == 0 and not copy_base:
             continue
-        step = [f // p for f, p in zip(factor, prev)]
+        step = [f // p for f, p in zip(factor, prev, strict=False)]
         lazy = (downsample_image if mean else downsample_label)(lazy, step)
         parent, _, leaf = path.rpartition("/")
         where = _require_groups(group, parent)
-        target = _create_level(where, leaf, like=base, shape=(*lead, *level_shape(base.shape[-3:], factor)),
+        target: Any = _create_level(where, leaf, like=base, shape=(*lead, *level_shape(base.shape[-3:], factor)),
                                dims=dims)
         lazy = lazy.rechunk(target.chunks)  # one dask chunk per Zarr chunk: no two tasks share a chunk
         writes.append(da.store(lazy, target, lock=False, compute=False))
@@ -269,11 +269,12 @@ def write_case_ngff(case: zarr.Group, *, case_id: str, geometry: Any, labels: Ma
     at most ``max_voxels`` voxels (default :data:`MAX_LEVEL_VOXELS`, read at call time). Returns the delayed level writes
     (already computed, unless ``compute=False``). Safe to rerun: levels are rewritten.
     """
-    image_name = next((n for n in _IMAGE_ARRAYS if isinstance(case.get(n), zarr.Array)), None)
-    label_arrays = [n for n in _LABEL_ARRAYS if isinstance(case.get(n), zarr.Array)]
-    base = case[image_name] if image_name else case[label_arrays[0]] if label_arrays else None
-    if base is None:
+    arrays = {n: a for n in (*_IMAGE_ARRAYS, *_LABEL_ARRAYS) if isinstance(a := case.get(n), zarr.Array)}
+    image_name = next((n for n in _IMAGE_ARRAYS if n in arrays), None)
+    label_arrays = [n for n in _LABEL_ARRAYS if n in arrays]
+    if image_name is None and not label_arrays:
         return []
+    base = arrays[image_name or label_arrays[0]]
     limit = MAX_LEVEL_VOXELS if max_voxels is None else int(max_voxels)
     factors = pyramid_factors(base.shape[-3:], geometry.spacing_zyx, max_voxels=limit)
     spacing, origin = geometry.spacing_zyx, geometry.origin_zyx
@@ -286,7 +287,7 @@ def write_case_ngff(case: zarr.Group, *, case_id: str, geometry: Any, labels: Ma
     if image_name is None:  # a prediction without probabilities: the case is the label image
         name = label_arrays[0]
         paths = _level_paths(name, len(factors), in_label_group=False)
-        writes += _pyramid(case, case[name], paths, factors, mean=False, dims=("z", "y", "x"), copy_base=False)
+        writes += _pyramid(case, arrays[name], paths, factors, mean=False, dims=("z", "y", "x"), copy_base=False)
         ome["multiscales"] = [multiscales_metadata(name=case_id, paths=paths, spacing_zyx=spacing,
                                                    origin_zyx=origin, factors=factors, channel=False, mean=False)]
         ome["image-label"] = image_label_metadata(names, source=None)
@@ -300,7 +301,7 @@ def write_case_ngff(case: zarr.Group, *, case_id: str, geometry: Any, labels: Ma
             for name in label_arrays:
                 sub = group.create_group(name)
                 lpaths = _level_paths(name, len(factors), in_label_group=True)
-                writes += _pyramid(sub, case[name], lpaths, factors, mean=False, dims=("z", "y", "x"),
+                writes += _pyramid(sub, arrays[name], lpaths, factors, mean=False, dims=("z", "y", "x"),
                                    copy_base=True)
                 sub.attrs["ome"] = {
                     "version": NGFF_VERSION,

@@ -16,7 +16,8 @@ def test_one_preprocess_bar_over_cases_and_no_per_case_bars(tmp_path, small_stor
     plan = helpers.make_plan(helpers.make_config())
     run_preprocess(src, plan, "3d_fullres", tmp_path / "pp.zarr", progress=True)
     err = capsys.readouterr().err
-    assert "preprocess: 100%" in err and "3/3" in err
+    assert "preprocess: 100%" in err
+    assert "3/3" in err
     assert "nonzero boxes: 100%" in err
     assert not [c for c in src.case_ids() if f"preprocess {c}" in err], err  # small cases: no bar of their own
 
@@ -27,7 +28,8 @@ def test_big_cases_get_their_own_bars(tmp_path, small_store, helpers, capsys, mo
     run_preprocess(src, helpers.make_plan(helpers.make_config()), "3d_fullres", tmp_path / "pp.zarr", progress=True)
     err = capsys.readouterr().err
     assert all(f"preprocess {c}" in err for c in src.case_ids())
-    assert cluster.case_progress(True, 10) and not cluster.case_progress(False, 10)
+    assert cluster.case_progress(True, 10)
+    assert not cluster.case_progress(False, 10)
 
 
 @pytest.mark.parametrize(("verbose", "level"), [(0, logging.WARNING), (1, logging.INFO), (2, logging.DEBUG)])
@@ -56,5 +58,6 @@ def test_evaluate_and_postprocessing_selection_show_bars(tmp_path, rng, capsys) 
     evaluate(tmp_path / "pred", tmp_path / "ref", labels=[1])
     determine_postprocessing(tmp_path / "pred", tmp_path / "ref", labels=[1])
     err = capsys.readouterr().err
-    assert "evaluate 2 cases: overlap" in err and "evaluate 2 cases: surface distances" in err
+    assert "evaluate 2 cases: overlap" in err
+    assert "evaluate 2 cases: surface distances" in err
     assert "postprocessing selection (2 cases): 100%" in err

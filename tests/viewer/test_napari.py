@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shlex
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +35,13 @@ def viewer() -> Any:
 def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from voxflow.infer import predict
     from voxflow.io import convert
-    from voxflow.plan.schema import ChannelNormalization, Configuration, NetworkSpec, ResamplingSpec, TrainSpec
+    from voxflow.plan.schema import (
+        ChannelNormalization,
+        Configuration,
+        NetworkSpec,
+        ResamplingSpec,
+        TrainSpec,
+    )
     from voxflow.synthetic import make_dataset
 
     mp = pytest.MonkeyPatch()
@@ -87,7 +92,8 @@ def test_the_demo_napari_command_opens_the_prediction_over_its_image(viewer: Any
     cid = pred.case_ids()[0]
     geom = pred.geometry(cid)
     argv = shlex.split(napari_command(pred, cid, image_store=stores["input"]))
-    assert argv[:3] == ["napari", "--plugin", "napari-ome-zarr"] and len(argv) == 5
+    assert argv[:3] == ["napari", "--plugin", "napari-ome-zarr"]
+    assert len(argv) == 5
     viewer.layers.clear()
     layers = viewer.open(argv[3:], plugin=argv[2])  # what `napari PATHS --plugin P` does
     kinds = [type(layer).__name__ for layer in layers]
