@@ -2,6 +2,8 @@
 #   make demo   -- the end-to-end demo on the built-in synthetic dataset
 #   make test   -- the default (fast) test suite
 #   make test-nnunet -- nnU-Net v2 parity tests in a separate venv (.venv-nnunet) with nnunetv2
+#   make test-viewer -- napari opens dataset and prediction stores (own venv .venv-viewer, under xvfb-run;
+#                       the Debian packages it needs: see .ci/run)
 #   make gpu-check -- every CUDA path (tests marked gpu; they skip without CUDA) + the training benchmark on CUDA
 # Choose another torch build with TORCH_SPEC / TORCH_PIP_ARGS, e.g.
 #   make demo TORCH_SPEC="torch==2.5.1" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu124"
@@ -15,8 +17,12 @@ BIN := $(VENV)/bin
 NNUNET_VENV ?= .venv-nnunet
 NNUNET_BIN := $(NNUNET_VENV)/bin
 TORCHVISION_SPEC ?= torchvision==0.28.0
+VIEWER_VENV ?= .venv-viewer
+VIEWER_BIN := $(VIEWER_VENV)/bin
+# napari draws with OpenGL, which Qt's offscreen platform lacks: run it on a virtual X display
+XVFB ?= $(shell command -v xvfb-run >/dev/null 2>&1 && echo "xvfb-run -a")
 
-.PHONY: setup demo test test-slow test-nnunet gpu-check bench clean
+.PHONY: setup demo test test-slow test-nnunet test-viewer gpu-check bench clean
 
 $(BIN)/.voxflow-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +60,18 @@ $(NNUNET_BIN)/.voxflow-nnunet-installed: pyproject.toml
 
 test-nnunet: $(NNUNET_BIN)/.voxflow-nnunet-installed
 	$(NNUNET_BIN)/python -m pytest -q -m nnunet $(PYTEST_ARGS)
+
+# napari + Qt go into their own venv (its pytest plugins stay out of $(VENV)); the constraint keeps torch.
+$(VIEWER_BIN)/.voxflow-viewer-installed: pyproject.toml
+	test -x $(VIEWER_BIN)/python || $(PYTHON) -m venv $(VIEWER_VENV)
+	$(VIEWER_BIN)/python -m pip install -q --upgrade pip
+	$(VIEWER_BIN)/python -c "import torch" 2>/dev/null || $(VIEWER_BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	printf '%s\n' "$(TORCH_SPEC)" > $(VIEWER_VENV)/constraints.txt
+	$(VIEWER_BIN)/python -m pip install -q $(TORCH_PIP_ARGS) -e ".[viewer]" -c $(VIEWER_VENV)/constraints.txt
+	touch $@
+
+test-viewer: $(VIEWER_BIN)/.voxflow-viewer-installed
+	$(XVFB) $(VIEWER_BIN)/python -m pytest -q -rs -m viewer $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

@@ -74,4 +74,5 @@ def handle_errors(f: F) -> F:
 def configure_logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("voxflow").setLevel(logging.INFO if verbose <= 0 else level)
+    # default: warnings, progress bars and each command's own summary; -v adds INFO lines per case
+    logging.getLogger("voxflow").setLevel(level)

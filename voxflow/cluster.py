@@ -23,10 +23,25 @@ import dask.callbacks
 
 from voxflow.errors import VoxflowError
 
-__all__ = ["compute", "scheduler_context", "validate_scheduler"]
+__all__ = ["BIG_CASE_VOXELS", "case_progress", "compute", "scheduler_context", "stage_bar", "validate_scheduler"]
 
 log = logging.getLogger(__name__)
 _LOCAL = ("threads", "processes", "sync")
+BIG_CASE_VOXELS = 2**25  # ~32 M voxels (about 320^3): a case this big takes seconds per stage
+
+
+def stage_bar(total: int, *, desc: str, progress: bool = True, unit: str = "case") -> Any:
+    """The one progress bar of a stage, over its cases (or trials): a tqdm to ``update()``.
+
+    Per-case work shows its own bar only when :func:`case_progress` says the case is big."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress or total == 0)
+
+
+def case_progress(progress: bool, n_voxels: int) -> bool:
+    """Whether one case gets its own progress bars: only when it is big enough to take seconds."""
+    return bool(progress) and int(n_voxels) >= BIG_CASE_VOXELS
 
 
 def validate_scheduler(spec: str) -> str:
@@ -116,7 +131,7 @@ def compute(*collections: Any, desc: str = "computing", progress: bool = True) -
         from distributed import as_completed
 
         futures = client.compute(list(collections))
-        with tqdm(total=len(futures), desc=desc, unit="part") as bar:
+        with tqdm(total=len(futures), desc=desc, unit="part", leave=False) as bar:
             for _ in as_completed(futures):
                 bar.update(1)
         return tuple(client.gather(futures))

@@ -5,10 +5,12 @@ Converted datasets, preprocessed data and predictions all use it::
     STORE.zarr/                      root attrs: {"voxflow": DatasetMeta.to_dict()}
       cases/<case_id>/               attrs: {"voxflow": {"complete": bool, "geometry": {...},
                                              "provenance": {...}, ...stage extras},
-                                             "ome": OME-NGFF 0.5 multiscales for `image`}
+                                             "ome": OME-NGFF 0.5 (written at completion)}
         image   (C, Z, Y, X)  source dtype (float32 after preprocessing)
         label   (Z, Y, X)     smallest unsigned dtype that fits the label values (optional)
         probs   (K, Z, Y, X)  prediction stores only (float16)
+        levels/, labels/      the OME-NGFF pyramid and label images (see voxflow._ngff); readers
+                              never need them
 
 Every array carries ``dimension_names`` so ``xarray.open_zarr(path, group="cases/<id>")`` opens a
 case. A case is written as: :meth:`Store.begin_case` (drops any old copy, writes
@@ -181,27 +183,13 @@ class DatasetMeta:
 
 
 def ngff_multiscales(geometry: Geometry, *, name: str, path: str = "image") -> dict[str, Any]:
-    """OME-NGFF 0.5 ``ome`` attributes describing one (C, Z, Y, X) array at one scale level.
+    """OME-NGFF 0.5 ``ome`` attributes describing one (C, Z, Y, X) array at one scale level
+    (complete cases carry the full view, pyramid and labels included: :mod:`voxflow._ngff`)."""
+    from voxflow._ngff import NGFF_VERSION, multiscales_metadata
 
-    NGFF before 0.6 knows only scale and translation: the direction matrix stays in voxflow's own
-    attributes, so an oblique image shows axis-aligned in NGFF viewers.
-    """
-    return {
-        "version": "0.5",
-        "multiscales": [{
-            "name": name,
-            "axes": [{"name": "c", "type": "channel"}] + [
-                {"name": ax, "type": "space", "unit": "millimeter"} for ax in "zyx"
-            ],
-            "datasets": [{
-                "path": path,
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": [1.0, *geometry.spacing_zyx]},
-                    {"type": "translation", "translation": [0.0, *geometry.origin_zyx]},
-                ],
-            }],
-        }],
-    }
+    return {"version": NGFF_VERSION, "multiscales": [multiscales_metadata(
+        name=name, paths=[path], spacing_zyx=geometry.spacing_zyx, origin_zyx=geometry.origin_zyx,
+        factors=[(1, 1, 1)], channel=True, mean=True)]}
 
 
 class Store:
@@ -416,7 +404,7 @@ class Store:
         self.delete_case(case_id)
         g = cases.create_group(case_id)
         block = {"complete": False, "geometry": geometry.to_dict(), **dict(attrs or {})}
-        g.attrs.update({"voxflow": block, "ome": ngff_multiscales(geometry, name=case_id)})
+        g.attrs.update({"voxflow": block})
         return g
 
     def create_array(self, case_id: str, name: str, *, shape: Sequence[int], dtype: Any,
@@ -441,8 +429,18 @@ class Store:
         g.attrs["voxflow"] = block
 
     def mark_complete(self, case_id: str) -> None:
-        """Write the completion marker; call only after every array of the case is written."""
+        """Write the case's OME-NGFF metadata and pyramid levels (:mod:`voxflow._ngff`), then the
+        completion marker; call only after every array of the case is written."""
+        self.write_ngff(case_id)
         self.update_case_attrs(case_id, complete=True)
+
+    def write_ngff(self, case_id: str) -> None:
+        """(Re)write the OME-NGFF view of a case from its arrays: metadata and pyramid levels."""
+        from voxflow._ngff import write_case_ngff
+
+        write_case_ngff(self.case_group(case_id), case_id=case_id, geometry=self.geometry(case_id),
+                        labels=self.meta.labels, regions_class_order=self.meta.regions_class_order,
+                        kind=self.meta.kind)
 
     def delete_case(self, case_id: str) -> None:
         """Remove a case (also one whose metadata is damaged)."""

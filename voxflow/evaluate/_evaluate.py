@@ -18,7 +18,7 @@ import dask.array as da
 import numpy as np
 
 from voxflow._types import PathLikeStr
-from voxflow.cluster import scheduler_context
+from voxflow.cluster import compute, scheduler_context
 from voxflow.errors import VoxflowError
 from voxflow.evaluate._io import Segmentation, declared_labels, open_segmentations, pair_segmentations
 from voxflow.evaluate._metrics import (
@@ -116,7 +116,7 @@ def _surface_task(pred: Segmentation, ref: Segmentation, values: tuple[int, ...]
     return dask.delayed(surface_metrics, pure=True)(p, r, spacing, tolerance_mm=tolerance_mm)
 
 
-def _compute_nested(graphs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _compute_nested(graphs: list[dict[str, Any]], *, progress: bool = False) -> list[dict[str, Any]]:
     """``dask.compute`` of a list of ``{"matrix": x, "profiles": [[...], ...]}`` via one flat call.
 
     Every entry is a dask Array: dask 2026.8 returns misplaced results when one ``dask.compute``
@@ -127,7 +127,7 @@ def _compute_nested(graphs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         flat.append(g["matrix"])
         for prof in g.get("profiles", []):
             flat.extend(prof)
-    values = iter(dask.compute(*flat))
+    values = iter(compute(*flat, desc=f"evaluate {len(graphs)} cases: overlap", progress=progress))
     out = []
     for g in graphs:
         item: dict[str, Any] = {"matrix": next(values)}
@@ -138,10 +138,11 @@ def _compute_nested(graphs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def evaluate_pairs(pairs: list[tuple[Segmentation, Segmentation]], targets: list[tuple[int, ...]], *,
-                   tolerance_mm: float = 1.0, surface: bool = True) -> list[dict[str, Any]]:
-    """Metrics of every (prediction, reference) pair for every target; two dask computes in all."""
+                   tolerance_mm: float = 1.0, surface: bool = True, progress: bool = False) -> list[dict[str, Any]]:
+    """Metrics of every (prediction, reference) pair for every target; two dask computes in all
+    (each with a progress bar when ``progress``)."""
     graphs = [_case_graph(p, r, targets, surface) for p, r in pairs]
-    computed = _compute_nested(graphs)
+    computed = _compute_nested(graphs, progress=progress)
     tasks: dict[tuple[int, str], Any] = {}
     if surface:
         for i, ((p, r), g) in enumerate(zip(pairs, computed)):
@@ -149,7 +150,8 @@ def evaluate_pairs(pairs: list[tuple[Segmentation, Segmentation]], targets: list
                 box = bounding_box(prof, pad=1)
                 if box is not None:
                     tasks[(i, target_key(t))] = _surface_task(p, r, t, box, tolerance_mm)
-    surf = dict(zip(tasks, dask.compute(*tasks.values())))
+    surf = dict(zip(tasks, compute(*tasks.values(), desc=f"evaluate {len(pairs)} cases: surface distances",
+                                   progress=progress and bool(tasks))))
     results = []
     for i, ((p, r), g) in enumerate(zip(pairs, computed)):
         vox_mm3 = float(np.prod(p.geometry.spacing_zyx))
@@ -186,7 +188,7 @@ def summarize(per_case: list[dict[str, Any]], targets: list[tuple[int, ...]]) ->
 def evaluate(pred: Store | PathLikeStr, reference: Store | PathLikeStr, *,
              labels: Sequence[LabelSpec] | Mapping[str, Any] | None = None, tolerance_mm: float = 1.0,
              surface: bool = True, output: PathLikeStr | None = None, scheduler: str = "threads",
-             memory_limit: str | None = None) -> dict[str, Any]:
+             memory_limit: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Evaluate predictions against references (folders of label files or voxflow stores).
 
     Returns the summary dict (``metric_per_case``, ``mean``, ``foreground_mean``, ``labels``,
@@ -201,7 +203,7 @@ def evaluate(pred: Store | PathLikeStr, reference: Store | PathLikeStr, *,
         if not targets:
             raise EvaluationError("no foreground label to evaluate: predictions and references are all background; "
                                   "pass --labels to score specific values")
-        per_case = evaluate_pairs(pairs, targets, tolerance_mm=tolerance_mm, surface=surface)
+        per_case = evaluate_pairs(pairs, targets, tolerance_mm=tolerance_mm, surface=surface, progress=progress)
     summary = {
         "labels": [target_key(t) for t in targets],
         "tolerance_mm": float(tolerance_mm),

@@ -230,8 +230,15 @@ def _predict_cases(src: Store, out: Store, ensembles: Sequence[Ensemble], case_i
             staged = nxt.result()
             if i + 1 < len(case_ids):
                 nxt = pool.submit(_stage_case, src, case_ids[i + 1], ensembles, scratch_root, False)
-            _predict_staged(staged, ensembles, predictors, out, opts)
+            _predict_staged(staged, ensembles, predictors, out, _case_opts(opts, src, cid))
             log.info("predicted case %s (%d/%d) on %s", cid, i + 1, len(case_ids), device)
+
+
+def _case_opts(opts: PredictOptions, src: Store, case_id: str) -> PredictOptions:
+    """Per-case progress bars only for cases big enough to take seconds (the stage bar counts cases)."""
+    from voxflow.cluster import case_progress
+
+    return replace(opts, progress=case_progress(opts.progress, int(np.prod(src.zarr_array(case_id, "image").shape))))
 
 
 def _load_ensembles(checkpoints: Sequence[Path], device: str) -> list[Ensemble]:

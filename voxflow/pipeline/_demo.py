@@ -23,7 +23,7 @@ from voxflow._types import PathLikeStr
 from voxflow.pipeline._workflow import RunOptions, run_workflow
 from voxflow.workspace import Workspace
 
-__all__ = ["DemoOptions", "run_demo"]
+__all__ = ["DemoOptions", "napari_command", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,26 @@ def run_demo(work: PathLikeStr, options: DemoOptions | None = None, *,
         report(f"  {name:<10} {d:.3f}" if d is not None and not math.isnan(d) else f"  {name:<10} n/a")
     report(f"Total time {wall / 60:.1f} min. Outputs:")
     report(f"  predictions (NIfTI)  {test_out}/*.nii.gz   -- open with any viewer, e.g. 3D Slicer or ITK-SNAP")
-    report(f"  prediction store     {pred.path}   -- OME-NGFF: `napari --plugin napari-ome-zarr {pred.path}/cases/<case>`")
+    report(f"  prediction store     {pred.path}   (OME-NGFF; view a case over its image in napari:)")
+    if pred.case_ids():
+        report(f"    {napari_command(pred, pred.case_ids()[0], image_store=test_out / '.input' / 'input.zarr')}")
     report(f"  slices figure        {png}")
     report(f"  training curves      {ws.run_dir('3d_fullres', 0) / 'progress.png'}")
     report(f"  model                {ws.configuration_dir('3d_fullres')}   "
            f"(package it: voxflow export-model {ws.root} -o model.zip)")
     return result
+
+
+def napari_command(pred: Any, case_id: str, *, image_store: PathLikeStr | None = None) -> str:
+    """The shell command that opens a predicted case in napari, over its image from ``image_store``
+    when that store holds the case (``napari-ome-zarr`` reads both stores as OME-NGFF)."""
+    import shlex
+
+    paths = []
+    if image_store is not None and (Path(image_store) / "cases" / case_id / "zarr.json").is_file():
+        paths.append(str(Path(image_store) / "cases" / case_id))
+    paths.append(str(pred.path / "cases" / case_id))
+    return "napari --plugin napari-ome-zarr " + " ".join(shlex.quote(p) for p in paths)
 
 
 def _figure(raw: Path, pred: Any, path: Path) -> Path:

@@ -28,7 +28,7 @@ import dask.array as da
 import numpy as np
 
 from voxflow._types import PathLikeStr
-from voxflow.cluster import scheduler_context
+from voxflow.cluster import scheduler_context, stage_bar
 from voxflow.errors import IncompleteStoreError
 from voxflow.evaluate._evaluate import resolve_targets, target_key
 from voxflow.evaluate._io import Segmentation, open_segmentations, pair_segmentations
@@ -83,11 +83,13 @@ def _open_all(sources: Source | Sequence[Source]) -> dict[str, Segmentation]:
 def determine_postprocessing(predictions: Source | Sequence[Source], references: Source, *,
                              labels: Sequence[Any] | Mapping[str, Any] | None = None, connectivity: int = 1,
                              candidates: Sequence[str] = ("keep_largest", "fill_holes"), min_gain: float = 0.0,
-                             output: PathLikeStr | None = None, scheduler: str = "threads") -> PostprocessingSpec:
+                             output: PathLikeStr | None = None, scheduler: str = "threads",
+                             progress: bool = True) -> PostprocessingSpec:
     """Choose postprocessing operations on cross-validation predictions (see module docstring).
 
     ``predictions`` is one store/folder or a list of them (e.g. one per fold); every case needs a
-    reference in ``references``. Returns the spec and saves it to ``output`` when given.
+    reference in ``references``. Returns the spec and saves it to ``output`` when given. One progress
+    bar over the trials (the baseline included) when ``progress``.
     """
     pairs = pair_segmentations(_open_all(predictions), open_segmentations(references))
     trials: list[dict[str, Any]] = []
@@ -100,12 +102,15 @@ def determine_postprocessing(predictions: Source | Sequence[Source], references:
         current = [p.array for p, _ in pairs]
         refs = [r.array for _, r in pairs]
         spacings = [p.geometry.spacing_zyx for p, _ in pairs]
-        base = mean_dice(current, refs, targets)
-        baseline = dict(base)
         steps: list[tuple[Operation, str | None]] = []
         if len(targets) > 1 and "keep_largest" in candidates:
             steps.append((Operation(op="keep_largest", target="foreground"), None))
         steps += [(op, target_key(t)) for t in targets for op in _candidates(t, candidates)]
+        bar = stage_bar(len(steps) + 1, desc=f"postprocessing selection ({len(pairs)} cases)", progress=progress,
+                        unit="trial")
+        base = mean_dice(current, refs, targets)
+        baseline = dict(base)
+        bar.update(1)
         for op, key in steps:
             trial = apply_operation_many(current, op, connectivity=connectivity, spacings=spacings)
             after = mean_dice(trial, refs, targets)
@@ -118,6 +123,8 @@ def determine_postprocessing(predictions: Source | Sequence[Source], references:
             if accept:
                 kept.append(op)
                 base, current = after, trial
+            bar.update(1)
+        bar.close()
     selection = {"n_cases": len(pairs), "targets": [target_key(t) for t in targets], "baseline_dice": baseline,
                  "final_dice": base, "trials": trials}
     spec = PostprocessingSpec(operations=tuple(kept), connectivity=connectivity,

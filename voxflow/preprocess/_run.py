@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 
 from voxflow._lock import locked, store_lock_file
 from voxflow._types import PathLikeStr
-from voxflow.cluster import compute, scheduler_context
+from voxflow.cluster import case_progress, compute, scheduler_context, stage_bar
 from voxflow.errors import VoxflowError
 from voxflow.plan.schema import Configuration, Plan
 from voxflow.preprocess._case import PreprocessedCase, preprocess_case
@@ -34,13 +35,15 @@ def _configuration_dict(config: Configuration) -> dict[str, Any]:
 
 
 def _bboxes(src: Store, case_ids: Sequence[str], progress: bool) -> dict[str, BBox]:
-    """Nonzero bounding boxes of ``case_ids``, reduced a batch of cases per compute."""
+    """Nonzero bounding boxes of ``case_ids``, reduced a batch of cases per compute (one bar)."""
     out: dict[str, BBox] = {}
-    for i in range(0, len(case_ids), _BBOX_BATCH):
-        batch = case_ids[i:i + _BBOX_BATCH]
-        projections = [nonzero_projections(src.image(c)) for c in batch]
-        results = compute(*projections, desc="nonzero boxes", progress=progress)
-        out.update({c: bbox_from_projections(r) for c, r in zip(batch, results, strict=False)})
+    with stage_bar(len(case_ids), desc="nonzero boxes", progress=progress) as bar:
+        for i in range(0, len(case_ids), _BBOX_BATCH):
+            batch = case_ids[i:i + _BBOX_BATCH]
+            projections = [nonzero_projections(src.image(c)) for c in batch]
+            results = compute(*projections, desc="nonzero boxes", progress=False)
+            out.update({c: bbox_from_projections(r) for c, r in zip(batch, results, strict=False)})
+            bar.update(len(batch))
     return out
 
 
@@ -120,8 +123,11 @@ def run_preprocess(store_path: Store | PathLikeStr, plan: Plan | PathLikeStr, co
     with context, dask.config.set({"array.slicing.split_large_chunks": False}):
         known = {c: b for c, b in (bboxes or {}).items() if c in todo and _box_fits(b, src.geometry(c).shape_zyx)}
         boxes = {**_bboxes(src, [c for c in todo if c not in known], progress), **known}
-        for k, cid in enumerate(todo, 1):
-            pc = _write_case(src, out, cid, config, boxes[cid], seed=seed, progress=progress)
-            log.info("[%d/%d] %s: %s -> %s voxels", k, len(todo), cid, pc.original_geometry.shape_zyx,
-                     pc.geometry.shape_zyx)
+        with stage_bar(len(todo), desc="preprocess", progress=progress) as bar:
+            for k, cid in enumerate(todo, 1):
+                big = case_progress(progress, math.prod(src.zarr_array(cid, "image").shape))
+                pc = _write_case(src, out, cid, config, boxes[cid], seed=seed, progress=big)
+                log.info("[%d/%d] %s: %s -> %s voxels", k, len(todo), cid, pc.original_geometry.shape_zyx,
+                         pc.geometry.shape_zyx)
+                bar.update(1)
     return out
