@@ -186,7 +186,8 @@ def test_levels_match_level_zero_and_do_not_confuse_readers(stores: dict[str, An
     assert sorted(g.array_keys()) == ["image", "label"]  # levels live in subgroups
     entry = store_info(st)["cases"][0]
     assert set(entry) == {"case_id", "complete", "shape_zyx", "spacing_zyx", "image_dtype", "image_shape",
-                          "label_dtype", "label_shape"}
+                          "label_dtype", "label_shape", "status", "problems"}  # no level arrays listed
+    assert entry["status"] == "ok"
     assert open_case(st, cid).shape == st.image(cid).shape
     names = g.attrs["ome"]
     assert names["version"] == "0.5"

@@ -459,15 +459,7 @@ class Store:
         if not _json_ok(folder / "zarr.json"):
             return {"(case)": "zarr.json is unreadable"}
         problems: dict[str, str] = {}
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-            try:
-                arr = zarr.open_array(str(sub), mode="r", zarr_format=3)
-            except _READ_ERRORS as e:
-                problems[sub.name] = f"zarr.json is unreadable ({type(e).__name__})"
-                continue
-            problem = _verify_array(arr, sub)
-            if problem:
-                problems[sub.name] = problem
+        _verify_group(folder, folder, problems)
         return problems
 
     # ------------------------------------------------------------------ misc
@@ -487,6 +479,29 @@ def _json_ok(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def _verify_group(folder: Path, case_folder: Path, problems: dict[str, str]) -> None:
+    """Verify every array below ``folder``, descending into subgroups (the OME-NGFF ``labels/`` and
+    ``levels/`` groups); problems are keyed by the path relative to the case."""
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        name = sub.relative_to(case_folder).as_posix()
+        try:
+            node_type = json.loads((sub / "zarr.json").read_bytes()).get("node_type")
+        except (OSError, ValueError, AttributeError) as e:
+            problems[name] = f"zarr.json is unreadable ({type(e).__name__})"
+            continue
+        if node_type == "group":
+            _verify_group(sub, case_folder, problems)
+            continue
+        try:
+            arr = zarr.open_array(str(sub), mode="r", zarr_format=3)
+        except _READ_ERRORS as e:
+            problems[name] = f"zarr.json is unreadable ({type(e).__name__})"
+            continue
+        problem = _verify_array(arr, sub)
+        if problem:
+            problems[name] = problem
 
 
 def _verify_array(arr: zarr.Array, folder: Path) -> str | None:
