@@ -30,9 +30,10 @@ from pathlib import Path
 
 from voxflow._types import PathLikeStr
 
-__all__ = ["CHECKPOINT_FINAL", "ConfigurationDir", "FoldDir", "Workspace"]
+__all__ = ["CHECKPOINT_FINAL", "PREDICTION_STORE", "ConfigurationDir", "FoldDir", "Workspace"]
 
 CHECKPOINT_FINAL = "checkpoint_final.pt"
+PREDICTION_STORE = "prediction.zarr"  # the store in every prediction output folder
 _FOLD_PREFIX = "fold_"
 
 
@@ -68,6 +69,11 @@ class FoldDir:
         return sorted(self.path.glob(".checkpoint_*.tmp"))
 
     @property
+    def configuration(self) -> ConfigurationDir:
+        """The configuration directory holding this fold."""
+        return ConfigurationDir(self.path.parent)
+
+    @property
     def validation(self) -> Path:
         """End-of-fold validation output: ``prediction.zarr`` and ``summary.json``."""
         return self.path / "validation"
@@ -78,7 +84,7 @@ class FoldDir:
 
     @property
     def validation_predictions(self) -> Path:
-        return self.validation / "prediction.zarr"
+        return self.validation / PREDICTION_STORE
 
 
 @dataclass(frozen=True)
