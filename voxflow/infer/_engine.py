@@ -239,7 +239,8 @@ def _stage_case(src: Store, case_id: str, models: Sequence[PredictionModel], scr
         inputs.append(case)
         # dask chunks are whole multiples of the Zarr chunks: every task writes whole chunks, no lock
         sources.append(case.image.astype(np.float32).rechunk((shape[0], *clamp_chunks(big, shape[1:]))))
-    compute(da.store(sources, images, lock=False, compute=False), desc=f"{case_id}: preprocess", progress=False)
+    staged = da.store(sources, images, lock=False, compute=False)  # type: ignore[arg-type]  # zarr targets
+    compute(staged, desc=f"{case_id}: preprocess", progress=False)
     trim_heap()
     return _Staged(case_id, inputs, images, scratch, input_signature(src, case_id))
 
@@ -269,7 +270,7 @@ def _predict_staged(st: _Staged, models: Sequence[PredictionModel], predictors: 
     first = models[0]
     geom = st.inputs[0].geometry
     out_chunks = output_chunks(geom.shape_zyx, first.n_outputs)
-    back = [_predict_model(st, i, m, p, opts, out_chunks) for i, (m, p) in enumerate(zip(models, predictors))]
+    back = [_predict_model(st, i, m, p, opts, out_chunks) for i, (m, p) in enumerate(zip(models, predictors, strict=True))]
     mean = back[0] if len(back) == 1 else sum(back[1:], back[0]) / len(back)
     out.begin_case(st.case_id, geometry=geom, attrs={
         "configurations": [m.name for m in models], "models": [n for m in models for n in m.names],
@@ -282,8 +283,8 @@ def _predict_staged(st: _Staged, models: Sequence[PredictionModel], predictors: 
         targets.append(out.create_array(st.case_id, "probs", shape=mean.shape, dtype=np.float16,
                                         chunks=(1, *out_chunks)))
         sources.append(mean.astype(np.float16).rechunk((1, *out_chunks)))
-    compute(da.store(sources, targets, lock=False, compute=False), desc=f"{st.case_id}: write",
-            progress=opts.progress)
+    writes = da.store(sources, targets, lock=False, compute=False)  # type: ignore[arg-type]  # zarr targets
+    compute(writes, desc=f"{st.case_id}: write", progress=opts.progress)
     if opts.postprocessing is not None:
         _postprocess_case(out, st.case_id, label, geom.spacing_zyx, opts)
     out.mark_complete(st.case_id)
@@ -300,8 +301,8 @@ def _postprocess_case(out: Store, case_id: str, raw: zarr.Array, spacing_zyx: Se
     spec = resolve_postprocessing(opts.postprocessing, [])
     label = apply_postprocessing(da.from_zarr(raw, chunks=raw.chunks), spec, spacing=spacing_zyx)
     target = out.create_array(case_id, "label", shape=raw.shape, dtype=np.uint8, chunks=raw.chunks)
-    compute(da.store(label.astype(np.uint8), target, lock=False, compute=False), desc=f"{case_id}: postprocess",
-            progress=opts.progress)
+    write = da.store(label.astype(np.uint8), target, lock=False, compute=False)  # type: ignore[arg-type]
+    compute(write, desc=f"{case_id}: postprocess", progress=opts.progress)
     out.update_case_attrs(case_id, postprocessing=spec.to_dict())
 
 
@@ -336,7 +337,7 @@ def _run_on_devices(devices: list[str], src: Store, out: Store, loader: ModelLoa
                     opts: PredictOptions, scratch_root: Path) -> None:
     ctx = mp.get_context("spawn")
     procs = []
-    for dev, part in zip(devices, split_evenly(todo, len(devices))):
+    for dev, part in zip(devices, split_evenly(todo, len(devices)), strict=True):
         if part:
             p = ctx.Process(target=_device_worker, args=(str(src.path), str(out.path), loader, dev, part, opts,
                                                           str(scratch_root)))

@@ -24,7 +24,15 @@ import numpy as np
 from voxflow.errors import ConversionError, LayoutError
 from voxflow.geometry import Geometry
 from voxflow.infer._chunks import read_chunks
-from voxflow.io import IMAGE_SUFFIXES, DatasetSource, convert, file_stats, files_source, load_source, split_suffix
+from voxflow.io import (
+    IMAGE_SUFFIXES,
+    DatasetSource,
+    convert,
+    file_stats,
+    files_source,
+    load_source,
+    split_suffix,
+)
 from voxflow.plan.schema import Configuration
 from voxflow.preprocess import preprocess_case
 from voxflow.store import Store

@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from voxflow.errors import VoxflowError
-from voxflow.infer._engine import ModelLoader, PredictionModel, PredictOptions, resolve_postprocessing, run_prediction
+from voxflow.infer._engine import (
+    ModelLoader,
+    PredictionModel,
+    PredictOptions,
+    resolve_postprocessing,
+    run_prediction,
+)
 from voxflow.infer._models import CheckpointLoader, find_trained_folds, group_models
 from voxflow.store import Store
 

@@ -20,7 +20,13 @@ from voxflow.models._package import (
 )
 
 if TYPE_CHECKING:
-    from voxflow.models._checkpoint import FORMAT, fit_state_dict, load_checkpoint, load_model, strip_state_dict
+    from voxflow.models._checkpoint import (
+        FORMAT,
+        fit_state_dict,
+        load_checkpoint,
+        load_model,
+        strip_state_dict,
+    )
 
 __all__ = [
     "FORMAT",

@@ -20,7 +20,12 @@ from voxflow.preprocess._case import PreprocessedCase, preprocess_case, preproce
 from voxflow.preprocess._crop import BBox, crop, nonzero_bbox, nonzero_mask
 from voxflow.preprocess._foreground import foreground_index
 from voxflow.preprocess._normalize import normalize
-from voxflow.preprocess._resample import axis_operator, resample_label_to_shape, resample_to_shape, zoom_reference
+from voxflow.preprocess._resample import (
+    axis_operator,
+    resample_label_to_shape,
+    resample_to_shape,
+    zoom_reference,
+)
 from voxflow.preprocess._run import run_preprocess
 
 __all__ = [
