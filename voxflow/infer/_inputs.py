@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
@@ -24,18 +24,13 @@ import numpy as np
 from voxflow.errors import ConversionError, LayoutError
 from voxflow.geometry import Geometry
 from voxflow.infer._chunks import read_chunks
-from voxflow.io import (
-    IMAGE_SUFFIXES,
-    DatasetSource,
-    convert,
-    file_stats,
-    files_source,
-    load_source,
-    split_suffix,
-)
+from voxflow.io import IMAGE_SUFFIXES, convert, file_stats, files_source, load_source, split_suffix
 from voxflow.plan.schema import Configuration
 from voxflow.preprocess import preprocess_case
 from voxflow.store import Store
+
+if TYPE_CHECKING:
+    from voxflow.io import DatasetSource
 
 __all__ = ["PreparedCase", "cases_to_predict", "describe_case", "input_signature", "open_input", "prepare_case"]
 

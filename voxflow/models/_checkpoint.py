@@ -3,8 +3,7 @@
 
 A checkpoint is a dict ``{"format": "voxflow-checkpoint-1", "network": state_dict,
 "configuration": Configuration dict, "dataset": DatasetMeta dict, "in_channels", "num_outputs",
-"epoch", ...}``; training checkpoints add the optimiser, grad-scaler and RNG states and the
-trainer's bookkeeping so ``--resume`` continues exactly.
+"epoch", ...}`` (training adds its own state for ``--resume``).
 """
 
 from __future__ import annotations

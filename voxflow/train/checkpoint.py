@@ -1,11 +1,9 @@
 """Checkpoints: atomic ``torch.save`` (temporary file + ``os.replace``) and RNG capture.
 
-The format and its reading (``load_checkpoint``, ``fit_state_dict``, ``load_model``) live in
-:mod:`voxflow.models` (prediction needs them without training); they are re-exported here.
-A checkpoint is a dict ``{"format": "voxflow-checkpoint-1", "network": state_dict,
-"configuration": Configuration dict, "dataset": DatasetMeta dict, "in_channels", "num_outputs",
-"epoch", ...}``; training checkpoints add the optimiser, grad-scaler and RNG states and the
-trainer's bookkeeping so ``--resume`` continues exactly.
+The checkpoint format and its reading (``load_checkpoint``, ``fit_state_dict``, ``load_model``) live
+in :mod:`voxflow.models`, since prediction needs them without training; they are re-exported here.
+Training checkpoints add the optimiser, grad-scaler and RNG states and the trainer's bookkeeping to
+the model's entries, so ``--resume`` continues exactly.
 """
 
 from __future__ import annotations
