@@ -16,14 +16,16 @@ def test_run_layout(tmp_path: Path) -> None:
     run = work.fold("3d_fullres", 0)
     assert run.path == work.run_dir("3d_fullres", 0) == tmp_path / "runs" / "3d_fullres" / "fold_0"
     assert run.checkpoint_final == run.path / "checkpoint_final.pt" == run.checkpoint("final")
-    assert run.checkpoint_latest.name == "checkpoint_latest.pt" and run.fold == "0"
+    assert run.checkpoint_latest.name == "checkpoint_latest.pt"
+    assert run.fold == "0"
     assert run.validation_summary == run.path / "validation" / "summary.json"
     assert run.validation_predictions == run.path / "validation" / "prediction.zarr"
     assert run.configuration == work.configuration("3d_fullres")
     cfg = ConfigurationDir(work.configuration_dir("3d_fullres"))
     assert cfg.postprocessing == tmp_path / "runs" / "3d_fullres" / "postprocessing.json"
     assert work.best_configuration == tmp_path / "best_configuration.json"
-    assert cfg.folds() == [] and work.configuration_names() == []
+    assert cfg.folds() == []
+    assert work.configuration_names() == []
     for k in (1, 0, "all"):
         cfg.fold(k).path.mkdir(parents=True)
     cfg.fold(1).checkpoint_final.write_bytes(b"")

@@ -56,7 +56,8 @@ def test_any_prediction_model_plugs_into_predict(tmp_path: Path, write_store) ->
                   export=False)
     cid = src.case_ids()[0]
     np.testing.assert_array_equal(out.label(cid).compute(), (src.image(cid).compute()[0] > 0).astype(np.uint8))
-    assert out.case_attrs(cid)["rule"] == "image > 0" and out.meta.extra["models"] == ["threshold/rule"]
+    assert out.case_attrs(cid)["rule"] == "image > 0"
+    assert out.meta.extra["models"] == ["threshold/rule"]
     assert model.previous_seen == [{}]  # single stage: no earlier outputs
 
 
@@ -65,7 +66,8 @@ def test_predict_options_are_one_typed_value(tmp_path: Path, meta, make_config, 
     with pytest.raises(TypeError, match="unknown prediction option"):
         PredictOptions.build(stpe=0.5)
     opts = PredictOptions.build(PredictOptions(tta=False), device=["cpu", "cpu"])
-    assert opts.devices() == ["cpu", "cpu"] and not opts.tta
+    assert opts.devices() == ["cpu", "cpu"]
+    assert not opts.tta
     assert PredictOptions(device="cuda:0, cuda:1").devices() == ["cuda:0", "cuda:1"]
     src = write_store(tmp_path / "ds.zarr", meta, [(5, 9, 30)])
     model = (conv_net(seed=1), make_config(), meta)
