@@ -14,19 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from voxflow.infer._accumulator import TileAccumulator, order_tiles
 from voxflow.infer._chunks import read_chunks
-from voxflow.infer._engine import (
-    STORE_NAME,
-    CaseInput,
-    ModelLoader,
-    PredictionModel,
-    PredictOptions,
-    TileScorer,
-    resolve_postprocessing,
-    run_prediction,
-)
+from voxflow.infer._engine import STORE_NAME, run_prediction
 from voxflow.infer._gaussian import gaussian_importance_map
 from voxflow.infer._inputs import describe_case
 from voxflow.infer._memory import release_large_allocations
+from voxflow.infer._options import PredictOptions, resolve_postprocessing
+from voxflow.infer._protocols import CaseInput, ModelLoader, PredictionModel, TileScorer
 from voxflow.infer._tiling import TileGrid, tile_grid, tile_starts
 from voxflow.infer._undo import background_probabilities, probabilities_to_label, uncrop, undo_preprocessing
 

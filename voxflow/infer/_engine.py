@@ -1,7 +1,8 @@
 """The one case pipeline of every model kind: stage -> predict -> write.
 
-A model (:class:`PredictionModel`: voxflow's own folds of a configuration, an nnU-Net model folder)
-says three things: how to preprocess a case (``prepare``, giving a :class:`CaseInput`: the lazy image
+A model (:class:`~voxflow.infer.PredictionModel`: voxflow's own folds of a configuration, an nnU-Net
+model folder) says three things: how to preprocess a case (``prepare``, giving a
+:class:`~voxflow.infer.CaseInput`: the lazy image
 on the model's grid and how to undo), which tile predictor to run (``tile_predictor``: a batch of
 tiles in, per-tile scores out) and with which tile weights. The engine does the rest, the same way
 for every kind:
@@ -16,7 +17,7 @@ for every kind:
   prediction store, postprocessing (optional) follows, then the completion marker.
 
 Several devices: one process per device predicts its share of the cases, each loading its models
-through a picklable :data:`ModelLoader`.
+through a picklable :data:`~voxflow.infer.ModelLoader`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -36,181 +37,20 @@ import zarr
 
 from voxflow.cluster import compute, scheduler_context, split_evenly
 from voxflow.errors import VoxflowError
-from voxflow.geometry import Geometry
-from voxflow.infer._accumulator import DEFAULT_CACHE_BYTES
 from voxflow.infer._chunks import clamp_chunks, grow_chunks, output_chunks
 from voxflow.infer._export import export_labels
 from voxflow.infer._inputs import cases_to_predict, input_signature, open_input
 from voxflow.infer._memory import release_large_allocations, trim_heap
+from voxflow.infer._options import PredictOptions, resolve_postprocessing
+from voxflow.infer._protocols import CaseInput, ModelLoader, PredictionModel, TileScorer
 from voxflow.infer._undo import probabilities_to_label
 from voxflow.store import DatasetMeta, Store
 from voxflow.workspace import PREDICTION_STORE
 
-__all__ = ["STORE_NAME", "CaseInput", "ModelLoader", "PredictOptions", "PredictionModel", "TileScorer",
-           "resolve_postprocessing", "run_prediction"]
+__all__ = ["STORE_NAME", "run_prediction"]
 
 log = logging.getLogger(__name__)
 STORE_NAME = PREDICTION_STORE
-
-
-class TileScorer(Protocol):
-    """A batch of (B, C, *patch) float32 tiles in, (B, K, *patch) float32 scores out (a torch tensor or
-    numpy array): probabilities or logits, as the model's :attr:`CaseInput.restore` expects."""
-
-    def __call__(self, tiles: np.ndarray) -> Any: ...
-
-
-Restore = Callable[[da.Array, tuple[int, ...]], da.Array]
-
-
-@dataclass(frozen=True)
-class CaseInput:
-    """One case on a model's grid.
-
-    ``image``: (C, z, y, x) float32, lazy; ``geometry``: the case's original geometry; ``restore``:
-    maps the accumulated tile scores (K, z, y, x) (lazy) and the output chunks (z, y, x) to
-    probabilities (K, Z, Y, X) on the original grid, lazy and chunked ``(K, *out_chunks)``.
-    """
-
-    image: da.Array
-    geometry: Geometry
-    restore: Restore
-
-
-class PredictionModel(Protocol):
-    """What the case pipeline needs from a model: how to preprocess, a tile predictor, how to undo.
-
-    ``name`` is recorded as the configuration, ``names`` as the models (e.g. its folds); ``dataset``
-    gives the labels of the prediction; ``regions_class_order`` (None: argmax) turns region
-    probabilities into labels; ``record`` holds extra attributes written with every prediction.
-    """
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def names(self) -> list[str]: ...
-
-    @property
-    def dataset(self) -> DatasetMeta: ...
-
-    @property
-    def n_outputs(self) -> int: ...
-
-    @property
-    def activation(self) -> str: ...
-
-    @property
-    def regions_class_order(self) -> tuple[int, ...] | None: ...
-
-    @property
-    def patch_size_vox(self) -> tuple[int, int, int]: ...
-
-    @property
-    def n_channels(self) -> int: ...
-
-    @property
-    def record(self) -> Mapping[str, Any]: ...
-
-    def batch_size(self, requested: int | None) -> int:
-        """Tiles per forward pass (``requested`` if given)."""
-        ...
-
-    def importance_map(self) -> np.ndarray | None:
-        """Tile weights of the patch shape, or None for :func:`~voxflow.infer.gaussian_importance_map`."""
-        ...
-
-    def check_input(self, store: Store) -> None:
-        """Raise a :class:`VoxflowError` if the model cannot predict from this input store."""
-        ...
-
-    def prepare(self, store: Store, case_id: str, *, out_chunks: Sequence[int],
-                previous: Mapping[str, da.Array]) -> CaseInput:
-        """The case on the model's grid (lazy, dask chunks ``out_chunks``; small computes allowed).
-
-        ``previous``: outputs of earlier stages for this case by stage name (e.g. a cascade's
-        low-resolution segmentation); empty for single-stage models."""
-        ...
-
-    def tile_predictor(self, *, device: str, tta: bool, amp: bool) -> TileScorer:
-        """The tile predictor on ``device`` (mirroring when ``tta``)."""
-        ...
-
-
-ModelLoader = Callable[[str], Sequence[PredictionModel]]
-"""Loads the models on a device (``"cuda:1"``); picklable, so that each device's process loads its own."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class PredictOptions:
-    """How to run a prediction (see :func:`voxflow.infer.predict`); every field is also a keyword of it.
-
-    ``postprocessing`` is the resolved :class:`~voxflow.postprocess.PostprocessingSpec` applied to
-    each label, or None (``predict`` resolves its ``postprocessing`` argument into it).
-    """
-
-    step: float = 0.5
-    tta: bool = True
-    save_probabilities: bool = False
-    batch_size: int | None = None
-    cache_bytes: int = DEFAULT_CACHE_BYTES
-    amp: bool = True
-    progress: bool = True
-    postprocessing: Any = None
-    device: str | tuple[str, ...] = "cpu"
-    scheduler: str = "threads"
-    memory_limit: str | None = None
-    export: bool = True
-    overwrite: bool = False
-
-    @classmethod
-    def build(cls, options: PredictOptions | None = None, **overrides: Any) -> PredictOptions:
-        """``options`` (default: the defaults) with ``overrides`` replaced; unknown names are refused."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise TypeError(f"unknown prediction option(s) {unknown}; known: {sorted(known)}.")
-        if isinstance(overrides.get("device"), (list, tuple)):
-            overrides["device"] = tuple(str(d) for d in overrides["device"])
-        return replace(options or cls(), **overrides)
-
-    def devices(self) -> list[str]:
-        """``device`` as a list: several for ``"cuda:0,cuda:1"``, a list, or ``"cuda"`` with several GPUs."""
-        if not isinstance(self.device, str):
-            return [str(d) for d in self.device]
-        if "," in self.device:
-            return [d.strip() for d in self.device.split(",") if d.strip()]
-        if self.device == "cuda":
-            import torch
-
-            n = torch.cuda.device_count()
-            if n > 1:
-                return [f"cuda:{i}" for i in range(n)]
-        return [self.device]
-
-
-def resolve_postprocessing(postprocessing: Any, configuration_dirs: Sequence[Path]) -> Any:
-    """``"auto"``: the ``postprocessing.json`` of the (single) configuration dir the models come from;
-    ``None``: none; a spec, dict or path: that one."""
-    from voxflow.postprocess import PostprocessingSpec
-    from voxflow.workspace import ConfigurationDir
-
-    if postprocessing is None:
-        return None
-    if isinstance(postprocessing, str) and postprocessing == "auto":
-        dirs = set(configuration_dirs)
-        if len(dirs) != 1:
-            if dirs:
-                log.info("no postprocessing applied: it is chosen per configuration, and %d are ensembled",
-                         len(dirs))
-            return None
-        path = ConfigurationDir(next(iter(dirs))).postprocessing
-        return PostprocessingSpec.load(path) if path.is_file() else None
-    if isinstance(postprocessing, PostprocessingSpec):
-        return postprocessing
-    if isinstance(postprocessing, dict):
-        return PostprocessingSpec.from_dict(postprocessing)
-    return PostprocessingSpec.load(Path(postprocessing))
 
 
 @dataclass
@@ -384,15 +224,18 @@ def run_prediction(source: Store | str | Path | Sequence[str | Path], output: st
     """Segment the cases of ``source`` with ``models`` (averaged) into ``output/prediction.zarr``.
 
     ``models`` are loaded on the first of ``opts.devices()``; with several devices (and more than one
-    case to do) each device's process loads its own through ``loader``. Cases complete in the output
+    case to do) each device's process loads its own through ``loader`` (without one, ``"cuda"`` means
+    the current GPU, and a list of devices is refused). Cases complete in the output
     (from unchanged inputs) are skipped. Exports label files unless ``opts.export`` is False.
     Fixes glibc's mmap threshold for the process (:func:`~voxflow.infer.release_large_allocations`).
     """
     _check_models(models)
     devices = opts.devices()
     if len(devices) > 1 and loader is None:
-        raise VoxflowError("several devices need models each process can load (model_dir, an nnU-Net model "
-                           "folder); got models that are already loaded.")
+        if opts.device != "cuda":
+            raise VoxflowError("several devices need models each process can load (model_dir, an nnU-Net model "
+                               "folder); got models that are already loaded.")
+        devices = ["cuda"]  # loaded models and every visible GPU: predict on the current one
     release_large_allocations()
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)

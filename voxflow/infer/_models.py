@@ -1,7 +1,7 @@
 """voxflow's own models for the case pipeline: the trained folds of one or more configurations.
 
 An :class:`Ensemble` (the folds of one configuration) is a
-:class:`~voxflow.infer._engine.PredictionModel`: it preprocesses like training did
+:class:`~voxflow.infer.PredictionModel`: it preprocesses like training did
 (:func:`~voxflow.infer._inputs.prepare_case`), averages the folds' probabilities tile by tile
 (:class:`~voxflow.infer.TilePredictor`) and undoes the preprocessing with
 :func:`~voxflow.infer.undo_preprocessing`. Model directories follow
@@ -21,8 +21,8 @@ import dask.array as da
 import numpy as np
 
 from voxflow.errors import IncompleteStoreError, VoxflowError
-from voxflow.infer._engine import CaseInput, TileScorer
 from voxflow.infer._inputs import PreparedCase, prepare_case
+from voxflow.infer._protocols import CaseInput, TileScorer
 from voxflow.infer._undo import undo_preprocessing
 from voxflow.plan.schema import Configuration
 from voxflow.store import DatasetMeta, Store

@@ -9,14 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from voxflow.errors import VoxflowError
-from voxflow.infer._engine import (
-    ModelLoader,
-    PredictionModel,
-    PredictOptions,
-    resolve_postprocessing,
-    run_prediction,
-)
+from voxflow.infer._engine import run_prediction
 from voxflow.infer._models import CheckpointLoader, find_trained_folds, group_models
+from voxflow.infer._options import PredictOptions, resolve_postprocessing
+from voxflow.infer._protocols import ModelLoader, PredictionModel
 from voxflow.store import Store
 
 __all__ = ["PredictOptions", "predict"]
