@@ -35,7 +35,7 @@ def test_run_layout(tmp_path: Path) -> None:
 
 
 def _imports(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module:
