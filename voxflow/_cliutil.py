@@ -13,7 +13,8 @@ from voxflow.errors import VoxflowError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-__all__ = ["handle_errors", "parse_set_options", "scheduler_option", "set_option", "workspace_option"]
+__all__ = ["handle_errors", "parse_folds", "parse_set_options", "scheduler_option", "set_option",
+           "workspace_option"]
 
 
 def scheduler_option(f: F) -> F:
@@ -52,6 +53,17 @@ def parse_set_options(overrides: tuple[str, ...]) -> dict[str, str]:
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     return out
+
+
+def parse_folds(folds: tuple[str, ...], more: tuple[str, ...] = ()) -> list[int | str]:
+    """Fold numbers from ``-f 0 1 2`` (the rest arrive as ``more``), ``-f 0,1`` or ``-f 0 -f 1``; ``all`` too."""
+    if more and not folds:
+        raise click.BadParameter(f"unexpected arguments {list(more)}; only fold numbers may follow -f.")
+    bad = [f for f in more if not (f.isdigit() or f == "all")]
+    if bad:
+        raise click.BadParameter(f"fold numbers must be integers or 'all'; got {bad}.", param_hint="-f")
+    items = [f for item in (*folds, *more) for f in item.split(",") if f]
+    return [int(f) if f.isdigit() else f for f in items]
 
 
 def handle_errors(f: F) -> F:

@@ -249,7 +249,7 @@ def test_staging_graph_does_not_grow_with_small_chunks(tmp_path: Path, meta, mak
     tasks (~150 MB of Python objects, the part of peak memory that grew with the volume). The case
     here has 64 x 128 x 128 voxels in 1 x 7 x 6 x 5 store chunks and a 16 x 32 x 32 patch (512
     half-patch chunks)."""
-    import voxflow.infer._predict as P
+    import voxflow.infer._engine as P
 
     src = write_store(tmp_path / "ds.zarr", meta, [(64, 128, 128)], spacing=(2.0, 1.0, 1.0))
     cfg = make_config(patch=(16, 32, 32))

@@ -5,11 +5,20 @@ bounding box of one structure (prediction and reference together) at a time. Con
 empty cases, are documented in :mod:`voxflow.evaluate._metrics`.
 """
 
-from voxflow.evaluate._evaluate import evaluate, evaluate_pairs, format_table, parse_labels, summarize
+from voxflow.evaluate._evaluate import (
+    evaluate,
+    evaluate_pairs,
+    format_table,
+    parse_labels,
+    resolve_targets,
+    summarize,
+    target_key,
+)
 from voxflow.evaluate._io import Segmentation, open_segmentations, pair_segmentations
 from voxflow.evaluate._metrics import (
     bounding_box,
     confusion_matrix,
+    nan_to_none,
     overlap_metrics,
     region_counts,
     surface_distances,
@@ -23,12 +32,15 @@ __all__ = [
     "evaluate",
     "evaluate_pairs",
     "format_table",
+    "nan_to_none",
     "open_segmentations",
     "overlap_metrics",
     "pair_segmentations",
     "parse_labels",
     "region_counts",
+    "resolve_targets",
     "summarize",
     "surface_distances",
     "surface_metrics",
+    "target_key",
 ]

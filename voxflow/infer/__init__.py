@@ -2,31 +2,54 @@
 
 ``sliding_window_predict`` predicts one (C, Z, Y, X) volume with memory bounded by the tiles in
 flight; ``predict`` runs whole cases end to end (preprocess, predict, undo preprocessing, write a
-prediction store and export files). torch is imported on first use of a predictor.
+prediction store and export files). Every model kind -- voxflow's folds, nnU-Net model folders --
+plugs into the same case pipeline (``run_prediction``) as a :class:`PredictionModel`: how to
+preprocess (giving a :class:`CaseInput`), a tile predictor, how to undo. torch is imported on first
+use of a predictor.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from voxflow.infer._accumulator import TileAccumulator, order_tiles
+from voxflow.infer._chunks import read_chunks
+from voxflow.infer._engine import STORE_NAME, run_prediction
 from voxflow.infer._gaussian import gaussian_importance_map
+from voxflow.infer._inputs import describe_case
 from voxflow.infer._memory import release_large_allocations
+from voxflow.infer._options import PredictOptions, resolve_postprocessing
+from voxflow.infer._protocols import CaseInput, ModelLoader, PredictionModel, TileScorer
 from voxflow.infer._tiling import TileGrid, tile_grid, tile_starts
-from voxflow.infer._undo import probabilities_to_label, uncrop, undo_preprocessing
+from voxflow.infer._undo import background_probabilities, probabilities_to_label, uncrop, undo_preprocessing
+
+if TYPE_CHECKING:
+    from voxflow.infer._predict import predict
+    from voxflow.infer._predictor import TilePredictor, mirror_combinations
+    from voxflow.infer._sliding import read_tile, sliding_window_predict, sliding_window_predict_in_memory
 
 __all__ = [
+    "STORE_NAME",
+    "CaseInput",
+    "ModelLoader",
     "PredictOptions",
+    "PredictionModel",
     "TileAccumulator",
     "TileGrid",
     "TilePredictor",
+    "TileScorer",
+    "background_probabilities",
+    "describe_case",
     "gaussian_importance_map",
     "mirror_combinations",
     "order_tiles",
     "predict",
     "probabilities_to_label",
+    "read_chunks",
     "read_tile",
     "release_large_allocations",
+    "resolve_postprocessing",
+    "run_prediction",
     "sliding_window_predict",
     "sliding_window_predict_in_memory",
     "tile_grid",
@@ -38,7 +61,7 @@ __all__ = [
 _LAZY = {
     "TilePredictor": "_predictor", "mirror_combinations": "_predictor",
     "sliding_window_predict": "_sliding", "sliding_window_predict_in_memory": "_sliding", "read_tile": "_sliding",
-    "predict": "_predict", "PredictOptions": "_predict",
+    "predict": "_predict",
 }
 
 

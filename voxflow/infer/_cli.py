@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from voxflow._cliutil import handle_errors, scheduler_option
+from voxflow._cliutil import handle_errors, parse_folds, scheduler_option
 
 
 @click.command("predict")
@@ -16,7 +16,8 @@ from voxflow._cliutil import handle_errors, scheduler_option
               help="WORK/runs/<configuration> (repeat to ensemble configurations), WORK/runs with -c, or a "
                    "model.zip written by `voxflow export-model`.")
 @click.option("--no-postprocessing", is_flag=True,
-              help="Skip the model's postprocessing.json (chosen by cross-validation; applied by default).")
+              help="Skip the model's postprocessing.json (chosen by cross-validation; applied by default). "
+                   "With --nnunet-model: a voxflow postprocessing.json in the model folder, if any.")
 @click.option("--nnunet-model", type=click.Path(exists=True, file_okay=False), default=None,
               help="Instead of -m: an nnU-Net v2 model folder RESULTS/DatasetXXX/TRAINER__PLANS__CONFIG.")
 @click.option("--nnunet-checkpoint", default="checkpoint_final.pth", show_default=True,
@@ -43,30 +44,24 @@ def predict(inputs: tuple[str, ...], output: str, model_dirs: tuple[str, ...], c
             cache_mb: int, overwrite: bool, more_folds: tuple[str, ...], scheduler: str,
             memory_limit: str | None, no_postprocessing: bool) -> None:
     """Predict every case of INPUT with the trained folds in MODEL_DIR; write OUTPUT."""
-    from voxflow.infer._predict import predict as run_predict
+    from voxflow.infer import PredictOptions
 
-    if more_folds and not folds:
-        raise click.BadParameter(f"unexpected arguments {list(more_folds)}; only fold numbers may follow -f.")
-    bad = [f for f in more_folds if not (f.isdigit() or f == "all")]
-    if bad:
-        raise click.BadParameter(f"fold numbers must be integers or 'all'; got {bad}.", param_hint="-f")
-    items = [f for item in (*folds, *more_folds) for f in item.split(",") if f]
-    fold_list: list[int | str] = [int(f) if f.isdigit() else f for f in items]
+    fold_list = parse_folds(folds, more_folds)
     source = inputs[0] if len(inputs) == 1 else list(inputs)
     if bool(nnunet_model) == bool(model_dirs):
         raise click.UsageError("give either -m/--model-dir or --nnunet-model (exactly one).")
+    opts = PredictOptions(step=step, tta=not no_tta, device=device, save_probabilities=save_probabilities,
+                          scheduler=scheduler, memory_limit=memory_limit, cache_bytes=cache_mb * 2**20,
+                          overwrite=overwrite)
+    postprocessing = None if no_postprocessing else "auto"
     if nnunet_model:
         from voxflow.nnunet import predict_nnunet
 
         store = predict_nnunet(source, output, nnunet_model, folds=fold_list or None, checkpoint=nnunet_checkpoint,
-                               step=step, tta=not no_tta, device=device, save_probabilities=save_probabilities,
-                               scheduler=scheduler, memory_limit=memory_limit, cache_bytes=cache_mb * 2**20,
-                               overwrite=overwrite)
-        click.echo(str(store.path))
-        return
-    store = run_predict(source, output, model_dir=list(model_dirs), configuration=list(configurations) or None,
-                        folds=fold_list or None, step=step, tta=not no_tta, device=device,
-                        save_probabilities=save_probabilities, scheduler=scheduler, cache_bytes=cache_mb * 2**20,
-                        overwrite=overwrite, memory_limit=memory_limit,
-                        postprocessing=None if no_postprocessing else "auto")
+                               postprocessing=postprocessing, options=opts)
+    else:
+        from voxflow.infer import predict as run_predict
+
+        store = run_predict(source, output, model_dir=list(model_dirs), configuration=list(configurations) or None,
+                            folds=fold_list or None, postprocessing=postprocessing, options=opts)
     click.echo(str(store.path))

@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
@@ -24,29 +24,24 @@ import numpy as np
 from voxflow.errors import ConversionError, LayoutError
 from voxflow.geometry import Geometry
 from voxflow.infer._chunks import read_chunks
-from voxflow.io import DatasetSource, convert, file_stats, files_source, load_source
+from voxflow.io import IMAGE_SUFFIXES, convert, file_stats, files_source, load_source, split_suffix
 from voxflow.plan.schema import Configuration
 from voxflow.preprocess import preprocess_case
 from voxflow.store import Store
 
+if TYPE_CHECKING:
+    from voxflow.io import DatasetSource
+
 __all__ = ["PreparedCase", "cases_to_predict", "describe_case", "input_signature", "open_input", "prepare_case"]
 
 log = logging.getLogger(__name__)
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".tif", ".tiff", ".png")
-
-
-def _split_suffix(name: str) -> tuple[str, str]:
-    for suf in _IMAGE_SUFFIXES:
-        if name.lower().endswith(suf):
-            return name[: -len(suf)], suf
-    return name, ""
 
 
 def _image_files(paths: Sequence[Path]) -> list[Path]:
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
-            files.extend(sorted(f for f in p.iterdir() if f.is_file() and _split_suffix(f.name)[1]))
+            files.extend(sorted(f for f in p.iterdir() if f.is_file() and split_suffix(f.name)[1]))
         elif p.is_file():
             files.append(p)
         else:
@@ -54,7 +49,7 @@ def _image_files(paths: Sequence[Path]) -> list[Path]:
                                   f"it does not exist.")
     if not files:
         raise ConversionError(f"input {[str(p) for p in paths]} must contain image files "
-                              f"({', '.join(_IMAGE_SUFFIXES)}); found none.")
+                              f"({', '.join(IMAGE_SUFFIXES)}); found none.")
     return files
 
 

@@ -1,71 +1,157 @@
-"""Finding and loading the trained models of a prediction: folds of one or more configurations."""
+"""voxflow's own models for the case pipeline: the trained folds of one or more configurations.
+
+An :class:`Ensemble` (the folds of one configuration) is a
+:class:`~voxflow.infer.PredictionModel`: it preprocesses like training did
+(:func:`~voxflow.infer._inputs.prepare_case`), averages the folds' probabilities tile by tile
+(:class:`~voxflow.infer.TilePredictor`) and undoes the preprocessing with
+:func:`~voxflow.infer.undo_preprocessing`. Model directories follow
+:class:`~voxflow.workspace.ConfigurationDir`.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from voxflow.errors import IncompleteStoreError, VoxflowError
-from voxflow.plan.schema import Configuration
-from voxflow.store import DatasetMeta
+import dask.array as da
+import numpy as np
 
-__all__ = ["Ensemble", "find_checkpoints", "group_models"]
+from voxflow.errors import IncompleteStoreError, VoxflowError
+from voxflow.infer._inputs import PreparedCase, prepare_case
+from voxflow.infer._protocols import CaseInput, TileScorer
+from voxflow.infer._undo import undo_preprocessing
+from voxflow.plan.schema import Configuration
+from voxflow.store import DatasetMeta, Store
+from voxflow.workspace import CHECKPOINT_FINAL, ConfigurationDir, FoldDir
+
+__all__ = ["CheckpointLoader", "Ensemble", "find_trained_folds", "group_models"]
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint_final.pt"
 
 
-def _config_dirs(model_dirs: Sequence[Path], configurations: Sequence[str] | None) -> list[Path]:
+def _config_dirs(model_dirs: Sequence[Path], configurations: Sequence[str] | None) -> list[ConfigurationDir]:
     """Each model dir is ``runs/<cfg>/`` (holding ``fold_*``) or ``runs/`` (select with configurations)."""
-    out: list[Path] = []
+    out: list[ConfigurationDir] = []
     for d in model_dirs:
         if not d.is_dir():
             raise IncompleteStoreError(f"model dir {str(d)!r} must exist (WORK/runs/<configuration>); it does "
                                        f"not. Train a model first (`voxflow train`).")
-        if any(d.glob("fold_*")):
+        if ConfigurationDir(d).has_folds():
             if configurations and d.name not in configurations:
                 raise VoxflowError(f"model dir {str(d)!r} holds configuration {d.name!r}, not one of "
                                    f"{list(configurations)}; drop -c or point -m at WORK/runs.")
-            out.append(d)
+            out.append(ConfigurationDir(d))
         elif configurations:
-            out.extend(d / c for c in configurations)
+            out.extend(ConfigurationDir(d / c) for c in configurations)
         else:
-            out.extend(sorted(p for p in d.iterdir() if p.is_dir() and any(p.glob("fold_*"))))
+            out.extend(ConfigurationDir(p) for p in sorted(d.iterdir()) if p.is_dir() and ConfigurationDir(p).has_folds())
     if not out:
-        raise IncompleteStoreError(f"model dirs {[str(d) for d in model_dirs]} must hold fold_<k>/{CHECKPOINT}; "
-                                   f"found none.")
+        raise IncompleteStoreError(f"model dirs {[str(d) for d in model_dirs]} must hold "
+                                   f"fold_<k>/{CHECKPOINT_FINAL}; found none.")
     return out
 
 
-def find_checkpoints(model_dirs: Sequence[str | Path], *, configurations: Sequence[str] | None = None,
-                     folds: Sequence[int | str] | None = None) -> list[Path]:
-    """Checkpoint paths ``<cfg dir>/fold_<k>/checkpoint_final.pt`` (all folds present by default)."""
-    paths: list[Path] = []
+def find_trained_folds(model_dirs: Sequence[str | Path], *, configurations: Sequence[str] | None = None,
+                       folds: Sequence[int | str] | None = None) -> list[FoldDir]:
+    """The fold dirs ``<cfg dir>/fold_<k>/`` to predict with (default: every one with a final checkpoint)."""
+    out: list[FoldDir] = []
     for cdir in _config_dirs([Path(d) for d in model_dirs], configurations):
-        wanted = ([cdir / f"fold_{f}" for f in folds] if folds
-                  else sorted(p for p in cdir.glob("fold_*") if (p / CHECKPOINT).exists()))
+        wanted = [cdir.fold(f) for f in folds] if folds else cdir.trained_folds()
         for fdir in wanted:
-            ckpt = fdir / CHECKPOINT
-            if not ckpt.exists():
-                raise IncompleteStoreError(f"{ckpt} must exist to predict with {fdir.name} of {cdir.name}; it "
-                                           f"does not. Finish training that fold or choose others with -f.")
-            paths.append(ckpt)
+            if not fdir.checkpoint_final.exists():
+                raise IncompleteStoreError(f"{fdir.checkpoint_final} must exist to predict with {fdir.path.name} "
+                                           f"of {cdir.name}; it does not. Finish training that fold or choose "
+                                           f"others with -f.")
+            out.append(fdir)
         if not wanted:
-            raise IncompleteStoreError(f"{cdir} must hold fold_<k>/{CHECKPOINT}; found none.")
-    return paths
+            raise IncompleteStoreError(f"{cdir.path} must hold fold_<k>/{CHECKPOINT_FINAL}; found none.")
+    return out
+
+
+def _restore(scores: da.Array, out_chunks: tuple[int, ...], *, prep: PreparedCase, activation: str,
+             separate_axis: int | None) -> da.Array:
+    return undo_preprocessing(scores, shape_after_crop_zyx=prep.shape_after_crop_zyx,
+                              crop_bbox_zyx=prep.crop_bbox_zyx, original_shape_zyx=prep.original_geometry.shape_zyx,
+                              activation=activation, separate_axis=separate_axis, out_chunks_zyx=out_chunks)
 
 
 @dataclass
 class Ensemble:
-    """The folds (networks) of one configuration, averaged tile by tile."""
+    """The folds (networks) of one configuration, averaged tile by tile: a prediction model."""
 
     configuration: Configuration
     dataset: DatasetMeta
     networks: list[Any]
     names: list[str]
+
+    def __post_init__(self) -> None:
+        from voxflow.models import LabelSpec
+
+        spec = LabelSpec.from_meta(self.dataset)
+        order = self.dataset.regions_class_order
+        if spec.uses_regions and (order is None or len(order) != spec.num_outputs):
+            raise VoxflowError(f"a region-based dataset needs regions_class_order with one value per region "
+                               f"({spec.num_outputs}); got {order!r}. Fix dataset.json.")
+        self._outputs = (spec.num_outputs, "sigmoid" if spec.uses_regions else "softmax",
+                         tuple(order) if spec.uses_regions and order is not None else None)
+
+    @property
+    def name(self) -> str:
+        return self.configuration.name
+
+    @property
+    def n_outputs(self) -> int:
+        return self._outputs[0]
+
+    @property
+    def activation(self) -> str:
+        return self._outputs[1]
+
+    @property
+    def regions_class_order(self) -> tuple[int, ...] | None:
+        return self._outputs[2]
+
+    @property
+    def patch_size_vox(self) -> tuple[int, int, int]:
+        return self.configuration.patch_size_vox
+
+    @property
+    def n_channels(self) -> int:
+        return self.configuration.n_channels
+
+    @property
+    def record(self) -> Mapping[str, Any]:
+        return {}
+
+    def batch_size(self, requested: int | None) -> int:
+        cfg = self.configuration
+        return requested or (cfg.batch_size if cfg.is_2d else 1)
+
+    def importance_map(self) -> np.ndarray | None:
+        return None
+
+    def check_input(self, store: Store) -> None:
+        """Any store: a raw one is preprocessed per case, a preprocessed one must match (checked per case)."""
+
+    def prepare(self, store: Store, case_id: str, *, out_chunks: Sequence[int],
+                previous: Mapping[str, da.Array]) -> CaseInput:
+        cfg = self.configuration
+        prep = prepare_case(store, case_id, cfg, out_chunks=out_chunks)
+        sep = cfg.resampling.separate_axis if cfg.resampling.separate_z else None
+        return CaseInput(prep.image, prep.original_geometry,
+                         partial(_restore, prep=prep, activation=self.activation, separate_axis=sep))
+
+    def tile_predictor(self, *, device: str, tta: bool, amp: bool) -> TileScorer:
+        from voxflow.infer._predictor import TilePredictor
+
+        cfg = self.configuration
+        mirror = [a for a in cfg.train.mirror_axes if cfg.patch_size_vox[a] > 1] if tta else []
+        return TilePredictor(self.networks, mirror_axes=mirror, activation=self.activation,
+                             spatial_dims=cfg.network.spatial_dims, device=device, amp=amp)
 
 
 def group_models(models: Sequence[tuple[Any, Configuration, DatasetMeta]],
@@ -82,13 +168,18 @@ def group_models(models: Sequence[tuple[Any, Configuration, DatasetMeta]],
             raise VoxflowError(f"models of configuration {cfg.name!r} must share one plan; {name} differs.")
         ens.networks.append(net)
         ens.names.append(name)
-    out = list(groups.values())
-    first = out[0].dataset if out else None
-    for ens in out:
-        if first is not None and (ens.dataset.labels != first.labels
-                                  or ens.dataset.regions_class_order != first.regions_class_order):
-            raise VoxflowError(f"ensembled configurations must predict the same labels; {ens.configuration.name!r} "
-                               f"has {ens.dataset.labels}, {out[0].configuration.name!r} has {first.labels}.")
-    if not out:
-        raise VoxflowError("predict needs at least one model (model_dir or models); got none.")
-    return out
+    return list(groups.values())
+
+
+@dataclass(frozen=True)
+class CheckpointLoader:
+    """Loads the final checkpoints of fold dirs on a device, grouped into ensembles (picklable)."""
+
+    folds: tuple[Path, ...]
+
+    def __call__(self, device: str) -> list[Ensemble]:
+        from voxflow.models import load_model
+
+        runs = [FoldDir(p) for p in self.folds]
+        models = [load_model(r.checkpoint_final, device=device) for r in runs]
+        return group_models(models, [f"{r.configuration.name}/{r.path.name}" for r in runs])

@@ -50,8 +50,8 @@ def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: 
     ----------
     image : (C, Z, Y, X) array read by slicing (a Zarr array, numpy array or dask array); only the
         tiles being predicted are read, the next batch while the current one runs.
-    predictor : maps (B, C, *patch) float32 tiles to (B, K, *patch) probabilities (a
-        :class:`TilePredictor`).
+    predictor : maps (B, C, *patch) float32 tiles to (B, K, *patch) scores -- probabilities, or
+        logits for nnU-Net models (a :class:`TilePredictor`).
     out : (K, Z, Y, X) destination (e.g. a float32 Zarr array); a numpy array when ``None``.
     block_zyx : accumulation block; defaults to ``out``'s spatial chunks, or the patch size.
     cache_bytes : memory for partial blocks before they spill to ``scratch_dir``.
@@ -67,46 +67,56 @@ def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: 
         block_zyx = tuple(chunks[1:]) if chunks is not None else tuple(grid.patch_size_vox)
     starts = grid.start_array()  # (n, 3): per-tile bookkeeping stays numpy, ~50 bytes per tile
     vol_boxes = grid.volume_boxes(starts)
-    if importance_map is None:
-        importance_map = gaussian_importance_map(grid.patch_size_vox)
-    elif tuple(np.shape(importance_map)) != tuple(grid.patch_size_vox) or not np.all(np.asarray(importance_map) > 0):
-        raise ValueError(f"importance_map must have the patch shape {tuple(grid.patch_size_vox)} and positive "
-                         f"values; got shape {np.shape(importance_map)}.")
-    gauss = torch.from_numpy(np.ascontiguousarray(importance_map, dtype=np.float32))
-    gauss_np = gauss.numpy()
-    gauss_on: dict[torch.device, torch.Tensor] = {}
+    gauss = _tile_weights(importance_map, grid)
     with TileAccumulator(out, vol_boxes, block_zyx=block_zyx, cache_bytes=cache_bytes,
                          scratch_dir=scratch_dir) as acc:
         order = order_tiles(vol_boxes, block_zyx=acc.block_zyx, block_nbytes=acc.block_nbytes,
                             cache_bytes=cache_bytes)
         del vol_boxes
-        batches = _batches(order, batch_size)
         bar = _bar(len(starts), desc, progress)
-
-        def load(idx: np.ndarray) -> np.ndarray:
-            return np.stack([read_tile(image, grid, starts[i]) for i in idx])
-
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="voxflow-tile-reader") as pool:
-            pending = pool.submit(load, batches[0])
-            for bi, idx in enumerate(batches):
-                tiles = pending.result()
-                if bi + 1 < len(batches):
-                    pending = pool.submit(load, batches[bi + 1])
-                probs = torch.as_tensor(predictor(tiles))
-                g = gauss_on.setdefault(probs.device, gauss.to(probs.device))
-                weighted = (probs * g).cpu().numpy()
-                for j, i in enumerate(idx):
-                    vol, loc = grid.region(starts[i])
-                    sl = tuple(slice(lo, hi) for lo, hi in loc)
-                    acc.add(vol, weighted[j][(slice(None), *sl)], gauss_np[sl])
-                if bar is not None:
-                    bar.update(len(idx))
+        _accumulate(image, predictor, grid, starts, _batches(order, batch_size), gauss, acc, bar)
         if bar is not None:
             bar.close()
         if acc.n_spills:
             log.info("sliding window: %d block spills to disk (cache %d MiB, spill file peak %d MiB)",
                      acc.n_spills, cache_bytes >> 20, acc.spill_file_bytes >> 20)
     return out
+
+
+def _tile_weights(importance_map: np.ndarray | None, grid: TileGrid) -> torch.Tensor:
+    """The tile weights: ``importance_map`` (checked) or :func:`gaussian_importance_map`."""
+    if importance_map is None:
+        importance_map = gaussian_importance_map(grid.patch_size_vox)
+    elif tuple(np.shape(importance_map)) != tuple(grid.patch_size_vox) or not np.all(np.asarray(importance_map) > 0):
+        raise ValueError(f"importance_map must have the patch shape {tuple(grid.patch_size_vox)} and positive "
+                           f"values; got shape {np.shape(importance_map)}.")
+    return torch.from_numpy(np.ascontiguousarray(importance_map, dtype=np.float32))
+
+
+def _accumulate(image: Any, predictor: Predictor, grid: TileGrid, starts: np.ndarray, batches: list[np.ndarray],
+                gauss: torch.Tensor, acc: TileAccumulator, bar: Any) -> None:
+    """Predict the batches (reading the next one while the current one runs) and add them to ``acc``."""
+    gauss_np = gauss.numpy()
+    gauss_on: dict[torch.device, torch.Tensor] = {}
+
+    def load(idx: np.ndarray) -> np.ndarray:
+        return np.stack([read_tile(image, grid, starts[i]) for i in idx])
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="voxflow-tile-reader") as pool:
+        pending = pool.submit(load, batches[0])
+        for bi, idx in enumerate(batches):
+            tiles = pending.result()
+            if bi + 1 < len(batches):
+                pending = pool.submit(load, batches[bi + 1])
+            probs = torch.as_tensor(predictor(tiles))
+            g = gauss_on.setdefault(probs.device, gauss.to(probs.device))
+            weighted = (probs * g).cpu().numpy()
+            for j, i in enumerate(idx):
+                vol, loc = grid.region(starts[i])
+                sl = tuple(slice(lo, hi) for lo, hi in loc)
+                acc.add(vol, weighted[j][(slice(None), *sl)], gauss_np[sl])
+            if bar is not None:
+                bar.update(len(idx))
 
 
 def sliding_window_predict_in_memory(image: np.ndarray, predictor: Predictor, *,

@@ -15,9 +15,14 @@ import numpy as np
 from voxflow.errors import VoxflowError
 from voxflow.preprocess import resample_to_shape
 
-__all__ = ["probabilities_to_label", "uncrop", "undo_preprocessing"]
+__all__ = ["background_probabilities", "probabilities_to_label", "uncrop", "undo_preprocessing"]
 
 log = logging.getLogger(__name__)
+
+
+def background_probabilities(n_outputs: int, activation: str) -> list[float]:
+    """The probabilities of a voxel outside the crop box: 1 for softmax class 0, else 0."""
+    return [1.0 if (activation == "softmax" and c == 0) else 0.0 for c in range(n_outputs)]
 
 
 def uncrop(probs: da.Array, crop_bbox_zyx: Sequence[Sequence[int]], original_shape_zyx: Sequence[int], *,
@@ -47,8 +52,8 @@ def undo_preprocessing(probs: da.Array, *, shape_after_crop_zyx: Sequence[int],
     k = probs.shape[0]
     back = resample_to_shape(probs, shape_after_crop_zyx, order=1, separate_axis=separate_axis,
                              separate_order=0, out_chunks=out_chunks_zyx)
-    background = [1.0 if (activation == "softmax" and c == 0) else 0.0 for c in range(k)]
-    full = uncrop(back.astype(np.float32), crop_bbox_zyx, original_shape_zyx, background=background)
+    full = uncrop(back.astype(np.float32), crop_bbox_zyx, original_shape_zyx,
+                  background=background_probabilities(k, activation))
     chunks = (k, *(min(int(c), int(n)) for c, n in zip(out_chunks_zyx, original_shape_zyx)))
     return full.rechunk(chunks)
 

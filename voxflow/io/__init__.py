@@ -16,15 +16,18 @@ from voxflow.io._convert import convert, default_max_memory, file_stats
 from voxflow.io._dicom_seg import dicom_reference, write_dicom_seg
 from voxflow.io._export import export_store, format_info, store_info, to_xarray
 from voxflow.io._sources import (
+    IMAGE_SUFFIXES,
     CaseSpec,
     DatasetSource,
     detect_source,
     files_source,
     load_source,
     register_format,
+    split_suffix,
 )
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "CaseSpec",
     "DatasetSource",
     "convert",
@@ -37,6 +40,7 @@ __all__ = [
     "format_info",
     "load_source",
     "register_format",
+    "split_suffix",
     "store_info",
     "to_xarray",
     "write_dicom_seg",

@@ -33,8 +33,8 @@ from voxflow.io._dicom_seg_in import SegHeader
 from voxflow.io._volume import SitkFile, SliceStack, VolumeSource
 from voxflow.store import is_valid_case_id
 
-__all__ = ["CaseSpec", "DatasetSource", "SourceFormat", "check_source", "detect_source", "files_source",
-           "load_source", "register_format"]
+__all__ = ["IMAGE_SUFFIXES", "CaseSpec", "DatasetSource", "SourceFormat", "check_source", "detect_source",
+           "files_source", "load_source", "register_format", "split_suffix"]
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from voxflow.nnunet._translate import NnunetModelError, NnunetSpec, dataset_meta, translate_configuration
 from voxflow.store import DatasetMeta
+from voxflow.workspace import ConfigurationDir
 
 __all__ = ["NnunetModel", "build_network", "load_nnunet_model"]
 
@@ -85,10 +86,11 @@ def build_network(spec: NnunetSpec) -> Any:
 
 
 def _fold_dirs(folder: Path, folds: Sequence[int | str] | None, checkpoint: str) -> list[Path]:
+    cdir = ConfigurationDir(folder)  # nnU-Net's model folder has voxflow's fold_<k> layout
     if folds:
-        dirs = [folder / f"fold_{f}" for f in folds]
+        dirs = [cdir.fold(f).path for f in folds]
     else:
-        dirs = sorted((p for p in folder.glob("fold_*") if (p / checkpoint).exists()), key=lambda p: p.name)
+        dirs = [f.path for f in cdir.folds() if (f.path / checkpoint).exists()]
     missing = [str(d / checkpoint) for d in dirs if not (d / checkpoint).exists()]
     if missing or not dirs:
         raise NnunetModelError(f"every selected fold must hold {checkpoint}; missing {missing or 'all folds'} in "

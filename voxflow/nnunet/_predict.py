@@ -1,45 +1,50 @@
-"""Predict with an nnU-Net v2 model folder through voxflow's tiled, bounded-memory pipeline.
+"""Predict with an nnU-Net v2 model folder through voxflow's tiled, bounded-memory case pipeline.
 
 nnU-Net works in *logits* until the very end: mirrored predictions, Gaussian-weighted tiles and
 folds are averaged as logits, the logits are resampled back to the original grid (order 1, order
-0 along a separate z axis), and only then softmax / sigmoid and argmax. This module does the same
-with voxflow's pieces (preprocessing graph, Zarr tile accumulator, chunked resampling), so that
-results match nnU-Net's predictor wherever that can run at all.
+0 along a separate z axis), and only then softmax / sigmoid and argmax. :class:`NnunetPredictionModel`
+says exactly that to voxflow's case pipeline (:func:`voxflow.infer.run_prediction`): nnU-Net's
+preprocessing graph, a logits tile predictor in the network's axis order, nnU-Net's tile weights and
+the way back; so results match nnU-Net's predictor wherever that can run at all.
 """
 
 from __future__ import annotations
 
-import logging
-import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import dask.array as da
 import numpy as np
-import zarr
 
 from voxflow._lock import dir_lock_file, locked
-from voxflow.cluster import compute, scheduler_context
-from voxflow.infer._accumulator import DEFAULT_CACHE_BYTES
-from voxflow.infer._chunks import clamp_chunks, grow_chunks, output_chunks, read_chunks
-from voxflow.infer._export import export_labels
-from voxflow.infer._inputs import cases_to_predict, describe_case, input_signature, open_input
-from voxflow.infer._memory import release_large_allocations, trim_heap
-from voxflow.infer._undo import probabilities_to_label, uncrop
+from voxflow.cluster import compute
+from voxflow.geometry import Geometry
+from voxflow.infer import (
+    CaseInput,
+    PredictOptions,
+    TilePredictor,
+    TileScorer,
+    background_probabilities,
+    describe_case,
+    read_chunks,
+    resolve_postprocessing,
+    run_prediction,
+    uncrop,
+)
 from voxflow.nnunet._model import NnunetModel, load_nnunet_model
 from voxflow.nnunet._preprocess import clip_bounds, nnunet_gaussian, normalized_crop, resample_like_nnunet
 from voxflow.nnunet._translate import NnunetModelError, case_configuration, separate_z_axis
-from voxflow.preprocess import nonzero_bbox, resample_to_shape
-from voxflow.store import DEFAULT_CHUNKS_ZYX, DatasetMeta, Store
+from voxflow.plan.schema import Configuration
+from voxflow.preprocess import BBox, nonzero_bbox, resample_to_shape
+from voxflow.store import DatasetMeta, Store
 
-__all__ = ["NnunetTilePredictor", "predict_nnunet"]
-
-log = logging.getLogger(__name__)
-STORE_NAME = "prediction.zarr"
+__all__ = ["NnunetLoader", "NnunetPredictionModel", "NnunetTilePredictor", "predict_nnunet"]
 
 
-class NnunetTilePredictor:
+class NnunetTilePredictor(TilePredictor):
     """Averaged logits of (B, C, Z, Y, X) tiles over folds and mirrorings, as nnU-Net computes them.
 
     Tiles come in voxflow's (z, y, x) order; they are permuted with ``transpose_forward`` for the
@@ -48,37 +53,10 @@ class NnunetTilePredictor:
 
     def __init__(self, networks: Sequence[Any], *, transpose_forward: Sequence[int], mirror_axes_net: Sequence[int],
                  spatial_dims: int, device: str = "cpu"):
-        import itertools
-
-        import torch
-
-        self.device = torch.device(device)
-        self.networks = [n.to(self.device).eval() for n in networks]
-        self.perm = [0, 1, *(2 + int(a) for a in transpose_forward)]
-        self.inverse = [int(i) for i in np.argsort(self.perm)]
-        axes = [int(a) + 2 for a in mirror_axes_net]
-        self.mirrors = [()] + [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
-        self.spatial_dims = spatial_dims
-
-    def __call__(self, tiles: np.ndarray) -> Any:
-        import torch
-
-        with torch.inference_mode():
-            x = torch.as_tensor(np.asarray(tiles, np.float32), device=self.device).permute(self.perm)
-            if self.spatial_dims == 2:
-                x = x[:, :, 0]
-            total = None
-            for net in self.networks:
-                for axes in self.mirrors:
-                    out = net(torch.flip(x, axes) if axes else x)
-                    out = out[0] if isinstance(out, (list, tuple)) else out
-                    out = torch.flip(out, axes) if axes else out
-                    total = out.float() if total is None else total + out.float()
-            assert total is not None
-            total = total / (len(self.networks) * len(self.mirrors))
-            if self.spatial_dims == 2:
-                total = total[:, :, None]
-            return total.permute(self.inverse).contiguous()
+        offset = 1 if spatial_dims == 2 else 0  # a 2-D network's axes are the last two of the permuted tile
+        order = [int(a) for a in transpose_forward]
+        super().__init__(list(networks), mirror_axes=[order[int(a) + offset] for a in mirror_axes_net],
+                         activation=None, spatial_dims=spatial_dims, device=device, amp=False, axis_order=order)
 
 
 def _activate(logits: da.Array, activation: str) -> da.Array:
@@ -94,117 +72,143 @@ def _activate(logits: da.Array, activation: str) -> da.Array:
     return logits.rechunk({0: -1}).map_blocks(fn, dtype=np.float32)
 
 
-def _predict_case(src: Store, out: Store, model: NnunetModel, predictor: NnunetTilePredictor, case_id: str, *,
-                  step: float, batch_size: int, cache_bytes: int, save_probabilities: bool, scratch: Path,
-                  progress: bool) -> None:
-    from voxflow.infer._sliding import sliding_window_predict
-
-    spec, geom = model.spec, src.geometry(case_id)
-    cfg = case_configuration(spec, geom.spacing_zyx)
-    raw = src.image(case_id, chunks=read_chunks(src, case_id))
-    if raw.shape[0] != spec.num_input_channels:
-        raise NnunetModelError(f"images must have the {spec.num_input_channels} channels the nnU-Net model was "
-                               f"trained on; got {raw.shape[0]} for case {case_id!r} {describe_case(src, case_id)}. "
-                               f"Give one file per channel, named CASE_0000, CASE_0001, ... (nnU-Net style).")
-    bbox = nonzero_bbox(raw)
-    norm = normalized_crop(raw, bbox, cfg)
-    sep_in = cfg.resampling.separate_axis if cfg.resampling.separate_z else None
-    bounds = compute(*clip_bounds(norm, sep_in), desc=f"{case_id}: value range", progress=progress)
-    shape_crop = tuple(int(s) for s in norm.shape[1:])
-    big = grow_chunks(cfg.patch_size_vox, 4 * spec.num_input_channels)  # compute in few, large tasks
-    image_lazy = resample_like_nnunet(norm, geom, cfg, bounds, out_chunks=big)
-    if scratch.exists():
-        shutil.rmtree(scratch)
-    group = zarr.open_group(str(scratch), mode="w", zarr_format=3)
-    shape = image_lazy.shape
-    image = group.create_array("image", shape=shape, chunks=(shape[0], *clamp_chunks(cfg.patch_size_vox, shape[1:])),
-                               dtype=np.float32, compressors=None, fill_value=0.0)
-    # dask chunks are whole multiples of the Zarr chunks: every task writes whole chunks, no lock
-    staged = da.store(image_lazy.rechunk((shape[0], *clamp_chunks(big, shape[1:]))), image,  # type: ignore[arg-type]
-                      lock=False, compute=False)
-    compute(staged, desc=f"{case_id}: preprocess", progress=progress)
-    trim_heap()
-    k = spec.num_outputs
-    block = clamp_chunks([-(-p // 2) for p in cfg.patch_size_vox], shape[1:])
-    logits = group.create_array("logits", shape=(k, *shape[1:]), chunks=(k, *block), dtype=np.float32,
-                                compressors=None, fill_value=0.0)
-    sliding_window_predict(image, predictor, patch_size_vox=cfg.patch_size_vox, n_classes=k, out=logits, step=step,
-                           batch_size=batch_size, cache_bytes=cache_bytes, scratch_dir=scratch, progress=progress,
-                           desc=f"{case_id} {cfg.name}", importance_map=nnunet_gaussian(cfg.patch_size_vox))
-    trim_heap()  # the tile cache's blocks are free now; keep them from adding to the write phase's peak
+def _restore(logits: da.Array, out_chunks: tuple[int, ...], *, model: NnunetModel, cfg: Configuration,
+             geometry: Geometry, bbox: BBox, shape_crop: tuple[int, ...], activation: str) -> da.Array:
+    """Logits on the preprocessed grid -> probabilities on the original grid, as nnU-Net: resample the
+    logits back to the crop, activate, uncrop."""
+    spec, k = model.spec, model.spec.num_outputs
     target = list(cfg.spacing_zyx)
     if cfg.is_2d:
-        target[0] = geom.spacing_zyx[0]
-    sep = separate_z_axis(target, geom.spacing_zyx, force=spec.force_separate_z)
-    out_chunks = clamp_chunks(DEFAULT_CHUNKS_ZYX, geom.shape_zyx)
-    lazy = da.from_zarr(logits, chunks=(k, *output_chunks(shape[1:], k)))  # fewer, larger tasks than the blocks
-    back = resample_to_shape(lazy, shape_crop, order=spec.probabilities_order,
-                             separate_axis=sep, separate_order=spec.probabilities_order_z, out_chunks=out_chunks)
-    activation = "sigmoid" if model.dataset.regions_class_order is not None else "softmax"
+        target[0] = geometry.spacing_zyx[0]
+    sep = separate_z_axis(target, geometry.spacing_zyx, force=spec.force_separate_z)
+    back = resample_to_shape(logits, shape_crop, order=spec.probabilities_order, separate_axis=sep,
+                             separate_order=spec.probabilities_order_z, out_chunks=out_chunks)
     probs = _activate(back, activation)
-    background = [1.0 if (activation == "softmax" and c == 0) else 0.0 for c in range(k)]
-    full = uncrop(probs, bbox, geom.shape_zyx, background=background).rechunk((k, *out_chunks))
-    out.begin_case(case_id, geometry=geom, attrs={"configurations": [cfg.name], "models": model.fold_names,
-                                                  "activation": activation, "nnunet_model": str(model.folder),
-                                                  "input": input_signature(src, case_id)})
-    label = out.create_array(case_id, "label", shape=geom.shape_zyx, dtype=np.uint8, chunks=out_chunks)
-    sources, targets = [probabilities_to_label(full, regions_class_order=model.dataset.regions_class_order)], [label]
-    if save_probabilities:
-        targets.append(out.create_array(case_id, "probs", shape=full.shape, dtype=np.float16, chunks=(1, *out_chunks)))
-        sources.append(full.astype(np.float16).rechunk((1, *out_chunks)))
-    compute(da.store(sources, targets, lock=False, compute=False),  # type: ignore[arg-type]
-            desc=f"{case_id}: write", progress=progress)
-    out.mark_complete(case_id)
-    shutil.rmtree(scratch, ignore_errors=True)
+    full = uncrop(probs, bbox, geometry.shape_zyx, background=background_probabilities(k, activation))
+    return full.rechunk((k, *out_chunks))
+
+
+@dataclass(frozen=True)
+class NnunetPredictionModel:
+    """An nnU-Net model folder as a :class:`voxflow.infer.PredictionModel`: nnU-Net's preprocessing,
+    its tile weights, logits averaged over folds and mirrorings, resampled back before activation."""
+
+    model: NnunetModel
+
+    @property
+    def name(self) -> str:
+        return self.model.spec.configuration.name
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.model.fold_names)
+
+    @property
+    def dataset(self) -> DatasetMeta:
+        return self.model.dataset
+
+    @property
+    def n_outputs(self) -> int:
+        return self.model.spec.num_outputs
+
+    @property
+    def activation(self) -> str:
+        return "sigmoid" if self.model.dataset.regions_class_order is not None else "softmax"
+
+    @property
+    def regions_class_order(self) -> tuple[int, ...] | None:
+        order = self.model.dataset.regions_class_order
+        return None if order is None else tuple(order)
+
+    @property
+    def patch_size_vox(self) -> tuple[int, int, int]:
+        return self.model.spec.configuration.patch_size_vox
+
+    @property
+    def n_channels(self) -> int:
+        return self.model.spec.num_input_channels
+
+    @property
+    def record(self) -> Mapping[str, Any]:
+        return {"nnunet_model": str(self.model.folder)}
+
+    def batch_size(self, requested: int | None) -> int:
+        return requested or 1
+
+    def importance_map(self) -> np.ndarray | None:
+        return nnunet_gaussian(self.patch_size_vox)
+
+    def check_input(self, store: Store) -> None:
+        if store.meta.kind != "dataset":
+            raise NnunetModelError(f"an nnU-Net model predicts raw images (a folder, files or a converted dataset "
+                                   f"store); got a {store.meta.kind!r} store at {store.path}.")
+
+    def prepare(self, store: Store, case_id: str, *, out_chunks: Sequence[int],
+                previous: Mapping[str, da.Array]) -> CaseInput:
+        """nnU-Net's preprocessing of one case (crop, normalise, resample, skimage's clip): lazy, after
+        one small compute of the value range the clip needs."""
+        spec, geom = self.model.spec, store.geometry(case_id)
+        cfg = case_configuration(spec, geom.spacing_zyx)
+        raw = store.image(case_id, chunks=read_chunks(store, case_id))
+        if raw.shape[0] != spec.num_input_channels:
+            raise NnunetModelError(f"images must have the {spec.num_input_channels} channels the nnU-Net model was "
+                                   f"trained on; got {raw.shape[0]} for case {case_id!r} "
+                                   f"{describe_case(store, case_id)}. Give one file per channel, named CASE_0000, "
+                                   f"CASE_0001, ... (nnU-Net style).")
+        bbox = nonzero_bbox(raw)
+        norm = normalized_crop(raw, bbox, cfg)
+        sep_in = cfg.resampling.separate_axis if cfg.resampling.separate_z else None
+        bounds = compute(*clip_bounds(norm, sep_in), desc=f"{case_id}: value range", progress=False)
+        image = resample_like_nnunet(norm, geom, cfg, bounds, out_chunks=out_chunks)
+        restore = partial(_restore, model=self.model, cfg=cfg, geometry=geom, bbox=bbox,
+                          shape_crop=tuple(int(s) for s in norm.shape[1:]), activation=self.activation)
+        return CaseInput(image, geom, restore)
+
+    def tile_predictor(self, *, device: str, tta: bool, amp: bool) -> TileScorer:
+        spec = self.model.spec
+        return NnunetTilePredictor(self.model.networks, transpose_forward=spec.transpose_forward,
+                                   mirror_axes_net=spec.mirror_axes_net if tta else (),
+                                   spatial_dims=spec.spatial_dims, device=device)
+
+
+@dataclass(frozen=True)
+class NnunetLoader:
+    """Loads an nnU-Net model folder on a device (picklable: one process per device loads its own)."""
+
+    folder: Path
+    folds: tuple[int | str, ...] | None
+    checkpoint: str
+
+    def __call__(self, device: str) -> list[NnunetPredictionModel]:
+        model = load_nnunet_model(self.folder, folds=self.folds, checkpoint=self.checkpoint, device=device)
+        return [NnunetPredictionModel(model)]
 
 
 @locked(lambda a: dir_lock_file(a["output"]), command="predict --nnunet-model")
 def predict_nnunet(source: Store | str | Path | Sequence[str | Path], output: str | Path,
                    model: NnunetModel | str | Path, *, folds: Sequence[int | str] | None = None,
-                   checkpoint: str = "checkpoint_final.pth", step: float = 0.5, tta: bool = True,
-                   device: str = "cpu", save_probabilities: bool = False, scheduler: str = "threads",
-                   memory_limit: str | None = None, batch_size: int = 1, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                   export: bool = True, overwrite: bool = False, case_ids: Sequence[str] | None = None,
-                   progress: bool = True) -> Store:
+                   checkpoint: str = "checkpoint_final.pth", case_ids: Sequence[str] | None = None,
+                   postprocessing: Any = "auto", options: PredictOptions | None = None,
+                   **option_values: Any) -> Store:
     """Segment every case of ``source`` with an nnU-Net v2 model folder; write ``output/prediction.zarr``.
 
-    Same inputs and outputs as :func:`voxflow.infer.predict` (``label`` uint8 per case in the
+    Same inputs, options and outputs as :func:`voxflow.infer.predict` (``label`` uint8 per case in the
     original geometry, ``probs`` float16 (K, Z, Y, X) with ``save_probabilities``, exported label
-    files). ``model`` is ``RESULTS/DatasetXXX/TRAINER__PLANS__CONFIG`` (or a loaded
-    :class:`NnunetModel`); ``folds`` default to every ``fold_<k>`` holding ``checkpoint``. nnU-Net's
-    inference defaults: step 0.5, Gaussian weighting, mirroring over the checkpoint's
-    ``inference_allowed_mirroring_axes`` (``tta=False`` disables it), fold logits averaged. Like
-    :func:`voxflow.infer.predict`, it fixes glibc's mmap threshold for the process.
+    files; ``device``, ``step``, ``tta``, ... as keywords). ``model`` is
+    ``RESULTS/DatasetXXX/TRAINER__PLANS__CONFIG`` (or a loaded :class:`NnunetModel`); ``folds``
+    default to every ``fold_<k>`` holding ``checkpoint``. nnU-Net's inference defaults: step 0.5,
+    Gaussian weighting, mirroring over the checkpoint's ``inference_allowed_mirroring_axes``
+    (``tta=False`` disables it), fold logits averaged, one tile per batch. ``postprocessing``:
+    ``"auto"`` applies a voxflow ``postprocessing.json`` in the model folder if there is one (nnU-Net's
+    own ``postprocessing.pkl`` is not read), ``None`` none, or a spec / path.
     """
-    release_large_allocations()  # tile-sized buffers go back to the OS (see voxflow.infer._memory)
+    opts = PredictOptions.build(options, **option_values)
+    loader = None
     if not isinstance(model, NnunetModel):
-        model = load_nnunet_model(model, folds=folds, checkpoint=checkpoint, device=device)
-    spec = model.spec
-    predictor = NnunetTilePredictor(model.networks, transpose_forward=spec.transpose_forward,
-                                    mirror_axes_net=spec.mirror_axes_net if tta else (),
-                                    spatial_dims=spec.spatial_dims, device=device)
-    out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with scheduler_context(scheduler, memory_limit=memory_limit):
-        src = open_input(source, out_dir / ".input", scheduler=scheduler)
-        if src.meta.kind != "dataset":
-            raise NnunetModelError(f"an nnU-Net model predicts raw images (a folder, files or a converted dataset "
-                                   f"store); got a {src.meta.kind!r} store at {src.path}.")
-        meta = DatasetMeta(channel_names=src.meta.channel_names, labels=model.dataset.labels,
-                           regions_class_order=model.dataset.regions_class_order, file_ending=src.meta.file_ending,
-                           name=src.meta.name, kind="prediction",
-                           extra={"configurations": [spec.configuration.name], "models": model.fold_names,
-                                  "nnunet_model": str(model.folder), "step": step, "tta": tta})
-        out = Store.create(out_dir / STORE_NAME, meta, overwrite=overwrite)
-        ids = list(case_ids) if case_ids is not None else src.case_ids()
-        todo = cases_to_predict(src, out, ids)
-        log.info("predicting %d cases (%d already complete) with nnU-Net model %s (%s)", len(todo),
-                 len(ids) - len(todo), model.folder, ", ".join(model.fold_names))
-        for cid in todo:
-            _predict_case(src, out, model, predictor, cid, step=step, batch_size=batch_size,
-                          cache_bytes=cache_bytes, save_probabilities=save_probabilities,
-                          scratch=out_dir / ".scratch" / cid, progress=progress)
-    shutil.rmtree(out_dir / ".scratch", ignore_errors=True)
-    if export:
-        export_labels(out, out_dir, ids, file_ending=src.meta.file_ending)
-    return out
+        loader = NnunetLoader(Path(model), tuple(folds) if folds else None, checkpoint)
+        models = loader(opts.devices()[0])
+    else:
+        models = [NnunetPredictionModel(model)]
+    spec = resolve_postprocessing(postprocessing, [models[0].model.folder])
+    return run_prediction(source, output, models, PredictOptions.build(opts, postprocessing=spec), loader=loader,
+                          case_ids=case_ids)

@@ -18,9 +18,7 @@ import scipy.ndimage as ndi
 
 from voxflow.geometry import Geometry
 from voxflow.plan.schema import Configuration
-from voxflow.preprocess import crop, normalize, resample_to_shape, target_shape
-from voxflow.preprocess._crop import BBox
-from voxflow.preprocess._resample import axis_operator
+from voxflow.preprocess import BBox, axis_operator, crop, normalize, resample_to_shape, target_shape
 
 __all__ = ["clip_bounds", "clip_like_skimage", "nnunet_gaussian", "normalized_crop", "resample_like_nnunet"]
 

@@ -1,6 +1,7 @@
-"""The whole workflow: `voxflow run`, the demo, best-configuration selection and model packaging."""
+"""The whole workflow: `voxflow run`, the demo and best-configuration selection (model packaging,
+re-exported here, lives in :mod:`voxflow.models`)."""
 
-from voxflow.pipeline._package import export_model, is_model_package, unpack_model
+from voxflow.models import export_model, is_model_package, unpack_model
 from voxflow.pipeline._workflow import RunOptions, find_best_configuration, run_workflow
 
 __all__ = [

@@ -83,7 +83,7 @@ def demo(work: str, device: str, epochs: int | None, iters: int | None, tta: boo
 def export_model(work: str, output: str, configurations: tuple[str, ...], folds: tuple[str, ...]) -> None:
     """Package a trained model (plans, final checkpoints, postprocessing) into one zip that
     `voxflow predict -m model.zip` uses on any machine."""
-    from voxflow.pipeline._package import export_model as _export
+    from voxflow.models import export_model as _export
 
     path = _export(work, output, configurations=configurations or None, folds=folds or None)
     click.echo(f"model package -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")

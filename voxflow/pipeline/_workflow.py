@@ -155,21 +155,20 @@ def _preprocess(work: Workspace, plan: Plan, cfg: str, opts: RunOptions, report:
 def _train(work: Workspace, cfg: str, fold: str, opts: RunOptions, report: Reporter) -> None:
     from voxflow.train import train_fold
 
-    run_dir = work.run_dir(cfg, fold)
-    final = run_dir / "checkpoint_final.pt"
-    summary = run_dir / "validation" / "summary.json"
+    run = work.fold(cfg, fold)
+    final, summary = run.checkpoint_final, run.validation_summary
     if final.is_file() and (summary.is_file() or fold == "all"):
         _step(report, "train", f"skipped: {cfg} fold {fold} is trained ({final})")
         return
     from voxflow.train.validation import validate_fold
 
     if not final.is_file():
-        resume = (run_dir / "checkpoint_latest.pt").is_file()
+        resume = run.checkpoint_latest.is_file()
         t0 = time.perf_counter()
         train_fold(work, cfg, _fold_arg(fold), device=opts.device, resume=resume, overrides=dict(opts.overrides),
                    nproc=opts.nproc, num_workers=opts.num_workers, validate_cases=False)
         _step(report, "train", f"{cfg} fold {fold} {'resumed and ' if resume else ''}trained in "
-                               f"{time.perf_counter() - t0:.0f} s -> {run_dir}")
+                               f"{time.perf_counter() - t0:.0f} s -> {run.path}")
     if fold != "all":
         t0 = time.perf_counter()
         validate_fold(work, cfg, _fold_arg(fold), device=opts.device, tta=opts.tta, scheduler=opts.scheduler)
@@ -182,7 +181,7 @@ def _fold_arg(fold: str) -> int | str:
 
 
 def _postprocess(work: Workspace, cfg: str, folds: Sequence[str], opts: RunOptions, report: Reporter) -> None:
-    out = work.configuration_dir(cfg) / "postprocessing.json"
+    out = work.configuration(cfg).postprocessing
     cv_folds = [f for f in folds if f != "all"]
     if not cv_folds:
         _step(report, "postprocess", f"skipped for {cfg}: no cross-validation folds to choose on")
@@ -190,7 +189,7 @@ def _postprocess(work: Workspace, cfg: str, folds: Sequence[str], opts: RunOptio
     if out.is_file():
         _step(report, "postprocess", f"skipped: {out} exists")
         return
-    from voxflow.postprocess._select import determine_for_configuration
+    from voxflow.postprocess import determine_for_configuration
 
     spec = determine_for_configuration(work, cfg, folds=[_fold_arg(f) for f in cv_folds], scheduler=opts.scheduler)
     kept = [op.to_dict() if hasattr(op, "to_dict") else str(op) for op in getattr(spec, "operations", [])]
@@ -201,7 +200,7 @@ def _cv_dice(work: Workspace, cfg: str, folds: Sequence[str]) -> float:
     """Mean over folds' validation cases of the foreground-mean Dice (NaN if any fold lacks one)."""
     values: list[float] = []
     for f in folds:
-        path = work.run_dir(cfg, f) / "validation" / "summary.json"
+        path = work.fold(cfg, f).validation_summary
         if not path.is_file():
             return math.nan
         per_case = json.loads(path.read_text()).get("metric_per_case", [])
@@ -226,11 +225,11 @@ def _ensemble_dice(work: Workspace, cfgs: Sequence[str], folds: Sequence[str], o
     per_case: list[float] = []
     for f in folds:
         _, val_ids = fold_cases(splits, _fold_arg(f), case_ids)
-        out = work.root / "runs" / name / f"fold_{f}" / "validation"
-        pred = predict(work.dataset_store, out, model_dir=[work.configuration_dir(c) for c in cfgs],
+        run = work.fold(name, f)
+        pred = predict(work.dataset_store, run.validation, model_dir=[work.configuration_dir(c) for c in cfgs],
                        folds=[_fold_arg(f)], device=opts.device, tta=opts.tta, case_ids=val_ids, export=False,
                        scheduler=opts.scheduler, progress=False)
-        summary = evaluate(pred, work.dataset_store, surface=False, output=out / "summary.json",
+        summary = evaluate(pred, work.dataset_store, surface=False, output=run.validation_summary,
                            scheduler=opts.scheduler)
         for case in summary["metric_per_case"]:
             d = [m["dice"] for m in case["metrics"].values() if m.get("dice") is not None and not math.isnan(m["dice"])]
@@ -296,7 +295,7 @@ def run_workflow(src: PathLikeStr, work: PathLikeStr | Workspace, opts: RunOptio
         for fold in folds:
             _train(work, cfg, fold, opts, report)
         _postprocess(work, cfg, folds, opts, report)
-    best_path = work.root / "best_configuration.json"
+    best_path = work.best_configuration
     if best_path.is_file() and json.loads(best_path.read_text()).get("candidates_for") == sorted(configs):
         best = json.loads(best_path.read_text())
         _step(report, "select", f"skipped: {best_path} exists")
@@ -316,7 +315,7 @@ def run_workflow(src: PathLikeStr, work: PathLikeStr | Workspace, opts: RunOptio
         "predict_command": predict_command(work, best),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    atomic_write_json(work.root / "summary.json", summary)
-    _step(report, "summary", f"-> {work.root / 'summary.json'}")
+    atomic_write_json(work.summary, summary)
+    _step(report, "summary", f"-> {work.summary}")
     report(f"To segment new images:\n  {summary['predict_command']}")
     return summary

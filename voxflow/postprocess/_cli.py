@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from voxflow._cliutil import handle_errors, scheduler_option
+from voxflow.workspace import ConfigurationDir
 
 
 @click.command("postprocess")
@@ -30,7 +29,7 @@ def postprocess(source: str, output: str, spec_path: str | None, model_dir: str 
     from voxflow.postprocess import PostprocessingSpec, determine_postprocessing, run_postprocess
 
     if spec_path is None and model_dir is not None:
-        spec_path = str(Path(model_dir) / "postprocessing.json")
+        spec_path = str(ConfigurationDir(model_dir).postprocessing)
     if spec_path is None:
         raise click.UsageError("give --postprocessing FILE or --model-dir DIR (holding postprocessing.json)")
     if reference is not None:

@@ -13,7 +13,7 @@ import numpy as np
 from voxflow._types import PathLikeStr
 from voxflow.cluster import compute, scheduler_context
 from voxflow.errors import LayoutError
-from voxflow.evaluate._io import Segmentation, open_segmentations
+from voxflow.evaluate import Segmentation, open_segmentations
 from voxflow.geometry import Geometry
 from voxflow.postprocess._spec import PostprocessingSpec, _as_spec, apply_postprocessing_many
 from voxflow.store import Store

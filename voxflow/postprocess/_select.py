@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
@@ -30,12 +29,20 @@ import numpy as np
 from voxflow._types import PathLikeStr
 from voxflow.cluster import scheduler_context, stage_bar
 from voxflow.errors import IncompleteStoreError
-from voxflow.evaluate._evaluate import resolve_targets, target_key
-from voxflow.evaluate._io import Segmentation, open_segmentations, pair_segmentations
-from voxflow.evaluate._metrics import confusion_matrix, overlap_metrics, region_counts
+from voxflow.evaluate import (
+    Segmentation,
+    confusion_matrix,
+    nan_to_none,
+    open_segmentations,
+    overlap_metrics,
+    pair_segmentations,
+    region_counts,
+    resolve_targets,
+    target_key,
+)
 from voxflow.postprocess._spec import Operation, PostprocessingSpec, apply_operation_many
 from voxflow.store import Store
-from voxflow.workspace import Workspace
+from voxflow.workspace import ConfigurationDir, Workspace
 
 __all__ = ["determine_for_configuration", "determine_postprocessing", "load_model_postprocessing", "mean_dice"]
 
@@ -142,27 +149,24 @@ def determine_for_configuration(work: Workspace, configuration: str, *, folds: S
     validation) against the dataset store and saves ``WORK/runs/<cfg>/postprocessing.json``, which
     ``voxflow predict`` / ``voxflow postprocess --model-dir`` pick up.
     """
-    cfg_dir = work.configuration_dir(configuration)
-    names = [f"fold_{f}" for f in folds] if folds is not None else sorted(
-        p.name for p in cfg_dir.glob("fold_*") if p.is_dir())
-    stores = [cfg_dir / n / "validation" / "prediction.zarr" for n in names]
+    cfg_dir = work.configuration(configuration)
+    runs = [cfg_dir.fold(f) for f in folds] if folds is not None else cfg_dir.folds()
+    stores = [r.validation_predictions for r in runs]
     missing = [str(s) for s in stores if not (s / "zarr.json").is_file()]
     if not stores or missing:
         raise IncompleteStoreError(
-            f"choosing postprocessing needs every fold's validation predictions; missing {missing or cfg_dir}. "
+            f"choosing postprocessing needs every fold's validation predictions; missing {missing or cfg_dir.path}. "
             f"Train the folds (end-of-fold validation writes them) or pass folds=[...]."
         )
     return determine_postprocessing(stores, work.dataset_store, connectivity=connectivity,
-                                    output=cfg_dir / "postprocessing.json", scheduler=scheduler)
+                                    output=cfg_dir.postprocessing, scheduler=scheduler)
 
 
 def load_model_postprocessing(model_dir: PathLikeStr) -> PostprocessingSpec | None:
     """``MODEL_DIR/postprocessing.json`` as a spec, or ``None`` when the model has none."""
-    path = Path(model_dir) / "postprocessing.json"
+    path = ConfigurationDir(model_dir).postprocessing
     return PostprocessingSpec.load(path) if path.is_file() else None
 
 
 def _json_safe(value: Any) -> Any:
-    from voxflow.evaluate._metrics import nan_to_none
-
     return nan_to_none(value)

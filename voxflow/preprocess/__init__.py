@@ -17,14 +17,21 @@ interpreter for a 1 GB volume (``tests/preprocess/test_bounded_memory.py``,
 """
 
 from voxflow.preprocess._case import PreprocessedCase, preprocess_case, preprocessed_chunks, target_shape
-from voxflow.preprocess._crop import crop, nonzero_bbox, nonzero_mask
+from voxflow.preprocess._crop import BBox, crop, nonzero_bbox, nonzero_mask
 from voxflow.preprocess._foreground import foreground_index
 from voxflow.preprocess._normalize import normalize
-from voxflow.preprocess._resample import resample_label_to_shape, resample_to_shape, zoom_reference
+from voxflow.preprocess._resample import (
+    axis_operator,
+    resample_label_to_shape,
+    resample_to_shape,
+    zoom_reference,
+)
 from voxflow.preprocess._run import run_preprocess
 
 __all__ = [
+    "BBox",
     "PreprocessedCase",
+    "axis_operator",
     "crop",
     "foreground_index",
     "nonzero_bbox",

@@ -5,8 +5,7 @@ store); ``load_model(run_dir / "checkpoint_final.pt")`` gives back (network in e
 Configuration, DatasetMeta).
 """
 
-from voxflow.train.checkpoint import load_model
-from voxflow.train.labels import LabelSpec
+from voxflow.models import LabelSpec, load_model  # re-exported: they moved to voxflow.models
 from voxflow.train.losses import DeepSupervisionLoss, SegmentationLoss, deep_supervision_weights, soft_dice
 from voxflow.train.schedules import build_optimizer, lr_at
 from voxflow.train.splits import fold_cases, load_or_create_splits, make_splits

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from voxflow.train.labels import LabelSpec
+from voxflow.models import LabelSpec
 
 __all__ = ["DeepSupervisionLoss", "SegmentationLoss", "deep_supervision_weights", "region_targets", "soft_dice"]
 

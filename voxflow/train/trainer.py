@@ -73,7 +73,7 @@ from voxflow.train.monitor import RunMonitor
 from voxflow.train.schedules import build_optimizer, lr_at, set_lr
 from voxflow.train.splits import fold_cases, load_or_create_splits, require_finished_store
 from voxflow.train.validation import validate_fold
-from voxflow.workspace import Workspace
+from voxflow.workspace import FoldDir, Workspace
 
 __all__ = ["TrainState", "build_losses", "class_weights_from_counts", "train_fold"]
 
@@ -366,13 +366,14 @@ class _Trainer:
             return
         payload = {**self._payload(), "rank_states": ranks}
         for name in names:
-            save_checkpoint(self.job.run_dir / f"checkpoint_{name}.pt", payload)
+            save_checkpoint(FoldDir(self.job.run_dir).checkpoint(name), payload)
 
     def _try_resume(self) -> bool:
         """Load checkpoint_latest.pt; return True when the run had already finished."""
-        final, latest = self.job.run_dir / "checkpoint_final.pt", self.job.run_dir / "checkpoint_latest.pt"
+        run = FoldDir(self.job.run_dir)
+        final, latest = run.checkpoint_final, run.checkpoint_latest
         if self.info.is_main:  # temporary files of writes cut short by a kill
-            for tmp in self.job.run_dir.glob(".checkpoint_*.tmp"):
+            for tmp in run.partial_checkpoints:
                 tmp.unlink(missing_ok=True)
         if not latest.exists() and not final.exists():
             log.warning("--resume: no checkpoint in %s; starting from scratch", self.job.run_dir)
@@ -488,7 +489,7 @@ class _Trainer:
         where = (f"epoch {self.state.epoch}, step {self.state.epoch_steps} of {self.spec.iters_per_epoch}"
                  if self.state.epoch_steps else f"the end of epoch {self.state.epoch - 1}")
         msg = (f"training of {self.cfg.name} fold {self.job.fold} stopped by {name} at {where}; "
-               f"{self.job.run_dir / 'checkpoint_latest.pt'} is written. Continue with `voxflow train "
+               f"{FoldDir(self.job.run_dir).checkpoint_latest} is written. Continue with `voxflow train "
                f"{self.job.work.root} -c {self.cfg.name} -f {self.job.fold} --resume` (any number of processes).")
         log.warning("%s", msg)
         return msg

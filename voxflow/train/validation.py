@@ -2,9 +2,9 @@
 sliding-window predictor (:func:`voxflow.infer.predict`, original geometry) and score them against
 their reference labels (:func:`voxflow.evaluate.evaluate`).
 
-Output: ``runs/<cfg>/fold_<k>/validation/`` with ``prediction.zarr`` and ``summary.json``.
-Skipped, with a logged warning, when the workspace has no dataset store (training straight from a
-preprocessed store) or the build lacks :mod:`voxflow.infer` / :mod:`voxflow.evaluate`.
+Output: the fold's validation directory (:attr:`voxflow.workspace.FoldDir.validation`,
+``runs/<cfg>/fold_<k>/validation/``) with ``prediction.zarr`` and ``summary.json``. Skipped, with a
+logged warning, when the workspace has no dataset store (training straight from a preprocessed store).
 """
 
 from __future__ import annotations
@@ -25,28 +25,22 @@ def validate_fold(work: Workspace, configuration: str, fold: int | str, val_ids:
     """Predict ``val_ids`` (default: the fold's validation cases in ``splits.json``) with
     ``checkpoint_final.pt`` of the fold and write ``validation/summary.json``; return the evaluation
     summary, or ``None`` when skipped."""
-    run_dir = work.run_dir(configuration, fold)
+    run = work.fold(configuration, fold)
     if not (work.dataset_store / "zarr.json").exists():
         log.warning("end-of-fold validation skipped for %s fold %s: no dataset store at %s to predict from",
                     configuration, fold, work.dataset_store)
         return None
     if val_ids is None:
         val_ids = _fold_validation_ids(work, configuration, fold)
-    try:
-        from voxflow.evaluate import evaluate
-        from voxflow.infer import predict
-    except ImportError as e:
-        log.warning("end-of-fold validation skipped for %s fold %s: %s is not available in this build",
-                    configuration, fold, e.name)
-        return None
-    from voxflow.train.checkpoint import load_model
+    from voxflow.evaluate import evaluate
+    from voxflow.infer import predict
+    from voxflow.models import load_model
 
-    out_dir = run_dir / "validation"
-    model = load_model(run_dir / "checkpoint_final.pt", device=device)
+    model = load_model(run.checkpoint_final, device=device)
     log.info("predicting %d validation cases of %s fold %s", len(val_ids), configuration, fold)
-    pred = predict(work.dataset_store, out_dir, models=[model], device=device, tta=tta, case_ids=list(val_ids),
-                   export=False, overwrite=True, scheduler=scheduler, progress=False)
-    summary = evaluate(pred, work.dataset_store, surface=False, output=out_dir / "summary.json",
+    pred = predict(work.dataset_store, run.validation, models=[model], device=device, tta=tta,
+                   case_ids=list(val_ids), export=False, overwrite=True, scheduler=scheduler, progress=False)
+    summary = evaluate(pred, work.dataset_store, surface=False, output=run.validation_summary,
                        scheduler=scheduler)
     log.info("validation of %s fold %s: foreground mean Dice %.4f", configuration, fold,
              summary["foreground_mean"].get("dice", float("nan")))

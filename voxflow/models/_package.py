@@ -1,6 +1,7 @@
 """Model packaging: one zip with everything `voxflow predict` needs on another machine.
 
-Layout inside the zip (also the layout of an unpacked model directory)::
+Layout inside the zip (also the layout of an unpacked model directory; the configuration
+directories are :class:`~voxflow.workspace.ConfigurationDir`)::
 
     voxflow_model.json            {"format": "voxflow-model-1", "configurations": [...], "folds": {...}}
     plans.json                    the plan (all configurations)
@@ -24,21 +25,24 @@ from typing import Any
 
 from voxflow._types import PathLikeStr
 from voxflow.errors import IncompleteStoreError, VoxflowError
-from voxflow.workspace import Workspace
+from voxflow.workspace import CHECKPOINT_FINAL, ConfigurationDir, Workspace
 
-__all__ = ["MODEL_FORMAT", "export_model", "is_model_package", "unpack_model"]
+__all__ = ["MODEL_FORMAT", "export_model", "is_model_package", "package_configurations", "unpack_model"]
 
 log = logging.getLogger(__name__)
 MODEL_FORMAT = "voxflow-model-1"
+MANIFEST = "voxflow_model.json"
 
 
 def _folds_with_final(work: Workspace, configuration: str) -> list[str]:
-    cfg_dir = work.configuration_dir(configuration)
-    folds = []
-    for d in sorted(cfg_dir.glob("fold_*")):
-        if (d / "checkpoint_final.pt").is_file():
-            folds.append(d.name.removeprefix("fold_"))
-    return folds
+    return [f.fold for f in work.configuration(configuration).trained_folds()]
+
+
+def _chosen_configurations(work: Workspace) -> list[str]:
+    """The best configuration(s) recorded by ``voxflow run``, else every configuration directory."""
+    if work.best_configuration.is_file():
+        return list(json.loads(work.best_configuration.read_text())["configurations"])
+    return work.configuration_names()
 
 
 def export_model(work: PathLikeStr | Workspace, out_zip: PathLikeStr, *,
@@ -53,12 +57,7 @@ def export_model(work: PathLikeStr | Workspace, out_zip: PathLikeStr, *,
     if not work.plans.is_file():
         raise IncompleteStoreError(f"{work.plans} is missing; run `voxflow plan` / `voxflow run` first.")
     if configurations is None:
-        best = work.root / "best_configuration.json"
-        if best.is_file():
-            configurations = json.loads(best.read_text())["configurations"]
-        else:
-            runs = work.root / "runs"
-            configurations = sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+        configurations = _chosen_configurations(work)
     chosen: dict[str, list[str]] = {}
     for cfg in configurations:
         available = _folds_with_final(work, cfg)
@@ -66,27 +65,26 @@ def export_model(work: PathLikeStr | Workspace, out_zip: PathLikeStr, *,
         missing = sorted(set(wanted) - set(available))
         if missing:
             raise IncompleteStoreError(
-                f"configuration {cfg!r} has no checkpoint_final.pt for fold(s) {missing} in "
+                f"configuration {cfg!r} has no {CHECKPOINT_FINAL} for fold(s) {missing} in "
                 f"{work.configuration_dir(cfg)}; finish training them or pass --folds."
             )
         if wanted:
             chosen[cfg] = wanted
     if not chosen:
-        raise IncompleteStoreError(f"no trained fold found under {work.root / 'runs'}; train first.")
+        raise IncompleteStoreError(f"no trained fold found under {work.runs}; train first.")
     out_zip = Path(out_zip)
     out_zip.parent.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"format": MODEL_FORMAT, "configurations": list(chosen), "folds": chosen}
     tmp = out_zip.with_name(f".{out_zip.name}.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.write(work.plans, "plans.json")
+        zf.write(work.plans, work.plans.name)
         for cfg, fold_list in chosen.items():
-            cfg_dir = work.configuration_dir(cfg)
+            src, dst = work.configuration(cfg), ConfigurationDir(cfg)  # dst: the same layout inside the zip
             for f in fold_list:
-                zf.write(cfg_dir / f"fold_{f}" / "checkpoint_final.pt", f"{cfg}/fold_{f}/checkpoint_final.pt")
-            pp = cfg_dir / "postprocessing.json"
-            if pp.is_file():
-                zf.write(pp, f"{cfg}/postprocessing.json")
-        zf.writestr("voxflow_model.json", json.dumps(manifest, indent=2))
+                zf.write(src.fold(f).checkpoint_final, dst.fold(f).checkpoint_final.as_posix())
+            if src.postprocessing.is_file():
+                zf.write(src.postprocessing, dst.postprocessing.as_posix())
+        zf.writestr(MANIFEST, json.dumps(manifest, indent=2))
     tmp.replace(out_zip)
     log.info("wrote model package %s (%s)", out_zip, ", ".join(f"{c}: folds {f}" for c, f in chosen.items()))
     return out_zip
@@ -105,22 +103,27 @@ def unpack_model(path: PathLikeStr, *, cache_dir: PathLikeStr | None = None) -> 
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "voxflow-models"
     target = root / digest
-    if (target / "voxflow_model.json").is_file():
+    if (target / MANIFEST).is_file():
         return target
     tmp = root / f".{digest}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
-        if "voxflow_model.json" not in names:
-            raise VoxflowError(f"{path} lacks voxflow_model.json; it was not written by `voxflow export-model`.")
+        if MANIFEST not in names:
+            raise VoxflowError(f"{path} lacks {MANIFEST}; it was not written by `voxflow export-model`.")
         for n in names:
             if n.startswith("/") or ".." in Path(n).parts:
                 raise VoxflowError(f"{path} holds an unsafe path {n!r}; refusing to unpack.")
         zf.extractall(tmp)
-    manifest = json.loads((tmp / "voxflow_model.json").read_text())
+    manifest = json.loads((tmp / MANIFEST).read_text())
     if manifest.get("format") != MODEL_FORMAT:
         raise VoxflowError(f"{path}: unknown model format {manifest.get('format')!r}; expected {MODEL_FORMAT!r}.")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
+
+
+def package_configurations(root: PathLikeStr) -> list[str]:
+    """The configurations an unpacked model package (:func:`unpack_model`) holds."""
+    return list(json.loads((Path(root) / MANIFEST).read_text())["configurations"])

@@ -1,0 +1,266 @@
+"""The one case pipeline of every model kind: stage -> predict -> write.
+
+A model (:class:`~voxflow.infer.PredictionModel`: voxflow's own folds of a configuration, an nnU-Net
+model folder) says three things: how to preprocess a case (``prepare``, giving a
+:class:`~voxflow.infer.CaseInput`: the lazy image
+on the model's grid and how to undo), which tile predictor to run (``tile_predictor``: a batch of
+tiles in, per-tile scores out) and with which tile weights. The engine does the rest, the same way
+for every kind:
+
+* stage: per case, each model's preprocessed image is written to a scratch Zarr store (one dask
+  compute, bounded memory); the next case is staged in a background thread while one is predicted;
+* predict: tiles are read from there and their Gaussian-weighted scores accumulate into a scratch
+  Zarr array on the model's grid; each model's ``restore`` turns them into probabilities on the
+  original grid (lazy: resample back, activation, uncrop);
+* write: the models' probabilities are averaged, turned into labels (argmax or regions) and, with
+  ``save_probabilities``, float16 probabilities; one more dask compute writes the case to the
+  prediction store, postprocessing (optional) follows, then the completion marker.
+
+Several devices: one process per device predicts its share of the cases, each loading its models
+through a picklable :data:`~voxflow.infer.ModelLoader`.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import shutil
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from voxflow.cluster import case_progress, compute, scheduler_context, split_evenly
+from voxflow.errors import VoxflowError
+from voxflow.infer._chunks import clamp_chunks, grow_chunks, output_chunks
+from voxflow.infer._export import export_labels
+from voxflow.infer._inputs import cases_to_predict, input_signature, open_input
+from voxflow.infer._memory import release_large_allocations, trim_heap
+from voxflow.infer._options import PredictOptions, resolve_postprocessing
+from voxflow.infer._protocols import CaseInput, ModelLoader, PredictionModel, TileScorer
+from voxflow.infer._undo import probabilities_to_label
+from voxflow.store import DatasetMeta, Store
+from voxflow.workspace import PREDICTION_STORE
+
+__all__ = ["STORE_NAME", "run_prediction"]
+
+log = logging.getLogger(__name__)
+STORE_NAME = PREDICTION_STORE
+
+
+@dataclass
+class _Staged:
+    case_id: str
+    inputs: list[CaseInput]
+    images: list[zarr.Array]
+    scratch: Path
+    source_files: Any  # what the case was converted from (recorded with the prediction)
+
+
+def _stage_case(src: Store, case_id: str, models: Sequence[PredictionModel], scratch_root: Path) -> _Staged:
+    """Write each model's preprocessed image of a case to scratch Zarr (one compute)."""
+    scratch = scratch_root / case_id
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    group = zarr.open_group(str(scratch), mode="w", zarr_format=3)
+    inputs, images, sources = [], [], []
+    for i, model in enumerate(models):
+        big = grow_chunks(model.patch_size_vox, 4 * model.n_channels)  # compute in few, large tasks
+        case = model.prepare(src, case_id, out_chunks=big, previous={})
+        shape = case.image.shape
+        chunks = (shape[0], *clamp_chunks(model.patch_size_vox, shape[1:]))  # tiles read ~8 of these
+        images.append(group.create_array(f"model{i}_image", shape=shape, chunks=chunks, dtype=np.float32,
+                                         compressors=None, fill_value=0.0))
+        inputs.append(case)
+        # dask chunks are whole multiples of the Zarr chunks: every task writes whole chunks, no lock
+        sources.append(case.image.astype(np.float32).rechunk((shape[0], *clamp_chunks(big, shape[1:]))))
+    staged = da.store(sources, images, lock=False, compute=False)  # type: ignore[arg-type]  # zarr targets
+    compute(staged, desc=f"{case_id}: preprocess", progress=False)
+    trim_heap()
+    return _Staged(case_id, inputs, images, scratch, input_signature(src, case_id))
+
+
+def _predict_model(st: _Staged, i: int, model: PredictionModel, predictor: TileScorer, opts: PredictOptions,
+                   out_chunks: tuple[int, ...]) -> da.Array:
+    """Sliding window of one model over its staged image; its probabilities on the original grid (lazy)."""
+    from voxflow.infer._sliding import sliding_window_predict
+
+    image, k = st.images[i], model.n_outputs
+    block = clamp_chunks([-(-p // 2) for p in model.patch_size_vox], image.shape[1:])  # half-patch blocks
+    group = zarr.open_group(str(st.scratch), mode="r+", zarr_format=3)
+    scores = group.create_array(f"model{i}_scores", shape=(k, *image.shape[1:]), chunks=(k, *block),
+                                dtype=np.float32, compressors=None, fill_value=0.0)
+    sliding_window_predict(image, predictor, patch_size_vox=model.patch_size_vox, n_classes=k, out=scores,
+                           step=opts.step, batch_size=model.batch_size(opts.batch_size),
+                           cache_bytes=opts.cache_bytes, scratch_dir=st.scratch, progress=opts.progress,
+                           desc=f"{st.case_id} {model.name}", importance_map=model.importance_map())
+    trim_heap()  # the tile cache's blocks are free now; keep them from adding to the write phase's peak
+    lazy = da.from_zarr(scores, chunks=(k, *output_chunks(image.shape[1:], k)))  # fewer, larger tasks
+    return st.inputs[i].restore(lazy, out_chunks)
+
+
+def _predict_staged(st: _Staged, models: Sequence[PredictionModel], predictors: Sequence[TileScorer], out: Store,
+                    opts: PredictOptions) -> None:
+    """Predict a staged case with every model, average, write labels (+ probabilities), postprocess."""
+    first = models[0]
+    geom = st.inputs[0].geometry
+    out_chunks = output_chunks(geom.shape_zyx, first.n_outputs)
+    back = [_predict_model(st, i, m, p, opts, out_chunks) for i, (m, p) in enumerate(zip(models, predictors, strict=True))]
+    mean = back[0] if len(back) == 1 else sum(back[1:], back[0]) / len(back)
+    out.begin_case(st.case_id, geometry=geom, attrs={
+        "configurations": [m.name for m in models], "models": [n for m in models for n in m.names],
+        "activation": first.activation, **_records(models), "input": st.source_files})
+    name = "label_raw" if opts.postprocessing is not None else "label"
+    label = out.create_array(st.case_id, name, shape=geom.shape_zyx, dtype=np.uint8, chunks=out_chunks,
+                             dimension_names=("z", "y", "x"))
+    sources, targets = [probabilities_to_label(mean, regions_class_order=first.regions_class_order)], [label]
+    if opts.save_probabilities:
+        targets.append(out.create_array(st.case_id, "probs", shape=mean.shape, dtype=np.float16,
+                                        chunks=(1, *out_chunks)))
+        sources.append(mean.astype(np.float16).rechunk((1, *out_chunks)))
+    writes = da.store(sources, targets, lock=False, compute=False)  # type: ignore[arg-type]  # zarr targets
+    compute(writes, desc=f"{st.case_id}: write", progress=opts.progress)
+    if opts.postprocessing is not None:
+        _postprocess_case(out, st.case_id, label, geom.spacing_zyx, opts)
+    out.mark_complete(st.case_id)
+    shutil.rmtree(st.scratch, ignore_errors=True)
+
+
+def _postprocess_case(out: Store, case_id: str, raw: zarr.Array, spacing_zyx: Sequence[float],
+                      opts: PredictOptions) -> None:
+    """Apply the model's postprocessing to the written ``label_raw`` and write ``label``.
+
+    ``label_raw`` (the plain argmax) is kept beside it, so the effect of postprocessing stays visible."""
+    from voxflow.postprocess import apply_postprocessing
+
+    spec = resolve_postprocessing(opts.postprocessing, [])
+    label = apply_postprocessing(da.from_zarr(raw, chunks=raw.chunks), spec, spacing=spacing_zyx)
+    target = out.create_array(case_id, "label", shape=raw.shape, dtype=np.uint8, chunks=raw.chunks)
+    write = da.store(label.astype(np.uint8), target, lock=False, compute=False)  # type: ignore[arg-type]
+    compute(write, desc=f"{case_id}: postprocess", progress=opts.progress)
+    out.update_case_attrs(case_id, postprocessing=spec.to_dict())
+
+
+def _predict_cases(src: Store, out: Store, models: Sequence[PredictionModel], case_ids: Sequence[str], *,
+                   device: str, opts: PredictOptions, scratch_root: Path) -> None:
+    """Predict cases one after the other, staging the next one while the current one runs."""
+    if not case_ids:
+        return
+    predictors = [m.tile_predictor(device=device, tta=opts.tta, amp=opts.amp) for m in models]
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="voxflow-stage") as pool:
+        nxt = pool.submit(_stage_case, src, case_ids[0], models, scratch_root)
+        for i, cid in enumerate(tqdm(case_ids, desc="cases", unit="case", disable=not opts.progress)):
+            staged = nxt.result()
+            if i + 1 < len(case_ids):
+                nxt = pool.submit(_stage_case, src, case_ids[i + 1], models, scratch_root)
+            _predict_staged(staged, models, predictors, out, _case_opts(opts, src, cid))
+            log.info("predicted case %s (%d/%d) on %s", cid, i + 1, len(case_ids), device)
+
+
+def _case_opts(opts: PredictOptions, src: Store, case_id: str) -> PredictOptions:
+    """Per-case progress bars only for cases big enough to take seconds (the stage bar counts cases)."""
+    n_voxels = int(np.prod(src.zarr_array(case_id, "image").shape))
+    return replace(opts, progress=case_progress(opts.progress, n_voxels))
+
+
+def _device_worker(src_path: str, out_path: str, loader: ModelLoader, device: str, case_ids: list[str],
+                   opts: PredictOptions, scratch_root: str) -> None:
+    """Entry point of one process per device (spawned)."""
+    models = loader(device)
+    with scheduler_context("threads"):
+        _predict_cases(Store.open(src_path), Store.open(out_path, mode="r+"), models, case_ids, device=device,
+                       opts=replace(opts, progress=False), scratch_root=Path(scratch_root) / device.replace(":", "_"))
+
+
+def _run_on_devices(devices: list[str], src: Store, out: Store, loader: ModelLoader, todo: list[str],
+                    opts: PredictOptions, scratch_root: Path) -> None:
+    ctx = mp.get_context("spawn")
+    procs = []
+    for dev, part in zip(devices, split_evenly(todo, len(devices)), strict=True):
+        if part:
+            p = ctx.Process(target=_device_worker, args=(str(src.path), str(out.path), loader, dev, part, opts,
+                                                          str(scratch_root)))
+            p.start()
+            procs.append((dev, p))
+    failed = []
+    for dev, p in procs:
+        p.join()
+        if p.exitcode != 0:
+            failed.append(f"{dev} (exit {p.exitcode})")
+    if failed:
+        raise VoxflowError(f"prediction worker processes must succeed; failed: {failed}. Rerun to resume; "
+                           f"completed cases are kept.")
+
+
+def _records(models: Sequence[PredictionModel]) -> dict[str, Any]:
+    return {k: v for m in models for k, v in m.record.items()}
+
+
+def _check_models(models: Sequence[PredictionModel]) -> None:
+    if not models:
+        raise VoxflowError("predict needs at least one model (model_dir or models); got none.")
+    first = models[0]
+    for m in models[1:]:
+        if (m.dataset.labels != first.dataset.labels or m.regions_class_order != first.regions_class_order
+                or m.activation != first.activation):
+            raise VoxflowError(f"ensembled configurations must predict the same labels; {m.name!r} has "
+                               f"{m.dataset.labels}, {first.name!r} has {first.dataset.labels}.")
+
+
+def _output_meta(src: Store, models: Sequence[PredictionModel], opts: PredictOptions) -> DatasetMeta:
+    first = models[0].dataset
+    return DatasetMeta(channel_names=src.meta.channel_names, labels=first.labels,
+                       regions_class_order=first.regions_class_order, file_ending=src.meta.file_ending,
+                       name=src.meta.name, kind="prediction",
+                       extra={"configurations": [m.name for m in models],
+                              "models": [n for m in models for n in m.names], **_records(models),
+                              "step": opts.step, "tta": opts.tta})
+
+
+def run_prediction(source: Store | str | Path | Sequence[str | Path], output: str | Path,
+                   models: Sequence[PredictionModel], opts: PredictOptions, *, loader: ModelLoader | None = None,
+                   case_ids: Sequence[str] | None = None) -> Store:
+    """Segment the cases of ``source`` with ``models`` (averaged) into ``output/prediction.zarr``.
+
+    ``models`` are loaded on the first of ``opts.devices()``; with several devices (and more than one
+    case to do) each device's process loads its own through ``loader`` (without one, ``"cuda"`` means
+    the current GPU, and a list of devices is refused). Cases complete in the output
+    (from unchanged inputs) are skipped. Exports label files unless ``opts.export`` is False.
+    Fixes glibc's mmap threshold for the process (:func:`~voxflow.infer.release_large_allocations`).
+    """
+    _check_models(models)
+    devices = opts.devices()
+    if len(devices) > 1 and loader is None:
+        if opts.device != "cuda":
+            raise VoxflowError("several devices need models each process can load (model_dir, an nnU-Net model "
+                               "folder); got models that are already loaded.")
+        devices = ["cuda"]  # loaded models and every visible GPU: predict on the current one
+    release_large_allocations()
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scratch_root = out_dir / ".scratch"
+    with scheduler_context(opts.scheduler, memory_limit=opts.memory_limit):
+        src = open_input(source, out_dir / ".input", scheduler=opts.scheduler)
+        for m in models:
+            m.check_input(src)
+        out = Store.create(out_dir / STORE_NAME, _output_meta(src, models, opts), overwrite=opts.overwrite)
+        ids = list(case_ids) if case_ids is not None else src.case_ids()
+        todo = cases_to_predict(src, out, ids)
+        log.info("predicting %d cases (%d already complete) with %s", len(todo), len(ids) - len(todo),
+                 ", ".join(n for m in models for n in m.names))
+        if len(devices) > 1 and len(todo) > 1 and loader is not None:
+            _run_on_devices(devices, src, out, loader, todo, opts, scratch_root)
+        else:
+            _predict_cases(src, out, models, todo, device=devices[0], opts=opts, scratch_root=scratch_root)
+    shutil.rmtree(scratch_root, ignore_errors=True)
+    if opts.export:
+        sched = opts.scheduler if opts.scheduler in ("threads", "processes", "sync") else "threads"
+        export_labels(out, out_dir, ids, file_ending=src.meta.file_ending, scheduler=sched)
+    return out

@@ -1,0 +1,87 @@
+"""The options of a prediction run, one typed value; and how ``postprocessing`` is resolved."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from voxflow.infer._accumulator import DEFAULT_CACHE_BYTES
+
+__all__ = ["PredictOptions", "resolve_postprocessing"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictOptions:
+    """How to run a prediction (see :func:`voxflow.infer.predict`); every field is also a keyword of it.
+
+    ``postprocessing`` is the resolved :class:`~voxflow.postprocess.PostprocessingSpec` applied to
+    each label, or None (``predict`` resolves its ``postprocessing`` argument into it).
+    """
+
+    step: float = 0.5
+    tta: bool = True
+    save_probabilities: bool = False
+    batch_size: int | None = None
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    amp: bool = True
+    progress: bool = True
+    postprocessing: Any = None
+    device: str | tuple[str, ...] = "cpu"
+    scheduler: str = "threads"
+    memory_limit: str | None = None
+    export: bool = True
+    overwrite: bool = False
+
+    @classmethod
+    def build(cls, options: PredictOptions | None = None, **overrides: Any) -> PredictOptions:
+        """``options`` (default: the defaults) with ``overrides`` replaced; unknown names are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown prediction option(s) {unknown}; known: {sorted(known)}.")
+        if isinstance(overrides.get("device"), (list, tuple)):
+            overrides["device"] = tuple(str(d) for d in overrides["device"])
+        return replace(options or cls(), **overrides)
+
+    def devices(self) -> list[str]:
+        """``device`` as a list: several for ``"cuda:0,cuda:1"``, a list, or ``"cuda"`` with several GPUs."""
+        if not isinstance(self.device, str):
+            return [str(d) for d in self.device]
+        if "," in self.device:
+            return [d.strip() for d in self.device.split(",") if d.strip()]
+        if self.device == "cuda":
+            import torch
+
+            n = torch.cuda.device_count()
+            if n > 1:
+                return [f"cuda:{i}" for i in range(n)]
+        return [self.device]
+
+
+def resolve_postprocessing(postprocessing: Any, configuration_dirs: Sequence[Path]) -> Any:
+    """``"auto"``: the ``postprocessing.json`` of the (single) configuration dir the models come from;
+    ``None``: none; a spec, dict or path: that one."""
+    from voxflow.postprocess import PostprocessingSpec
+    from voxflow.workspace import ConfigurationDir
+
+    if postprocessing is None:
+        return None
+    if isinstance(postprocessing, str) and postprocessing == "auto":
+        dirs = set(configuration_dirs)
+        if len(dirs) != 1:
+            if dirs:
+                log.info("no postprocessing applied: it is chosen per configuration, and %d are ensembled",
+                         len(dirs))
+            return None
+        path = ConfigurationDir(next(iter(dirs))).postprocessing
+        return PostprocessingSpec.load(path) if path.is_file() else None
+    if isinstance(postprocessing, PostprocessingSpec):
+        return postprocessing
+    if isinstance(postprocessing, dict):
+        return PostprocessingSpec.from_dict(postprocessing)
+    return PostprocessingSpec.load(Path(postprocessing))
