@@ -35,13 +35,17 @@ from voxflow._cliutil import handle_errors, parse_folds, scheduler_option
               help="Memory (MB) for partial accumulator blocks; beyond it they spill to a scratch file in OUTPUT "
                    "(cheap, so peak memory stays flat for any volume).")
 @click.option("--overwrite", is_flag=True, help="Redo cases already complete in the output.")
+@click.option("--output-format", type=click.Choice(["auto", "nifti", "nrrd", "mha", "dicom-seg"]), default="auto",
+              show_default=True,
+              help="Format of the exported label files: auto (the input's), nifti, nrrd, mha, or dicom-seg (one "
+                   "DICOM Segmentation per case, referencing its source series; inputs must be DICOM series).")
 @click.argument("more_folds", nargs=-1, metavar="[FOLD]...")
 @scheduler_option
 @handle_errors
 def predict(inputs: tuple[str, ...], output: str, model_dirs: tuple[str, ...], configurations: tuple[str, ...],
             nnunet_model: str | None, nnunet_checkpoint: str, folds: tuple[str, ...], step: float,
             no_tta: bool, save_probabilities: bool, device: str,
-            cache_mb: int, overwrite: bool, more_folds: tuple[str, ...], scheduler: str,
+            cache_mb: int, overwrite: bool, output_format: str, more_folds: tuple[str, ...], scheduler: str,
             memory_limit: str | None, no_postprocessing: bool) -> None:
     """Predict every case of INPUT with the trained folds in MODEL_DIR; write OUTPUT."""
     from voxflow.infer import PredictOptions
@@ -52,7 +56,7 @@ def predict(inputs: tuple[str, ...], output: str, model_dirs: tuple[str, ...], c
         raise click.UsageError("give either -m/--model-dir or --nnunet-model (exactly one).")
     opts = PredictOptions(step=step, tta=not no_tta, device=device, save_probabilities=save_probabilities,
                           scheduler=scheduler, memory_limit=memory_limit, cache_bytes=cache_mb * 2**20,
-                          overwrite=overwrite)
+                          overwrite=overwrite, output_format=output_format)
     postprocessing = None if no_postprocessing else "auto"
     if nnunet_model:
         from voxflow.nnunet import predict_nnunet

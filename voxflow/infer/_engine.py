@@ -38,7 +38,7 @@ import zarr
 from voxflow.cluster import case_progress, compute, scheduler_context, split_evenly
 from voxflow.errors import VoxflowError
 from voxflow.infer._chunks import clamp_chunks, grow_chunks, output_chunks
-from voxflow.infer._export import export_labels
+from voxflow.infer._export import check_dicom_sources, export_labels
 from voxflow.infer._inputs import cases_to_predict, input_signature, open_input
 from voxflow.infer._memory import release_large_allocations, trim_heap
 from voxflow.infer._options import PredictOptions, resolve_postprocessing
@@ -250,6 +250,8 @@ def run_prediction(source: Store | str | Path | Sequence[str | Path], output: st
         src = open_input(source, out_dir / ".input", scheduler=opts.scheduler)
         for m in models:
             m.check_input(src)
+        if opts.output_format == "dicom-seg" and opts.export:
+            check_dicom_sources(src, list(case_ids) if case_ids is not None else src.case_ids())
         out = Store.create(out_dir / STORE_NAME, _output_meta(src, models, opts), overwrite=opts.overwrite)
         ids = list(case_ids) if case_ids is not None else src.case_ids()
         todo = cases_to_predict(src, out, ids)
@@ -262,5 +264,6 @@ def run_prediction(source: Store | str | Path | Sequence[str | Path], output: st
     shutil.rmtree(scratch_root, ignore_errors=True)
     if opts.export:
         sched = opts.scheduler if opts.scheduler in ("threads", "processes", "sync") else "threads"
-        export_labels(out, out_dir, ids, file_ending=src.meta.file_ending, scheduler=sched)
+        export_labels(out, out_dir, ids, file_ending=opts.file_ending(src.meta.file_ending), scheduler=sched,
+                      source=src, model_name="+".join(n for m in models for n in m.names))
     return out

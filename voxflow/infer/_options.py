@@ -8,11 +8,17 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from voxflow.errors import VoxflowError
 from voxflow.infer._accumulator import DEFAULT_CACHE_BYTES
 
-__all__ = ["PredictOptions", "resolve_postprocessing"]
+__all__ = ["OUTPUT_FORMATS", "PredictOptions", "resolve_postprocessing"]
 
 log = logging.getLogger(__name__)
+
+
+#: ``--output-format`` -> file ending of the exported labels (None: the input's)
+OUTPUT_FORMATS: dict[str, str | None] = {"auto": None, "nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha",
+                                         "dicom-seg": ".dcm"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +42,17 @@ class PredictOptions:
     memory_limit: str | None = None
     export: bool = True
     overwrite: bool = False
+    #: file format of the exported labels: ``auto`` (the input's file ending), ``nifti``, ``nrrd``,
+    #: ``mha`` or ``dicom-seg`` (one DICOM Segmentation per case, for inputs converted from DICOM)
+    output_format: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.output_format not in OUTPUT_FORMATS:
+            raise VoxflowError(f"output_format must be one of {sorted(OUTPUT_FORMATS)}; got {self.output_format!r}")
+
+    def file_ending(self, input_ending: str) -> str:
+        """The ending of the exported label files for inputs of ``input_ending``."""
+        return OUTPUT_FORMATS[self.output_format] or input_ending
 
     @classmethod
     def build(cls, options: PredictOptions | None = None, **overrides: Any) -> PredictOptions:
