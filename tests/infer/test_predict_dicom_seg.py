@@ -40,7 +40,8 @@ def test_predict_writes_a_valid_dicom_seg_equal_to_the_nifti(tmp_path: Path, mak
     nii_out = predict(series, tmp_path / "nii", output_format="nifti", **common)
     (cid,) = seg_out.case_ids()
     seg, nii = tmp_path / "seg" / f"{cid}.dcm", tmp_path / "nii" / f"{cid}.nii.gz"
-    assert seg.is_file() and nii.is_file()
+    assert seg.is_file()
+    assert nii.is_file()
     np.testing.assert_array_equal(seg_out.zarr_array(cid, "label")[...], nii_out.zarr_array(cid, "label")[...])
     assert_valid(seg)
     from_seg, from_nii = seg_on_nifti_grid(seg, nii)
@@ -58,4 +59,5 @@ def test_dicom_seg_output_of_a_nifti_input_is_refused_naming_the_case(tmp_path: 
     assert not (tmp_path / "out" / "prediction.zarr" / "cases").exists() or not list(
         (tmp_path / "out" / "prediction.zarr" / "cases").iterdir())
     res = CliRunner().invoke(main, ["predict", "--help"])
-    assert "--output-format" in res.output and "dicom-seg" in res.output
+    assert "--output-format" in res.output
+    assert "dicom-seg" in res.output
