@@ -72,7 +72,7 @@ import json, time, torch
 from voxflow.train import train_fold
 from voxflow.workspace import Workspace
 t = time.perf_counter()
-run = train_fold(Workspace({work!r}), {cfg!r}, {fold!r}, device={device!r}, num_workers={workers},
+run = train_fold(Workspace({work!r}), {cfg!r}, {fold!r}, device={device!r}, num_workers={workers}, restart=True,
                  overrides={overrides!r}, validate_cases={validate!r})
 print("SECONDS", time.perf_counter() - t)
 if torch.cuda.is_available() and {device!r}.startswith("cuda"):

@@ -220,3 +220,59 @@ def test_precision_is_a_choice_recorded_in_the_checkpoint(tmp_path: Path) -> Non
     assert ckpt["configuration"]["train"]["precision"] == "bf16"
     with pytest.raises(PlanError, match="fp16 needs a CUDA device"):
         train_fold(work, "tiny", 1, overrides={"train.precision": "fp16"}, **kw)
+
+
+def test_single_case_dataset_trains_with_fold_all_and_cross_validation_says_so(tmp_path: Path) -> None:
+    from voxflow.errors import PlanError
+
+    work = make_workspace(tmp_path, n_cases=1, epochs=1, iters_per_epoch=1)
+    kw = {"loader_factory": fake_build_loader, "num_workers": 0, "validate_cases": False}
+    with pytest.raises(PlanError, match="at least 2 cases.*--fold all"):
+        train_fold(work, "tiny", 0, **kw)
+    run_dir = train_fold(work, "tiny", "all", **kw)
+    assert (run_dir / "checkpoint_final.pt").is_file()
+
+
+def test_rerun_without_resume_or_restart_is_refused_and_restart_starts_afresh(tmp_path: Path) -> None:
+    from voxflow.errors import PlanError
+
+    work = make_workspace(tmp_path, epochs=1, iters_per_epoch=1)
+    kw = {"loader_factory": fake_build_loader, "num_workers": 0, "validate_cases": False}
+    run_dir = train_fold(work, "tiny", 0, **kw)
+    before = (run_dir / "checkpoint_final.pt").stat().st_mtime_ns
+    with pytest.raises(PlanError, match="--resume.*--restart"):
+        train_fold(work, "tiny", 0, **kw)
+    assert (run_dir / "checkpoint_final.pt").stat().st_mtime_ns == before  # nothing was discarded
+    (run_dir / "stale.txt").write_text("from the earlier run")
+    train_fold(work, "tiny", 0, restart=True, **kw)
+    assert not (run_dir / "stale.txt").exists()
+    assert len(_metrics(run_dir)) == 1
+    with pytest.raises(PlanError, match="give one of them"):
+        train_fold(work, "tiny", 0, restart=True, resume=True, **kw)
+
+
+def test_resume_after_a_kill_during_the_final_validation_runs_it(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import voxflow.train.trainer as trainer
+
+    calls: list[tuple] = []
+
+    def killed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt  # the process dies while predicting the validation cases
+
+    def validates(work, cfg, fold, val_ids, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        calls.append((cfg, fold))
+        summary = work.fold(cfg, fold).validation_summary
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text("{}")
+
+    work = make_workspace(tmp_path, epochs=1, iters_per_epoch=1)
+    kw = {"loader_factory": fake_build_loader, "num_workers": 0}
+    monkeypatch.setattr(trainer, "validate_fold", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(work, "tiny", 0, **kw)
+    monkeypatch.setattr(trainer, "validate_fold", validates)
+    train_fold(work, "tiny", 0, resume=True, **kw)
+    assert calls == [("tiny", 0)]
+    train_fold(work, "tiny", 0, resume=True, **kw)  # validated now: nothing more to do
+    assert calls == [("tiny", 0)]

@@ -36,11 +36,14 @@ log = logging.getLogger(__name__)
 @click.option("--resume", is_flag=True,
               help="Continue from checkpoint_latest.pt of this fold (also after SIGTERM/SIGUSR1, from the step "
                    "where the run stopped; the number of processes may differ).")
+@click.option("--restart", is_flag=True,
+              help="Delete an earlier run of this fold (checkpoints, logs, validation) and train afresh. Without "
+                   "--resume or --restart, a fold that already has checkpoints is refused.")
 @click.option("--no-validation", is_flag=True, help="Skip predicting the validation cases at the end.")
 @set_option
 @handle_errors
 def train(workdir: str, configuration: str, fold: str, epochs: int | None, iters: int | None, device: str,
-          nproc: int, num_workers: int, precision: str | None, resume: bool, no_validation: bool,
+          nproc: int, num_workers: int, precision: str | None, resume: bool, restart: bool, no_validation: bool,
           overrides: tuple[str, ...]) -> None:
     """Train fold FOLD of configuration CFG from WORKDIR (plans.json + preprocessed store).
 
@@ -61,6 +64,7 @@ def train(workdir: str, configuration: str, fold: str, epochs: int | None, iters
     fold_value: int | str = fold if fold == "all" else int(fold)
     try:
         run_dir = train_fold(Workspace(workdir), configuration, fold_value, device=device, resume=resume,
+                             restart=restart,
                              overrides=sets, nproc=nproc, num_workers=num_workers,
                              validate_cases=not no_validation)
     except TrainingInterrupted as e:

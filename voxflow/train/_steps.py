@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from voxflow.train.distributed import DistInfo, any_rank
 from voxflow.models import LabelSpec
+from voxflow.train.distributed import DistInfo, any_rank
 from voxflow.train.losses import region_targets
 
 __all__ = ["EpochProgress", "amp_dtype_for", "confusion_counts", "cpu_has_native_bf16", "epoch_loss", "pseudo_dice",

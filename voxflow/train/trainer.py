@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from voxflow._lock import dir_lock_file, locked
+from voxflow._lock import LOCK_NAME, dir_lock_file, locked
 from voxflow.errors import PlanError, TrainingInterrupted
 from voxflow.nets import build_network, count_parameters, deep_supervision_scales
 from voxflow.plan.schema import Configuration, Plan, TrainSpec, atomic_write_json
@@ -125,8 +126,13 @@ def _default_loader() -> LoaderFactory:
     return build_loader
 
 
+def _has_checkpoints(run_dir: Path) -> bool:
+    return any((run_dir / f"checkpoint_{n}.pt").exists() for n in ("latest", "final"))
+
+
 def _resolve(work: Workspace, configuration: str, fold: int | str, *, resume: bool,
-             overrides: Mapping[str, Any] | None, num_workers: int, validate_cases: bool) -> _Job:
+             overrides: Mapping[str, Any] | None, num_workers: int, validate_cases: bool,
+             restart: bool = False) -> _Job:
     plan = Plan.load(work.plans)
     if overrides:
         plan = plan.with_overrides(dict(overrides), configuration=configuration)
@@ -134,13 +140,28 @@ def _resolve(work: Workspace, configuration: str, fold: int | str, *, resume: bo
     store = Store.open(work.preprocessed(configuration))
     require_finished_store(store, work, configuration)
     case_ids = store.case_ids()
-    splits = load_or_create_splits(work, case_ids, groups=store.meta.extra.get("case_groups"))
-    train_ids, val_ids = fold_cases(splits, fold, case_ids)
+    if str(fold) == "all":  # every case trains and validates; no splits needed (works with one case)
+        train_ids, val_ids = fold_cases([], fold, case_ids)
+    else:
+        if len(case_ids) < 2:
+            raise PlanError(f"cross-validation needs at least 2 cases; {store.path} has {len(case_ids)}. "
+                            f"Train with --fold all (every case trains and validates).")
+        splits = load_or_create_splits(work, case_ids, groups=store.meta.extra.get("case_groups"))
+        train_ids, val_ids = fold_cases(splits, fold, case_ids)
+    run_dir = work.run_dir(configuration, fold)
+    if not resume and not restart and _has_checkpoints(run_dir):
+        raise PlanError(f"{run_dir} already holds checkpoints of a run; continue it with --resume, or start "
+                        f"it afresh with --restart (which deletes them).")
     if not train_ids or not val_ids:
         raise PlanError(f"fold {fold!r} of {work.splits} must have training and validation cases; got "
                         f"{len(train_ids)} and {len(val_ids)}.")
+    if restart and run_dir.exists():
+        for f in run_dir.iterdir():
+            if f.name != LOCK_NAME:  # the lock this process holds
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+        log.info("--restart: removed the earlier run in %s", run_dir)
     return _Job(work, config, store.meta, LabelSpec.from_meta(store.meta), store.path, fold, train_ids,
-                val_ids, work.run_dir(configuration, fold), resume, num_workers, validate_cases)
+                val_ids, run_dir, resume, num_workers, validate_cases)
 
 
 def _run_dir_lock(args: Mapping[str, Any]) -> Path | None:
@@ -153,7 +174,8 @@ def _run_dir_lock(args: Mapping[str, Any]) -> Path | None:
 
 @locked(_run_dir_lock, command="train")
 def train_fold(work: Workspace, configuration: str, fold: int | str, *, device: str = "cpu",
-               resume: bool = False, overrides: Mapping[str, Any] | None = None, nproc: int = 1,
+               resume: bool = False, restart: bool = False, overrides: Mapping[str, Any] | None = None,
+               nproc: int = 1,
                num_workers: int = 2, loader_factory: LoaderFactory | None = None,
                validate_cases: bool = True) -> Path:
     """Train ``configuration`` on ``fold`` (0..4 or ``"all"``) and return the run directory.
@@ -163,7 +185,10 @@ def train_fold(work: Workspace, configuration: str, fold: int | str, *, device: 
     :func:`voxflow.data.build_loader` (same signature; must be picklable for ``nproc > 1``).
     ``validate_cases`` predicts the validation cases at the end (when :mod:`voxflow.infer` exists).
     """
-    job = _resolve(work, configuration, fold, resume=resume, overrides=overrides, num_workers=num_workers,
+    if resume and restart:
+        raise PlanError("--resume continues a run and --restart deletes it; give one of them.")
+    job = _resolve(work, configuration, fold, resume=resume, restart=restart, overrides=overrides,
+                   num_workers=num_workers,
                    validate_cases=validate_cases)
     factory = loader_factory or _default_loader()
     if nproc > 1:
@@ -463,6 +488,9 @@ class _Trainer:
             self.monitor.restore(self.state.epoch)
             if finished:
                 log.info("%s already finished (epoch %d); nothing to resume", self.job.run_dir, self.state.epoch)
+                if self.job.validate_cases and not self._validated():
+                    log.info("the end-of-training validation of %s did not finish; running it", self.job.run_dir)
+                    self._finish()
                 return None
             if not self.rng_restored:
                 _seed_all(self.spec.seed + 1 + self.info.rank + 7919 * self.state.epoch)
@@ -569,6 +597,10 @@ class _Trainer:
     def _should_stop(self) -> bool:
         patience = self.spec.early_stopping_patience
         return patience is not None and self.state.epochs_since_best >= patience
+
+    def _validated(self) -> bool:
+        """Whether the end-of-training validation wrote its summary (or there is nothing to predict from)."""
+        return self.job.work.fold(self.cfg.name, self.job.fold).validation_summary.exists()
 
     def _param_spread(self) -> float:
         """Largest difference of any weight between ranks (0 when DDP kept them identical)."""
