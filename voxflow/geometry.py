@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from voxflow.errors import GeometryMismatchError
+from voxflow.errors import GeometryError, GeometryMismatchError
 
 __all__ = ["Geometry"]
 
@@ -35,7 +35,8 @@ _IDENTITY = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 
 def _tuple3(values: Sequence[float], name: str, cast: type = float) -> tuple[Any, Any, Any]:
     if len(values) != 3:
-        raise ValueError(f"{name} must have 3 entries (z, y, x); got {tuple(values)!r}")
+        raise GeometryError(f"{name} must have 3 entries (z, y, x); got {tuple(values)!r}. A 2D image is one "
+                            f"slice: pass (1, Y, X) sizes and a z entry (1 mm spacing, 0 origin).")
     return tuple(cast(v) for v in values)  # type: ignore[return-value]
 
 
@@ -55,14 +56,18 @@ class Geometry:
         object.__setattr__(self, "origin_zyx", _tuple3(self.origin_zyx, "origin_zyx"))
         d = np.asarray(self.direction_zyx, dtype=float)
         if d.shape != (3, 3):
-            raise ValueError(f"direction_zyx must be a 3x3 matrix; got shape {d.shape}")
+            raise GeometryError(f"direction_zyx must be a 3x3 matrix (rows z, y, x); got shape {d.shape}. Pass "
+                                f"the 3x3 direction cosines, or leave it out for the identity.")
         object.__setattr__(self, "direction_zyx", tuple(tuple(float(v) for v in row) for row in d))
         if any(s <= 0 for s in self.shape_zyx):
-            raise ValueError(f"shape_zyx must be positive; got {self.shape_zyx!r}")
+            raise GeometryError(f"shape_zyx must be at least 1 voxel per axis; got {self.shape_zyx!r}. An empty "
+                                f"image cannot be stored: check the file or the crop box.")
         if any(not math.isfinite(s) or s <= 0 for s in self.spacing_zyx):
-            raise ValueError(f"spacing_zyx must be positive finite mm; got {self.spacing_zyx!r}")
+            raise GeometryError(f"spacing_zyx must be positive finite mm per axis; got {self.spacing_zyx!r}. Fix "
+                                f"the spacing in the image header (e.g. with SimpleITK's SetSpacing).")
         if self.source_ndim not in (2, 3):
-            raise ValueError(f"source_ndim must be 2 or 3; got {self.source_ndim!r}")
+            raise GeometryError(f"source_ndim must be 2 or 3; got {self.source_ndim!r}. Use 2 for a single-slice "
+                                f"image from a 2D file, else 3 (the default).")
 
     # ------------------------------------------------------------------ SimpleITK
     @classmethod
@@ -200,7 +205,8 @@ class Geometry:
         known = {"shape_zyx", "spacing_zyx", "origin_zyx", "direction_zyx", "source_ndim"}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown geometry fields {sorted(unknown)}; expected {sorted(known)}")
+            raise GeometryError(f"geometry fields must be among {sorted(known)}; got unknown {sorted(unknown)}. "
+                                f"Remove them (was the store written by a newer voxflow?).")
         return cls(
             shape_zyx=tuple(d["shape_zyx"]),
             spacing_zyx=tuple(d["spacing_zyx"]),

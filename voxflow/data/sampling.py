@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from voxflow.data._cache import ChunkCache, read_box_cached
-from voxflow.errors import LayoutError, VoxflowWarning
+from voxflow.errors import ConfigError, LayoutError, VoxflowWarning
 from voxflow.store import Store
 
 __all__ = ["CaseHandle", "ChunkCache", "PatchBatch", "PatchSampler", "open_cases", "read_patch", "stream_rng"]
@@ -170,10 +170,12 @@ class PatchSampler:
                                 dtype=np.int64)
         if self.patch.shape != (3,) or self.final.shape != (3,) or (self.patch < self.final).any() \
                 or ((self.patch - self.final) % 2).any() or (self.final < 1).any():
-            raise ValueError(f"patch_size_vox must be 3 sizes >= final_patch_size_vox with an even difference; "
-                             f"got {tuple(self.patch)} and {tuple(self.final)}")
+            raise ConfigError(f"patch_size_vox must be 3 sizes >= final_patch_size_vox (each >= 1) with an even "
+                              f"difference per axis; got {tuple(self.patch)} and {tuple(self.final)}. Read a "
+                              f"patch of final + 2 * margin voxels per axis (enlarged_patch_size does this).")
         if not 0.0 <= oversample_foreground <= 1.0:
-            raise ValueError(f"oversample_foreground must be in [0, 1]; got {oversample_foreground!r}")
+            raise ConfigError(f"oversample_foreground must be a fraction in [0, 1]; got {oversample_foreground!r}. "
+                              f"Use e.g. 0.33 (nnU-Net's default: a third of the patches centred on foreground).")
         self.oversample_foreground = float(oversample_foreground)
         self.rng = rng
 

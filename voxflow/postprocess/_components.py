@@ -35,7 +35,7 @@ import scipy.ndimage as ndi
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from voxflow.errors import VoxflowError
+from voxflow.errors import ConnectivityError, VoxflowError
 
 __all__ = [
     "ComponentTables",
@@ -50,10 +50,6 @@ __all__ = [
 ]
 
 Decide = Callable[["ComponentTables"], np.ndarray]
-
-
-class ConnectivityError(VoxflowError, ValueError):
-    """An unsupported connectivity was asked for."""
 
 
 def connectivity_structure(ndim: int, connectivity: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from typing import Any, Union
 import dask.array as da
 import numpy as np
 
-from voxflow.errors import VoxflowError
+from voxflow.errors import PostprocessingError
 from voxflow.postprocess._components import (
     ComponentTables,
     PendingFilter,
@@ -41,10 +41,6 @@ __all__ = [
 ]
 
 Target = Union[int, tuple[int, ...], str]
-
-
-class PostprocessingError(VoxflowError, ValueError):
-    """A postprocessing operation or spec is invalid."""
 
 
 def parse_target(value: Any) -> Target:
