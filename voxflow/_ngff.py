@@ -255,7 +255,7 @@ def _scheduler() -> str | None:
         from distributed import get_worker
 
         get_worker()
-    except (ImportError, ValueError):
+    except ValueError:  # not in a worker
         return None
     return "sync"
 

@@ -128,11 +128,6 @@ class Geometry:
     def is_2d(self) -> bool:
         return self.source_ndim == 2
 
-    @property
-    def extent_mm_zyx(self) -> tuple[float, float, float]:
-        """Physical extent (voxels x spacing) per axis in mm."""
-        return tuple(n * s for n, s in zip(self.shape_zyx, self.spacing_zyx))  # type: ignore[return-value]
-
     def index_to_physical(self, index_zyx: np.ndarray | Sequence[float]) -> np.ndarray:
         """Physical (z, y, x) position in mm of (continuous) voxel indices; ``(..., 3)`` array."""
         idx = np.asarray(index_zyx, dtype=float)

@@ -166,10 +166,6 @@ class DatasetMeta:
         return tuple(sorted(vals))
 
     @property
-    def foreground_labels(self) -> dict[str, Any]:
-        """Labels without the background (value 0)."""
-        return {k: v for k, v in self.labels.items() if v != 0}
-
     def to_dict(self) -> dict[str, Any]:
         return {**_serial.to_jsonable(self), "format_version": FORMAT_VERSION}
 
@@ -248,9 +244,6 @@ class Store:
         return cls(group, path)
 
     # ------------------------------------------------------------------ listing
-    def _cases_group(self) -> zarr.Group:
-        return self.group.require_group("cases") if self.group.read_only is False else self.group["cases"]
-
     def all_case_ids(self) -> list[str]:
         """Every case folder present, complete, incomplete or damaged, sorted (no metadata parsed)."""
         cases = self.path / "cases"
@@ -527,9 +520,3 @@ def open_case(store: Store | PathLikeStr, case_id: str, *, name: str = "image") 
         coords["c"] = list(st.meta.channel_names)
     attrs = {"geometry": geom.to_dict(), "case_id": case_id, "store": str(st.path), "units": "mm"}
     return xr.DataArray(arr, dims=dims, coords=coords, name=name, attrs=attrs)
-
-
-def iter_case_arrays(store: Store, names: Iterable[str] = ("image", "label")) -> Iterable[tuple[str, dict[str, da.Array]]]:
-    """Yield ``(case_id, {name: lazy array})`` for each complete case."""
-    for cid in store.case_ids():
-        yield cid, {n: store.array(cid, n) for n in names if store.has_array(cid, n)}

@@ -32,13 +32,8 @@ def validate_fold(work: Workspace, configuration: str, fold: int | str, val_ids:
         return None
     if val_ids is None:
         val_ids = _fold_validation_ids(work, configuration, fold)
-    try:
-        from voxflow.evaluate import evaluate
-        from voxflow.infer import predict
-    except ImportError as e:
-        log.warning("end-of-fold validation skipped for %s fold %s: %s is not available in this build",
-                    configuration, fold, e.name)
-        return None
+    from voxflow.evaluate import evaluate
+    from voxflow.infer import predict
     from voxflow.train.checkpoint import load_model
 
     out_dir = run_dir / "validation"
