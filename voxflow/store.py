@@ -165,7 +165,6 @@ class DatasetMeta:
             vals.update(v if isinstance(v, tuple) else (v,))
         return tuple(sorted(vals))
 
-    @property
     def to_dict(self) -> dict[str, Any]:
         return {**_serial.to_jsonable(self), "format_version": FORMAT_VERSION}
 
