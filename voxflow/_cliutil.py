@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import click
@@ -13,7 +13,17 @@ from voxflow.errors import VoxflowError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-__all__ = ["handle_errors", "parse_set_options", "scheduler_option", "set_option", "workspace_option"]
+__all__ = [
+    "FOLD",
+    "FoldType",
+    "handle_errors",
+    "parse_folds",
+    "parse_set_options",
+    "preset_option",
+    "scheduler_option",
+    "set_option",
+    "workspace_option",
+]
 
 
 def scheduler_option(f: F) -> F:
@@ -42,6 +52,46 @@ def set_option(f: F) -> F:
         "--set", "overrides", multiple=True, metavar="KEY=VALUE",
         help="Override a plan or training field, e.g. --set train.epochs=50 (repeatable).",
     )(f)  # type: ignore[return-value]
+
+
+def preset_option(help_text: str) -> Callable[[F], F]:
+    """``--preset``: one of the planner's presets (``voxflow.plan.PRESETS``, the one list of them)."""
+    from voxflow.plan.planner import PRESETS  # at decoration time: `voxflow --help` itself stays light
+
+    def decorate(f: F) -> F:
+        return click.option("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True,
+                            help=help_text)(f)  # type: ignore[return-value]
+
+    return decorate
+
+
+class FoldType(click.ParamType):
+    """A cross-validation fold: a non-negative integer (``int``) or ``"all"`` (every case, no hold-out)."""
+
+    name = "fold"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        text = str(value).strip()
+        if text == "all":
+            return "all"
+        if not text.isdigit():
+            self.fail(f"a fold must be a fold number (0, 1, ...) or 'all'; got {value!r}.", param, ctx)
+        return int(text)
+
+
+FOLD = FoldType()
+
+
+def parse_folds(values: Iterable[str], *, param_hint: str = "-f") -> list[int | str]:
+    """Folds given as ``-f 0 1 2``, ``-f 0,1`` or ``-f 0 -f 1`` -> ``[0, 1, 2]`` (``"all"`` kept as is)."""
+    items = [f.strip() for item in values for f in str(item).split(",") if f.strip()]
+    bad = [f for f in items if not (f.isdigit() or f == "all")]
+    if bad:
+        raise click.BadParameter(f"fold numbers must be integers (0, 1, ...) or 'all'; got {bad}.",
+                                 param_hint=param_hint)
+    return [int(f) if f.isdigit() else f for f in items]
 
 
 def parse_set_options(overrides: tuple[str, ...]) -> dict[str, str]:

@@ -28,7 +28,7 @@ COMMANDS: dict[str, str] = {
     "postprocess": "voxflow.postprocess._cli:postprocess",
     "evaluate": "voxflow.evaluate._cli:evaluate",
     "export-model": "voxflow.pipeline._cli:export_model",
-    "bench": "voxflow.pipeline._cli:bench",
+    "bench": "voxflow._bench:bench",
 }
 
 

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from voxflow._cliutil import handle_errors, parse_set_options, scheduler_option, set_option, workspace_option
+from voxflow._cliutil import (
+    handle_errors,
+    parse_set_options,
+    preset_option,
+    scheduler_option,
+    set_option,
+    workspace_option,
+)
 from voxflow.plan.schema import Plan
 from voxflow.workspace import Workspace
 
@@ -93,8 +100,7 @@ def format_plan(plan: Plan) -> str:
               help="Plans JSON to write. Default: WORK/plans.json.")
 @click.option("--gpu-memory-gb", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Training memory budget in GiB (RAM for --preset cpu). Default: the preset's (8, 24 for resenc-l, 4 for cpu).")
-@click.option("--preset", type=click.Choice(["default", "resenc-m", "resenc-l", "cpu"]), default="default",
-              show_default=True, help="Network family and budget; `cpu` plans small nets that train on a laptop.")
+@preset_option("Network family and budget; `cpu` plans small nets that train on a laptop.")
 @set_option
 @workspace_option
 @handle_errors
