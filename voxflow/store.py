@@ -404,7 +404,7 @@ class Store:
                      dimension_names: Sequence[str] | None = None) -> zarr.Array:
         """Create a compressed array in a case being written (chunks clipped to the shape)."""
         g = self.case_group(case_id)
-        chunks = tuple(max(1, min(int(c), int(s))) for c, s in zip(chunks, shape))
+        chunks = tuple(max(1, min(int(c), int(s))) for c, s in zip(chunks, shape, strict=True))
         dims = dimension_names or _DIMS.get(name)
         if dims is not None and len(dims) != len(shape):
             dims = None

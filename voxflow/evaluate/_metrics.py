@@ -53,7 +53,7 @@ def confusion_matrix(pred: da.Array, ref: da.Array, n_values: int) -> da.Array:
     """
     ref = ref.rechunk(pred.chunks)
     hist = dask.delayed(_block_hist, pure=True)
-    parts = [hist(p, r, n_values) for p, r in zip(pred.to_delayed().ravel(), ref.to_delayed().ravel())]
+    parts = [hist(p, r, n_values) for p, r in zip(pred.to_delayed().ravel(), ref.to_delayed().ravel(), strict=True)]
     total = dask.delayed(_sum_hists, pure=True)(parts, n_values)
     # an Array, not a Delayed: dask 2026.8 misorders dask.compute results that mix the two
     return da.from_delayed(total, shape=(n_values, n_values), dtype=np.int64)

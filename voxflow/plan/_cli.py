@@ -86,9 +86,9 @@ def format_plan(plan: Plan) -> str:
     head = ["", *[c.name for c in cfgs]]
     widths = [max(len(head[0]), *(len(r[0]) for r in rows))]
     widths += [max(len(head[i + 1]), *(len(r[1][i]) for r in rows)) for i in range(len(cfgs))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip([name, *vals], widths)) for name, vals in rows]
+    lines += ["  ".join(v.ljust(w) for v, w in zip([name, *vals], widths, strict=True)) for name, vals in rows]
     title = (f"plan for {plan.dataset_name or 'dataset'}: preset {plan.preset}, "
              f"budget {plan.gpu_memory_gb:g} GiB, channels {list(plan.channel_names)}")
     return "\n".join([title, *lines])

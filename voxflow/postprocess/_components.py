@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import cc3d
 import dask
 import dask.array as da
-import cc3d
 import numpy as np
 import scipy.ndimage as ndi
 from scipy.sparse import coo_matrix
@@ -149,10 +149,10 @@ def _face_pairs(lower: np.ndarray, upper: np.ndarray, structure: np.ndarray, axi
     """Pairs (a, b) of nonzero labels across one boundary plane; ``lower`` is the plane before it."""
     pairs = []
     sub = np.take(structure, 2, axis=axis)  # offsets reaching into the next plane
-    for off in zip(*np.nonzero(sub)):
+    for off in zip(*np.nonzero(sub), strict=True):
         d = [int(o) - 1 for o in off]
-        src = tuple(slice(max(0, -k), s - max(0, k)) for k, s in zip(d, lower.shape))
-        dst = tuple(slice(max(0, k), s - max(0, -k)) for k, s in zip(d, upper.shape))
+        src = tuple(slice(max(0, -k), s - max(0, k)) for k, s in zip(d, lower.shape, strict=True))
+        dst = tuple(slice(max(0, k), s - max(0, -k)) for k, s in zip(d, upper.shape, strict=True))
         a, b = lower[src].ravel(), upper[dst].ravel()
         keep = (a != 0) & (b != 0)
         if keep.any():
@@ -344,7 +344,7 @@ def finish_filters(pending: Sequence[PendingFilter]) -> list[da.Array]:
     between the two passes and chains of filters stay linear in work.
     """
     tables = dask.compute(*[p.tables for p in pending])
-    return [p.finish(t) for p, t in zip(pending, tables)]
+    return [p.finish(t) for p, t in zip(pending, tables, strict=True)]
 
 
 def filter_components(source: da.Array, to_mask: Callable[[da.Array], da.Array], decide: Decide,

@@ -12,7 +12,7 @@ Removed voxels become background (0); filled holes take the class value.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -40,7 +40,7 @@ __all__ = [
     "target_name",
 ]
 
-Target = Union[int, tuple[int, ...], str]
+Target = int | tuple[int, ...] | str
 
 
 def parse_target(value: Any) -> Target:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from pathlib import Path
+from typing import Any
 
 import dask
 import dask.array as da
@@ -40,13 +40,13 @@ from voxflow.workspace import Workspace
 __all__ = ["determine_for_configuration", "determine_postprocessing", "load_model_postprocessing", "mean_dice"]
 
 log = logging.getLogger(__name__)
-Source = Union[Store, PathLikeStr]
+Source = Store | PathLikeStr
 
 
 def mean_dice(preds: Sequence[da.Array], refs: Sequence[da.Array], targets: list[tuple[int, ...]]) -> dict[str, float]:
     """Mean Dice per target over the (prediction, reference) pairs; one dask compute."""
     n_values = max(max(t) for t in targets) + 2
-    computed = dask.compute(*[confusion_matrix(p, r, n_values) for p, r in zip(preds, refs)])
+    computed = dask.compute(*[confusion_matrix(p, r, n_values) for p, r in zip(preds, refs, strict=True)])
     out = {}
     for t in targets:
         d = np.array([overlap_metrics(**region_counts(m, t))["dice"] for m in computed], dtype=float)
