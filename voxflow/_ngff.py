@@ -199,7 +199,8 @@ def _multiple_chunks(chunks: Sequence[int], step: int) -> tuple[int, ...]:
 
 def downsample_label(x: da.Array, step: Sequence[int]) -> da.Array:
     """Every ``step``-th voxel along the last three axes (nearest; values unchanged)."""
-    return x[(Ellipsis, *(slice(None, None, int(s)) for s in step))]
+    index = (Ellipsis, *(slice(None, None, int(s)) for s in step))
+    return x[index]
 
 
 # ---------------------------------------------------------------------------------------- writing

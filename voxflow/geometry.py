@@ -37,7 +37,8 @@ def _tuple3(values: Sequence[float], name: str, cast: type = float) -> tuple[Any
     if len(values) != 3:
         raise GeometryError(f"{name} must have 3 entries (z, y, x); got {tuple(values)!r}. A 2D image is one "
                             f"slice: pass (1, Y, X) sizes and a z entry (1 mm spacing, 0 origin).")
-    return tuple(cast(v) for v in values)  # type: ignore[return-value]
+    z, y, x = (cast(v) for v in values)
+    return z, y, x
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,8 @@ class Geometry:
         """Physical (z, y, x) position in mm of (continuous) voxel indices; ``(..., 3)`` array."""
         idx = np.asarray(index_zyx, dtype=float)
         d = np.asarray(self.direction_zyx)
-        return np.asarray(self.origin_zyx) + (idx * np.asarray(self.spacing_zyx)) @ d.T
+        physical: np.ndarray = np.asarray(self.origin_zyx) + (idx * np.asarray(self.spacing_zyx)) @ d.T
+        return physical
 
     def axis_coords_mm(self) -> dict[str, np.ndarray]:
         """1-D physical coordinates per axis (exact only for axis-aligned direction)."""
@@ -146,9 +148,9 @@ class Geometry:
         """A copy with a new grid (after cropping or resampling)."""
         return replace(
             self,
-            shape_zyx=tuple(int(s) for s in shape_zyx),
-            spacing_zyx=tuple(spacing_zyx) if spacing_zyx is not None else self.spacing_zyx,
-            origin_zyx=tuple(origin_zyx) if origin_zyx is not None else self.origin_zyx,
+            shape_zyx=_tuple3(shape_zyx, "shape_zyx", int),
+            spacing_zyx=_tuple3(spacing_zyx, "spacing_zyx") if spacing_zyx is not None else self.spacing_zyx,
+            origin_zyx=_tuple3(origin_zyx, "origin_zyx") if origin_zyx is not None else self.origin_zyx,
         )
 
     def cropped(self, bbox_zyx: Sequence[Sequence[int]]) -> Geometry:

@@ -54,7 +54,7 @@ def _parse_one(item: LabelSpec) -> tuple[int, ...]:
         except ValueError:
             raise EvaluationError(f"a label must be an integer or a region like '1+2'; got {item!r}") from None
     else:
-        vals = tuple(int(v) for v in item)
+        vals = () if isinstance(item, bool) else tuple(int(v) for v in item)  # a bool: refused below
     if not vals or any(v < 0 for v in vals):
         raise EvaluationError(f"labels must be non-negative integers; got {item!r}")
     return tuple(sorted(set(vals)))
@@ -227,7 +227,7 @@ def _fmt(v: Any) -> str:
 def format_table(summary: Mapping[str, Any]) -> str:
     """A plain-text table of the per-target means and the foreground mean."""
     cols = ("dice", "iou", "precision", "recall", "hd95_mm", "assd_mm", "nsd", "volume_diff_mm3")
-    rows = [("label", *cols)]
+    rows: list[tuple[str, ...]] = [("label", *cols)]
     for key, m in summary["mean"].items():
         rows.append((key, *(_fmt(m.get(c)) for c in cols)))
     rows.append(("mean", *(_fmt(summary["foreground_mean"].get(c)) for c in cols)))

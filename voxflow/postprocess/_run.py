@@ -56,7 +56,7 @@ def run_postprocess(source: Store | PathLikeStr, output: PathLikeStr,
 def _run_store(src: Store, out: Path, spec: PostprocessingSpec, *, overwrite: bool, progress: bool) -> None:
     dst = Store.create(out, src.meta, overwrite=overwrite)
     cases = [cid for cid in src.case_ids() if src.has_array(cid, "label")]
-    labels = [src.label(cid) for cid in cases]
+    labels = [src.array(cid, "label") for cid in cases]
     results = apply_postprocessing_many(labels, spec, spacings=[src.geometry(cid).spacing_zyx for cid in cases])
     writes, done = [], []
     for cid, label, lazy in zip(cases, labels, results, strict=True):
@@ -64,8 +64,8 @@ def _run_store(src: Store, out: Path, spec: PostprocessingSpec, *, overwrite: bo
         attrs["postprocessing"] = spec.to_dict()
         geom = src.geometry(cid)
         dst.begin_case(cid, geometry=geom, attrs=attrs)
-        target = dst.create_array(cid, "label", shape=label.shape, dtype=label.dtype,
-                                  chunks=tuple(c[0] for c in label.chunks))
+        target: Any = dst.create_array(cid, "label", shape=label.shape, dtype=label.dtype,  # dask's stubs
+                                       chunks=tuple(c[0] for c in label.chunks))  # do not know zarr arrays
         writes.append(da.store(lazy.rechunk(target.chunks), target, lock=False, compute=False))
         done.append(cid)
     if writes:

@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dask
 import dask.array as da
@@ -33,7 +33,7 @@ from voxflow.errors import IncompleteStoreError
 from voxflow.evaluate._evaluate import resolve_targets, target_key
 from voxflow.evaluate._io import Segmentation, open_segmentations, pair_segmentations
 from voxflow.evaluate._metrics import confusion_matrix, overlap_metrics, region_counts
-from voxflow.postprocess._spec import Operation, PostprocessingSpec, apply_operation_many
+from voxflow.postprocess._spec import Operation, OperationKind, PostprocessingSpec, apply_operation_many
 from voxflow.store import Store
 from voxflow.workspace import Workspace
 
@@ -62,7 +62,8 @@ def _mean(scores: Mapping[str, float]) -> float:
 
 def _candidates(target: tuple[int, ...], ops: Sequence[str]) -> list[Operation]:
     tgt: Any = target[0] if len(target) == 1 else target
-    return [Operation(op=o, target=tgt) for o in ops if o != "fill_holes" or len(target) == 1]
+    # an unknown name is refused by Operation (PostprocessingError naming the closest one)
+    return [Operation(op=cast(OperationKind, o), target=tgt) for o in ops if o != "fill_holes" or len(target) == 1]
 
 
 def _gain(after: float, before: float, min_gain: float) -> bool:
