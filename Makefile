@@ -1,6 +1,7 @@
 # voxflow set-up and common tasks. Every target installs what it needs on first use.
 #   make demo   -- the end-to-end demo on the built-in synthetic dataset
 #   make test   -- the default (fast) test suite
+#   make lint   -- ruff check (voxflow, tests, benchmarks) and mypy (strict on the core; pyproject.toml [tool.mypy])
 #   make test-nnunet -- nnU-Net v2 parity tests in a separate venv (.venv-nnunet) with nnunetv2
 #   make test-viewer -- napari opens dataset and prediction stores (own venv .venv-viewer, under xvfb-run;
 #                       the Debian packages it needs: see .ci/run)
@@ -22,7 +23,7 @@ VIEWER_BIN := $(VIEWER_VENV)/bin
 # napari draws with OpenGL, which Qt's offscreen platform lacks: run it on a virtual X display
 XVFB ?= $(shell command -v xvfb-run >/dev/null 2>&1 && echo "xvfb-run -a")
 
-.PHONY: setup demo test test-slow test-nnunet test-viewer gpu-check bench clean
+.PHONY: setup demo test lint test-slow test-nnunet test-viewer gpu-check bench clean
 
 $(BIN)/.voxflow-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +39,15 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# ruff and mypy come with the `dev` extra
+$(BIN)/.voxflow-dev-installed: $(BIN)/.voxflow-installed pyproject.toml
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+lint: $(BIN)/.voxflow-dev-installed
+	$(BIN)/ruff check voxflow tests benchmarks
+	$(BIN)/mypy
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)

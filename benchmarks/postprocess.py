@@ -37,12 +37,12 @@ def write_mask(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], dens
     import scipy.ndimage as ndi
 
     arr = zarr.create_array(store=str(path), shape=shape, chunks=chunks, dtype=np.uint8, fill_value=0)
-    grid = [range(0, s, c) for s, c in zip(shape, chunks)]
+    grid = [range(0, s, c) for s, c in zip(shape, chunks, strict=True)]
     for i, z in enumerate(grid[0]):
         for j, y in enumerate(grid[1]):
             for k, x in enumerate(grid[2]):
                 rng = np.random.default_rng([seed, i, j, k])
-                sl = tuple(slice(o, min(o + c, s)) for o, c, s in zip((z, y, x), chunks, shape))
+                sl = tuple(slice(o, min(o + c, s)) for o, c, s in zip((z, y, x), chunks, shape, strict=True))
                 block_shape = tuple(s.stop - s.start for s in sl)
                 noise = ndi.uniform_filter(rng.random(block_shape, dtype=np.float32), size=2)
                 arr[sl] = (noise < density).astype(np.uint8)

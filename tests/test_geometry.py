@@ -43,10 +43,12 @@ def test_2d_image_becomes_single_slice_and_round_trips() -> None:
     img.SetSpacing((0.5, 0.25))
     img.SetOrigin((1.0, 2.0))
     g = Geometry.from_sitk(img)
-    assert g.shape_zyx == (1, 4, 6) and g.is_2d
+    assert g.shape_zyx == (1, 4, 6)
+    assert g.is_2d
     assert g.spacing_zyx == (1.0, 0.25, 0.5)
     out = g.apply_to_sitk(sitk.Image(6, 4, sitk.sitkUInt8))
-    assert out.GetSpacing() == (0.5, 0.25) and out.GetOrigin() == (1.0, 2.0)
+    assert out.GetSpacing() == (0.5, 0.25)
+    assert out.GetOrigin() == (1.0, 2.0)
 
 
 def test_dict_round_trip_and_crop() -> None:

@@ -179,7 +179,7 @@ def test_levels_match_level_zero_and_do_not_confuse_readers(stores: dict[str, An
     paths = [d["path"] for d in g.attrs["ome"]["multiscales"][0]["datasets"]]
     for k, path in enumerate(paths):
         level = g[f"labels/label/{k}"][...]
-        factor = [a // b for a, b in zip(label.shape, level.shape)]
+        factor = [a // b for a, b in zip(label.shape, level.shape, strict=True)]
         np.testing.assert_array_equal(level, label[tuple(slice(None, None, max(f, 1)) for f in factor)][
             tuple(slice(0, n) for n in level.shape)])
         assert g[path].shape[1:] == level.shape

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import click
@@ -13,8 +13,17 @@ from voxflow.errors import VoxflowError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-__all__ = ["handle_errors", "parse_folds", "parse_set_options", "scheduler_option", "set_option",
-           "workspace_option"]
+__all__ = [
+    "FOLD",
+    "FoldType",
+    "handle_errors",
+    "parse_folds",
+    "parse_set_options",
+    "preset_option",
+    "scheduler_option",
+    "set_option",
+    "workspace_option",
+]
 
 
 def scheduler_option(f: F) -> F:
@@ -45,6 +54,36 @@ def set_option(f: F) -> F:
     )(f)  # type: ignore[return-value]
 
 
+def preset_option(help_text: str) -> Callable[[F], F]:
+    """``--preset``: one of the planner's presets (``voxflow.plan.PRESETS``, the one list of them)."""
+    from voxflow.plan.planner import PRESETS  # at decoration time: `voxflow --help` itself stays light
+
+    def decorate(f: F) -> F:
+        return click.option("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True,
+                            help=help_text)(f)  # type: ignore[return-value]
+
+    return decorate
+
+
+class FoldType(click.ParamType):
+    """A cross-validation fold: a non-negative integer (``int``) or ``"all"`` (every case, no hold-out)."""
+
+    name = "fold"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        text = str(value).strip()
+        if text == "all":
+            return "all"
+        if not text.isdigit():
+            self.fail(f"a fold must be a fold number (0, 1, ...) or 'all'; got {value!r}.", param, ctx)
+        return int(text)
+
+
+FOLD = FoldType()
+
+
 def parse_set_options(overrides: tuple[str, ...]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in overrides:
@@ -55,14 +94,18 @@ def parse_set_options(overrides: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def parse_folds(folds: tuple[str, ...], more: tuple[str, ...] = ()) -> list[int | str]:
-    """Fold numbers from ``-f 0 1 2`` (the rest arrive as ``more``), ``-f 0,1`` or ``-f 0 -f 1``; ``all`` too."""
+def parse_folds(folds: Iterable[str], more: Iterable[str] = (), *, param_hint: str = "-f") -> list[int | str]:
+    """Folds given as ``-f 0 1 2`` (the rest arrive as ``more``), ``-f 0,1`` or ``-f 0 -f 1`` ->
+    ``[0, 1, 2]`` (``"all"`` kept as is)."""
+    folds, more = list(folds), list(more)
     if more and not folds:
-        raise click.BadParameter(f"unexpected arguments {list(more)}; only fold numbers may follow -f.")
-    bad = [f for f in more if not (f.isdigit() or f == "all")]
+        raise click.BadParameter(f"unexpected arguments {more}; only fold numbers may follow -f.",
+                                 param_hint=param_hint)
+    items = [f.strip() for item in (*folds, *more) for f in str(item).split(",") if f.strip()]
+    bad = [f for f in items if not (f.isdigit() or f == "all")]
     if bad:
-        raise click.BadParameter(f"fold numbers must be integers or 'all'; got {bad}.", param_hint="-f")
-    items = [f for item in (*folds, *more) for f in item.split(",") if f]
+        raise click.BadParameter(f"fold numbers must be integers (0, 1, ...) or 'all'; got {bad}.",
+                                 param_hint=param_hint)
     return [int(f) if f.isdigit() else f for f in items]
 
 

@@ -81,7 +81,7 @@ def pyramid_factors(shape_zyx: Sequence[int], spacing_zyx: Sequence[float], *,
     factor = [1, 1, 1]
     out = [(1, 1, 1)]
     while math.prod(shape) > max_voxels and len(out) < _MAX_LEVELS:
-        finest = min(sp for sp, n in zip(spacing, shape, strict=False) if n > 1)
+        finest = min(sp for sp, n in zip(spacing, shape, strict=True) if n > 1)
         for ax in range(3):
             if shape[ax] > 1 and spacing[ax] <= 2 * finest:
                 shape[ax] = -(-shape[ax] // 2)
@@ -101,9 +101,9 @@ def level_geometry(spacing_zyx: Sequence[float], origin_zyx: Sequence[float], fa
                    mean: bool) -> tuple[list[float], list[float]]:
     """(scale, translation) in mm of a level: averaged blocks are centred ``(f - 1) / 2`` voxels in;
     taking every f-th voxel (labels) keeps the first voxel's centre."""
-    scale = [float(s) * f for s, f in zip(spacing_zyx, factor, strict=False)]
-    shift = [(f - 1) / 2 * float(s) if mean else 0.0 for s, f in zip(spacing_zyx, factor, strict=False)]
-    return scale, [float(o) + d for o, d in zip(origin_zyx, shift, strict=False)]
+    scale = [float(s) * f for s, f in zip(spacing_zyx, factor, strict=True)]
+    shift = [(f - 1) / 2 * float(s) if mean else 0.0 for s, f in zip(spacing_zyx, factor, strict=True)]
+    return scale, [float(o) + d for o, d in zip(origin_zyx, shift, strict=True)]
 
 
 def multiscales_metadata(*, name: str, paths: Sequence[str], spacing_zyx: Sequence[float],
@@ -119,7 +119,7 @@ def multiscales_metadata(*, name: str, paths: Sequence[str], spacing_zyx: Sequen
     lead = [1.0] if channel else []
     zero = [0.0] if channel else []
     datasets = []
-    for path, factor in zip(paths, factors, strict=False):
+    for path, factor in zip(paths, factors, strict=True):
         scale, translation = level_geometry(spacing_zyx, origin_zyx, factor, mean=mean)
         datasets.append({"path": path, "coordinateTransformations": [
             {"type": "scale", "scale": lead + scale},
@@ -165,7 +165,7 @@ def image_label_metadata(names: Mapping[int, str], *, source: str | None) -> dic
 
 # ---------------------------------------------------------------------------------------- lazy levels
 def _pad_to_multiple(x: da.Array, step: Sequence[int]) -> da.Array:
-    pad = [(0, 0)] * (x.ndim - 3) + [(0, (-n) % s) for n, s in zip(x.shape[-3:], step, strict=False)]
+    pad = [(0, 0)] * (x.ndim - 3) + [(0, (-n) % s) for n, s in zip(x.shape[-3:], step, strict=True)]
     return da.pad(x, pad, mode="edge") if any(p for _, p in pad) else x
 
 
@@ -199,13 +199,14 @@ def _multiple_chunks(chunks: Sequence[int], step: int) -> tuple[int, ...]:
 
 def downsample_label(x: da.Array, step: Sequence[int]) -> da.Array:
     """Every ``step``-th voxel along the last three axes (nearest; values unchanged)."""
-    return x[(Ellipsis, *(slice(None, None, int(s)) for s in step))]
+    index = (Ellipsis, *(slice(None, None, int(s)) for s in step))
+    return x[index]
 
 
 # ---------------------------------------------------------------------------------------- writing
 def _create_level(group: zarr.Group, path: str, *, like: zarr.Array, shape: Sequence[int],
                   dims: Sequence[str]) -> zarr.Array:
-    chunks = tuple(max(1, min(int(c), int(s))) for c, s in zip(like.chunks, shape, strict=False))
+    chunks = tuple(max(1, min(int(c), int(s))) for c, s in zip(like.chunks, shape, strict=True))
     return group.create_array(path, shape=tuple(int(s) for s in shape), dtype=like.dtype, chunks=chunks,
                               compressors=like.compressors, fill_value=like.fill_value, dimension_names=dims,
                               overwrite=True)
@@ -220,10 +221,10 @@ def _pyramid(group: zarr.Group, base: zarr.Array, paths: Sequence[str], factors:
     lazy = da.from_zarr(base, chunks=base.chunks)
     lead = tuple(base.shape[:-3])
     prev: tuple[int, ...] = (1, 1, 1)
-    for k, (path, factor) in enumerate(zip(paths, factors, strict=False)):
+    for k, (path, factor) in enumerate(zip(paths, factors, strict=True)):
         if k == 0 and not copy_base:
             continue
-        step = [f // p for f, p in zip(factor, prev, strict=False)]
+        step = [f // p for f, p in zip(factor, prev, strict=True)]
         lazy = (downsample_image if mean else downsample_label)(lazy, step)
         parent, _, leaf = path.rpartition("/")
         where = _require_groups(group, parent)
@@ -255,7 +256,7 @@ def _scheduler() -> str | None:
         from distributed import get_worker
 
         get_worker()
-    except (ImportError, ValueError):
+    except ValueError:  # not in a worker
         return None
     return "sync"
 

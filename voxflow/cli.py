@@ -7,7 +7,6 @@ Each stage keeps its command in ``voxflow/<stage>/_cli.py``; this group only nam
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 import click
 
@@ -29,24 +28,19 @@ COMMANDS: dict[str, str] = {
     "postprocess": "voxflow.postprocess._cli:postprocess",
     "evaluate": "voxflow.evaluate._cli:evaluate",
     "export-model": "voxflow.pipeline._cli:export_model",
-    "bench": "voxflow.pipeline._cli:bench",
+    "bench": "voxflow._bench:bench",
 }
 
 
-def _load(name: str) -> click.Command | None:
+def _load(name: str) -> click.Command:
     module, attr = COMMANDS[name].split(":")
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            return None  # stage not installed in this build
-        raise
-    return getattr(mod, attr, None)
+    command: click.Command = getattr(importlib.import_module(module), attr)
+    return command
 
 
 class _LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [n for n in COMMANDS if _load(n) is not None]
+        return list(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         return _load(cmd_name) if cmd_name in COMMANDS else None
@@ -67,10 +61,6 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     configure_logging(verbose)
-
-
-def _main_entry(*args: Any) -> None:  # pragma: no cover
-    main()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -123,7 +123,7 @@ def compute(*collections: Any, desc: str = "computing", progress: bool = True) -
         from distributed import get_client
 
         client = get_client()
-    except (ImportError, ValueError):
+    except ValueError:  # no client
         client = None
     from tqdm.auto import tqdm
 

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 __all__ = [
     "CaseNotFoundError",
+    "ConfigError",
+    "ConnectivityError",
     "ConversionError",
+    "GeometryError",
     "GeometryMismatchError",
     "IncompleteStoreError",
     "LayoutError",
     "LockedError",
     "PlanError",
-    "TrainingInterrupted",
+    "PostprocessingError",
     "StoreDamagedError",
+    "TrainingDivergedError",
+    "TrainingInterrupted",
     "VoxflowError",
     "VoxflowWarning",
 ]
@@ -50,7 +55,19 @@ class LockedError(VoxflowError, RuntimeError):
     """Another voxflow process is writing the same store, folder or run directory."""
 
 
-class GeometryMismatchError(VoxflowError, ValueError):
+class ConfigError(VoxflowError, ValueError):
+    """An argument of a library function (or a value built from one) is outside what it accepts.
+
+    Plan and fingerprint fields raise :class:`PlanError` instead; this is for settings that live
+    outside plans.json, e.g. an ``AugmentConfig`` field or a loader's ``rank``.
+    """
+
+
+class GeometryError(VoxflowError, ValueError):
+    """A geometry is invalid: not three entries per axis, a non-positive size or spacing, ..."""
+
+
+class GeometryMismatchError(GeometryError):
     """Two arrays that must share a grid (image/label, prediction/reference) do not."""
 
 
@@ -60,6 +77,18 @@ class ConversionError(VoxflowError, ValueError):
 
 class CaseNotFoundError(VoxflowError, FileNotFoundError):
     """A case id or file that was asked for does not exist."""
+
+
+class PostprocessingError(VoxflowError, ValueError):
+    """A postprocessing operation or spec is invalid."""
+
+
+class ConnectivityError(VoxflowError, ValueError):
+    """An unsupported connectivity was asked for."""
+
+
+class TrainingDivergedError(VoxflowError, FloatingPointError):
+    """The training loss became NaN or infinite."""
 
 
 class TrainingInterrupted(VoxflowError):

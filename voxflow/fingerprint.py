@@ -209,14 +209,6 @@ class Fingerprint:
     def median_fraction_kept_by_crop(self) -> float:
         return float(np.median([c.fraction_kept_by_crop for c in self.cases]))
 
-    @property
-    def foreground_values(self) -> tuple[int, ...]:
-        """Integer label values > 0 declared by the dataset."""
-        vals: set[int] = set()
-        for v in self.labels.values():
-            vals.update(v if isinstance(v, (list, tuple)) else (v,))
-        return tuple(sorted(int(v) for v in vals if int(v) > 0))
-
     # -------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
         return _serial.to_jsonable(self)  # type: ignore[no-any-return]

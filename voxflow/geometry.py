@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from voxflow.errors import GeometryMismatchError
+from voxflow.errors import GeometryError, GeometryMismatchError
 
 __all__ = ["Geometry"]
 
@@ -35,8 +35,10 @@ _IDENTITY = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 
 def _tuple3(values: Sequence[float], name: str, cast: type = float) -> tuple[Any, Any, Any]:
     if len(values) != 3:
-        raise ValueError(f"{name} must have 3 entries (z, y, x); got {tuple(values)!r}")
-    return tuple(cast(v) for v in values)  # type: ignore[return-value]
+        raise GeometryError(f"{name} must have 3 entries (z, y, x); got {tuple(values)!r}. A 2D image is one "
+                            f"slice: pass (1, Y, X) sizes and a z entry (1 mm spacing, 0 origin).")
+    z, y, x = (cast(v) for v in values)
+    return z, y, x
 
 
 @dataclass(frozen=True)
@@ -55,14 +57,18 @@ class Geometry:
         object.__setattr__(self, "origin_zyx", _tuple3(self.origin_zyx, "origin_zyx"))
         d = np.asarray(self.direction_zyx, dtype=float)
         if d.shape != (3, 3):
-            raise ValueError(f"direction_zyx must be a 3x3 matrix; got shape {d.shape}")
+            raise GeometryError(f"direction_zyx must be a 3x3 matrix (rows z, y, x); got shape {d.shape}. Pass "
+                                f"the 3x3 direction cosines, or leave it out for the identity.")
         object.__setattr__(self, "direction_zyx", tuple(tuple(float(v) for v in row) for row in d))
         if any(s <= 0 for s in self.shape_zyx):
-            raise ValueError(f"shape_zyx must be positive; got {self.shape_zyx!r}")
+            raise GeometryError(f"shape_zyx must be at least 1 voxel per axis; got {self.shape_zyx!r}. An empty "
+                                f"image cannot be stored: check the file or the crop box.")
         if any(not math.isfinite(s) or s <= 0 for s in self.spacing_zyx):
-            raise ValueError(f"spacing_zyx must be positive finite mm; got {self.spacing_zyx!r}")
+            raise GeometryError(f"spacing_zyx must be positive finite mm per axis; got {self.spacing_zyx!r}. Fix "
+                                f"the spacing in the image header (e.g. with SimpleITK's SetSpacing).")
         if self.source_ndim not in (2, 3):
-            raise ValueError(f"source_ndim must be 2 or 3; got {self.source_ndim!r}")
+            raise GeometryError(f"source_ndim must be 2 or 3; got {self.source_ndim!r}. Use 2 for a single-slice "
+                                f"image from a 2D file, else 3 (the default).")
 
     # ------------------------------------------------------------------ SimpleITK
     @classmethod
@@ -123,16 +129,12 @@ class Geometry:
     def is_2d(self) -> bool:
         return self.source_ndim == 2
 
-    @property
-    def extent_mm_zyx(self) -> tuple[float, float, float]:
-        """Physical extent (voxels x spacing) per axis in mm."""
-        return tuple(n * s for n, s in zip(self.shape_zyx, self.spacing_zyx))  # type: ignore[return-value]
-
     def index_to_physical(self, index_zyx: np.ndarray | Sequence[float]) -> np.ndarray:
         """Physical (z, y, x) position in mm of (continuous) voxel indices; ``(..., 3)`` array."""
         idx = np.asarray(index_zyx, dtype=float)
         d = np.asarray(self.direction_zyx)
-        return np.asarray(self.origin_zyx) + (idx * np.asarray(self.spacing_zyx)) @ d.T
+        physical: np.ndarray = np.asarray(self.origin_zyx) + (idx * np.asarray(self.spacing_zyx)) @ d.T
+        return physical
 
     def axis_coords_mm(self) -> dict[str, np.ndarray]:
         """1-D physical coordinates per axis (exact only for axis-aligned direction)."""
@@ -146,9 +148,9 @@ class Geometry:
         """A copy with a new grid (after cropping or resampling)."""
         return replace(
             self,
-            shape_zyx=tuple(int(s) for s in shape_zyx),
-            spacing_zyx=tuple(spacing_zyx) if spacing_zyx is not None else self.spacing_zyx,
-            origin_zyx=tuple(origin_zyx) if origin_zyx is not None else self.origin_zyx,
+            shape_zyx=_tuple3(shape_zyx, "shape_zyx", int),
+            spacing_zyx=_tuple3(spacing_zyx, "spacing_zyx") if spacing_zyx is not None else self.spacing_zyx,
+            origin_zyx=_tuple3(origin_zyx, "origin_zyx") if origin_zyx is not None else self.origin_zyx,
         )
 
     def cropped(self, bbox_zyx: Sequence[Sequence[int]]) -> Geometry:
@@ -200,7 +202,8 @@ class Geometry:
         known = {"shape_zyx", "spacing_zyx", "origin_zyx", "direction_zyx", "source_ndim"}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown geometry fields {sorted(unknown)}; expected {sorted(known)}")
+            raise GeometryError(f"geometry fields must be among {sorted(known)}; got unknown {sorted(unknown)}. "
+                                f"Remove them (was the store written by a newer voxflow?).")
         return cls(
             shape_zyx=tuple(d["shape_zyx"]),
             spacing_zyx=tuple(d["spacing_zyx"]),

@@ -36,7 +36,7 @@ import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import dask.array as da
 import numpy as np
@@ -85,12 +85,21 @@ def default_compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
 
-def open_array_for_write(path: PathLikeStr) -> zarr.Array:
+#: the zarr access modes :meth:`Store.open` passes on
+_Mode = Literal["r", "r+", "a", "w", "w-"]
+
+
+def _voxflow_block(node: zarr.Group | zarr.Array[Any]) -> Mapping[str, Any]:
+    """The ``voxflow`` attribute block of a group or array (``{}`` when it has none)."""
+    return cast("Mapping[str, Any]", node.attrs.get("voxflow", {}))
+
+
+def open_array_for_write(path: PathLikeStr) -> zarr.Array[Any]:
     """Reopen an existing array to write into it, with every chunk written (even all-fill ones)."""
     return zarr.open_array(str(path), mode="r+", zarr_format=3).with_config(_WRITE_CONFIG)
 
 
-def is_checksummed(arr: zarr.Array) -> bool:
+def is_checksummed(arr: zarr.Array[Any]) -> bool:
     """Whether ``arr`` was written by a voxflow that checksums chunks (and writes every chunk)."""
     return any(isinstance(c, Crc32cCodec) for c in arr.compressors)
 
@@ -104,7 +113,7 @@ def _damaged(what: str, exc: BaseException, fix: str) -> StoreDamagedError:
 class _CheckedArray:
     """A zarr array whose failed reads (checksum, codec, metadata) raise StoreDamagedError naming it."""
 
-    def __init__(self, arr: zarr.Array, where: str, fix: str):
+    def __init__(self, arr: zarr.Array[Any], where: str, fix: str):
         self.arr, self.where, self.fix = arr, where, fix
         self.shape, self.dtype, self.ndim = arr.shape, arr.dtype, arr.ndim
 
@@ -165,11 +174,6 @@ class DatasetMeta:
             vals.update(v if isinstance(v, tuple) else (v,))
         return tuple(sorted(vals))
 
-    @property
-    def foreground_labels(self) -> dict[str, Any]:
-        """Labels without the background (value 0)."""
-        return {k: v for k, v in self.labels.items() if v != 0}
-
     def to_dict(self) -> dict[str, Any]:
         return {**_serial.to_jsonable(self), "format_version": FORMAT_VERSION}
 
@@ -199,7 +203,7 @@ class Store:
         self.group = group
         self.path = path
         try:
-            self.meta = DatasetMeta.from_dict(group.attrs["voxflow"])
+            self.meta = DatasetMeta.from_dict(cast("Mapping[str, Any]", group.attrs["voxflow"]))
         except KeyError:
             raise LayoutError(
                 f"{path} is not a voxflow store (no 'voxflow' root attributes). Create it with "
@@ -235,7 +239,7 @@ class Store:
         return cls(group, path)
 
     @classmethod
-    def open(cls, path: PathLikeStr, mode: str = "r") -> Store:
+    def open(cls, path: PathLikeStr, mode: _Mode = "r") -> Store:
         path = Path(path)
         if not (path / "zarr.json").exists():
             raise IncompleteStoreError(f"{path} is not a Zarr v3 store (no zarr.json); create it first.")
@@ -248,9 +252,6 @@ class Store:
         return cls(group, path)
 
     # ------------------------------------------------------------------ listing
-    def _cases_group(self) -> zarr.Group:
-        return self.group.require_group("cases") if self.group.read_only is False else self.group["cases"]
-
     def all_case_ids(self) -> list[str]:
         """Every case folder present, complete, incomplete or damaged, sorted (no metadata parsed)."""
         cases = self.path / "cases"
@@ -268,7 +269,7 @@ class Store:
     def is_complete(self, case_id: str) -> bool:
         """Whether the case's completion marker is set (``False`` if its metadata is unreadable)."""
         try:
-            return bool(self.group[f"cases/{case_id}"].attrs.get("voxflow", {}).get("complete", False))
+            return bool(_voxflow_block(self.group[f"cases/{case_id}"]).get("complete", False))
         except _READ_ERRORS:
             return False
 
@@ -322,7 +323,7 @@ class Store:
     # ------------------------------------------------------------------ reading
     def case_group(self, case_id: str) -> zarr.Group:
         try:
-            return self.group[f"cases/{case_id}"]
+            return cast(zarr.Group, self.group[f"cases/{case_id}"])
         except KeyError:
             raise CaseNotFoundError(
                 f"case {case_id!r} is not in {self.path}; it has {len(self.all_case_ids())} cases "
@@ -337,7 +338,7 @@ class Store:
 
     def _require_complete(self, case_id: str) -> zarr.Group:
         g = self.case_group(case_id)
-        if not g.attrs.get("voxflow", {}).get("complete", False):
+        if not _voxflow_block(g).get("complete", False):
             raise IncompleteStoreError(
                 f"case {case_id!r} in {self.path} is incomplete (an interrupted write); rerun the "
                 f"command that writes it."
@@ -346,7 +347,7 @@ class Store:
 
     def case_attrs(self, case_id: str) -> dict[str, Any]:
         """The case's ``voxflow`` attribute block (geometry, provenance, stage extras)."""
-        return dict(self.case_group(case_id).attrs.get("voxflow", {}))
+        return dict(_voxflow_block(self.case_group(case_id)))
 
     def geometry(self, case_id: str) -> Geometry:
         return Geometry.from_dict(self.case_attrs(case_id)["geometry"])
@@ -354,7 +355,7 @@ class Store:
     def has_array(self, case_id: str, name: str) -> bool:
         return name in self.case_group(case_id)
 
-    def zarr_array(self, case_id: str, name: str) -> zarr.Array:
+    def zarr_array(self, case_id: str, name: str) -> zarr.Array[Any]:
         """One array of a complete case; :class:`StoreDamagedError` if its metadata is unreadable or
         (checksummed arrays) a chunk file is missing."""
         g = self._require_complete(case_id)
@@ -370,7 +371,7 @@ class Store:
                 f"every chunk of array {name!r} of case {case_id!r} in {self.path} must be on disk; "
                 f"{arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunk files are missing. "
                 f"{self._fix()}")
-        return arr
+        return cast("zarr.Array[Any]", arr)
 
     def array(self, case_id: str, name: str, *, chunks: tuple[int, ...] | None = None) -> da.Array:
         """A lazy dask view of one array of a complete case, chunked like the store (or ``chunks``:
@@ -380,8 +381,9 @@ class Store:
         chunks = arr.chunks if chunks is None else chunks
         checked = _CheckedArray(arr, f"array {name!r} of case {case_id!r} in {self.path}", self._fix())
         token = tokenize(str(self.path), case_id, name, arr.shape, str(arr.dtype), chunks)
-        return da.from_array(checked, chunks=chunks, name=f"from-zarr-{token}", asarray=False, fancy=False,
-                             meta=np.empty((0,) * arr.ndim, dtype=arr.dtype))
+        lazy: da.Array = da.from_array(checked, chunks=chunks, name=f"from-zarr-{token}", asarray=False, fancy=False,
+                                       meta=np.empty((0,) * arr.ndim, dtype=arr.dtype))
+        return lazy
 
     def image(self, case_id: str, *, chunks: tuple[int, ...] | None = None) -> da.Array:
         """(C, Z, Y, X) image of a case, lazy (chunked like the store, or ``chunks``)."""
@@ -409,10 +411,10 @@ class Store:
 
     def create_array(self, case_id: str, name: str, *, shape: Sequence[int], dtype: Any,
                      chunks: Sequence[int], fill_value: Any = 0,
-                     dimension_names: Sequence[str] | None = None) -> zarr.Array:
+                     dimension_names: Sequence[str] | None = None) -> zarr.Array[Any]:
         """Create a compressed array in a case being written (chunks clipped to the shape)."""
         g = self.case_group(case_id)
-        chunks = tuple(max(1, min(int(c), int(s))) for c, s in zip(chunks, shape))
+        chunks = tuple(max(1, min(int(c), int(s))) for c, s in zip(chunks, shape, strict=True))
         dims = dimension_names or _DIMS.get(name)
         if dims is not None and len(dims) != len(shape):
             dims = None
@@ -424,7 +426,7 @@ class Store:
 
     def update_case_attrs(self, case_id: str, **values: Any) -> None:
         g = self.case_group(case_id)
-        block = dict(g.attrs.get("voxflow", {}))
+        block = dict(_voxflow_block(g))
         block.update(values)
         g.attrs["voxflow"] = block
 
@@ -504,7 +506,7 @@ def _verify_group(folder: Path, case_folder: Path, problems: dict[str, str]) -> 
             problems[name] = problem
 
 
-def _verify_array(arr: zarr.Array, folder: Path) -> str | None:
+def _verify_array(arr: zarr.Array[Any], folder: Path) -> str | None:
     """The first problem of one array (missing chunk files, a chunk that fails to decode), or None."""
     grid = [range(n) for n in arr.cdata_shape]
     checksummed = is_checksummed(arr)
@@ -542,9 +544,3 @@ def open_case(store: Store | PathLikeStr, case_id: str, *, name: str = "image") 
         coords["c"] = list(st.meta.channel_names)
     attrs = {"geometry": geom.to_dict(), "case_id": case_id, "store": str(st.path), "units": "mm"}
     return xr.DataArray(arr, dims=dims, coords=coords, name=name, attrs=attrs)
-
-
-def iter_case_arrays(store: Store, names: Iterable[str] = ("image", "label")) -> Iterable[tuple[str, dict[str, da.Array]]]:
-    """Yield ``(case_id, {name: lazy array})`` for each complete case."""
-    for cid in store.case_ids():
-        yield cid, {n: store.array(cid, n) for n in names if store.has_array(cid, n)}

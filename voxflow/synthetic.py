@@ -74,7 +74,7 @@ def _grid(shape_zyx: Sequence[int], lo: int = 0, hi: int | None = None) -> tuple
 
 def _ellipsoid(g: tuple[np.ndarray, ...], centre: ArrayLike, radii: ArrayLike) -> np.ndarray:
     c, r = np.asarray(centre, float), np.asarray(radii, float)
-    return np.asarray(sum(((gi - ci) / ri) ** 2 for gi, ci, ri in zip(g, c, r)) <= 1.0)
+    return np.asarray(sum(((gi - ci) / ri) ** 2 for gi, ci, ri in zip(g, c, r, strict=True)) <= 1.0)
 
 
 def _ct_params(rng: np.random.Generator, flat: bool) -> dict[str, Any]:
@@ -197,7 +197,7 @@ def make_dataset(out_dir: PathLikeStr, *, kind: str = "ct", n_cases: int = 6,
     shape = tuple(int(s) for s in shape_zyx)
     if flat:
         shape = (1, shape[-2], shape[-1])
-    origin = tuple(-0.5 * n * s for n, s in zip(shape, spacing))
+    origin = tuple(-0.5 * n * s for n, s in zip(shape, spacing, strict=True))
     out = Path(out_dir)
     channels = _CHANNELS[kind]
     prefix = f"syn{kind}"

@@ -189,7 +189,7 @@ def test_enlarged_patch_size() -> None:
     big = enlarged_patch_size((80, 160, 160), AugmentConfig())
     assert big == (176, 258, 258)  # nnU-Net's get_patch_size gives about the same for this patch
     small = enlarged_patch_size((7, 9), AugmentConfig(p_scale=0.0, rotation_deg=10))
-    assert all(s > f and (s - f) % 2 == 0 for s, f in zip(small, (7, 9), strict=False))
+    assert all(s > f and (s - f) % 2 == 0 for s, f in zip(small, (7, 9), strict=True))
 
 
 def test_augment_config_rejects_bad_values() -> None:

@@ -55,9 +55,10 @@ def test_same_seed_same_batches_distinct_ranks(preprocessed_store, config_factor
             return [b.image for b in _take(loader, 4)]
 
     a, b = batches(seed=1), batches(seed=1)
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=False))
+    assert len(a) == 4
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     other = batches(seed=1, rank=1, world_size=2)
-    assert not any(torch.equal(x, y) for x, y in zip(a, other, strict=False))
+    assert not any(torch.equal(x, y) for x, y in zip(a, other, strict=True))
 
 
 def test_validation_loader_is_finite_unaugmented_and_repeatable(preprocessed_store, config_factory) -> None:
@@ -70,7 +71,7 @@ def test_validation_loader_is_finite_unaugmented_and_repeatable(preprocessed_sto
         first = list(loader)
         second = list(loader)
     assert len(first) == 3
-    assert all(torch.equal(x.image, y.image) for x, y in zip(first, second, strict=False))
+    assert all(torch.equal(x.image, y.image) for x, y in zip(first, second, strict=True))
     assert all(x.params is not None and not x.params.spatial.any() for x in first)
     # oversample 1.0: every validation patch is centred on foreground
     assert all((x.target[0] > 0).flatten(1).any(1).all() for x in first)
@@ -164,7 +165,7 @@ def test_footprint_reads_equal_reading_the_enlarged_patch(preprocessed_store, co
         params = sample_params(rng, 4, n_channels=1, spatial_dims=dims, config=spec.augment,
                                patch_size=spec.final_patch_vox)
         assert np.array_equal(params.matrix, batch.params.matrix)
-        reads = [sampler.read(c, lo) for c, lo in zip(cases, corners, strict=False)]
+        reads = [sampler.read(c, lo) for c, lo in zip(cases, corners, strict=True)]
         image = torch.from_numpy(np.stack([r[0] for r in reads]))
         label = torch.from_numpy(np.stack([r[1] for r in reads]))
         if dims == 2:

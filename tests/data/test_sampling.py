@@ -102,7 +102,7 @@ def test_foreground_ratio_matches_configuration() -> None:
     sampler = PatchSampler([case], size, oversample_foreground=p, rng=stream_rng(7))
     # exact chance q that a uniformly placed patch contains foreground
     lb, ub = sampler.bounds(label.shape)
-    hits = [(lo <= 3) & (lo + 8 > 2) for lo in (np.arange(a, b + 1) for a, b in zip(lb, ub, strict=False))]
+    hits = [(lo <= 3) & (lo + 8 > 2) for lo in (np.arange(a, b + 1) for a, b in zip(lb, ub, strict=True))]
     q = float(np.prod([h.mean() for h in hits]))
     forced = contains = 0
     for _ in range(n):

@@ -46,7 +46,7 @@ def folders(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, Path, list[
     preds, refs = make_cases(rng)
     (tmp_path / "pred").mkdir()
     (tmp_path / "gt").mkdir()
-    for i, (p, r) in enumerate(zip(preds, refs)):
+    for i, (p, r) in enumerate(zip(preds, refs, strict=True)):
         write_label(tmp_path / "pred" / f"case_{i}.nii.gz", p)
         write_label(tmp_path / "gt" / f"case_{i}.nii.gz", r)
     return tmp_path / "pred", tmp_path / "gt", preds, refs
@@ -64,12 +64,12 @@ def test_evaluate_folders_with_regions(folders, tmp_path: Path) -> None:
     assert summary["labels"] == ["1", "2", "1+2"]
     per_case = summary["metric_per_case"]
     assert [c["case_id"] for c in per_case] == ["case_0", "case_1", "case_2"]
-    for c, p, r in zip(per_case, preds, refs):
+    for c, p, r in zip(per_case, preds, refs, strict=True):
         assert c["metrics"]["1"]["dice"] == pytest.approx(dice(p == 1, r == 1))
         assert c["metrics"]["1+2"]["dice"] == pytest.approx(dice(p > 0, r > 0))
         assert c["metrics"]["1"]["volume_ref_mm3"] == pytest.approx((r == 1).sum() * np.prod(SPACING_ZYX))
     assert math.isnan(per_case[2]["metrics"]["2"]["dice"])
-    assert summary["mean"]["2"]["dice"] == pytest.approx(np.mean([dice(p == 2, r == 2) for p, r in zip(preds[:2], refs[:2])]))
+    assert summary["mean"]["2"]["dice"] == pytest.approx(np.mean([dice(p == 2, r == 2) for p, r in zip(preds[:2], refs[:2], strict=True)]))
     assert summary["mean"]["2"]["n_cases_scored"] == 2
     fg = np.mean([summary["mean"][k]["dice"] for k in ("1", "2", "1+2")])
     assert summary["foreground_mean"]["dice"] == pytest.approx(fg)
@@ -77,7 +77,8 @@ def test_evaluate_folders_with_regions(folders, tmp_path: Path) -> None:
     assert on_disk["metric_per_case"][2]["metrics"]["2"]["dice"] is None
     assert on_disk["metric_per_case"][0]["metrics"]["1"]["hd95_mm"] > 0
     table = format_table(summary)
-    assert "1+2" in table and "dice" in table
+    assert "1+2" in table
+    assert "dice" in table
 
 
 def test_default_labels_come_from_dataset_json_or_values_present(folders) -> None:
@@ -109,7 +110,7 @@ def test_stores_as_inputs(folders, tmp_path: Path) -> None:
         store.mark_complete(f"case_{i}")
     from_store = evaluate(tmp_path / "pred.zarr", gt_dir, labels=[1, 2])
     from_files = evaluate(pred_dir, gt_dir, labels=[1, 2])
-    for a, b in zip(from_store["metric_per_case"], from_files["metric_per_case"]):
+    for a, b in zip(from_store["metric_per_case"], from_files["metric_per_case"], strict=True):
         assert a["metrics"]["1"] == pytest.approx(b["metrics"]["1"], nan_ok=True)
 
 

@@ -16,8 +16,8 @@ SPACING = (2.5, 0.8, 0.8)
 
 
 def sphere(shape: tuple[int, int, int], spacing: tuple[float, ...], radius_mm: float) -> np.ndarray:
-    grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij"))
-    centre = np.array([n * s / 2 for n, s in zip(shape, spacing)])[:, None, None, None]
+    grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing, strict=True)], indexing="ij"))
+    centre = np.array([n * s / 2 for n, s in zip(shape, spacing, strict=True)])[:, None, None, None]
     return ((grid - centre) ** 2).sum(0) <= radius_mm**2
 
 
@@ -46,16 +46,25 @@ def test_empty_cases_follow_nnunet() -> None:
     full = empty.copy()
     full[1:3, 1:3, 1:3] = True
     both_empty = overlap_metrics(0, 0, 0, 210)
-    assert math.isnan(both_empty["dice"]) and math.isnan(both_empty["iou"])
-    assert math.isnan(both_empty["precision"]) and math.isnan(both_empty["recall"])
+    assert math.isnan(both_empty["dice"])
+    assert math.isnan(both_empty["iou"])
+    assert math.isnan(both_empty["precision"])
+    assert math.isnan(both_empty["recall"])
     missed = overlap_metrics(0, 0, 8, 202)  # empty prediction, reference present
-    assert missed["dice"] == 0.0 and missed["recall"] == 0.0 and math.isnan(missed["precision"])
+    assert missed["dice"] == 0.0
+    assert missed["recall"] == 0.0
+    assert math.isnan(missed["precision"])
     spurious = overlap_metrics(0, 8, 0, 202)
-    assert spurious["dice"] == 0.0 and spurious["precision"] == 0.0 and math.isnan(spurious["recall"])
+    assert spurious["dice"] == 0.0
+    assert spurious["precision"] == 0.0
+    assert math.isnan(spurious["recall"])
     s = surface_metrics(empty, empty, (1, 1, 1))
-    assert math.isnan(s["hd95_mm"]) and math.isnan(s["nsd"])
+    assert math.isnan(s["hd95_mm"])
+    assert math.isnan(s["nsd"])
     s = surface_metrics(empty, full, (1, 1, 1))
-    assert math.isnan(s["hd95_mm"]) and math.isnan(s["assd_mm"]) and s["nsd"] == 0.0
+    assert math.isnan(s["hd95_mm"])
+    assert math.isnan(s["assd_mm"])
+    assert s["nsd"] == 0.0
 
 
 def reference_surface_metrics(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...],

@@ -64,7 +64,8 @@ def _predict_benchmark():  # noqa: ANN202
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "predict.py"
     spec = importlib.util.spec_from_file_location("voxflow_bench_predict", path)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

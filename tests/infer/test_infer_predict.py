@@ -47,7 +47,8 @@ def test_predict_matches_eager_pipeline_and_exports_geometry(tmp_path: Path, met
         expected = _oracle(src, cid, net, cfg)
         probs = out.array(cid, "probs").compute()
         label = out.array(cid, "label").compute()
-        assert probs.dtype == np.float16 and label.dtype == np.uint8
+        assert probs.dtype == np.float16
+        assert label.dtype == np.uint8
         np.testing.assert_allclose(probs.astype(np.float32), expected, atol=2e-3)
         top2 = np.sort(expected, axis=0)[-2:]
         clear = (top2[1] - top2[0]) > 1e-4
@@ -193,7 +194,8 @@ def test_region_dataset_uses_sigmoid_and_regions_class_order(tmp_path: Path, mak
                   save_probabilities=True, progress=False, export=False)
     probs = out.array("case_000", "probs").compute().astype(np.float32)
     label = out.array("case_000", "label").compute()
-    assert probs.shape[0] == 2 and out.case_attrs("case_000")["activation"] == "sigmoid"
+    assert probs.shape[0] == 2
+    assert out.case_attrs("case_000")["activation"] == "sigmoid"
     expected = np.where(probs[1] > 0.5, 2, np.where(probs[0] > 0.5, 1, 0))
     clear = (np.abs(probs - 0.5) > 1e-2).all(0)
     np.testing.assert_array_equal(label[clear], expected[clear])
@@ -201,7 +203,13 @@ def test_region_dataset_uses_sigmoid_and_regions_class_order(tmp_path: Path, mak
 
 
 def test_2d_configuration_predicts_slice_by_slice(tmp_path: Path, meta, write_store) -> None:  # noqa: ANN001
-    from voxflow.plan.schema import ChannelNormalization, Configuration, NetworkSpec, ResamplingSpec, TrainSpec
+    from voxflow.plan.schema import (
+        ChannelNormalization,
+        Configuration,
+        NetworkSpec,
+        ResamplingSpec,
+        TrainSpec,
+    )
 
     spec = NetworkSpec(spatial_dims=2, n_stages=1, features_per_stage=(4,), kernel_sizes=((3, 3),),
                        strides=((1, 1),), n_blocks_per_stage=(1,), n_conv_per_stage_decoder=())

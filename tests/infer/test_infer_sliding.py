@@ -108,7 +108,7 @@ def test_accumulator_normalises_and_writes_each_block_once() -> None:
     out = np.zeros((1, 6, 6, 6), np.float32).view(Recorder)
     boxes = [((0, 4), (0, 6), (0, 6)), ((2, 6), (0, 6), (0, 6))]
     acc = TileAccumulator(out, boxes, block_zyx=(3, 3, 3), cache_bytes=10**6)
-    for value, box in zip((2.0, 4.0), boxes):
+    for value, box in zip((2.0, 4.0), boxes, strict=True):
         shape = tuple(b - a for a, b in box)
         acc.add(box, np.full((1, *shape), value * 0.5, np.float32), np.full(shape, 0.5, np.float32))
     assert acc.complete
@@ -143,7 +143,7 @@ def test_custom_importance_map(rng: np.random.Generator, conv_net) -> None:  # n
     grid = tile_grid(img.shape[1:], (6, 8, 8))
     acc, n = np.zeros((3, 6, 12, 12)), np.zeros((6, 12, 12))
     for start in grid.tiles():
-        sl = tuple(slice(s, s + p) for s, p in zip(start, (6, 8, 8)))
+        sl = tuple(slice(s, s + p) for s, p in zip(start, (6, 8, 8), strict=True))
         acc[(slice(None), *sl)] += pred(img[(slice(None), *sl)][None]).numpy()[0]
         n[sl] += 1
     np.testing.assert_allclose(got, acc / n, atol=1e-6)
@@ -156,11 +156,11 @@ def test_accumulator_counts_tiles_per_block_like_brute_force(rng: np.random.Gene
     boxes = []
     for _ in range(60):
         lo = [int(rng.integers(0, s)) for s in shape]
-        boxes.append(tuple((a, int(rng.integers(a + 1, s + 1))) for a, s in zip(lo, shape)))
+        boxes.append(tuple((a, int(rng.integers(a + 1, s + 1))) for a, s in zip(lo, shape, strict=True)))
     acc = TileAccumulator(np.zeros((2, *shape), np.float32), boxes, block_zyx=block)
     expected = np.zeros(acc._remaining.shape, np.int64)
     for box in boxes:
-        expected[tuple(slice(lo // b, (hi - 1) // b + 1) for (lo, hi), b in zip(box, block))] += 1
+        expected[tuple(slice(lo // b, (hi - 1) // b + 1) for (lo, hi), b in zip(box, block, strict=True))] += 1
     np.testing.assert_array_equal(acc._remaining, expected)
     with pytest.raises(ValueError, match="inside the volume"):
         TileAccumulator(np.zeros((2, *shape), np.float32), [((0, 24), (0, 1), (0, 1))], block_zyx=block)

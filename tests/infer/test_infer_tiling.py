@@ -66,7 +66,7 @@ def test_gaussian_matches_definition() -> None:
     # the definition, voxel by voxel
     ref = np.empty(patch)
     for idx in np.ndindex(*patch):
-        e = sum((i - (p - 1) / 2) ** 2 / (2 * (p / 8) ** 2) for i, p in zip(idx, patch))
+        e = sum((i - (p - 1) / 2) ** 2 / (2 * (p / 8) ** 2) for i, p in zip(idx, patch, strict=True))
         ref[idx] = np.exp(-e)
     np.testing.assert_allclose(g, np.maximum(ref / ref.max(), 1e-3), rtol=1e-6)
     assert g.dtype == np.float32

@@ -31,7 +31,7 @@ def test_export_round_trip_is_bit_exact(tmp_path: Path, image_factory, oblique_x
     out = export_store(store, tmp_path / "out", file_ending=ending, progress=False)
     out += export_store(store, tmp_path / "out", array="image", file_ending=ending, progress=False)
     assert [p.name for p in out] == [f"c1{ending}", f"c1_0000{ending}"]
-    for exported, original in zip(out, [tmp_path / f"src/labels/c1{ending}", tmp_path / f"src/images/c1{ending}"]):
+    for exported, original in zip(out, [tmp_path / f"src/labels/c1{ending}", tmp_path / f"src/images/c1{ending}"], strict=True):
         a, b = sitk.ReadImage(str(original)), sitk.ReadImage(str(exported))
         assert a.GetPixelID() == b.GetPixelID()
         np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
@@ -97,7 +97,7 @@ def test_cli_convert_info_export(tmp_path: Path) -> None:
     res = runner.invoke(main, ["convert", str(src), str(tmp_path / "ds2.zarr")])
     assert res.exit_code == 1
     assert "synct_000" in res.output
-    assert "Traceback" not in res.output
+    assert isinstance(res.exception, SystemExit), repr(res.exception)  # a clean error, not a crash
 
 
 def _uncompressed(path: Path) -> bytes:
@@ -148,7 +148,8 @@ def test_export_streams_slabs_with_sitk_bytes(tmp_path: Path, oblique_xyz, monke
     arr = Recording(meta_store.zarr_array("c", "label"))
     path = tmp_path / f"c{ending}"
     assert E._write_streaming(arr, None, geom, path, ending)
-    assert max(reads) <= 2 * 9 * 11 * vol.itemsize and sum(reads) == vol.nbytes
+    assert max(reads) <= 2 * 9 * 11 * vol.itemsize
+    assert sum(reads) == vol.nbytes
     ref = tmp_path / f"ref{ending}"
     sitk.WriteImage(E._sitk_image(vol, geom), str(ref), True)
     assert _uncompressed(path) == _uncompressed(ref)

@@ -126,7 +126,7 @@ def test_truncated_zarr_json_is_a_clear_error_and_convert_redoes_the_case(raw: P
     meta.write_bytes(meta.read_bytes()[:40])
     res = CliRunner().invoke(main, ["info", str(dst)])
     assert res.exit_code != 0
-    assert "Traceback" not in res.output
+    assert isinstance(res.exception, SystemExit), repr(res.exception)  # a clean error, not a crash
     assert CASE in res.output
     with pytest.raises(StoreDamagedError, match=CASE):
         Store.open(dst).image(CASE)
@@ -141,7 +141,7 @@ def test_truncated_root_zarr_json(raw: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["info", str(dst)])
     assert res.exit_code != 0
     assert "damaged" in res.output
-    assert "Traceback" not in res.output
+    assert isinstance(res.exception, SystemExit), repr(res.exception)  # a clean error, not a crash
     st = convert(raw, dst, progress=False, chunks_zyx=(4, 8, 8))  # rewrites the root, keeps the cases
     assert st.case_ids() == [CASE, "synct_001"]
 

@@ -47,7 +47,8 @@ def test_run_writes_every_output_and_a_sane_summary(finished: tuple[Path, str]) 
     summary = json.loads((work / "summary.json").read_text())
     assert summary["best"] == ["3d_fullres"]
     assert 0.0 <= summary["best_dice"] <= 1.0
-    assert "voxflow predict" in summary["predict_command"] and str(work / "runs" / "3d_fullres") in output
+    assert "voxflow predict" in summary["predict_command"]
+    assert str(work / "runs" / "3d_fullres") in output
     assert Store.open(work / "dataset.zarr").case_ids() == [f"synct_{i:03d}" for i in range(5)]
 
 
@@ -101,4 +102,5 @@ def test_model_package_reproduces_workdir_prediction(raw: Path, finished: tuple[
 
 def test_export_model_without_training_is_a_clear_error(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["export-model", str(tmp_path), "-o", str(tmp_path / "m.zip")])
-    assert res.exit_code != 0 and "plans.json" in res.output
+    assert res.exit_code != 0
+    assert "plans.json" in res.output

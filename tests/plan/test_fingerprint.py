@@ -41,7 +41,7 @@ def _case_arrays(i: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture
 def tiny_store(tmp_path) -> Store:
     store = Store.create(tmp_path / "ds.zarr", META)
-    for i, (shape, spacing) in enumerate(zip(SHAPES, SPACINGS)):
+    for i, (shape, spacing) in enumerate(zip(SHAPES, SPACINGS, strict=True)):
         image, label = _case_arrays(i)
         cid = f"case_{i}"
         store.begin_case(cid, geometry=Geometry(shape_zyx=shape, spacing_zyx=spacing))
@@ -54,19 +54,19 @@ def tiny_store(tmp_path) -> Store:
 def _numpy_case(cid: str, image: np.ndarray, label: np.ndarray, samples: int, seed: int) -> dict:
     """Plain numpy oracle: the same chunk-wise seeded sampling, everything else from scratch."""
     nz = np.argwhere(np.any(image != 0, axis=0))
-    box = tuple((int(lo), int(hi) + 1) for lo, hi in zip(nz.min(0), nz.max(0)))
+    box = tuple((int(lo), int(hi) + 1) for lo, hi in zip(nz.min(0), nz.max(0), strict=True))
     values, counts = np.unique(label, return_counts=True)
-    grid = [range(0, n, c) for n, c in zip(label.shape, IMAGE_CHUNKS[1:])]
+    grid = [range(0, n, c) for n, c in zip(label.shape, IMAGE_CHUNKS[1:], strict=True)]
     per_chunk = []
     for starts in np.ndindex(*(len(g) for g in grid)):
-        sl = tuple(slice(g[i], g[i] + c) for g, i, c in zip(grid, starts, IMAGE_CHUNKS[1:]))
+        sl = tuple(slice(g[i], g[i] + c) for g, i, c in zip(grid, starts, IMAGE_CHUNKS[1:], strict=True))
         rng = np.random.default_rng(_block_seed(seed, cid, starts))
         per_chunk.append(chunk_statistics(image[(slice(None), *sl)], label[sl], offset_zyx=[s.start for s in sl],
                                           max_samples=samples, rng=rng))
     quota = allocate_samples([c["n_fg"] for c in per_chunk], samples)
-    pooled = np.concatenate([c["samples"][:, :q] for c, q in zip(per_chunk, quota)], axis=1)
+    pooled = np.concatenate([c["samples"][:, :q] for c, q in zip(per_chunk, quota, strict=True)], axis=1)
     comps = {v: ndimage.label(label == v)[1] for v in (1, 2)}
-    return {"box": box, "counts": dict(zip(values.tolist(), counts.tolist())), "n_fg": int((label > 0).sum()),
+    return {"box": box, "counts": dict(zip(values.tolist(), counts.tolist(), strict=True)), "n_fg": int((label > 0).sum()),
             "samples": pooled, "components": comps}
 
 

@@ -48,5 +48,5 @@ def test_case_larger_than_memory_cap(tmp_path) -> None:
     assert peak < case_bytes
     case = json.loads(out.splitlines()[-1])["cases"][0]
     assert case["class_voxel_counts"] == {str(v): int(c) for v, c in enumerate(counts) if c}
-    assert case["nonzero_bbox_zyx"] == [[int(a), int(b)] for a, b in zip(lo, hi)]
+    assert case["nonzero_bbox_zyx"] == [[int(a), int(b)] for a, b in zip(lo, hi, strict=True)]
     assert case["n_components"] is None  # too large for the whole-case scipy count

@@ -15,7 +15,7 @@ def plan() -> Plan:
     shapes, spacings = [(60, 300, 300)] * 4, [(3.0, 0.8, 0.8)] * 4
     cases = tuple(CaseFingerprint(case_id=f"c{i}", shape_zyx=s, spacing_zyx=sp, nonzero_bbox_zyx=tuple((0, n) for n in s),
                                   shape_after_crop_zyx=s, fraction_kept_by_crop=1.0)
-                  for i, (s, sp) in enumerate(zip(shapes, spacings)))
+                  for i, (s, sp) in enumerate(zip(shapes, spacings, strict=True)))
     st = IntensityStats(channel="CT", n_samples=10, mean=40.0, std=30.0, median=35.0, min=-50.0, max=200.0,
                         percentile_00_5=-40.0, percentile_99_5=180.0)
     fp = Fingerprint(channel_names=("CT",), labels={"background": 0, "organ": 1}, samples_per_case=10, seed=0,

@@ -20,7 +20,7 @@ def make_fp(shapes, spacings, *, channels=("CT",), kept=1.0, is_2d=False, labels
         CaseFingerprint(case_id=f"c{i:03d}", shape_zyx=sh, spacing_zyx=sp, source_ndim=2 if is_2d else 3,
                         nonzero_bbox_zyx=tuple((0, n) for n in sh), shape_after_crop_zyx=sh,
                         fraction_kept_by_crop=kept, n_foreground_voxels=100, class_voxel_counts={0: 900, 1: 100})
-        for i, (sh, sp) in enumerate(zip(shapes, spacings)))
+        for i, (sh, sp) in enumerate(zip(shapes, spacings, strict=True)))
     stats = tuple(IntensityStats(channel=c, n_samples=1000, mean=100.0 + i, std=50.0, median=90.0, min=-900.0,
                                  max=2000.0, percentile_00_5=-500.0, percentile_99_5=1500.0)
                   for i, c in enumerate(channels))
@@ -34,7 +34,7 @@ def check_plan(plan: Plan, budget_gb: float) -> None:
     for cfg in plan.configurations.values():
         net = cfg.network
         spatial = cfg.patch_size_vox[-net.spatial_dims:]
-        assert all(p % t == 0 for p, t in zip(spatial, net.total_stride)), cfg.name
+        assert all(p % t == 0 for p, t in zip(spatial, net.total_stride, strict=True)), cfg.name
         mem = estimate_memory_bytes(net, cfg.patch_size_vox, cfg.batch_size, len(plan.channel_names), 3,
                                     amp=cfg.train.amp)
         assert mem <= budget_gb * GIB, cfg.name
@@ -121,7 +121,7 @@ def test_large_images_get_lowres_and_cascade() -> None:
     casc = plan.configuration("3d_cascade_fullres")
     assert math.prod(full.patch_size_vox) < 0.25 * math.prod(full.median_shape_vox)
     assert math.prod(low.patch_size_vox) >= 0.25 * math.prod(low.median_shape_vox)
-    assert all(lo > fu for lo, fu in zip(low.spacing_zyx, full.spacing_zyx))
+    assert all(lo > fu for lo, fu in zip(low.spacing_zyx, full.spacing_zyx, strict=True))
     assert low.next_stage == "3d_cascade_fullres"
     assert casc.previous_stage == "3d_lowres"
     assert casc.patch_size_vox == full.patch_size_vox

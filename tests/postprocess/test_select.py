@@ -28,7 +28,7 @@ def ball(shape: tuple[int, int, int], centre: tuple[int, int, int], r: float) ->
 def write_cases(root: Path, preds: list[np.ndarray], refs: list[np.ndarray]) -> tuple[Path, Path]:
     (root / "pred").mkdir(parents=True)
     (root / "gt").mkdir()
-    for i, (p, r) in enumerate(zip(preds, refs)):
+    for i, (p, r) in enumerate(zip(preds, refs, strict=True)):
         save(root / "pred" / f"c{i}.nii.gz", p)
         save(root / "gt" / f"c{i}.nii.gz", r)
     return root / "pred", root / "gt"
@@ -67,7 +67,8 @@ def test_keep_largest_dropped_when_it_hurts(tmp_path: Path) -> None:
     spec = determine_postprocessing(pred_dir, gt_dir, labels=[1])
     assert spec.operations == ()
     trial = spec.selection["trials"][0]
-    assert trial["operation"]["op"] == "keep_largest" and trial["kept"] is False
+    assert trial["operation"]["op"] == "keep_largest"
+    assert trial["kept"] is False
 
 
 def test_fill_holes_kept_or_dropped_by_its_effect(tmp_path: Path) -> None:
@@ -128,7 +129,8 @@ def test_run_postprocess_store_folder_and_cli(tmp_path: Path) -> None:
     assert not list((tmp_path / "files_pp").glob(".*"))
     res = CliRunner().invoke(main, ["postprocess", str(tmp_path / "files"), str(tmp_path / "files_pp"),
                                     "--model-dir", str(tmp_path / "model")])
-    assert res.exit_code != 0 and "--overwrite" in res.output
+    assert res.exit_code != 0
+    assert "--overwrite" in res.output
 
 
 def _store_with(path: Path, kind: str, labels: dict[str, np.ndarray]) -> None:
@@ -178,4 +180,5 @@ def test_cli_determine_then_apply(tmp_path: Path) -> None:
     for i, r in enumerate(refs):
         np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"c{i}.nii.gz"))), r)
     res = CliRunner().invoke(main, ["postprocess", str(pred_dir), str(tmp_path / "out2")])
-    assert res.exit_code != 0 and "--postprocessing" in res.output
+    assert res.exit_code != 0
+    assert "--postprocessing" in res.output

@@ -42,7 +42,7 @@ def _stats(arr) -> tuple[float, float]:
 
 def _reference_slab(arr, mean: float, std: float, out_shape, o0: int, o1: int, halo: int = 24) -> np.ndarray:
     """scipy affine_transform (zoom mapping of voxflow) of an input z-slab with a wide halo."""
-    scale = [i / o for i, o in zip(SHAPE, out_shape, strict=False)]
+    scale = [i / o for i, o in zip(SHAPE, out_shape, strict=True)]
     lo = max(0, int(np.floor((o0 + 0.5) * scale[0] - 0.5)) - halo)
     hi = min(SHAPE[0], int(np.ceil((o1 - 0.5) * scale[0] - 0.5)) + 1 + halo)
     slab = ((arr[0, lo:hi].astype(np.float64) - mean) / std).astype(np.float32)

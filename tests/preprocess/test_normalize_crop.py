@@ -22,7 +22,7 @@ def test_nonzero_bbox_and_crop_match_numpy(rng) -> None:
     lazy = da.from_array(x, chunks=(1, 5, 6, 4))
     box = nonzero_bbox(lazy)
     nz = np.argwhere(np.any(x != 0, axis=0))
-    expected = tuple((int(lo), int(hi) + 1) for lo, hi in zip(nz.min(0), nz.max(0), strict=False))
+    expected = tuple((int(lo), int(hi) + 1) for lo, hi in zip(nz.min(0), nz.max(0), strict=True))
     assert box == expected
     with raise_if_computes():
         cropped = crop(lazy, box)

@@ -25,8 +25,8 @@ def test_resample_matches_whole_array_scipy(shape, out, chunks, out_chunks, orde
         lazy = resample_to_shape(da.from_array(x, chunks=chunks), out, order=order, out_chunks=out_chunks)
     assert lazy.shape == out
     assert lazy.dtype == np.float32
-    assert all(max(c) <= oc for c, oc in zip(lazy.chunks, out_chunks, strict=False))
-    ref = ndi.zoom(x, [o / i for o, i in zip(out, shape, strict=False)], order=order, mode="nearest", grid_mode=True)
+    assert all(max(c) <= oc for c, oc in zip(lazy.chunks, out_chunks, strict=True))
+    ref = ndi.zoom(x, [o / i for o, i in zip(out, shape, strict=True)], order=order, mode="nearest", grid_mode=True)
     got = lazy.compute()
     assert np.abs(got - ref).max() <= 1e-4 * np.ptp(x)
 

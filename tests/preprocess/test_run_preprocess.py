@@ -14,13 +14,13 @@ from voxflow.testing import raise_if_computes
 def _eager(image, label, geom: Geometry, config):
     """The whole pipeline in numpy/scipy: crop, z-score in the mask, zoom (order 3 / one-hot 1)."""
     nz = np.argwhere(np.any(image != 0, axis=0))
-    box = tuple((int(lo), int(hi) + 1) for lo, hi in zip(nz.min(0), nz.max(0), strict=False))
+    box = tuple((int(lo), int(hi) + 1) for lo, hi in zip(nz.min(0), nz.max(0), strict=True))
     sl = tuple(slice(a, b) for a, b in box)
     img, lab = image[(slice(None), *sl)].astype(np.float64), label[sl]
     mask = np.any(img != 0, axis=0)
     sel = img[0][mask]
     img = np.where(mask, (img - sel.mean()) / sel.std(), 0.0).astype(np.float32)
-    shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(img.shape[1:], geom.spacing_zyx, config.spacing_zyx, strict=False))
+    shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(img.shape[1:], geom.spacing_zyx, config.spacing_zyx, strict=True))
     out = zoom_reference(img[0], shape, order=3)[None]
     stack = np.stack([zoom_reference((lab == v).astype(np.float64), shape, order=1) for v in (0, 1, 2)])
     top2 = np.sort(stack, axis=0)[-2:]

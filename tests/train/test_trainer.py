@@ -44,7 +44,12 @@ def test_smoke_loss_decreases_and_run_dir_is_complete(tmp_path: Path) -> None:
     assert json.loads(work.splits.read_text())  # splits made on first use
 
 
-def test_2d_residual_config_and_options(tmp_path: Path) -> None:
+def test_2d_residual_config_and_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import voxflow.train.trainer as trainer
+
+    # an EMA of momentum 1 keeps its first value exactly: no later epoch can improve on it, so
+    # patience 1 must stop the run after its second epoch
+    monkeypatch.setattr(trainer, "EMA_MOMENTUM", 1.0)
     work = make_workspace(tmp_path, patch=(1, 16, 16), network=tiny_network(dims=2, architecture="resenc_unet"),
                           epochs=2, optimizer="adamw", lr=1e-3, schedule="cosine", warmup_epochs=1,
                           class_weighted_ce=True, early_stopping_patience=1, loss="dice_ce")
@@ -56,10 +61,9 @@ def test_2d_residual_config_and_options(tmp_path: Path) -> None:
     assert state["class_weights"][2] > state["class_weights"][0]
     m = _metrics(run_dir)
     # early stopping: patience 1 stops at the first epoch without a new best EMA
-    stopped = state["stopped_early"]
-    assert stopped == (len(m) < 6)
-    if stopped:
-        assert not m[-1]["new_best"]
+    assert state["stopped_early"] is True
+    assert [r["epoch"] for r in m] == [0, 1]
+    assert [r["new_best"] for r in m] == [True, False]
     assert ckpt["configuration"]["train"]["epochs"] == 6
 
 

@@ -31,7 +31,7 @@ def _index(mask: np.ndarray, device: torch.device) -> torch.Tensor:
 def centre_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Centre crop of the trailing ``len(size)`` axes (offset ``(P - F) // 2``), a view."""
     lead = x.ndim - len(size)
-    sl = tuple(slice((p - f) // 2, (p - f) // 2 + f) for p, f in zip(x.shape[lead:], size, strict=False))
+    sl = tuple(slice((p - f) // 2, (p - f) // 2 + f) for p, f in zip(x.shape[lead:], size, strict=True))
     return x[(slice(None),) * lead + sl]
 
 
@@ -214,7 +214,7 @@ def apply_lowres(image: torch.Tensor, params: Params) -> torch.Tensor:
     """Nearest downsampling to ``zoom`` of the size, then linear upsampling, per selected channel."""
     spatial = tuple(image.shape[2:])
     mode = "trilinear" if len(spatial) == 3 else "bilinear"
-    for b, c in zip(*np.nonzero(params.lowres_zoom != 1), strict=False):
+    for b, c in zip(*np.nonzero(params.lowres_zoom != 1), strict=True):
         zoom = float(params.lowres_zoom[b, c])
         small = tuple(max(1, round(s * zoom)) for s in spatial)
         x = nnf.interpolate(image[b, c][None, None], size=small, mode="nearest")
@@ -274,12 +274,12 @@ def downsample_targets(label: torch.Tensor, ds_scales: Sequence[Sequence[float]]
     spatial = label.shape[2:]
     out = []
     for scale in ds_scales:
-        size = tuple(max(1, round(s * f)) for s, f in zip(spatial, scale, strict=False))
+        size = tuple(max(1, round(s * f)) for s, f in zip(spatial, scale, strict=True))
         if size == tuple(spatial):
             out.append(full)
             continue
         x = label
-        for a, (n_in, n_out) in enumerate(zip(spatial, size, strict=False)):
+        for a, (n_in, n_out) in enumerate(zip(spatial, size, strict=True)):
             if n_in == n_out:
                 continue
             if n_in % n_out == 0:  # integer factor k: source voxels k // 2, k // 2 + k, ...

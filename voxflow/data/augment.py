@@ -57,6 +57,7 @@ from voxflow.data._transforms import (
     apply_spatial,
     downsample_targets,
 )
+from voxflow.errors import ConfigError
 
 __all__ = ["AugmentConfig", "Params", "apply", "enlarged_patch_size", "sample_params"]
 
@@ -102,11 +103,13 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             if f.name.startswith("p_") and not 0.0 <= getattr(self, f.name) <= 1.0:
-                raise ValueError(f"{f.name} must be a probability in [0, 1]; got {getattr(self, f.name)!r}")
+                raise ConfigError(f"AugmentConfig.{f.name} must be a probability in [0, 1]; got "
+                                  f"{getattr(self, f.name)!r}. Pass a value between 0 (never) and 1 (always).")
         for name in ("scale_range", "brightness_range", "contrast_range", "lowres_zoom", "gamma_range"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
-                raise ValueError(f"{name} must be (low, high) with 0 < low <= high; got {getattr(self, name)!r}")
+                raise ConfigError(f"AugmentConfig.{name} must be (low, high) with 0 < low <= high; got "
+                                  f"{getattr(self, name)!r}. Swap or raise the bounds, e.g. (0.7, 1.4).")
         object.__setattr__(self, "mirror_axes", tuple(int(a) for a in self.mirror_axes))
 
     def max_rotation_rad(self, spatial_dims: int, patch_size: Sequence[int] | None = None) -> float:

@@ -30,7 +30,7 @@ from voxflow.data._cache import ChunkCache
 from voxflow.data._transforms import input_footprint
 from voxflow.data.augment import AugmentConfig, Params, apply, enlarged_patch_size, sample_params
 from voxflow.data.sampling import CaseHandle, PatchSampler, open_cases, stream_rng
-from voxflow.errors import LayoutError
+from voxflow.errors import ConfigError, LayoutError
 from voxflow.plan.schema import Configuration
 from voxflow.store import Store
 
@@ -329,7 +329,8 @@ def loader_spec(config: Configuration, *, train: bool, augment: bool | AugmentCo
     read3 = (1, *read) if config.is_2d else read
     scales = None if ds_scales is None else tuple(tuple(float(v) for v in s) for s in ds_scales)
     if scales is not None and any(len(s) != len(final) for s in scales):
-        raise ValueError(f"ds_scales entries must have {len(final)} factors (one per patch axis); got {scales!r}")
+        raise ConfigError(f"ds_scales entries must have {len(final)} factors (one per patch axis); got {scales!r}. "
+                          f"Build them with voxflow.nets.deep_supervision_scales(config.network).")
     return LoaderSpec(batch_size=int(batch_size or config.batch_size), read_patch_vox=read3,  # type: ignore[arg-type]
                       final_patch_vox=final, n_channels=int(n_channels or config.n_channels),
                       oversample_foreground=config.train.oversample_foreground, augment=aug,
@@ -353,7 +354,8 @@ def build_loader(store: Store | PathLikeStr, case_ids: Sequence[str], config: Co
     small datasets end up served from memory, large ones are streamed chunk by chunk.
     """
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}); got {rank!r}")
+        raise ConfigError(f"rank must be in [0, world_size={world_size}); got {rank!r}. Pass the process's DDP "
+                          f"rank and the number of processes (torch.distributed.get_rank/get_world_size).")
     st = store if isinstance(store, Store) else Store.open(store)
     cases = open_cases(st, list(case_ids), require_label=True)
     for c in cases:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from voxflow.data._cache import ChunkCache, read_box_cached
-from voxflow.errors import LayoutError, VoxflowWarning
+from voxflow.errors import ConfigError, LayoutError, VoxflowWarning
 from voxflow.store import Store
 
 __all__ = ["CaseHandle", "ChunkCache", "PatchBatch", "PatchSampler", "open_cases", "read_patch", "stream_rng"]
@@ -120,7 +120,7 @@ def read_patch(array: Any, lo_zyx: Sequence[int], size_zyx: Sequence[int], *, fi
     shape = tuple(int(s) for s in array.shape[-3:])
     out = np.full(lead + tuple(int(s) for s in size_zyx), fill, dtype=array.dtype)
     src, dst = [], []
-    for lo, size, n in zip(lo_zyx, size_zyx, shape, strict=False):
+    for lo, size, n in zip(lo_zyx, size_zyx, shape, strict=True):
         a, b = max(int(lo), 0), min(int(lo) + int(size), n)
         if a >= b:
             return out
@@ -170,10 +170,12 @@ class PatchSampler:
                                 dtype=np.int64)
         if self.patch.shape != (3,) or self.final.shape != (3,) or (self.patch < self.final).any() \
                 or ((self.patch - self.final) % 2).any() or (self.final < 1).any():
-            raise ValueError(f"patch_size_vox must be 3 sizes >= final_patch_size_vox with an even difference; "
-                             f"got {tuple(self.patch)} and {tuple(self.final)}")
+            raise ConfigError(f"patch_size_vox must be 3 sizes >= final_patch_size_vox (each >= 1) with an even "
+                              f"difference per axis; got {tuple(self.patch)} and {tuple(self.final)}. Read a "
+                              f"patch of final + 2 * margin voxels per axis (enlarged_patch_size does this).")
         if not 0.0 <= oversample_foreground <= 1.0:
-            raise ValueError(f"oversample_foreground must be in [0, 1]; got {oversample_foreground!r}")
+            raise ConfigError(f"oversample_foreground must be a fraction in [0, 1]; got {oversample_foreground!r}. "
+                              f"Use e.g. 0.33 (nnU-Net's default: a third of the patches centred on foreground).")
         self.oversample_foreground = float(oversample_foreground)
         self.rng = rng
 
@@ -201,7 +203,7 @@ class PatchSampler:
             rows = case.class_rows(cls)
             voxel = rows[int(self.rng.integers(len(rows))), 1:]
             return np.clip(voxel - self.patch // 2, lb, ub)
-        return np.array([self.rng.integers(a, b + 1) for a, b in zip(lb, ub, strict=False)], dtype=np.int64)
+        return np.array([self.rng.integers(a, b + 1) for a, b in zip(lb, ub, strict=True)], dtype=np.int64)
 
     def draw(self, batch_size: int) -> tuple[list[CaseHandle], np.ndarray, np.ndarray]:
         """Choose cases and patch corners of one batch without reading: (cases, lo_zyx (B, 3),
@@ -210,7 +212,7 @@ class PatchSampler:
         forced = np.arange(batch_size) >= batch_size - n_fg
         picks = self.rng.integers(len(self.cases), size=batch_size)
         cases = [self.cases[int(i)] for i in picks]
-        corners = np.stack([self.draw_corner(c, foreground=bool(f)) for c, f in zip(cases, forced, strict=False)]) \
+        corners = np.stack([self.draw_corner(c, foreground=bool(f)) for c, f in zip(cases, forced, strict=True)]) \
             if batch_size else np.zeros((0, 3), np.int64)
         return cases, corners, forced
 
@@ -230,7 +232,7 @@ class PatchSampler:
     def sample(self, batch_size: int) -> PatchBatch:
         """Draw and read one batch of whole patches."""
         cases, corners, forced = self.draw(batch_size)
-        reads = [self.read(c, lo) for c, lo in zip(cases, corners, strict=False)]
+        reads = [self.read(c, lo) for c, lo in zip(cases, corners, strict=True)]
         labels = [r[1] for r in reads]
         label = np.stack(labels) if all(lab is not None for lab in labels) else None  # type: ignore[arg-type]
         return PatchBatch(np.stack([r[0] for r in reads]), label, tuple(c.case_id for c in cases), corners, forced)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import dask
 import dask.array as da
@@ -36,7 +36,7 @@ from voxflow.store import Store
 __all__ = ["MEAN_METRICS", "evaluate", "evaluate_pairs", "format_table", "parse_labels", "summarize"]
 
 log = logging.getLogger(__name__)
-LabelSpec = Union[int, str, Sequence[int]]
+LabelSpec = int | str | Sequence[int]
 MEAN_METRICS = ("dice", "iou", "precision", "recall", "hd95_mm", "hd_mm", "assd_mm", "nsd",
                 "volume_pred_mm3", "volume_ref_mm3", "volume_diff_mm3")
 
@@ -54,7 +54,7 @@ def _parse_one(item: LabelSpec) -> tuple[int, ...]:
         except ValueError:
             raise EvaluationError(f"a label must be an integer or a region like '1+2'; got {item!r}") from None
     else:
-        vals = tuple(int(v) for v in item)
+        vals = () if isinstance(item, bool) else tuple(int(v) for v in item)  # a bool: refused below
     if not vals or any(v < 0 for v in vals):
         raise EvaluationError(f"labels must be non-negative integers; got {item!r}")
     return tuple(sorted(set(vals)))
@@ -145,15 +145,15 @@ def evaluate_pairs(pairs: list[tuple[Segmentation, Segmentation]], targets: list
     computed = _compute_nested(graphs, progress=progress)
     tasks: dict[tuple[int, str], Any] = {}
     if surface:
-        for i, ((p, r), g) in enumerate(zip(pairs, computed)):
-            for t, prof in zip(targets, g["profiles"]):
+        for i, ((p, r), g) in enumerate(zip(pairs, computed, strict=True)):
+            for t, prof in zip(targets, g["profiles"], strict=True):
                 box = bounding_box(prof, pad=1)
                 if box is not None:
                     tasks[(i, target_key(t))] = _surface_task(p, r, t, box, tolerance_mm)
     surf = dict(zip(tasks, compute(*tasks.values(), desc=f"evaluate {len(pairs)} cases: surface distances",
-                                   progress=progress and bool(tasks))))
+                                   progress=progress and bool(tasks)), strict=True))
     results = []
-    for i, ((p, r), g) in enumerate(zip(pairs, computed)):
+    for i, ((p, r), g) in enumerate(zip(pairs, computed, strict=True)):
         vox_mm3 = float(np.prod(p.geometry.spacing_zyx))
         metrics: dict[str, dict[str, float]] = {}
         for t in targets:
@@ -227,11 +227,11 @@ def _fmt(v: Any) -> str:
 def format_table(summary: Mapping[str, Any]) -> str:
     """A plain-text table of the per-target means and the foreground mean."""
     cols = ("dice", "iou", "precision", "recall", "hd95_mm", "assd_mm", "nsd", "volume_diff_mm3")
-    rows = [("label", *cols)]
+    rows: list[tuple[str, ...]] = [("label", *cols)]
     for key, m in summary["mean"].items():
         rows.append((key, *(_fmt(m.get(c)) for c in cols)))
     rows.append(("mean", *(_fmt(summary["foreground_mean"].get(c)) for c in cols)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols) + 1)]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import dask
 import dask.array as da
@@ -53,14 +53,14 @@ def confusion_matrix(pred: da.Array, ref: da.Array, n_values: int) -> da.Array:
     """
     ref = ref.rechunk(pred.chunks)
     hist = dask.delayed(_block_hist, pure=True)
-    parts = [hist(p, r, n_values) for p, r in zip(pred.to_delayed().ravel(), ref.to_delayed().ravel())]
+    parts = [hist(p, r, n_values) for p, r in zip(pred.to_delayed().ravel(), ref.to_delayed().ravel(), strict=True)]
     total = dask.delayed(_sum_hists, pure=True)(parts, n_values)
     # an Array, not a Delayed: dask 2026.8 misorders dask.compute results that mix the two
-    return da.from_delayed(total, shape=(n_values, n_values), dtype=np.int64)
+    return cast(da.Array, da.from_delayed(total, shape=(n_values, n_values), dtype=np.int64))
 
 
 def _sum_hists(hists: list[np.ndarray], n_values: int) -> np.ndarray:
-    return np.sum(hists, axis=0).reshape(n_values, n_values)
+    return cast(np.ndarray, np.sum(hists, axis=0).reshape(n_values, n_values))
 
 
 def region_counts(matrix: np.ndarray, values: Sequence[int]) -> dict[str, int]:
@@ -112,7 +112,7 @@ def bounding_box(profiles: Sequence[np.ndarray], *, pad: int = 1) -> tuple[slice
 
 def _surface(mask: np.ndarray) -> np.ndarray:
     structure = ndi.generate_binary_structure(mask.ndim, 1)
-    return mask & ~ndi.binary_erosion(mask, structure=structure, border_value=0)
+    return cast(np.ndarray, mask & ~ndi.binary_erosion(mask, structure=structure, border_value=0))
 
 
 def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

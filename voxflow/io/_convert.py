@@ -360,7 +360,7 @@ def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bo
                 ids.append(plan.case.case_id)
         log.info("converting %d case(s) from %s (%s); %d already complete", len(ids), source.root, source.format, len(done))
         results = compute(*tasks, desc="convert", progress=progress) if tasks else ()
-    errors.update({cid: err for cid, err in zip(ids, results) if err})
+    errors.update({cid: err for cid, err in zip(ids, results, strict=True) if err})
     if errors:
         first = next(iter(errors.values()))
         raise ConversionError(

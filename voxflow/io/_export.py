@@ -107,8 +107,8 @@ def _write_streaming(arr: zarr.Array, channel: int | None, geometry: Geometry, p
             if ending != ".nrrd":  # NIfTI: the header is part of the (.nii.gz: gzip) stream
                 data.write(header)
             for z0 in range(0, shape[0], step):
-                sl = (slice(z0, min(z0 + step, shape[0])),)
-                slab = arr[sl] if channel is None else arr[(channel, *sl)]
+                zs = slice(z0, min(z0 + step, shape[0]))
+                slab = arr[zs] if channel is None else arr[channel, zs]
                 data.write(np.ascontiguousarray(slab).tobytes())
             if data is not raw:
                 data.close()

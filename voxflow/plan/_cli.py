@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from voxflow._cliutil import handle_errors, parse_set_options, scheduler_option, set_option, workspace_option
+from voxflow._cliutil import (
+    handle_errors,
+    parse_set_options,
+    preset_option,
+    scheduler_option,
+    set_option,
+    workspace_option,
+)
 from voxflow.plan.schema import Plan
 from voxflow.workspace import Workspace
 
@@ -79,9 +86,9 @@ def format_plan(plan: Plan) -> str:
     head = ["", *[c.name for c in cfgs]]
     widths = [max(len(head[0]), *(len(r[0]) for r in rows))]
     widths += [max(len(head[i + 1]), *(len(r[1][i]) for r in rows)) for i in range(len(cfgs))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip([name, *vals], widths)) for name, vals in rows]
+    lines += ["  ".join(v.ljust(w) for v, w in zip([name, *vals], widths, strict=True)) for name, vals in rows]
     title = (f"plan for {plan.dataset_name or 'dataset'}: preset {plan.preset}, "
              f"budget {plan.gpu_memory_gb:g} GiB, channels {list(plan.channel_names)}")
     return "\n".join([title, *lines])
@@ -93,8 +100,7 @@ def format_plan(plan: Plan) -> str:
               help="Plans JSON to write. Default: WORK/plans.json.")
 @click.option("--gpu-memory-gb", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Training memory budget in GiB (RAM for --preset cpu). Default: the preset's (8, 24 for resenc-l, 4 for cpu).")
-@click.option("--preset", type=click.Choice(["default", "resenc-m", "resenc-l", "cpu"]), default="default",
-              show_default=True, help="Network family and budget; `cpu` plans small nets that train on a laptop.")
+@preset_option("Network family and budget; `cpu` plans small nets that train on a laptop.")
 @set_option
 @workspace_option
 @handle_errors

@@ -68,5 +68,5 @@ def pool_and_conv_props(spacing: Sequence[float], patch_size: Sequence[int], *, 
         kernels.append(tuple(kernel))
     kernels.append((3,) * dim)
     total = [2**n for n in n_pool]
-    padded = tuple(math.ceil(int(p) / t) * t for p, t in zip(patch_size, total))
+    padded = tuple(math.ceil(int(p) / t) * t for p, t in zip(patch_size, total, strict=True))
     return Topology(strides=tuple(strides), kernel_sizes=tuple(kernels), patch_size=padded)

@@ -7,6 +7,7 @@
   :func:`determine_postprocessing` (chosen by cross-validation, as nnU-Net), :func:`run_postprocess`.
 """
 
+from voxflow.errors import PostprocessingError
 from voxflow.postprocess._components import (
     ComponentTables,
     component_sizes,
@@ -15,7 +16,6 @@ from voxflow.postprocess._components import (
     select_components,
 )
 from voxflow.postprocess._ops import (
-    PostprocessingError,
     fill_holes,
     fill_holes_mask,
     keep_largest_component,

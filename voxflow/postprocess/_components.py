@@ -25,17 +25,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+import cc3d
 import dask
 import dask.array as da
-import cc3d
 import numpy as np
 import scipy.ndimage as ndi
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from voxflow.errors import VoxflowError
+from voxflow.errors import ConnectivityError, VoxflowError
 
 __all__ = [
     "ComponentTables",
@@ -52,10 +52,6 @@ __all__ = [
 Decide = Callable[["ComponentTables"], np.ndarray]
 
 
-class ConnectivityError(VoxflowError, ValueError):
-    """An unsupported connectivity was asked for."""
-
-
 def connectivity_structure(ndim: int, connectivity: int) -> np.ndarray:
     """Structuring element for ``connectivity``.
 
@@ -70,7 +66,8 @@ def connectivity_structure(ndim: int, connectivity: int) -> np.ndarray:
             f"connectivity must be one of {allowed} for a {ndim}-D mask; got {connectivity!r}. "
             f"Use 1 for face neighbours or {ndim} for full connectivity."
         )
-    return ndi.generate_binary_structure(ndim, rank)
+    structure: np.ndarray = ndi.generate_binary_structure(ndim, rank)
+    return structure
 
 
 def _label_block(block: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, int]:
@@ -87,7 +84,7 @@ def _label_block(block: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, 
         # (6/18 = 4/8 in-plane) and use 18 when an axis has length 1 (where it equals 26): the same
         # partition, on cc3d's correct paths.
         vol = mask[None] if mask.ndim == 2 else mask
-        conn = {1: 6, 2: 18, 3: 26}[rank]
+        conn: Literal[6, 18, 26] = 6 if rank == 1 else 18 if rank == 2 else 26
         if conn == 26 and min(vol.shape) == 1:
             conn = 18
         lab, n = cc3d.connected_components(vol, connectivity=conn, return_N=True, out_dtype=np.uint32)
@@ -153,10 +150,10 @@ def _face_pairs(lower: np.ndarray, upper: np.ndarray, structure: np.ndarray, axi
     """Pairs (a, b) of nonzero labels across one boundary plane; ``lower`` is the plane before it."""
     pairs = []
     sub = np.take(structure, 2, axis=axis)  # offsets reaching into the next plane
-    for off in zip(*np.nonzero(sub)):
+    for off in zip(*np.nonzero(sub), strict=True):
         d = [int(o) - 1 for o in off]
-        src = tuple(slice(max(0, -k), s - max(0, k)) for k, s in zip(d, lower.shape))
-        dst = tuple(slice(max(0, k), s - max(0, -k)) for k, s in zip(d, upper.shape))
+        src = tuple(slice(max(0, -k), s - max(0, k)) for k, s in zip(d, lower.shape, strict=True))
+        dst = tuple(slice(max(0, k), s - max(0, -k)) for k, s in zip(d, upper.shape, strict=True))
         a, b = lower[src].ravel(), upper[dst].ravel()
         keep = (a != 0) & (b != 0)
         if keep.any():
@@ -177,9 +174,9 @@ def _assemble_plane(summaries: np.ndarray, offsets: np.ndarray, axis: int, i: in
 
 def _build_tables(summaries_list: list[dict[str, Any]], numblocks: tuple[int, ...],
                   structure: np.ndarray) -> ComponentTables:
-    summaries = np.empty(len(summaries_list), dtype=object)
-    summaries[:] = summaries_list
-    summaries = summaries.reshape(numblocks)
+    flat = np.empty(len(summaries_list), dtype=object)
+    flat[:] = summaries_list
+    summaries = flat.reshape(numblocks)
     counts = np.array([s["n"] for s in summaries_list], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
     total = int(counts.sum())
@@ -243,15 +240,19 @@ def _check_mask(mask: da.Array) -> da.Array:
 
 def _relabel(block: np.ndarray, tables: ComponentTables, structure: np.ndarray, dtype: np.dtype,
              block_id: tuple[int, ...] | None = None) -> np.ndarray:
+    assert block_id is not None  # dask's map_blocks always passes it
     lab, _ = _label_block(block, structure)
-    return tables.lut(int(np.ravel_multi_index(block_id, tables.numblocks)))[lab].astype(dtype)
+    out: np.ndarray = tables.lut(int(np.ravel_multi_index(block_id, tables.numblocks)))[lab].astype(dtype)
+    return out
 
 
 def _select(block: np.ndarray, tables: ComponentTables, keep: np.ndarray, structure: np.ndarray,
             block_id: tuple[int, ...] | None = None) -> np.ndarray:
+    assert block_id is not None  # dask's map_blocks always passes it
     lab, _ = _label_block(block, structure)
     lut = tables.lut(int(np.ravel_multi_index(block_id, tables.numblocks)))
-    return keep[lut][lab]
+    out: np.ndarray = keep[lut][lab]
+    return out
 
 
 def label_components(mask: da.Array, *, connectivity: int = 1) -> tuple[da.Array, int]:
@@ -348,7 +349,7 @@ def finish_filters(pending: Sequence[PendingFilter]) -> list[da.Array]:
     between the two passes and chains of filters stay linear in work.
     """
     tables = dask.compute(*[p.tables for p in pending])
-    return [p.finish(t) for p, t in zip(pending, tables)]
+    return [p.finish(t) for p, t in zip(pending, tables, strict=True)]
 
 
 def filter_components(source: da.Array, to_mask: Callable[[da.Array], da.Array], decide: Decide,
@@ -367,6 +368,6 @@ def _keep_array(tables: ComponentTables, decide: Decide) -> np.ndarray:
     keep = np.asarray(decide(tables), dtype=bool)
     if keep.shape != (tables.n + 1,):
         raise VoxflowError(f"a component filter must return n + 1 = {tables.n + 1} flags; got shape {keep.shape}")
-    keep = keep.copy()
-    keep[0] = False
-    return keep
+    kept: np.ndarray = keep.copy()
+    kept[0] = False
+    return kept

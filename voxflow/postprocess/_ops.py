@@ -12,12 +12,12 @@ Removed voxels become background (0); filled holes take the class value.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any, cast
 
 import dask.array as da
 import numpy as np
 
-from voxflow.errors import VoxflowError
+from voxflow.errors import PostprocessingError
 from voxflow.postprocess._components import (
     ComponentTables,
     PendingFilter,
@@ -40,11 +40,7 @@ __all__ = [
     "target_name",
 ]
 
-Target = Union[int, tuple[int, ...], str]
-
-
-class PostprocessingError(VoxflowError, ValueError):
-    """A postprocessing operation or spec is invalid."""
+Target = int | tuple[int, ...] | str
 
 
 def parse_target(value: Any) -> Target:
@@ -78,11 +74,11 @@ def target_name(target: Target) -> str:
 def target_mask(label: da.Array, target: Target) -> da.Array:
     """Boolean mask of the voxels belonging to ``target`` (lazy)."""
     if target == "foreground":
-        return label > 0
+        return cast(da.Array, label > 0)
     if isinstance(target, tuple):
-        return da.isin(label, np.asarray(target, dtype=label.dtype))
+        return cast(da.Array, da.isin(label, np.asarray(target, dtype=label.dtype)))
     if isinstance(target, int):
-        return label == target
+        return cast(da.Array, label == target)
     raise PostprocessingError(f"unknown target {target!r}")
 
 
@@ -110,7 +106,7 @@ def _enclosed(tables: ComponentTables) -> np.ndarray:
 
 
 def _drop_unkept(label: da.Array, mask: da.Array, kept: da.Array) -> da.Array:
-    return da.where(mask & ~kept, label.dtype.type(0), label)
+    return cast(da.Array, da.where(mask & ~kept, label.dtype.type(0), label))
 
 
 def prepare_keep_largest(label: da.Array, target: Target = "foreground", *, connectivity: int = 1) -> PendingFilter:
@@ -161,7 +157,7 @@ class _Outside:
 
     def __call__(self, label: da.Array) -> da.Array:
         outside = label != self.target
-        return outside[0] if self.squeeze else outside
+        return cast(da.Array, outside[0] if self.squeeze else outside)
 
 
 class _Fill:
@@ -171,7 +167,7 @@ class _Fill:
     def __call__(self, label: da.Array, _outside: da.Array, enclosed: da.Array) -> da.Array:
         if self.squeeze:
             enclosed = enclosed[None]
-        return da.where(enclosed & (label == 0), label.dtype.type(self.target), label)
+        return cast(da.Array, da.where(enclosed & (label == 0), label.dtype.type(self.target), label))
 
 
 def prepare_fill_holes(label: da.Array, target: int, *, connectivity: int = 1) -> PendingFilter:
@@ -198,17 +194,17 @@ def fill_holes(label: da.Array, target: int, *, connectivity: int = 1) -> da.Arr
 def fill_holes_mask(mask: da.Array, *, connectivity: int = 1) -> da.Array:
     """Boolean ``mask`` with its holes filled (``scipy.ndimage.binary_fill_holes``, chunked)."""
     if mask.ndim == 3 and mask.shape[0] == 1:
-        return fill_holes_mask(mask[0], connectivity=_in_plane(connectivity))[None]
+        return cast(da.Array, fill_holes_mask(mask[0], connectivity=_in_plane(connectivity))[None])
     return filter_components(mask.astype(bool), _invert, _enclosed, _or_enclosed, connectivity=connectivity,
                              sizes=False)
 
 
 def _invert(mask: da.Array) -> da.Array:
-    return ~mask
+    return cast(da.Array, ~mask)
 
 
 def _or_enclosed(mask: da.Array, _outside: da.Array, enclosed: da.Array) -> da.Array:
-    return mask | enclosed
+    return cast(da.Array, mask | enclosed)
 
 
 class _TargetMask:

@@ -56,16 +56,16 @@ def run_postprocess(source: Store | PathLikeStr, output: PathLikeStr,
 def _run_store(src: Store, out: Path, spec: PostprocessingSpec, *, overwrite: bool, progress: bool) -> None:
     dst = Store.create(out, src.meta, overwrite=overwrite)
     cases = [cid for cid in src.case_ids() if src.has_array(cid, "label")]
-    labels = [src.label(cid) for cid in cases]
+    labels = [src.array(cid, "label") for cid in cases]
     results = apply_postprocessing_many(labels, spec, spacings=[src.geometry(cid).spacing_zyx for cid in cases])
     writes, done = [], []
-    for cid, label, lazy in zip(cases, labels, results):
+    for cid, label, lazy in zip(cases, labels, results, strict=True):
         attrs = {k: v for k, v in src.case_attrs(cid).items() if k not in ("complete", "geometry")}
         attrs["postprocessing"] = spec.to_dict()
         geom = src.geometry(cid)
         dst.begin_case(cid, geometry=geom, attrs=attrs)
-        target = dst.create_array(cid, "label", shape=label.shape, dtype=label.dtype,
-                                  chunks=tuple(c[0] for c in label.chunks))
+        target: Any = dst.create_array(cid, "label", shape=label.shape, dtype=label.dtype,  # dask's stubs
+                                       chunks=tuple(c[0] for c in label.chunks))  # do not know zarr arrays
         writes.append(da.store(lazy.rechunk(target.chunks), target, lock=False, compute=False))
         done.append(cid)
     if writes:
@@ -95,7 +95,7 @@ def _run_folder(src: Path, out: Path, spec: PostprocessingSpec, *, overwrite: bo
     results = apply_postprocessing_many([s.array for s in segs.values()], spec,
                                         spacings=[s.geometry.spacing_zyx for s in segs.values()])
     tasks = []
-    for seg, lazy in zip(segs.values(), results):
+    for seg, lazy in zip(segs.values(), results, strict=True):
         name = Path(seg.source).name
         target = out / name
         tmp = out / f".{name}.part{''.join(Path(name).suffixes)}"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any, cast
 
 import dask
 import dask.array as da
@@ -40,20 +40,20 @@ from voxflow.evaluate import (
     resolve_targets,
     target_key,
 )
-from voxflow.postprocess._spec import Operation, PostprocessingSpec, apply_operation_many
+from voxflow.postprocess._spec import Operation, OperationKind, PostprocessingSpec, apply_operation_many
 from voxflow.store import Store
 from voxflow.workspace import ConfigurationDir, Workspace
 
 __all__ = ["determine_for_configuration", "determine_postprocessing", "load_model_postprocessing", "mean_dice"]
 
 log = logging.getLogger(__name__)
-Source = Union[Store, PathLikeStr]
+Source = Store | PathLikeStr
 
 
 def mean_dice(preds: Sequence[da.Array], refs: Sequence[da.Array], targets: list[tuple[int, ...]]) -> dict[str, float]:
     """Mean Dice per target over the (prediction, reference) pairs; one dask compute."""
     n_values = max(max(t) for t in targets) + 2
-    computed = dask.compute(*[confusion_matrix(p, r, n_values) for p, r in zip(preds, refs)])
+    computed = dask.compute(*[confusion_matrix(p, r, n_values) for p, r in zip(preds, refs, strict=True)])
     out = {}
     for t in targets:
         d = np.array([overlap_metrics(**region_counts(m, t))["dice"] for m in computed], dtype=float)
@@ -69,7 +69,8 @@ def _mean(scores: Mapping[str, float]) -> float:
 
 def _candidates(target: tuple[int, ...], ops: Sequence[str]) -> list[Operation]:
     tgt: Any = target[0] if len(target) == 1 else target
-    return [Operation(op=o, target=tgt) for o in ops if o != "fill_holes" or len(target) == 1]
+    # an unknown name is refused by Operation (PostprocessingError naming the closest one)
+    return [Operation(op=cast(OperationKind, o), target=tgt) for o in ops if o != "fill_holes" or len(target) == 1]
 
 
 def _gain(after: float, before: float, min_gain: float) -> bool:

@@ -19,9 +19,9 @@ import dask.array as da
 
 from voxflow import _serial
 from voxflow._types import PathLikeStr
+from voxflow.errors import PostprocessingError
 from voxflow.postprocess._components import PendingFilter, connectivity_structure, finish_filters
 from voxflow.postprocess._ops import (
-    PostprocessingError,
     Target,
     parse_target,
     prepare_fill_holes,

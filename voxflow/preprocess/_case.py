@@ -58,14 +58,14 @@ def target_shape(shape_zyx: Sequence[int], spacing_zyx: Sequence[float], config:
     target = list(config.spacing_zyx)
     if config.is_2d:
         target[0] = spacing_zyx[0]
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape_zyx, spacing_zyx, target, strict=False))  # type: ignore[return-value]
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape_zyx, spacing_zyx, target, strict=True))  # type: ignore[return-value]
 
 
 def preprocessed_chunks(config: Configuration, shape_zyx: Sequence[int] | None = None) -> tuple[int, int, int]:
     """Chunks of the preprocessed arrays: half the patch size per axis (the sampler reads ~8 per patch)."""
     chunks = tuple(max(1, p // 2) for p in config.patch_size_vox)
     if shape_zyx is not None:
-        chunks = tuple(min(c, int(s)) for c, s in zip(chunks, shape_zyx, strict=False))
+        chunks = tuple(min(c, int(s)) for c, s in zip(chunks, shape_zyx, strict=True))
     return chunks  # type: ignore[return-value]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from voxflow._cliutil import handle_errors, scheduler_option, workspace_option
+from voxflow._cliutil import handle_errors, preset_option, scheduler_option, workspace_option
 from voxflow._lock import dir_lock_file, exclusive_lock
 from voxflow.errors import VoxflowError
 from voxflow.plan.schema import Plan
@@ -70,8 +70,7 @@ def _is_store(path: Path) -> bool:
 @click.argument("src", type=click.Path(exists=True))
 @click.option("-c", "--configuration", "configurations", multiple=True,
               help="Configuration(s) to preprocess (repeatable; default: every configuration planned).")
-@click.option("--preset", type=click.Choice(["default", "resenc-m", "resenc-l", "cpu"]), default="default",
-              show_default=True, help="Planner preset.")
+@preset_option("Planner preset.")
 @click.option("--gpu-memory-gb", type=float, default=None, help="Training memory budget (default: the preset's).")
 @click.option("--overwrite", is_flag=True, help="Redo conversion and preprocessing from scratch.")
 @workspace_option

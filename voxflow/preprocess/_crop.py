@@ -48,7 +48,7 @@ def crop(arr: da.Array, bbox_zyx: BBox) -> da.Array:
     """Lazy crop of the last three axes to ``bbox_zyx`` (half-open voxel ranges, z, y, x)."""
     if len(bbox_zyx) != 3:
         raise VoxflowError(f"bbox_zyx must hold 3 (lo, hi) pairs; got {bbox_zyx!r}")
-    for (lo, hi), n in zip(bbox_zyx, arr.shape[-3:], strict=False):
+    for (lo, hi), n in zip(bbox_zyx, arr.shape[-3:], strict=True):
         if not (0 <= lo < hi <= n):
             raise VoxflowError(f"bbox_zyx {bbox_zyx!r} must lie inside the grid {arr.shape[-3:]}")
     index = (Ellipsis, *(slice(lo, hi) for lo, hi in bbox_zyx))

@@ -40,7 +40,7 @@ def _block_candidates(block: np.ndarray, offset: Sequence[int], shape: Sequence[
         if v == 0:
             continue
         local = np.nonzero(block == v)
-        glob = [loc.astype(np.uint64) + np.uint64(o) for loc, o in zip(local, offset, strict=False)]
+        glob = [loc.astype(np.uint64) + np.uint64(o) for loc, o in zip(local, offset, strict=True)]
         linear = (glob[0] * np.uint64(shape[1]) + glob[1]) * np.uint64(shape[2]) + glob[2]
         keys = _splitmix64(linear ^ seed_mix)
         if keys.size > k:

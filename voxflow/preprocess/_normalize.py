@@ -126,14 +126,14 @@ def normalize(image: da.Array, schemes: Sequence[ChannelNormalization]) -> da.Ar
             f"{image.shape[0]} channels. Check that plans.json matches the dataset."
         )
     needs_stats = [s.scheme in ("zscore", "rescale_0_1") for s in schemes]
-    any_mask = any(s.use_mask and st for s, st in zip(schemes, needs_stats, strict=False))
+    any_mask = any(s.use_mask and st for s, st in zip(schemes, needs_stats, strict=True))
     if not any(needs_stats):
         return da.stack([_apply(image[c], s, None, None) for c, s in enumerate(schemes)])
     stats_src = _rekeyed(image, "stats")
     stats_mask = (stats_src != 0).any(axis=0) if any_mask else None
     stats: list[dict[str, da.Array] | None] = [
         _stats(stats_src[c], stats_mask if s.use_mask else None) if st else None
-        for c, (s, st) in enumerate(zip(schemes, needs_stats, strict=False))
+        for c, (s, st) in enumerate(zip(schemes, needs_stats, strict=True))
     ]
     scalars = [v for d in stats if d is not None for v in d.values()]
     src = _rekeyed(image, "normalize", after=scalars)

@@ -107,7 +107,7 @@ def _axis_taps(n_in: int, n_out: int, order: int) -> tuple[np.ndarray, np.ndarra
 
 def zoom_reference(x: np.ndarray, out_shape: Sequence[int], *, order: int) -> np.ndarray:
     """Eager whole-array reference: ``scipy.ndimage.zoom`` with voxflow's mapping (tests, baselines)."""
-    factors = [o / i for o, i in zip(out_shape, x.shape, strict=False)]
+    factors = [o / i for o, i in zip(out_shape, x.shape, strict=True)]
     return ndi.zoom(x, factors, order=order, mode="nearest", grid_mode=True)
 
 
@@ -188,7 +188,7 @@ def _plan_axes(in_shape: Sequence[int], out_shape: Sequence[int], order: int, se
     final z pass holds ~40% less intermediate data than a first one (dask finishes z-slabs in order).
     """
     todo = []
-    for a, (i, o) in enumerate(zip(in_shape, out_shape, strict=False)):
+    for a, (i, o) in enumerate(zip(in_shape, out_shape, strict=True)):
         if i != o:
             todo.append((a == 0, o / i, a, separate_order if a == separate_axis else order))
     return [(a, k) for _, _, a, k in sorted(todo)]
@@ -211,7 +211,7 @@ def _target_chunks(arr: da.Array, out_shape: tuple[int, ...], out_chunks: Sequen
     if out_chunks is not None:
         return tuple(int(c) for c in out_chunks)[-3:]
     in_shape = arr.shape[-3:]
-    return tuple(max(1, math.ceil(max(c) * o / i)) for c, o, i in zip(arr.chunks[-3:], out_shape, in_shape, strict=False))
+    return tuple(max(1, math.ceil(max(c) * o / i)) for c, o, i in zip(arr.chunks[-3:], out_shape, in_shape, strict=True))
 
 
 def resample_to_shape(arr: da.Array, out_shape_zyx: Sequence[int], *, order: int,
@@ -232,7 +232,7 @@ def resample_to_shape(arr: da.Array, out_shape_zyx: Sequence[int], *, order: int
     x = arr if arr.dtype == np.float32 else arr.astype(np.float32)
     for axis, k in _plan_axes(arr.shape[-3:], out_shape, order, separate_axis, separate_order):
         x = _resample_axis(x, lead + axis, out_shape[axis], k, target[axis])
-    return x.rechunk(tuple(arr.chunks[:lead]) + tuple(_split(n, c) for n, c in zip(out_shape, target, strict=False)))
+    return x.rechunk(tuple(arr.chunks[:lead]) + tuple(_split(n, c) for n, c in zip(out_shape, target, strict=True)))
 
 
 def _argmax_classes(*channels: np.ndarray, values: np.ndarray, out_dtype: np.dtype) -> np.ndarray:
@@ -253,7 +253,7 @@ def resample_label_to_shape(label: da.Array, out_shape_zyx: Sequence[int], *, va
     if label.ndim != 3:
         raise VoxflowError(f"a label map must be (Z, Y, X); got shape {label.shape}")
     target = _target_chunks(label, out_shape, out_chunks)
-    final_chunks = tuple(_split(n, c) for n, c in zip(out_shape, target, strict=False))
+    final_chunks = tuple(_split(n, c) for n, c in zip(out_shape, target, strict=True))
     axes = _plan_axes(label.shape, out_shape, order, separate_axis, separate_order)
     if all(k == 0 for _, k in axes):
         x = label

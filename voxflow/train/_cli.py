@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from voxflow._cliutil import handle_errors, parse_set_options, set_option
+from voxflow._cliutil import FOLD, handle_errors, parse_set_options, set_option
 from voxflow.errors import TrainingInterrupted
 
 #: exit status after a stop signal (EX_TEMPFAIL: "try again", i.e. ``--resume``)
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 @click.command("train")
 @click.argument("workdir", type=click.Path(file_okay=False, exists=True))
 @click.option("-c", "--configuration", default="3d_fullres", show_default=True, help="Configuration in plans.json.")
-@click.option("-f", "--fold", default="0", show_default=True, help="Fold 0..4 of splits.json, or 'all'.")
+@click.option("-f", "--fold", type=FOLD, default="0", show_default=True, help="Fold 0..4 of splits.json, or 'all'.")
 @click.option("--epochs", type=int, default=None, help="Override train.epochs.")
 @click.option("--iters", type=int, default=None, help="Override train.iters_per_epoch.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 @click.option("--no-validation", is_flag=True, help="Skip predicting the validation cases at the end.")
 @set_option
 @handle_errors
-def train(workdir: str, configuration: str, fold: str, epochs: int | None, iters: int | None, device: str,
+def train(workdir: str, configuration: str, fold: int | str, epochs: int | None, iters: int | None, device: str,
           nproc: int, num_workers: int, precision: str | None, resume: bool, restart: bool, no_validation: bool,
           overrides: tuple[str, ...]) -> None:
     """Train fold FOLD of configuration CFG from WORKDIR (plans.json + preprocessed store).
@@ -61,9 +61,8 @@ def train(workdir: str, configuration: str, fold: str, epochs: int | None, iters
         sets["train.iters_per_epoch"] = iters
     if precision is not None:
         sets["train.precision"] = precision
-    fold_value: int | str = fold if fold == "all" else int(fold)
     try:
-        run_dir = train_fold(Workspace(workdir), configuration, fold_value, device=device, resume=resume,
+        run_dir = train_fold(Workspace(workdir), configuration, fold, device=device, resume=resume,
                              restart=restart,
                              overrides=sets, nproc=nproc, num_workers=num_workers,
                              validate_cases=not no_validation)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from voxflow.errors import PlanError, TrainingDivergedError
 from voxflow.models import LabelSpec
 from voxflow.train.distributed import DistInfo, any_rank
 from voxflow.train.losses import region_targets
@@ -51,9 +52,11 @@ def resolve_precision(precision: str, device: torch.device, *, amp: bool = True)
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision not in _DTYPES:
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16; got {precision!r}")
+        raise PlanError(f"train.precision must be auto, fp32, bf16 or fp16; got {precision!r}. Set one with "
+                        f"--precision or --set train.precision=...")
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        raise PlanError(f"train.precision fp16 needs a CUDA device; got device {str(device)!r}. Train on a GPU "
+                        f"(--device cuda) or use --precision bf16 or fp32 on the CPU.")
     return precision
 
 
@@ -113,7 +116,9 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opt
             loss = loss_fn(out, targets)
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise FloatingPointError(f"training loss became {value}; lower train.lr or check the data")
+            raise TrainingDivergedError(f"the training loss must stay finite; it became {value} at step "
+                                        f"{progress.steps}. Lower train.lr (--set train.lr=...) or check the "
+                                        f"data for NaN/inf intensities.")
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from voxflow.errors import PlanError
 from voxflow.models import LabelSpec
 
 __all__ = ["DeepSupervisionLoss", "SegmentationLoss", "deep_supervision_weights", "region_targets", "soft_dice"]
@@ -115,9 +116,11 @@ class SegmentationLoss(nn.Module):
                  weight_dice: float = 1.0, weight_ce: float = 1.0, distributed: bool = False):
         super().__init__()
         if kind not in ("dice_ce", "dice", "ce"):
-            raise ValueError(f"kind must be dice_ce, dice or ce; got {kind!r}")
+            raise PlanError(f"the loss (train.loss) must be dice_ce, dice or ce; got {kind!r}. Set one with "
+                            f"--set train.loss=dice_ce.")
         if class_weights is not None and labels.uses_regions:
-            raise ValueError("class-weighted CE is defined for softmax labels only, not for regions")
+            raise PlanError("train.class_weighted_ce needs softmax labels (one class per voxel); got a "
+                            "region-based dataset (regions_class_order). Set train.class_weighted_ce=false.")
         self.labels = labels
         self.kind = kind
         self.batch_dice = batch_dice

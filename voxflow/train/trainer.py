@@ -118,11 +118,8 @@ class _Job:
 
 
 def _default_loader() -> LoaderFactory:
-    try:
-        from voxflow.data import build_loader
-    except ImportError as e:
-        raise PlanError("training needs voxflow.data.build_loader, which is not installed in this build; "
-                        "install the full voxflow package.") from e
+    from voxflow.data import build_loader
+
     return build_loader
 
 
