@@ -23,11 +23,17 @@ import dask.callbacks
 
 from voxflow.errors import VoxflowError
 
-__all__ = ["BIG_CASE_VOXELS", "case_progress", "compute", "scheduler_context", "stage_bar", "validate_scheduler"]
+__all__ = ["BIG_CASE_VOXELS", "SMALL_CASE_VOXELS", "case_progress", "compute", "compute_cases", "is_small_case", "scheduler_context",
+           "stage_bar", "validate_scheduler"]
 
 log = logging.getLogger(__name__)
 _LOCAL = ("threads", "processes", "sync")
 BIG_CASE_VOXELS = 2**25  # ~32 M voxels (about 320^3): a case this big takes seconds per stage
+#: A case with fewer voxels than this (~4.2 M, about 161^3) is processed whole by one task of its stage
+#: (convert, preprocess, evaluate), many such tasks in one compute so that small cases keep every core
+#: busy; its arrays are then in the task's memory (tens of MB per channel and copy). A case this big or
+#: bigger keeps its chunked graph, whose memory is bounded by the chunks whatever the volume.
+SMALL_CASE_VOXELS = 2**22
 
 
 def stage_bar(total: int, *, desc: str, progress: bool = True, unit: str = "case") -> Any:
@@ -42,6 +48,19 @@ def stage_bar(total: int, *, desc: str, progress: bool = True, unit: str = "case
 def case_progress(progress: bool, n_voxels: int) -> bool:
     """Whether one case gets its own progress bars: only when it is big enough to take seconds."""
     return bool(progress) and int(n_voxels) >= BIG_CASE_VOXELS
+
+
+def is_small_case(n_voxels: int) -> bool:
+    """Whether a case of ``n_voxels`` (per channel) is computed whole by one task (see :data:`SMALL_CASE_VOXELS`)."""
+    return int(n_voxels) < SMALL_CASE_VOXELS
+
+
+def _local_get(spec: str) -> Any:
+    """The scheduler function of a local spec: set as a callable, dask does not import ``distributed``
+    (~1 s) on every compute just to look for a client."""
+    import dask.threaded
+
+    return dask.local.get_sync if spec == "sync" else dask.threaded.get
 
 
 def validate_scheduler(spec: str) -> str:
@@ -67,7 +86,7 @@ def scheduler_context(spec: str = "threads", *, memory_limit: str | None = None,
     """
     spec = validate_scheduler(spec)
     if spec in _LOCAL:
-        cfg: dict[str, Any] = {"scheduler": "synchronous" if spec == "sync" else spec}
+        cfg: dict[str, Any] = {"scheduler": spec if spec == "processes" else _local_get(spec)}
         if num_workers:
             cfg["num_workers"] = num_workers
         if spec == "processes":  # one worker pool for the whole block, not one per compute
@@ -119,12 +138,7 @@ def compute(*collections: Any, desc: str = "computing", progress: bool = True) -
     """
     if not progress:
         return dask.compute(*collections)
-    try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
-        client = None
+    client = _current_client()
     from tqdm.auto import tqdm
 
     if client is not None:
@@ -136,6 +150,43 @@ def compute(*collections: Any, desc: str = "computing", progress: bool = True) -
                 bar.update(1)
         return tuple(client.gather(futures))
     return dask.compute(*collections, callbacks=[_TqdmCallback(desc)._callback])
+
+
+def compute_cases(tasks: Sequence[Any], *, bar: Any = None) -> list[Any]:
+    """Compute one Delayed task per case in one go on the active scheduler, advancing the stage
+    ``bar`` (a :func:`stage_bar`, or None) by one as each task finishes; results in task order."""
+    if not tasks:
+        return []
+    client = _current_client()
+    if client is not None:
+        from distributed import as_completed
+
+        futures = client.compute(list(tasks))
+        for _ in as_completed(futures):
+            if bar is not None:
+                bar.update(1)
+        return list(client.gather(futures))
+    keys = {t.key for t in tasks}
+
+    def _posttask(key: Any, *_: Any) -> None:
+        if bar is not None and key in keys:
+            bar.update(1)
+
+    return list(dask.compute(*tasks, callbacks=[dask.callbacks.Callback(posttask=_posttask)._callback]))
+
+
+def _current_client() -> Any:
+    """The active ``distributed`` client, or None; without importing ``distributed`` when no one has."""
+    import sys
+
+    if "distributed" not in sys.modules:
+        return None
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
 
 
 class _TqdmCallback(dask.callbacks.Callback):  # type: ignore[misc]
