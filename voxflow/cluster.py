@@ -23,7 +23,7 @@ import dask.callbacks
 
 from voxflow.errors import VoxflowError
 
-__all__ = ["BIG_CASE_VOXELS", "SMALL_CASE_VOXELS", "case_progress", "compute", "compute_cases", "is_small_case", "scheduler_context",
+__all__ = ["BIG_CASE_VOXELS", "POOL_MIN_CASES", "SMALL_CASE_VOXELS", "case_progress", "compute", "compute_cases", "is_small_case", "scheduler_context",
            "stage_bar", "validate_scheduler"]
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ BIG_CASE_VOXELS = 2**25  # ~32 M voxels (about 320^3): a case this big takes sec
 #: busy; its arrays are then in the task's memory (tens of MB per channel and copy). A case this big or
 #: bigger keeps its chunked graph, whose memory is bounded by the chunks whatever the volume.
 SMALL_CASE_VOXELS = 2**22
+#: With the threaded scheduler, this many small cases or more run in worker processes (compute_cases)
+POOL_MIN_CASES = 16
 
 
 def stage_bar(total: int, *, desc: str, progress: bool = True, unit: str = "case") -> Any:
@@ -152,9 +154,16 @@ def compute(*collections: Any, desc: str = "computing", progress: bool = True) -
     return dask.compute(*collections, callbacks=[_TqdmCallback(desc)._callback])
 
 
-def compute_cases(tasks: Sequence[Any], *, bar: Any = None) -> list[Any]:
-    """Compute one Delayed task per case in one go on the active scheduler, advancing the stage
-    ``bar`` (a :func:`stage_bar`, or None) by one as each task finishes; results in task order."""
+def compute_cases(tasks: Sequence[Any], *, bar: Any = None, preload: Sequence[str] = ()) -> list[Any]:
+    """Compute one Delayed task per (small) case in one go, advancing the stage ``bar`` (a
+    :func:`stage_bar`, or None) by one as each task finishes; results in task order.
+
+    On a cluster or the ``processes``/``sync`` scheduler the tasks run there. On the threaded
+    scheduler, :data:`POOL_MIN_CASES` or more tasks go to a pool of worker processes instead: a small
+    case's work is mostly Python (graph building, Zarr metadata) that holds the GIL, so threads
+    leave all but one core idle. The workers fork from a server that imported ``preload`` (the
+    modules of the task functions) once, so a worker starts in milliseconds.
+    """
     if not tasks:
         return []
     client = _current_client()
@@ -172,7 +181,50 @@ def compute_cases(tasks: Sequence[Any], *, bar: Any = None) -> list[Any]:
         if bar is not None and key in keys:
             bar.update(1)
 
-    return list(dask.compute(*tasks, callbacks=[dask.callbacks.Callback(posttask=_posttask)._callback]))
+    callbacks = [dask.callbacks.Callback(posttask=_posttask)._callback]
+    n = int(dask.config.get("num_workers", None) or _cpu_count())
+    if _threaded() and n > 1 and len(tasks) >= POOL_MIN_CASES:
+        from dask.multiprocessing import get as processes_get
+
+        with _case_pool(min(n, len(tasks)), preload) as pool:
+            return list(dask.compute(*tasks, scheduler=processes_get, pool=pool, callbacks=callbacks))
+    return list(dask.compute(*tasks, callbacks=callbacks))
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _threaded() -> bool:
+    """Whether the active local scheduler is dask's threaded one (set by name, by function or default)."""
+    import dask.threaded
+
+    spec = dask.config.get("scheduler", None)
+    return spec is None or spec is dask.threaded.get or spec == "threads"
+
+
+@contextlib.contextmanager
+def _case_pool(n: int, preload: Sequence[str]) -> Iterator[Any]:
+    """A process pool whose workers fork from a ``forkserver`` that imported ``preload`` once."""
+    import functools
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    import dask.multiprocessing as dmp
+
+    if os.environ.get("PYTHONHASHSEED") in (None, "0"):
+        os.environ["PYTHONHASHSEED"] = "6640"  # as dask does: consistent hashing in the workers
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(preload))
+    pool = ProcessPoolExecutor(n, mp_context=ctx,
+                               initializer=functools.partial(dmp.initialize_worker_process, user_initializer=None))
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
 
 
 def _current_client() -> Any:

@@ -28,17 +28,24 @@ def raw(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "raw", kind="mr", n_cases=5, shape_zyx=(9, 14, 12))
 
 
-@pytest.mark.parametrize("scheduler", ["threads", "sync"])
+@pytest.fixture(params=["threads", "pool", "sync"])
+def scheduler(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """threads; threads handing the small cases to worker processes (POOL_MIN_CASES); sync."""
+    if request.param == "pool":
+        monkeypatch.setattr(cluster, "POOL_MIN_CASES", 1)
+        return "threads"
+    return str(request.param)
+
+
 def test_convert_small_cases_in_parallel_writes_the_same_store(tmp_path, raw, monkeypatch, scheduler) -> None:
     convert(raw, tmp_path / "small.zarr", progress=False, scheduler=scheduler)
     monkeypatch.setattr(cluster, "SMALL_CASE_VOXELS", 1)  # every case through the chunked path
-    convert(raw, tmp_path / "chunked.zarr", progress=False, scheduler=scheduler)
+    convert(raw, tmp_path / "chunked.zarr", progress=False, scheduler="threads")
     small, chunked = _digest(tmp_path / "small.zarr"), _digest(tmp_path / "chunked.zarr")
     assert len(Store.open(tmp_path / "small.zarr").case_ids()) == 5
     assert small == chunked
 
 
-@pytest.mark.parametrize("scheduler", ["threads", "processes"])
 def test_preprocess_small_cases_in_parallel_writes_the_same_store(tmp_path, small_store, helpers, monkeypatch,
                                                                   scheduler) -> None:
     src = small_store(n_cases=4)
@@ -55,7 +62,7 @@ def test_a_case_at_the_threshold_keeps_its_chunked_graph() -> None:
     assert not cluster.is_small_case(cluster.SMALL_CASE_VOXELS)
 
 
-def test_evaluate_small_cases_gives_the_same_metrics(tmp_path, rng, monkeypatch) -> None:
+def test_evaluate_small_cases_gives_the_same_metrics(tmp_path, rng, monkeypatch, scheduler) -> None:
     from voxflow.geometry import Geometry
 
     meta = {"channel_names": ("MR",), "labels": {"background": 0, "a": 1, "b": 2}}
@@ -70,7 +77,7 @@ def test_evaluate_small_cases_gives_the_same_metrics(tmp_path, rng, monkeypatch)
             stores[k].begin_case(f"c{i}", geometry=Geometry(shape_zyx=shape, spacing_zyx=(2.0, 0.8, 0.7)))
             stores[k].create_array(f"c{i}", "label", shape=shape, dtype=np.uint8, chunks=(4, 5, 6))[...] = lab
             stores[k].mark_complete(f"c{i}")
-    small = evaluate(tmp_path / "pred.zarr", tmp_path / "ref.zarr", progress=False)
+    small = evaluate(tmp_path / "pred.zarr", tmp_path / "ref.zarr", progress=False, scheduler=scheduler)
     monkeypatch.setattr(cluster, "SMALL_CASE_VOXELS", 1)
     chunked = evaluate(tmp_path / "pred.zarr", tmp_path / "ref.zarr", progress=False)
     assert json.dumps(small, sort_keys=True) == json.dumps(chunked, sort_keys=True)

@@ -18,7 +18,7 @@ import dask.array as da
 import numpy as np
 
 from voxflow._types import PathLikeStr
-from voxflow.cluster import compute, is_small_case, scheduler_context
+from voxflow.cluster import compute, compute_cases, is_small_case, scheduler_context, stage_bar
 from voxflow.errors import VoxflowError
 from voxflow.evaluate._io import Segmentation, declared_labels, open_segmentations, pair_segmentations
 from voxflow.evaluate._metrics import (
@@ -189,8 +189,8 @@ def evaluate_pairs(pairs: list[tuple[Segmentation, Segmentation]], targets: list
     tasks = [dask.delayed(_small_pair, pure=True)(pairs[i][0].array, pairs[i][1].array, targets,
                                                   tuple(pairs[i][0].geometry.spacing_zyx), surface=surface,
                                                   tolerance_mm=tolerance_mm) for i in small]
-    found = dict(zip(small, compute(*tasks, desc=f"evaluate {len(small)} small cases",
-                                    progress=progress) if tasks else ()))
+    with stage_bar(len(small), desc=f"evaluate {len(small)} small cases", progress=progress) as bar:
+        found = dict(zip(small, compute_cases(tasks, bar=bar, preload=[__name__])))
     found.update(zip(big, _pairs_chunked([pairs[i] for i in big], targets, tolerance_mm=tolerance_mm,
                                          surface=surface, progress=progress)))
     results = []

@@ -35,7 +35,7 @@ from dask.delayed import delayed
 
 from voxflow._lock import locked, store_lock_file
 from voxflow._types import PathLikeStr
-from voxflow.cluster import compute, is_small_case, scheduler_context
+from voxflow.cluster import compute, compute_cases, is_small_case, scheduler_context, stage_bar
 from voxflow.errors import ConversionError, GeometryMismatchError, VoxflowError
 from voxflow.io._sources import CaseSpec, DatasetSource, load_source
 from voxflow.io._volume import VolumeSource, gzip_hint
@@ -306,6 +306,12 @@ def _convert_small_case(store: str, plan: _CasePlan, attrs: dict[str, Any], chun
     return _finish_case(store, plan.case.case_id, _write_slab(job))
 
 
+def _one_task(plan: _CasePlan) -> bool:
+    """Whether a case is converted by one task: one slab and fewer voxels than SMALL_CASE_VOXELS."""
+    shape = plan.images[0].geometry.shape_zyx
+    return plan.slab_z >= shape[0] and is_small_case(math.prod(shape))
+
+
 def _start_case(store: Store, plan: _CasePlan, source: DatasetSource, split: str,
                 chunks_zyx: Sequence[int], label_dtype: np.dtype) -> list[Any]:
     """Begin the case on disk and return its delayed slab writes plus the finishing task; a small
@@ -314,7 +320,7 @@ def _start_case(store: Store, plan: _CasePlan, source: DatasetSource, split: str
     cid = plan.case.case_id
     attrs = _case_attrs(plan, source, split)
     nz = geom.shape_zyx[0]
-    if plan.slab_z >= nz and is_small_case(math.prod(geom.shape_zyx)):
+    if _one_task(plan):
         job = _SlabJob(str(store.path), cid, 0, nz, tuple(plan.images), plan.label, store.meta.label_values,
                        plan.case.binary_label, str(plan.dtype), str(label_dtype))
         return [delayed(_convert_small_case, pure=False)(str(store.path), delayed(plan, traverse=False), attrs,
@@ -327,6 +333,21 @@ def _start_case(store: Store, plan: _CasePlan, source: DatasetSource, split: str
     # traverse=False: dask would otherwise rebuild the dataclasses field by field inside the task
     slabs = [delayed(_write_slab, pure=False)(delayed(job, traverse=False)) for job in jobs]
     return [delayed(_finish_case, pure=False)(str(store.path), cid, *slabs)]
+
+
+def _compute_conversions(tasks: Sequence[Any], ids: Sequence[str], small: set[str], *,
+                         progress: bool) -> dict[str, str | None]:
+    """Run every case's finishing task: ``small`` cases one task each (:func:`compute_cases`, one bar
+    over cases), then the slab graphs of big ones (a bar over slabs). Case id -> error or None."""
+    small_i = [i for i, cid in enumerate(ids) if cid in small]
+    big = [i for i in range(len(tasks)) if i not in set(small_i)]
+    out: dict[str, str | None] = {}
+    with stage_bar(len(small_i), desc="convert", progress=progress) as bar:
+        out.update(zip([ids[i] for i in small_i], compute_cases([tasks[i] for i in small_i], bar=bar,
+                                                                preload=[__name__])))
+    if big:
+        out.update(zip([ids[i] for i in big], compute(*[tasks[i] for i in big], desc="convert", progress=progress)))
+    return out
 
 
 @locked(lambda a: store_lock_file(a["dst"]), command="convert")
@@ -386,8 +407,9 @@ def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bo
                 tasks += _start_case(store, plan, source, split, chunks, label_dtype)
                 ids.append(plan.case.case_id)
         log.info("converting %d case(s) from %s (%s); %d already complete", len(ids), source.root, source.format, len(done))
-        results = compute(*tasks, desc="convert", progress=progress) if tasks else ()
-    errors.update({cid: err for cid, err in zip(ids, results) if err})
+        one_task = {p.case.case_id for p in plans if _one_task(p)}
+        results = _compute_conversions(tasks, ids, one_task, progress=progress)
+    errors.update({cid: err for cid, err in results.items() if err})
     if errors:
         first = next(iter(errors.values()))
         raise ConversionError(

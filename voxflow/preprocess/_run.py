@@ -92,7 +92,7 @@ def _write_small_cases(src: Store, out: Store, case_ids: Sequence[str], config: 
     """Small cases in parallel: one task per case (see :func:`_write_small_case`), one compute."""
     tasks = [dask.delayed(_write_small_case, pure=False)(str(src.path), str(out.path), cid, config,
                                                          known.get(cid), seed) for cid in case_ids]
-    for cid, before, after in compute_cases(tasks, bar=bar):
+    for cid, before, after in compute_cases(tasks, bar=bar, preload=[__name__]):
         log.info("%s: %s -> %s voxels", cid, before, after)
 
 
