@@ -8,6 +8,7 @@ prediction store evaluated is the reference labels shifted by one voxel.
 
     python benchmarks/small_cases.py --data /work/shared/data/hippocampus-dev
     python benchmarks/small_cases.py --synthetic 150 --shape 24,40,40 --repeat 2
+    python benchmarks/small_cases.py --data DIR --compare /path/to/old/checkout --threads-only-variant --repeat 2
 
 Prints one JSON object: per dataset and stage the medians and every repeat.
 """
@@ -29,11 +30,28 @@ from typing import Any
 import numpy as np
 
 _STAGE = """
-import json, os, time
+import json, os, threading, time
+import psutil
+_seen, _stop = {{}}, threading.Event()
+def _sample():  # CPU of worker processes (a process pool's workers are not our waited-for children)
+    me = psutil.Process()
+    while not _stop.is_set():
+        for p in me.children(recursive=True):
+            try:
+                t = p.cpu_times()
+                _seen[p.pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        _stop.wait(0.05)
+def _pool_cpu():
+    _stop.set()
+    return sum(_seen.values())
+threading.Thread(target=_sample, daemon=True).start()
 t0 = time.perf_counter(); c0 = os.times()
+{setup}
 {body}
 c1 = os.times(); t1 = time.perf_counter()
-cpu = (c1.user - c0.user) + (c1.system - c0.system)
+cpu = (c1.user - c0.user) + (c1.system - c0.system) + _pool_cpu()
 print("__RESULT__", json.dumps({{"seconds": t1 - t0, "cpu_s": cpu}}))
 """
 
@@ -53,12 +71,14 @@ def _shape(text: str) -> tuple[int, int, int]:
     return z, y, x
 
 
-def _run_stage(stage: str, **fmt: str) -> dict[str, float]:
-    code = _STAGE.format(body=_BODIES[stage].format(**fmt))
+def _run_stage(stage: str, pool_min: int | None = None, pythonpath: str | None = None, **fmt: str) -> dict[str, float]:
+    setup = ("import voxflow.cluster as _c\n" + f"_c.POOL_MIN_CASES = {pool_min}") if pool_min is not None else ""
+    code = _STAGE.format(setup=setup, body=_BODIES[stage].format(**fmt))
     t = time.perf_counter()
     c0 = os.times()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               **({"PYTHONPATH": pythonpath} if pythonpath else {})})
     c1 = os.times()
     wall = time.perf_counter() - t
     if proc.returncode != 0:
@@ -91,17 +111,24 @@ def _setup(raw: Path, work: Path) -> str:
     return "3d_fullres" if "3d_fullres" in plan.configurations else sorted(plan.configurations)[0]
 
 
-def _bench(name: str, raw: Path, work: Path, repeat: int, stages: list[str]) -> dict[str, Any]:
+def _bench(name: str, raw: Path, work: Path, repeat: int, stages: list[str],
+           variants: list[tuple[str, str | None, int | None]]) -> dict[str, Any]:
+    """Every stage ``repeat`` times per variant (label, PYTHONPATH, POOL_MIN_CASES), variants back to
+    back within each repeat so that a shared machine's load affects them alike."""
     config = _setup(raw, work)
-    runs: dict[str, list[dict[str, float]]] = {s: [] for s in stages}
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {v[0]: {s: [] for s in stages} for v in variants}
     for _ in range(repeat):
         for stage in stages:
-            runs[stage].append(_run_stage(stage, raw=str(raw), work=str(work), config=config))
+            for label, path, pool_min in variants:
+                runs[label][stage].append(_run_stage(stage, pool_min, path, raw=str(raw), work=str(work),
+                                                     config=config))
     out: dict[str, Any] = {"dataset": name, "n_cases": len(list((work / "ds.zarr" / "cases").iterdir())),
                            "configuration": config}
-    for stage, rows in runs.items():
-        out[stage] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        out[stage]["runs"] = rows
+    for label, by_stage in runs.items():
+        out[label] = {}
+        for stage, rows in by_stage.items():
+            out[label][stage] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+            out[label][stage]["runs"] = rows
     return out
 
 
@@ -112,16 +139,27 @@ def main() -> None:
     ap.add_argument("--shape", type=_shape, default=(24, 40, 40), help="Z,Y,X of each synthetic case")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--stages", default="convert,preprocess,evaluate")
+    ap.add_argument("--pool-min-cases", type=int, default=None,
+                    help="set voxflow.cluster.POOL_MIN_CASES (a large value: small cases on threads only)")
+    ap.add_argument("--compare", default=None, metavar="DIR",
+                    help="also run a second voxflow checkout (on PYTHONPATH), interleaved: 'before' vs 'after'")
+    ap.add_argument("--threads-only-variant", action="store_true",
+                    help="also run the current checkout with the process pool off ('after-threads')")
     ap.add_argument("--workdir", default=None, help="where to write (default: a temporary folder, removed)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="voxflow-bench-small-"))
     stages = args.stages.split(",")
+    variants: list[tuple[str, str | None, int | None]] = [("after", None, args.pool_min_cases)]
+    if args.threads_only_variant:
+        variants.append(("after-threads", None, 10**9))
+    if args.compare:
+        variants.insert(0, ("before", str(Path(args.compare).resolve()), None))
     result: dict[str, Any] = {"cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()[0], "datasets": []}
     try:
         if args.data:
             w = work / "data"
             w.mkdir(parents=True, exist_ok=True)
-            result["datasets"].append(_bench(Path(args.data).name, Path(args.data), w, args.repeat, stages))
+            result["datasets"].append(_bench(Path(args.data).name, Path(args.data), w, args.repeat, stages, variants))
         if args.synthetic:
             from voxflow.synthetic import make_dataset
 
@@ -129,7 +167,7 @@ def main() -> None:
             w.mkdir(parents=True, exist_ok=True)
             raw = make_dataset(w / "raw", kind="mr", n_cases=args.synthetic, shape_zyx=args.shape)
             result["datasets"].append(_bench(f"synthetic-{args.synthetic}x{'x'.join(map(str, args.shape))}",
-                                             raw, w, args.repeat, stages))
+                                             raw, w, args.repeat, stages, variants))
         result["load_avg_end"] = os.getloadavg()[0]
         print(json.dumps(result, indent=1))
     finally:
