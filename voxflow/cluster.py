@@ -9,6 +9,14 @@ Accepted values:
 * ``local:N`` -- a ``distributed.LocalCluster`` with N single-threaded worker processes
   (``memory_limit`` per worker, e.g. ``"2GB"``); its dashboard address is logged;
 * ``tcp://host:port`` -- an existing cluster started with ``dask scheduler`` / ``dask worker``.
+
+Small and big cases: a case with fewer voxels than :data:`SMALL_CASE_VOXELS` (2**22, about 161^3)
+is converted, preprocessed or evaluated whole by one task (its graph computed in memory by the
+synchronous scheduler, each array written with one ``setitem``), all small cases of a stage in one
+compute (:func:`compute_cases`), so many small cases keep every worker busy; the stores are the
+same bytes as the chunked path writes. A bigger case keeps its chunked graph, whose memory is
+bounded by its chunks. On the threaded scheduler the per-case work of small cases is mostly
+Python holding the GIL, so :data:`POOL_MIN_CASES` or more of them run in worker processes.
 """
 
 from __future__ import annotations
@@ -34,8 +42,10 @@ BIG_CASE_VOXELS = 2**25  # ~32 M voxels (about 320^3): a case this big takes sec
 #: busy; its arrays are then in the task's memory (tens of MB per channel and copy). A case this big or
 #: bigger keeps its chunked graph, whose memory is bounded by the chunks whatever the volume.
 SMALL_CASE_VOXELS = 2**22
-#: With the threaded scheduler, this many small cases or more run in worker processes (compute_cases)
-POOL_MIN_CASES = 16
+#: With the threaded scheduler, this many small cases or more run in worker processes (compute_cases);
+#: the pool costs ~2.5 s to start on 2 busy cores (one import of voxflow), measured a loss at 24
+#: hippocampus cases and a gain at 150 small cases (benchmarks/small_cases.py)
+POOL_MIN_CASES = 48
 
 
 def stage_bar(total: int, *, desc: str, progress: bool = True, unit: str = "case") -> Any:
@@ -154,7 +164,8 @@ def compute(*collections: Any, desc: str = "computing", progress: bool = True) -
     return dask.compute(*collections, callbacks=[_TqdmCallback(desc)._callback])
 
 
-def compute_cases(tasks: Sequence[Any], *, bar: Any = None, preload: Sequence[str] = ()) -> list[Any]:
+def compute_cases(tasks: Sequence[Any], *, bar: Any = None, preload: Sequence[str] = (),
+                  pool: bool = True) -> list[Any]:
     """Compute one Delayed task per (small) case in one go, advancing the stage ``bar`` (a
     :func:`stage_bar`, or None) by one as each task finishes; results in task order.
 
@@ -162,7 +173,8 @@ def compute_cases(tasks: Sequence[Any], *, bar: Any = None, preload: Sequence[st
     scheduler, :data:`POOL_MIN_CASES` or more tasks go to a pool of worker processes instead: a small
     case's work is mostly Python (graph building, Zarr metadata) that holds the GIL, so threads
     leave all but one core idle. The workers fork from a server that imported ``preload`` (the
-    modules of the task functions) once, so a worker starts in milliseconds.
+    modules of the task functions) once, so a worker starts in milliseconds. ``pool=False``: never
+    (for tasks whose work releases the GIL anyway).
     """
     if not tasks:
         return []
@@ -183,7 +195,7 @@ def compute_cases(tasks: Sequence[Any], *, bar: Any = None, preload: Sequence[st
 
     callbacks = [dask.callbacks.Callback(posttask=_posttask)._callback]
     n = int(dask.config.get("num_workers", None) or _cpu_count())
-    if _threaded() and n > 1 and len(tasks) >= POOL_MIN_CASES:
+    if pool and _threaded() and n > 1 and len(tasks) >= POOL_MIN_CASES:
         from dask.multiprocessing import get as processes_get
 
         with _case_pool(min(n, len(tasks)), preload) as pool:
