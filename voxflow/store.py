@@ -438,7 +438,7 @@ class Store:
         from voxflow._ngff import write_case_ngff
 
         group = self.case_group(case_id)
-        block = dict(group.attrs.get("voxflow", {}))
+        block: dict[str, Any] = dict(group.attrs.get("voxflow", {}))  # type: ignore[arg-type]
         extra = None if complete is None else {"voxflow": {**block, "complete": bool(complete)}}
         write_case_ngff(group, case_id=case_id, geometry=Geometry.from_dict(block["geometry"]),
                         labels=self.meta.labels, regions_class_order=self.meta.regions_class_order,

@@ -148,7 +148,7 @@ def _small_pair(pred: np.ndarray, ref: np.ndarray, targets: list[tuple[int, ...]
     for t in targets if surface else ():
         p, r = np.isin(pred, list(t)), np.isin(ref, list(t))
         either = p | r
-        box = bounding_box([either.any(axis=tuple(a for a in range(either.ndim) if a != ax))
+        box = bounding_box([np.asarray(either.any(axis=tuple(a for a in range(either.ndim) if a != ax)))
                             for ax in range(either.ndim)], pad=1)
         if box is not None:
             pb, rb, sp = p[box], r[box], spacing
@@ -167,13 +167,13 @@ def _pairs_chunked(pairs: list[tuple[Segmentation, Segmentation]], targets: list
     computed = _compute_nested(graphs, progress=progress)
     tasks: dict[tuple[int, str], Any] = {}
     if surface:
-        for i, ((p, r), g) in enumerate(zip(pairs, computed)):
-            for t, prof in zip(targets, g["profiles"]):
+        for i, ((p, r), g) in enumerate(zip(pairs, computed, strict=True)):
+            for t, prof in zip(targets, g["profiles"], strict=True):
                 box = bounding_box(prof, pad=1)
                 if box is not None:
                     tasks[(i, target_key(t))] = _surface_task(p, r, t, box, tolerance_mm)
     surf = dict(zip(tasks, compute(*tasks.values(), desc=f"evaluate {len(pairs)} cases: surface distances",
-                                   progress=progress and bool(tasks))))
+                                   progress=progress and bool(tasks)), strict=True))
     return [(g["matrix"], {key: m for (j, key), m in surf.items() if j == i}) for i, g in enumerate(computed)]
 
 
@@ -191,9 +191,9 @@ def evaluate_pairs(pairs: list[tuple[Segmentation, Segmentation]], targets: list
                                                   tolerance_mm=tolerance_mm) for i in small]
     with stage_bar(len(small), desc=f"evaluate {len(small)} small cases", progress=progress) as bar:
         # no process pool: a pair's work is numpy/scipy (GIL released); a pool was no faster at 150 pairs
-        found = dict(zip(small, compute_cases(tasks, bar=bar, pool=False)))
+        found = dict(zip(small, compute_cases(tasks, bar=bar, pool=False), strict=True))
     found.update(zip(big, _pairs_chunked([pairs[i] for i in big], targets, tolerance_mm=tolerance_mm,
-                                         surface=surface, progress=progress)))
+                                         surface=surface, progress=progress), strict=True))
     results = []
     empty = {"hd95_mm": math.nan, "hd_mm": math.nan, "assd_mm": math.nan, "nsd": math.nan}
     for i, (p, r) in enumerate(pairs):

@@ -344,9 +344,10 @@ def _compute_conversions(tasks: Sequence[Any], ids: Sequence[str], small: set[st
     out: dict[str, str | None] = {}
     with stage_bar(len(small_i), desc="convert", progress=progress) as bar:
         out.update(zip([ids[i] for i in small_i], compute_cases([tasks[i] for i in small_i], bar=bar,
-                                                                preload=[__name__])))
+                                                                preload=[__name__]), strict=True))
     if big:
-        out.update(zip([ids[i] for i in big], compute(*[tasks[i] for i in big], desc="convert", progress=progress)))
+        out.update(zip([ids[i] for i in big], compute(*[tasks[i] for i in big], desc="convert", progress=progress),
+                       strict=True))
     return out
 
 

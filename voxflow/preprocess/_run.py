@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import dask
-import dask.local
 import dask.array as da
+import dask.local
 import numpy as np
 
 from voxflow._lock import locked, store_lock_file
