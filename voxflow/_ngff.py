@@ -37,6 +37,8 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from voxflow.cluster import is_small_case
+
 __all__ = [
     "LEVELS_GROUP",
     "MAX_LEVEL_VOXELS",
@@ -213,12 +215,16 @@ def _create_level(group: zarr.Group, path: str, *, like: zarr.Array, shape: Sequ
 
 
 def _pyramid(group: zarr.Group, base: zarr.Array, paths: Sequence[str], factors: Sequence[Sequence[int]],
-             *, mean: bool, dims: Sequence[str], copy_base: bool) -> list[Any]:
+             *, mean: bool, dims: Sequence[str], copy_base: bool, eager: bool = False) -> list[Any]:
     """Delayed writes of the levels at ``paths`` (relative to ``group``) downsampled from ``base``.
 
-    ``paths[0]`` is ``base`` itself, or, with ``copy_base``, where a copy of it goes."""
+    ``paths[0]`` is ``base`` itself, or, with ``copy_base``, where a copy of it goes. ``eager`` (a
+    small array): ``base`` is read once, each level computed in memory by the same graph and written
+    with one ``setitem`` (the same chunks), and nothing is returned."""
     writes: list[Any] = []
-    lazy = da.from_zarr(base, chunks=base.chunks)
+    if len(paths) == 1 and not copy_base:
+        return writes  # one level, the base itself: nothing to read or write
+    lazy = da.from_array(base[...], chunks=base.chunks) if eager else da.from_zarr(base, chunks=base.chunks)
     lead = tuple(base.shape[:-3])
     prev: tuple[int, ...] = (1, 1, 1)
     for k, (path, factor) in enumerate(zip(paths, factors, strict=True)):
@@ -231,7 +237,10 @@ def _pyramid(group: zarr.Group, base: zarr.Array, paths: Sequence[str], factors:
         target: Any = _create_level(where, leaf, like=base, shape=(*lead, *level_shape(base.shape[-3:], factor)),
                                dims=dims)
         lazy = lazy.rechunk(target.chunks)  # one dask chunk per Zarr chunk: no two tasks share a chunk
-        writes.append(da.store(lazy, target, lock=False, compute=False))
+        if eager:
+            target[...] = lazy.compute(scheduler="sync")
+        else:
+            writes.append(da.store(lazy, target, lock=False, compute=False))
         prev = tuple(factor)
     return writes
 
@@ -263,12 +272,13 @@ def _scheduler() -> str | None:
 
 def write_case_ngff(case: zarr.Group, *, case_id: str, geometry: Any, labels: Mapping[str, Any],
                     regions_class_order: Sequence[int] | None, kind: str, max_voxels: int | None = None,
-                    compute: bool = True) -> list[Any]:
+                    compute: bool = True, attrs: Mapping[str, Any] | None = None) -> list[Any]:
     """Write the NGFF metadata and pyramid of one case whose arrays are all written.
 
     ``geometry`` is the case's :class:`~voxflow.geometry.Geometry`; levels are added until one has
     at most ``max_voxels`` voxels (default :data:`MAX_LEVEL_VOXELS`, read at call time). Returns the delayed level writes
-    (already computed, unless ``compute=False``). Safe to rerun: levels are rewritten.
+    (already computed, unless ``compute=False``). Safe to rerun: levels are rewritten. ``attrs`` are
+    written into the case's attributes with the ``ome`` block, in the same (last) metadata write.
     """
     arrays = {n: a for n in (*_IMAGE_ARRAYS, *_LABEL_ARRAYS) if isinstance(a := case.get(n), zarr.Array)}
     image_name = next((n for n in _IMAGE_ARRAYS if n in arrays), None)
@@ -276,6 +286,7 @@ def write_case_ngff(case: zarr.Group, *, case_id: str, geometry: Any, labels: Ma
     if image_name is None and not label_arrays:
         return []
     base = arrays[image_name or label_arrays[0]]
+    eager = compute and is_small_case(math.prod(base.shape))  # levels computed in memory
     limit = MAX_LEVEL_VOXELS if max_voxels is None else int(max_voxels)
     factors = pyramid_factors(base.shape[-3:], geometry.spacing_zyx, max_voxels=limit)
     spacing, origin = geometry.spacing_zyx, geometry.origin_zyx
@@ -288,34 +299,36 @@ def write_case_ngff(case: zarr.Group, *, case_id: str, geometry: Any, labels: Ma
     if image_name is None:  # a prediction without probabilities: the case is the label image
         name = label_arrays[0]
         paths = _level_paths(name, len(factors), in_label_group=False)
-        writes += _pyramid(case, arrays[name], paths, factors, mean=False, dims=("z", "y", "x"), copy_base=False)
+        writes += _pyramid(case, arrays[name], paths, factors, mean=False, dims=("z", "y", "x"), copy_base=False,
+                           eager=eager)
         ome["multiscales"] = [multiscales_metadata(name=case_id, paths=paths, spacing_zyx=spacing,
                                                    origin_zyx=origin, factors=factors, channel=False, mean=False)]
         ome["image-label"] = image_label_metadata(names, source=None)
     else:
         paths = _level_paths(image_name, len(factors), in_label_group=False)
-        writes += _pyramid(case, base, paths, factors, mean=True, dims=("c", "z", "y", "x"), copy_base=False)
+        writes += _pyramid(case, base, paths, factors, mean=True, dims=("c", "z", "y", "x"), copy_base=False,
+                           eager=eager)
         ome["multiscales"] = [multiscales_metadata(name=case_id, paths=paths, spacing_zyx=spacing,
                                                    origin_zyx=origin, factors=factors, channel=True, mean=True)]
         if label_arrays:
-            group = case.create_group("labels")
+            # attributes given at creation: one metadata write per group
+            group = case.create_group("labels", attributes={"ome": {"version": NGFF_VERSION,
+                                                                    "labels": list(label_arrays)}})
             for name in label_arrays:
-                sub = group.create_group(name)
                 lpaths = _level_paths(name, len(factors), in_label_group=True)
-                writes += _pyramid(sub, arrays[name], lpaths, factors, mean=False, dims=("z", "y", "x"),
-                                   copy_base=True)
-                sub.attrs["ome"] = {
+                sub = group.create_group(name, attributes={"ome": {
                     "version": NGFF_VERSION,
                     "multiscales": [multiscales_metadata(name=name, paths=lpaths, spacing_zyx=spacing,
                                                          origin_zyx=origin, factors=factors, channel=False,
                                                          mean=False)],
                     "image-label": image_label_metadata(names, source="../../"),
-                }
-            group.attrs["ome"] = {"version": NGFF_VERSION, "labels": list(label_arrays)}
+                }})
+                writes += _pyramid(sub, arrays[name], lpaths, factors, mean=False, dims=("z", "y", "x"),
+                                   copy_base=True, eager=eager)
     if compute and writes:
         sched = _scheduler()
         with dask.config.set(scheduler=sched) if sched else contextlib.nullcontext():
             dask.compute(*writes)
-    case.attrs["ome"] = ome
+    case.attrs.update({"ome": ome, **dict(attrs or {})})
     return writes
 

@@ -404,10 +404,8 @@ class Store:
             )
         cases = self.group.require_group("cases")
         self.delete_case(case_id)
-        g = cases.create_group(case_id)
         block = {"complete": False, "geometry": geometry.to_dict(), **dict(attrs or {})}
-        g.attrs.update({"voxflow": block})
-        return g
+        return cases.create_group(case_id, attributes={"voxflow": block})  # one metadata write
 
     def create_array(self, case_id: str, name: str, *, shape: Sequence[int], dtype: Any,
                      chunks: Sequence[int], fill_value: Any = 0,
@@ -432,17 +430,21 @@ class Store:
 
     def mark_complete(self, case_id: str) -> None:
         """Write the case's OME-NGFF metadata and pyramid levels (:mod:`voxflow._ngff`), then the
-        completion marker; call only after every array of the case is written."""
-        self.write_ngff(case_id)
-        self.update_case_attrs(case_id, complete=True)
+        completion marker (with the NGFF metadata, in the case's last metadata write); call only
+        after every array of the case is written."""
+        self.write_ngff(case_id, complete=True)
 
-    def write_ngff(self, case_id: str) -> None:
-        """(Re)write the OME-NGFF view of a case from its arrays: metadata and pyramid levels."""
+    def write_ngff(self, case_id: str, *, complete: bool | None = None) -> None:
+        """(Re)write the OME-NGFF view of a case from its arrays: metadata and pyramid levels;
+        ``complete`` also sets the completion marker in the same last write."""
         from voxflow._ngff import write_case_ngff
 
-        write_case_ngff(self.case_group(case_id), case_id=case_id, geometry=self.geometry(case_id),
+        group = self.case_group(case_id)
+        block: dict[str, Any] = dict(group.attrs.get("voxflow", {}))  # type: ignore[arg-type]
+        extra = None if complete is None else {"voxflow": {**block, "complete": bool(complete)}}
+        write_case_ngff(group, case_id=case_id, geometry=Geometry.from_dict(block["geometry"]),
                         labels=self.meta.labels, regions_class_order=self.meta.regions_class_order,
-                        kind=self.meta.kind)
+                        kind=self.meta.kind, attrs=extra)
 
     def delete_case(self, case_id: str) -> None:
         """Remove a case (also one whose metadata is damaged)."""

@@ -18,15 +18,17 @@ def test_one_preprocess_bar_over_cases_and_no_per_case_bars(tmp_path, small_stor
     err = capsys.readouterr().err
     assert "preprocess: 100%" in err
     assert "3/3" in err
-    assert "nonzero boxes: 100%" in err
+    assert "nonzero boxes" not in err  # small cases find their box in their own task
     assert not [c for c in src.case_ids() if f"preprocess {c}" in err], err  # small cases: no bar of their own
 
 
 def test_big_cases_get_their_own_bars(tmp_path, small_store, helpers, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cluster, "BIG_CASE_VOXELS", 1)
+    monkeypatch.setattr(cluster, "SMALL_CASE_VOXELS", 1)  # a big case is never small
     src = small_store(n_cases=2)
     run_preprocess(src, helpers.make_plan(helpers.make_config()), "3d_fullres", tmp_path / "pp.zarr", progress=True)
     err = capsys.readouterr().err
+    assert "nonzero boxes: 100%" in err
     assert all(f"preprocess {c}" in err for c in src.case_ids())
     assert cluster.case_progress(True, 10)
     assert not cluster.case_progress(False, 10)
@@ -58,6 +60,23 @@ def test_evaluate_and_postprocessing_selection_show_bars(tmp_path, rng, capsys) 
     evaluate(tmp_path / "pred", tmp_path / "ref", labels=[1])
     determine_postprocessing(tmp_path / "pred", tmp_path / "ref", labels=[1])
     err = capsys.readouterr().err
+    assert "evaluate 2 small cases" in err
+    assert "postprocessing selection (2 cases): 100%" in err
+
+
+def test_evaluate_of_big_cases_shows_its_two_bars(tmp_path, rng, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    import SimpleITK as sitk
+
+    from voxflow.evaluate import evaluate
+
+    monkeypatch.setattr(cluster, "SMALL_CASE_VOXELS", 1)
+    for folder in ("pred", "ref"):
+        (tmp_path / folder).mkdir()
+        for i in range(2):
+            lab = (rng.random((6, 8, 8)) > 0.6).astype(np.uint8)
+            sitk.WriteImage(sitk.GetImageFromArray(lab), str(tmp_path / folder / f"c{i}.nii.gz"))
+    evaluate(tmp_path / "pred", tmp_path / "ref", labels=[1])
+    err = capsys.readouterr().err
     assert "evaluate 2 cases: overlap" in err
     assert "evaluate 2 cases: surface distances" in err
-    assert "postprocessing selection (2 cases): 100%" in err

@@ -106,8 +106,10 @@ def test_run_preprocess_resumes_and_overwrites(tmp_path, rng, helpers) -> None:
 
 
 def test_interrupted_case_is_not_complete(tmp_path, rng, helpers, monkeypatch) -> None:
+    from voxflow import cluster
     from voxflow.preprocess import _run
 
+    monkeypatch.setattr(cluster, "SMALL_CASE_VOXELS", 1)  # the chunked path of a big case
     src = helpers.write_store(tmp_path / "ds.zarr", {"a": helpers.small_case(rng)})
     plan = helpers.make_plan(helpers.make_config())
 
@@ -121,6 +123,29 @@ def test_interrupted_case_is_not_complete(tmp_path, rng, helpers, monkeypatch) -
     out = Store.open(tmp_path / "pp.zarr")
     assert out.case_ids() == []
     assert out.incomplete_case_ids() == ["a"]
+
+
+def test_small_case_interrupted_before_its_marker_is_not_complete(tmp_path, rng, helpers, monkeypatch) -> None:
+    from voxflow.preprocess import _run
+
+    src = helpers.write_store(tmp_path / "ds.zarr", {"a": helpers.small_case(rng), "b": helpers.small_case(rng)})
+    plan = helpers.make_plan(helpers.make_config())
+    finish = _run._finish_case
+
+    def killed_at_b(out, case_id, fg):
+        if case_id == "b":
+            raise RuntimeError("killed")
+        finish(out, case_id, fg)
+
+    monkeypatch.setattr(_run, "_finish_case", killed_at_b)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_preprocess(src, plan, "3d_fullres", tmp_path / "pp.zarr", progress=False, scheduler="sync")
+    out = Store.open(tmp_path / "pp.zarr")
+    assert "b" not in out.case_ids()  # its arrays may be written, its marker is not
+    assert "b" in out.incomplete_case_ids()
+    monkeypatch.setattr(_run, "_finish_case", finish)
+    run_preprocess(src, plan, "3d_fullres", tmp_path / "pp.zarr", progress=False)  # resumes: redoes b only
+    assert Store.open(tmp_path / "pp.zarr").case_ids() == ["a", "b"]
 
 
 def test_anisotropic_separate_axis_and_2d_configuration(tmp_path, rng, helpers) -> None:

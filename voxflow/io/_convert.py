@@ -22,6 +22,7 @@ are redone (``overwrite=True`` redoes all). One writer at a time: the store's lo
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from dask.delayed import delayed
 
 from voxflow._lock import locked, store_lock_file
 from voxflow._types import PathLikeStr
-from voxflow.cluster import compute, scheduler_context
+from voxflow.cluster import compute, compute_cases, is_small_case, scheduler_context, stage_bar
 from voxflow.errors import ConversionError, GeometryMismatchError, VoxflowError
 from voxflow.io._sources import CaseSpec, DatasetSource, load_source
 from voxflow.io._volume import VolumeSource, gzip_hint
@@ -215,7 +216,7 @@ def _label_values(src: VolumeSource, slab_z: int) -> set[int]:
     return out
 
 
-def _scan_labels(source: DatasetSource, chunks_zyx: Sequence[int]) -> dict[str, int]:
+def _scan_labels(source: DatasetSource, chunks_zyx: Sequence[int], *, progress: bool = True) -> dict[str, int]:
     """Labels of a source that declares none: every value found in its label files."""
     tasks = []
     for case in source.cases:
@@ -227,7 +228,7 @@ def _scan_labels(source: DatasetSource, chunks_zyx: Sequence[int]) -> dict[str, 
             continue  # reported by the conversion itself
         tasks.append(delayed(_label_values)(src, max(1, int(chunks_zyx[0]))))
     values: set[int] = {0}
-    for found in compute(*tasks, desc="scanning labels") if tasks else ():
+    for found in compute(*tasks, desc="scanning labels", progress=progress) if tasks else ():
         values |= found
     return {"background": 0, **{f"label_{v}": v for v in sorted(values) if v != 0}}
 
@@ -282,17 +283,49 @@ def _case_attrs(plan: _CasePlan, source: DatasetSource, split: str) -> dict[str,
     }
 
 
-def _start_case(store: Store, plan: _CasePlan, source: DatasetSource, split: str,
-                chunks_zyx: Sequence[int], label_dtype: np.dtype) -> list[Any]:
-    """Begin the case on disk and return its delayed slab writes plus the finishing task."""
+def _begin_case(store: Store, plan: _CasePlan, attrs: dict[str, Any], chunks_zyx: Sequence[int],
+                label_dtype: np.dtype) -> None:
+    """Start the case on disk: its group (marked incomplete) and empty arrays."""
     geom = plan.images[0].geometry
     cid = plan.case.case_id
-    store.begin_case(cid, geometry=geom, attrs=_case_attrs(plan, source, split))
+    store.begin_case(cid, geometry=geom, attrs=attrs)
     n_ch = sum(s.n_channels for s in plan.images)
     store.create_array(cid, "image", shape=(n_ch, *geom.shape_zyx), dtype=plan.dtype, chunks=(1, *chunks_zyx))
     if plan.label is not None:
         store.create_array(cid, "label", shape=geom.shape_zyx, dtype=label_dtype, chunks=chunks_zyx)
+
+
+def _convert_small_case(store: str, plan: _CasePlan, attrs: dict[str, Any], chunks_zyx: tuple[int, ...],
+                        label_dtype: np.dtype, job: _SlabJob) -> str | None:
+    """A small case start to finish in one task (begin, its one slab, finish): the same writes as
+    the slab tasks of a big case, in parallel with other small cases. Returns an error or None."""
+    try:
+        _begin_case(Store.open(store, mode="r+"), plan, attrs, chunks_zyx, label_dtype)
+    except (VoxflowError, RuntimeError, OSError, ValueError) as e:
+        return f"could not start case {plan.case.case_id!r} in {store}: {e}"
+    return _finish_case(store, plan.case.case_id, _write_slab(job))
+
+
+def _one_task(plan: _CasePlan) -> bool:
+    """Whether a case is converted by one task: one slab and fewer voxels than SMALL_CASE_VOXELS."""
+    shape = plan.images[0].geometry.shape_zyx
+    return plan.slab_z >= shape[0] and is_small_case(math.prod(shape))
+
+
+def _start_case(store: Store, plan: _CasePlan, source: DatasetSource, split: str,
+                chunks_zyx: Sequence[int], label_dtype: np.dtype) -> list[Any]:
+    """Begin the case on disk and return its delayed slab writes plus the finishing task; a small
+    case (one slab, fewer voxels than :data:`~voxflow.cluster.SMALL_CASE_VOXELS`) is one task."""
+    geom = plan.images[0].geometry
+    cid = plan.case.case_id
+    attrs = _case_attrs(plan, source, split)
     nz = geom.shape_zyx[0]
+    if _one_task(plan):
+        job = _SlabJob(str(store.path), cid, 0, nz, tuple(plan.images), plan.label, store.meta.label_values,
+                       plan.case.binary_label, str(plan.dtype), str(label_dtype))
+        return [delayed(_convert_small_case, pure=False)(str(store.path), delayed(plan, traverse=False), attrs,
+                                                         tuple(chunks_zyx), label_dtype, delayed(job, traverse=False))]
+    _begin_case(store, plan, attrs, chunks_zyx, label_dtype)
     declared = store.meta.label_values
     jobs = [_SlabJob(str(store.path), cid, z0, min(nz, z0 + plan.slab_z), tuple(plan.images), plan.label,
                      declared, plan.case.binary_label, str(plan.dtype), str(label_dtype))
@@ -300,6 +333,22 @@ def _start_case(store: Store, plan: _CasePlan, source: DatasetSource, split: str
     # traverse=False: dask would otherwise rebuild the dataclasses field by field inside the task
     slabs = [delayed(_write_slab, pure=False)(delayed(job, traverse=False)) for job in jobs]
     return [delayed(_finish_case, pure=False)(str(store.path), cid, *slabs)]
+
+
+def _compute_conversions(tasks: Sequence[Any], ids: Sequence[str], small: set[str], *,
+                         progress: bool) -> dict[str, str | None]:
+    """Run every case's finishing task: ``small`` cases one task each (:func:`compute_cases`, one bar
+    over cases), then the slab graphs of big ones (a bar over slabs). Case id -> error or None."""
+    small_i = [i for i, cid in enumerate(ids) if cid in small]
+    big = [i for i in range(len(tasks)) if i not in set(small_i)]
+    out: dict[str, str | None] = {}
+    with stage_bar(len(small_i), desc="convert", progress=progress) as bar:
+        out.update(zip([ids[i] for i in small_i], compute_cases([tasks[i] for i in small_i], bar=bar,
+                                                                preload=[__name__]), strict=True))
+    if big:
+        out.update(zip([ids[i] for i in big], compute(*[tasks[i] for i in big], desc="convert", progress=progress),
+                       strict=True))
+    return out
 
 
 @locked(lambda a: store_lock_file(a["dst"]), command="convert")
@@ -335,7 +384,7 @@ def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bo
     chunks = tuple(int(c) for c in chunks_zyx)
     max_memory = int(max_memory_bytes or default_max_memory())
     with scheduler_context(scheduler, memory_limit=memory_limit):
-        labels = source.labels if source.labels is not None else _scan_labels(source, chunks)
+        labels = source.labels if source.labels is not None else _scan_labels(source, chunks, progress=progress)
         meta = DatasetMeta(channel_names=source.channel_names, labels=labels,
                            regions_class_order=source.regions_class_order, file_ending=source.file_ending,
                            name=source.name, extra={"source_format": source.format})
@@ -359,8 +408,9 @@ def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bo
                 tasks += _start_case(store, plan, source, split, chunks, label_dtype)
                 ids.append(plan.case.case_id)
         log.info("converting %d case(s) from %s (%s); %d already complete", len(ids), source.root, source.format, len(done))
-        results = compute(*tasks, desc="convert", progress=progress) if tasks else ()
-    errors.update({cid: err for cid, err in zip(ids, results, strict=True) if err})
+        one_task = {p.case.case_id for p in plans if _one_task(p)}
+        results = _compute_conversions(tasks, ids, one_task, progress=progress)
+    errors.update({cid: err for cid, err in results.items() if err})
     if errors:
         first = next(iter(errors.values()))
         raise ConversionError(

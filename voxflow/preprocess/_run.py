@@ -13,11 +13,12 @@ from typing import Any
 
 import dask
 import dask.array as da
+import dask.local
 import numpy as np
 
 from voxflow._lock import locked, store_lock_file
 from voxflow._types import PathLikeStr
-from voxflow.cluster import case_progress, compute, scheduler_context, stage_bar
+from voxflow.cluster import case_progress, compute, compute_cases, is_small_case, scheduler_context, stage_bar
 from voxflow.errors import VoxflowError
 from voxflow.plan.schema import Configuration, Plan
 from voxflow.preprocess._case import PreprocessedCase, preprocess_case
@@ -51,6 +52,51 @@ def _box_fits(box: BBox, shape_zyx: Sequence[int]) -> bool:
     return len(box) == 3 and all(0 <= lo < hi <= n for (lo, hi), n in zip(box, shape_zyx, strict=False))
 
 
+def _write_small_case(src_path: str, out_path: str, case_id: str, config: Configuration, bbox: BBox | None,
+                      seed: int) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    """One small case start to finish in one task: its graph (the same as :func:`_write_case`'s, so the
+    same values) computed in memory by the synchronous scheduler and each array written with one
+    ``setitem``. Returns (case id, original shape, preprocessed shape) for the log."""
+    src, out = Store.open(src_path), Store.open(out_path, mode="r+")
+    with dask.config.set({"scheduler": dask.local.get_sync, "array.slicing.split_large_chunks": False}):
+        if bbox is None:
+            bbox = bbox_from_projections(dask.compute(nonzero_projections(src.image(case_id)))[0])
+        pc = preprocess_case(src.image(case_id), src.geometry(case_id), config, label=src.label(case_id),
+                             seed=seed, bbox_zyx=bbox, label_values=src.meta.label_values, case_id=case_id)
+        # unoptimised: fusing this small graph costs more than it saves; the values are the same
+        image, label, fg = dask.compute(pc.image, pc.label, pc.fg_index, optimize_graph=False)
+    out.begin_case(case_id, geometry=pc.geometry, attrs={**pc.attrs(), "source_store": str(src.path)})
+    out.create_array(case_id, "image", shape=image.shape, dtype=np.float32,
+                     chunks=tuple(max(c) for c in pc.image.chunks))[...] = image
+    if pc.label is not None:
+        out.create_array(case_id, "label", shape=label.shape, dtype=np.uint8,
+                         chunks=tuple(max(c) for c in pc.label.chunks))[...] = label
+    _finish_case(out, case_id, fg)
+    return case_id, pc.original_geometry.shape_zyx, pc.geometry.shape_zyx
+
+
+def _finish_case(out: Store, case_id: str, fg: tuple[np.ndarray, list[int]] | None) -> None:
+    """Foreground index, classes present, NGFF view, then the completion marker (last)."""
+    present: list[int] = []
+    if fg is not None:
+        index, present = fg
+        arr = out.create_array(case_id, "fg_index", shape=index.shape, dtype=np.int32,
+                               chunks=(max(1, len(index)), 4), dimension_names=("sample", "field"))
+        if len(index):
+            arr[...] = index
+    out.update_case_attrs(case_id, classes_present=present)
+    out.mark_complete(case_id)
+
+
+def _write_small_cases(src: Store, out: Store, case_ids: Sequence[str], config: Configuration,
+                       known: Mapping[str, BBox], *, seed: int, bar: Any) -> None:
+    """Small cases in parallel: one task per case (see :func:`_write_small_case`), one compute."""
+    tasks = [dask.delayed(_write_small_case, pure=False)(str(src.path), str(out.path), cid, config,
+                                                         known.get(cid), seed) for cid in case_ids]
+    for cid, before, after in compute_cases(tasks, bar=bar, preload=[__name__]):
+        log.info("%s: %s -> %s voxels", cid, before, after)
+
+
 def _write_case(src: Store, out: Store, case_id: str, config: Configuration, bbox: BBox, *,
                 seed: int, progress: bool) -> PreprocessedCase:
     pc = preprocess_case(src.image(case_id), src.geometry(case_id), config, label=src.label(case_id),
@@ -65,15 +111,7 @@ def _write_case(src: Store, out: Store, case_id: str, config: Configuration, bbo
         writes.append(da.store(pc.label, target_l, lock=False, compute=False))
     results = compute(*writes, *([pc.fg_index] if pc.fg_index is not None else []),
                       desc=f"preprocess {case_id}", progress=progress)
-    present: list[int] = []
-    if pc.fg_index is not None:
-        index, present = results[-1]
-        fg = out.create_array(case_id, "fg_index", shape=index.shape, dtype=np.int32,
-                              chunks=(max(1, len(index)), 4), dimension_names=("sample", "field"))
-        if len(index):
-            fg[...] = index
-    out.update_case_attrs(case_id, classes_present=present)
-    out.mark_complete(case_id)
+    _finish_case(out, case_id, results[-1] if pc.fg_index is not None else None)
     return pc
 
 
@@ -89,8 +127,10 @@ def run_preprocess(store_path: Store | PathLikeStr, plan: Plan | PathLikeStr, co
     the patch size, and case attributes ``geometry`` (target grid), ``original_geometry``,
     ``crop_bbox_zyx``, ``shape_after_crop_zyx`` and ``classes_present``. A rerun skips complete
     cases and redoes incomplete ones (and ones with damaged metadata); ``overwrite`` starts afresh.
-    One compute per case on the scheduler ``scheduler`` (see :mod:`voxflow.cluster`); the completion
-    marker is written last. The cases asked for are recorded first (:meth:`Store.expect_cases`), so
+    Small cases (fewer voxels than :data:`~voxflow.cluster.SMALL_CASE_VOXELS`) are done one task each,
+    in parallel, in one compute; each bigger case is one chunked compute of its own (bounded memory),
+    on the scheduler ``scheduler`` (see :mod:`voxflow.cluster`). Both give the same store. Per case the
+    completion marker is written last. The cases asked for are recorded first (:meth:`Store.expect_cases`), so
     training refuses a store whose preprocessing stopped early. Holds the lock ``<out_path>.lock``.
     """
     src = store_path if isinstance(store_path, Store) else Store.open(store_path)
@@ -122,12 +162,15 @@ def run_preprocess(store_path: Store | PathLikeStr, plan: Plan | PathLikeStr, co
                else contextlib.nullcontext())
     with context, dask.config.set({"array.slicing.split_large_chunks": False}):
         known = {c: b for c, b in (bboxes or {}).items() if c in todo and _box_fits(b, src.geometry(c).shape_zyx)}
-        boxes = {**_bboxes(src, [c for c in todo if c not in known], progress), **known}
+        small = [c for c in todo if is_small_case(math.prod(src.geometry(c).shape_zyx))]
+        big = [c for c in todo if c not in set(small)]
+        boxes = {**_bboxes(src, [c for c in big if c not in known], progress), **known} if big else {}
         with stage_bar(len(todo), desc="preprocess", progress=progress) as bar:
-            for k, cid in enumerate(todo, 1):
-                big = case_progress(progress, math.prod(src.zarr_array(cid, "image").shape))
-                pc = _write_case(src, out, cid, config, boxes[cid], seed=seed, progress=big)
-                log.info("[%d/%d] %s: %s -> %s voxels", k, len(todo), cid, pc.original_geometry.shape_zyx,
+            _write_small_cases(src, out, small, config, known, seed=seed, bar=bar)
+            for k, cid in enumerate(big, 1):
+                own_bars = case_progress(progress, math.prod(src.zarr_array(cid, "image").shape))
+                pc = _write_case(src, out, cid, config, boxes[cid], seed=seed, progress=own_bars)
+                log.info("[%d/%d] %s: %s -> %s voxels", k, len(big), cid, pc.original_geometry.shape_zyx,
                          pc.geometry.shape_zyx)
                 bar.update(1)
     return out
