@@ -11,6 +11,18 @@ from voxflow._cliutil import configure_logging
 from voxflow.preprocess import run_preprocess
 
 
+def _write_label_folders(root, rng) -> None:  # noqa: ANN001
+    """Two random binary 6x8x8 label files in ``root/pred`` and ``root/ref`` each."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    for folder in ("pred", "ref"):
+        (root / folder).mkdir()
+        for i in range(2):
+            lab = (rng.random((6, 8, 8)) > 0.6).astype(np.uint8)
+            sitk.WriteImage(sitk.GetImageFromArray(lab), str(root / folder / f"c{i}.nii.gz"))
+
+
 def test_one_preprocess_bar_over_cases_and_no_per_case_bars(tmp_path, small_store, helpers, capsys) -> None:
     src = small_store(n_cases=3)
     plan = helpers.make_plan(helpers.make_config())
@@ -46,17 +58,11 @@ def test_info_lines_only_with_v(verbose: int, level: int) -> None:
 
 
 def test_evaluate_and_postprocessing_selection_show_bars(tmp_path, rng, capsys) -> None:
-    import numpy as np
-    import SimpleITK as sitk
 
     from voxflow.evaluate import evaluate
     from voxflow.postprocess import determine_postprocessing
 
-    for folder in ("pred", "ref"):
-        (tmp_path / folder).mkdir()
-        for i in range(2):
-            lab = (rng.random((6, 8, 8)) > 0.6).astype(np.uint8)
-            sitk.WriteImage(sitk.GetImageFromArray(lab), str(tmp_path / folder / f"c{i}.nii.gz"))
+    _write_label_folders(tmp_path, rng)
     evaluate(tmp_path / "pred", tmp_path / "ref", labels=[1])
     determine_postprocessing(tmp_path / "pred", tmp_path / "ref", labels=[1])
     err = capsys.readouterr().err
@@ -65,17 +71,11 @@ def test_evaluate_and_postprocessing_selection_show_bars(tmp_path, rng, capsys) 
 
 
 def test_evaluate_of_big_cases_shows_its_two_bars(tmp_path, rng, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
-    import numpy as np
-    import SimpleITK as sitk
 
     from voxflow.evaluate import evaluate
 
     monkeypatch.setattr(cluster, "SMALL_CASE_VOXELS", 1)
-    for folder in ("pred", "ref"):
-        (tmp_path / folder).mkdir()
-        for i in range(2):
-            lab = (rng.random((6, 8, 8)) > 0.6).astype(np.uint8)
-            sitk.WriteImage(sitk.GetImageFromArray(lab), str(tmp_path / folder / f"c{i}.nii.gz"))
+    _write_label_folders(tmp_path, rng)
     evaluate(tmp_path / "pred", tmp_path / "ref", labels=[1])
     err = capsys.readouterr().err
     assert "evaluate 2 cases: overlap" in err
