@@ -30,7 +30,7 @@ __all__ = ["DEFAULT_BLOCK_BYTES", "TileSchedule", "block_boxes", "block_grid", "
 
 Box = tuple[tuple[int, int], ...]
 #: Default accumulation memory of one block task: (K + 1) float32 values per core voxel.
-DEFAULT_BLOCK_BYTES = 512 * 2**20
+DEFAULT_BLOCK_BYTES = 512 * 2**20  # PredictOptions.block_bytes
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def block_shape(shape_zyx: Sequence[int], chunk_zyx: Sequence[int], n_classes: i
     """The largest block of whole chunks, grown evenly over the axes (the shortest first), whose
     (K + 1) float32 buffer fits ``max_bytes``; never beyond the volume (rounded up to whole chunks)."""
     chunk = [max(1, min(int(c), int(s))) for c, s in zip(chunk_zyx, shape_zyx, strict=True)]
-    limit = [-(-int(s) // c) for s, c in zip(shape_zyx, chunk)]  # chunks per axis
+    limit = [-(-int(s) // c) for s, c in zip(shape_zyx, chunk, strict=True)]  # chunks per axis
     mult = [1, 1, 1]
     per_voxel = 4 * (int(n_classes) + 1)
     while True:
@@ -80,7 +80,7 @@ def block_shape(shape_zyx: Sequence[int], chunk_zyx: Sequence[int], n_classes: i
         a = min(open_axes, key=lambda ax: (mult[ax] * chunk[ax], -ax))
         grown = list(mult)
         grown[a] += 1
-        if per_voxel * math.prod(m * c for m, c in zip(grown, chunk)) > max_bytes:
+        if per_voxel * math.prod(m * c for m, c in zip(grown, chunk, strict=True)) > max_bytes:
             break
         mult = grown
     return (mult[0] * chunk[0], mult[1] * chunk[1], mult[2] * chunk[2])
@@ -96,7 +96,7 @@ def block_boxes(shape_zyx: Sequence[int], block_zyx: Sequence[int]) -> Iterator[
     """``(block index, core box)`` of every block, raster order; boxes are half-open, clipped."""
     nz, ny, nx = block_grid(shape_zyx, block_zyx)
     for idx in ((z, y, x) for z in range(nz) for y in range(ny) for x in range(nx)):
-        yield idx, tuple((i * b, min((i + 1) * b, int(s))) for i, b, s in zip(idx, block_zyx, shape_zyx))
+        yield idx, tuple((i * b, min((i + 1) * b, int(s))) for i, b, s in zip(idx, block_zyx, shape_zyx, strict=True))
 
 
 def _overlapping(boxes: np.ndarray, core: Box) -> np.ndarray:
@@ -162,12 +162,13 @@ def predict_block(image: Any, predictor: Any, schedule: TileSchedule, core: Box,
 def _add_tile(buf: np.ndarray, grid: TileGrid, start: np.ndarray, core: Box, lo: np.ndarray,
               weighted: np.ndarray, weights: np.ndarray) -> None:
     """Add the part of one tile inside ``core`` (no-op for a batch mate that misses it)."""
-    vol, loc = grid.region(start)
-    inter = [(max(a0, c0), min(a1, c1)) for (a0, a1), (c0, c1) in zip(vol, core)]
+    vol, loc = grid.region([int(s) for s in start])
+    inter = [(max(a0, c0), min(a1, c1)) for (a0, a1), (c0, c1) in zip(vol, core, strict=True)]
     if any(hi <= lo_ for lo_, hi in inter):
         return
-    in_tile = tuple(slice(l0 + (i0 - v0), l0 + (i1 - v0)) for (i0, i1), (v0, _), (l0, _) in zip(inter, vol, loc))
-    in_buf = tuple(slice(i0 - int(o), i1 - int(o)) for (i0, i1), o in zip(inter, lo))
+    in_tile = tuple(slice(l0 + (i0 - v0), l0 + (i1 - v0)) for (i0, i1), (v0, _), (l0, _) in zip(inter, vol, loc, strict=True))
+    in_buf = tuple(slice(i0 - int(o), i1 - int(o)) for (i0, i1), o in zip(inter, lo, strict=True))
     k = buf.shape[0] - 1
-    buf[(slice(0, k), *in_buf)] += weighted[(slice(None), *in_tile)]
-    buf[(k, *in_buf)] += weights[in_tile]
+    sums, tile_part, weight_sum = (slice(0, k), *in_buf), (slice(None), *in_tile), (k, *in_buf)
+    buf[sums] += weighted[tile_part]
+    buf[weight_sum] += weights[in_tile]

@@ -34,6 +34,9 @@ from voxflow._cliutil import handle_errors, parse_folds, scheduler_option
 @click.option("--cache-mb", type=click.IntRange(min=16), default=128, show_default=True,
               help="Memory (MB) for partial accumulator blocks; beyond it they spill to a scratch file in OUTPUT "
                    "(cheap, so peak memory stays flat for any volume).")
+@click.option("--block-mb", type=click.IntRange(min=1), default=512, show_default=True,
+              help="With --scheduler local:N or tcp://...: memory (MB) of one block task. The volume is predicted "
+                   "in blocks on the workers; bigger blocks predict fewer border tiles twice.")
 @click.option("--overwrite", is_flag=True, help="Redo cases already complete in the output.")
 @click.option("--output-format", type=click.Choice(["auto", "nifti", "nrrd", "mha", "dicom-seg"]), default="auto",
               show_default=True,
@@ -45,7 +48,7 @@ from voxflow._cliutil import handle_errors, parse_folds, scheduler_option
 def predict(inputs: tuple[str, ...], output: str, model_dirs: tuple[str, ...], configurations: tuple[str, ...],
             nnunet_model: str | None, nnunet_checkpoint: str, folds: tuple[str, ...], step: float,
             no_tta: bool, save_probabilities: bool, device: str,
-            cache_mb: int, overwrite: bool, output_format: str, more_folds: tuple[str, ...], scheduler: str,
+            cache_mb: int, block_mb: int, overwrite: bool, output_format: str, more_folds: tuple[str, ...], scheduler: str,
             memory_limit: str | None, no_postprocessing: bool) -> None:
     """Predict every case of INPUT with the trained folds in MODEL_DIR; write OUTPUT."""
     from voxflow.infer import PredictOptions
@@ -56,6 +59,7 @@ def predict(inputs: tuple[str, ...], output: str, model_dirs: tuple[str, ...], c
         raise click.UsageError("give either -m/--model-dir or --nnunet-model (exactly one).")
     opts = PredictOptions(step=step, tta=not no_tta, device=device, save_probabilities=save_probabilities,
                           scheduler=scheduler, memory_limit=memory_limit, cache_bytes=cache_mb * 2**20,
+                          block_bytes=block_mb * 2**20,
                           overwrite=overwrite, output_format=output_format)
     postprocessing = None if no_postprocessing else "auto"
     if nnunet_model:

@@ -38,6 +38,7 @@ import zarr
 from voxflow.cluster import case_progress, compute, scheduler_context, split_evenly
 from voxflow.errors import VoxflowError
 from voxflow.infer._chunks import clamp_chunks, grow_chunks, output_chunks
+from voxflow.infer._distributed import BlockRun, block_run
 from voxflow.infer._export import check_dicom_sources, export_labels
 from voxflow.infer._inputs import cases_to_predict, input_signature, open_input
 from voxflow.infer._memory import release_large_allocations, trim_heap
@@ -62,17 +63,30 @@ class _Staged:
     source_files: Any  # what the case was converted from (recorded with the prediction)
 
 
-def _stage_case(src: Store, case_id: str, models: Sequence[PredictionModel], scratch_root: Path) -> _Staged:
-    """Write each model's preprocessed image of a case to scratch Zarr (one compute)."""
+def _stage_case(src: Store, case_id: str, models: Sequence[PredictionModel], scratch_root: Path, *,
+                resume: bool = False) -> _Staged:
+    """Write each model's preprocessed image of a case to scratch Zarr (one compute).
+
+    ``resume``: keep a scratch staged completely from the same input by the same models (block-parallel
+    prediction resumes its finished blocks there)."""
     scratch = scratch_root / case_id
-    if scratch.exists():
+    signature = {"input": input_signature(src, case_id), "models": [n for m in models for n in m.names]}
+    reuse = resume and _staged_with(scratch, signature)
+    if scratch.exists() and not reuse:
         shutil.rmtree(scratch)
-    group = zarr.open_group(str(scratch), mode="w", zarr_format=3)
+    group = zarr.open_group(str(scratch), mode="r+" if reuse else "w", zarr_format=3)
     inputs, images, sources = [], [], []
     for i, model in enumerate(models):
         big = grow_chunks(model.patch_size_vox, 4 * model.n_channels)  # compute in few, large tasks
         case = model.prepare(src, case_id, out_chunks=big, previous={})
         shape = case.image.shape
+        if reuse:
+            inputs.append(case)
+            staged_image = group[f"model{i}_image"]
+            if not isinstance(staged_image, zarr.Array):
+                raise VoxflowError(f"scratch {scratch} of case {case_id!r} is damaged; delete it and rerun.")
+            images.append(staged_image)
+            continue
         chunks = (shape[0], *clamp_chunks(model.patch_size_vox, shape[1:]))  # tiles read ~8 of these
         images.append(group.create_array(f"model{i}_image", shape=shape, chunks=chunks, dtype=np.float32,
                                          compressors=None, fill_value=0.0))
@@ -80,17 +94,36 @@ def _stage_case(src: Store, case_id: str, models: Sequence[PredictionModel], scr
         # dask chunks are whole multiples of the Zarr chunks: every task writes whole chunks, no lock
         sources.append(case.image.astype(np.float32).rechunk((shape[0], *clamp_chunks(big, shape[1:]))))
     staged = da.store(sources, images, lock=False, compute=False)  # type: ignore[arg-type]  # zarr targets
-    compute(staged, desc=f"{case_id}: preprocess", progress=False)
+    if not reuse:
+        compute(staged, desc=f"{case_id}: preprocess", progress=False)
+        group.attrs["voxflow_staged"] = signature  # last: the staged images are complete
     trim_heap()
     return _Staged(case_id, inputs, images, scratch, input_signature(src, case_id))
 
 
-def _predict_model(st: _Staged, i: int, model: PredictionModel, predictor: TileScorer, opts: PredictOptions,
-                   out_chunks: tuple[int, ...]) -> da.Array:
-    """Sliding window of one model over its staged image; its probabilities on the original grid (lazy)."""
+def _staged_with(scratch: Path, signature: dict[str, Any]) -> bool:
+    """Whether ``scratch`` holds images staged completely with ``signature``."""
+    try:
+        return zarr.open_group(str(scratch), mode="r", zarr_format=3).attrs.get("voxflow_staged") == signature
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+        return False
+
+
+def _predict_model(st: _Staged, i: int, model: PredictionModel, predictor: TileScorer | None, opts: PredictOptions,
+                   out_chunks: tuple[int, ...], blocks: BlockRun | None = None) -> da.Array:
+    """Sliding window of one model over its staged image; its probabilities on the original grid (lazy).
+
+    ``blocks``: block tasks on the Dask cluster instead of the tile predictor here."""
     from voxflow.infer._sliding import sliding_window_predict
 
     image, k = st.images[i], model.n_outputs
+    if blocks is not None:
+        from voxflow.infer._distributed import predict_blocks
+
+        scores = predict_blocks(image, st.scratch, i, model, opts, blocks, desc=f"{st.case_id} {model.name}")
+        lazy = da.from_zarr(scores, chunks=(k, *output_chunks(image.shape[1:], k)))
+        return st.inputs[i].restore(lazy, out_chunks)
+    assert predictor is not None
     block = clamp_chunks([-(-p // 2) for p in model.patch_size_vox], image.shape[1:])  # half-patch blocks
     group = zarr.open_group(str(st.scratch), mode="r+", zarr_format=3)
     scores = group.create_array(f"model{i}_scores", shape=(k, *image.shape[1:]), chunks=(k, *block),
@@ -104,13 +137,14 @@ def _predict_model(st: _Staged, i: int, model: PredictionModel, predictor: TileS
     return st.inputs[i].restore(lazy, out_chunks)
 
 
-def _predict_staged(st: _Staged, models: Sequence[PredictionModel], predictors: Sequence[TileScorer], out: Store,
-                    opts: PredictOptions) -> None:
+def _predict_staged(st: _Staged, models: Sequence[PredictionModel], predictors: Sequence[TileScorer | None],
+                    out: Store, opts: PredictOptions, blocks: BlockRun | None = None) -> None:
     """Predict a staged case with every model, average, write labels (+ probabilities), postprocess."""
     first = models[0]
     geom = st.inputs[0].geometry
     out_chunks = output_chunks(geom.shape_zyx, first.n_outputs)
-    back = [_predict_model(st, i, m, p, opts, out_chunks) for i, (m, p) in enumerate(zip(models, predictors, strict=True))]
+    back = [_predict_model(st, i, m, p, opts, out_chunks, blocks)
+            for i, (m, p) in enumerate(zip(models, predictors, strict=True))]
     mean = back[0] if len(back) == 1 else sum(back[1:], back[0]) / len(back)
     out.begin_case(st.case_id, geometry=geom, attrs={
         "configurations": [m.name for m in models], "models": [n for m in models for n in m.names],
@@ -147,20 +181,25 @@ def _postprocess_case(out: Store, case_id: str, raw: zarr.Array, spacing_zyx: Se
 
 
 def _predict_cases(src: Store, out: Store, models: Sequence[PredictionModel], case_ids: Sequence[str], *,
-                   device: str, opts: PredictOptions, scratch_root: Path) -> None:
-    """Predict cases one after the other, staging the next one while the current one runs."""
+                   device: str, opts: PredictOptions, scratch_root: Path, blocks: BlockRun | None = None) -> None:
+    """Predict cases one after the other, staging the next one while the current one runs.
+
+    ``blocks``: each volume is predicted by block tasks on the Dask cluster (resumable)."""
     if not case_ids:
         return
-    predictors = [m.tile_predictor(device=device, tta=opts.tta, amp=opts.amp) for m in models]
+    predictors: list[TileScorer | None] = (
+        [None] * len(models) if blocks is not None
+        else [m.tile_predictor(device=device, tta=opts.tta, amp=opts.amp) for m in models])
+    resume = blocks is not None and not opts.overwrite
     from tqdm.auto import tqdm
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="voxflow-stage") as pool:
-        nxt = pool.submit(_stage_case, src, case_ids[0], models, scratch_root)
+        nxt = pool.submit(_stage_case, src, case_ids[0], models, scratch_root, resume=resume)
         for i, cid in enumerate(tqdm(case_ids, desc="cases", unit="case", disable=not opts.progress)):
             staged = nxt.result()
             if i + 1 < len(case_ids):
-                nxt = pool.submit(_stage_case, src, case_ids[i + 1], models, scratch_root)
-            _predict_staged(staged, models, predictors, out, _case_opts(opts, src, cid))
+                nxt = pool.submit(_stage_case, src, case_ids[i + 1], models, scratch_root, resume=resume)
+            _predict_staged(staged, models, predictors, out, _case_opts(opts, src, cid), blocks)
             log.info("predicted case %s (%d/%d) on %s", cid, i + 1, len(case_ids), device)
 
 
@@ -246,7 +285,7 @@ def run_prediction(source: Store | str | Path | Sequence[str | Path], output: st
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch_root = out_dir / ".scratch"
-    with scheduler_context(opts.scheduler, memory_limit=opts.memory_limit):
+    with scheduler_context(opts.scheduler, memory_limit=opts.memory_limit) as client:
         src = open_input(source, out_dir / ".input", scheduler=opts.scheduler)
         for m in models:
             m.check_input(src)
@@ -257,10 +296,13 @@ def run_prediction(source: Store | str | Path | Sequence[str | Path], output: st
         todo = cases_to_predict(src, out, ids)
         log.info("predicting %d cases (%d already complete) with %s", len(todo), len(ids) - len(todo),
                  ", ".join(n for m in models for n in m.names))
-        if len(devices) > 1 and len(todo) > 1 and loader is not None:
+        # on a Dask cluster: every volume as block tasks on its workers (resumable), see _distributed.py
+        blocks = block_run(client, models, loader, opts) if client is not None and todo else None
+        if blocks is None and len(devices) > 1 and len(todo) > 1 and loader is not None:
             _run_on_devices(devices, src, out, loader, todo, opts, scratch_root)
         else:
-            _predict_cases(src, out, models, todo, device=devices[0], opts=opts, scratch_root=scratch_root)
+            _predict_cases(src, out, models, todo, device=devices[0], opts=opts, scratch_root=scratch_root,
+                           blocks=blocks)
     shutil.rmtree(scratch_root, ignore_errors=True)
     if opts.export:
         sched = opts.scheduler if opts.scheduler in ("threads", "processes", "sync") else "threads"

@@ -45,10 +45,15 @@ class PredictOptions:
     #: file format of the exported labels: ``auto`` (the input's file ending), ``nifti``, ``nrrd``,
     #: ``mha`` or ``dicom-seg`` (one DICOM Segmentation per case, for inputs converted from DICOM)
     output_format: str = "auto"
+    #: on a Dask cluster (``scheduler`` local:N or tcp://): accumulation memory of one block task
+    #: (bytes); bigger blocks predict fewer tiles twice (see :func:`~voxflow.infer.duplicated_tile_overhead`)
+    block_bytes: int = 512 * 2**20
 
     def __post_init__(self) -> None:
         if self.output_format not in OUTPUT_FORMATS:
             raise VoxflowError(f"output_format must be one of {sorted(OUTPUT_FORMATS)}; got {self.output_format!r}")
+        if self.block_bytes < 1:
+            raise VoxflowError(f"block_bytes (memory of one block task) must be positive; got {self.block_bytes!r}.")
 
     def file_ending(self, input_ending: str) -> str:
         """The ending of the exported label files for inputs of ``input_ending``."""
