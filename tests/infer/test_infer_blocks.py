@@ -12,6 +12,14 @@ from voxflow.infer import TilePredictor, gaussian_importance_map, sliding_window
 from voxflow.infer._blocks import TileSchedule, block_boxes, block_shape, duplicated_tile_overhead, predict_block
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():  # noqa: ANN202  # tiny convolutions: threads only contend on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _net(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv3d(2, 3, 3, padding=1)).eval()

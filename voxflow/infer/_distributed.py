@@ -14,6 +14,7 @@ scratch folder (in the output folder) must be on storage every worker can reach.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -156,8 +157,8 @@ def predict_blocks(image: zarr.Array, scratch: Path, i: int, model: PredictionMo
     schedule = TileSchedule(shape, model.patch_size_vox, float(opts.step), chunk, k, int(opts.cache_bytes),  # type: ignore[arg-type]
                             int(model.batch_size(opts.batch_size)))
     block = block_shape(shape, chunk, k, max_bytes=run.block_bytes)
-    sig = {"schedule": asdict(schedule), "block": list(block), "models": list(model.names), "tta": run.tta,
-           "amp": run.amp, "device": run.device}
+    sig = json.loads(json.dumps({"schedule": asdict(schedule), "block": block, "models": list(model.names),
+                                 "tta": run.tta, "amp": run.amp, "device": run.device}))  # as stored: lists
     group = zarr.open_group(str(scratch), mode="r+", zarr_format=3)
     scores, reused = _open_or_create(group, f"model{i}_scores", sig, shape=(k, *shape), chunks=(k, *chunk),
                                      dtype=np.float32, compressors=None, fill_value=0.0)

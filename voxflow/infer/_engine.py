@@ -22,6 +22,7 @@ through a picklable :data:`~voxflow.infer.ModelLoader`.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import shutil
@@ -70,7 +71,8 @@ def _stage_case(src: Store, case_id: str, models: Sequence[PredictionModel], scr
     ``resume``: keep a scratch staged completely from the same input by the same models (block-parallel
     prediction resumes its finished blocks there)."""
     scratch = scratch_root / case_id
-    signature = {"input": input_signature(src, case_id), "models": [n for m in models for n in m.names]}
+    signature = json.loads(json.dumps({"input": input_signature(src, case_id),
+                                       "models": [n for m in models for n in m.names]}, default=str))
     reuse = resume and _staged_with(scratch, signature)
     if scratch.exists() and not reuse:
         shutil.rmtree(scratch)
@@ -93,8 +95,8 @@ def _stage_case(src: Store, case_id: str, models: Sequence[PredictionModel], scr
         inputs.append(case)
         # dask chunks are whole multiples of the Zarr chunks: every task writes whole chunks, no lock
         sources.append(case.image.astype(np.float32).rechunk((shape[0], *clamp_chunks(big, shape[1:]))))
-    staged = da.store(sources, images, lock=False, compute=False)  # type: ignore[arg-type]  # zarr targets
     if not reuse:
+        staged = da.store(sources, images, lock=False, compute=False)  # type: ignore[arg-type]  # zarr targets
         compute(staged, desc=f"{case_id}: preprocess", progress=False)
         group.attrs["voxflow_staged"] = signature  # last: the staged images are complete
     trim_heap()
