@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 from voxflow.infer import TilePredictor, gaussian_importance_map, sliding_window_predict
-from voxflow.infer._blocks import TileSchedule, block_boxes, block_shape, duplicated_tile_overhead, predict_block
+from voxflow.infer._blocks import (
+    TileSchedule,
+    block_boxes,
+    block_shape,
+    duplicated_tile_overhead,
+    predict_block,
+)
 
 
 @pytest.fixture(autouse=True)
