@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from voxflow.infer._accumulator import TileAccumulator, order_tiles
+from voxflow.infer._blocks import duplicated_tile_overhead
 from voxflow.infer._chunks import read_chunks
 from voxflow.infer._engine import STORE_NAME, run_prediction
 from voxflow.infer._gaussian import gaussian_importance_map
@@ -40,6 +41,7 @@ __all__ = [
     "TileScorer",
     "background_probabilities",
     "describe_case",
+    "duplicated_tile_overhead",
     "gaussian_importance_map",
     "mirror_combinations",
     "order_tiles",
