@@ -17,7 +17,9 @@ for every kind:
   prediction store, postprocessing (optional) follows, then the completion marker.
 
 Several devices: one process per device predicts its share of the cases, each loading its models
-through a picklable :data:`~voxflow.infer.ModelLoader`.
+through a picklable :data:`~voxflow.infer.ModelLoader`. On a Dask cluster (``scheduler`` local:N or
+tcp://) each volume is predicted by block tasks on the workers instead (:mod:`voxflow.infer._distributed`:
+bit-identical to the single-process sliding window, resumable per block).
 """
 
 from __future__ import annotations
