@@ -227,3 +227,53 @@ def test_cascade_loads_its_lowres_folder_and_names_what_is_wrong(tmp_path: Path)
         load_nnunet_model(casc, folds=[0], previous_model=low2)
     with pytest.raises(NnunetModelError, match="for cascade models only"):
         load_nnunet_model(full, previous_model=low)
+
+
+def test_cascade_prepare_appends_the_previous_stage_channels(tmp_path: Path, rng: np.random.Generator) -> None:
+    """``prepare(previous={'3d_lowres': label})`` puts the one-hot channels after the image's, on its grid."""
+    from scipy import ndimage as ndi
+
+    from voxflow.geometry import Geometry
+    from voxflow.nnunet import NnunetModel, NnunetPredictionModel, dataset_meta, separate_z_axis
+    from voxflow.store import DatasetMeta, Store
+
+    p = plans()
+    shape, spacing = (10, 22, 18), (3.0, 1.0, 0.6)  # target (2.5, 0.8, 0.7): anisotropic, separate z
+    image = rng.normal(100, 50, size=(1, *shape)).astype(np.float32)
+    image[:, :, :3] = 0  # cropped away; background there is not -1 (outside the box)
+    image[:, :4, 3:9, :5] = 0  # inside the box: nnU-Net's -1 region
+    noise = ndi.gaussian_filter(rng.normal(size=shape), 1.5)
+    label = np.digitize(noise, np.quantile(noise, [0.5, 0.8])).astype(np.uint8)
+    store = Store.create(tmp_path / "in.zarr", DatasetMeta(channel_names=("CT",), labels=DATASET["labels"]))
+    store.begin_case("c", geometry=Geometry(shape_zyx=shape, spacing_zyx=spacing))
+    store.create_array("c", "image", shape=image.shape, dtype=image.dtype, chunks=(1, 7, 6, 5))[...] = image
+    store.mark_complete("c")
+    meta = dataset_meta(DATASET, p)
+    cascade = NnunetPredictionModel(NnunetModel(tmp_path, translate_configuration(p, DATASET, "3d_cascade_fullres"),
+                                                meta, [], ["fold_0"], "nnUNetTrainer"))
+    single = NnunetPredictionModel(NnunetModel(tmp_path, translate_configuration(p, DATASET, "3d_fullres"), meta, [],
+                                               ["fold_0"], "nnUNetTrainer"))
+    with pytest.raises(NnunetModelError, match="needs the '3d_lowres' segmentation of case 'c'"):
+        cascade.prepare(store, "c", out_chunks=(8, 8, 8), previous={})
+    got = cascade.prepare(store, "c", out_chunks=(8, 8, 8), previous={"3d_lowres": da.from_array(label, chunks=5)})
+    ref_image = single.prepare(store, "c", out_chunks=(8, 8, 8), previous={}).image.compute()
+    assert got.image.shape[0] == 3
+    np.testing.assert_array_equal(got.image[:1].compute(), ref_image)
+    bbox = ((0, 10), (3, 22), (0, 18))
+    sep = separate_z_axis(spacing, (2.5, 0.8, 0.7))
+    assert sep == 0
+    ref = _oracle(label, image[0] != 0, bbox, ref_image.shape[1:], [1, 2], sep=sep, order_z=0)
+    np.testing.assert_array_equal(got.image[1:].compute(), ref)
+
+
+def test_cli_previous_model_needs_nnunet_model(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from voxflow.cli import main
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "low").mkdir()
+    res = CliRunner().invoke(main, ["predict", "-i", str(tmp_path / "img"), "-o", str(tmp_path / "out"), "-m",
+                                    str(tmp_path / "low"), "--nnunet-previous-model", str(tmp_path / "low")])
+    assert res.exit_code != 0
+    assert "--nnunet-previous-model goes with --nnunet-model" in res.output

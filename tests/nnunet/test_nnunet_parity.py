@@ -346,6 +346,19 @@ def _nnunet_cascade_predict(folders: dict[str, Path], images: list[Path], out: P
     return low, casc
 
 
+@pytest.fixture
+def one_torch_thread() -> Any:
+    """One intra-op thread: the networks are tiny, and two OpenMP threads on a busy 2-core machine spin
+    (measured: a 4-8-16 U-Net forward of 0.3-0.8 s with 2 threads under load, 0.05 s with 1)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
 def test_voxflow_matches_nnunet_cascade(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 3d_cascade_fullres folder (its 3d_lowres found beside it) gives nnU-Net's two-stage result."""
     from voxflow.nnunet import predict_nnunet
