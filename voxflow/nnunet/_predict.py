@@ -252,6 +252,9 @@ def predict_nnunet(source: Store | str | Path | Sequence[str | Path], output: st
                               Path(previous_model) if previous_model is not None else None)
         models = loader(opts.devices()[0])
     else:
+        if previous_model is not None:
+            raise NnunetModelError("previous_model goes with a model folder; a loaded NnunetModel brings its previous "
+                                   "stage itself (load_nnunet_model(folder, previous_model=...)).")
         models = [NnunetPredictionModel(model)]
     spec = resolve_postprocessing(postprocessing, [models[0].model.folder])
     return run_prediction(source, output, models, PredictOptions.build(opts, postprocessing=spec), loader=loader,
