@@ -224,17 +224,14 @@ def _postprocess(work: Workspace, cfg: str, folds: Sequence[str], opts: RunOptio
 
 def _cv_dice(work: Workspace, cfg: str, folds: Sequence[str]) -> float:
     """Mean over folds' validation cases of the foreground-mean Dice (NaN if any fold lacks one)."""
+    from voxflow.evaluate import EvaluationSummary
+
     values: list[float] = []
     for f in folds:
         path = work.fold(cfg, f).validation_summary
         if not path.is_file():
             return math.nan
-        per_case = json.loads(path.read_text()).get("metric_per_case", [])
-        for case in per_case:
-            dices = [m.get("dice") for m in case["metrics"].values()]
-            dices = [d for d in dices if d is not None and not math.isnan(d)]
-            if dices:
-                values.append(sum(dices) / len(dices))
+        values.extend(EvaluationSummary.load(path).case_dice())
     return sum(values) / len(values) if values else math.nan
 
 
@@ -257,10 +254,7 @@ def _ensemble_dice(work: Workspace, cfgs: Sequence[str], folds: Sequence[str], o
                        scheduler=opts.scheduler, progress=False)
         summary = evaluate(pred, work.dataset_store, surface=False, output=run.validation_summary,
                            scheduler=opts.scheduler)
-        for case in summary["metric_per_case"]:
-            d = [m["dice"] for m in case["metrics"].values() if m.get("dice") is not None and not math.isnan(m["dice"])]
-            if d:
-                per_case.append(sum(d) / len(d))
+        per_case.extend(summary.case_dice())
     return sum(per_case) / len(per_case) if per_case else math.nan
 
 
