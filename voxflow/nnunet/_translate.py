@@ -195,6 +195,21 @@ def _network_spec(arch: Mapping[str, Any], back: Sequence[int], spatial_dims: in
                        deep_supervision=False)
 
 
+def _previous_stage(cfg: Mapping[str, Any], plans: Mapping[str, Any], dataset: Mapping[str, Any],
+                    name: str) -> str | None:
+    """A cascade configuration's ``previous_stage`` (checked), or None."""
+    previous = cfg.get("previous_stage")
+    if previous is None:
+        return None
+    if previous == name or previous not in plans.get("configurations", {}):
+        raise NnunetModelError(f"previous_stage of configuration {name!r} must name another configuration of "
+                               f"plans.json (e.g. '3d_lowres'); got {previous!r}.")
+    if not foreground_labels(dataset):
+        raise NnunetModelError(f"cascade configuration {name!r} needs foreground labels in dataset.json (its "
+                               f"extra input is one channel per foreground label); got {dataset.get('labels')!r}.")
+    return str(previous)
+
+
 def translate_configuration(plans: Mapping[str, Any], dataset: Mapping[str, Any], name: str, *,
                             mirror_axes_net: Sequence[int] | None = (0, 1, 2)) -> NnunetSpec:
     """An nnU-Net configuration as a voxflow :class:`Configuration` plus an :class:`NnunetSpec`.
@@ -203,13 +218,7 @@ def translate_configuration(plans: Mapping[str, Any], dataset: Mapping[str, Any]
     for none). Raises :class:`NnunetModelError` naming what is not supported.
     """
     cfg = resolve_configuration(plans, name)
-    previous = cfg.get("previous_stage")
-    if previous is not None and (previous == name or previous not in plans.get("configurations", {})):
-        raise NnunetModelError(f"previous_stage of configuration {name!r} must name another configuration of "
-                               f"plans.json (e.g. '3d_lowres'); got {previous!r}.")
-    if previous is not None and not foreground_labels(dataset):
-        raise NnunetModelError(f"cascade configuration {name!r} needs foreground labels in dataset.json (its "
-                               f"extra input is one channel per foreground label); got {dataset.get('labels')!r}.")
+    previous = _previous_stage(cfg, plans, dataset, name)
     reader = str(plans.get("image_reader_writer", "SimpleITKIO"))
     if reader not in _READERS:
         raise NnunetModelError(f"image_reader_writer {reader!r} of plans.json is not supported (its axis order "
