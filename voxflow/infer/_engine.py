@@ -151,7 +151,7 @@ def _predict_cases(src: Store, out: Store, models: Sequence[PredictionModel], ca
     """Predict cases one after the other, staging the next one while the current one runs."""
     if not case_ids:
         return
-    predictors = [m.tile_predictor(device=device, tta=opts.tta, amp=opts.amp) for m in models]
+    predictors = [_configured(m.tile_predictor(device=device, tta=opts.tta, amp=opts.amp), opts) for m in models]
     from tqdm.auto import tqdm
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="voxflow-stage") as pool:
@@ -162,6 +162,16 @@ def _predict_cases(src: Store, out: Store, models: Sequence[PredictionModel], ca
                 nxt = pool.submit(_stage_case, src, case_ids[i + 1], models, scratch_root)
             _predict_staged(staged, models, predictors, out, _case_opts(opts, src, cid))
             log.info("predicted case %s (%d/%d) on %s", cid, i + 1, len(case_ids), device)
+
+
+def _configured(scorer: TileScorer, opts: PredictOptions) -> TileScorer:
+    """A :class:`~voxflow.infer.TilePredictor` set to the run's precision and forward-pass memory
+    (other tile scorers as they are)."""
+    from voxflow.infer._predictor import TilePredictor
+
+    if isinstance(scorer, TilePredictor):
+        scorer.configure(precision=opts.precision, forward_bytes=opts.forward_bytes)
+    return scorer
 
 
 def _case_opts(opts: PredictOptions, src: Store, case_id: str) -> PredictOptions:

@@ -146,12 +146,15 @@ class Ensemble:
                          partial(_restore, prep=prep, activation=self.activation, separate_axis=sep))
 
     def tile_predictor(self, *, device: str, tta: bool, amp: bool) -> TileScorer:
+        from voxflow.infer._memory import tile_forward_bytes
         from voxflow.infer._predictor import TilePredictor
 
         cfg = self.configuration
         mirror = [a for a in cfg.train.mirror_axes if cfg.patch_size_vox[a] > 1] if tta else []
         return TilePredictor(self.networks, mirror_axes=mirror, activation=self.activation,
-                             spatial_dims=cfg.network.spatial_dims, device=device, amp=amp)
+                             spatial_dims=cfg.network.spatial_dims, device=device, amp=amp,
+                             tile_bytes=tile_forward_bytes(cfg.network, cfg.patch_size_vox, cfg.n_channels,
+                                                           self.n_outputs))
 
 
 def group_models(models: Sequence[tuple[Any, Configuration, DatasetMeta]],

@@ -52,11 +52,12 @@ class NnunetTilePredictor(TilePredictor):
     """
 
     def __init__(self, networks: Sequence[Any], *, transpose_forward: Sequence[int], mirror_axes_net: Sequence[int],
-                 spatial_dims: int, device: str = "cpu"):
+                 spatial_dims: int, device: str = "cpu", tile_bytes: int | None = None):
         offset = 1 if spatial_dims == 2 else 0  # a 2-D network's axes are the last two of the permuted tile
         order = [int(a) for a in transpose_forward]
         super().__init__(list(networks), mirror_axes=[order[int(a) + offset] for a in mirror_axes_net],
-                         activation=None, spatial_dims=spatial_dims, device=device, amp=False, axis_order=order)
+                         activation=None, spatial_dims=spatial_dims, device=device, axis_order=order,
+                         tile_bytes=tile_bytes)
 
 
 def _activate(logits: da.Array, activation: str) -> da.Array:
@@ -165,10 +166,14 @@ class NnunetPredictionModel:
         return CaseInput(image, geom, restore)
 
     def tile_predictor(self, *, device: str, tta: bool, amp: bool) -> TileScorer:
-        spec = self.model.spec
+        from voxflow.infer import tile_forward_bytes
+
+        spec, cfg = self.model.spec, self.model.spec.configuration
         return NnunetTilePredictor(self.model.networks, transpose_forward=spec.transpose_forward,
                                    mirror_axes_net=spec.mirror_axes_net if tta else (),
-                                   spatial_dims=spec.spatial_dims, device=device)
+                                   spatial_dims=spec.spatial_dims, device=device,
+                                   tile_bytes=tile_forward_bytes(cfg.network, cfg.patch_size_vox,
+                                                                 spec.num_input_channels, spec.num_outputs))
 
 
 @dataclass(frozen=True)
