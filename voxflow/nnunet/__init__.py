@@ -7,7 +7,7 @@ checkpoint unchanged; ``predict_nnunet`` segments images with it as nnU-Net's pr
 by tile with bounded memory. The networks need the optional extra ``voxflow[nnunet]``.
 """
 
-from voxflow.nnunet._model import NnunetModel, build_network, load_nnunet_model
+from voxflow.nnunet._model import NnunetModel, build_network, instance_norm_as_group_norm, load_nnunet_model
 from voxflow.nnunet._predict import NnunetTilePredictor, predict_nnunet
 from voxflow.nnunet._translate import (
     NnunetModelError,
@@ -25,6 +25,7 @@ __all__ = [
     "NnunetSpec",
     "NnunetTilePredictor",
     "build_network",
+    "instance_norm_as_group_norm",
     "case_configuration",
     "dataset_meta",
     "load_nnunet_model",
