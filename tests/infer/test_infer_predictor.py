@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from voxflow.errors import ConfigError, VoxflowError
-from voxflow.infer import PredictOptions, TilePredictor, mirror_combinations, tile_forward_bytes
+from voxflow.infer import (
+    PredictOptions,
+    TilePredictor,
+    forward_bytes_per_voxel,
+    mirror_combinations,
+    sliding_window_predict,
+    tile_grid,
+)
 
 
 def _norm_net(seed: int, k: int = 3) -> nn.Module:
@@ -86,13 +93,41 @@ def test_forward_budget_sets_the_tiles_per_pass(make_config) -> None:  # noqa: A
     from voxflow.architectures import estimate_training_memory_bytes
 
     cfg = make_config((16, 32, 32))
-    per = tile_forward_bytes(cfg.network, cfg.patch_size_vox, 1, 3)
-    assert per == estimate_training_memory_bytes(cfg.network, cfg.patch_size_vox, 1, 1, 3, n_parameters=0)
-    assert tile_forward_bytes(cfg.network, (32, 64, 64), 1, 3) > 7 * per  # ~8x the voxels
-    pred = TilePredictor(_norm_net(0), mirror_axes=(0, 1, 2), tile_bytes=per)
-    assert pred.configure(forward_bytes=8 * per + 1).max_tiles_per_forward == 8
-    assert pred.configure(forward_bytes=8 * per - 1).max_tiles_per_forward == 7
-    assert pred.configure(forward_bytes=1).max_tiles_per_forward == 1
-    assert TilePredictor(_norm_net(0), tile_bytes=per).max_tiles_per_forward == (2 * 2**30) // per
+    vb = forward_bytes_per_voxel(cfg.network, cfg.patch_size_vox, 1, 3)
+    per = estimate_training_memory_bytes(cfg.network, cfg.patch_size_vox, 1, 1, 3, n_parameters=0)
+    assert vb == pytest.approx(per / (16 * 32 * 32))
+    pred = TilePredictor(_norm_net(0), mirror_axes=(0, 1, 2), voxel_bytes=vb)
+    n = 16 * 32 * 32
+    assert pred.configure(forward_bytes=8 * per + 8).tiles_per_forward(n) == 8
+    assert [len(g) for g in pred.mirror_groups(1, n)] == [8]
+    assert pred.configure(forward_bytes=8 * per - 8).tiles_per_forward(n) == 7
+    assert pred.tiles_per_forward(8 * n) == 1  # a tile 8x larger: one per pass
+    assert pred.configure(forward_bytes=1).tiles_per_forward(n) == 1
+    assert TilePredictor(_norm_net(0)).tiles_per_forward(n) is None  # no memory model: all mirrorings at once
     assert pred.configure(precision="bf16").precision == "bf16"
     assert TilePredictor(_norm_net(0), amp=False).configure(precision="auto").precision == "fp32"
+
+
+def test_whole_image_grid_is_one_divisible_tile_or_the_usual_grid() -> None:
+    g = tile_grid((35, 50, 36), (40, 48, 32), whole_image_voxels=10**6, divisor_zyx=(8, 8, 8))
+    assert (len(g), g.patch_size_vox, g.pad_lo_zyx) == (1, (40, 56, 40), (2, 3, 2))
+    usual = tile_grid((35, 50, 36), (40, 48, 32))
+    assert tile_grid((35, 50, 36), (40, 48, 32), whole_image_voxels=40 * 56 * 40 - 1, divisor_zyx=(8, 8, 8)) == usual
+    assert tile_grid((35, 50, 36), (40, 48, 32), whole_image_voxels=0, divisor_zyx=(8, 8, 8)) == usual
+    two_d = tile_grid((5, 50, 36), (1, 48, 32), whole_image_voxels=10**6, divisor_zyx=(1, 16, 16))
+    assert (len(two_d), two_d.patch_size_vox) == (5, (1, 64, 48))  # one tile per slice
+    assert tile_grid((5, 50, 36), (8, 48, 32), whole_image_voxels=10**6).patch_size_vox == (8, 96, 64)
+
+
+def test_whole_image_prediction_is_the_network_on_the_padded_image(rng: np.random.Generator) -> None:
+    net = _norm_net(5)
+    img = rng.normal(size=(1, 11, 13, 9)).astype(np.float32)
+    pred = TilePredictor(net, mirror_axes=(0, 2))
+    out = sliding_window_predict(img, pred, patch_size_vox=(8, 8, 8), n_classes=3, whole_image_voxels=10**6,
+                                 divisor_zyx=(4, 4, 4))
+    padded = np.zeros((1, 1, 12, 16, 12), np.float32)
+    padded[0, :, 0:11, 1:14, 1:10] = img
+    ref = pred(padded).numpy()[0][:, 0:11, 1:14, 1:10]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    tiled = sliding_window_predict(img, pred, patch_size_vox=(8, 8, 8), n_classes=3)
+    assert np.abs(tiled - out).max() > 1e-4  # the option does change the tiles

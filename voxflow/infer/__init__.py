@@ -17,7 +17,7 @@ from voxflow.infer._chunks import read_chunks
 from voxflow.infer._engine import STORE_NAME, run_prediction
 from voxflow.infer._gaussian import gaussian_importance_map
 from voxflow.infer._inputs import describe_case
-from voxflow.infer._memory import DEFAULT_FORWARD_BYTES, release_large_allocations, tile_forward_bytes
+from voxflow.infer._memory import DEFAULT_FORWARD_BYTES, forward_bytes_per_voxel, release_large_allocations
 from voxflow.infer._options import PredictOptions, resolve_postprocessing
 from voxflow.infer._protocols import CaseInput, ModelLoader, PredictionModel, TileScorer
 from voxflow.infer._tiling import TileGrid, tile_grid, tile_starts
@@ -41,6 +41,7 @@ __all__ = [
     "TileScorer",
     "background_probabilities",
     "describe_case",
+    "forward_bytes_per_voxel",
     "gaussian_importance_map",
     "mirror_combinations",
     "order_tiles",
@@ -54,7 +55,6 @@ __all__ = [
     "sliding_window_predict",
     "sliding_window_predict_in_memory",
     "tile_grid",
-    "tile_forward_bytes",
     "tile_starts",
     "uncrop",
     "undo_preprocessing",

@@ -98,7 +98,8 @@ def _predict_model(st: _Staged, i: int, model: PredictionModel, predictor: TileS
     sliding_window_predict(image, predictor, patch_size_vox=model.patch_size_vox, n_classes=k, out=scores,
                            step=opts.step, batch_size=model.batch_size(opts.batch_size),
                            cache_bytes=opts.cache_bytes, scratch_dir=st.scratch, progress=opts.progress,
-                           desc=f"{st.case_id} {model.name}", importance_map=model.importance_map())
+                           desc=f"{st.case_id} {model.name}", importance_map=model.importance_map(),
+                           **_whole_image(predictor, opts))
     trim_heap()  # the tile cache's blocks are free now; keep them from adding to the write phase's peak
     lazy = da.from_zarr(scores, chunks=(k, *output_chunks(image.shape[1:], k)))  # fewer, larger tasks
     return st.inputs[i].restore(lazy, out_chunks)
@@ -162,6 +163,16 @@ def _predict_cases(src: Store, out: Store, models: Sequence[PredictionModel], ca
                 nxt = pool.submit(_stage_case, src, case_ids[i + 1], models, scratch_root)
             _predict_staged(staged, models, predictors, out, _case_opts(opts, src, cid))
             log.info("predicted case %s (%d/%d) on %s", cid, i + 1, len(case_ids), device)
+
+
+def _whole_image(predictor: TileScorer, opts: PredictOptions) -> dict[str, Any]:
+    """The whole-image tile arguments of :func:`sliding_window_predict` (none unless ``opts.whole_image``
+    and a :class:`~voxflow.infer.TilePredictor` that knows its network's stride and memory)."""
+    from voxflow.infer._predictor import TilePredictor
+
+    if not opts.whole_image or not isinstance(predictor, TilePredictor) or predictor.divisor_zyx is None:
+        return {}
+    return {"whole_image_voxels": predictor.max_tile_voxels() or 0, "divisor_zyx": predictor.divisor_zyx}
 
 
 def _configured(scorer: TileScorer, opts: PredictOptions) -> TileScorer:

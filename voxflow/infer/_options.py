@@ -41,6 +41,9 @@ class PredictOptions:
     precision: str = "auto"
     #: memory (bytes) for the activations of one forward pass: how many mirrored tiles go together
     forward_bytes: int = DEFAULT_FORWARD_BYTES
+    #: one tile as large as the image (rounded up to the network's stride) when it fits
+    #: ``forward_bytes``, instead of patch-sized tiles with ``step`` overlap (see the README)
+    whole_image: bool = False
     progress: bool = True
     postprocessing: Any = None
     device: str | tuple[str, ...] = "cpu"

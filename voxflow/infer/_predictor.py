@@ -52,17 +52,19 @@ class TilePredictor:
         bf16 or fp16 autocast on CUDA, fp32 on the CPU); the scores are summed in float32.
     axis_order : the network's spatial axes as tile axes (network axis j is tile axis
         ``axis_order[j]``; nnU-Net's ``transpose_forward``); outputs come back in tile order.
-    max_tiles_per_forward : most tiles (batch x mirrorings) in one forward pass; ``None``: from
-        ``tile_bytes`` and :data:`~voxflow.infer.DEFAULT_FORWARD_BYTES`, or without ``tile_bytes`` a
+    max_tiles_per_forward : most tiles (batch x mirrorings) in one forward pass; ``None``: as many
+        as fit ``forward_bytes`` (:meth:`configure`) at ``voxel_bytes``, or without ``voxel_bytes`` a
         whole batch with all its mirrorings at once. A whole batch (one mirroring) always goes.
-    tile_bytes : forward-pass memory of one tile (:func:`~voxflow.infer.tile_forward_bytes`), so that
-        :meth:`configure` can turn a memory budget into tiles per pass.
+    voxel_bytes : forward-pass memory per tile voxel (:func:`~voxflow.infer.forward_bytes_per_voxel`).
+    divisor_zyx : what the network's input axes (tile order z, y, x) must be divisible by (its total
+        stride); needed for whole-image tiles.
     """
 
     def __init__(self, networks: nn.Module | Sequence[nn.Module], *, mirror_axes: Sequence[int] = (),
                  activation: str | None = "softmax", spatial_dims: int = 3, device: str | torch.device = "cpu",
                  amp: bool = True, axis_order: Sequence[int] = (0, 1, 2), precision: str = "auto",
-                 max_tiles_per_forward: int | None = None, tile_bytes: int | None = None):
+                 max_tiles_per_forward: int | None = None, voxel_bytes: float | None = None,
+                 divisor_zyx: Sequence[int] | None = None):
         nets = [networks] if isinstance(networks, nn.Module) else list(networks)
         if not nets:
             raise VoxflowError("TilePredictor needs at least one network; got none.")
@@ -80,14 +82,15 @@ class TilePredictor:
         self.activation = activation
         self.spatial_dims = spatial_dims
         self._amp_switch = bool(amp)
-        self.tile_bytes = tile_bytes
-        self.precision = "fp32"
-        self.max_tiles_per_forward: int | None = None
-        self.configure(precision=precision)
-        if max_tiles_per_forward is not None:
-            if max_tiles_per_forward < 1:
-                raise VoxflowError(f"max_tiles_per_forward must be at least 1 or None; got {max_tiles_per_forward!r}.")
-            self.max_tiles_per_forward = int(max_tiles_per_forward)
+        from voxflow.infer._memory import DEFAULT_FORWARD_BYTES
+
+        self.voxel_bytes = voxel_bytes
+        self.divisor_zyx = None if divisor_zyx is None else tuple(int(d) for d in divisor_zyx)
+        self.forward_bytes = DEFAULT_FORWARD_BYTES
+        self.precision = resolve_precision(precision, self.device, amp=self._amp_switch)
+        if max_tiles_per_forward is not None and max_tiles_per_forward < 1:
+            raise VoxflowError(f"max_tiles_per_forward must be at least 1 or None; got {max_tiles_per_forward!r}.")
+        self.max_tiles_per_forward = max_tiles_per_forward
         self.perm = None if order == [0, 1, 2] else [0, 1, *(2 + a for a in order)]
         self.inverse = None if self.perm is None else [int(i) for i in np.argsort(self.perm)]
 
@@ -113,22 +116,31 @@ class TilePredictor:
         return self.precision != "fp32"
 
     def configure(self, *, precision: str | None = None, forward_bytes: int | None = None) -> TilePredictor:
-        """Set the precision (resolved on this device; ``auto`` honours ``amp``) and, with ``tile_bytes``
-        known, the tiles per forward pass that fit ``forward_bytes`` (default
-        :data:`~voxflow.infer.DEFAULT_FORWARD_BYTES`). Returns self."""
-        from voxflow.infer._memory import DEFAULT_FORWARD_BYTES
-
+        """Set the precision (resolved on this device; ``auto`` honours ``amp``) and the memory of one
+        forward pass (bytes). Returns self."""
         if precision is not None:
             self.precision = resolve_precision(precision, self.device, amp=self._amp_switch)
-        if self.tile_bytes is not None and (forward_bytes is not None or self.max_tiles_per_forward is None):
-            budget = DEFAULT_FORWARD_BYTES if forward_bytes is None else int(forward_bytes)
-            self.max_tiles_per_forward = max(1, budget // max(int(self.tile_bytes), 1))
+        if forward_bytes is not None:
+            self.forward_bytes = int(forward_bytes)
         return self
 
-    def mirror_groups(self, batch: int) -> list[list[tuple[int, ...]]]:
-        """The mirrorings in forward passes: as many per pass as ``max_tiles_per_forward`` allows for
-        ``batch`` tiles (at least one), in order."""
-        per = len(self.mirrors) if self.max_tiles_per_forward is None else max(1, self.max_tiles_per_forward // batch)
+    def max_tile_voxels(self) -> int | None:
+        """The largest tile (voxels) one forward pass holds within ``forward_bytes``; None if unknown."""
+        return None if self.voxel_bytes is None else int(self.forward_bytes / max(self.voxel_bytes, 1e-9))
+
+    def tiles_per_forward(self, tile_voxels: int) -> int | None:
+        """Tiles of ``tile_voxels`` per forward pass: ``max_tiles_per_forward``, or what fits
+        ``forward_bytes`` (at least 1), or None (no limit known)."""
+        if self.max_tiles_per_forward is not None:
+            return self.max_tiles_per_forward
+        most = self.max_tile_voxels()
+        return None if most is None else max(1, most // max(int(tile_voxels), 1))
+
+    def mirror_groups(self, batch: int, tile_voxels: int = 1) -> list[list[tuple[int, ...]]]:
+        """The mirrorings in forward passes: as many per pass as :meth:`tiles_per_forward` allows for
+        ``batch`` tiles of ``tile_voxels`` (at least one), in order."""
+        most = self.tiles_per_forward(tile_voxels)
+        per = len(self.mirrors) if most is None else max(1, most // batch)
         return [self.mirrors[i:i + per] for i in range(0, len(self.mirrors), per)]
 
     def _mirrored_sum(self, net: nn.Module, x: torch.Tensor, group: list[tuple[int, ...]],
@@ -152,7 +164,7 @@ class TilePredictor:
         if x.ndim != 5:
             raise VoxflowError(f"tiles must be (B, C, Z, Y, X); got shape {tuple(x.shape)}.")
         total: torch.Tensor | None = None
-        groups = self.mirror_groups(int(x.shape[0]))
+        groups = self.mirror_groups(int(x.shape[0]), int(np.prod(x.shape[2:])))
         with autocast_for(self.device, self.precision):
             for net in self.networks:
                 for group in groups:

@@ -52,12 +52,13 @@ class NnunetTilePredictor(TilePredictor):
     """
 
     def __init__(self, networks: Sequence[Any], *, transpose_forward: Sequence[int], mirror_axes_net: Sequence[int],
-                 spatial_dims: int, device: str = "cpu", tile_bytes: int | None = None):
+                 spatial_dims: int, device: str = "cpu", voxel_bytes: float | None = None,
+                 divisor_zyx: Sequence[int] | None = None):
         offset = 1 if spatial_dims == 2 else 0  # a 2-D network's axes are the last two of the permuted tile
         order = [int(a) for a in transpose_forward]
         super().__init__(list(networks), mirror_axes=[order[int(a) + offset] for a in mirror_axes_net],
                          activation=None, spatial_dims=spatial_dims, device=device, axis_order=order,
-                         tile_bytes=tile_bytes)
+                         voxel_bytes=voxel_bytes, divisor_zyx=divisor_zyx)
 
 
 def _activate(logits: da.Array, activation: str) -> da.Array:
@@ -166,14 +167,16 @@ class NnunetPredictionModel:
         return CaseInput(image, geom, restore)
 
     def tile_predictor(self, *, device: str, tta: bool, amp: bool) -> TileScorer:
-        from voxflow.infer import tile_forward_bytes
+        from voxflow.infer import forward_bytes_per_voxel
 
         spec, cfg = self.model.spec, self.model.spec.configuration
+        stride = tuple(int(s) for s in cfg.network.total_stride)
         return NnunetTilePredictor(self.model.networks, transpose_forward=spec.transpose_forward,
                                    mirror_axes_net=spec.mirror_axes_net if tta else (),
                                    spatial_dims=spec.spatial_dims, device=device,
-                                   tile_bytes=tile_forward_bytes(cfg.network, cfg.patch_size_vox,
-                                                                 spec.num_input_channels, spec.num_outputs))
+                                   voxel_bytes=forward_bytes_per_voxel(cfg.network, cfg.patch_size_vox,
+                                                                       spec.num_input_channels, spec.num_outputs),
+                                   divisor_zyx=(1, *stride) if len(stride) == 2 else stride)
 
 
 @dataclass(frozen=True)
