@@ -10,7 +10,13 @@ and predicts in two stages, the low-resolution segmentation entering as one-hot 
 """
 
 from voxflow.nnunet._cascade import previous_stage_onehot
-from voxflow.nnunet._model import NnunetModel, build_network, load_nnunet_model, previous_stage_folder
+from voxflow.nnunet._model import (
+    NnunetModel,
+    build_network,
+    instance_norm_as_group_norm,
+    load_nnunet_model,
+    previous_stage_folder,
+)
 from voxflow.nnunet._predict import NnunetPredictionModel, NnunetTilePredictor, predict_nnunet
 from voxflow.nnunet._translate import (
     NnunetModelError,
@@ -30,6 +36,7 @@ __all__ = [
     "NnunetSpec",
     "NnunetTilePredictor",
     "build_network",
+    "instance_norm_as_group_norm",
     "case_configuration",
     "dataset_meta",
     "foreground_labels",

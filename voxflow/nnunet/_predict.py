@@ -58,11 +58,13 @@ class NnunetTilePredictor(TilePredictor):
     """
 
     def __init__(self, networks: Sequence[Any], *, transpose_forward: Sequence[int], mirror_axes_net: Sequence[int],
-                 spatial_dims: int, device: str = "cpu"):
+                 spatial_dims: int, device: str = "cpu", voxel_bytes: float | None = None,
+                 divisor_zyx: Sequence[int] | None = None):
         offset = 1 if spatial_dims == 2 else 0  # a 2-D network's axes are the last two of the permuted tile
         order = [int(a) for a in transpose_forward]
         super().__init__(list(networks), mirror_axes=[order[int(a) + offset] for a in mirror_axes_net],
-                         activation=None, spatial_dims=spatial_dims, device=device, amp=False, axis_order=order)
+                         activation=None, spatial_dims=spatial_dims, device=device, axis_order=order,
+                         voxel_bytes=voxel_bytes, divisor_zyx=divisor_zyx)
 
 
 def _activate(logits: da.Array, activation: str) -> da.Array:
@@ -202,10 +204,16 @@ class NnunetPredictionModel:
                                      separate_axis=sep, order_z=spec.seg_order_z, out_chunks=out_chunks)
 
     def tile_predictor(self, *, device: str, tta: bool, amp: bool) -> TileScorer:
-        spec = self.model.spec
+        from voxflow.infer import forward_bytes_per_voxel
+
+        spec, cfg = self.model.spec, self.model.spec.configuration
+        stride = tuple(int(s) for s in cfg.network.total_stride)
         return NnunetTilePredictor(self.model.networks, transpose_forward=spec.transpose_forward,
                                    mirror_axes_net=spec.mirror_axes_net if tta else (),
-                                   spatial_dims=spec.spatial_dims, device=device)
+                                   spatial_dims=spec.spatial_dims, device=device,
+                                   voxel_bytes=forward_bytes_per_voxel(cfg.network, cfg.patch_size_vox,
+                                                                       spec.num_input_channels, spec.num_outputs),
+                                   divisor_zyx=(1, *stride) if len(stride) == 2 else stride)
 
 
 @dataclass(frozen=True)
