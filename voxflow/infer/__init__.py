@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 from voxflow.infer._accumulator import TileAccumulator, order_tiles
 from voxflow.infer._blocks import duplicated_tile_overhead
 from voxflow.infer._chunks import read_chunks
-from voxflow.infer._engine import STORE_NAME, run_prediction
+from voxflow.infer._engine import STAGES_DIR, STORE_NAME, previous_stage, run_prediction, stage_chain
 from voxflow.infer._gaussian import gaussian_importance_map
 from voxflow.infer._inputs import describe_case
-from voxflow.infer._memory import release_large_allocations
+from voxflow.infer._memory import DEFAULT_FORWARD_BYTES, forward_bytes_per_voxel, release_large_allocations
 from voxflow.infer._options import PredictOptions, resolve_postprocessing
 from voxflow.infer._protocols import CaseInput, ModelLoader, PredictionModel, TileScorer
 from voxflow.infer._tiling import TileGrid, tile_grid, tile_starts
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from voxflow.infer._sliding import read_tile, sliding_window_predict, sliding_window_predict_in_memory
 
 __all__ = [
+    "DEFAULT_FORWARD_BYTES",
+    "STAGES_DIR",
     "STORE_NAME",
     "CaseInput",
     "ModelLoader",
@@ -42,10 +44,12 @@ __all__ = [
     "background_probabilities",
     "describe_case",
     "duplicated_tile_overhead",
+    "forward_bytes_per_voxel",
     "gaussian_importance_map",
     "mirror_combinations",
     "order_tiles",
     "predict",
+    "previous_stage",
     "probabilities_to_label",
     "read_chunks",
     "read_tile",
@@ -54,6 +58,7 @@ __all__ = [
     "run_prediction",
     "sliding_window_predict",
     "sliding_window_predict_in_memory",
+    "stage_chain",
     "tile_grid",
     "tile_starts",
     "uncrop",

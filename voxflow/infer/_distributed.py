@@ -57,6 +57,8 @@ class BlockRun:
     tta: bool
     amp: bool
     block_bytes: int = DEFAULT_BLOCK_BYTES
+    precision: str = "auto"
+    forward_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,27 +83,39 @@ def block_run(client: Any, models: Sequence[PredictionModel], loader: ModelLoade
     if staged:
         raise VoxflowError(f"block-parallel prediction on a Dask cluster does not run cascades yet; "
                            f"{staged} have a previous stage. Use --scheduler threads for cascades.")
+    if opts.whole_image:
+        raise VoxflowError("whole-image tiles (--whole-image) are not block-parallel; drop --whole-image or use "
+                           "--scheduler threads.")
     if loader is not None:
-        return BlockRun(loader, f"loader-{tokenize(loader)}", opts.device, opts.tta, opts.amp, opts.block_bytes)
-    future = client.scatter(_Preloaded(tuple(models)), broadcast=True, hash=False)
-    return BlockRun(future, f"scattered-{future.key}", opts.device, opts.tta, opts.amp, opts.block_bytes)
+        source, key = loader, f"loader-{tokenize(loader)}"
+    else:
+        source = client.scatter(_Preloaded(tuple(models)), broadcast=True, hash=False)
+        key = f"scattered-{source.key}"
+    return BlockRun(source, key, opts.device, opts.tta, opts.amp, block_bytes=opts.block_bytes,
+                    precision=opts.precision, forward_bytes=opts.forward_bytes)
 
 
 #: worker process cache: (source key, device, tta, amp) -> [(tile predictor, tile weights) per model]
-_MODELS: dict[tuple[str, str, bool, bool], list[tuple[Any, np.ndarray]]] = {}
+_MODELS: dict[tuple[Any, ...], list[tuple[Any, np.ndarray]]] = {}
 
 
 def _predictors(run: BlockRun, source: Any) -> list[tuple[Any, np.ndarray]]:
     """The models' tile predictors and weights in this worker process, loaded on first use."""
     from voxflow.infer._gaussian import gaussian_importance_map
+    from voxflow.infer._predictor import TilePredictor
 
-    key = (run.key, run.device, run.tta, run.amp)
+    key = (run.key, run.device, run.tta, run.amp, run.precision, run.forward_bytes)
     if key not in _MODELS:
         _MODELS.clear()  # one model set per worker: a long-lived worker does not pile up old runs
         models = source(run.device)
-        _MODELS[key] = [(m.tile_predictor(device=run.device, tta=run.tta, amp=run.amp),
-                         w if (w := m.importance_map()) is not None else gaussian_importance_map(m.patch_size_vox))
-                        for m in models]
+        entries = []
+        for m in models:
+            scorer = m.tile_predictor(device=run.device, tta=run.tta, amp=run.amp)
+            if isinstance(scorer, TilePredictor):  # as the single-process path configures it
+                scorer.configure(precision=run.precision, forward_bytes=run.forward_bytes)
+            weights = m.importance_map()
+            entries.append((scorer, weights if weights is not None else gaussian_importance_map(m.patch_size_vox)))
+        _MODELS[key] = entries
     return _MODELS[key]
 
 
