@@ -79,3 +79,21 @@ def test_bigger_blocks_duplicate_fewer_tiles() -> None:
     overheads = [duplicated_tile_overhead(schedule, block_shape(shape, chunk, k, max_bytes=b))
                  for b in (2**18, 2**21, 2**24)]
     assert overheads[0] > overheads[1] > overheads[2] == 1.0  # one block: every tile once
+
+
+class _Staged:
+    name, names, previous_stage = "3d_cascade_fullres", ["3d_cascade_fullres/fold_0"], object()
+
+
+@pytest.mark.parametrize(("options", "models", "match"), [
+    ({"device": "cuda:0,cuda:1"}, [], "one device"),
+    ({"whole_image": True}, [], "whole-image"),
+    ({}, [_Staged()], "cascades"),
+])
+def test_cluster_runs_refuse_what_blocks_cannot_do(options, models, match) -> None:  # noqa: ANN001
+    from voxflow.errors import VoxflowError
+    from voxflow.infer import PredictOptions
+    from voxflow.infer._distributed import block_run
+
+    with pytest.raises(VoxflowError, match=match):
+        block_run(None, models, None, PredictOptions(**options))
