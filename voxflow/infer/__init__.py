@@ -18,6 +18,7 @@ from voxflow.infer._engine import STORE_NAME, run_prediction
 from voxflow.infer._gaussian import gaussian_importance_map
 from voxflow.infer._inputs import describe_case
 from voxflow.infer._memory import release_large_allocations
+from voxflow.infer._models import Ensemble
 from voxflow.infer._options import PredictOptions, resolve_postprocessing
 from voxflow.infer._protocols import CaseInput, ModelLoader, PredictionModel, TileScorer
 from voxflow.infer._tiling import TileGrid, tile_grid, tile_starts
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "STORE_NAME",
     "CaseInput",
+    "Ensemble",
     "ModelLoader",
     "PredictOptions",
     "PredictionModel",
