@@ -92,3 +92,83 @@ def test_logits_predictor_in_another_axis_order_averages_like_the_plain_one(conv
     plain = TilePredictor(net, mirror_axes=(0, 2), activation=None)(tiles).numpy()
     permuted = TilePredictor(Permuted(), mirror_axes=(0, 2), activation=None, axis_order=(2, 0, 1))(tiles).numpy()
     np.testing.assert_allclose(permuted, plain, rtol=1e-5, atol=1e-6)
+
+
+class _CountingThreshold(_ThresholdModel):
+    """The threshold model, counting the tiles its predictor sees (to tell what a rerun predicts)."""
+
+    def __init__(self, dataset: DatasetMeta, name: str = "threshold"):
+        super().__init__(dataset)
+        self.name, self.names, self.tiles_seen = name, [f"{name}/rule"], 0
+
+    def tile_predictor(self, *, device: str, tta: bool, amp: bool) -> Any:
+        plain = super().tile_predictor(device=device, tta=tta, amp=amp)
+
+        def scores(tiles: np.ndarray) -> np.ndarray:
+            self.tiles_seen += len(tiles)
+            return plain(tiles)
+
+        return scores
+
+
+class _SecondStage(_CountingThreshold):
+    """A cascade's second stage: class 1 where the first stage said 1 and the image is below 0.5, so the
+    result needs both the image and the previous label (given as an extra channel)."""
+
+    def __init__(self, dataset: DatasetMeta, first: _CountingThreshold):
+        super().__init__(dataset, name="second")
+        self.previous_stage = first
+
+    def prepare(self, store: Store, case_id: str, *, out_chunks: Sequence[int],
+                previous: Mapping[str, da.Array]) -> CaseInput:
+        self.previous_seen.append(previous)
+        image = store.image(case_id).astype(np.float32)
+        prev = previous["threshold"].astype(np.float32)[None].rechunk(image.chunks)
+        return CaseInput(da.concatenate([image, prev]), store.geometry(case_id),
+                         lambda scores, chunks: scores.rechunk((2, *chunks)))
+
+    def tile_predictor(self, *, device: str, tta: bool, amp: bool) -> Any:
+        def scores(tiles: np.ndarray) -> np.ndarray:
+            self.tiles_seen += len(tiles)
+            fg = ((tiles[:, 1:2] > 0.5) & (tiles[:, :1] < 0.5)).astype(np.float32)
+            return np.concatenate([1 - fg, fg], axis=1)
+
+        return scores
+
+
+def test_a_second_stage_gets_the_first_stages_labels_and_resumes_per_stage(tmp_path: Path, write_store) -> None:  # noqa: ANN001
+    from voxflow.infer import STAGES_DIR, stage_chain
+
+    meta = DatasetMeta(channel_names=("MR",), labels={"background": 0, "fg": 1})
+    src = write_store(tmp_path / "ds.zarr", meta, [(9, 13, 11), (6, 10, 12)])
+    first = _CountingThreshold(meta)
+    second = _SecondStage(meta, first)
+    assert stage_chain([second]) == [first]
+    out = predict(src, tmp_path / "out", models=[second], progress=False, export=False)
+    stage_store = Store.open(tmp_path / "out" / STAGES_DIR / "threshold.zarr")
+    for cid in src.case_ids():
+        image = src.image(cid).compute()[0]
+        np.testing.assert_array_equal(stage_store.label(cid).compute(), (image > 0).astype(np.uint8))
+        np.testing.assert_array_equal(out.label(cid).compute(), ((image > 0) & (image < 0.5)).astype(np.uint8))
+    assert {tuple(p) for p in second.previous_seen} == {("threshold",)}
+    seen = second.previous_seen[0]["threshold"]
+    assert seen.dtype == np.uint8
+    assert seen.shape == src.geometry(src.case_ids()[0]).shape_zyx
+    assert out.meta.extra["stages"] == ["threshold"]
+
+    # a run killed after the first stage of a case: only the second stage is predicted again
+    out.delete_case(src.case_ids()[1])
+    first.tiles_seen = second.tiles_seen = 0
+    predict(src, tmp_path / "out", models=[second], progress=False, export=False)
+    assert first.tiles_seen == 0
+    assert second.tiles_seen > 0
+    assert out.is_complete(src.case_ids()[1])
+    # a lost first-stage case is predicted again, for that case only, and the result is unchanged
+    stage_store.delete_case(src.case_ids()[0])
+    out.delete_case(src.case_ids()[0])
+    first.tiles_seen = 0
+    again = predict(src, tmp_path / "out", models=[second], progress=False, export=False)
+    assert 0 < first.tiles_seen
+    image = src.image(src.case_ids()[0]).compute()[0]
+    np.testing.assert_array_equal(again.label(src.case_ids()[0]).compute(),
+                                  ((image > 0) & (image < 0.5)).astype(np.uint8))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from voxflow.infer._accumulator import TileAccumulator, order_tiles
 from voxflow.infer._chunks import read_chunks
-from voxflow.infer._engine import STORE_NAME, run_prediction
+from voxflow.infer._engine import STAGES_DIR, STORE_NAME, previous_stage, run_prediction, stage_chain
 from voxflow.infer._gaussian import gaussian_importance_map
 from voxflow.infer._inputs import describe_case
 from voxflow.infer._memory import release_large_allocations
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from voxflow.infer._sliding import read_tile, sliding_window_predict, sliding_window_predict_in_memory
 
 __all__ = [
+    "STAGES_DIR",
     "STORE_NAME",
     "CaseInput",
     "Ensemble",
@@ -46,6 +47,7 @@ __all__ = [
     "mirror_combinations",
     "order_tiles",
     "predict",
+    "previous_stage",
     "probabilities_to_label",
     "read_chunks",
     "read_tile",
@@ -54,6 +56,7 @@ __all__ = [
     "run_prediction",
     "sliding_window_predict",
     "sliding_window_predict_in_memory",
+    "stage_chain",
     "tile_grid",
     "tile_starts",
     "uncrop",

@@ -16,6 +16,13 @@ for every kind:
   ``save_probabilities``, float16 probabilities; one more dask compute writes the case to the
   prediction store, postprocessing (optional) follows, then the completion marker.
 
+Several stages (a cascade): a model whose ``previous_stage`` is another model gets that model's label
+map of the case (original grid, lazy) as ``prepare(previous={stage name: label})``. The engine predicts the
+previous stage first, through the same stage -> predict -> write steps, into a stage store
+``<output>/stages/<stage name>.zarr`` (an ordinary prediction store, never postprocessed): finished cases
+there are reused by a rerun, so a long two-stage job resumes per stage, and the low-resolution
+segmentations stay inspectable.
+
 Several devices: one process per device predicts its share of the cases, each loading its models
 through a picklable :data:`~voxflow.infer.ModelLoader`.
 """
@@ -25,9 +32,9 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +54,11 @@ from voxflow.infer._undo import probabilities_to_label
 from voxflow.store import DatasetMeta, Store
 from voxflow.workspace import PREDICTION_STORE
 
-__all__ = ["STORE_NAME", "run_prediction"]
+__all__ = ["STAGES_DIR", "STORE_NAME", "previous_stage", "run_prediction", "stage_chain"]
 
 log = logging.getLogger(__name__)
 STORE_NAME = PREDICTION_STORE
+STAGES_DIR = "stages"  # <output>/stages/<stage name>.zarr: the earlier stages' predictions
 
 
 @dataclass
@@ -62,8 +70,11 @@ class _Staged:
     source_files: Any  # what the case was converted from (recorded with the prediction)
 
 
-def _stage_case(src: Store, case_id: str, models: Sequence[PredictionModel], scratch_root: Path) -> _Staged:
-    """Write each model's preprocessed image of a case to scratch Zarr (one compute)."""
+def _stage_case(src: Store, case_id: str, models: Sequence[PredictionModel], scratch_root: Path,
+                previous: Sequence[Mapping[str, da.Array]] | None = None) -> _Staged:
+    """Write each model's preprocessed image of a case to scratch Zarr (one compute).
+
+    ``previous``: per model, the earlier stages' label maps of the case (see :func:`_previous_outputs`)."""
     scratch = scratch_root / case_id
     if scratch.exists():
         shutil.rmtree(scratch)
@@ -71,7 +82,7 @@ def _stage_case(src: Store, case_id: str, models: Sequence[PredictionModel], scr
     inputs, images, sources = [], [], []
     for i, model in enumerate(models):
         big = grow_chunks(model.patch_size_vox, 4 * model.n_channels)  # compute in few, large tasks
-        case = model.prepare(src, case_id, out_chunks=big, previous={})
+        case = model.prepare(src, case_id, out_chunks=big, previous=previous[i] if previous else {})
         shape = case.image.shape
         chunks = (shape[0], *clamp_chunks(model.patch_size_vox, shape[1:]))  # tiles read ~8 of these
         images.append(group.create_array(f"model{i}_image", shape=shape, chunks=chunks, dtype=np.float32,
@@ -146,20 +157,97 @@ def _postprocess_case(out: Store, case_id: str, raw: zarr.Array, spacing_zyx: Se
     out.update_case_attrs(case_id, postprocessing=spec.to_dict())
 
 
+def previous_stage(model: PredictionModel) -> PredictionModel | None:
+    """The model whose label map ``model`` takes as extra input (a cascade's first stage), or None."""
+    return getattr(model, "previous_stage", None)
+
+
+def stage_chain(models: Sequence[PredictionModel]) -> list[PredictionModel]:
+    """Every earlier stage of ``models``, each once (by name), earliest first."""
+    found: dict[str, PredictionModel] = {}
+
+    def visit(model: PredictionModel) -> None:
+        prev = previous_stage(model)
+        if prev is None:
+            return
+        visit(prev)
+        known = found.setdefault(prev.name, prev)
+        if list(known.names) != list(prev.names):
+            raise VoxflowError(f"two different models are both the earlier stage {prev.name!r} ({known.names} and "
+                               f"{prev.names}); predict them in separate runs.")
+
+    for m in models:
+        visit(m)
+    return list(found.values())
+
+
+@dataclass
+class _Stages:
+    """The earlier stages of a run on one device: their stores and their tile predictors (made once)."""
+
+    root: Path
+    scratch_root: Path
+    device: str
+    opts: PredictOptions
+    stores: dict[str, Store] = field(default_factory=dict)
+    predictors: dict[str, TileScorer] = field(default_factory=dict)
+
+    def store(self, model: PredictionModel) -> Store:
+        if model.name not in self.stores:
+            self.stores[model.name] = Store.open(self.root / f"{model.name}.zarr", mode="r+")
+        return self.stores[model.name]
+
+    def predictor(self, model: PredictionModel) -> TileScorer:
+        if model.name not in self.predictors:
+            self.predictors[model.name] = model.tile_predictor(device=self.device, tta=self.opts.tta,
+                                                               amp=self.opts.amp)
+        return self.predictors[model.name]
+
+
+def _stage_options(opts: PredictOptions) -> PredictOptions:
+    """Earlier stages are written as plain label maps: no postprocessing, no probabilities, no export."""
+    return replace(opts, postprocessing=None, save_probabilities=False, export=False)
+
+
+def _previous_outputs(src: Store, model: PredictionModel, case_id: str, stages: _Stages) -> dict[str, da.Array]:
+    """``model``'s earlier stage's label map of a case (lazy, original grid), predicted first if its stage
+    store lacks the case (or holds it from other input files)."""
+    prev = previous_stage(model)
+    if prev is None:
+        return {}
+    store = stages.store(prev)
+    if cases_to_predict(src, store, [case_id]):
+        earlier = _previous_outputs(src, prev, case_id, stages)
+        staged = _stage_case(src, case_id, [prev], stages.scratch_root / prev.name, [earlier])
+        _predict_staged(staged, [prev], [stages.predictor(prev)], store, _case_opts(stages.opts, src, case_id))
+        log.info("case %s: stage %s predicted", case_id, prev.name)
+    return {prev.name: store.array(case_id, "label")}
+
+
 def _predict_cases(src: Store, out: Store, models: Sequence[PredictionModel], case_ids: Sequence[str], *,
                    device: str, opts: PredictOptions, scratch_root: Path) -> None:
-    """Predict cases one after the other, staging the next one while the current one runs."""
+    """Predict cases one after the other, staging the next one while the current one runs.
+
+    With earlier stages (a cascade) each case is staged in turn instead: its earlier stages are
+    predicted first, and predicting them in the background would compete with the current case."""
     if not case_ids:
         return
     predictors = [m.tile_predictor(device=device, tta=opts.tta, amp=opts.amp) for m in models]
+    stages = _Stages(out.path.parent / STAGES_DIR, scratch_root / STAGES_DIR, device, _stage_options(opts))
+    chained = bool(stage_chain(models))
+
+    def stage(cid: str) -> _Staged:
+        previous = [_previous_outputs(src, m, cid, stages) for m in models] if chained else None
+        return _stage_case(src, cid, models, scratch_root, previous)
+
     from tqdm.auto import tqdm
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="voxflow-stage") as pool:
-        nxt = pool.submit(_stage_case, src, case_ids[0], models, scratch_root)
+        nxt = None if chained else pool.submit(stage, case_ids[0])
         for i, cid in enumerate(tqdm(case_ids, desc="cases", unit="case", disable=not opts.progress)):
-            staged = nxt.result()
-            if i + 1 < len(case_ids):
-                nxt = pool.submit(_stage_case, src, case_ids[i + 1], models, scratch_root)
+            staged = stage(cid) if nxt is None else nxt.result()
+            if not chained and i + 1 < len(case_ids):
+                nxt = pool.submit(stage, case_ids[i + 1])
             _predict_staged(staged, models, predictors, out, _case_opts(opts, src, cid))
             log.info("predicted case %s (%d/%d) on %s", cid, i + 1, len(case_ids), device)
 
@@ -221,7 +309,16 @@ def _output_meta(src: Store, models: Sequence[PredictionModel], opts: PredictOpt
                        name=src.meta.name, kind="prediction",
                        extra={"configurations": [m.name for m in models],
                               "models": [n for m in models for n in m.names], **_records(models),
-                              "step": opts.step, "tta": opts.tta})
+                              "step": opts.step, "tta": opts.tta,
+                              **({"stages": [p.name for p in chain]} if (chain := stage_chain(models)) else {})})
+
+
+def _create_stage_stores(src: Store, root: Path, models: Sequence[PredictionModel], opts: PredictOptions) -> None:
+    """Create (or reopen, to resume) the store of every earlier stage, before any process writes to it."""
+    for prev in stage_chain(models):
+        prev.check_input(src)
+        Store.create(root / f"{prev.name}.zarr", _output_meta(src, [prev], _stage_options(opts)),
+                     overwrite=opts.overwrite)
 
 
 def run_prediction(source: Store | str | Path | Sequence[str | Path], output: str | Path,
@@ -232,7 +329,8 @@ def run_prediction(source: Store | str | Path | Sequence[str | Path], output: st
     ``models`` are loaded on the first of ``opts.devices()``; with several devices (and more than one
     case to do) each device's process loads its own through ``loader`` (without one, ``"cuda"`` means
     the current GPU, and a list of devices is refused). Cases complete in the output
-    (from unchanged inputs) are skipped. Exports label files unless ``opts.export`` is False.
+    (from unchanged inputs) are skipped. Exports label files unless ``opts.export`` is False. A model
+    with a ``previous_stage`` (a cascade) has that stage predicted first, into ``output/stages/``.
     Fixes glibc's mmap threshold for the process (:func:`~voxflow.infer.release_large_allocations`).
     """
     _check_models(models)
@@ -250,6 +348,7 @@ def run_prediction(source: Store | str | Path | Sequence[str | Path], output: st
         src = open_input(source, out_dir / ".input", scheduler=opts.scheduler)
         for m in models:
             m.check_input(src)
+        _create_stage_stores(src, out_dir / STAGES_DIR, models, opts)
         if opts.output_format == "dicom-seg" and opts.export:
             check_dicom_sources(src, list(case_ids) if case_ids is not None else src.case_ids())
         out = Store.create(out_dir / STORE_NAME, _output_meta(src, models, opts), overwrite=opts.overwrite)

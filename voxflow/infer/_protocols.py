@@ -54,6 +54,11 @@ class PredictionModel(Protocol):
     ``name`` is recorded as the configuration, ``names`` as the models (e.g. its folds); ``dataset``
     gives the labels of the prediction; ``regions_class_order`` (None: argmax) turns region
     probabilities into labels; ``record`` holds extra attributes written with every prediction.
+
+    Optional: a ``previous_stage`` attribute (a :class:`PredictionModel`, or None) makes the model the
+    second stage of a cascade: the engine predicts that model first and passes its label map of the
+    case -- uint8 (Z, Y, X) on the original grid, lazy, exactly what it would write alone without
+    postprocessing -- as ``prepare(previous={previous_stage.name: label})``.
     """
 
     @property
