@@ -48,7 +48,8 @@ def test_perturbation_draws_follow_nnunet_probabilities() -> None:
     p = sample_previous_params(np.random.default_rng(1), 20000, 2, cfg)
     assert p.binary_on.mean() == pytest.approx(0.4 * 0.5, abs=0.01)
     assert p.component_on.mean() == pytest.approx(0.2 * 0.5, abs=0.01)
-    assert p.binary_radius.min() >= 1.0 and p.binary_radius.max() <= 8.0
+    assert p.binary_radius.min() >= 1.0
+    assert p.binary_radius.max() <= 8.0
     assert set(np.unique(p.binary_op)) == set(range(len(OPERATORS)))
     assert all(sorted(o) == [0, 1] for o in p.binary_order[:50])
     off = sample_previous_params(np.random.default_rng(1), 100, 2, AugmentConfig.off())
@@ -87,7 +88,8 @@ def test_component_removal_drops_one_small_component_only() -> None:
         p = _params(1, 1, component_on=np.array([[True]]), component_pick=np.array([[pick]]))
         out = perturb_sample(x[None], p, 0)[0]
         removed = x & ~out
-        assert removed.any() and np.all(lab[removed] == lab[gone])
+        assert removed.any()
+        assert np.all(lab[removed] == lab[gone])
         assert out[:, :, 15:].all()
 
 

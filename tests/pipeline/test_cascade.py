@@ -47,7 +47,8 @@ def test_run_plans_trains_and_selects_the_cascade(finished: tuple[Path, str]) ->
     work, _ = finished
     plan = Plan.load(work / "plans.json")
     full, low = plan.configuration("3d_cascade_fullres"), plan.configuration("3d_lowres")
-    assert full.previous_stage == "3d_lowres" and low.next_stage == "3d_cascade_fullres"
+    assert full.previous_stage == "3d_lowres"
+    assert low.next_stage == "3d_cascade_fullres"
     assert np.prod(full.patch_size_vox) / np.prod(full.median_shape_vox) < 0.25
     summary = json.loads((work / "summary.json").read_text())
     assert summary["configurations"] == ["3d_lowres", "3d_cascade_fullres"]  # lowres first
@@ -147,3 +148,24 @@ def test_training_the_cascade_before_its_first_stage_names_the_command(finished:
     ws.fold("3d_lowres", 1).checkpoint_final.unlink()
     with pytest.raises(IncompleteStoreError, match=r"not trained.*voxflow train .* -c 3d_lowres -f 1`"):
         ensure_previous_stage(ws, cfg, [cid], splits=splits)
+
+
+def test_training_batches_carry_the_previous_stage_aligned_with_the_label(finished: tuple[Path, str]) -> None:
+    """The loader appends the previous stage's one-hot channels, on the label's voxels (not zeros)."""
+    from voxflow.data import build_loader
+
+    work, _ = finished
+    ws = Workspace(work)
+    cfg = Plan.load(ws.plans).configuration("3d_cascade_fullres")
+    with build_loader(ws.preprocessed(cfg.name), Store.open(ws.preprocessed(cfg.name)).case_ids(), cfg, train=False,
+                      num_workers=0, n_batches=4, batch_size=4) as loader:
+        batches = list(loader)
+    image = torch.cat([b.image for b in batches])
+    target = torch.cat([b.target[0] for b in batches])[:, 0]
+    assert image.shape[1] == 4
+    prev = image[:, 2:]
+    assert set(torch.unique(prev).tolist()) <= {0.0, 1.0}
+    assert float((prev[:, 0] * prev[:, 1]).max()) == 0.0  # one-hot: at most one class per voxel
+    fg_prev, fg_ref = prev.sum(1) > 0, target > 0
+    dice = 2 * float((fg_prev & fg_ref).sum()) / max(1.0, float(fg_prev.sum() + fg_ref.sum()))
+    assert dice > 0.2, dice  # the lowres CV segmentation overlaps the reference of the same patch

@@ -51,7 +51,8 @@ def test_previous_onto_grid_is_lazy_and_resamples_like_the_preprocessed_label(re
         onehot = one_hot_channels(got, (1, 2))
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got.compute(), ref.label.compute())
-    assert onehot.shape == (2, *got.shape) and onehot.chunks[0] == (2,)
+    assert onehot.shape == (2, *got.shape)
+    assert onehot.chunks[0] == (2,)
     np.testing.assert_array_equal(onehot.compute()[1], (ref.label.compute() == 2).astype(np.float32))
 
 
