@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
+from voxflow.errors import ConfigError
+
 if TYPE_CHECKING:
     from voxflow.data.augment import AugmentConfig
 
@@ -99,7 +101,7 @@ def binary_operator(x: np.ndarray, op: str, radius: float) -> np.ndarray:
         return _erode(_dilate(x, radius), radius)
     if op == "opening":
         return _dilate(_erode(x, radius), radius)
-    raise ValueError(f"op must be one of {OPERATORS}; got {op!r}")
+    raise ConfigError(f"op must be one of {OPERATORS}; got {op!r}. Pick one of those names.")
 
 
 def _remove_component(x: np.ndarray, pick: float, max_fraction: float) -> np.ndarray:
