@@ -7,6 +7,11 @@ Run directory ``WORK/runs/<cfg>/fold_<k>/``::
     checkpoint_final.pt    after the last epoch (or early stopping)
     metrics.jsonl, progress.png, training_log.txt, training_summary.json
 
+A cascade's second stage (``previous_stage`` set, e.g. ``3d_cascade_fullres``) first makes sure every
+case of the fold has its first stage's cross-validation segmentation in the preprocessed store
+(:func:`voxflow.train.cascade.ensure_previous_stage`; a clear error names the ``3d_lowres`` fold to
+train or validate otherwise); its network takes one extra one-hot input channel per foreground label.
+
 Randomness: the network is initialised from ``train.seed`` on every rank (DDP also broadcasts rank
 0's weights); each epoch gets a fresh training loader seeded with ``train.seed + 7919 · epoch`` (its
 streams are derived per rank and worker), so a run resumed at epoch k sees the batches an uninterrupted
