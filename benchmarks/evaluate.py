@@ -64,7 +64,7 @@ def main() -> None:
         for surface in (False, True):
             code = ("import time\nfrom voxflow.evaluate import evaluate\nt = time.perf_counter()\n"
                     f"s = evaluate({str(work / 'pred.zarr')!r}, {str(work / 'ref.zarr')!r}, surface={surface})\n"
-                    "print('SECONDS', time.perf_counter() - t)\nprint('DICE', s['foreground_mean']['dice'])\n")
+                    "print('SECONDS', time.perf_counter() - t)\nprint('DICE', s.dice)\n")
             peak, text = run_with_memory_cap(code)
             vals = dict(line.split()[:2] for line in text.splitlines() if line.startswith(("SECONDS", "DICE")))
             sec = float(vals["SECONDS"])

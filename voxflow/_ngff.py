@@ -270,6 +270,26 @@ def _scheduler() -> str | None:
     return "sync"
 
 
+def _label_images(case: zarr.Group, label_arrays: Mapping[str, zarr.Array], names: Mapping[int, str],
+                  factors: Sequence[Sequence[int]], spacing: Sequence[float], origin: Sequence[float], *,
+                  eager: bool) -> list[Any]:
+    """The ``labels/`` group beside an image: one NGFF label image per label array; returns the level writes."""
+    # attributes given at creation: one metadata write per group
+    group = case.create_group("labels", attributes={"ome": {"version": NGFF_VERSION, "labels": list(label_arrays)}})
+    writes: list[Any] = []
+    for name, array in label_arrays.items():
+        lpaths = _level_paths(name, len(factors), in_label_group=True)
+        sub = group.create_group(name, attributes={"ome": {
+            "version": NGFF_VERSION,
+            "multiscales": [multiscales_metadata(name=name, paths=lpaths, spacing_zyx=spacing, origin_zyx=origin,
+                                                 factors=factors, channel=False, mean=False)],
+            "image-label": image_label_metadata(names, source="../../"),
+        }})
+        writes += _pyramid(sub, array, lpaths, factors, mean=False, dims=("z", "y", "x"), copy_base=True,
+                           eager=eager)
+    return writes
+
+
 def write_case_ngff(case: zarr.Group, *, case_id: str, geometry: Any, labels: Mapping[str, Any],
                     regions_class_order: Sequence[int] | None, kind: str, max_voxels: int | None = None,
                     compute: bool = True, attrs: Mapping[str, Any] | None = None) -> list[Any]:
@@ -311,20 +331,8 @@ def write_case_ngff(case: zarr.Group, *, case_id: str, geometry: Any, labels: Ma
         ome["multiscales"] = [multiscales_metadata(name=case_id, paths=paths, spacing_zyx=spacing,
                                                    origin_zyx=origin, factors=factors, channel=True, mean=True)]
         if label_arrays:
-            # attributes given at creation: one metadata write per group
-            group = case.create_group("labels", attributes={"ome": {"version": NGFF_VERSION,
-                                                                    "labels": list(label_arrays)}})
-            for name in label_arrays:
-                lpaths = _level_paths(name, len(factors), in_label_group=True)
-                sub = group.create_group(name, attributes={"ome": {
-                    "version": NGFF_VERSION,
-                    "multiscales": [multiscales_metadata(name=name, paths=lpaths, spacing_zyx=spacing,
-                                                         origin_zyx=origin, factors=factors, channel=False,
-                                                         mean=False)],
-                    "image-label": image_label_metadata(names, source="../../"),
-                }})
-                writes += _pyramid(sub, arrays[name], lpaths, factors, mean=False, dims=("z", "y", "x"),
-                                   copy_base=True, eager=eager)
+            writes += _label_images(case, {n: arrays[n] for n in label_arrays}, names, factors, spacing, origin,
+                                    eager=eager)
     if compute and writes:
         sched = _scheduler()
         with dask.config.set(scheduler=sched) if sched else contextlib.nullcontext():

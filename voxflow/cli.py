@@ -22,7 +22,7 @@ COMMANDS: dict[str, str] = {
     "fingerprint": "voxflow.plan._cli:fingerprint",
     "plan": "voxflow.plan._cli:plan",
     "preprocess": "voxflow.preprocess._cli:preprocess",
-    "plan-and-preprocess": "voxflow.preprocess._cli:plan_and_preprocess",
+    "plan-and-preprocess": "voxflow.pipeline._cli:plan_and_preprocess",
     "train": "voxflow.train._cli:train",
     "predict": "voxflow.infer._cli:predict",
     "postprocess": "voxflow.postprocess._cli:postprocess",

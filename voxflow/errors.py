@@ -12,6 +12,7 @@ __all__ = [
     "ConfigError",
     "ConnectivityError",
     "ConversionError",
+    "EvaluationError",
     "GeometryError",
     "GeometryMismatchError",
     "IncompleteStoreError",
@@ -73,6 +74,10 @@ class GeometryMismatchError(GeometryError):
 
 class ConversionError(VoxflowError, ValueError):
     """An input file cannot be converted (unreadable, NaN, undeclared labels, ...)."""
+
+
+class EvaluationError(VoxflowError, ValueError):
+    """Evaluation cannot run or its summary cannot be read (bad labels, tolerance or summary file)."""
 
 
 class CaseNotFoundError(VoxflowError, FileNotFoundError):

@@ -10,8 +10,8 @@ import SimpleITK as sitk
 from click.testing import CliRunner
 
 from voxflow.cli import main
-from voxflow.errors import CaseNotFoundError, GeometryMismatchError
-from voxflow.evaluate import evaluate, format_table
+from voxflow.errors import CaseNotFoundError, EvaluationError, GeometryMismatchError
+from voxflow.evaluate import EvaluationSummary, evaluate, format_table
 from voxflow.geometry import Geometry
 from voxflow.store import DatasetMeta, Store
 
@@ -61,18 +61,18 @@ def test_evaluate_folders_with_regions(folders, tmp_path: Path) -> None:
     pred_dir, gt_dir, preds, refs = folders
     out = tmp_path / "summary.json"
     summary = evaluate(pred_dir, gt_dir, labels=[1, 2, "1+2"], output=out, tolerance_mm=1.0)
-    assert summary["labels"] == ["1", "2", "1+2"]
-    per_case = summary["metric_per_case"]
-    assert [c["case_id"] for c in per_case] == ["case_0", "case_1", "case_2"]
+    assert summary.labels == ("1", "2", "1+2")
+    per_case = summary.metric_per_case
+    assert [c.case_id for c in per_case] == ["case_0", "case_1", "case_2"]
     for c, p, r in zip(per_case, preds, refs, strict=True):
-        assert c["metrics"]["1"]["dice"] == pytest.approx(dice(p == 1, r == 1))
-        assert c["metrics"]["1+2"]["dice"] == pytest.approx(dice(p > 0, r > 0))
-        assert c["metrics"]["1"]["volume_ref_mm3"] == pytest.approx((r == 1).sum() * np.prod(SPACING_ZYX))
-    assert math.isnan(per_case[2]["metrics"]["2"]["dice"])
-    assert summary["mean"]["2"]["dice"] == pytest.approx(np.mean([dice(p == 2, r == 2) for p, r in zip(preds[:2], refs[:2], strict=True)]))
-    assert summary["mean"]["2"]["n_cases_scored"] == 2
-    fg = np.mean([summary["mean"][k]["dice"] for k in ("1", "2", "1+2")])
-    assert summary["foreground_mean"]["dice"] == pytest.approx(fg)
+        assert c.metrics["1"]["dice"] == pytest.approx(dice(p == 1, r == 1))
+        assert c.metrics["1+2"]["dice"] == pytest.approx(dice(p > 0, r > 0))
+        assert c.metrics["1"]["volume_ref_mm3"] == pytest.approx((r == 1).sum() * np.prod(SPACING_ZYX))
+    assert math.isnan(per_case[2].metrics["2"]["dice"])
+    assert summary.mean["2"]["dice"] == pytest.approx(np.mean([dice(p == 2, r == 2) for p, r in zip(preds[:2], refs[:2], strict=True)]))
+    assert summary.mean["2"]["n_cases_scored"] == 2
+    fg = np.mean([summary.mean[k]["dice"] for k in ("1", "2", "1+2")])
+    assert summary.foreground_mean["dice"] == pytest.approx(fg)
     on_disk = json.loads(out.read_text())  # strict JSON: NaN written as null
     assert on_disk["metric_per_case"][2]["metrics"]["2"]["dice"] is None
     assert on_disk["metric_per_case"][0]["metrics"]["1"]["hd95_mm"] > 0
@@ -83,9 +83,9 @@ def test_evaluate_folders_with_regions(folders, tmp_path: Path) -> None:
 
 def test_default_labels_come_from_dataset_json_or_values_present(folders) -> None:
     pred_dir, gt_dir, _, _ = folders
-    assert evaluate(pred_dir, gt_dir, surface=False)["labels"] == ["1", "2"]
+    assert evaluate(pred_dir, gt_dir, surface=False).labels == ("1", "2")
     (gt_dir / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "organ": 1}}))
-    assert evaluate(pred_dir, gt_dir, surface=False)["labels"] == ["1"]
+    assert evaluate(pred_dir, gt_dir, surface=False).labels == ("1",)
 
 
 def test_geometry_mismatch_and_missing_reference(folders) -> None:
@@ -110,8 +110,8 @@ def test_stores_as_inputs(folders, tmp_path: Path) -> None:
         store.mark_complete(f"case_{i}")
     from_store = evaluate(tmp_path / "pred.zarr", gt_dir, labels=[1, 2])
     from_files = evaluate(pred_dir, gt_dir, labels=[1, 2])
-    for a, b in zip(from_store["metric_per_case"], from_files["metric_per_case"], strict=True):
-        assert a["metrics"]["1"] == pytest.approx(b["metrics"]["1"], nan_ok=True)
+    for a, b in zip(from_store.metric_per_case, from_files.metric_per_case, strict=True):
+        assert a.metrics["1"] == pytest.approx(b.metrics["1"], nan_ok=True)
 
 
 def test_cli_evaluate(folders, tmp_path: Path) -> None:
@@ -124,3 +124,28 @@ def test_cli_evaluate(folders, tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["evaluate", str(pred_dir), str(gt_dir), "--labels", "x", "-o", str(out)])
     assert res.exit_code != 0
     assert "a label must be an integer" in res.output
+
+
+def test_summary_is_typed_and_round_trips_through_summary_json(folders, tmp_path: Path) -> None:
+    pred_dir, gt_dir, preds, refs = folders
+    out = tmp_path / "summary.json"
+    summary = evaluate(pred_dir, gt_dir, labels=[1, 2], output=out, surface=False)
+    assert isinstance(summary, EvaluationSummary)
+    on_disk = json.loads(out.read_text())
+    assert list(on_disk) == ["labels", "tolerance_mm", "conventions", "metric_per_case", "mean", "foreground_mean"]
+    assert list(on_disk["metric_per_case"][0]) == ["case_id", "prediction", "reference", "metrics"]
+    loaded = EvaluationSummary.load(out)
+    assert json.dumps(loaded.to_dict()) == json.dumps(summary.to_dict())  # NaN (null on disk) read back as NaN
+    assert math.isnan(loaded.metric_per_case[2].metrics["2"]["dice"])
+    assert isinstance(loaded.mean["1"]["n_cases_scored"], int)
+    expected = []
+    for p, r in zip(preds, refs, strict=True):
+        d = [x for x in (dice(p == 1, r == 1), dice(p == 2, r == 2)) if not math.isnan(x)]
+        if d:
+            expected.append(np.mean(d))
+    assert loaded.case_dice() == pytest.approx(expected)
+    assert loaded.dice == pytest.approx(summary.foreground_mean["dice"])
+    on_disk["metric_per_case"][0]["metrics"]["1"]["dice"] = "high"
+    out.write_text(json.dumps(on_disk))
+    with pytest.raises(EvaluationError, match=r"summary\.json: metric_per_case\.0.*dice must be a number"):
+        EvaluationSummary.load(out)

@@ -32,13 +32,13 @@ def test_real_labels_against_themselves_and_eroded(shared_data: Path, tmp_path: 
         sitk.WriteImage(out, str(tmp_path / "pred" / f"{cid}.nii.gz"))
     same = evaluate(tmp_path / "gt", tmp_path / "gt", labels=[1, 2, "1+2"])
     for key in ("1", "2", "1+2"):
-        assert same["mean"][key]["dice"] == 1.0
-        assert same["mean"][key]["hd95_mm"] == 0.0
-        assert same["mean"][key]["nsd"] == 1.0
+        assert same.mean[key]["dice"] == 1.0
+        assert same.mean[key]["hd95_mm"] == 0.0
+        assert same.mean[key]["nsd"] == 1.0
     eroded = evaluate(tmp_path / "pred", tmp_path / "gt", labels=[1, 2])
-    assert eroded["mean"]["2"]["dice"] == 1.0
-    assert 0.3 < eroded["mean"]["1"]["dice"] < 1.0
-    assert eroded["mean"]["1"]["hd95_mm"] == pytest.approx(1.0, abs=0.5)  # 1 mm isotropic, one erosion
+    assert eroded.mean["2"]["dice"] == 1.0
+    assert 0.3 < eroded.mean["1"]["dice"] < 1.0
+    assert eroded.mean["1"]["hd95_mm"] == pytest.approx(1.0, abs=0.5)  # 1 mm isotropic, one erosion
 
 
 def test_real_label_components_match_scipy(shared_data: Path) -> None:
@@ -69,8 +69,8 @@ def test_2d_images_and_declared_regions_in_a_store(tmp_path: Path) -> None:
         st.mark_complete("img")
         stores[name] = st
     summary = evaluate(stores["p"], stores["g"])
-    assert summary["labels"] == ["1", "2", "1+2"]
-    m = summary["metric_per_case"][0]["metrics"]["1+2"]
+    assert summary.labels == ("1", "2", "1+2")
+    m = summary.metric_per_case[0].metrics["1+2"]
     assert m["hd_mm"] == pytest.approx(1.0)  # distances in-plane: a 2D image has no z neighbours
     assert m["volume_ref_mm3"] == pytest.approx((ref > 0).sum() * 0.125)
     assert not math.isnan(m["nsd"])

@@ -144,3 +144,23 @@ def test_ddp_with_nccl(planned_workspace: Path, tmp_path: Path, nproc: int) -> N
     summary = json.loads((work / "runs/3d_fullres/fold_0/training_summary.json").read_text())
     assert summary["world_size"] == nproc
     assert summary["ddp_max_param_diff"] == 0.0
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16", "fp16", "fp32"])
+def test_tile_predictor_precisions_on_cuda(precision: str) -> None:
+    """Batched mirrored TTA under each inference precision: float32 scores close to the CPU's fp32."""
+    from torch import nn
+
+    from voxflow.infer import TilePredictor
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.GroupNorm(8, 8), nn.LeakyReLU(), nn.Conv3d(8, 3, 3, padding=1))
+    x = np.random.default_rng(0).normal(size=(2, 1, 16, 16, 16)).astype(np.float32)
+    ref = TilePredictor(net, mirror_axes=(0, 1, 2)).predict(x).numpy()
+    pred = TilePredictor(net, mirror_axes=(0, 1, 2), device="cuda", precision=precision)
+    expected = {"auto": "bf16" if torch.cuda.is_bf16_supported() else "fp16"}.get(precision, precision)
+    assert pred.precision == expected
+    out = pred.predict(x)
+    assert out.dtype == torch.float32
+    assert out.device.type == "cuda"
+    np.testing.assert_allclose(out.cpu().numpy(), ref, atol=0.03 if expected != "fp32" else 2e-3)  # TF32 convs

@@ -232,3 +232,157 @@ def _import_translate_tests() -> Any:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+CASCADE_ID = 902
+
+
+def _train_and_save(folder: Path, plans: dict[str, Any], dataset: dict[str, Any], config: str, raw: Path) -> None:
+    """Two folds of ``config`` trained briefly on nnU-Net-preprocessed training cases, saved in nnU-Net's
+    checkpoint format. A cascade's inputs carry the one-hot segmentation as nnU-Net's data loader gives
+    it (here of the reference label, run through the same preprocessing as a previous-stage file)."""
+    import torch
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import (
+        convert_labelmap_to_one_hot,
+        determine_num_input_channels,
+    )
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(plans)
+    cm, lm = pm.get_configuration(config), pm.get_label_manager(dataset)
+    n_ch, n_out = len(dataset["channel_names"]), lm.num_segmentation_heads
+    n_in = determine_num_input_channels(pm, cm, dataset)
+    train = []
+    for case in sorted(f.name[: -len(".nii.gz")] for f in (raw / "labelsTr").iterdir()):
+        data, seg, _ = DefaultPreprocessor(verbose=False).run_case(
+            [str(raw / "imagesTr" / f"{case}_{c:04d}.nii.gz") for c in range(n_ch)],
+            str(raw / "labelsTr" / f"{case}.nii.gz"), pm, cm, dataset)
+        if cm.previous_stage_name is not None:
+            data = np.vstack((data, convert_labelmap_to_one_hot(seg[0], lm.foreground_labels, data.dtype)))
+        train.append((data, seg))
+    assert train[0][0].shape[0] == n_in
+    for fold in (0, 1):
+        torch.manual_seed(fold)
+        net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                     cm.network_arch_init_kwargs_req_import, n_in, n_out,
+                                     allow_init=True, deep_supervision=True)
+        _train_briefly(net, train, list(cm.patch_size), seed=fold)
+        (folder / f"fold_{fold}").mkdir(parents=True)
+        torch.save({"network_weights": net.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
+                    "logging": {}, "_best_ema": None, "current_epoch": 0,
+                    "init_args": {"plans": plans, "configuration": config, "fold": fold,
+                                  "dataset_json": dataset, "device": "cpu"},
+                    "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)},
+                   folder / f"fold_{fold}" / "checkpoint_final.pth")
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+
+
+def _build_cascade(root: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Path], list[Path]]:
+    """nnU-Net plans a cascade for images larger than its (small-GPU) full-resolution patch; both stages
+    are shrunk and trained briefly. Returns the 3d_lowres and 3d_cascade_fullres folders and the test images."""
+    from voxflow.synthetic import make_dataset
+
+    _point_nnunet_at(root, monkeypatch)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
+
+    name = f"Dataset{CASCADE_ID}_SynCascade"
+    raw = make_dataset(root / "raw" / name, kind="ct", n_cases=3, n_test_cases=1, shape_zyx=(24, 48, 40),
+                       spacing_zyx=(0.8, 0.8, 2.5), seed=5)
+    extract_fingerprints([CASCADE_ID], num_processes=1, show_progress_bar=False, verbose=False)
+    # a 0.02 GB "GPU" gives a full-resolution patch under 1/4 of the median image: nnU-Net adds the cascade
+    plans_id = plan_experiments([CASCADE_ID], gpu_memory_target_in_gb=0.02)
+    plans_file = root / "preprocessed" / name / f"{plans_id}.json"
+    plans = json.loads(plans_file.read_text())
+    cfgs = plans["configurations"]
+    assert cfgs["3d_cascade_fullres"] == {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    assert cfgs["3d_lowres"]["next_stage"] == "3d_cascade_fullres"
+    tf = plans["transpose_forward"]
+
+    def net_order(v: list[Any]) -> list[Any]:
+        return [v[i] for i in tf]
+
+    plans["configurations"] = {k: cfgs[k] for k in ("3d_fullres", "3d_lowres", "3d_cascade_fullres")}
+    _shrink(cfgs["3d_fullres"], patch_net=net_order([16, 24, 16]), spacing_net=net_order([1.0, 0.9, 2.2]))
+    _shrink(cfgs["3d_lowres"], patch_net=net_order([12, 16, 16]), spacing_net=net_order([1.5, 1.4, 3.0]))
+    plans_file.write_text(json.dumps(plans, indent=2))
+    dataset = json.loads((raw / "dataset.json").read_text())
+    folders = {c: root / "results" / name / f"nnUNetTrainer__{plans_id}__{c}" for c in ("3d_lowres",
+                                                                                         "3d_cascade_fullres")}
+    for config, folder in folders.items():
+        _train_and_save(folder, plans, dataset, config, raw)
+    return folders, sorted((raw / "imagesTs").iterdir())
+
+
+def _nnunet_cascade_predict(folders: dict[str, Path], images: list[Path], out: Path
+                            ) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """nnU-Net's two-stage prediction: 3d_lowres into a folder, then the cascade with
+    ``folder_with_segs_from_prev_stage``; the lowres labels and the cascade's (labels, probabilities)."""
+    import SimpleITK as sitk
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    cases: dict[str, list[str]] = {}
+    for f in images:
+        cases.setdefault(f.name[: -len("_0000.nii.gz")], []).append(str(f))
+    lists = [sorted(v) for v in cases.values()]
+    for config, prev in (("3d_lowres", None), ("3d_cascade_fullres", out / "3d_lowres")):
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                    perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(folders[config]), use_folds=(0, 1),
+                                                       checkpoint_name="checkpoint_final.pth")
+        (out / config).mkdir(parents=True)
+        predictor.predict_from_files_sequential(lists, str(out / config), save_probabilities=prev is not None,
+                                                overwrite=True, folder_with_segs_from_prev_stage=prev and str(prev))
+
+    def read(p: Path) -> np.ndarray:
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+
+    low = {c: read(out / "3d_lowres" / f"{c}.nii.gz") for c in cases}
+    casc = {c: (read(out / "3d_cascade_fullres" / f"{c}.nii.gz"),
+                np.load(out / "3d_cascade_fullres" / f"{c}.npz")["probabilities"]) for c in cases}
+    return low, casc
+
+
+@pytest.fixture
+def one_torch_thread() -> Any:
+    """One intra-op thread: the networks are tiny, and two OpenMP threads on a busy 2-core machine spin
+    (measured: a 4-8-16 U-Net forward of 0.3-0.8 s with 2 threads under load, 0.05 s with 1)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_voxflow_matches_nnunet_cascade(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3d_cascade_fullres folder (its 3d_lowres found beside it) gives nnU-Net's two-stage result."""
+    from voxflow.nnunet import predict_nnunet
+    from voxflow.store import Store
+
+    folders, images = _build_cascade(tmp_path, monkeypatch)
+    low_ref, casc_ref = _nnunet_cascade_predict(folders, images, tmp_path / "nnunet_out")
+    store = predict_nnunet(images, tmp_path / "voxflow_out", folders["3d_cascade_fullres"], save_probabilities=True,
+                           progress=False, export=False)
+    stage = Store.open(tmp_path / "voxflow_out" / "stages" / "3d_lowres.zarr")
+    for case, (seg_ref, probs_ref) in casc_ref.items():
+        low = stage.label(case).compute()
+        seg = store.label(case).compute()
+        probs = store.array(case, "probs").compute().astype(np.float32)
+        assert low.shape == low_ref[case].shape
+        assert seg.shape == seg_ref.shape
+        assert probs.shape == probs_ref.shape
+        agree_low = float((low == low_ref[case]).mean())
+        agree = float((seg == seg_ref).mean())
+        err = np.abs(probs - probs_ref)
+        print(f"cascade {case}: 3d_lowres agreement {agree_low:.6f}, cascade agreement {agree:.6f}, |dp| max "
+              f"{err.max():.2e} mean {err.mean():.2e}, classes {np.bincount(seg_ref.ravel(), minlength=3)}")
+        assert agree_low >= 0.999, f"{case}: 3d_lowres {agree_low:.5f} voxel agreement"
+        assert agree >= 0.999, f"{case}: cascade {agree:.5f} voxel agreement"
+        assert np.bincount(seg_ref.ravel(), minlength=3)[1:].min() > 0  # both foreground classes predicted
+        assert err.mean() < 1e-3
+        assert float(np.quantile(err, 0.999)) < 0.1

@@ -91,12 +91,10 @@ def test_translate_undoes_transpose_forward() -> None:
     assert spec.transpose_backward == (1, 2, 0)
 
 
-def test_inherited_configuration_and_cascade_error() -> None:
+def test_inherited_configuration_and_unknown_name() -> None:
     low = translate_configuration(_plans(), DATASET, "3d_lowres").configuration
     assert low.spacing_zyx == (5.0, 1.6, 1.4)
     assert low.patch_size_vox == (8, 16, 24)
-    with pytest.raises(NnunetModelError, match="cascade configuration '3d_cascade_fullres'"):
-        translate_configuration(_plans(), DATASET, "3d_cascade_fullres")
     with pytest.raises(NnunetModelError, match="must define configuration '2d'"):
         translate_configuration(_plans(), DATASET, "2d")
 

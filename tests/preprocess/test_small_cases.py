@@ -80,5 +80,5 @@ def test_evaluate_small_cases_gives_the_same_metrics(tmp_path, rng, monkeypatch,
     small = evaluate(tmp_path / "pred.zarr", tmp_path / "ref.zarr", progress=False, scheduler=scheduler)
     monkeypatch.setattr(cluster, "SMALL_CASE_VOXELS", 1)
     chunked = evaluate(tmp_path / "pred.zarr", tmp_path / "ref.zarr", progress=False)
-    assert json.dumps(small, sort_keys=True) == json.dumps(chunked, sort_keys=True)
-    assert np.isfinite(small["metric_per_case"][0]["metrics"]["1"]["hd95_mm"])
+    assert json.dumps(small.to_dict(), sort_keys=True) == json.dumps(chunked.to_dict(), sort_keys=True)
+    assert np.isfinite(small.metric_per_case[0].metrics["1"]["hd95_mm"])

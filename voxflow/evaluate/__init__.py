@@ -24,8 +24,11 @@ from voxflow.evaluate._metrics import (
     surface_distances,
     surface_metrics,
 )
+from voxflow.evaluate._summary import CaseMetrics, EvaluationSummary
 
 __all__ = [
+    "CaseMetrics",
+    "EvaluationSummary",
     "Segmentation",
     "bounding_box",
     "confusion_matrix",

@@ -34,4 +34,4 @@ def evaluate(pred: str, reference: str, labels: tuple[str, ...], tolerance_mm: f
     summary = run_evaluate(pred, reference, labels=items or None, tolerance_mm=tolerance_mm,
                            surface=not no_surface, output=output, scheduler=scheduler, memory_limit=memory_limit)
     click.echo(format_table(summary))
-    click.echo(f"{len(summary['metric_per_case'])} cases; summary written to {output}")
+    click.echo(f"{len(summary.metric_per_case)} cases; summary written to {output}")

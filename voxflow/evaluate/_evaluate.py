@@ -19,19 +19,18 @@ import numpy as np
 
 from voxflow._types import PathLikeStr
 from voxflow.cluster import compute, compute_cases, is_small_case, scheduler_context, stage_bar
-from voxflow.errors import VoxflowError
+from voxflow.errors import EvaluationError
 from voxflow.evaluate._io import Segmentation, declared_labels, open_segmentations, pair_segmentations
 from voxflow.evaluate._metrics import (
     _block_hist,
     bounding_box,
     confusion_matrix,
-    nan_to_none,
     overlap_metrics,
     projections,
     region_counts,
     surface_metrics,
 )
-from voxflow.plan.schema import atomic_write_json
+from voxflow.evaluate._summary import EvaluationSummary
 from voxflow.store import Store
 
 __all__ = ["MEAN_METRICS", "evaluate", "evaluate_pairs", "format_table", "parse_labels", "summarize"]
@@ -40,10 +39,6 @@ log = logging.getLogger(__name__)
 LabelSpec = int | str | Sequence[int]
 MEAN_METRICS = ("dice", "iou", "precision", "recall", "hd95_mm", "hd_mm", "assd_mm", "nsd",
                 "volume_pred_mm3", "volume_ref_mm3", "volume_diff_mm3")
-
-
-class EvaluationError(VoxflowError, ValueError):
-    """Evaluation inputs or options are invalid."""
 
 
 def _parse_one(item: LabelSpec) -> tuple[int, ...]:
@@ -231,11 +226,11 @@ def summarize(per_case: list[dict[str, Any]], targets: list[tuple[int, ...]]) ->
 def evaluate(pred: Store | PathLikeStr, reference: Store | PathLikeStr, *,
              labels: Sequence[LabelSpec] | Mapping[str, Any] | None = None, tolerance_mm: float = 1.0,
              surface: bool = True, output: PathLikeStr | None = None, scheduler: str = "threads",
-             memory_limit: str | None = None, progress: bool = True) -> dict[str, Any]:
+             memory_limit: str | None = None, progress: bool = True) -> EvaluationSummary:
     """Evaluate predictions against references (folders of label files or voxflow stores).
 
-    Returns the summary dict (``metric_per_case``, ``mean``, ``foreground_mean``, ``labels``,
-    ``tolerance_mm``, ``conventions``) and writes it to ``output`` (JSON, NaN as null) when given.
+    Returns the :class:`~voxflow.evaluate.EvaluationSummary` (per case and per target metrics, their
+    means, the foreground mean) and writes it to ``output`` (JSON, NaN as null) when given.
     Geometry of each pair must match (:class:`~voxflow.errors.GeometryMismatchError` otherwise).
     """
     if not tolerance_mm >= 0:
@@ -247,16 +242,16 @@ def evaluate(pred: Store | PathLikeStr, reference: Store | PathLikeStr, *,
             raise EvaluationError("no foreground label to evaluate: predictions and references are all background; "
                                   "pass --labels to score specific values")
         per_case = evaluate_pairs(pairs, targets, tolerance_mm=tolerance_mm, surface=surface, progress=progress)
-    summary = {
+    summary = EvaluationSummary.from_dict({
         "labels": [target_key(t) for t in targets],
         "tolerance_mm": float(tolerance_mm),
         "conventions": "Dice/IoU NaN (null) when prediction and reference are both empty, excluded from means; "
                        "HD95 = max of directed 95th percentiles; surfaces by erosion; distances in mm by exact EDT.",
         "metric_per_case": per_case,
         **summarize(per_case, targets),
-    }
+    })
     if output is not None:
-        atomic_write_json(output, nan_to_none(summary))
+        summary.save(output)
         log.info("wrote %s", output)
     return summary
 
@@ -267,13 +262,13 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if abs(v) < 1000 else f"{v:.4g}"
 
 
-def format_table(summary: Mapping[str, Any]) -> str:
+def format_table(summary: EvaluationSummary) -> str:
     """A plain-text table of the per-target means and the foreground mean."""
     cols = ("dice", "iou", "precision", "recall", "hd95_mm", "assd_mm", "nsd", "volume_diff_mm3")
     rows: list[tuple[str, ...]] = [("label", *cols)]
-    for key, m in summary["mean"].items():
+    for key, m in summary.mean.items():
         rows.append((key, *(_fmt(m.get(c)) for c in cols)))
-    rows.append(("mean", *(_fmt(summary["foreground_mean"].get(c)) for c in cols)))
+    rows.append(("mean", *(_fmt(summary.foreground_mean.get(c)) for c in cols)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols) + 1)]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

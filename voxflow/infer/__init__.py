@@ -17,7 +17,7 @@ from voxflow.infer._chunks import read_chunks
 from voxflow.infer._engine import STAGES_DIR, STORE_NAME, previous_stage, run_prediction, stage_chain
 from voxflow.infer._gaussian import gaussian_importance_map
 from voxflow.infer._inputs import describe_case
-from voxflow.infer._memory import release_large_allocations
+from voxflow.infer._memory import DEFAULT_FORWARD_BYTES, forward_bytes_per_voxel, release_large_allocations
 from voxflow.infer._models import Ensemble
 from voxflow.infer._options import PredictOptions, resolve_postprocessing
 from voxflow.infer._protocols import CaseInput, ModelLoader, PredictionModel, TileScorer
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from voxflow.infer._sliding import read_tile, sliding_window_predict, sliding_window_predict_in_memory
 
 __all__ = [
+    "DEFAULT_FORWARD_BYTES",
     "STAGES_DIR",
     "STORE_NAME",
     "CaseInput",
@@ -43,6 +44,7 @@ __all__ = [
     "TileScorer",
     "background_probabilities",
     "describe_case",
+    "forward_bytes_per_voxel",
     "gaussian_importance_map",
     "mirror_combinations",
     "order_tiles",

@@ -20,6 +20,9 @@ from voxflow._cliutil import handle_errors, parse_folds, scheduler_option
                    "With --nnunet-model: a voxflow postprocessing.json in the model folder, if any.")
 @click.option("--nnunet-model", type=click.Path(exists=True, file_okay=False), default=None,
               help="Instead of -m: an nnU-Net v2 model folder RESULTS/DatasetXXX/TRAINER__PLANS__CONFIG.")
+@click.option("--nnunet-previous-model", type=click.Path(exists=True, file_okay=False), default=None,
+              help="With a --nnunet-model cascade (3d_cascade_fullres): its 3d_lowres model folder (default: "
+                   "TRAINER__PLANS__3d_lowres beside it).")
 @click.option("--nnunet-checkpoint", default="checkpoint_final.pth", show_default=True,
               help="Checkpoint file name in each fold_<k> of --nnunet-model (e.g. checkpoint_best.pth).")
 @click.option("-c", "--configuration", "configurations", multiple=True,
@@ -39,14 +42,21 @@ from voxflow._cliutil import handle_errors, parse_folds, scheduler_option
               show_default=True,
               help="Format of the exported label files: auto (the input's), nifti, nrrd, mha, or dicom-seg (one "
                    "DICOM Segmentation per case, referencing its source series; inputs must be DICOM series).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Forward-pass precision: auto (bf16 autocast on CUDA, fp16 where bf16 is missing; fp32 on the "
+                   "CPU), fp32, bf16 (fast on CPUs with AVX512-BF16/AMX, emulated and slow elsewhere) or fp16 "
+                   "(CUDA). Scores are accumulated in float32.")
+@click.option("--whole-image/--sliding-window", "whole_image", default=False, show_default=True,
+              help="One tile as large as the (preprocessed) image, rounded up to the network's stride, when it "
+                   "fits the forward-pass memory, instead of patch-sized tiles with --step overlap.")
 @click.argument("more_folds", nargs=-1, metavar="[FOLD]...")
 @scheduler_option
 @handle_errors
 def predict(inputs: tuple[str, ...], output: str, model_dirs: tuple[str, ...], configurations: tuple[str, ...],
-            nnunet_model: str | None, nnunet_checkpoint: str, folds: tuple[str, ...], step: float,
+            nnunet_model: str | None, nnunet_previous_model: str | None, nnunet_checkpoint: str, folds: tuple[str, ...], step: float,
             no_tta: bool, save_probabilities: bool, device: str,
             cache_mb: int, overwrite: bool, output_format: str, more_folds: tuple[str, ...], scheduler: str,
-            memory_limit: str | None, no_postprocessing: bool) -> None:
+            memory_limit: str | None, no_postprocessing: bool, precision: str, whole_image: bool) -> None:
     """Predict every case of INPUT with the trained folds in MODEL_DIR; write OUTPUT."""
     from voxflow.infer import PredictOptions
 
@@ -54,15 +64,18 @@ def predict(inputs: tuple[str, ...], output: str, model_dirs: tuple[str, ...], c
     source = inputs[0] if len(inputs) == 1 else list(inputs)
     if bool(nnunet_model) == bool(model_dirs):
         raise click.UsageError("give either -m/--model-dir or --nnunet-model (exactly one).")
+    if nnunet_previous_model and not nnunet_model:
+        raise click.UsageError("--nnunet-previous-model goes with --nnunet-model (a cascade model folder).")
     opts = PredictOptions(step=step, tta=not no_tta, device=device, save_probabilities=save_probabilities,
                           scheduler=scheduler, memory_limit=memory_limit, cache_bytes=cache_mb * 2**20,
-                          overwrite=overwrite, output_format=output_format)
+                          overwrite=overwrite, output_format=output_format, precision=precision,
+                          whole_image=whole_image)
     postprocessing = None if no_postprocessing else "auto"
     if nnunet_model:
         from voxflow.nnunet import predict_nnunet
 
         store = predict_nnunet(source, output, nnunet_model, folds=fold_list or None, checkpoint=nnunet_checkpoint,
-                               postprocessing=postprocessing, options=opts)
+                               previous_model=nnunet_previous_model, postprocessing=postprocessing, options=opts)
     else:
         from voxflow.infer import predict as run_predict
 

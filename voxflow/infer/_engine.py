@@ -109,7 +109,8 @@ def _predict_model(st: _Staged, i: int, model: PredictionModel, predictor: TileS
     sliding_window_predict(image, predictor, patch_size_vox=model.patch_size_vox, n_classes=k, out=scores,
                            step=opts.step, batch_size=model.batch_size(opts.batch_size),
                            cache_bytes=opts.cache_bytes, scratch_dir=st.scratch, progress=opts.progress,
-                           desc=f"{st.case_id} {model.name}", importance_map=model.importance_map())
+                           desc=f"{st.case_id} {model.name}", importance_map=model.importance_map(),
+                           **_whole_image(predictor, opts))
     trim_heap()  # the tile cache's blocks are free now; keep them from adding to the write phase's peak
     lazy = da.from_zarr(scores, chunks=(k, *output_chunks(image.shape[1:], k)))  # fewer, larger tasks
     return st.inputs[i].restore(lazy, out_chunks)
@@ -199,8 +200,8 @@ class _Stages:
 
     def predictor(self, model: PredictionModel) -> TileScorer:
         if model.name not in self.predictors:
-            self.predictors[model.name] = model.tile_predictor(device=self.device, tta=self.opts.tta,
-                                                               amp=self.opts.amp)
+            self.predictors[model.name] = _configured(
+                model.tile_predictor(device=self.device, tta=self.opts.tta, amp=self.opts.amp), self.opts)
         return self.predictors[model.name]
 
 
@@ -232,7 +233,7 @@ def _predict_cases(src: Store, out: Store, models: Sequence[PredictionModel], ca
     predicted first, and predicting them in the background would compete with the current case."""
     if not case_ids:
         return
-    predictors = [m.tile_predictor(device=device, tta=opts.tta, amp=opts.amp) for m in models]
+    predictors = [_configured(m.tile_predictor(device=device, tta=opts.tta, amp=opts.amp), opts) for m in models]
     stages = _Stages(out.path.parent / STAGES_DIR, scratch_root / STAGES_DIR, device, _stage_options(opts))
     chained = bool(stage_chain(models))
 
@@ -250,6 +251,26 @@ def _predict_cases(src: Store, out: Store, models: Sequence[PredictionModel], ca
                 nxt = pool.submit(stage, case_ids[i + 1])
             _predict_staged(staged, models, predictors, out, _case_opts(opts, src, cid))
             log.info("predicted case %s (%d/%d) on %s", cid, i + 1, len(case_ids), device)
+
+
+def _whole_image(predictor: TileScorer, opts: PredictOptions) -> dict[str, Any]:
+    """The whole-image tile arguments of :func:`sliding_window_predict` (none unless ``opts.whole_image``
+    and a :class:`~voxflow.infer.TilePredictor` that knows its network's stride and memory)."""
+    from voxflow.infer._predictor import TilePredictor
+
+    if not opts.whole_image or not isinstance(predictor, TilePredictor) or predictor.divisor_zyx is None:
+        return {}
+    return {"whole_image_voxels": predictor.max_tile_voxels() or 0, "divisor_zyx": predictor.divisor_zyx}
+
+
+def _configured(scorer: TileScorer, opts: PredictOptions) -> TileScorer:
+    """A :class:`~voxflow.infer.TilePredictor` set to the run's precision and forward-pass memory
+    (other tile scorers as they are)."""
+    from voxflow.infer._predictor import TilePredictor
+
+    if isinstance(scorer, TilePredictor):
+        scorer.configure(precision=opts.precision, forward_bytes=opts.forward_bytes)
+    return scorer
 
 
 def _case_opts(opts: PredictOptions, src: Store, case_id: str) -> PredictOptions:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import sys
+from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["release_large_allocations", "trim_heap"]
+__all__ = ["DEFAULT_FORWARD_BYTES", "release_large_allocations", "forward_bytes_per_voxel", "trim_heap"]
 
 log = logging.getLogger(__name__)
 _M_MMAP_THRESHOLD = -3
@@ -48,3 +51,23 @@ def trim_heap() -> bool:
     free heap still resident during the write). Returns whether a trim ran (glibc only).
     """
     return _glibc_call("malloc_trim", 0) is not None
+
+
+#: default memory for the activations of one forward pass (``PredictOptions.forward_bytes``)
+DEFAULT_FORWARD_BYTES = 2 * 2**30
+
+
+def forward_bytes_per_voxel(spec: Any, patch_size_vox: Sequence[int], in_channels: int, n_outputs: int) -> float:
+    """Bytes per tile voxel a forward pass takes with tiles of about ``patch_size_vox`` (z, y, x), for
+    ``TilePredictor(voxel_bytes=...)``: how many mirrored tiles, and how large a whole-image tile,
+    fit ``PredictOptions.forward_bytes``.
+
+    Priced with the planner's memory model (:func:`voxflow.architectures.estimate_training_memory_bytes`
+    of one fp32 sample, parameters left out): what training keeps for autograd, an upper bound of what
+    an inference pass holds at once. ``spec`` is a :class:`~voxflow.plan.NetworkSpec`.
+    """
+    from voxflow.architectures import estimate_training_memory_bytes
+
+    total = estimate_training_memory_bytes(spec, patch_size_vox, 1, in_channels, n_outputs, bytes_per_element=4,
+                                           n_parameters=0)
+    return max(total, 1) / math.prod(int(p) for p in patch_size_vox)

@@ -192,12 +192,22 @@ class Ensemble:
             f"which runs {name} first.")
 
     def tile_predictor(self, *, device: str, tta: bool, amp: bool) -> TileScorer:
+        from voxflow.infer._memory import forward_bytes_per_voxel
         from voxflow.infer._predictor import TilePredictor
 
         cfg = self.configuration
         mirror = [a for a in cfg.train.mirror_axes if cfg.patch_size_vox[a] > 1] if tta else []
         return TilePredictor(self.networks, mirror_axes=mirror, activation=self.activation,
-                             spatial_dims=cfg.network.spatial_dims, device=device, amp=amp)
+                             spatial_dims=cfg.network.spatial_dims, device=device, amp=amp,
+                             voxel_bytes=forward_bytes_per_voxel(cfg.network, cfg.patch_size_vox, cfg.n_channels,
+                                                                 self.n_outputs),
+                             divisor_zyx=_divisor_zyx(cfg.network.total_stride))
+
+
+def _divisor_zyx(total_stride: Sequence[int]) -> tuple[int, int, int]:
+    """A network's input divisibility as (z, y, x) (a 2-D network's z: 1)."""
+    d = tuple(int(s) for s in total_stride)
+    return (1, d[0], d[1]) if len(d) == 2 else (d[0], d[1], d[2])
 
 
 def _stored_label(path: Path | None, case_id: str) -> da.Array | None:

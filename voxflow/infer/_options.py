@@ -10,6 +10,7 @@ from typing import Any
 
 from voxflow.errors import VoxflowError
 from voxflow.infer._accumulator import DEFAULT_CACHE_BYTES
+from voxflow.infer._memory import DEFAULT_FORWARD_BYTES
 
 __all__ = ["OUTPUT_FORMATS", "PredictOptions", "resolve_postprocessing"]
 
@@ -35,6 +36,14 @@ class PredictOptions:
     batch_size: int | None = None
     cache_bytes: int = DEFAULT_CACHE_BYTES
     amp: bool = True
+    #: forward-pass precision: ``auto`` (bf16/fp16 autocast on CUDA, fp32 on the CPU), ``fp32``, ``bf16``,
+    #: ``fp16`` (CUDA); see :func:`voxflow.precision.resolve_precision`
+    precision: str = "auto"
+    #: memory (bytes) for the activations of one forward pass: how many mirrored tiles go together
+    forward_bytes: int = DEFAULT_FORWARD_BYTES
+    #: one tile as large as the image (rounded up to the network's stride) when it fits
+    #: ``forward_bytes``, instead of patch-sized tiles with ``step`` overlap (see the README)
+    whole_image: bool = False
     progress: bool = True
     postprocessing: Any = None
     device: str | tuple[str, ...] = "cpu"
@@ -49,6 +58,10 @@ class PredictOptions:
     def __post_init__(self) -> None:
         if self.output_format not in OUTPUT_FORMATS:
             raise VoxflowError(f"output_format must be one of {sorted(OUTPUT_FORMATS)}; got {self.output_format!r}")
+        from voxflow.precision import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise VoxflowError(f"precision must be one of {list(PRECISIONS)}; got {self.precision!r}")
 
     def file_ending(self, input_ending: str) -> str:
         """The ending of the exported label files for inputs of ``input_ending``."""

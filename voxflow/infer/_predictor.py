@@ -1,14 +1,19 @@
-"""Run batches of tiles through one or more networks: mirroring TTA, fold ensembling, AMP on CUDA.
+"""Run batches of tiles through one or more networks: mirroring TTA, fold ensembling, mixed precision.
 
 :class:`TilePredictor` is the one tile predictor of both model kinds: a batch of (B, C, Z, Y, X)
 tiles in, (B, K, Z, Y, X) scores out, averaged over networks and mirrorings. voxflow's models
 average probabilities (``activation="softmax"``/``"sigmoid"``); nnU-Net models average logits
 (``activation=None``) in the network's own axis order (``axis_order``).
+
+Mirrored test-time augmentation is batched: the flipped copies of a batch go through the network
+together, up to ``max_tiles_per_forward`` tiles per forward pass (fewer, larger passes: on 2 CPU
+cores 8 flips of one 40x56x40 tile as one batch of 8 ran several times faster than 8 passes of one;
+``benchmarks/tta_batching.py``). The sum over mirrorings keeps its order, so the scores equal the
+one-flip-at-a-time loop's up to the rounding of batched convolutions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +23,7 @@ import torch
 from torch import nn
 
 from voxflow.errors import VoxflowError
+from voxflow.precision import autocast_for, resolve_precision
 
 __all__ = ["TilePredictor", "mirror_combinations"]
 
@@ -40,14 +46,25 @@ class TilePredictor:
     activation : ``"softmax"`` over classes, ``"sigmoid"`` per channel for region datasets, or
         ``None``: the networks' raw outputs (logits) are averaged.
     spatial_dims : 3, or 2 for 2-D networks (the network's first spatial axis, of size 1, is dropped).
-    device : torch device; on CUDA the forward passes run under float16 autocast when ``amp``.
+    device : torch device.
+    amp : with ``precision="auto"``: False means fp32 (the older switch).
+    precision : ``fp32``, ``bf16``, ``fp16`` (CUDA) or ``auto`` (:func:`voxflow.precision.resolve_precision`:
+        bf16 or fp16 autocast on CUDA, fp32 on the CPU); the scores are summed in float32.
     axis_order : the network's spatial axes as tile axes (network axis j is tile axis
         ``axis_order[j]``; nnU-Net's ``transpose_forward``); outputs come back in tile order.
+    max_tiles_per_forward : most tiles (batch x mirrorings) in one forward pass; ``None``: as many
+        as fit ``forward_bytes`` (:meth:`configure`) at ``voxel_bytes``, or without ``voxel_bytes`` a
+        whole batch with all its mirrorings at once. A whole batch (one mirroring) always goes.
+    voxel_bytes : forward-pass memory per tile voxel (:func:`~voxflow.infer.forward_bytes_per_voxel`).
+    divisor_zyx : what the network's input axes (tile order z, y, x) must be divisible by (its total
+        stride); needed for whole-image tiles.
     """
 
     def __init__(self, networks: nn.Module | Sequence[nn.Module], *, mirror_axes: Sequence[int] = (),
                  activation: str | None = "softmax", spatial_dims: int = 3, device: str | torch.device = "cpu",
-                 amp: bool = True, axis_order: Sequence[int] = (0, 1, 2)):
+                 amp: bool = True, axis_order: Sequence[int] = (0, 1, 2), precision: str = "auto",
+                 max_tiles_per_forward: int | None = None, voxel_bytes: float | None = None,
+                 divisor_zyx: Sequence[int] | None = None):
         nets = [networks] if isinstance(networks, nn.Module) else list(networks)
         if not nets:
             raise VoxflowError("TilePredictor needs at least one network; got none.")
@@ -64,7 +81,16 @@ class TilePredictor:
         self.mirrors = [tuple(order[j] for j in c) for c in mirror_combinations([position[int(a)] for a in mirror_axes])]
         self.activation = activation
         self.spatial_dims = spatial_dims
-        self.amp = bool(amp) and self.device.type == "cuda"
+        self._amp_switch = bool(amp)
+        from voxflow.infer._memory import DEFAULT_FORWARD_BYTES
+
+        self.voxel_bytes = voxel_bytes
+        self.divisor_zyx = None if divisor_zyx is None else tuple(int(d) for d in divisor_zyx)
+        self.forward_bytes = DEFAULT_FORWARD_BYTES
+        self.precision = resolve_precision(precision, self.device, amp=self._amp_switch)
+        if max_tiles_per_forward is not None and max_tiles_per_forward < 1:
+            raise VoxflowError(f"max_tiles_per_forward must be at least 1 or None; got {max_tiles_per_forward!r}.")
+        self.max_tiles_per_forward = max_tiles_per_forward
         self.perm = None if order == [0, 1, 2] else [0, 1, *(2 + a for a in order)]
         self.inverse = None if self.perm is None else [int(i) for i in np.argsort(self.perm)]
 
@@ -84,22 +110,65 @@ class TilePredictor:
             return out
         return torch.softmax(out, 1) if self.activation == "softmax" else torch.sigmoid(out)
 
+    @property
+    def amp(self) -> bool:
+        """Whether the forward passes run under autocast (bf16 or fp16)."""
+        return self.precision != "fp32"
+
+    def configure(self, *, precision: str | None = None, forward_bytes: int | None = None) -> TilePredictor:
+        """Set the precision (resolved on this device; ``auto`` honours ``amp``) and the memory of one
+        forward pass (bytes). Returns self."""
+        if precision is not None:
+            self.precision = resolve_precision(precision, self.device, amp=self._amp_switch)
+        if forward_bytes is not None:
+            self.forward_bytes = int(forward_bytes)
+        return self
+
+    def max_tile_voxels(self) -> int | None:
+        """The largest tile (voxels) one forward pass holds within ``forward_bytes``; None if unknown."""
+        return None if self.voxel_bytes is None else int(self.forward_bytes / max(self.voxel_bytes, 1e-9))
+
+    def tiles_per_forward(self, tile_voxels: int) -> int | None:
+        """Tiles of ``tile_voxels`` per forward pass: ``max_tiles_per_forward``, or what fits
+        ``forward_bytes`` (at least 1), or None (no limit known)."""
+        if self.max_tiles_per_forward is not None:
+            return self.max_tiles_per_forward
+        most = self.max_tile_voxels()
+        return None if most is None else max(1, most // max(int(tile_voxels), 1))
+
+    def mirror_groups(self, batch: int, tile_voxels: int = 1) -> list[list[tuple[int, ...]]]:
+        """The mirrorings in forward passes: as many per pass as :meth:`tiles_per_forward` allows for
+        ``batch`` tiles of ``tile_voxels`` (at least one), in order."""
+        most = self.tiles_per_forward(tile_voxels)
+        per = len(self.mirrors) if most is None else max(1, most // batch)
+        return [self.mirrors[i:i + per] for i in range(0, len(self.mirrors), per)]
+
+    def _mirrored_sum(self, net: nn.Module, x: torch.Tensor, group: list[tuple[int, ...]],
+                      total: torch.Tensor | None) -> torch.Tensor:
+        """``total`` plus the scores of every mirroring in ``group`` (one forward pass), in order."""
+        flips = [[a + 2 for a in axes] for axes in group]
+        batch = torch.cat([torch.flip(x, d) if d else x for d in flips]) if len(group) > 1 else (
+            torch.flip(x, flips[0]) if flips[0] else x)
+        out = self._forward(net, batch)
+        for p, d in zip(out.split(x.shape[0]), flips, strict=True):
+            p = torch.flip(p, d) if d else p
+            total = p if total is None else total + p
+        if total is None:
+            raise VoxflowError("TilePredictor produced no output; it needs at least one mirroring.")
+        return total
+
     @torch.inference_mode()
     def predict(self, tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, C, Z, Y, X) tiles -> (B, K, Z, Y, X) float32 scores on ``self.device``."""
         x = torch.as_tensor(tiles).to(self.device, dtype=torch.float32, non_blocking=True)
         if x.ndim != 5:
             raise VoxflowError(f"tiles must be (B, C, Z, Y, X); got shape {tuple(x.shape)}.")
-        autocast = (torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext())
         total: torch.Tensor | None = None
-        with autocast:
+        groups = self.mirror_groups(int(x.shape[0]), int(np.prod(x.shape[2:])))
+        with autocast_for(self.device, self.precision):
             for net in self.networks:
-                for axes in self.mirrors:
-                    dims = [a + 2 for a in axes]
-                    xi = torch.flip(x, dims) if dims else x
-                    p = self._forward(net, xi)
-                    p = torch.flip(p, dims) if dims else p
-                    total = p if total is None else total + p
+                for group in groups:
+                    total = self._mirrored_sum(net, x, group, total)
         if total is None:
             raise VoxflowError("TilePredictor produced no output; it needs at least one network.")
         out = total / (len(self.networks) * len(self.mirrors))

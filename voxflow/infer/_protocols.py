@@ -109,7 +109,9 @@ class PredictionModel(Protocol):
         ...
 
     def tile_predictor(self, *, device: str, tta: bool, amp: bool) -> TileScorer:
-        """The tile predictor on ``device`` (mirroring when ``tta``)."""
+        """The tile predictor on ``device`` (mirroring when ``tta``). A
+        :class:`~voxflow.infer.TilePredictor` gets the run's precision and forward-pass memory from
+        the engine (:meth:`~voxflow.infer.TilePredictor.configure`)."""
         ...
 
 

@@ -40,7 +40,8 @@ def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: 
                            n_classes: int, out: Any = None, step: float = 0.5, batch_size: int = 1,
                            cache_bytes: int = DEFAULT_CACHE_BYTES, block_zyx: Sequence[int] | None = None,
                            scratch_dir: str | Path | None = None, progress: bool = False,
-                           desc: str = "tiles", importance_map: np.ndarray | None = None) -> Any:
+                           desc: str = "tiles", importance_map: np.ndarray | None = None,
+                           whole_image_voxels: int = 0, divisor_zyx: Sequence[int] | None = None) -> Any:
     """Predict class probabilities of a (C, Z, Y, X) volume tile by tile.
 
     Each tile's probabilities are weighted with :func:`gaussian_importance_map` and accumulated by a
@@ -57,9 +58,15 @@ def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: 
     cache_bytes : memory for partial blocks before they spill to ``scratch_dir``.
     importance_map : tile weights of shape ``patch_size_vox`` instead of
         :func:`gaussian_importance_map` (e.g. nnU-Net's own map for nnU-Net models); all > 0.
+    whole_image_voxels, divisor_zyx : whole-image tiles up to that many voxels, divisible by
+        ``divisor_zyx`` (see :func:`~voxflow.infer.tile_grid`); every voxel then lies in one tile, and
+        the weights are uniform (they cancel).
     """
     shape = tuple(int(s) for s in image.shape[1:])
-    grid = tile_grid(shape, patch_size_vox, step=step)
+    grid = tile_grid(shape, patch_size_vox, step=step, whole_image_voxels=whole_image_voxels,
+                     divisor_zyx=divisor_zyx)
+    if grid.patch_size_vox != tuple(int(p) for p in patch_size_vox):
+        importance_map = np.ones(grid.patch_size_vox, np.float32)
     if out is None:
         out = np.zeros((n_classes, *shape), np.float32)
     if block_zyx is None:

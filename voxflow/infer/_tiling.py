@@ -3,6 +3,12 @@
 All positions are voxel indices in numpy order (z, y, x). A volume smaller than the patch along an
 axis is (virtually) padded symmetrically to the patch size; tile starts are given in that padded
 grid and :meth:`TileGrid.region` maps a tile back to the part of the unpadded volume it covers.
+
+Whole-image tiles (``whole_image_voxels``): when the volume, rounded up per axis to the network's
+divisibility, has at most that many voxels, one tile of that shape covers it (2-D networks, with a
+patch of 1 along z: one such tile per slice) instead of training-patch tiles with overlap: a
+fully convolutional network takes any divisible shape, and every voxel lies in exactly one tile,
+so the tile weights cancel.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import numpy as np
 
 from voxflow.errors import VoxflowError
 
-__all__ = ["TileGrid", "tile_grid", "tile_starts"]
+__all__ = ["TileGrid", "tile_grid", "tile_starts", "whole_image_patch"]
 
 Box = tuple[tuple[int, int], ...]
 
@@ -92,19 +98,44 @@ class TileGrid:
         return tuple(vol), tuple(loc)
 
 
-def tile_grid(shape_zyx: Sequence[int], patch_size_vox: Sequence[int], *, step: float = 0.5) -> TileGrid:
+def whole_image_patch(shape_zyx: Sequence[int], patch_size_vox: Sequence[int], divisor_zyx: Sequence[int],
+                      max_voxels: int) -> tuple[int, ...] | None:
+    """The whole-image tile of a volume: its shape rounded up per axis to ``divisor_zyx`` (axes where
+    the patch is 1, a 2-D network's z, stay 1); None if that tile has more than ``max_voxels`` voxels.
+
+    >>> whole_image_patch((35, 50, 36), (40, 48, 32), (8, 8, 8), 10**6)
+    (40, 56, 40)
+    """
+    tile = tuple(1 if p == 1 else -(-int(s) // int(d)) * int(d)
+                 for s, p, d in zip(shape_zyx, patch_size_vox, divisor_zyx, strict=True))
+    return tile if math.prod(tile) <= max_voxels else None
+
+
+def tile_grid(shape_zyx: Sequence[int], patch_size_vox: Sequence[int], *, step: float = 0.5,
+              whole_image_voxels: int = 0, divisor_zyx: Sequence[int] | None = None) -> TileGrid:
     """The sliding-window tile grid of a volume; every voxel lies in at least one tile.
+
+    The one function deciding the tiles of a prediction (single process and block-parallel alike).
 
     Parameters
     ----------
     shape_zyx : volume shape (z, y, x) in voxels.
     patch_size_vox : tile shape (z, y, x); axes where the volume is smaller are padded symmetrically.
     step : tile spacing as a fraction of the patch size (0.5 = half-overlapping tiles).
+    whole_image_voxels : if > 0, tiles of :func:`whole_image_patch` when it has at most this many
+        voxels (the grid's ``patch_size_vox`` is then that tile); 0 = always ``patch_size_vox``.
+    divisor_zyx : what every tile axis must be divisible by (the network's total stride); default
+        ``patch_size_vox`` itself (whole-image tiles are then whole multiples of the patch).
     """
     shape = tuple(int(s) for s in shape_zyx)
     patch = tuple(int(p) for p in patch_size_vox)
     if len(shape) != len(patch):
         raise VoxflowError(f"patch_size_vox {patch!r} must have one entry per axis of shape {shape!r}.")
+    if whole_image_voxels > 0:
+        divisor = patch if divisor_zyx is None else tuple(int(d) for d in divisor_zyx)
+        if len(divisor) != len(patch) or min(divisor) < 1:
+            raise VoxflowError(f"divisor_zyx must hold one positive entry per axis; got {divisor!r}.")
+        patch = whole_image_patch(shape, patch, divisor, whole_image_voxels) or patch
     pad_lo = tuple(max(p - s, 0) // 2 for s, p in zip(shape, patch))
     starts = tuple(tuple(tile_starts(max(s, p), p, step=step)) for s, p in zip(shape, patch))
     return TileGrid(shape, patch, float(step), pad_lo, starts)

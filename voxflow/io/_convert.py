@@ -351,6 +351,29 @@ def _compute_conversions(tasks: Sequence[Any], ids: Sequence[str], small: set[st
     return out
 
 
+def _override(source: DatasetSource, *, channel_names: Sequence[str] | None, labels: Mapping[str, Any] | None,
+              regions_class_order: Sequence[int] | None) -> None:
+    """Replace what ``source`` declares by the caller's channel names, labels and region order (where given)."""
+    if channel_names is not None:
+        source.channel_names = tuple(str(c) for c in channel_names)
+    if labels is not None:
+        source.labels = dict(labels)
+    if regions_class_order is not None:
+        source.regions_class_order = tuple(int(v) for v in regions_class_order)
+
+
+def _plan_cases(cases: Sequence[Any], n_channels: int, chunks: tuple[int, ...],
+                max_memory: int) -> tuple[list[Any], dict[str, str]]:
+    """:func:`_plan_case` of each case; the plans, and case id -> error for those that cannot be planned."""
+    plans, errors = [], {}
+    for case in cases:
+        try:
+            plans.append(_plan_case(case, n_channels, chunks, max_memory))
+        except VoxflowError as e:
+            errors[case.case_id] = str(e)
+    return plans, errors
+
+
 @locked(lambda a: store_lock_file(a["dst"]), command="convert")
 def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bool = False, scheduler: str = "threads",
             chunks_zyx: Sequence[int] = DEFAULT_CHUNKS_ZYX, max_memory_bytes: int | None = None,
@@ -375,12 +398,7 @@ def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bo
     (:class:`~voxflow.errors.LockedError` if another process writes ``dst``).
     """
     source = src if isinstance(src, DatasetSource) else load_source(Path(src), split=split, format=format)
-    if channel_names is not None:
-        source.channel_names = tuple(str(c) for c in channel_names)
-    if labels is not None:
-        source.labels = dict(labels)
-    if regions_class_order is not None:
-        source.regions_class_order = tuple(int(v) for v in regions_class_order)
+    _override(source, channel_names=channel_names, labels=labels, regions_class_order=regions_class_order)
     chunks = tuple(int(c) for c in chunks_zyx)
     max_memory = int(max_memory_bytes or default_max_memory())
     with scheduler_context(scheduler, memory_limit=memory_limit):
@@ -393,15 +411,9 @@ def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bo
         done = set(store.resumable_case_ids())
         todo = [c for c in source.cases if c.case_id not in done or _source_changed(store, c)]
         done -= {c.case_id for c in todo}
-        errors: dict[str, str] = {}
         tasks: list[Any] = []
         ids: list[str] = []
-        plans = []
-        for case in todo:
-            try:
-                plans.append(_plan_case(case, len(meta.channel_names), chunks, max_memory))
-            except VoxflowError as e:
-                errors[case.case_id] = str(e)
+        plans, errors = _plan_cases(todo, len(meta.channel_names), chunks, max_memory)
         errors.update(_refuse_2d_in_3d(plans, store, done))
         for plan in plans:
             if plan.case.case_id not in errors:

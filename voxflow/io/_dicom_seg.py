@@ -199,6 +199,22 @@ def _segments(labels: Mapping[str, Any], regions_class_order: Sequence[int] | No
     return segs
 
 
+def _pixels(label: Any, geometry: Geometry, segs: Sequence[_Segment], case_id: str) -> np.ndarray:
+    """The SEG's pixel data from ``label`` (Z, Y, X): the label values themselves when segment ``n`` is
+    value ``n``, else one binary frame per segment on the last axis. Checks shape and declared values."""
+    vol = np.asarray(label)
+    if vol.shape != tuple(geometry.shape_zyx):
+        raise GeometryMismatchError(f"the label of case {case_id!r} must have shape {geometry.shape_zyx}; got {vol.shape}.")
+    known = {v for s in segs for v in s.values} | {0}
+    found = set(np.unique(vol).tolist())
+    if found - known:
+        raise ConversionError(f"label values must be declared in the dataset labels; case {case_id!r} has "
+                              f"undeclared value(s) {sorted(found - known)}.")
+    if any(len(s.values) > 1 for s in segs) or any(s.number != s.values[0] for s in segs):
+        return np.stack([np.isin(vol, s.values) for s in segs], axis=-1).astype(np.uint8)
+    return vol.astype(np.uint8 if vol.max(initial=0) < 256 else np.uint16)
+
+
 def write_dicom_seg(label: Any, geometry: Geometry, reference: Mapping[str, Any] | None, path: str | Path, *,
                     labels: Mapping[str, Any], case_id: str, regions_class_order: Sequence[int] | None = None,
                     model_name: str | None = None, series_description: str | None = None,
@@ -231,18 +247,7 @@ def write_dicom_seg(label: Any, geometry: Geometry, reference: Mapping[str, Any]
     if not segs:
         raise ConversionError(f"a DICOM SEG needs at least one foreground class; the dataset labels {dict(labels)} "
                               f"have none (case {case_id!r}).")
-    vol = np.asarray(label)
-    if vol.shape != tuple(geometry.shape_zyx):
-        raise GeometryMismatchError(f"the label of case {case_id!r} must have shape {geometry.shape_zyx}; got {vol.shape}.")
-    known = {v for s in segs for v in s.values} | {0}
-    found = set(np.unique(vol).tolist())
-    if found - known:
-        raise ConversionError(f"label values must be declared in the dataset labels; case {case_id!r} has "
-                              f"undeclared value(s) {sorted(found - known)}.")
-    if any(len(s.values) > 1 for s in segs) or any(s.number != s.values[0] for s in segs):
-        pixels: np.ndarray = np.stack([np.isin(vol, s.values) for s in segs], axis=-1).astype(np.uint8)
-    else:
-        pixels = vol.astype(np.uint8 if vol.max(initial=0) < 256 else np.uint16)
+    pixels = _pixels(label, geometry, segs, case_id)
     algo = hd.AlgorithmIdentificationSequence(
         name=model_name or "voxflow", family=codes.cid7162.ArtificialIntelligence,
         version=voxflow.__version__, source="voxflow")

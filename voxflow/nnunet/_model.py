@@ -2,7 +2,8 @@
 
 Folder layout (``RESULTS/DatasetXXX/TRAINER__PLANS__CONFIG``): ``plans.json``, ``dataset.json``,
 ``dataset_fingerprint.json`` (optional here), ``fold_<k>/checkpoint_final.pth`` (or
-``checkpoint_best.pth``). The network is built with ``dynamic_network_architectures`` (the
+``checkpoint_best.pth``). A cascade folder (``..._3d_cascade_fullres``) comes with its previous
+stage's folder (``TRAINER__PLANS__3d_lowres`` beside it, or given), loaded with the same folds. The network is built with ``dynamic_network_architectures`` (the
 package nnU-Net itself builds it with; optional extra ``voxflow[nnunet]``) from the plans'
 ``architecture`` entry, and the checkpoint's ``network_weights`` load into it strictly.
 """
@@ -13,7 +14,7 @@ import importlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from voxflow.nnunet._translate import NnunetModelError, NnunetSpec, dataset_meta
 from voxflow.store import DatasetMeta
 from voxflow.workspace import ConfigurationDir
 
-__all__ = ["NnunetModel", "build_network", "load_nnunet_model"]
+__all__ = ["NnunetModel", "build_network", "instance_norm_as_group_norm", "load_nnunet_model",
+           "previous_stage_folder"]
 
 log = logging.getLogger(__name__)
 _NETWORK_PREFIX = "dynamic_network_architectures."
@@ -40,6 +42,8 @@ class NnunetModel:
     networks: list[Any]
     fold_names: list[str]
     trainer_name: str
+    previous: NnunetModel | None = None
+    """The previous stage's model of a cascade (its ``spec.configuration.name`` is ``spec.previous_stage``)."""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -79,10 +83,32 @@ def build_network(spec: NnunetSpec) -> Any:
         if kwargs.get(key) is not None:
             kwargs[key] = _locate(str(kwargs[key]), _OP_PREFIX, f"arch_kwargs[{key!r}]")
     try:
-        return cls(input_channels=spec.num_input_channels, num_classes=spec.num_outputs, deep_supervision=False,
+        return cls(input_channels=spec.network_input_channels, num_classes=spec.num_outputs, deep_supervision=False,
                    **kwargs)
     except TypeError as e:
         raise NnunetModelError(f"network class {spec.network_class!r} rejects the plans' arch_kwargs: {e}.") from None
+
+
+def instance_norm_as_group_norm(net: Any) -> Any:
+    """Replace every affine-or-not ``InstanceNorm1d/2d/3d`` without running stats in ``net`` by the
+    same normalisation as ``GroupNorm(C, C)`` (one group per channel), in place; the parameters
+    (``weight``, ``bias``) are the same tensors, so the state dict keys and values are unchanged.
+
+    Same math, faster CPU kernel: ``torch.instance_norm`` took ~25% of nnU-Net's PlainConvUNet
+    forward time on the CPU (``benchmarks/tta_batching.py`` measures both). Returns ``net``.
+    """
+    from torch import nn
+
+    for name, child in list(net.named_children()):
+        if isinstance(child, nn.modules.instancenorm._InstanceNorm) and not child.track_running_stats:
+            group = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine)
+            if child.affine:
+                group.weight, group.bias = child.weight, child.bias
+            group.train(child.training)
+            setattr(net, name, group)
+        else:
+            instance_norm_as_group_norm(child)
+    return net
 
 
 def _fold_dirs(folder: Path, folds: Sequence[int | str] | None, checkpoint: str) -> list[Path]:
@@ -112,15 +138,8 @@ def _load_checkpoint(path: Path) -> Mapping[str, Any]:
     return ckpt
 
 
-def load_nnunet_model(folder: str | Path, *, folds: Sequence[int | str] | None = None,
-                      checkpoint: str = "checkpoint_final.pth", device: str = "cpu") -> NnunetModel:
-    """Read an nnU-Net v2 model folder and build one network per fold with its weights loaded strictly.
-
-    Raises :class:`NnunetModelError` for a missing file, an unsupported configuration (cascade,
-    normalisation, reader, resampling function) or a network whose state dict does not match the
-    checkpoint (a custom trainer's architecture: the message names trainer and network class).
-    """
-    folder = Path(folder)
+def _load_folder(folder: Path, folds: Sequence[int | str] | None, checkpoint: str, device: str) -> NnunetModel:
+    """One model folder: plans, dataset, the folds' networks (weights loaded strictly)."""
     plans, dataset = _read_json(folder / "plans.json"), _read_json(folder / "dataset.json")
     dirs = _fold_dirs(folder, folds, checkpoint)
     ckpts = [_load_checkpoint(d / checkpoint) for d in dirs]
@@ -141,8 +160,67 @@ def load_nnunet_model(folder: str | Path, *, folds: Sequence[int | str] | None =
                 f"the weights of {d / checkpoint} must fit the plans' network {spec.network_class!r}; they do not "
                 f"(trainer {trainer!r} probably builds its own architecture, which voxflow does not know). "
                 f"Details: {str(e).splitlines()[0]}") from None
-        networks.append(net.to(device).eval())
+        networks.append(instance_norm_as_group_norm(net).to(device).eval())
     if trainer != _DEFAULT_TRAINER:
         log.warning("trainer %r is not nnU-Net's default; its weights loaded strictly into %s, so the "
                     "architecture matches", trainer, spec.network_class)
     return NnunetModel(folder, spec, dataset_meta(dataset, plans), networks, [d.name for d in dirs], trainer)
+
+
+def previous_stage_folder(folder: str | Path, previous_stage: str) -> Path:
+    """Where nnU-Net puts a cascade's previous stage: ``TRAINER__PLANS__<previous_stage>`` beside
+    ``folder`` (``TRAINER__PLANS__3d_cascade_fullres``)."""
+    folder = Path(folder)
+    parts = folder.name.split("__")
+    if len(parts) != 3:
+        raise NnunetModelError(f"the cascade model folder {str(folder)!r} must be named TRAINER__PLANS__CONFIG to "
+                               f"find its {previous_stage!r} folder beside it; pass --nnunet-previous-model.")
+    return folder.parent / f"{parts[0]}__{parts[1]}__{previous_stage}"
+
+
+def _check_pair(model: NnunetModel, previous: NnunetModel) -> None:
+    """The previous stage must be the configuration the cascade names, with the same channels and labels."""
+    want, got = model.spec.previous_stage, previous.spec.configuration.name
+    where = f"{str(previous.folder)!r} (previous stage of {str(model.folder)!r})"
+    if got != want:
+        raise NnunetModelError(f"the previous-stage model folder must hold configuration {want!r} (the cascade's "
+                               f"previous_stage); {where} holds {got!r}. Pass the {want} folder.")
+    for what, a, b in (("labels", model.dataset.labels, previous.dataset.labels),
+                       ("channel_names", model.dataset.channel_names, previous.dataset.channel_names)):
+        if a != b:
+            raise NnunetModelError(f"the dataset.json {what} of both stages must be the same; the cascade has "
+                                   f"{a!r}, {where} has {b!r}. Both folders must come from one nnU-Net dataset.")
+
+
+def load_nnunet_model(folder: str | Path, *, folds: Sequence[int | str] | None = None,
+                      checkpoint: str = "checkpoint_final.pth", device: str = "cpu",
+                      previous_model: str | Path | None = None) -> NnunetModel:
+    """Read an nnU-Net v2 model folder and build one network per fold with its weights loaded strictly.
+
+    A cascade configuration (``previous_stage`` in its plans, e.g. ``3d_cascade_fullres``) also loads
+    its previous stage from ``previous_model`` (default: :func:`previous_stage_folder`), with the
+    same folds and checkpoint name. Raises :class:`NnunetModelError` for a missing file, an
+    unsupported configuration (normalisation, reader, resampling function), a network whose state
+    dict does not match the checkpoint (a custom trainer's architecture: the message names trainer
+    and network class), or a previous stage that is missing, lacks a fold or has other labels.
+    """
+    model = _load_folder(Path(folder), folds, checkpoint, device)
+    stage = model.spec.previous_stage
+    if stage is None:
+        if previous_model is not None:
+            raise NnunetModelError(f"--nnunet-previous-model is for cascade models only; {str(folder)!r} holds "
+                                   f"{model.spec.configuration.name!r}, which has no previous stage.")
+        return model
+    prev_dir = Path(previous_model) if previous_model is not None else previous_stage_folder(folder, stage)
+    if not (prev_dir / "plans.json").is_file():
+        raise NnunetModelError(f"the cascade {str(folder)!r} needs its previous stage {stage!r}: expected an nnU-Net "
+                               f"model folder at {str(prev_dir)!r} (with plans.json); train {stage} (nnUNetv2_train "
+                               f"... {stage} FOLD) or pass its folder with --nnunet-previous-model.")
+    missing = [f for f in model.fold_names if not (prev_dir / f / checkpoint).is_file()]
+    if missing:
+        raise NnunetModelError(f"the previous stage {str(prev_dir)!r} must hold the cascade's folds with "
+                               f"{checkpoint}; missing {missing}. Choose folds both stages have with -f.")
+    previous = load_nnunet_model(prev_dir, folds=[f.removeprefix("fold_") for f in model.fold_names],
+                                 checkpoint=checkpoint, device=device)
+    _check_pair(model, previous)
+    return replace(model, previous=previous)

@@ -24,6 +24,7 @@ __all__ = [
     "NnunetSpec",
     "case_configuration",
     "dataset_meta",
+    "foreground_labels",
     "resolve_configuration",
     "separate_z_axis",
     "translate_configuration",
@@ -64,6 +65,16 @@ class NnunetSpec:
     probabilities_order: int
     probabilities_order_z: int
     mirror_axes_net: tuple[int, ...] = ()
+    previous_stage: str | None = None
+    previous_labels: tuple[int, ...] = ()
+    seg_order: int = 1
+    seg_order_z: int = 0
+    seg_force_separate_z: bool | None = None
+
+    @property
+    def network_input_channels(self) -> int:
+        """Channels of the network's input: the image's, plus the previous stage's one-hot labels."""
+        return self.num_input_channels + (len(self.previous_labels) if self.previous_stage else 0)
 
     @property
     def transpose_backward(self) -> tuple[int, int, int]:
@@ -104,6 +115,17 @@ def _labels(dataset: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[int, ...]
     norm = {k: (list(v) if isinstance(v, (list, tuple)) and regions else
                 (int(v[0]) if isinstance(v, (list, tuple)) else int(v))) for k, v in labels.items()}
     return norm, (tuple(int(v) for v in order) if regions and order is not None else None), n_out
+
+
+def foreground_labels(dataset: Mapping[str, Any]) -> tuple[int, ...]:
+    """nnU-Net's ``LabelManager.foreground_labels``: every label value of ``dataset.json`` (region
+    members included, ``ignore`` left out), sorted, without 0 -- the one-hot channels a cascade
+    stage gets from its previous stage (one per label value, also for region datasets)."""
+    values: set[int] = set()
+    for name, v in (dataset.get("labels") or {}).items():
+        if name != "ignore":
+            values.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+    return tuple(sorted(values - {0}))
 
 
 def dataset_meta(dataset: Mapping[str, Any], plans: Mapping[str, Any]) -> DatasetMeta:
@@ -173,6 +195,21 @@ def _network_spec(arch: Mapping[str, Any], back: Sequence[int], spatial_dims: in
                        deep_supervision=False)
 
 
+def _previous_stage(cfg: Mapping[str, Any], plans: Mapping[str, Any], dataset: Mapping[str, Any],
+                    name: str) -> str | None:
+    """A cascade configuration's ``previous_stage`` (checked), or None."""
+    previous = cfg.get("previous_stage")
+    if previous is None:
+        return None
+    if previous == name or previous not in plans.get("configurations", {}):
+        raise NnunetModelError(f"previous_stage of configuration {name!r} must name another configuration of "
+                               f"plans.json (e.g. '3d_lowres'); got {previous!r}.")
+    if not foreground_labels(dataset):
+        raise NnunetModelError(f"cascade configuration {name!r} needs foreground labels in dataset.json (its "
+                               f"extra input is one channel per foreground label); got {dataset.get('labels')!r}.")
+    return str(previous)
+
+
 def translate_configuration(plans: Mapping[str, Any], dataset: Mapping[str, Any], name: str, *,
                             mirror_axes_net: Sequence[int] | None = (0, 1, 2)) -> NnunetSpec:
     """An nnU-Net configuration as a voxflow :class:`Configuration` plus an :class:`NnunetSpec`.
@@ -181,10 +218,7 @@ def translate_configuration(plans: Mapping[str, Any], dataset: Mapping[str, Any]
     for none). Raises :class:`NnunetModelError` naming what is not supported.
     """
     cfg = resolve_configuration(plans, name)
-    if cfg.get("previous_stage") and "cascade" in name:
-        raise NnunetModelError(f"cascade configuration {name!r} needs the predictions of "
-                               f"{cfg['previous_stage']!r} as extra input; voxflow does not run nnU-Net cascades. "
-                               f"Use the 3d_fullres or 3d_lowres model folder.")
+    previous = _previous_stage(cfg, plans, dataset, name)
     reader = str(plans.get("image_reader_writer", "SimpleITKIO"))
     if reader not in _READERS:
         raise NnunetModelError(f"image_reader_writer {reader!r} of plans.json is not supported (its axis order "
@@ -228,7 +262,10 @@ def translate_configuration(plans: Mapping[str, Any], dataset: Mapping[str, Any]
                       num_input_channels=len(meta.channel_names), num_outputs=n_out,
                       force_separate_z=data_kw.get("force_separate_z"), data_order_z=int(data_kw.get("order_z", 0)),
                       probabilities_order=int(prob_kw.get("order", 1)),
-                      probabilities_order_z=int(prob_kw.get("order_z", 0)), mirror_axes_net=mirror)
+                      probabilities_order_z=int(prob_kw.get("order_z", 0)), mirror_axes_net=mirror,
+                      previous_stage=previous, previous_labels=foreground_labels(dataset) if previous else (),
+                      seg_order=int(seg_kw.get("order", 1)), seg_order_z=int(seg_kw.get("order_z", 0)),
+                      seg_force_separate_z=seg_kw.get("force_separate_z"))
 
 
 def _lowres_axis(spacing: Sequence[float]) -> int | None:

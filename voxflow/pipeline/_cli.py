@@ -1,4 +1,4 @@
-"""CLI commands `run`, `demo`, `export-model` and `bench`."""
+"""CLI commands `run`, `plan-and-preprocess`, `demo`, `export-model` and `bench`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ from pathlib import Path
 
 import click
 
-from voxflow._cliutil import handle_errors, parse_set_options, scheduler_option, set_option
+from voxflow._cliutil import (
+    handle_errors,
+    parse_set_options,
+    preset_option,
+    scheduler_option,
+    set_option,
+    workspace_option,
+)
 
 
 @click.command("run")
@@ -22,8 +29,7 @@ from voxflow._cliutil import handle_errors, parse_set_options, scheduler_option,
 @click.option("--folds", multiple=True, default=("0", "1", "2", "3", "4"), show_default=True,
               help="Folds to train (repeatable), 0..4 or 'all' (all cases, no cross-validation).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--preset", type=click.Choice(["default", "resenc-m", "resenc-l", "cpu"]), default="default",
-              show_default=True, help="Planner preset; `cpu` plans small networks for CPU training.")
+@preset_option("Planner preset; `cpu` plans small networks for CPU training.")
 @click.option("--gpu-memory-gb", type=float, default=None, help="Training memory budget for the planner (GiB).")
 @click.option("--nproc", type=int, default=1, show_default=True, help="DDP processes per training run.")
 @click.option("--num-workers", type=int, default=2, show_default=True, help="Data loader workers per process.")
@@ -44,9 +50,41 @@ def run(src: str, work: str, configurations: tuple[str, ...], folds: tuple[str, 
 
     opts = RunOptions(configurations=configurations or None, folds=folds, scheduler=scheduler, device=device,
                       preset=preset, gpu_memory_gb=gpu_memory_gb, overrides=parse_set_options(overrides),
-                      nproc=nproc, num_workers=num_workers, tta=not no_tta)
+                      nproc=nproc, num_workers=num_workers, tta=not no_tta, memory_limit=memory_limit)
     summary = run_workflow(src, work, opts, report=click.echo)
     click.echo(f"best: {'+'.join(summary['best'])}  cross-validated Dice {summary['best_dice']}")
+
+
+@click.command("plan-and-preprocess")
+@click.argument("src", type=click.Path(exists=True))
+@click.option("-c", "--configuration", "configurations", multiple=True,
+              help="Configuration(s) to preprocess (repeatable; default: every configuration planned).")
+@preset_option("Planner preset.")
+@click.option("--gpu-memory-gb", type=float, default=None, help="Training memory budget (default: the preset's).")
+@click.option("--overwrite", is_flag=True, help="Redo conversion and preprocessing from scratch.")
+@workspace_option
+@scheduler_option
+@handle_errors
+def plan_and_preprocess(src: str, configurations: tuple[str, ...], preset: str, gpu_memory_gb: float | None,
+                        overwrite: bool, work: str, scheduler: str, memory_limit: str | None) -> None:
+    """Convert SRC (unless it is a voxflow store), fingerprint, plan and preprocess, all into --work.
+
+    The first four steps of `voxflow run`, each redone (fingerprint and plan anew; conversion and
+    preprocessing resume case by case unless --overwrite). A store as SRC is linked as WORK/dataset.zarr.
+    Holds the workspace lock (WORK/.voxflow.lock) throughout: one writer per workspace."""
+    from voxflow._lock import dir_lock_file, exclusive_lock
+    from voxflow.pipeline._workflow import PREPARE_STEPS, RunOptions, run_workflow
+    from voxflow.store import Store
+    from voxflow.workspace import Workspace
+
+    ws = Workspace(work).ensure()
+    opts = RunOptions(configurations=configurations or None, scheduler=scheduler, preset=preset,
+                      gpu_memory_gb=gpu_memory_gb, memory_limit=memory_limit, stop_after="preprocess",
+                      redo=frozenset(PREPARE_STEPS), overwrite=overwrite)
+    with exclusive_lock(dir_lock_file(ws.root), command="plan-and-preprocess"):
+        result = run_workflow(src, ws, opts, report=click.echo)
+    for name in result["configurations"]:
+        click.echo(f"{name}: {len(Store.open(ws.preprocessed(name)).case_ids())} cases in {ws.preprocessed(name)}")
 
 
 @click.command("demo")

@@ -77,7 +77,7 @@ def run_demo(work: PathLikeStr, options: DemoOptions | None = None, *,
     scores = evaluate(pred, raw / "labelsTs", output=test_out / "summary.json", scheduler=o.scheduler)
     labels = json.loads((raw / "dataset.json").read_text())["labels"]
     names = {str(v): k for k, v in labels.items() if not isinstance(v, list)}
-    dice = {names.get(k, k): v.get("dice") for k, v in scores["mean"].items()}
+    dice = {names.get(k, k): v.get("dice") for k, v in scores.mean.items()}
     png = _figure(raw, pred, ws.root / "demo_slices.png")
     wall = time.perf_counter() - t0
     result = {"dice_held_out": dice, "cv": summary, "wall_s": round(wall, 1),

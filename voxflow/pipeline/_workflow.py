@@ -16,7 +16,10 @@ Steps (outputs under the work directory, see :class:`voxflow.workspace.Workspace
 8. summary       -> summary.json and the `voxflow predict` command to use
 
 Every step is resumable: a rerun after an interruption skips what is complete and finishes the rest
-with the same result (training resumes from checkpoint_latest.pt).
+with the same result (training resumes from checkpoint_latest.pt). ``RunOptions.stop_after`` ends the run
+after one of steps 1-4 (`voxflow plan-and-preprocess` is the run stopped after preprocess);
+``RunOptions.redo`` runs steps 1-4 even when their output exists (conversion and preprocessing then
+resume case by case) and ``RunOptions.overwrite`` redoes them from scratch.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from voxflow._lock import dir_lock_file, locked
+from voxflow._serial import check_choice, set_field
 from voxflow._types import PathLikeStr
 from voxflow.errors import VoxflowError
 from voxflow.plan.schema import Plan, atomic_write_json
@@ -43,6 +47,9 @@ __all__ = ["RunOptions", "find_best_configuration", "run_workflow"]
 
 log = logging.getLogger(__name__)
 Reporter = Callable[[str], None]
+# the steps a run can stop after or redo: they prepare the data, training follows them
+PrepareStep = Literal["convert", "fingerprint", "plan", "preprocess"]
+PREPARE_STEPS: tuple[PrepareStep, ...] = ("convert", "fingerprint", "plan", "preprocess")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +66,21 @@ class RunOptions:
     nproc: int = 1
     num_workers: int = 2
     tta: bool = True
+    memory_limit: str | None = None  # per worker, for scheduler local:N
+    stop_after: PrepareStep | None = None  # end the run after this step (None: every step)
+    redo: frozenset[PrepareStep] = frozenset()  # run these steps even when their output exists
+    overwrite: bool = False  # redo conversion, fingerprint, plan and preprocessing from scratch
+
+    def __post_init__(self) -> None:
+        if self.stop_after is not None:
+            check_choice(self.stop_after, PREPARE_STEPS, "stop_after", error=VoxflowError)
+        set_field(self, "redo", frozenset(self.redo))
+        for step in self.redo:
+            check_choice(step, PREPARE_STEPS, "redo", error=VoxflowError)
+
+
+def _redo(opts: RunOptions, step: PrepareStep) -> bool:
+    return opts.overwrite or step in opts.redo
 
 
 def _is_store(path: Path) -> bool:
@@ -89,30 +111,30 @@ def _convert(src: Path, work: Workspace, opts: RunOptions, report: Reporter) -> 
                 os.symlink(src.resolve(), target, target_is_directory=True)
         _step(report, "convert", f"using existing store {src} ({len(Store.open(src).case_ids())} cases)")
         return
-    if _is_store(target):
+    if _is_store(target) and not _redo(opts, "convert"):
         store = Store.open(target)
         if not store.incomplete_case_ids():
             _step(report, "convert", f"skipped: {target} holds {len(store.case_ids())} complete cases")
             return
-    store = convert(src, target, scheduler=opts.scheduler)
+    store = convert(src, target, overwrite=opts.overwrite, scheduler=opts.scheduler, memory_limit=opts.memory_limit)
     _step(report, "convert", f"{src} -> {target} ({len(store.case_ids())} cases)")
 
 
 def _fingerprint(work: Workspace, opts: RunOptions, report: Reporter) -> None:
-    if work.fingerprint.is_file():
+    if work.fingerprint.is_file() and not _redo(opts, "fingerprint"):
         _step(report, "fingerprint", f"skipped: {work.fingerprint} exists")
         return
     from voxflow.cluster import scheduler_context
     from voxflow.fingerprint import compute_fingerprint
 
-    with scheduler_context(opts.scheduler):
+    with scheduler_context(opts.scheduler, memory_limit=opts.memory_limit):
         fp = compute_fingerprint(work.dataset_store)
     fp.save(work.fingerprint)
     _step(report, "fingerprint", f"-> {work.fingerprint}")
 
 
 def _plan(work: Workspace, opts: RunOptions, report: Reporter) -> Plan:
-    if work.plans.is_file():
+    if work.plans.is_file() and not _redo(opts, "plan"):
         _step(report, "plan", f"skipped: {work.plans} exists")
         return Plan.load(work.plans)
     from voxflow.fingerprint import Fingerprint
@@ -145,17 +167,20 @@ def _configurations(plan: Plan, opts: RunOptions) -> list[str]:
 
 
 def _preprocess(work: Workspace, plan: Plan, cfg: str, opts: RunOptions, report: Reporter) -> None:
+    from voxflow.fingerprint import Fingerprint
     from voxflow.preprocess import run_preprocess
     from voxflow.store import Store
 
     out = work.preprocessed(cfg)
     src = Store.open(work.dataset_store)
-    if _is_store(out):
+    if _is_store(out) and not _redo(opts, "preprocess"):
         done = Store.open(out)
         if set(done.case_ids()) >= set(src.case_ids()):
             _step(report, "preprocess", f"skipped: {out} is complete ({len(done.case_ids())} cases)")
             return
-    run_preprocess(work.dataset_store, plan, cfg, out, scheduler=opts.scheduler)
+    boxes = {c.case_id: c.nonzero_bbox_zyx for c in Fingerprint.load(work.fingerprint).cases}
+    run_preprocess(src, plan, cfg, out, scheduler=opts.scheduler, memory_limit=opts.memory_limit,
+                   overwrite=opts.overwrite, bboxes=boxes)
     _step(report, "preprocess", f"{cfg} -> {out}")
 
 
@@ -205,17 +230,14 @@ def _postprocess(work: Workspace, cfg: str, folds: Sequence[str], opts: RunOptio
 
 def _cv_dice(work: Workspace, cfg: str, folds: Sequence[str]) -> float:
     """Mean over folds' validation cases of the foreground-mean Dice (NaN if any fold lacks one)."""
+    from voxflow.evaluate import EvaluationSummary
+
     values: list[float] = []
     for f in folds:
         path = work.fold(cfg, f).validation_summary
         if not path.is_file():
             return math.nan
-        per_case = json.loads(path.read_text()).get("metric_per_case", [])
-        for case in per_case:
-            dices = [m.get("dice") for m in case["metrics"].values()]
-            dices = [d for d in dices if d is not None and not math.isnan(d)]
-            if dices:
-                values.append(sum(dices) / len(dices))
+        values.extend(EvaluationSummary.load(path).case_dice())
     return sum(values) / len(values) if values else math.nan
 
 
@@ -242,10 +264,7 @@ def _ensemble_dice(work: Workspace, cfgs: Sequence[str], folds: Sequence[str], o
                        case_ids=val_ids, export=False, scheduler=opts.scheduler, progress=False)
         summary = evaluate(pred, work.dataset_store, surface=False, output=run.validation_summary,
                            scheduler=opts.scheduler)
-        for case in summary["metric_per_case"]:
-            d = [m["dice"] for m in case["metrics"].values() if m.get("dice") is not None and not math.isnan(m["dice"])]
-            if d:
-                per_case.append(sum(d) / len(d))
+        per_case.extend(summary.case_dice())
     return sum(per_case) / len(per_case) if per_case else math.nan
 
 
@@ -284,10 +303,30 @@ def _workspace_lock(args: Mapping[str, Any]) -> Path:
     return dir_lock_file(work.root if isinstance(work, Workspace) else Path(work))
 
 
+def _prepare(src: Path, work: Workspace, opts: RunOptions, report: Reporter) -> list[str]:
+    """Steps 1-4 up to ``opts.stop_after``; returns the configurations planned for (none before the plan)."""
+    _convert(src, work, opts, report)
+    if opts.stop_after == "convert":
+        return []
+    _fingerprint(work, opts, report)
+    if opts.stop_after == "fingerprint":
+        return []
+    plan = _plan(work, opts, report)
+    configs = _configurations(plan, opts)
+    if opts.stop_after != "plan":
+        for cfg in configs:
+            _preprocess(work, plan, cfg, opts, report)
+    return configs
+
+
 @locked(_workspace_lock, command="run")
 def run_workflow(src: PathLikeStr, work: PathLikeStr | Workspace, opts: RunOptions | None = None, *,
                  report: Reporter | None = None) -> dict[str, Any]:
-    """Run every step of the workflow (see the module docstring); returns the summary dict."""
+    """Run every step of the workflow (see the module docstring); returns the summary dict.
+
+    With ``opts.stop_after`` it returns after that step with ``{"work", "dataset", "configurations",
+    "stopped_after", "wall_s"}`` and writes no summary.json (that marks a finished run).
+    """
     opts = opts or RunOptions()
     report = report or log.info
     work = (work if isinstance(work, Workspace) else Workspace(work)).ensure()
@@ -295,13 +334,11 @@ def run_workflow(src: PathLikeStr, work: PathLikeStr | Workspace, opts: RunOptio
     if not src.exists():
         raise VoxflowError(f"source {src} does not exist; give a dataset folder, files or a voxflow store.")
     t0 = time.perf_counter()
-    _convert(src, work, opts, report)
-    _fingerprint(work, opts, report)
-    plan = _plan(work, opts, report)
-    configs = _configurations(plan, opts)
+    configs = _prepare(src, work, opts, report)
+    if opts.stop_after is not None:
+        return {"work": str(work.root), "dataset": str(work.dataset_store), "configurations": configs,
+                "stopped_after": opts.stop_after, "wall_s": round(time.perf_counter() - t0, 1)}
     folds = [str(f) for f in opts.folds]
-    for cfg in configs:
-        _preprocess(work, plan, cfg, opts, report)
     for cfg in configs:
         for fold in folds:
             _train(work, cfg, fold, opts, report)

@@ -8,61 +8,29 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from voxflow.errors import PlanError, TrainingDivergedError
+from voxflow.errors import ConfigError, PlanError, TrainingDivergedError
 from voxflow.models import LabelSpec
+from voxflow.precision import amp_dtype_for, cpu_has_native_bf16
+from voxflow.precision import resolve_precision as _resolve
 from voxflow.train.distributed import DistInfo, any_rank
 from voxflow.train.losses import region_targets
 
 __all__ = ["EpochProgress", "amp_dtype_for", "confusion_counts", "cpu_has_native_bf16", "epoch_loss", "pseudo_dice",
            "resolve_precision", "train_epoch", "validate"]
 
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the processor computes bf16 natively (AVX512-BF16 or AMX), where a bf16 autocast
-    is faster than fp32; elsewhere bf16 on the CPU is emulated and slower."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # older torch: read the flags
-        try:
-            flags = Path("/proc/cpuinfo").read_text().split()
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-
 
 def resolve_precision(precision: str, device: torch.device, *, amp: bool = True) -> str:
-    """The precision a run uses: ``fp32``, ``bf16`` or ``fp16`` (mixed, with a GradScaler).
-
-    ``auto``: bf16 on CUDA devices that support it, fp16 on older ones; on the CPU fp32 (a bf16
-    autocast is emulated, hence slower, on processors without AVX512-BF16/AMX; on those that have
-    it, fp32 stays the default until its accuracy is measured, see the README). ``amp=False``
-    (the older ``train.amp`` switch) turns ``auto`` into fp32. fp16 on the CPU is refused.
-    """
-    if precision == "auto":
-        if not amp or device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision not in _DTYPES:
-        raise PlanError(f"train.precision must be auto, fp32, bf16 or fp16; got {precision!r}. Set one with "
-                        f"--precision or --set train.precision=...")
-    if precision == "fp16" and device.type != "cuda":
-        raise PlanError(f"train.precision fp16 needs a CUDA device; got device {str(device)!r}. Train on a GPU "
-                        f"(--device cuda) or use --precision bf16 or fp32 on the CPU.")
-    return precision
-
-
-def amp_dtype_for(precision: str) -> torch.dtype | None:
-    """The autocast dtype of a resolved precision (``None``: plain fp32)."""
-    return _DTYPES[precision]
+    """:func:`voxflow.precision.resolve_precision` for ``train.precision`` (a :class:`PlanError`)."""
+    try:
+        return _resolve(precision, device, amp=amp, setting="train.precision")
+    except ConfigError as e:
+        raise PlanError(f"{e} (or --set train.precision=...)") from None
 
 
 @dataclass

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from voxflow.workspace import Workspace
+
+if TYPE_CHECKING:
+    from voxflow.evaluate import EvaluationSummary
 
 __all__ = ["cross_validation_model", "validate_fold"]
 
@@ -21,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def validate_fold(work: Workspace, configuration: str, fold: int | str, val_ids: Sequence[str] | None = None, *,
-                  device: str = "cpu", tta: bool = True, scheduler: str = "threads") -> dict[str, Any] | None:
+                  device: str = "cpu", tta: bool = True, scheduler: str = "threads") -> EvaluationSummary | None:
     """Predict ``val_ids`` (default: the fold's validation cases in ``splits.json``) with
     ``checkpoint_final.pt`` of the fold and write ``validation/summary.json``; return the evaluation
     summary, or ``None`` when skipped."""
@@ -43,7 +46,7 @@ def validate_fold(work: Workspace, configuration: str, fold: int | str, val_ids:
     summary = evaluate(pred, work.dataset_store, surface=False, output=run.validation_summary,
                        scheduler=scheduler)
     log.info("validation of %s fold %s: foreground mean Dice %.4f", configuration, fold,
-             summary["foreground_mean"].get("dice", float("nan")))
+             summary.dice)
     return summary
 
 
