@@ -5,9 +5,11 @@
 and other loaders.
 """
 
+from voxflow.data._previous import PreviousParams, perturb_sample
 from voxflow.data.augment import AugmentConfig, Params, apply, enlarged_patch_size, sample_params
 from voxflow.data.loader import Batch, BatchLoader, LoaderSpec, build_loader, loader_spec
 from voxflow.data.sampling import (
+    PREVIOUS_ARRAY,
     CaseHandle,
     ChunkCache,
     PatchBatch,
@@ -18,6 +20,7 @@ from voxflow.data.sampling import (
 )
 
 __all__ = [
+    "PREVIOUS_ARRAY",
     "AugmentConfig",
     "Batch",
     "BatchLoader",
@@ -27,10 +30,12 @@ __all__ = [
     "Params",
     "PatchBatch",
     "PatchSampler",
+    "PreviousParams",
     "apply",
     "build_loader",
     "enlarged_patch_size",
     "loader_spec",
+    "perturb_sample",
     "open_cases",
     "read_patch",
     "sample_params",

@@ -25,6 +25,8 @@ low resolution              nearest down to U(0.5, 1) of the size, linear back u
 gamma, inverted             gamma U(0.7, 1) or U(1, 1.5), on -x, mean/std kept            0.1
 gamma                       same, on x                                                    0.3
 mirroring                   each axis in ``mirror_axes``                                  0.5
+cascade: binary operator    previous-stage channels only, see :mod:`._previous`           0.4
+cascade: remove component   previous-stage channels only                                  0.2
 ==========================  ===========================================================  ======
 
 Rotation, scaling and elastic deformation form one ``grid_sample`` per batch that also crops the
@@ -47,6 +49,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import torch
 
+from voxflow.data._previous import PreviousParams, apply_previous, sample_previous_params
 from voxflow.data._transforms import (
     apply_blur,
     apply_brightness,
@@ -99,13 +102,20 @@ class AugmentConfig:
     gamma_range: Range = (0.7, 1.5)
     p_mirror: float = 0.5
     mirror_axes: tuple[int, ...] = (0, 1, 2)
+    p_previous_binary: float = 0.4
+    p_previous_binary_per_label: float = 0.5
+    previous_strel_radius_vox: Range = (1.0, 8.0)
+    p_previous_remove_component: float = 0.2
+    p_previous_remove_per_label: float = 0.5
+    previous_component_max_fraction: float = 0.15
 
     def __post_init__(self) -> None:
         for f in fields(self):
             if f.name.startswith("p_") and not 0.0 <= getattr(self, f.name) <= 1.0:
                 raise ConfigError(f"AugmentConfig.{f.name} must be a probability in [0, 1]; got "
                                   f"{getattr(self, f.name)!r}. Pass a value between 0 (never) and 1 (always).")
-        for name in ("scale_range", "brightness_range", "contrast_range", "lowres_zoom", "gamma_range"):
+        for name in ("scale_range", "brightness_range", "contrast_range", "lowres_zoom", "gamma_range",
+                     "previous_strel_radius_vox"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
                 raise ConfigError(f"AugmentConfig.{name} must be (low, high) with 0 < low <= high; got "
@@ -137,7 +147,8 @@ class AugmentConfig:
     def off(cls) -> AugmentConfig:
         """Every transform disabled (validation)."""
         return cls(p_rotation=0.0, p_scale=0.0, p_elastic=0.0, p_noise=0.0, p_blur=0.0, p_brightness=0.0,
-                   p_contrast=0.0, p_lowres=0.0, p_gamma_inverted=0.0, p_gamma=0.0, p_mirror=0.0)
+                   p_contrast=0.0, p_lowres=0.0, p_gamma_inverted=0.0, p_gamma=0.0, p_mirror=0.0,
+                   p_previous_binary=0.0, p_previous_remove_component=0.0)
 
     def for_spatial_dims(self, spatial_dims: int) -> AugmentConfig:
         """Drop mirror axes that a ``spatial_dims``-D patch does not have."""
@@ -211,6 +222,7 @@ class Params:
     gamma: np.ndarray             # (B,)
     mirror: np.ndarray            # (B, D) bool
     extra: dict = field(default_factory=dict)
+    previous: PreviousParams | None = None  # cascade perturbations of the previous-stage channels
 
     @classmethod
     def identity(cls, batch_size: int, n_channels: int, spatial_dims: int) -> Params:
@@ -259,11 +271,14 @@ def _spatial_params(rng: np.random.Generator, b: int, d: int, cfg: AugmentConfig
 
 
 def sample_params(rng: np.random.Generator, batch_size: int, *, n_channels: int, spatial_dims: int,
-                  config: AugmentConfig | None = None, patch_size: Sequence[int] | None = None) -> Params:
+                  config: AugmentConfig | None = None, patch_size: Sequence[int] | None = None,
+                  n_previous: int = 0) -> Params:
     """Draw the augmentation parameters of one batch (numpy only; cheap).
 
     ``patch_size`` (the final patch, ``spatial_dims`` entries) sets the elastic control grid and
     nnU-Net's patch-dependent rotation rules (:meth:`AugmentConfig.max_rotation_rad`).
+    ``n_previous``: one-hot channels of a cascade's previous stage (their perturbations are drawn
+    last, so the other draws do not depend on it).
     """
     cfg = (config or AugmentConfig()).for_spatial_dims(spatial_dims)
     b, c, d = batch_size, n_channels, spatial_dims
@@ -281,14 +296,17 @@ def sample_params(rng: np.random.Generator, batch_size: int, *, n_channels: int,
     mirror = np.zeros((b, d), bool)
     for a in cfg.mirror_axes:
         mirror[:, a] = rng.random(b) < cfg.p_mirror
+    noise_seed = int(rng.integers(2**62))
+    previous = sample_previous_params(rng, b, n_previous, cfg) if n_previous else None
     return Params(matrix=matrix, spatial=spatial, elastic=elastic, noise_std=noise_std,
-                  noise_seed=int(rng.integers(2**62)), blur_sigma=blur, brightness=brightness, contrast=contrast,
-                  lowres_zoom=lowres, gamma_inverted=gamma_inv, gamma=gamma, mirror=mirror)
+                  noise_seed=noise_seed, blur_sigma=blur, brightness=brightness, contrast=contrast,
+                  lowres_zoom=lowres, gamma_inverted=gamma_inv, gamma=gamma, mirror=mirror, previous=previous)
 
 
 def apply(image: torch.Tensor, label: torch.Tensor | None, params: Params, *, patch_size: Sequence[int],
           ds_scales: Sequence[Sequence[float]] | None = None,
           spatial_input: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+          previous_labels: Sequence[int] = (),
           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Augment one batch on its device; deterministic given ``params``.
 
@@ -299,6 +317,10 @@ def apply(image: torch.Tensor, label: torch.Tensor | None, params: Params, *, pa
     patch_size : final spatial size ``F`` (same number of axes as ``P``; ``P - F`` even).
     ds_scales : per-axis scale factor of each deep supervision output (full resolution first);
         ``None`` gives one full-resolution target.
+    previous_labels : a cascade's previous-stage label values: ``label`` is then (B, 2, *P), the
+        reference label and the previous stage's segmentation, transformed alike (nearest); the
+        latter leaves as one-hot channels appended to the image (one per value, no intensity
+        transform), perturbed by ``params.previous`` (:mod:`voxflow.data._previous`).
     spatial_input : optional (image (n, C, *P'), label (n, *P') or None) holding only the samples
         with ``params.spatial``, each centred on its patch (the loader reads just their footprint,
         :func:`voxflow.data._transforms.input_footprint`); ``image``/``label`` then need only
@@ -306,7 +328,7 @@ def apply(image: torch.Tensor, label: torch.Tensor | None, params: Params, *, pa
 
     Returns
     -------
-    (image (B, C, *F) float32, targets): one (B, 1, *F_s) int64 tensor per scale; empty without a label.
+    (image (B, C [+ K], *F) float32, targets): one (B, 1, *F_s) int64 tensor per scale; empty without a label.
     """
     if label is not None and label.ndim == image.ndim - 1:
         label = label.unsqueeze(1)
@@ -320,5 +342,13 @@ def apply(image: torch.Tensor, label: torch.Tensor | None, params: Params, *, pa
     image = apply_lowres(image, params)
     image = apply_gamma(image, params.gamma_inverted, invert=True)
     image = apply_gamma(image, params.gamma, invert=False)
+    if previous_labels:
+        if label is None or label.shape[1] != 2:
+            raise ConfigError(f"a cascade batch needs the label and the previous stage as (B, 2, *P); got "
+                              f"{None if label is None else tuple(label.shape)}. Preprocess and train "
+                              f"3d_lowres first (its cross-validation segmentation is the second channel).")
+        prev, label = label[:, 1], label[:, :1]
+        onehot = torch.stack([prev == int(v) for v in previous_labels], dim=1).to(image.dtype)
+        image = torch.cat([image, apply_previous(onehot, params.previous)], dim=1)
     targets = [] if label is None else downsample_targets(label, ds_scales)
     return image, targets

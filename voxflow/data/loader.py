@@ -82,6 +82,7 @@ class LoaderSpec:
     augment: AugmentConfig | None
     ds_scales: tuple[tuple[float, ...], ...] | None
     purpose: str = "train"
+    previous_labels: tuple[int, ...] = ()  # a cascade's previous-stage values: one-hot input channels
 
 
 class BatchLoader:
@@ -209,7 +210,8 @@ class BatchLoader:
             spatial = (raw.spatial_image.to(self.device, non_blocking=nb),
                        None if raw.spatial_label is None else raw.spatial_label.to(self.device, non_blocking=nb))
         image, targets = apply(image, label, raw.params, patch_size=self.spec.final_patch_vox,
-                               ds_scales=self.spec.ds_scales, spatial_input=spatial)
+                               ds_scales=self.spec.ds_scales, spatial_input=spatial,
+                               previous_labels=self.spec.previous_labels)
         return Batch(image=image, target=targets, case_ids=raw.case_ids, params=raw.params)
 
 
@@ -256,7 +258,8 @@ class _Producer:
         if spec.augment is None:
             return Params.identity(spec.batch_size, spec.n_channels, dims)
         return sample_params(self.rng, spec.batch_size, n_channels=spec.n_channels, spatial_dims=dims,
-                             config=spec.augment, patch_size=spec.final_patch_vox)
+                             config=spec.augment, patch_size=spec.final_patch_vox,
+                             n_previous=len(spec.previous_labels))
 
     def _read(self, cases: list[CaseHandle], corners: np.ndarray, which: np.ndarray,
               size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -296,7 +299,8 @@ class _Producer:
         """(B, C, *F) batch with the ``plain`` samples read and zeros for the transformed ones."""
         spec = self.spec
         image = torch.zeros((spec.batch_size, spec.n_channels, *final))
-        label: torch.Tensor | None = torch.zeros((spec.batch_size, *final), dtype=torch.uint8)
+        lead = (2,) if spec.previous_labels else ()  # reference + previous stage (a cascade)
+        label: torch.Tensor | None = torch.zeros((spec.batch_size, *lead, *final), dtype=torch.uint8)
         if len(plain):
             img, lab = self._read(cases, corners, plain, final)
             image[torch.from_numpy(plain)] = img
@@ -315,7 +319,7 @@ def _final_3d(spec: LoaderSpec) -> tuple[int, int, int]:
 
 def loader_spec(config: Configuration, *, train: bool, augment: bool | AugmentConfig,
                 ds_scales: Sequence[Sequence[float]] | None, batch_size: int | None = None,
-                n_channels: int | None = None) -> LoaderSpec:
+                n_channels: int | None = None, previous_labels: Sequence[int] = ()) -> LoaderSpec:
     """Patch sizes, augmentation and targets of a loader for ``config`` (see :func:`build_loader`)."""
     final = tuple(config.patch_size_vox[1:]) if config.is_2d else tuple(config.patch_size_vox)
     aug: AugmentConfig | None = None
@@ -334,7 +338,8 @@ def loader_spec(config: Configuration, *, train: bool, augment: bool | AugmentCo
     return LoaderSpec(batch_size=int(batch_size or config.batch_size), read_patch_vox=read3,  # type: ignore[arg-type]
                       final_patch_vox=final, n_channels=int(n_channels or config.n_channels),
                       oversample_foreground=config.train.oversample_foreground, augment=aug,
-                      ds_scales=scales, purpose="train" if train else "val")
+                      ds_scales=scales, purpose="train" if train else "val",
+                      previous_labels=tuple(int(v) for v in previous_labels))
 
 
 def build_loader(store: Store | PathLikeStr, case_ids: Sequence[str], config: Configuration, *,
@@ -350,6 +355,8 @@ def build_loader(store: Store | PathLikeStr, case_ids: Sequence[str], config: Co
     foreground oversampling applies to both, as in nnU-Net. Each DDP ``rank`` draws its own stream;
     ``batch_size`` (default the plan's) is per rank. ``ds_scales`` from
     :func:`voxflow.nets.deep_supervision_scales`. ``n_batches`` also makes a training loader finite.
+    A cascade's second stage (``config.previous_stage``) reads each case's ``prev_seg`` with the
+    label and gives it as one-hot channels after the image's (:func:`voxflow.data.augment.apply`).
     ``cache_mb`` bounds the loader's decoded-chunk cache (shared by its threads; 0 disables it):
     small datasets end up served from memory, large ones are streamed chunk by chunk.
     """
@@ -357,12 +364,19 @@ def build_loader(store: Store | PathLikeStr, case_ids: Sequence[str], config: Co
         raise ConfigError(f"rank must be in [0, world_size={world_size}); got {rank!r}. Pass the process's DDP "
                           f"rank and the number of processes (torch.distributed.get_rank/get_world_size).")
     st = store if isinstance(store, Store) else Store.open(store)
-    cases = open_cases(st, list(case_ids), require_label=True)
+    cascade = config.previous_stage is not None
+    cases = open_cases(st, list(case_ids), require_label=True, previous=cascade)
     for c in cases:
         if c.image.shape[0] != config.n_channels:
             raise LayoutError(f"configuration {config.name!r} expects {config.n_channels} channels; got "
                               f"{c.image.shape[0]} for case {c.case_id!r} in {st.path}. Preprocess with this plan.")
-    spec = loader_spec(config, train=train, augment=augment, ds_scales=ds_scales, batch_size=batch_size)
+    previous: tuple[int, ...] = ()
+    if cascade:
+        from voxflow.models import previous_stage_labels
+
+        previous = previous_stage_labels(st.meta)
+    spec = loader_spec(config, train=train, augment=augment, ds_scales=ds_scales, batch_size=batch_size,
+                       previous_labels=previous)
     if not train and n_batches is None:
         n_batches = config.train.val_iters
     log.info("loader rank %d: %d cases, read patch %s -> %s, batch %d, %s", rank, len(cases),

@@ -33,7 +33,9 @@ from voxflow.data._cache import ChunkCache, read_box_cached
 from voxflow.errors import ConfigError, LayoutError, VoxflowWarning
 from voxflow.store import Store
 
-__all__ = ["CaseHandle", "ChunkCache", "PatchBatch", "PatchSampler", "open_cases", "read_patch", "stream_rng"]
+PREVIOUS_ARRAY = "prev_seg"  # a cascade's previous-stage segmentation in the preprocessed store
+
+__all__ = ["PREVIOUS_ARRAY", "CaseHandle", "ChunkCache", "PatchBatch", "PatchSampler", "open_cases", "read_patch", "stream_rng"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,8 @@ class CaseHandle:
 
     ``image`` is the Zarr array (C, Z, Y, X), ``label`` (Z, Y, X) or ``None``; ``fg_index`` the
     (N, 4) int32 rows (class, z, y, x) held in memory (preprocessing bounds N);
-    ``fg_classes`` the foreground classes that have at least one row there.
+    ``fg_classes`` the foreground classes that have at least one row there; ``previous`` the
+    cascade's previous-stage segmentation (Z, Y, X) on the same grid, or ``None``.
     """
 
     case_id: str
@@ -64,6 +67,7 @@ class CaseHandle:
     label: Any | None
     fg_index: np.ndarray
     fg_classes: tuple[int, ...]
+    previous: Any | None = None
 
     @property
     def shape_zyx(self) -> tuple[int, int, int]:
@@ -73,7 +77,20 @@ class CaseHandle:
         return self.fg_index[self.fg_index[:, 0] == cls]
 
 
-def _open_case(store: Store, case_id: str, *, require_label: bool) -> CaseHandle:
+def _open_previous(store: Store, case_id: str, shape_zyx: tuple[int, ...]) -> Any:
+    rec = store.case_attrs(case_id).get("previous_stage") or {}
+    if not rec.get("complete") or not store.has_array(case_id, PREVIOUS_ARRAY):
+        raise LayoutError(f"a cascade's second stage trains on the previous stage's cross-validation segmentation; "
+                          f"case {case_id!r} in {store.path} has none. `voxflow train` writes it from the trained "
+                          f"and validated 3d_lowres folds (train those first), or run `voxflow run`.")
+    prev = store.zarr_array(case_id, PREVIOUS_ARRAY)
+    if tuple(prev.shape) != shape_zyx:
+        raise LayoutError(f"{PREVIOUS_ARRAY} shape {tuple(prev.shape)} must equal the image's spatial shape {shape_zyx} "
+                          f"for case {case_id!r} in {store.path}; it is stale: retrain the cascade fold.")
+    return prev
+
+
+def _open_case(store: Store, case_id: str, *, require_label: bool, previous: bool = False) -> CaseHandle:
     image = store.zarr_array(case_id, "image")
     if image.ndim != 4:
         raise LayoutError(f"image must be (C, Z, Y, X); got shape {image.shape} for case {case_id!r} "
@@ -97,14 +114,17 @@ def _open_case(store: Store, case_id: str, *, require_label: bool) -> CaseHandle
     in_index = {int(c) for c in np.unique(fg[:, 0])}
     classes = sorted(in_index if present is None else in_index & {int(c) for c in present})
     ignore = store.meta.labels.get("ignore")  # nnU-Net's ignore label is never a sampling target
-    return CaseHandle(case_id, image, label, fg, tuple(c for c in classes if c not in (0, ignore)))
+    prev = _open_previous(store, case_id, tuple(int(s) for s in image.shape[1:])) if previous else None
+    return CaseHandle(case_id, image, label, fg, tuple(c for c in classes if c not in (0, ignore)), prev)
 
 
-def open_cases(store: Store, case_ids: Sequence[str], *, require_label: bool = True) -> list[CaseHandle]:
-    """Open the arrays of ``case_ids`` (no voxel data is read; ``fg_index`` is loaded)."""
+def open_cases(store: Store, case_ids: Sequence[str], *, require_label: bool = True,
+               previous: bool = False) -> list[CaseHandle]:
+    """Open the arrays of ``case_ids`` (no voxel data is read; ``fg_index`` is loaded); ``previous``
+    also opens each case's previous-stage segmentation (``prev_seg``, a cascade's second stage)."""
     if not case_ids:
         raise LayoutError(f"the loader needs at least one case; got none for store {store.path}.")
-    return [_open_case(store, c, require_label=require_label) for c in case_ids]
+    return [_open_case(store, c, require_label=require_label, previous=previous) for c in case_ids]
 
 
 def read_patch(array: Any, lo_zyx: Sequence[int], size_zyx: Sequence[int], *, fill: float = 0,
@@ -219,7 +239,8 @@ class PatchSampler:
     def read(self, case: CaseHandle, lo_zyx: np.ndarray, size_zyx: Sequence[int] | None = None
              ) -> tuple[np.ndarray, np.ndarray | None]:
         """Image (C, *size) float32 and label (*size) uint8 of the box of ``size_zyx`` centred in the
-        patch at ``lo_zyx`` (default: the whole patch). ``patch - size`` must be even."""
+        patch at ``lo_zyx`` (default: the whole patch). ``patch - size`` must be even. A case with a
+        previous-stage segmentation gives the label as (2, *size): reference, previous stage."""
         size = self.patch if size_zyx is None else np.asarray(size_zyx, dtype=np.int64)
         lo = np.asarray(lo_zyx) + (self.patch - size) // 2
         shape = tuple(int(v) for v in size)
@@ -227,6 +248,9 @@ class PatchSampler:
         label = None if case.label is None else read_patch(case.label, lo, shape, cache=self.cache,
                                                             key=(case.case_id, "label")).astype(np.uint8, copy=False)
         image = image.astype(np.float32, copy=False)
+        if label is not None and case.previous is not None:
+            prev = read_patch(case.previous, lo, shape, cache=self.cache, key=(case.case_id, PREVIOUS_ARRAY))
+            label = np.stack([label, prev.astype(np.uint8, copy=False)])
         return image, label
 
     def sample(self, batch_size: int) -> PatchBatch:

@@ -19,6 +19,7 @@ from voxflow.infer._engine import STAGES_DIR, STORE_NAME, previous_stage, run_pr
 from voxflow.infer._gaussian import gaussian_importance_map
 from voxflow.infer._inputs import describe_case
 from voxflow.infer._memory import DEFAULT_FORWARD_BYTES, forward_bytes_per_voxel, release_large_allocations
+from voxflow.infer._models import Ensemble
 from voxflow.infer._options import PredictOptions, resolve_postprocessing
 from voxflow.infer._protocols import CaseInput, ModelLoader, PredictionModel, TileScorer
 from voxflow.infer._tiling import TileGrid, tile_grid, tile_starts
@@ -34,6 +35,7 @@ __all__ = [
     "STAGES_DIR",
     "STORE_NAME",
     "CaseInput",
+    "Ensemble",
     "ModelLoader",
     "PredictOptions",
     "PredictionModel",

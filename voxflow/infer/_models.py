@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from voxflow.plan.schema import Configuration
 from voxflow.store import DatasetMeta, Store
 from voxflow.workspace import CHECKPOINT_FINAL, ConfigurationDir, FoldDir
 
-__all__ = ["CheckpointLoader", "Ensemble", "find_trained_folds", "group_models"]
+__all__ = ["CheckpointLoader", "Ensemble", "find_trained_folds", "group_models", "previous_stage_folds"]
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,22 @@ def _restore(scores: da.Array, out_chunks: tuple[int, ...], *, prep: PreparedCas
 
 @dataclass
 class Ensemble:
-    """The folds (networks) of one configuration, averaged tile by tile: a prediction model."""
+    """The folds (networks) of one configuration, averaged tile by tile: a prediction model.
+
+    A cascade's second stage (``configuration.previous_stage`` set) takes the first stage's label
+    map as extra one-hot input channels (one per :func:`~voxflow.models.previous_stage_labels`
+    value): ``previous_stage`` is the first stage's Ensemble, predicted by the engine before this
+    one; or ``previous_source``, a prediction store already holding that label map per case, or a
+    store per case id (the first stage's cross-validation predictions, for validation and model
+    selection).
+    """
 
     configuration: Configuration
     dataset: DatasetMeta
     networks: list[Any]
     names: list[str]
+    previous_stage: Ensemble | None = field(default=None)
+    previous_source: Path | Mapping[str, Path] | None = field(default=None)
 
     def __post_init__(self) -> None:
         from voxflow.models import LabelSpec
@@ -125,7 +135,19 @@ class Ensemble:
 
     @property
     def record(self) -> Mapping[str, Any]:
-        return {}
+        if self.configuration.previous_stage is None:
+            return {}
+        src = self.previous_stage.names if self.previous_stage is not None else str(self.previous_source)
+        return {"previous_stage": {"configuration": self.configuration.previous_stage, "from": src}}
+
+    @property
+    def previous_labels(self) -> tuple[int, ...]:
+        """Label values given to the network as one-hot channels after the image (empty: single stage)."""
+        if self.configuration.previous_stage is None:
+            return ()
+        from voxflow.models import previous_stage_labels
+
+        return previous_stage_labels(self.dataset)
 
     def batch_size(self, requested: int | None) -> int:
         cfg = self.configuration
@@ -142,8 +164,32 @@ class Ensemble:
         cfg = self.configuration
         prep = prepare_case(store, case_id, cfg, out_chunks=out_chunks)
         sep = cfg.resampling.separate_axis if cfg.resampling.separate_z else None
-        return CaseInput(prep.image, prep.original_geometry,
+        image = prep.image
+        if cfg.previous_stage is not None:
+            image = _with_previous(image, self._previous_label(store, case_id, previous), prep, cfg,
+                                   self.previous_labels)
+        return CaseInput(image, prep.original_geometry,
                          partial(_restore, prep=prep, activation=self.activation, separate_axis=sep))
+
+    def _previous_label(self, store: Store, case_id: str, previous: Mapping[str, da.Array]) -> da.Array:
+        """The first stage's label map of the case on its original grid (Z, Y, X), lazy."""
+        name = str(self.configuration.previous_stage)
+        if name in previous:
+            return previous[name]
+        if self.previous_source is not None:
+            path = (self.previous_source if isinstance(self.previous_source, Path)
+                    else self.previous_source.get(case_id))
+            label = _stored_label(path, case_id)
+            if label is None:
+                raise IncompleteStoreError(
+                    f"the {name} segmentation of case {case_id!r} must be in {path} to predict "
+                    f"{self.name}; it is not. Validate the {name} fold that holds the case (`voxflow train WORK "
+                    f"-c {name} -f K` predicts its validation cases at the end).")
+            return label
+        raise VoxflowError(
+            f"{self.name} is a cascade's second stage and needs the {name} segmentation of case {case_id!r}; "
+            f"none was given. Predict with the model directory (`voxflow predict -m WORK/runs/{self.name}`), "
+            f"which runs {name} first.")
 
     def tile_predictor(self, *, device: str, tta: bool, amp: bool) -> TileScorer:
         from voxflow.infer._memory import forward_bytes_per_voxel
@@ -162,6 +208,33 @@ def _divisor_zyx(total_stride: Sequence[int]) -> tuple[int, int, int]:
     """A network's input divisibility as (z, y, x) (a 2-D network's z: 1)."""
     d = tuple(int(s) for s in total_stride)
     return (1, d[0], d[1]) if len(d) == 2 else (d[0], d[1], d[2])
+
+
+def _stored_label(path: Path | None, case_id: str) -> da.Array | None:
+    """The un-postprocessed label map of a case in a prediction store, or None."""
+    if path is None or not (path / "zarr.json").is_file():
+        return None
+    src = Store.open(path)
+    if not src.is_complete(case_id):
+        return None
+    return src.array(case_id, "label_raw") if src.has_array(case_id, "label_raw") else src.label(case_id)
+
+
+def _with_previous(image: da.Array, label: da.Array, prep: PreparedCase, cfg: Configuration,
+                   values: Sequence[int]) -> da.Array:
+    """``image`` (C, z, y, x) with the one-hot channels of ``label`` (original grid) appended, on
+    the image's grid and chunks."""
+    from voxflow.preprocess import one_hot_channels, previous_onto_grid
+
+    if tuple(label.shape) != prep.original_geometry.shape_zyx:
+        raise VoxflowError(f"the previous-stage segmentation must lie on the case's grid "
+                           f"{prep.original_geometry.shape_zyx}; got shape {tuple(label.shape)}.")
+    spatial_chunks = tuple(c[0] for c in image.chunks[1:])
+    onto = previous_onto_grid(label, cfg, crop_bbox_zyx=prep.crop_bbox_zyx,  # type: ignore[arg-type]
+                              out_shape_zyx=image.shape[1:],
+                              values=values, out_chunks=spatial_chunks)
+    onto = onto.rechunk(image.chunks[1:])
+    return da.concatenate([image, one_hot_channels(onto, values)], axis=0).rechunk({0: image.shape[0] + len(values)})
 
 
 def group_models(models: Sequence[tuple[Any, Configuration, DatasetMeta]],
@@ -192,4 +265,29 @@ class CheckpointLoader:
 
         runs = [FoldDir(p) for p in self.folds]
         models = [load_model(r.checkpoint_final, device=device) for r in runs]
-        return group_models(models, [f"{r.configuration.name}/{r.path.name}" for r in runs])
+        ensembles = group_models(models, [f"{r.configuration.name}/{r.path.name}" for r in runs])
+        for ens in ensembles:
+            if ens.configuration.previous_stage is not None:
+                mine = [r for r in runs if r.configuration.name == ens.name]
+                ens.previous_stage = _previous_stage(mine, ens.configuration.previous_stage, device)
+        return ensembles
+
+
+def previous_stage_folds(runs: Sequence[FoldDir], previous: str) -> list[FoldDir]:
+    """The first-stage folds of a cascade's folds ``runs``: the same fold names in the sibling
+    configuration directory ``previous`` (``WORK/runs/3d_lowres`` beside ``WORK/runs/3d_cascade_fullres``)."""
+    cdir = ConfigurationDir(runs[0].configuration.path.parent / previous)
+    out = [cdir.fold(r.fold) for r in runs]
+    missing = [f.fold for f in out if not f.checkpoint_final.is_file()]
+    if missing:
+        raise IncompleteStoreError(
+            f"the cascade {runs[0].configuration.name} needs its first stage {previous} with the same folds; "
+            f"{cdir.path} lacks fold(s) {missing} ({CHECKPOINT_FINAL}). Train them (`voxflow train WORK -c "
+            f"{previous} -f K`) or export both stages (`voxflow export-model`).")
+    return out
+
+
+def _previous_stage(runs: Sequence[FoldDir], previous: str, device: str) -> Ensemble:
+    loader = CheckpointLoader(tuple(r.path for r in previous_stage_folds(runs, previous)))
+    (ens,) = loader(device)
+    return ens

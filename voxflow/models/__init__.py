@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from voxflow.models._labels import LabelSpec
+from voxflow.models._labels import LabelSpec, previous_stage_labels
 from voxflow.models._package import (
     MODEL_FORMAT,
     export_model,
@@ -38,6 +38,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "package_configurations",
+    "previous_stage_labels",
     "strip_state_dict",
     "unpack_model",
 ]

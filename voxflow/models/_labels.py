@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from voxflow.errors import PlanError
 from voxflow.store import DatasetMeta
 
-__all__ = ["LabelSpec"]
+__all__ = ["LabelSpec", "previous_stage_labels"]
 
 
 @dataclass(frozen=True)
@@ -50,3 +50,17 @@ class LabelSpec:
                             f"classes {values} in dataset {meta.name!r}.")
         by_value = {int(v): k for k, v in labels.items()}
         return cls(len(values), tuple(by_value[v] for v in range(1, len(values))), None, ignore)
+
+
+def previous_stage_labels(meta: DatasetMeta) -> tuple[int, ...]:
+    """Label values a cascade's second stage receives as one-hot input channels, in order.
+
+    nnU-Net's ``foreground_labels``: every value the dataset declares (region members included)
+    except the background 0 and the ``"ignore"`` value; one channel per value.
+    """
+    labels = dict(meta.labels)
+    ignore = labels.pop("ignore", None)
+    values: set[int] = set()
+    for v in labels.values():
+        values.update(int(x) for x in (v if isinstance(v, (tuple, list)) else (v,)))
+    return tuple(sorted(values - {0, ignore} if ignore is not None else values - {0}))

@@ -7,6 +7,8 @@ directories are :class:`~voxflow.workspace.ConfigurationDir`)::
     plans.json                    the plan (all configurations)
     <cfg>/fold_<k>/checkpoint_final.pt
     <cfg>/postprocessing.json     when chosen by cross-validation
+    <previous>/fold_<k>/...        a cascade's first stage (``previous_stages`` in the manifest),
+                                  same folds; prediction runs it before the chosen stage
 
 Checkpoints are saved from CPU tensors, so they load on CPU and CUDA alike.
 """
@@ -72,13 +74,16 @@ def export_model(work: PathLikeStr | Workspace, out_zip: PathLikeStr, *,
             chosen[cfg] = wanted
     if not chosen:
         raise IncompleteStoreError(f"no trained fold found under {work.runs}; train first.")
+    previous = _previous_stages(work, chosen)
     out_zip = Path(out_zip)
     out_zip.parent.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"format": MODEL_FORMAT, "configurations": list(chosen), "folds": chosen}
+    if previous:
+        manifest["previous_stages"] = previous
     tmp = out_zip.with_name(f".{out_zip.name}.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.write(work.plans, work.plans.name)
-        for cfg, fold_list in chosen.items():
+        for cfg, fold_list in {**previous, **chosen}.items():
             src, dst = work.configuration(cfg), ConfigurationDir(cfg)  # dst: the same layout inside the zip
             for f in fold_list:
                 zf.write(src.fold(f).checkpoint_final, dst.fold(f).checkpoint_final.as_posix())
@@ -88,6 +93,29 @@ def export_model(work: PathLikeStr | Workspace, out_zip: PathLikeStr, *,
     tmp.replace(out_zip)
     log.info("wrote model package %s (%s)", out_zip, ", ".join(f"{c}: folds {f}" for c, f in chosen.items()))
     return out_zip
+
+
+def _previous_stages(work: Workspace, chosen: dict[str, list[str]]) -> dict[str, list[str]]:
+    """First stages of the chosen cascade stages (not chosen themselves), with the same folds."""
+    from voxflow.plan.schema import Plan
+
+    plan = Plan.load(work.plans)
+    out: dict[str, list[str]] = {}
+    todo = list(chosen.items())
+    while todo:
+        cfg, folds = todo.pop()
+        prev = plan.configurations[cfg].previous_stage if cfg in plan.configurations else None
+        if prev is None or prev in chosen or prev in out:
+            continue
+        missing = sorted(set(folds) - set(_folds_with_final(work, prev)))
+        if missing:
+            raise IncompleteStoreError(
+                f"the cascade stage {cfg!r} needs its first stage {prev!r} with the same folds; "
+                f"{work.configuration_dir(prev)} has no {CHECKPOINT_FINAL} for fold(s) {missing}. Train them "
+                f"(`voxflow train {work.root} -c {prev} -f K`).")
+        out[prev] = list(folds)
+        todo.append((prev, folds))
+    return out
 
 
 def is_model_package(path: PathLikeStr) -> bool:

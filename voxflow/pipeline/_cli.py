@@ -24,7 +24,8 @@ from voxflow._cliutil import (
               required=True, help="Work directory for every output (resumable: rerun to continue).")
 @click.option("-c", "--configurations", multiple=True,
               help="Configurations to train (repeatable). Default: every configuration the planner made "
-                   "(2d, 3d_fullres, 3d_lowres), except the cascade's second stage.")
+                   "(2d, 3d_fullres, and when planned 3d_lowres + 3d_cascade_fullres). A cascade's second "
+                   "stage brings its first stage (trained first).")
 @click.option("--folds", multiple=True, default=("0", "1", "2", "3", "4"), show_default=True,
               help="Folds to train (repeatable), 0..4 or 'all' (all cases, no cross-validation).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")

@@ -7,7 +7,9 @@ Steps (outputs under the work directory, see :class:`voxflow.workspace.Workspace
 3. plan          -> plans.json (preset and memory budget from the arguments)
 4. preprocess    -> preprocessed/<cfg>.zarr for every requested configuration
 5. train         -> runs/<cfg>/fold_<k>/checkpoint_final.pt; the trainer predicts and scores the
-                    fold's validation cases at its end (runs/<cfg>/fold_<k>/validation/)
+                    fold's validation cases at its end (runs/<cfg>/fold_<k>/validation/). A planned
+                    cascade trains 3d_lowres first, then 3d_cascade_fullres on its cross-validation
+                    segmentations (:mod:`voxflow.train.cascade`)
 6. postprocess   -> runs/<cfg>/postprocessing.json, chosen on the cross-validation predictions
 7. select        -> best_configuration.json: the configuration, or ensemble of two, with the highest
                     cross-validated mean foreground Dice (nnU-Net's find_best_configuration)
@@ -45,7 +47,6 @@ __all__ = ["RunOptions", "find_best_configuration", "run_workflow"]
 
 log = logging.getLogger(__name__)
 Reporter = Callable[[str], None]
-UNSUPPORTED = ("3d_cascade_fullres",)
 # the steps a run can stop after or redo: they prepare the data, training follows them
 PrepareStep = Literal["convert", "fingerprint", "plan", "preprocess"]
 PREPARE_STEPS: tuple[PrepareStep, ...] = ("convert", "fingerprint", "plan", "preprocess")
@@ -149,15 +150,20 @@ def _plan(work: Workspace, opts: RunOptions, report: Reporter) -> Plan:
 
 
 def _configurations(plan: Plan, opts: RunOptions) -> list[str]:
-    unsupported = UNSUPPORTED if opts.stop_after is None else ()  # they can be preprocessed, not trained
-    if opts.configurations:
-        for c in opts.configurations:
-            plan.configuration(c)  # validates the name
-            if c in unsupported:
-                raise VoxflowError(f"configuration {c!r} (the cascade's second stage) is not supported yet; "
-                                   f"train 3d_lowres or 3d_fullres instead.")
-        return list(opts.configurations)
-    return [c for c in plan.configurations if c not in unsupported]
+    """The configurations to run, each cascade stage after the stage it builds on (added if not asked for)."""
+    wanted = list(opts.configurations or plan.configurations)
+    out: list[str] = []
+
+    def add(name: str) -> None:
+        prev = plan.configuration(name).previous_stage  # also validates the name
+        if prev is not None and prev not in out:
+            add(prev)
+        if name not in out:
+            out.append(name)
+
+    for c in wanted:
+        add(c)
+    return out
 
 
 def _preprocess(work: Workspace, plan: Plan, cfg: str, opts: RunOptions, report: Reporter) -> None:
@@ -236,11 +242,14 @@ def _cv_dice(work: Workspace, cfg: str, folds: Sequence[str]) -> float:
 
 
 def _ensemble_dice(work: Workspace, cfgs: Sequence[str], folds: Sequence[str], opts: RunOptions) -> float:
-    """Cross-validated Dice of the softmax average of ``cfgs`` (each fold predicted by both models)."""
+    """Cross-validated Dice of the softmax average of ``cfgs`` (each fold predicted by both models; a
+    cascade's second stage from its first stage's cross-validation segmentations, as in training)."""
     from voxflow.evaluate import evaluate
     from voxflow.infer import predict
+    from voxflow.models import load_model
     from voxflow.store import Store
     from voxflow.train.splits import fold_cases, load_or_create_splits
+    from voxflow.train.validation import cross_validation_model
 
     case_ids = Store.open(work.dataset_store).case_ids()
     splits = load_or_create_splits(work, case_ids)
@@ -249,9 +258,10 @@ def _ensemble_dice(work: Workspace, cfgs: Sequence[str], folds: Sequence[str], o
     for f in folds:
         _, val_ids = fold_cases(splits, _fold_arg(f), case_ids)
         run = work.fold(name, f)
-        pred = predict(work.dataset_store, run.validation, model_dir=[work.configuration_dir(c) for c in cfgs],
-                       folds=[_fold_arg(f)], device=opts.device, tta=opts.tta, case_ids=val_ids, export=False,
-                       scheduler=opts.scheduler, progress=False)
+        models = [cross_validation_model(work, load_model(work.fold(c, f).checkpoint_final, device=opts.device), f)
+                  for c in cfgs]
+        pred = predict(work.dataset_store, run.validation, models=models, device=opts.device, tta=opts.tta,
+                       case_ids=val_ids, export=False, scheduler=opts.scheduler, progress=False)
         summary = evaluate(pred, work.dataset_store, surface=False, output=run.validation_summary,
                            scheduler=opts.scheduler)
         per_case.extend(summary.case_dice())

@@ -8,6 +8,8 @@
 * :func:`normalize` -- per channel, per the plan's :class:`~voxflow.plan.ChannelNormalization`;
   per-image statistics are reductions inside the same graph.
 * :func:`preprocess_case` -- one case, lazy: crop -> normalise -> resample (+ label, fg index).
+* :func:`previous_onto_grid` / :func:`one_hot_channels` -- a cascade's first-stage segmentation
+  on the second stage's grid, as one-hot input channels.
 * :func:`run_preprocess` -- dataset store -> preprocessed store, resumable, on any scheduler.
 
 Memory: every task holds a few chunks; the graph as a whole keeps at most about one output
@@ -20,6 +22,7 @@ from voxflow.preprocess._case import PreprocessedCase, preprocess_case, preproce
 from voxflow.preprocess._crop import BBox, crop, nonzero_bbox, nonzero_mask
 from voxflow.preprocess._foreground import foreground_index
 from voxflow.preprocess._normalize import normalize
+from voxflow.preprocess._previous import one_hot_channels, previous_onto_grid
 from voxflow.preprocess._resample import (
     axis_operator,
     resample_label_to_shape,
@@ -37,8 +40,10 @@ __all__ = [
     "nonzero_bbox",
     "nonzero_mask",
     "normalize",
+    "one_hot_channels",
     "preprocess_case",
     "preprocessed_chunks",
+    "previous_onto_grid",
     "resample_label_to_shape",
     "resample_to_shape",
     "run_preprocess",

@@ -7,6 +7,11 @@ Run directory ``WORK/runs/<cfg>/fold_<k>/``::
     checkpoint_final.pt    after the last epoch (or early stopping)
     metrics.jsonl, progress.png, training_log.txt, training_summary.json
 
+A cascade's second stage (``previous_stage`` set, e.g. ``3d_cascade_fullres``) first makes sure every
+case of the fold has its first stage's cross-validation segmentation in the preprocessed store
+(:func:`voxflow.train.cascade.ensure_previous_stage`; a clear error names the ``3d_lowres`` fold to
+train or validate otherwise); its network takes one extra one-hot input channel per foreground label.
+
 Randomness: the network is initialised from ``train.seed`` on every rank (DDP also broadcasts rank
 0's weights); each epoch gets a fresh training loader seeded with ``train.seed + 7919 · epoch`` (its
 streams are derived per rank and worker), so a run resumed at epoch k sees the batches an uninterrupted
@@ -115,6 +120,7 @@ class _Job:
     resume: bool
     num_workers: int
     validate_cases: bool
+    in_channels: int = 0  # network input channels: the image's, plus a cascade's previous-stage one-hot
 
 
 def _default_loader() -> LoaderFactory:
@@ -157,8 +163,16 @@ def _resolve(work: Workspace, configuration: str, fold: int | str, *, resume: bo
             if f.name != LOCK_NAME:  # the lock this process holds
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
         log.info("--restart: removed the earlier run in %s", run_dir)
+    in_channels = config.n_channels
+    if config.previous_stage is not None:  # a cascade's second stage: the previous stage's CV segmentations
+        from voxflow.models import previous_stage_labels
+        from voxflow.train.cascade import ensure_previous_stage
+
+        cv_splits = load_or_create_splits(work, case_ids, groups=store.meta.extra.get("case_groups"))
+        ensure_previous_stage(work, config, sorted({*train_ids, *val_ids}), splits=cv_splits)
+        in_channels += len(previous_stage_labels(store.meta))
     return _Job(work, config, store.meta, LabelSpec.from_meta(store.meta), store.path, fold, train_ids,
-                val_ids, run_dir, resume, num_workers, validate_cases)
+                val_ids, run_dir, resume, num_workers, validate_cases, in_channels)
 
 
 def _run_dir_lock(args: Mapping[str, Any]) -> Path | None:
@@ -337,7 +351,7 @@ class _Trainer:
         self.cfg = job.configuration
         self.spec = self.cfg.train
         _seed_all(self.spec.seed)
-        self.net = build_network(self.cfg.network, self.cfg.n_channels, job.labels.num_outputs).to(info.device)
+        self.net = build_network(self.cfg.network, job.in_channels, job.labels.num_outputs).to(info.device)
         self.optimizer = build_optimizer(self.net.parameters(), self.spec)
         try:
             self.precision = resolve_precision(self.spec.precision, info.device, amp=self.spec.amp)
@@ -359,7 +373,7 @@ class _Trainer:
             "network": strip_state_dict(self.net.state_dict()),
             "configuration": dataclasses.asdict(self.cfg),
             "dataset": self.job.meta.to_dict(),
-            "in_channels": self.cfg.n_channels,
+            "in_channels": self.job.in_channels,
             "num_outputs": self.job.labels.num_outputs,
             "label_spec": dataclasses.asdict(self.job.labels),
             "epoch": self.state.epoch,

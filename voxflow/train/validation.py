@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from voxflow.workspace import Workspace
 
 if TYPE_CHECKING:
     from voxflow.evaluate import EvaluationSummary
 
-__all__ = ["validate_fold"]
+__all__ = ["cross_validation_model", "validate_fold"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def validate_fold(work: Workspace, configuration: str, fold: int | str, val_ids:
     from voxflow.infer import predict
     from voxflow.models import load_model
 
-    model = load_model(run.checkpoint_final, device=device)
+    model = cross_validation_model(work, load_model(run.checkpoint_final, device=device), fold)
     log.info("predicting %d validation cases of %s fold %s", len(val_ids), configuration, fold)
     pred = predict(work.dataset_store, run.validation, models=[model], device=device, tta=tta,
                    case_ids=list(val_ids), export=False, overwrite=True, scheduler=scheduler, progress=False)
@@ -48,6 +48,27 @@ def validate_fold(work: Workspace, configuration: str, fold: int | str, val_ids:
     log.info("validation of %s fold %s: foreground mean Dice %.4f", configuration, fold,
              summary.dice)
     return summary
+
+
+def cross_validation_model(work: Workspace, model: tuple[Any, Any, Any], fold: int | str) -> Any:
+    """``model`` (a ``load_model`` triple) as `voxflow predict` takes it for cross-validation.
+
+    A cascade's second stage becomes an :class:`~voxflow.infer.Ensemble` whose previous-stage input
+    is each case's first-stage cross-validation prediction (``runs/<previous>/fold_<k>/validation``
+    of the fold that validates the case), as in training; anything else is returned as is.
+    """
+    net, cfg, meta = model
+    if cfg.previous_stage is None:
+        return model
+    from voxflow.infer import Ensemble
+    from voxflow.store import Store
+    from voxflow.train.splits import load_or_create_splits
+
+    store = Store.open(work.preprocessed(cfg.name))
+    splits = load_or_create_splits(work, store.case_ids(), groups=store.meta.extra.get("case_groups"))
+    sources = {c: work.fold(cfg.previous_stage, k).validation_predictions
+               for k, s in enumerate(splits) for c in s["val"]}
+    return Ensemble(cfg, meta, [net], [f"{cfg.name}/fold_{fold}"], previous_source=sources)
 
 
 def _fold_validation_ids(work: Workspace, configuration: str, fold: int | str) -> list[str]:
