@@ -82,7 +82,7 @@ class _SlotFile:
     def write(self, buf: np.ndarray) -> int:
         slot = self._free.pop() if self._free else self.n_slots
         self.n_slots = max(self.n_slots, slot + 1)
-        view = memoryview(np.ascontiguousarray(buf)).cast("B")
+        view = np.ascontiguousarray(buf).data.cast("B")
         offset, done = slot * self.slot_bytes, 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], offset + done)
@@ -90,7 +90,7 @@ class _SlotFile:
 
     def read(self, slot: int, shape: tuple[int, ...]) -> np.ndarray:
         buf = np.empty(shape, np.float32)
-        view = memoryview(buf).cast("B")
+        view = buf.data.cast("B")
         offset, done = slot * self.slot_bytes, 0
         while done < len(view):
             n = os.preadv(self.fd, [view[done:]], offset + done)
@@ -201,7 +201,8 @@ class TileAccumulator:
         k = self.n_classes
         np.divide(buf[:k], buf[k], out=buf[:k])
         sl = tuple(slice(lo, hi) for lo, hi in self._block_box(key))
-        self.out[(slice(None), *sl)] = buf[:k].astype(self.out.dtype, copy=False)
+        where = (slice(None), *sl)
+        self.out[where] = buf[:k].astype(self.out.dtype, copy=False)
 
     # ------------------------------------------------------------------ public
     def add(self, box: Box, weighted: np.ndarray, weight: np.ndarray) -> None:
@@ -215,8 +216,11 @@ class TileAccumulator:
             in_blk = tuple(slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(inter, bbox))
             in_tile = tuple(slice(lo - a0, hi - a0) for (lo, hi), (a0, _) in zip(inter, box))
             buf = self._get(key)
-            buf[(slice(0, k), *in_blk)] += weighted[(slice(None), *in_tile)]
-            buf[(k, *in_blk)] += weight[in_tile]
+            scores_at: tuple[slice, ...] = (slice(0, k), *in_blk)
+            from_tile: tuple[slice, ...] = (slice(None), *in_tile)
+            weight_at: tuple[int | slice, ...] = (k, *in_blk)
+            buf[scores_at] += weighted[from_tile]
+            buf[weight_at] += weight[in_tile]
             self._remaining[key] -= 1
             if self._remaining[key] == 0:
                 self._finish(key)

@@ -24,11 +24,13 @@ Predictor = Callable[[np.ndarray], "torch.Tensor | np.ndarray"]
 def read_tile(image: Any, grid: TileGrid, start: Sequence[int]) -> np.ndarray:
     """The (C, *patch) tile at ``start`` (padded grid) of a (C, Z, Y, X) array; zeros outside."""
     vol, loc = grid.region(start)
-    data = np.asarray(image[(slice(None), *(slice(lo, hi) for lo, hi in vol))], dtype=np.float32)
+    src = (slice(None), *(slice(lo, hi) for lo, hi in vol))
+    data = np.asarray(image[src], dtype=np.float32)
     if all(hi - lo == p for (lo, hi), p in zip(loc, grid.patch_size_vox)):
         return data
     tile = np.zeros((data.shape[0], *grid.patch_size_vox), np.float32)
-    tile[(slice(None), *(slice(lo, hi) for lo, hi in loc))] = data
+    dst = (slice(None), *(slice(lo, hi) for lo, hi in loc))
+    tile[dst] = data
     return tile
 
 
@@ -121,7 +123,8 @@ def _accumulate(image: Any, predictor: Predictor, grid: TileGrid, starts: np.nda
             for j, i in enumerate(idx):
                 vol, loc = grid.region(starts[i])
                 sl = tuple(slice(lo, hi) for lo, hi in loc)
-                acc.add(vol, weighted[j][(slice(None), *sl)], gauss_np[sl])
+                every_class = (slice(None), *sl)
+                acc.add(vol, weighted[j][every_class], gauss_np[sl])
             if bar is not None:
                 bar.update(len(idx))
 
@@ -144,12 +147,14 @@ def sliding_window_predict_in_memory(image: np.ndarray, predictor: Predictor, *,
     wsum = np.zeros(padded.shape[1:], np.float32)
     for start in grid.tiles():
         sl = tuple(slice(s, s + p) for s, p in zip(start, grid.patch_size_vox))
-        probs = torch.as_tensor(predictor(padded[(slice(None), *sl)][None])).cpu().numpy()[0]
-        acc[(slice(None), *sl)] += probs * gauss
+        every_class = (slice(None), *sl)
+        probs = torch.as_tensor(predictor(padded[every_class][None])).cpu().numpy()[0]
+        acc[every_class] += probs * gauss
         wsum[sl] += gauss
     acc /= wsum
     crop = tuple(slice(lo, lo + s) for lo, s in zip(grid.pad_lo_zyx, image.shape[1:]))
-    return acc[(slice(None), *crop)]
+    inside = (slice(None), *crop)
+    return acc[inside]
 
 
 def _bar(total: int, desc: str, enabled: bool) -> Any:

@@ -74,10 +74,10 @@ def probabilities_to_label(probs: da.Array, *, regions_class_order: Sequence[int
     probs = probs.rechunk({0: -1})
     meta = np.empty((0, 0, 0), np.uint8)
     if regions_class_order is None:
-        return probs.map_blocks(lambda p: np.argmax(p, axis=0).astype(np.uint8), drop_axis=0,
-                                dtype=np.uint8, meta=meta)
+        return da.map_blocks(lambda p: np.argmax(p, axis=0).astype(np.uint8), probs, drop_axis=0,
+                             dtype=np.uint8, meta=meta)
     order = tuple(int(v) for v in regions_class_order)
     if len(order) != probs.shape[0]:
         raise VoxflowError(f"regions_class_order must have one value per region output ({probs.shape[0]}); "
                            f"got {order!r}. Fix regions_class_order in dataset.json.")
-    return probs.map_blocks(_regions_to_label, order, drop_axis=0, dtype=np.uint8, meta=meta)
+    return da.map_blocks(_regions_to_label, probs, order, drop_axis=0, dtype=np.uint8, meta=meta)

@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 
 from voxflow.errors import VoxflowError
-from voxflow.plan.schema import ChannelNormalization, Configuration, NetworkSpec, ResamplingSpec, TrainSpec
+from voxflow.plan.schema import (
+    ChannelNormalization,
+    Configuration,
+    NetworkSpec,
+    NormScheme,
+    ResamplingSpec,
+    TrainSpec,
+)
 from voxflow.store import DatasetMeta
 
 __all__ = [
@@ -31,7 +38,7 @@ __all__ = [
 ]
 
 ANISO_THRESHOLD = 3.0  # nnU-Net's separate-z anisotropy threshold (default_resampling.ANISO_THRESHOLD)
-_NORMALIZATION = {"ZScoreNormalization": "zscore", "CTNormalization": "ct", "NoNormalization": "none",
+_NORMALIZATION: dict[str, NormScheme] = {"ZScoreNormalization": "zscore", "CTNormalization": "ct", "NoNormalization": "none",
                   "RescaleTo01Normalization": "rescale_0_1"}
 _ARCHITECTURES = {"PlainConvUNet": "unet", "ResidualEncoderUNet": "resenc_unet"}
 _RESAMPLING_FN = "resample_data_or_seg_to_shape"
