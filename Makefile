@@ -1,7 +1,7 @@
 # voxflow set-up and common tasks. Every target installs what it needs on first use.
 #   make demo   -- the end-to-end demo on the built-in synthetic dataset
 #   make test   -- the default (fast) test suite
-#   make lint   -- ruff check (voxflow, tests, benchmarks) and mypy (strict on the core; pyproject.toml [tool.mypy])
+#   make lint   -- ruff check + ruff format --check (voxflow, tests, benchmarks) and mypy (strict on the core; pyproject.toml [tool.mypy])
 #   make test-nnunet -- nnU-Net v2 parity tests in a separate venv (.venv-nnunet) with nnunetv2
 #   make test-viewer -- napari opens dataset and prediction stores (own venv .venv-viewer, under xvfb-run;
 #                       the Debian packages it needs: see .ci/run)
@@ -47,6 +47,7 @@ $(BIN)/.voxflow-dev-installed: $(BIN)/.voxflow-installed pyproject.toml
 
 lint: $(BIN)/.voxflow-dev-installed
 	$(BIN)/ruff check voxflow tests benchmarks
+	$(BIN)/ruff format --check voxflow tests benchmarks
 	$(BIN)/mypy
 
 test-slow: setup

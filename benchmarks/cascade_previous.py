@@ -35,11 +35,25 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20)
     a = ap.parse_args()
     shape = tuple(a.shape)
-    spec = NetworkSpec(n_stages=1, features_per_stage=(4,), kernel_sizes=((1, 1, 1),), strides=((1, 1, 1),),
-                       n_blocks_per_stage=(1,), n_conv_per_stage_decoder=())
-    cfg = Configuration(name="3d_cascade_fullres", spacing_zyx=tuple(a.spacing), median_shape_vox=shape,
-                        patch_size_vox=(8, 8, 8), batch_size=2, resampling=ResamplingSpec(), network=spec,
-                        normalization=(ChannelNormalization(scheme="zscore"),), previous_stage="3d_lowres")
+    spec = NetworkSpec(
+        n_stages=1,
+        features_per_stage=(4,),
+        kernel_sizes=((1, 1, 1),),
+        strides=((1, 1, 1),),
+        n_blocks_per_stage=(1,),
+        n_conv_per_stage_decoder=(),
+    )
+    cfg = Configuration(
+        name="3d_cascade_fullres",
+        spacing_zyx=tuple(a.spacing),
+        median_shape_vox=shape,
+        patch_size_vox=(8, 8, 8),
+        batch_size=2,
+        resampling=ResamplingSpec(),
+        network=spec,
+        normalization=(ChannelNormalization(scheme="zscore"),),
+        previous_stage="3d_lowres",
+    )
     out_shape = tuple(int(round(n / s)) for n, s in zip(shape, a.spacing, strict=True))
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,14 +63,21 @@ def main() -> None:
         lab_np[sum(((x - n / 2) / (n / 6)) ** 2 for x, n in zip(g, shape, strict=True)) < 1] = 2
         src = zarr.create_array(str(Path(tmp) / "lab.zarr"), shape=shape, chunks=(64, 128, 128), dtype=np.uint8)
         src[...] = lab_np
-        lazy = previous_onto_grid(da.from_zarr(src), cfg, crop_bbox_zyx=tuple((0, n) for n in shape),
-                                  out_shape_zyx=out_shape, values=(1, 2), out_chunks=(64, 128, 128))
+        lazy = previous_onto_grid(
+            da.from_zarr(src),
+            cfg,
+            crop_bbox_zyx=tuple((0, n) for n in shape),
+            out_shape_zyx=out_shape,
+            values=(1, 2),
+            out_chunks=(64, 128, 128),
+        )
         t0 = time.perf_counter()
         dst = zarr.create_array(str(Path(tmp) / "prev.zarr"), shape=out_shape, chunks=(64, 128, 128), dtype=np.uint8)
         da.store(lazy.rechunk((64, 128, 128)), dst, lock=False)
         write_s = time.perf_counter() - t0
-        corners = [[int(rng.integers(0, max(1, n - p))) for n, p in zip(out_shape, a.patch, strict=True)]
-                   for _ in range(a.n)]
+        corners = [
+            [int(rng.integers(0, max(1, n - p))) for n, p in zip(out_shape, a.patch, strict=True)] for _ in range(a.n)
+        ]
         box = [tuple(slice(c, c + p) for c, p in zip(lo, a.patch, strict=True)) for lo in corners]
         t0 = time.perf_counter()
         for b in box:
@@ -66,9 +87,19 @@ def main() -> None:
         for b in box:
             lazy[b].compute()
         fly_ms = (time.perf_counter() - t0) / a.n * 1e3
-    print(json.dumps({"original_shape": shape, "cascade_shape": out_shape, "patch": a.patch, "patches": a.n,
-                      "stored_ms_per_patch": round(stored_ms, 1), "on_the_fly_ms_per_patch": round(fly_ms, 1),
-                      "one_time_write_s": round(write_s, 2)}))
+    print(
+        json.dumps(
+            {
+                "original_shape": shape,
+                "cascade_shape": out_shape,
+                "patch": a.patch,
+                "patches": a.n,
+                "stored_ms_per_patch": round(stored_ms, 1),
+                "on_the_fly_ms_per_patch": round(fly_ms, 1),
+                "one_time_write_s": round(write_s, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -60,16 +60,25 @@ def main() -> None:
         args.n_cases, args.shape, args.large_shape = 4, (24, 64, 64), (64, 256, 256)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="voxflow-bench-"))
     try:
-        result: dict[str, object] = {"cpu_count": os.cpu_count(), "scheduler": args.scheduler, "chunks_zyx": args.chunks}
+        result: dict[str, object] = {
+            "cpu_count": os.cpu_count(),
+            "scheduler": args.scheduler,
+            "chunks_zyx": args.chunks,
+        }
         src = make_dataset(work / "raw", kind=args.kind, n_cases=args.n_cases, shape_zyx=args.shape)
         n_ch = 2 if args.kind == "mr" else 1
         itemsize = 4 if args.kind == "mr" else 2
         raw_bytes = args.n_cases * int(np.prod(args.shape)) * (n_ch * itemsize + 1)
         sec, peak = _run(src, work / "ds.zarr", scheduler=args.scheduler, max_memory=None, chunks=args.chunks)
         result["dataset"] = {
-            "kind": args.kind, "n_cases": args.n_cases, "shape_zyx": list(args.shape), "seconds": round(sec, 3),
-            "cases_per_s": round(args.n_cases / sec, 2), "MB_per_s": round(raw_bytes / 1e6 / sec, 1),
-            "peak_rss_MB": round(peak / 1e6, 1), "store_MB": round(_du(work / "ds.zarr") / 1e6, 2),
+            "kind": args.kind,
+            "n_cases": args.n_cases,
+            "shape_zyx": list(args.shape),
+            "seconds": round(sec, 3),
+            "cases_per_s": round(args.n_cases / sec, 2),
+            "MB_per_s": round(raw_bytes / 1e6 / sec, 1),
+            "peak_rss_MB": round(peak / 1e6, 1),
+            "store_MB": round(_du(work / "ds.zarr") / 1e6, 2),
             "voxel_MB": round(raw_bytes / 1e6, 1),
         }
         t = time.perf_counter()
@@ -79,9 +88,14 @@ def main() -> None:
         max_mem = int(args.max_memory * 1e6)
         sec, peak = _run(big, work / "big.zarr", scheduler=args.scheduler, max_memory=max_mem, chunks=args.chunks)
         result["large_volume"] = {
-            "shape_zyx": list(args.large_shape), "voxel_MB": round(vol_bytes / 1e6, 1), "max_memory_MB": args.max_memory,
-            "seconds": round(sec, 3), "MB_per_s": round(vol_bytes / 1e6 / sec, 1), "peak_rss_MB": round(peak / 1e6, 1),
-            "store_MB": round(_du(work / "big.zarr") / 1e6, 2), "generate_seconds": round(gen, 2),
+            "shape_zyx": list(args.large_shape),
+            "voxel_MB": round(vol_bytes / 1e6, 1),
+            "max_memory_MB": args.max_memory,
+            "seconds": round(sec, 3),
+            "MB_per_s": round(vol_bytes / 1e6 / sec, 1),
+            "peak_rss_MB": round(peak / 1e6, 1),
+            "store_MB": round(_du(work / "big.zarr") / 1e6, 2),
+            "generate_seconds": round(gen, 2),
         }
         print(json.dumps(result, indent=2))
     finally:

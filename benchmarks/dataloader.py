@@ -42,14 +42,38 @@ from voxflow.geometry import Geometry
 from voxflow.plan.schema import ChannelNormalization, Configuration, NetworkSpec, ResamplingSpec, TrainSpec
 from voxflow.store import DatasetMeta, Store
 
-NNUNET_REFERENCE = {"batches_per_s_2_workers": 4.3, "batches_per_s_single_thread": 1.7,
-                    "patch": [80, 160, 160], "batch_size": 2, "note": "nnU-Net 2.8.1, measured on this machine"}
+NNUNET_REFERENCE = {
+    "batches_per_s_2_workers": 4.3,
+    "batches_per_s_single_thread": 1.7,
+    "patch": [80, 160, 160],
+    "batch_size": 2,
+    "note": "nnU-Net 2.8.1, measured on this machine",
+}
 
 
-def _time_loader(store: Store, config: Configuration, *, augment: bool, n_batches: int, workers: int,
-                 device: str, ds_scales: list[tuple[float, ...]] | None, cache_mb: float = 0) -> dict[str, Any]:
-    with build_loader(store, store.case_ids(), config, train=True, augment=augment, num_workers=workers,
-                      device=device, ds_scales=ds_scales, seed=0, cache_mb=cache_mb) as loader:
+def _time_loader(
+    store: Store,
+    config: Configuration,
+    *,
+    augment: bool,
+    n_batches: int,
+    workers: int,
+    device: str,
+    ds_scales: list[tuple[float, ...]] | None,
+    cache_mb: float = 0,
+) -> dict[str, Any]:
+    with build_loader(
+        store,
+        store.case_ids(),
+        config,
+        train=True,
+        augment=augment,
+        num_workers=workers,
+        device=device,
+        ds_scales=ds_scales,
+        seed=0,
+        cache_mb=cache_mb,
+    ) as loader:
         it = iter(loader)
         for _ in range(2):  # warm-up: threads started, queues filled once
             next(it)
@@ -61,11 +85,18 @@ def _time_loader(store: Store, config: Configuration, *, augment: bool, n_batche
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         read = list(loader.spec.read_patch_vox)
         rss = psutil.Process().memory_info().rss
-    return {"batches_per_s": round(n_batches / dt, 2), "patches_per_s": round(n_batches * config.batch_size / dt, 2),
-            "cpu_s_per_batch": round(cpu / n_batches, 3), "max_read_patch_vox": read, "n_batches": n_batches,
-            "rss_mb": round(rss / 2**20, 1), "chunk_cache_mb": cache_mb,
-            "cache_hit_rate": None if loader.cache is None else round(
-                loader.cache.hits / max(1, loader.cache.hits + loader.cache.misses), 3)}
+    return {
+        "batches_per_s": round(n_batches / dt, 2),
+        "patches_per_s": round(n_batches * config.batch_size / dt, 2),
+        "cpu_s_per_batch": round(cpu / n_batches, 3),
+        "max_read_patch_vox": read,
+        "n_batches": n_batches,
+        "rss_mb": round(rss / 2**20, 1),
+        "chunk_cache_mb": cache_mb,
+        "cache_hit_rate": None
+        if loader.cache is None
+        else round(loader.cache.hits / max(1, loader.cache.hits + loader.cache.misses), 3),
+    }
 
 
 def _synthetic_plan_store(tmp: Path, quick: bool) -> tuple[Store, Configuration, list[tuple[float, ...]]] | None:
@@ -99,8 +130,12 @@ def _smooth_volume(shape: tuple[int, ...], rng: np.random.Generator) -> tuple[np
 
 
 def _nnunet_shape_store(tmp: Path, shape: tuple[int, int, int], n_cases: int) -> Store:
-    meta = DatasetMeta(channel_names=("CT",), labels={"background": 0, "organ": 1, "lesion": 2},
-                       kind="preprocessed", extra={"configuration": "3d_fullres"})
+    meta = DatasetMeta(
+        channel_names=("CT",),
+        labels={"background": 0, "organ": 1, "lesion": 2},
+        kind="preprocessed",
+        extra={"configuration": "3d_fullres"},
+    )
     store = Store.create(tmp / "nnunet_shape.zarr", meta)
     rng = np.random.default_rng(0)
     chunks = (40, 80, 80)  # half the patch, as voxflow's preprocessing writes them
@@ -110,11 +145,16 @@ def _nnunet_shape_store(tmp: Path, shape: tuple[int, int, int], n_cases: int) ->
         store.begin_case(cid, geometry=Geometry(shape_zyx=shape, spacing_zyx=(1.0, 1.0, 1.0)))
         store.create_array(cid, "image", shape=image.shape, dtype="float32", chunks=(1, *chunks))[...] = image
         store.create_array(cid, "label", shape=label.shape, dtype="uint8", chunks=chunks)[...] = label
-        rows = np.concatenate([np.c_[np.full(n, k), np.argwhere(label == k)[rng.choice(
-            int((label == k).sum()), n, replace=False)]] for k in (1, 2)
-            for n in [min(10_000, int((label == k).sum()))]]).astype(np.int32)
-        store.create_array(cid, "fg_index", shape=rows.shape, dtype="int32", chunks=rows.shape,
-                           dimension_names=("n", "k"))[...] = rows
+        rows = np.concatenate(
+            [
+                np.c_[np.full(n, k), np.argwhere(label == k)[rng.choice(int((label == k).sum()), n, replace=False)]]
+                for k in (1, 2)
+                for n in [min(10_000, int((label == k).sum()))]
+            ]
+        ).astype(np.int32)
+        store.create_array(
+            cid, "fg_index", shape=rows.shape, dtype="int32", chunks=rows.shape, dimension_names=("n", "k")
+        )[...] = rows
         store.update_case_attrs(cid, classes_present=[0, 1, 2])
         store.mark_complete(cid)
     return store
@@ -122,13 +162,25 @@ def _nnunet_shape_store(tmp: Path, shape: tuple[int, int, int], n_cases: int) ->
 
 def _nnunet_config() -> Configuration:
     k = (3, 3, 3)
-    net = NetworkSpec(n_stages=5, features_per_stage=(32, 64, 128, 256, 320), kernel_sizes=(k,) * 5,
-                      strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
-                      n_blocks_per_stage=(2,) * 5, n_conv_per_stage_decoder=(2,) * 4)
-    return Configuration(name="3d_fullres", spacing_zyx=(1.0, 1.0, 1.0), median_shape_vox=(128, 256, 256),
-                         patch_size_vox=(80, 160, 160), batch_size=2,
-                         normalization=(ChannelNormalization(scheme="zscore"),), resampling=ResamplingSpec(),
-                         network=net, train=TrainSpec())
+    net = NetworkSpec(
+        n_stages=5,
+        features_per_stage=(32, 64, 128, 256, 320),
+        kernel_sizes=(k,) * 5,
+        strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
+        n_blocks_per_stage=(2,) * 5,
+        n_conv_per_stage_decoder=(2,) * 4,
+    )
+    return Configuration(
+        name="3d_fullres",
+        spacing_zyx=(1.0, 1.0, 1.0),
+        median_shape_vox=(128, 256, 256),
+        patch_size_vox=(80, 160, 160),
+        batch_size=2,
+        normalization=(ChannelNormalization(scheme="zscore"),),
+        resampling=ResamplingSpec(),
+        network=net,
+        train=TrainSpec(),
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -139,9 +191,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--shape", type=int, nargs=3, default=(128, 256, 256), help="nnunet_shape volume (z y x)")
     args = ap.parse_args(argv)
     n = 10 if args.quick else 40
-    out: dict[str, Any] = {"device": args.device, "workers": args.workers, "torch_threads": torch.get_num_threads(),
-                           "cpu_cores": psutil.cpu_count(), "load_avg_1min_start": round(psutil.getloadavg()[0], 2),
-                           "scenarios": {}}
+    out: dict[str, Any] = {
+        "device": args.device,
+        "workers": args.workers,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_cores": psutil.cpu_count(),
+        "load_avg_1min_start": round(psutil.getloadavg()[0], 2),
+        "scenarios": {},
+    }
     from voxflow.nets import deep_supervision_scales
 
     with tempfile.TemporaryDirectory(prefix="voxflow-bench-") as d:
@@ -150,25 +207,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if syn is not None:
             store, cfg, scales = syn
             out["scenarios"]["synthetic_plan"] = {
-                "patch_size_vox": list(cfg.patch_size_vox), "batch_size": cfg.batch_size,
-                "augmented": _time_loader(store, cfg, augment=True, n_batches=n * 3, workers=args.workers,
-                                          device=args.device, ds_scales=scales),
-                "plain": _time_loader(store, cfg, augment=False, n_batches=n * 3, workers=args.workers,
-                                      device=args.device, ds_scales=scales),
+                "patch_size_vox": list(cfg.patch_size_vox),
+                "batch_size": cfg.batch_size,
+                "augmented": _time_loader(
+                    store,
+                    cfg,
+                    augment=True,
+                    n_batches=n * 3,
+                    workers=args.workers,
+                    device=args.device,
+                    ds_scales=scales,
+                ),
+                "plain": _time_loader(
+                    store,
+                    cfg,
+                    augment=False,
+                    n_batches=n * 3,
+                    workers=args.workers,
+                    device=args.device,
+                    ds_scales=scales,
+                ),
             }
         cfg = _nnunet_config()
         store = _nnunet_shape_store(tmp, tuple(args.shape), 2 if args.quick else 4)
         scales = deep_supervision_scales(cfg.network)
-        res = {"patch_size_vox": list(cfg.patch_size_vox), "batch_size": cfg.batch_size, "volume": list(args.shape),
-               "augmented": _time_loader(store, cfg, augment=True, n_batches=n, workers=args.workers,
-                                         device=args.device, ds_scales=scales),
-               "augmented_chunk_cache": _time_loader(store, cfg, augment=True, n_batches=n, workers=args.workers,
-                                                     device=args.device, ds_scales=scales, cache_mb=512),
-               "plain": _time_loader(store, cfg, augment=False, n_batches=n, workers=args.workers,
-                                     device=args.device, ds_scales=scales),
-               "nnunet_reference": NNUNET_REFERENCE}
+        res = {
+            "patch_size_vox": list(cfg.patch_size_vox),
+            "batch_size": cfg.batch_size,
+            "volume": list(args.shape),
+            "augmented": _time_loader(
+                store, cfg, augment=True, n_batches=n, workers=args.workers, device=args.device, ds_scales=scales
+            ),
+            "augmented_chunk_cache": _time_loader(
+                store,
+                cfg,
+                augment=True,
+                n_batches=n,
+                workers=args.workers,
+                device=args.device,
+                ds_scales=scales,
+                cache_mb=512,
+            ),
+            "plain": _time_loader(
+                store, cfg, augment=False, n_batches=n, workers=args.workers, device=args.device, ds_scales=scales
+            ),
+            "nnunet_reference": NNUNET_REFERENCE,
+        }
         res["ratio_vs_nnunet_2_workers"] = round(
-            res["augmented"]["batches_per_s"] / NNUNET_REFERENCE["batches_per_s_2_workers"], 2)
+            res["augmented"]["batches_per_s"] / NNUNET_REFERENCE["batches_per_s_2_workers"], 2
+        )
         res["nnunet_measured"] = None if importlib.util.find_spec("nnunetv2") is None else "not run: compare by hand"
         out["scenarios"]["nnunet_shape"] = res
     out["load_avg_1min_end"] = round(psutil.getloadavg()[0], 2)

@@ -42,7 +42,9 @@ def _write(path: Path, kind: str, n: int, shape: tuple[int, int, int], shift: in
     for i in range(n):
         cid = f"case_{i:03d}"
         store.begin_case(cid, geometry=geom)
-        store.create_array(cid, "label", shape=shape, dtype=np.uint8, chunks=(64, 128, 128))[...] = _spheres(shape, shift)
+        store.create_array(cid, "label", shape=shape, dtype=np.uint8, chunks=(64, 128, 128))[...] = _spheres(
+            shape, shift
+        )
         store.mark_complete(cid)
 
 
@@ -62,15 +64,20 @@ def main() -> None:
         voxels = args.n_cases * int(np.prod(shape))
         result: dict = {"n_cases": args.n_cases, "shape_zyx": list(shape), "voxels": voxels}
         for surface in (False, True):
-            code = ("import time\nfrom voxflow.evaluate import evaluate\nt = time.perf_counter()\n"
-                    f"s = evaluate({str(work / 'pred.zarr')!r}, {str(work / 'ref.zarr')!r}, surface={surface})\n"
-                    "print('SECONDS', time.perf_counter() - t)\nprint('DICE', s.dice)\n")
+            code = (
+                "import time\nfrom voxflow.evaluate import evaluate\nt = time.perf_counter()\n"
+                f"s = evaluate({str(work / 'pred.zarr')!r}, {str(work / 'ref.zarr')!r}, surface={surface})\n"
+                "print('SECONDS', time.perf_counter() - t)\nprint('DICE', s.dice)\n"
+            )
             peak, text = run_with_memory_cap(code)
             vals = dict(line.split()[:2] for line in text.splitlines() if line.startswith(("SECONDS", "DICE")))
             sec = float(vals["SECONDS"])
             result["surface" if surface else "overlap_only"] = {
-                "seconds": round(sec, 3), "voxels_per_s": float(f"{voxels / sec:.3g}"),
-                "peak_rss_MB": round(peak / 1e6, 1), "foreground_dice": round(float(vals["DICE"]), 4)}
+                "seconds": round(sec, 3),
+                "voxels_per_s": float(f"{voxels / sec:.3g}"),
+                "peak_rss_MB": round(peak / 1e6, 1),
+                "foreground_dice": round(float(vals["DICE"]), 4),
+            }
         print(json.dumps(result, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)

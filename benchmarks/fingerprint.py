@@ -74,16 +74,28 @@ def main() -> None:
         for preset in ("default", "cpu"):
             t = time.perf_counter()
             plan = plan_experiment(fp, preset=preset)
-            plan_s[preset] = {"seconds": round(time.perf_counter() - t, 3), "configurations": {
-                name: {"patch": list(c.patch_size_vox), "batch": c.batch_size}
-                for name, c in plan.configurations.items()}}
+            plan_s[preset] = {
+                "seconds": round(time.perf_counter() - t, 3),
+                "configurations": {
+                    name: {"patch": list(c.patch_size_vox), "batch": c.batch_size}
+                    for name, c in plan.configurations.items()
+                },
+            }
         result = {
-            "cpu_count": os.cpu_count(), "scheduler": args.scheduler, "kind": args.kind, "n_cases": args.n_cases,
-            "shape_zyx": list(args.shape), "chunks_zyx": list(args.chunks), "voxels": voxels,
-            "fingerprint": {"seconds": round(seconds, 3), "voxels_per_s": float(f"{voxels / seconds:.3g}"),
-                            "MB_per_s": round(voxels * (n_ch * itemsize + 1) / 1e6 / seconds, 1),
-                            "peak_rss_MB": round(peak / 1e6, 1),
-                            "dataset_voxel_MB": round(voxels * (n_ch * itemsize + 1) / 1e6, 1)},
+            "cpu_count": os.cpu_count(),
+            "scheduler": args.scheduler,
+            "kind": args.kind,
+            "n_cases": args.n_cases,
+            "shape_zyx": list(args.shape),
+            "chunks_zyx": list(args.chunks),
+            "voxels": voxels,
+            "fingerprint": {
+                "seconds": round(seconds, 3),
+                "voxels_per_s": float(f"{voxels / seconds:.3g}"),
+                "MB_per_s": round(voxels * (n_ch * itemsize + 1) / 1e6 / seconds, 1),
+                "peak_rss_MB": round(peak / 1e6, 1),
+                "dataset_voxel_MB": round(voxels * (n_ch * itemsize + 1) / 1e6, 1),
+            },
             "plan": plan_s,
         }
         print(json.dumps(result, indent=1))

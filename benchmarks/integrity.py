@@ -55,8 +55,15 @@ def bench_checksums(tmp: Path, vol: np.ndarray, repeat: int) -> dict[str, Any]:
     def write(path: Path, codecs: tuple) -> None:
         if path.exists():
             shutil.rmtree(path)
-        arr = zarr.create_array(store=str(path), shape=vol.shape, chunks=(1, 64, 128, 128), dtype=vol.dtype,
-                                compressors=codecs, fill_value=0, config={"write_empty_chunks": True})
+        arr = zarr.create_array(
+            store=str(path),
+            shape=vol.shape,
+            chunks=(1, 64, 128, 128),
+            dtype=vol.dtype,
+            compressors=codecs,
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )
         arr[...] = vol
 
     def read(path: Path, codecs: tuple) -> None:
@@ -71,9 +78,11 @@ def bench_checksums(tmp: Path, vol: np.ndarray, repeat: int) -> dict[str, Any]:
                 times.setdefault((label, step.__name__), []).append(time.perf_counter() - t0)
     for label in variants:
         path = tmp / f"{label}.zarr"
-        out[label] = {"write_mb_s": round(mb / min(times[label, "write"]), 1),
-                      "read_mb_s": round(mb / min(times[label, "read"]), 1),
-                      "on_disk_mb": round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 2)}
+        out[label] = {
+            "write_mb_s": round(mb / min(times[label, "write"]), 1),
+            "read_mb_s": round(mb / min(times[label, "read"]), 1),
+            "on_disk_mb": round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 2),
+        }
     base, crc = out["blosc"], out["blosc+crc32c"]
     out["crc32c_write_cost_pct"] = round(100 * (base["write_mb_s"] / crc["write_mb_s"] - 1), 1)
     out["crc32c_read_cost_pct"] = round(100 * (base["read_mb_s"] / crc["read_mb_s"] - 1), 1)
@@ -97,9 +106,13 @@ def bench_gzip_check(tmp: Path, vol: np.ndarray, repeat: int) -> dict[str, Any]:
     mb = vol[0].astype(np.int16).nbytes / 1e6
     t_check = _best(lambda: check_gzip_stream(path), repeat)
     t_read = _best(lambda: sitk.ReadImage(str(path)), repeat)
-    return {"nii_gz_mb": round(mb, 1), "compressed_mb": round(path.stat().st_size / 1e6, 1),
-            "check_mb_s": round(mb / t_check, 1), "sitk_read_mb_s": round(mb / t_read, 1),
-            "check_cost_pct_of_read": round(100 * t_check / t_read, 1)}
+    return {
+        "nii_gz_mb": round(mb, 1),
+        "compressed_mb": round(path.stat().st_size / 1e6, 1),
+        "check_mb_s": round(mb / t_check, 1),
+        "sitk_read_mb_s": round(mb / t_read, 1),
+        "check_cost_pct_of_read": round(100 * t_check / t_read, 1),
+    }
 
 
 def bench_lock(tmp: Path) -> dict[str, Any]:
@@ -122,8 +135,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.tmp, prefix="voxflow-integrity-") as d:
         tmp = Path(d)
         vol = _volume(args.mb)
-        result = {"checksums": bench_checksums(tmp, vol, args.repeat),
-                  "gzip_check": bench_gzip_check(tmp, vol, args.repeat), "lock": bench_lock(tmp)}
+        result = {
+            "checksums": bench_checksums(tmp, vol, args.repeat),
+            "gzip_check": bench_gzip_check(tmp, vol, args.repeat),
+            "lock": bench_lock(tmp),
+        }
     print(json.dumps(result, indent=2))
 
 

@@ -117,21 +117,34 @@ def _stage(name: str, code: str, fmt: dict[str, Any], voxels: int) -> tuple[dict
     return row, out
 
 
-def run_size(n_voxels: int, *, patch: tuple[int, int, int], workers: int, block_mb: int,
-             memory_limit: str) -> dict[str, Any]:
+def run_size(
+    n_voxels: int, *, patch: tuple[int, int, int], workers: int, block_mb: int, memory_limit: str
+) -> dict[str, Any]:
     shape = shape_for(n_voxels)
     voxels = shape[0] * shape[1] * shape[2]
     row: dict[str, Any] = {"voxels": voxels, "shape_zyx": list(shape), "stages": {}}
     with tempfile.TemporaryDirectory(prefix="voxflow-large-") as tmp:
-        fmt = {"tmp": tmp, "shape": shape, "patch": patch, "workers": workers, "block_bytes": block_mb * 2**20,
-               "memory_limit": memory_limit}
-        for name, code in (("generate", GENERATE), ("convert", CONVERT), ("predict", PREDICT),
-                           ("components", COMPONENTS), ("export", EXPORT)):
+        fmt = {
+            "tmp": tmp,
+            "shape": shape,
+            "patch": patch,
+            "workers": workers,
+            "block_bytes": block_mb * 2**20,
+            "memory_limit": memory_limit,
+        }
+        for name, code in (
+            ("generate", GENERATE),
+            ("convert", CONVERT),
+            ("predict", PREDICT),
+            ("components", COMPONENTS),
+            ("export", EXPORT),
+        ):
             row["stages"][name], out = _stage(name, code, fmt, voxels)
             if name == "predict":
                 # peak_rss_mb of predict: the client process plus the largest of its children (the workers)
-                row["worker_peak_rss_mb"] = [round(p / 2**20) for p in
-                                             json.loads(out.split("WORKERS", 1)[1].splitlines()[0])]
+                row["worker_peak_rss_mb"] = [
+                    round(p / 2**20) for p in json.loads(out.split("WORKERS", 1)[1].splitlines()[0])
+                ]
                 m = re.search(r"(\d+) tiles predicted for (\d+) grid tiles", out)
                 blocks = re.search(r"(\d+) of (\d+) blocks of \(([\d, ]+)\)", out)
                 if m:
@@ -153,10 +166,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--memory-limit", default="3GB", help="dask memory limit per worker")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rows = [run_size(parse_size(s), patch=tuple(args.patch), workers=args.workers, block_mb=args.block_mb,
-                     memory_limit=args.memory_limit) for s in args.sizes]
-    result = {"benchmark": "large_volume", "workers": args.workers, "block_mb": args.block_mb,
-              "patch_size_vox": list(args.patch), "tta": False, "step": 0.5, "results": rows}
+    rows = [
+        run_size(
+            parse_size(s),
+            patch=tuple(args.patch),
+            workers=args.workers,
+            block_mb=args.block_mb,
+            memory_limit=args.memory_limit,
+        )
+        for s in args.sizes
+    ]
+    result = {
+        "benchmark": "large_volume",
+        "workers": args.workers,
+        "block_mb": args.block_mb,
+        "patch_size_vox": list(args.patch),
+        "tta": False,
+        "step": 0.5,
+        "results": rows,
+    }
     print(json.dumps(result, indent=2))
     return result
 

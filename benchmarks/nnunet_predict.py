@@ -85,8 +85,15 @@ def build_model(root: Path, *, features: int, patch: int, spacing: float, resamp
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     name = f"Dataset{DATASET_ID}_Bench"
-    raw = make_dataset(root / "nnUNet_raw" / name, kind="ct", n_cases=2, shape_zyx=(24, 48, 48),
-                       spacing_zyx=(spacing,) * 3, file_ending=".mha", seed=5)
+    raw = make_dataset(
+        root / "nnUNet_raw" / name,
+        kind="ct",
+        n_cases=2,
+        shape_zyx=(24, 48, 48),
+        spacing_zyx=(spacing,) * 3,
+        file_ending=".mha",
+        seed=5,
+    )
     extract_fingerprints([DATASET_ID], num_processes=1, show_progress_bar=False, verbose=False)
     plans_id = plan_experiments([DATASET_ID])
     plans_file = root / "nnUNet_preprocessed" / name / f"{plans_id}.json"
@@ -94,40 +101,63 @@ def build_model(root: Path, *, features: int, patch: int, spacing: float, resamp
     cfg = plans["configurations"]["3d_fullres"]
     plans["configurations"] = {"3d_fullres": cfg}
     kw = cfg["architecture"]["arch_kwargs"]
-    kw.update(n_stages=3, features_per_stage=[features, 2 * features, 4 * features], kernel_sizes=[[3, 3, 3]] * 3,
-              strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]], n_conv_per_stage=[2, 2, 2], n_conv_per_stage_decoder=[2, 2])
+    kw.update(
+        n_stages=3,
+        features_per_stage=[features, 2 * features, 4 * features],
+        kernel_sizes=[[3, 3, 3]] * 3,
+        strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+        n_conv_per_stage=[2, 2, 2],
+        n_conv_per_stage_decoder=[2, 2],
+    )
     cfg.update(patch_size=[patch] * 3, spacing=[spacing * (1.25 if resample else 1.0)] * 3)
     plans_file.write_text(json.dumps(plans, indent=2))
     dataset = json.loads((raw / "dataset.json").read_text())
     pm = PlansManager(plans)
     cm = pm.get_configuration("3d_fullres")
     torch.manual_seed(0)
-    net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                 cm.network_arch_init_kwargs_req_import, 1,
-                                 pm.get_label_manager(dataset).num_segmentation_heads, deep_supervision=True)
+    net = get_network_from_plans(
+        cm.network_arch_class_name,
+        cm.network_arch_init_kwargs,
+        cm.network_arch_init_kwargs_req_import,
+        1,
+        pm.get_label_manager(dataset).num_segmentation_heads,
+        deep_supervision=True,
+    )
     model = root / "nnUNet_results" / name / f"nnUNetTrainer__{plans_id}__3d_fullres"
     (model / "fold_0").mkdir(parents=True)
-    torch.save({"network_weights": net.state_dict(), "init_args": {"configuration": "3d_fullres"},
-                "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2), "current_epoch": 0},
-               model / "fold_0" / "checkpoint_final.pth")
+    torch.save(
+        {
+            "network_weights": net.state_dict(),
+            "init_args": {"configuration": "3d_fullres"},
+            "trainer_name": "nnUNetTrainer",
+            "inference_allowed_mirroring_axes": (0, 1, 2),
+            "current_epoch": 0,
+        },
+        model / "fold_0" / "checkpoint_final.pth",
+    )
     (model / "plans.json").write_text(json.dumps(plans))
     (model / "dataset.json").write_text(json.dumps(dataset))
     return model
 
 
-def run(size: int, model: Path, tmp: Path, *, tta: bool, threads: int, spacing: float,
-        cache_mb: int) -> dict[str, Any]:
+def run(size: int, model: Path, tmp: Path, *, tta: bool, threads: int, spacing: float, cache_mb: int) -> dict[str, Any]:
     from voxflow.synthetic import write_large_volume
 
     shape = _shape(size)
     image = tmp / f"big_{size}_0000.mha"
     write_large_volume(image, shape, spacing_zyx=(spacing,) * 3)
-    result: dict[str, Any] = {"shape_zyx": list(shape), "voxels": int(shape[0] * shape[1] * shape[2]),
-                              "input_mb": round(image.stat().st_size / 2**20, 1)}
-    for tool, template, out in (("nnunet", NNUNET, str(tmp / f"nnunet_{size}")),
-                                ("voxflow", VOXFLOW, str(tmp / f"voxflow_{size}"))):
-        code = template.format(threads=threads, tta=tta, model=str(model), image=str(image), out=out,
-                               cache=cache_mb * 2**20)
+    result: dict[str, Any] = {
+        "shape_zyx": list(shape),
+        "voxels": int(shape[0] * shape[1] * shape[2]),
+        "input_mb": round(image.stat().st_size / 2**20, 1),
+    }
+    for tool, template, out in (
+        ("nnunet", NNUNET, str(tmp / f"nnunet_{size}")),
+        ("voxflow", VOXFLOW, str(tmp / f"voxflow_{size}")),
+    ):
+        code = template.format(
+            threads=threads, tta=tta, model=str(model), image=str(image), out=out, cache=cache_mb * 2**20
+        )
         try:
             peak, stdout = run_with_memory_cap(code, timeout=6 * 3600, env=dict(os.environ))
             wall = float(next(line.split()[1] for line in stdout.splitlines() if line.startswith("WALL")))
@@ -156,12 +186,28 @@ def main() -> None:
     sizes = ["2M", "8M"] if args.quick else args.sizes
     with tempfile.TemporaryDirectory(dir=args.work) as d:
         tmp = Path(d)
-        model = build_model(tmp / "nnunet", features=args.features, patch=args.patch, spacing=args.spacing,
-                            resample=args.resample)
-        results = [run(_voxels(s), model, tmp, tta=args.tta, threads=args.threads, spacing=args.spacing,
-                       cache_mb=args.cache_mb) for s in sizes]
-    print(json.dumps({"benchmark": "nnunet_predict", "features": args.features, "patch": args.patch,
-                      "tta": args.tta, "resample": args.resample, "results": results}, indent=2))
+        model = build_model(
+            tmp / "nnunet", features=args.features, patch=args.patch, spacing=args.spacing, resample=args.resample
+        )
+        results = [
+            run(
+                _voxels(s), model, tmp, tta=args.tta, threads=args.threads, spacing=args.spacing, cache_mb=args.cache_mb
+            )
+            for s in sizes
+        ]
+    print(
+        json.dumps(
+            {
+                "benchmark": "nnunet_predict",
+                "features": args.features,
+                "patch": args.patch,
+                "tta": args.tta,
+                "resample": args.resample,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -23,22 +23,49 @@ from voxflow.plan.planner import plan_experiment
 
 
 def _fingerprint(shape: tuple[int, int, int], spacing: tuple[float, float, float], is_2d: bool) -> Fingerprint:
-    cases = tuple(CaseFingerprint(case_id=f"c{i}", shape_zyx=shape, spacing_zyx=spacing, source_ndim=2 if is_2d else 3,
-                                  nonzero_bbox_zyx=tuple((0, n) for n in shape), shape_after_crop_zyx=shape,
-                                  fraction_kept_by_crop=1.0) for i in range(20))
-    st = IntensityStats(channel="CT", n_samples=10, mean=0.0, std=1.0, median=0.0, min=-1.0, max=1.0,
-                        percentile_00_5=-1.0, percentile_99_5=1.0)
+    cases = tuple(
+        CaseFingerprint(
+            case_id=f"c{i}",
+            shape_zyx=shape,
+            spacing_zyx=spacing,
+            source_ndim=2 if is_2d else 3,
+            nonzero_bbox_zyx=tuple((0, n) for n in shape),
+            shape_after_crop_zyx=shape,
+            fraction_kept_by_crop=1.0,
+        )
+        for i in range(20)
+    )
+    st = IntensityStats(
+        channel="CT",
+        n_samples=10,
+        mean=0.0,
+        std=1.0,
+        median=0.0,
+        min=-1.0,
+        max=1.0,
+        percentile_00_5=-1.0,
+        percentile_99_5=1.0,
+    )
     ax = AxisStats.of(np.array([shape]))
-    return Fingerprint(channel_names=("CT",), labels={"background": 0, "a": 1, "b": 2}, samples_per_case=10, seed=0,
-                       cases=cases, intensity=(st,), classes=(), spacing=AxisStats.of(np.array([spacing])),
-                       shape=ax, shape_after_crop=ax)
+    return Fingerprint(
+        channel_names=("CT",),
+        labels={"background": 0, "a": 1, "b": 2},
+        samples_per_case=10,
+        seed=0,
+        cases=cases,
+        intensity=(st,),
+        classes=(),
+        spacing=AxisStats.of(np.array([spacing])),
+        shape=ax,
+        shape_after_crop=ax,
+    )
 
 
 def _time_iteration(cfg, repeats: int) -> float:  # type: ignore[no-untyped-def]
     net = build_network(cfg.network, 1, 3)
     net.train()
     opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
-    spatial = cfg.patch_size_vox[-cfg.network.spatial_dims:]
+    spatial = cfg.patch_size_vox[-cfg.network.spatial_dims :]
     x = torch.randn(cfg.batch_size, 1, *spatial)
     times = []
     for _ in range(repeats + 1):
@@ -57,9 +84,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    datasets = {"iso_3d": ((128, 128, 128), (1.0, 1.0, 1.0), False),
-                "aniso_3d": ((60, 256, 256), (3.0, 0.8, 0.8), False),
-                "demo_3d": ((32, 64, 64), (2.5, 0.8, 0.8), False)}
+    datasets = {
+        "iso_3d": ((128, 128, 128), (1.0, 1.0, 1.0), False),
+        "aniso_3d": ((60, 256, 256), (3.0, 0.8, 0.8), False),
+        "demo_3d": ((32, 64, 64), (2.5, 0.8, 0.8), False),
+    }
     if args.quick:
         datasets = {"iso_3d": datasets["iso_3d"]}
     rows = []
@@ -70,13 +99,24 @@ def main() -> None:
                 continue
             measured = _time_iteration(cfg, 1 if args.quick else 3)
             flops = 3 * cfg.batch_size * conv_flops(cfg.network, cfg.patch_size_vox, 1, 3)
-            rows.append({"dataset": name, "configuration": cfg.name, "patch": list(cfg.patch_size_vox),
-                         "batch": cfg.batch_size, "measured_s": round(measured, 3),
-                         "estimated_s": round(estimate_iteration_seconds(cfg.network, cfg.patch_size_vox,
-                                                                         cfg.batch_size, 1, 3), 3),
-                         "implied_flops_per_s": float(f"{flops / measured:.3g}")})
-    print(json.dumps({"cpu_flops_per_second": CPU_FLOPS_PER_SECOND, "threads": torch.get_num_threads(),
-                      "rows": rows}, indent=1))
+            rows.append(
+                {
+                    "dataset": name,
+                    "configuration": cfg.name,
+                    "patch": list(cfg.patch_size_vox),
+                    "batch": cfg.batch_size,
+                    "measured_s": round(measured, 3),
+                    "estimated_s": round(
+                        estimate_iteration_seconds(cfg.network, cfg.patch_size_vox, cfg.batch_size, 1, 3), 3
+                    ),
+                    "implied_flops_per_s": float(f"{flops / measured:.3g}"),
+                }
+            )
+    print(
+        json.dumps(
+            {"cpu_flops_per_second": CPU_FLOPS_PER_SECOND, "threads": torch.get_num_threads(), "rows": rows}, indent=1
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -80,8 +80,14 @@ def run(code: str, voxels: int) -> dict[str, Any]:
     peak, out = run_with_memory_cap(textwrap.dedent(code), timeout=3600)
     line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
     _, n, top, dt = line.split()
-    return {"n_components": int(n), "max_label": int(top), "seconds": round(float(dt), 3),
-            "voxels_per_s": round(voxels / float(dt)), "peak_rss_bytes": peak, "peak_rss_mib": round(peak / 2**20, 1)}
+    return {
+        "n_components": int(n),
+        "max_label": int(top),
+        "seconds": round(float(dt), 3),
+        "voxels_per_s": round(voxels / float(dt)),
+        "peak_rss_bytes": peak,
+        "peak_rss_mib": round(peak / 2**20, 1),
+    }
 
 
 def main() -> None:
@@ -102,17 +108,28 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         write_mask(tmp / "mask.zarr", shape, tuple(args.chunks), args.density, seed=0)
-        fmt = {"path": str(tmp / "mask.zarr"), "out": str(tmp / "labels.zarr"), "connectivity": args.connectivity,
-               "workers": args.workers, "write": args.write}
-        result: dict[str, Any] = {"shape_zyx": list(shape), "voxels": voxels, "chunks_zyx": list(args.chunks),
-                                  "dtype": "uint8", "connectivity": args.connectivity,
-                                  "mask_written_s": round(time.perf_counter() - t0, 2)}
+        fmt = {
+            "path": str(tmp / "mask.zarr"),
+            "out": str(tmp / "labels.zarr"),
+            "connectivity": args.connectivity,
+            "workers": args.workers,
+            "write": args.write,
+        }
+        result: dict[str, Any] = {
+            "shape_zyx": list(shape),
+            "voxels": voxels,
+            "chunks_zyx": list(args.chunks),
+            "dtype": "uint8",
+            "connectivity": args.connectivity,
+            "mask_written_s": round(time.perf_counter() - t0, 2),
+        }
         result["chunked"] = run(CHUNKED.format(**fmt), voxels)
         if not args.skip_scipy:
             result["scipy"] = run(SCIPY.format(**fmt), voxels)
             result["same_count"] = result["chunked"]["n_components"] == result["scipy"]["n_components"]
             result["rss_ratio_chunked_over_scipy"] = round(
-                result["chunked"]["peak_rss_bytes"] / result["scipy"]["peak_rss_bytes"], 3)
+                result["chunked"]["peak_rss_bytes"] / result["scipy"]["peak_rss_bytes"], 3
+            )
         print(json.dumps(result, indent=2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -97,8 +97,9 @@ def shape_for(n_voxels: int) -> tuple[int, int, int]:
     return (z, 2 * z, 2 * z)
 
 
-def run_size(n_voxels: int, *, patch: tuple[int, int, int], cache_mb: int, baseline: bool,
-             net: str) -> dict[str, object]:
+def run_size(
+    n_voxels: int, *, patch: tuple[int, int, int], cache_mb: int, baseline: bool, net: str
+) -> dict[str, object]:
     shape = shape_for(n_voxels)
     voxels = shape[0] * shape[1] * shape[2]
     row: dict[str, object] = {"voxels": voxels, "shape_zyx": list(shape), "patch_size_vox": list(patch)}
@@ -111,8 +112,11 @@ def run_size(n_voxels: int, *, patch: tuple[int, int, int], cache_mb: int, basel
         for name, template in runs.items():
             peak, out = run_with_memory_cap(template.format(**fmt), timeout=6 * 3600)
             wall = json.loads(out.strip().splitlines()[-1])["wall_s"]
-            row[name] = {"wall_s": round(wall, 2), "voxels_per_s": round(voxels / wall),
-                         "peak_rss_mb": round(peak / 2**20)}
+            row[name] = {
+                "wall_s": round(wall, 2),
+                "voxels_per_s": round(voxels / wall),
+                "peak_rss_mb": round(peak / 2**20),
+            }
             log.info("%s %s: %s", name, shape, row[name])
     return row
 
@@ -122,20 +126,40 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["32M", "128M", "512M"], help="voxel counts, e.g. 32M 128M")
     ap.add_argument("--quick", action="store_true", help="only 1M and 4M voxels")
     ap.add_argument("--patch", type=int, nargs=3, default=(32, 64, 64), metavar=("Z", "Y", "X"))
-    ap.add_argument("--cache-mb", type=int, default=128,
-                    help="accumulator cache before spilling (predict's default: 128)")
+    ap.add_argument(
+        "--cache-mb", type=int, default=128, help="accumulator cache before spilling (predict's default: 128)"
+    )
     ap.add_argument("--no-baseline", action="store_true", help="skip the in-memory baseline")
-    ap.add_argument("--net", choices=("unet", "nnunet", "pointwise"), default="unet",
-                    help="unet: 3-stage U-Net (8-32 features); nnunet: nnU-Net's 6-stage 32-320 network (use "
-                         "--patch 80 160 160; compare with nnU-Net 2.8.1's ~42k voxels/s on 2 CPU cores); "
-                         "pointwise: 1x1x1 convs (machinery only, fast)")
+    ap.add_argument(
+        "--net",
+        choices=("unet", "nnunet", "pointwise"),
+        default="unet",
+        help="unet: 3-stage U-Net (8-32 features); nnunet: nnU-Net's 6-stage 32-320 network (use "
+        "--patch 80 160 160; compare with nnU-Net 2.8.1's ~42k voxels/s on 2 CPU cores); "
+        "pointwise: 1x1x1 convs (machinery only, fast)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sizes = ["1M", "4M"] if args.quick else args.sizes
-    rows = [run_size(parse_size(s), patch=tuple(args.patch), cache_mb=args.cache_mb, baseline=not args.no_baseline,
-                     net=args.net) for s in sizes]
-    print(json.dumps({"benchmark": "predict", "net": args.net, "step": 0.5, "tta": False,
-                      "cache_mb": args.cache_mb, "results": rows}, indent=2))
+    rows = [
+        run_size(
+            parse_size(s), patch=tuple(args.patch), cache_mb=args.cache_mb, baseline=not args.no_baseline, net=args.net
+        )
+        for s in sizes
+    ]
+    print(
+        json.dumps(
+            {
+                "benchmark": "predict",
+                "net": args.net,
+                "step": 0.5,
+                "tta": False,
+                "cache_mb": args.cache_mb,
+                "results": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -82,8 +82,10 @@ class PeakRSS:
 def _measure(call: str) -> dict[str, Any]:
     """Run ``call`` (an expression on this module, imported as ``B``) in a fresh Python process:
     wall seconds (measured inside it) and peak RSS of its process tree (sampled from outside)."""
-    code = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parent)!r}); import preprocess as B; "
-            f"t = time.perf_counter(); {call}; print('__WALL__', time.perf_counter() - t)")
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(Path(__file__).parent)!r}); import preprocess as B; "
+        f"t = time.perf_counter(); {call}; print('__WALL__', time.perf_counter() - t)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     with PeakRSS(proc.pid) as rss:
         out, _ = proc.communicate()
@@ -94,8 +96,16 @@ def _measure(call: str) -> dict[str, Any]:
 
 
 def run_voxflow(src: str, plans: str, out: str, scheduler: str, memory_limit: str | None) -> None:
-    run_preprocess(src, Plan.load(plans), "3d_fullres", out, scheduler=scheduler, memory_limit=memory_limit,
-                   overwrite=True, progress=False)
+    run_preprocess(
+        src,
+        Plan.load(plans),
+        "3d_fullres",
+        out,
+        scheduler=scheduler,
+        memory_limit=memory_limit,
+        overwrite=True,
+        progress=False,
+    )
 
 
 def run_baseline(src: str, plans: str, out: str) -> None:
@@ -106,13 +116,27 @@ def run_baseline(src: str, plans: str, out: str) -> None:
 
 
 def _config(spacing_zyx, *, separate_z: bool, norm: ChannelNormalization, patch=(64, 128, 128)) -> Configuration:
-    net = NetworkSpec(n_stages=3, features_per_stage=(8, 16, 32), kernel_sizes=((3, 3, 3),) * 3,
-                      strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)), n_blocks_per_stage=(2, 2, 2),
-                      n_conv_per_stage_decoder=(2, 2))
-    res = ResamplingSpec(image_order=3, label_order=1, separate_z=separate_z,
-                         separate_axis=0 if separate_z else None, separate_order=0)
-    return Configuration(name="3d_fullres", spacing_zyx=spacing_zyx, median_shape_vox=patch, patch_size_vox=patch,
-                         batch_size=2, normalization=(norm,), resampling=res, network=net)
+    net = NetworkSpec(
+        n_stages=3,
+        features_per_stage=(8, 16, 32),
+        kernel_sizes=((3, 3, 3),) * 3,
+        strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)),
+        n_blocks_per_stage=(2, 2, 2),
+        n_conv_per_stage_decoder=(2, 2),
+    )
+    res = ResamplingSpec(
+        image_order=3, label_order=1, separate_z=separate_z, separate_axis=0 if separate_z else None, separate_order=0
+    )
+    return Configuration(
+        name="3d_fullres",
+        spacing_zyx=spacing_zyx,
+        median_shape_vox=patch,
+        patch_size_vox=patch,
+        batch_size=2,
+        normalization=(norm,),
+        resampling=res,
+        network=net,
+    )
 
 
 def _ct_case(shape, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,11 +178,15 @@ def _baseline_case(args: tuple[str, str, str, Configuration]) -> int:
     img, lab = image[(slice(None), *sl)], label[sl]
     n = cfg.normalization[0]
     img = ((np.clip(img[0].astype(np.float32), n.lower, n.upper) - n.mean) / n.std).astype(np.float32)
-    shape = tuple(max(1, round(s * a / b)) for s, a, b in zip(img.shape, geom.spacing_zyx, cfg.spacing_zyx, strict=False))
+    shape = tuple(
+        max(1, round(s * a / b)) for s, a, b in zip(img.shape, geom.spacing_zyx, cfg.spacing_zyx, strict=False)
+    )
     inplane = (img.shape[0], *shape[1:])
     out_img = zoom_reference(zoom_reference(img, inplane, order=3), shape, order=0)
-    onehot = [zoom_reference(zoom_reference((lab == v).astype(np.float32), inplane, order=1), shape, order=0)
-              for v in LABELS.values()]
+    onehot = [
+        zoom_reference(zoom_reference((lab == v).astype(np.float32), inplane, order=1), shape, order=0)
+        for v in LABELS.values()
+    ]
     out_lab = np.argmax(np.stack(onehot), axis=0).astype(np.uint8)
     index, _ = foreground_index_eager(out_lab)
     chunks = tuple(p // 2 for p in cfg.patch_size_vox)
@@ -181,8 +209,14 @@ def bench_dataset(work: Path, n_cases: int, shape, scheduler: str) -> dict[str, 
     base = _measure(f"B.run_baseline({args}, {str(work / 'baseline.zarr')!r})")
     for r in (ours, base):
         r["voxels_per_s"] = round(voxels / r["wall_s"])
-    return {"cases": n_cases, "shape_zyx": list(shape), "scheduler": scheduler, "voxflow": ours,
-            "scipy_2_processes": base, "speedup_vs_baseline": round(base["wall_s"] / ours["wall_s"], 2)}
+    return {
+        "cases": n_cases,
+        "shape_zyx": list(shape),
+        "scheduler": scheduler,
+        "voxflow": ours,
+        "scipy_2_processes": base,
+        "speedup_vs_baseline": round(base["wall_s"] / ours["wall_s"], 2),
+    }
 
 
 def make_big_store(path: Path, shape, chunks=(64, 128, 128)) -> Store:
@@ -190,12 +224,12 @@ def make_big_store(path: Path, shape, chunks=(64, 128, 128)) -> Store:
     store = Store.create(path, DatasetMeta(channel_names=("MR",), labels={"background": 0}), overwrite=True)
     store.begin_case("big", geometry=Geometry(shape_zyx=shape, spacing_zyx=(1.0, 1.0, 1.0)))
     arr = store.create_array("big", "image", shape=(1, *shape), dtype=np.float32, chunks=(1, *chunks))
-    y, x = np.ogrid[0:shape[1], 0:shape[2]]
+    y, x = np.ogrid[0 : shape[1], 0 : shape[2]]
     for z0 in range(0, shape[0], chunks[0]):
         z = np.arange(z0, min(z0 + chunks[0], shape[0]))[:, None, None]
         slab = 100 + 50 * np.sin(z / 17.0) * np.cos(y / 23.0) * np.sin(x / 29.0)
         slab = slab + np.random.default_rng(z0).normal(0, 5, slab.shape)
-        arr[0, z0:z0 + len(z)] = slab.astype(np.float32)
+        arr[0, z0 : z0 + len(z)] = slab.astype(np.float32)
     store.mark_complete("big")
     return store
 
@@ -203,12 +237,22 @@ def make_big_store(path: Path, shape, chunks=(64, 128, 128)) -> Store:
 def bench_big(work: Path, shape, scheduler: str, memory_limit: str | None) -> dict[str, Any]:
     src = make_big_store(work / "big.zarr", tuple(shape))
     cfg = _config((1.25, 1.25, 1.25), separate_z=False, norm=ChannelNormalization(scheme="zscore"))
-    Plan(channel_names=("MR",), labels={"background": 0}, configurations={"3d_fullres": cfg}).save(work / "plans_b.json")
+    Plan(channel_names=("MR",), labels={"background": 0}, configurations={"3d_fullres": cfg}).save(
+        work / "plans_b.json"
+    )
     voxels = int(np.prod(shape))
-    r = _measure(f"B.run_voxflow({str(src.path)!r}, {str(work / 'plans_b.json')!r}, {str(work / 'big_pp.zarr')!r}, "
-                 f"{scheduler!r}, {memory_limit!r})")
-    return {"shape_zyx": list(shape), "gb_float32": round(voxels * 4 / 1e9, 2), "order": 3,
-            "scheduler": scheduler, **r, "voxels_per_s": round(voxels / r["wall_s"])}
+    r = _measure(
+        f"B.run_voxflow({str(src.path)!r}, {str(work / 'plans_b.json')!r}, {str(work / 'big_pp.zarr')!r}, "
+        f"{scheduler!r}, {memory_limit!r})"
+    )
+    return {
+        "shape_zyx": list(shape),
+        "gb_float32": round(voxels * 4 / 1e9, 2),
+        "order": 3,
+        "scheduler": scheduler,
+        **r,
+        "voxels_per_s": round(voxels / r["wall_s"]),
+    }
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ def _last_json(text: str) -> Any:
     """The last top-level JSON object printed by a script."""
     start = text.rfind("\n{")
     start = 0 if start < 0 and text.startswith("{") else start + 1
-    for s in [start] + [i + 1 for i in range(len(text) - 1, -1, -1) if text[i] == "\n" and text[i + 1:i + 2] == "{"]:
+    for s in [start] + [i + 1 for i in range(len(text) - 1, -1, -1) if text[i] == "\n" and text[i + 1 : i + 2] == "{"]:
         try:
             return json.loads(text[s:])
         except json.JSONDecodeError:
@@ -48,8 +48,13 @@ def _headline(stage: str, r: Any) -> str:
         elif isinstance(node, list):
             for i, v in enumerate(node):
                 walk(v, f"{path}[{i}]")
-        elif isinstance(node, (int, float)) and not isinstance(node, bool) and path.split(".")[-1].lower().endswith(
-                ("_per_s", "per_iter", "peak_rss_mb", "peak_rss_mib", "wall_s", "ratio", "speedup_vs_baseline")):
+        elif (
+            isinstance(node, (int, float))
+            and not isinstance(node, bool)
+            and path.split(".")[-1]
+            .lower()
+            .endswith(("_per_s", "per_iter", "peak_rss_mb", "peak_rss_mib", "wall_s", "ratio", "speedup_vs_baseline"))
+        ):
             found.append(f"{path}={node:.4g}")
 
     walk(r, "")
@@ -78,8 +83,15 @@ def main() -> None:
             except ValueError as e:
                 results[stage] = {"error": f"{e}: {proc.stdout[-500:]}", "wall_s": round(wall, 1)}
         print(f"{stage}: {'ok' if 'result' in results[stage] else 'FAILED'} in {wall:.0f} s", file=sys.stderr)
-    doc = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
-                       "cpus": __import__("os").cpu_count()}, "quick": args.quick, "stages": results}
+    doc = {
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": __import__("os").cpu_count(),
+        },
+        "quick": args.quick,
+        "stages": results,
+    }
     print(json.dumps(doc, indent=1))
     print("\n| stage | wall s | headline figures |\n|---|---|---|")
     for stage, r in results.items():

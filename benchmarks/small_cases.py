@@ -56,13 +56,18 @@ print("__RESULT__", json.dumps({{"seconds": t1 - t0, "cpu_s": cpu}}))
 """
 
 _BODIES = {
-    "convert": ("from voxflow.io import convert\n"
-                "convert({raw!r}, {work!r} + '/ds.zarr', overwrite=True, progress=False)"),
-    "preprocess": ("from voxflow.preprocess import run_preprocess\n"
-                   "run_preprocess({work!r} + '/ds.zarr', {work!r} + '/plans.json', {config!r}, "
-                   "{work!r} + '/pp.zarr', overwrite=True, progress=False)"),
-    "evaluate": ("from voxflow.evaluate import evaluate\n"
-                 "evaluate({work!r} + '/pred.zarr', {work!r} + '/ds.zarr', progress=False)"),
+    "convert": (
+        "from voxflow.io import convert\nconvert({raw!r}, {work!r} + '/ds.zarr', overwrite=True, progress=False)"
+    ),
+    "preprocess": (
+        "from voxflow.preprocess import run_preprocess\n"
+        "run_preprocess({work!r} + '/ds.zarr', {work!r} + '/plans.json', {config!r}, "
+        "{work!r} + '/pp.zarr', overwrite=True, progress=False)"
+    ),
+    "evaluate": (
+        "from voxflow.evaluate import evaluate\n"
+        "evaluate({work!r} + '/pred.zarr', {work!r} + '/ds.zarr', progress=False)"
+    ),
 }
 
 
@@ -76,9 +81,13 @@ def _run_stage(stage: str, pool_min: int | None = None, pythonpath: str | None =
     code = _STAGE.format(setup=setup, body=_BODIES[stage].format(**fmt))
     t = time.perf_counter()
     c0 = os.times()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1",
-                               **({"PYTHONPATH": pythonpath} if pythonpath else {})})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **({"PYTHONPATH": pythonpath} if pythonpath else {})},
+    )
     c1 = os.times()
     wall = time.perf_counter() - t
     if proc.returncode != 0:
@@ -87,8 +96,12 @@ def _run_stage(stage: str, pool_min: int | None = None, pythonpath: str | None =
     res = json.loads(line.split(" ", 1)[1])
     cores = os.cpu_count() or 1
     child_cpu = (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
-    return {"seconds": round(res["seconds"], 3), "cpu_util": round(res["cpu_s"] / res["seconds"] / cores, 3),
-            "process_s": round(wall, 3), "process_cpu_util": round(child_cpu / wall / cores, 3)}
+    return {
+        "seconds": round(res["seconds"], 3),
+        "cpu_util": round(res["cpu_s"] / res["seconds"] / cores, 3),
+        "process_s": round(wall, 3),
+        "process_cpu_util": round(child_cpu / wall / cores, 3),
+    }
 
 
 def _setup(raw: Path, work: Path) -> str:
@@ -111,8 +124,9 @@ def _setup(raw: Path, work: Path) -> str:
     return "3d_fullres" if "3d_fullres" in plan.configurations else sorted(plan.configurations)[0]
 
 
-def _bench(name: str, raw: Path, work: Path, repeat: int, stages: list[str],
-           variants: list[tuple[str, str | None, int | None]]) -> dict[str, Any]:
+def _bench(
+    name: str, raw: Path, work: Path, repeat: int, stages: list[str], variants: list[tuple[str, str | None, int | None]]
+) -> dict[str, Any]:
     """Every stage ``repeat`` times per variant (label, PYTHONPATH, POOL_MIN_CASES), variants back to
     back within each repeat so that a shared machine's load affects them alike."""
     config = _setup(raw, work)
@@ -120,10 +134,14 @@ def _bench(name: str, raw: Path, work: Path, repeat: int, stages: list[str],
     for _ in range(repeat):
         for stage in stages:
             for label, path, pool_min in variants:
-                runs[label][stage].append(_run_stage(stage, pool_min, path, raw=str(raw), work=str(work),
-                                                     config=config))
-    out: dict[str, Any] = {"dataset": name, "n_cases": len(list((work / "ds.zarr" / "cases").iterdir())),
-                           "configuration": config}
+                runs[label][stage].append(
+                    _run_stage(stage, pool_min, path, raw=str(raw), work=str(work), config=config)
+                )
+    out: dict[str, Any] = {
+        "dataset": name,
+        "n_cases": len(list((work / "ds.zarr" / "cases").iterdir())),
+        "configuration": config,
+    }
     for label, by_stage in runs.items():
         out[label] = {}
         for stage, rows in by_stage.items():
@@ -139,12 +157,23 @@ def main() -> None:
     ap.add_argument("--shape", type=_shape, default=(24, 40, 40), help="Z,Y,X of each synthetic case")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--stages", default="convert,preprocess,evaluate")
-    ap.add_argument("--pool-min-cases", type=int, default=None,
-                    help="set voxflow.cluster.POOL_MIN_CASES (a large value: small cases on threads only)")
-    ap.add_argument("--compare", default=None, metavar="DIR",
-                    help="also run a second voxflow checkout (on PYTHONPATH), interleaved: 'before' vs 'after'")
-    ap.add_argument("--threads-only-variant", action="store_true",
-                    help="also run the current checkout with the process pool off ('after-threads')")
+    ap.add_argument(
+        "--pool-min-cases",
+        type=int,
+        default=None,
+        help="set voxflow.cluster.POOL_MIN_CASES (a large value: small cases on threads only)",
+    )
+    ap.add_argument(
+        "--compare",
+        default=None,
+        metavar="DIR",
+        help="also run a second voxflow checkout (on PYTHONPATH), interleaved: 'before' vs 'after'",
+    )
+    ap.add_argument(
+        "--threads-only-variant",
+        action="store_true",
+        help="also run the current checkout with the process pool off ('after-threads')",
+    )
     ap.add_argument("--workdir", default=None, help="where to write (default: a temporary folder, removed)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="voxflow-bench-small-"))
@@ -166,8 +195,16 @@ def main() -> None:
             w = work / "synthetic"
             w.mkdir(parents=True, exist_ok=True)
             raw = make_dataset(w / "raw", kind="mr", n_cases=args.synthetic, shape_zyx=args.shape)
-            result["datasets"].append(_bench(f"synthetic-{args.synthetic}x{'x'.join(map(str, args.shape))}",
-                                             raw, w, args.repeat, stages, variants))
+            result["datasets"].append(
+                _bench(
+                    f"synthetic-{args.synthetic}x{'x'.join(map(str, args.shape))}",
+                    raw,
+                    w,
+                    args.repeat,
+                    stages,
+                    variants,
+                )
+            )
         result["load_avg_end"] = os.getloadavg()[0]
         print(json.dumps(result, indent=1))
     finally:

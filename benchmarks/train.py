@@ -61,10 +61,15 @@ def _describe(w: Any, configuration: str) -> dict[str, Any]:
     cfg = Plan.load(w.plans).configuration(configuration)
     store = Store.open(w.preprocessed(configuration))
     k = LabelSpec.from_meta(store.meta).num_outputs
-    return {"configuration": configuration, "patch_size_vox": list(cfg.patch_size_vox), "batch_size": cfg.batch_size,
-            "architecture": cfg.network.architecture, "features_per_stage": list(cfg.network.features_per_stage),
-            "n_parameters": count_parameters(build_network(cfg.network, cfg.n_channels, k)),
-            "n_cases": len(store.case_ids())}
+    return {
+        "configuration": configuration,
+        "patch_size_vox": list(cfg.patch_size_vox),
+        "batch_size": cfg.batch_size,
+        "architecture": cfg.network.architecture,
+        "features_per_stage": list(cfg.network.features_per_stage),
+        "n_parameters": count_parameters(build_network(cfg.network, cfg.n_channels, k)),
+        "n_cases": len(store.case_ids()),
+    }
 
 
 _TRAIN = """
@@ -81,19 +86,27 @@ print("RUN", run)
 """
 
 
-def _train(work: Path, cfg: str, fold: int | str, *, device: str, workers: int, overrides: dict[str, Any],
-           validate: bool) -> dict[str, Any]:
-    code = _TRAIN.format(work=str(work), cfg=cfg, fold=fold, device=device, workers=workers, overrides=overrides,
-                         validate=validate)
+def _train(
+    work: Path, cfg: str, fold: int | str, *, device: str, workers: int, overrides: dict[str, Any], validate: bool
+) -> dict[str, Any]:
+    code = _TRAIN.format(
+        work=str(work), cfg=cfg, fold=fold, device=device, workers=workers, overrides=overrides, validate=validate
+    )
     peak, out = run_with_memory_cap(code, timeout=24 * 3600)
-    vals = dict(line.split(" ", 1) for line in out.splitlines() if line.split(" ")[0] in ("SECONDS", "CUDA_PEAK", "RUN"))
+    vals = dict(
+        line.split(" ", 1) for line in out.splitlines() if line.split(" ")[0] in ("SECONDS", "CUDA_PEAK", "RUN")
+    )
     run = Path(vals["RUN"].strip())
     metrics = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
     per_iter = [m["seconds_per_iter"] for m in metrics]
     res: dict[str, Any] = {
-        "fold": str(fold), "wall_seconds": float(vals["SECONDS"]), "epochs": len(metrics),
-        "seconds_per_iter": statistics.median(per_iter[1:] or per_iter), "seconds_per_iter_first_epoch": per_iter[0],
-        "peak_rss_bytes": peak, "final_ema_pseudo_dice": metrics[-1]["ema_pseudo_dice"],
+        "fold": str(fold),
+        "wall_seconds": float(vals["SECONDS"]),
+        "epochs": len(metrics),
+        "seconds_per_iter": statistics.median(per_iter[1:] or per_iter),
+        "seconds_per_iter_first_epoch": per_iter[0],
+        "peak_rss_bytes": peak,
+        "final_ema_pseudo_dice": metrics[-1]["ema_pseudo_dice"],
         "data_wait_fraction": statistics.median(m.get("data_wait_fraction", 0.0) for m in metrics[1:] or metrics),
         "precision": overrides.get("train.precision", "auto"),
     }
@@ -115,15 +128,27 @@ def main() -> None:
     ap.add_argument("--folds", nargs="+", default=["0"])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--iters", type=int, default=4, help="iterations per epoch")
-    ap.add_argument("--patches", type=int, default=None,
-                    help="train on this many patches in total (sets epochs from --iters and the batch)")
+    ap.add_argument(
+        "--patches",
+        type=int,
+        default=None,
+        help="train on this many patches in total (sets epochs from --iters and the batch)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--num-workers", type=int, default=1)
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                    help="train.precision (auto: bf16/fp16 on CUDA, fp32 on the CPU)")
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="train.precision (auto: bf16/fp16 on CUDA, fp32 on the CPU)",
+    )
     ap.add_argument("--validate", action="store_true", help="predict and score the validation cases per fold")
-    ap.add_argument("--work", type=Path, default=None,
-                    help="keep the workspace here (default: temporary); a prepared one is reused as is")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="keep the workspace here (default: temporary); a prepared one is reused as is",
+    )
     args = ap.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="voxflow_bench_train_"))
@@ -134,20 +159,40 @@ def main() -> None:
         epochs = args.epochs
         if args.patches:
             epochs = max(1, round(args.patches / (args.iters * plan["batch_size"])))
-        overrides = {"train.epochs": epochs, "train.iters_per_epoch": args.iters, "train.val_iters": 2,
-                     "train.precision": args.precision}
+        overrides = {
+            "train.epochs": epochs,
+            "train.iters_per_epoch": args.iters,
+            "train.val_iters": 2,
+            "train.precision": args.precision,
+        }
         folds = [f if f == "all" else int(f) for f in args.folds]
-        runs = [_train(work, args.configuration, f, device=args.device, workers=args.num_workers,
-                       overrides=overrides, validate=args.validate or bool(args.data)) for f in folds]
-        out: dict[str, Any] = {"device": args.device, "plan": plan, "prepare_seconds": prep,
-                               "patches_per_fold": epochs * args.iters * plan["batch_size"], "folds": runs,
-                               "seconds_per_iter": statistics.median(r["seconds_per_iter"] for r in runs),
-                               "data_wait_fraction": statistics.median(r["data_wait_fraction"] for r in runs),
-                               "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs)}
+        runs = [
+            _train(
+                work,
+                args.configuration,
+                f,
+                device=args.device,
+                workers=args.num_workers,
+                overrides=overrides,
+                validate=args.validate or bool(args.data),
+            )
+            for f in folds
+        ]
+        out: dict[str, Any] = {
+            "device": args.device,
+            "plan": plan,
+            "prepare_seconds": prep,
+            "patches_per_fold": epochs * args.iters * plan["batch_size"],
+            "folds": runs,
+            "seconds_per_iter": statistics.median(r["seconds_per_iter"] for r in runs),
+            "data_wait_fraction": statistics.median(r["data_wait_fraction"] for r in runs),
+            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+        }
         dices = [r["validation_dice"] for r in runs if "validation_dice" in r]
         if dices:
-            out["mean_validation_dice"] = {k: statistics.mean(d[k] for d in dices if d.get(k) is not None)
-                                           for k in dices[0]}
+            out["mean_validation_dice"] = {
+                k: statistics.mean(d[k] for d in dices if d.get(k) is not None) for k in dices[0]
+            }
         print(json.dumps(out, indent=2))
     finally:
         if args.work is None:

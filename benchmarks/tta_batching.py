@@ -28,9 +28,15 @@ from voxflow.infer import TilePredictor
 from voxflow.nets import build_network
 from voxflow.plan.schema import NetworkSpec
 
-CPU_PRESET = NetworkSpec(n_stages=4, features_per_stage=(8, 16, 32, 64), kernel_sizes=((3, 3, 3),) * 4,
-                         strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)), n_blocks_per_stage=(2,) * 4,
-                         n_conv_per_stage_decoder=(2,) * 3, deep_supervision=False)
+CPU_PRESET = NetworkSpec(
+    n_stages=4,
+    features_per_stage=(8, 16, 32, 64),
+    kernel_sizes=((3, 3, 3),) * 4,
+    strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
+    n_blocks_per_stage=(2,) * 4,
+    n_conv_per_stage_decoder=(2,) * 3,
+    deep_supervision=False,
+)
 NNUNET_32_256 = dataclasses.replace(CPU_PRESET, features_per_stage=(32, 64, 128, 256))
 
 
@@ -41,9 +47,25 @@ def _plain_conv_unet(group_norm: bool) -> Any:
     from voxflow.nnunet import instance_norm_as_group_norm
 
     torch.manual_seed(0)
-    net = PlainConvUNet(1, 4, [32, 64, 128, 256], nn.Conv3d, 3, [1, 2, 2, 2], [2, 2, 2, 2], 3, [2, 2, 2], False,
-                        nn.InstanceNorm3d, {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU,
-                        {"inplace": True}, deep_supervision=False).eval()
+    net = PlainConvUNet(
+        1,
+        4,
+        [32, 64, 128, 256],
+        nn.Conv3d,
+        3,
+        [1, 2, 2, 2],
+        [2, 2, 2, 2],
+        3,
+        [2, 2, 2],
+        False,
+        nn.InstanceNorm3d,
+        {"eps": 1e-5, "affine": True},
+        None,
+        None,
+        nn.LeakyReLU,
+        {"inplace": True},
+        deep_supervision=False,
+    ).eval()
     return instance_norm_as_group_norm(net) if group_norm else net
 
 
@@ -74,13 +96,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     report: dict[str, Any] = {"threads": args.threads, "repeats": args.repeats, "mirrorings": 8}
-    for name, spec, patch in (("cpu_preset_8_64", CPU_PRESET, (40, 48, 32)),
-                              ("unet_32_256", NNUNET_32_256, (40, 56, 40))):
+    for name, spec, patch in (
+        ("cpu_preset_8_64", CPU_PRESET, (40, 48, 32)),
+        ("unet_32_256", NNUNET_32_256, (40, 56, 40)),
+    ):
         torch.manual_seed(0)
         net = build_network(spec, 1, 3).eval()
         x = rng.normal(size=(1, 1, *patch)).astype(np.float32)
-        variants = {"batched": TilePredictor(net, mirror_axes=(0, 1, 2)),
-                    "per_flip": TilePredictor(net, mirror_axes=(0, 1, 2), max_tiles_per_forward=1)}
+        variants = {
+            "batched": TilePredictor(net, mirror_axes=(0, 1, 2)),
+            "per_flip": TilePredictor(net, mirror_axes=(0, 1, 2), max_tiles_per_forward=1),
+        }
         r = compare(variants, x, args.repeats)
         r["speedup"] = round(r["per_flip_s"] / r["batched_s"], 2)
         report[name] = r
@@ -91,9 +117,13 @@ def main() -> None:
     else:
         x = rng.normal(size=(1, 1, 40, 56, 40)).astype(np.float32)
         inorm, gnorm = _plain_conv_unet(False), _plain_conv_unet(True)
-        variants = {f"{norm}_{mode}": TilePredictor(net, mirror_axes=(0, 1, 2), activation=None,
-                                                    max_tiles_per_forward=None if mode == "batched" else 1)
-                    for norm, net in (("instnorm", inorm), ("groupnorm", gnorm)) for mode in ("batched", "per_flip")}
+        variants = {
+            f"{norm}_{mode}": TilePredictor(
+                net, mirror_axes=(0, 1, 2), activation=None, max_tiles_per_forward=None if mode == "batched" else 1
+            )
+            for norm, net in (("instnorm", inorm), ("groupnorm", gnorm))
+            for mode in ("batched", "per_flip")
+        }
         report["plainconvunet_32_256"] = compare(variants, x, args.repeats)
     print(json.dumps(report, indent=1))
 

@@ -65,16 +65,23 @@ def _raw_dataset(root: Path, n_test: int) -> tuple[Path, list[str]]:
     raw = root / "nnUNet_raw" / f"Dataset{DATASET_ID}_Hippocampus"
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (raw / sub).mkdir(parents=True, exist_ok=True)
-    ids = sorted(p.name[:-len(".nii.gz")] for p in (DATA / "images").glob("*.nii.gz"))
+    ids = sorted(p.name[: -len(".nii.gz")] for p in (DATA / "images").glob("*.nii.gz"))
     for cid in ids:
         shutil.copy(DATA / "images" / f"{cid}.nii.gz", raw / "imagesTr" / f"{cid}_0000.nii.gz")
         lab = sitk.ReadImage(str(DATA / "labels" / f"{cid}.nii.gz"))
         sitk.WriteImage(sitk.Cast(lab, sitk.sitkUInt8), str(raw / "labelsTr" / f"{cid}.nii.gz"))
     for cid in ids[:n_test]:
         shutil.copy(DATA / "images" / f"{cid}.nii.gz", raw / "imagesTs" / f"{cid}_0000.nii.gz")
-    (raw / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "MRI"}, "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
-        "numTraining": len(ids), "file_ending": ".nii.gz"}))
+    (raw / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "MRI"},
+                "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
+                "numTraining": len(ids),
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
     return raw / "imagesTs", ids[:n_test]
 
 
@@ -92,20 +99,34 @@ def build_model(root: Path, n_test: int) -> tuple[Path, Path, list[str], dict[st
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     name = f"Dataset{DATASET_ID}_Hippocampus"
-    extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=False, show_progress_bar=False,
-                         verbose=False)
+    extract_fingerprints(
+        [DATASET_ID], num_processes=1, check_dataset_integrity=False, show_progress_bar=False, verbose=False
+    )
     plans_id = plan_experiments([DATASET_ID])
     plans = json.loads((root / "nnUNet_preprocessed" / name / f"{plans_id}.json").read_text())
     dataset = json.loads((root / "nnUNet_raw" / name / "dataset.json").read_text())
     cm = PlansManager(plans).get_configuration("3d_fullres")
     torch.manual_seed(0)
-    net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                 cm.network_arch_init_kwargs_req_import, 1, 3, deep_supervision=True)
+    net = get_network_from_plans(
+        cm.network_arch_class_name,
+        cm.network_arch_init_kwargs,
+        cm.network_arch_init_kwargs_req_import,
+        1,
+        3,
+        deep_supervision=True,
+    )
     model = root / "nnUNet_results" / name / f"nnUNetTrainer__{plans_id}__3d_fullres"
     (model / "fold_0").mkdir(parents=True)
-    torch.save({"network_weights": net.state_dict(), "init_args": {"configuration": "3d_fullres"},
-                "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2), "current_epoch": 0},
-               model / "fold_0" / "checkpoint_final.pth")
+    torch.save(
+        {
+            "network_weights": net.state_dict(),
+            "init_args": {"configuration": "3d_fullres"},
+            "trainer_name": "nnUNetTrainer",
+            "inference_allowed_mirroring_axes": (0, 1, 2),
+            "current_epoch": 0,
+        },
+        model / "fold_0" / "checkpoint_final.pth",
+    )
     (model / "plans.json").write_text(json.dumps(plans))
     (model / "dataset.json").write_text(json.dumps(dataset))
     kw = cm.network_arch_init_kwargs
@@ -146,14 +167,22 @@ def main() -> None:
             log.info("%s: %s", tool, res[tool])
         agree = agreement(tmp / "out_nnunet", tmp / "out_voxflow", ids)
     ratio = res["nnunet"]["wall_s"] / res["voxflow"]["wall_s"]
-    report = {"benchmark": "vs_nnunet", "data": "hippocampus-dev", "cases": len(ids), "tta": True,
-              "weights": "seeded random (not trained)", "nnunet_plan": plan, "threads": args.threads,
-              "predict": {**res, "speed_ratio_voxflow_over_nnunet": round(ratio, 2),
-                          "voxel_agreement": round(agree, 5)}}
+    report = {
+        "benchmark": "vs_nnunet",
+        "data": "hippocampus-dev",
+        "cases": len(ids),
+        "tta": True,
+        "weights": "seeded random (not trained)",
+        "nnunet_plan": plan,
+        "threads": args.threads,
+        "predict": {**res, "speed_ratio_voxflow_over_nnunet": round(ratio, 2), "voxel_agreement": round(agree, 5)},
+    }
     print(json.dumps(report, indent=2))
     print("\n| stage | nnU-Net | voxflow | voxflow speed vs nnU-Net | voxel agreement |\n|---|---|---|---|---|")
-    print(f"| predict {len(ids)} cases, TTA, same model | {res['nnunet']['wall_s']} s, {res['nnunet']['peak_rss_mb']} MB "
-          f"| {res['voxflow']['wall_s']} s, {res['voxflow']['peak_rss_mb']} MB | {ratio:.2f}x | {100 * agree:.3f}% |")
+    print(
+        f"| predict {len(ids)} cases, TTA, same model | {res['nnunet']['wall_s']} s, {res['nnunet']['peak_rss_mb']} MB "
+        f"| {res['voxflow']['wall_s']} s, {res['voxflow']['peak_rss_mb']} MB | {ratio:.2f}x | {100 * agree:.3f}% |"
+    )
 
 
 if __name__ == "__main__":

@@ -18,20 +18,53 @@ from voxflow.plan import NetworkSpec, plan_experiment
 
 def _fingerprint() -> Fingerprint:
     shapes, spacings = [(40, 56, 40)] * 4, [(1.0, 1.0, 1.0)] * 4
-    cases = tuple(CaseFingerprint(case_id=f"c{i}", shape_zyx=s, spacing_zyx=sp, shape_after_crop_zyx=s,
-                                  nonzero_bbox_zyx=tuple((0, n) for n in s), fraction_kept_by_crop=1.0)
-                  for i, (s, sp) in enumerate(zip(shapes, spacings, strict=True)))
-    st = IntensityStats(channel="MR", n_samples=10, mean=40.0, std=30.0, median=35.0, min=0.0, max=200.0,
-                        percentile_00_5=1.0, percentile_99_5=180.0)
-    return Fingerprint(channel_names=("MR",), labels={"background": 0, "a": 1, "b": 2}, samples_per_case=10,
-                       seed=0, cases=cases, intensity=(st,), classes=(), spacing=AxisStats.of(np.array(spacings)),
-                       shape=AxisStats.of(np.array(shapes)), shape_after_crop=AxisStats.of(np.array(shapes)))
+    cases = tuple(
+        CaseFingerprint(
+            case_id=f"c{i}",
+            shape_zyx=s,
+            spacing_zyx=sp,
+            shape_after_crop_zyx=s,
+            nonzero_bbox_zyx=tuple((0, n) for n in s),
+            fraction_kept_by_crop=1.0,
+        )
+        for i, (s, sp) in enumerate(zip(shapes, spacings, strict=True))
+    )
+    st = IntensityStats(
+        channel="MR",
+        n_samples=10,
+        mean=40.0,
+        std=30.0,
+        median=35.0,
+        min=0.0,
+        max=200.0,
+        percentile_00_5=1.0,
+        percentile_99_5=180.0,
+    )
+    return Fingerprint(
+        channel_names=("MR",),
+        labels={"background": 0, "a": 1, "b": 2},
+        samples_per_case=10,
+        seed=0,
+        cases=cases,
+        intensity=(st,),
+        classes=(),
+        spacing=AxisStats.of(np.array(spacings)),
+        shape=AxisStats.of(np.array(shapes)),
+        shape_after_crop=AxisStats.of(np.array(shapes)),
+    )
 
 
 def _spec(architecture: str) -> NetworkSpec:
-    return NetworkSpec(architecture=architecture, spatial_dims=3, n_stages=2, features_per_stage=(4, 8),
-                       kernel_sizes=((3, 3, 3),) * 2, strides=((1, 1, 1), (2, 2, 2)), n_blocks_per_stage=(1, 1),
-                       n_conv_per_stage_decoder=(1,))
+    return NetworkSpec(
+        architecture=architecture,
+        spatial_dims=3,
+        n_stages=2,
+        features_per_stage=(4, 8),
+        kernel_sizes=((3, 3, 3),) * 2,
+        strides=((1, 1, 1), (2, 2, 2)),
+        n_blocks_per_stage=(1, 1),
+        n_conv_per_stage_decoder=(1,),
+    )
 
 
 @pytest.fixture
@@ -85,8 +118,10 @@ def test_registered_network_is_planned_and_built(scratch_registry: None) -> None
         # priced like the plain U-Net, so planned like it
         assert cfg.patch_size_vox == reference.configuration(name).patch_size_vox
         assert cfg.batch_size == reference.configuration(name).batch_size
-    assert plan.with_overrides({"3d_fullres.train.epochs": "3"}).configuration("3d_fullres").network == \
-        plan.configuration("3d_fullres").network  # survives JSON
+    assert (
+        plan.with_overrides({"3d_fullres.train.epochs": "3"}).configuration("3d_fullres").network
+        == plan.configuration("3d_fullres").network
+    )  # survives JSON
     cfg = plan.configuration("3d_fullres")
     net = build_network(cfg.network, 1, 3).eval()
     with torch.no_grad():
@@ -95,16 +130,16 @@ def test_registered_network_is_planned_and_built(scratch_registry: None) -> None
 
 def test_cost_model_decides_the_plan(scratch_registry: None) -> None:
     unet = arch.cost_model("unet")
-    heavy = arch.CostModel(layers=unet.layers,
-                           activation_elements=lambda *a: 8 * unet.activation_elements(*a))
+    heavy = arch.CostModel(layers=unet.layers, activation_elements=lambda *a: 8 * unet.activation_elements(*a))
     arch.register_architecture("heavy_unet", heavy)
     fp = _fingerprint()
     light = plan_experiment(fp, gpu_memory_gb=0.25).configuration("3d_fullres")
     dense = plan_experiment(fp, gpu_memory_gb=0.25, architecture="heavy_unet").configuration("3d_fullres")
     assert dense.network.architecture == "heavy_unet"
-    assert (np.prod(dense.patch_size_vox) * dense.batch_size < np.prod(light.patch_size_vox) * light.batch_size)
-    assert arch.activation_elements(dense.network, (8, 8, 8), 1, 3) == \
-        8 * unet.activation_elements(dense.network, (8, 8, 8), 1, 3)
+    assert np.prod(dense.patch_size_vox) * dense.batch_size < np.prod(light.patch_size_vox) * light.batch_size
+    assert arch.activation_elements(dense.network, (8, 8, 8), 1, 3) == 8 * unet.activation_elements(
+        dense.network, (8, 8, 8), 1, 3
+    )
 
 
 def test_name_without_cost_model_is_valid_but_not_plannable(scratch_registry: None) -> None:
@@ -119,9 +154,12 @@ def test_name_without_cost_model_is_valid_but_not_plannable(scratch_registry: No
 
 
 def test_entry_point_names_are_valid_without_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    eps = {"voxflow.networks": [EntryPoint("ep_net", "not_installed.module:factory", "voxflow.networks")],
-           "voxflow.architectures": [EntryPoint("ep_costed", "voxflow.architectures:_ep_test_cost",
-                                                "voxflow.architectures")]}
+    eps = {
+        "voxflow.networks": [EntryPoint("ep_net", "not_installed.module:factory", "voxflow.networks")],
+        "voxflow.architectures": [
+            EntryPoint("ep_costed", "voxflow.architectures:_ep_test_cost", "voxflow.architectures")
+        ],
+    }
     monkeypatch.setattr(arch, "entry_points", lambda group: eps.get(group, []))
     monkeypatch.setattr(arch, "_COSTS", dict(arch._COSTS))
     assert _spec("ep_net").architecture == "ep_net"  # the module is never imported

@@ -28,9 +28,24 @@ def test_wheel_ships_the_benchmarks_and_bench_finds_them(tmp_path: Path) -> None
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("voxflow", "benchmarks"):
         shutil.copytree(REPO / name, src / name, ignore=ignore)
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300,
-                         check=False)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     (wheel,) = (tmp_path / "dist").glob("voxflow-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -41,6 +56,13 @@ def test_wheel_ships_the_benchmarks_and_bench_finds_them(tmp_path: Path) -> None
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = "from voxflow._bench import benchmarks_dir; print(benchmarks_dir())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
-                         cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+    )
     assert Path(out.stdout.strip()) == site / "voxflow" / "_benchmarks"

@@ -30,9 +30,11 @@ INTERNAL = {
     ("infer/_gaussian.py", "ValueError"): 1,
     ("infer/_sliding.py", "ValueError"): 1,
 }
-_BUILTIN = re.compile(r"raise (ValueError|TypeError|RuntimeError|KeyError|IndexError|OSError|IOError|"
-                      r"FileNotFoundError|FileExistsError|NotImplementedError|FloatingPointError|LookupError|"
-                      r"AssertionError|Exception)\(")
+_BUILTIN = re.compile(
+    r"raise (ValueError|TypeError|RuntimeError|KeyError|IndexError|OSError|IOError|"
+    r"FileNotFoundError|FileExistsError|NotImplementedError|FloatingPointError|LookupError|"
+    r"AssertionError|Exception)\("
+)
 
 
 def test_no_new_bare_builtin_raises() -> None:

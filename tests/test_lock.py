@@ -28,8 +28,9 @@ with exclusive_lock(sys.argv[1], command="holder-under-test"):
 
 def hold_lock_in_subprocess(lock_file: Path, procs: list[subprocess.Popen]) -> subprocess.Popen:
     """Start a python process that holds ``lock_file`` until its stdin closes."""
-    p = subprocess.Popen([sys.executable, "-c", HOLD, str(lock_file)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(lock_file)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     procs.append(p)
     assert p.stdout is not None
     assert p.stdout.readline().strip() == "held"
@@ -81,11 +82,21 @@ def test_second_predict_fails_at_once_naming_the_holder(tmp_path: Path, holder) 
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path, caplog) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     f = dir_lock_file(tmp_path)
-    f.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "command": "predict",
-                             "started": "2020-01-01T00:00:00+00:00", "started_unix": 1577836800.0}))
+    f.write_text(
+        json.dumps(
+            {
+                "pid": int(dead.stdout),
+                "host": socket.gethostname(),
+                "command": "predict",
+                "started": "2020-01-01T00:00:00+00:00",
+                "started_unix": 1577836800.0,
+            }
+        )
+    )
     with caplog.at_level(logging.WARNING, logger="voxflow"), exclusive_lock(f, command="mine"):
         assert read_lock(f)["pid"] == os.getpid()
     assert "stale" in caplog.text

@@ -34,19 +34,30 @@ def test_pyramid_factors_stop_at_the_voxel_budget_and_respect_anisotropy() -> No
 def test_level_geometry_places_voxel_centres() -> None:
     # mean over 2-blocks: the first coarse voxel sits between voxels 0 and 1
     assert ngff.level_geometry((2.0, 0.5, 0.5), (1.0, 2.0, 3.0), (1, 2, 4), mean=True) == (
-        [2.0, 1.0, 2.0], [1.0, 2.25, 3.75])
+        [2.0, 1.0, 2.0],
+        [1.0, 2.25, 3.75],
+    )
     assert ngff.level_geometry((2.0, 0.5, 0.5), (1.0, 2.0, 3.0), (1, 2, 4), mean=False) == (
-        [2.0, 1.0, 2.0], [1.0, 2.0, 3.0])
+        [2.0, 1.0, 2.0],
+        [1.0, 2.0, 3.0],
+    )
 
 
 def test_label_names_and_colours_come_from_dataset_json() -> None:
     labels = {"background": 0, "whole tumour": (1, 2, 3), "core": (2, 3), "enhancing": (3,)}
     assert ngff.label_names(labels, (1, 2, 3), predicted=True) == {
-        0: "background", 1: "whole tumour", 2: "core", 3: "enhancing"}
+        0: "background",
+        1: "whole tumour",
+        2: "core",
+        3: "enhancing",
+    }
     names = ngff.label_names({"background": 0, "liver": 1, "tumour": 2}, None, predicted=False)
     meta = ngff.image_label_metadata(names, source="../../")
-    assert meta["properties"] == [{"label-value": 0, "name": "background"}, {"label-value": 1, "name": "liver"},
-                                  {"label-value": 2, "name": "tumour"}]
+    assert meta["properties"] == [
+        {"label-value": 0, "name": "background"},
+        {"label-value": 1, "name": "liver"},
+        {"label-value": 2, "name": "tumour"},
+    ]
     rgba = {c["label-value"]: c["rgba"] for c in meta["colors"]}
     assert rgba[0] == [0, 0, 0, 0]
     assert rgba[1] != rgba[2]
@@ -85,11 +96,25 @@ def _config() -> Any:
         TrainSpec,
     )
 
-    spec = NetworkSpec(n_stages=1, features_per_stage=(4,), kernel_sizes=((3, 3, 3),), strides=((1, 1, 1),),
-                       n_blocks_per_stage=(1,), n_conv_per_stage_decoder=())
-    return Configuration(name="3d_fullres", spacing_zyx=(2.0, 1.0, 1.0), median_shape_vox=(8, 16, 16),
-                         patch_size_vox=(8, 16, 16), batch_size=2, normalization=(ChannelNormalization(scheme="zscore"),),
-                         resampling=ResamplingSpec(), network=spec, train=TrainSpec(mirror_axes=()))
+    spec = NetworkSpec(
+        n_stages=1,
+        features_per_stage=(4,),
+        kernel_sizes=((3, 3, 3),),
+        strides=((1, 1, 1),),
+        n_blocks_per_stage=(1,),
+        n_conv_per_stage_decoder=(),
+    )
+    return Configuration(
+        name="3d_fullres",
+        spacing_zyx=(2.0, 1.0, 1.0),
+        median_shape_vox=(8, 16, 16),
+        patch_size_vox=(8, 16, 16),
+        batch_size=2,
+        normalization=(ChannelNormalization(scheme="zscore"),),
+        resampling=ResamplingSpec(),
+        network=spec,
+        train=TrainSpec(mirror_axes=()),
+    )
 
 
 def _check_case(case: Path, *, image: bool, labels: tuple[str, ...], n_channels: int = 1) -> None:
@@ -144,8 +169,9 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     torch.manual_seed(0)
     k = len(ds.meta.labels)
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, k, 3, padding=1)).eval()
-    probs = predict(ds, root / "probs", models=[(net, cfg, ds.meta)], save_probabilities=True, progress=False,
-                    export=False)
+    probs = predict(
+        ds, root / "probs", models=[(net, cfg, ds.meta)], save_probabilities=True, progress=False, export=False
+    )
     plain = predict(ds, root / "plain", models=[(net, cfg, ds.meta)], progress=False, export=False)
     post = Path(run_postprocess(plain, root / "post.zarr", {"operations": []}, progress=False))
     mp.undo()
@@ -180,13 +206,24 @@ def test_levels_match_level_zero_and_do_not_confuse_readers(stores: dict[str, An
     for k, path in enumerate(paths):
         level = g[f"labels/label/{k}"][...]
         factor = [a // b for a, b in zip(label.shape, level.shape, strict=True)]
-        np.testing.assert_array_equal(level, label[tuple(slice(None, None, max(f, 1)) for f in factor)][
-            tuple(slice(0, n) for n in level.shape)])
+        np.testing.assert_array_equal(
+            level, label[tuple(slice(None, None, max(f, 1)) for f in factor)][tuple(slice(0, n) for n in level.shape)]
+        )
         assert g[path].shape[1:] == level.shape
     assert sorted(g.array_keys()) == ["image", "label"]  # levels live in subgroups
     entry = store_info(st)["cases"][0]
-    assert set(entry) == {"case_id", "complete", "shape_zyx", "spacing_zyx", "image_dtype", "image_shape",
-                          "label_dtype", "label_shape", "status", "problems"}  # no level arrays listed
+    assert set(entry) == {
+        "case_id",
+        "complete",
+        "shape_zyx",
+        "spacing_zyx",
+        "image_dtype",
+        "image_shape",
+        "label_dtype",
+        "label_shape",
+        "status",
+        "problems",
+    }  # no level arrays listed
     assert entry["status"] == "ok"
     assert open_case(st, cid).shape == st.image(cid).shape
     names = g.attrs["ome"]
@@ -206,8 +243,15 @@ def test_rewriting_a_case_drops_its_old_pyramid(tmp_path: Path) -> None:
     st.create_array("c", "image", shape=(1, 4, 6, 6), dtype=np.float32, chunks=(1, 4, 6, 6))[...] = 1.0
     st.write_ngff("c")
     st.update_case_attrs("c", complete=True)
-    ngff.write_case_ngff(st.case_group("c"), case_id="c", geometry=geom, labels=st.meta.labels,
-                         regions_class_order=None, kind="dataset", max_voxels=10)
+    ngff.write_case_ngff(
+        st.case_group("c"),
+        case_id="c",
+        geometry=geom,
+        labels=st.meta.labels,
+        regions_class_order=None,
+        kind="dataset",
+        max_voxels=10,
+    )
     assert "levels" in st.case_group("c")
     st.mark_complete("c")  # default budget: one level, the old levels are gone
     assert "levels" not in st.case_group("c")

@@ -20,7 +20,9 @@ class Inner:
 
     def __post_init__(self) -> None:
         _serial.check_choices(self)
-        _serial.set_field(self, "size_zyx", _serial.number_tuple(self.size_zyx, "size_zyx", length=3, minimum=1, axes="(z, y, x)"))
+        _serial.set_field(
+            self, "size_zyx", _serial.number_tuple(self.size_zyx, "size_zyx", length=3, minimum=1, axes="(z, y, x)")
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,19 +41,26 @@ def test_round_trip_and_tuples() -> None:
     assert _serial.from_dict(Outer, json.loads(json.dumps(data))) == obj
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    ({"name": "a", "parts": {"x": {"size_zyx": [1, 2]}}}, r"^parts\.x\.size_zyx must have 3 entries \(z, y, x\)"),
-    ({"name": "a", "parts": {"x": {"size_zyx": [1, 2.5, 3]}}}, r"^parts\.x\.size_zyx must hold integers"),
-    ({"name": "a", "parts": {"x": {"size_zyx": [1, 0, 3]}}}, r"^parts\.x\.size_zyx must hold integers >= 1"),
-    ({"name": "a", "parts": {"x": {"size_zyx": "abc"}}}, r"^parts\.x\.size_zyx must be a list of 3 integers"),
-    ({"name": "a", "parts": {"x": {"size_zyx": [1, 1, 1], "mode": "exakt"}}},
-     r"^parts\.x\.mode must be one of \['fast', 'exact'\]; got 'exakt'\. Did you mean 'exact'\?"),
-    ({"name": "a", "parts": {"x": {"sise_zyx": [1, 1, 1]}}},
-     r"^parts\.x: unknown field\(s\) \['sise_zyx'\] \('sise_zyx': did you mean 'size_zyx'\?\)"),
-    ({"name": "a", "parts": {"x": {}}}, r"^parts\.x: missing field\(s\) \['size_zyx'\]"),
-    ({"name": "a", "parts": {"x": [1]}}, r"^parts\.x must be an object; got list"),
-    ({"parts": {}}, r"^Outer: missing field\(s\) \['name'\]"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"name": "a", "parts": {"x": {"size_zyx": [1, 2]}}}, r"^parts\.x\.size_zyx must have 3 entries \(z, y, x\)"),
+        ({"name": "a", "parts": {"x": {"size_zyx": [1, 2.5, 3]}}}, r"^parts\.x\.size_zyx must hold integers"),
+        ({"name": "a", "parts": {"x": {"size_zyx": [1, 0, 3]}}}, r"^parts\.x\.size_zyx must hold integers >= 1"),
+        ({"name": "a", "parts": {"x": {"size_zyx": "abc"}}}, r"^parts\.x\.size_zyx must be a list of 3 integers"),
+        (
+            {"name": "a", "parts": {"x": {"size_zyx": [1, 1, 1], "mode": "exakt"}}},
+            r"^parts\.x\.mode must be one of \['fast', 'exact'\]; got 'exakt'\. Did you mean 'exact'\?",
+        ),
+        (
+            {"name": "a", "parts": {"x": {"sise_zyx": [1, 1, 1]}}},
+            r"^parts\.x: unknown field\(s\) \['sise_zyx'\] \('sise_zyx': did you mean 'size_zyx'\?\)",
+        ),
+        ({"name": "a", "parts": {"x": {}}}, r"^parts\.x: missing field\(s\) \['size_zyx'\]"),
+        ({"name": "a", "parts": {"x": [1]}}, r"^parts\.x must be an object; got list"),
+        ({"parts": {}}, r"^Outer: missing field\(s\) \['name'\]"),
+    ],
+)
 def test_errors_name_the_field_path(data: dict, message: str) -> None:
     with pytest.raises(PlanError, match=message):
         _serial.from_dict(Outer, data)

@@ -89,8 +89,9 @@ def test_create_refuses_different_metadata(small_store) -> None:
 def test_label_dtype_and_regions() -> None:
     assert label_dtype_for(2) == np.uint8
     assert label_dtype_for(300) == np.uint16
-    meta = DatasetMeta(channel_names=("a",), labels={"background": 0, "wt": [1, 2, 3], "tc": [2, 3]},
-                       regions_class_order=(1, 2))
+    meta = DatasetMeta(
+        channel_names=("a",), labels={"background": 0, "wt": [1, 2, 3], "tc": [2, 3]}, regions_class_order=(1, 2)
+    )
     assert meta.has_regions
     assert meta.label_values == (0, 1, 2, 3)
     assert DatasetMeta.from_dict(meta.to_dict()) == meta

@@ -16,8 +16,9 @@ def _read(path: Path) -> tuple[np.ndarray, sitk.Image]:
     return sitk.GetArrayFromImage(img), img
 
 
-@pytest.mark.parametrize(("kind", "n_channels", "dtype"), [("ct", 1, np.int16), ("mr", 2, np.float32),
-                                                            ("2d", 1, np.int16)])
+@pytest.mark.parametrize(
+    ("kind", "n_channels", "dtype"), [("ct", 1, np.int16), ("mr", 2, np.float32), ("2d", 1, np.int16)]
+)
 def test_make_dataset_writes_nnunet_layout(tmp_path: Path, kind: str, n_channels: int, dtype: type) -> None:
     out = make_dataset(tmp_path / kind, kind=kind, n_cases=2, shape_zyx=(12, 20, 24), n_test_cases=1)
     meta = json.loads((out / "dataset.json").read_text())
@@ -65,8 +66,13 @@ def test_synthetic_volume_rejects_bad_kind() -> None:
 @pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
 def test_large_volume_is_written_slab_by_slab_exactly(tmp_path: Path, suffix: str) -> None:
     shape = (23, 30, 34)
-    path = write_large_volume(tmp_path / f"big{suffix}", shape, spacing_zyx=(1.5, 0.7, 0.6), slab_z=5,
-                              label_path=tmp_path / f"big_label{suffix}")
+    path = write_large_volume(
+        tmp_path / f"big{suffix}",
+        shape,
+        spacing_zyx=(1.5, 0.7, 0.6),
+        slab_z=5,
+        label_path=tmp_path / f"big_label{suffix}",
+    )
     img, sitk_img = _read(path)
     lab, _ = _read(tmp_path / f"big_label{suffix}")
     expected, expected_label = large_volume_slab(shape, 0, shape[0])

@@ -37,6 +37,9 @@ def bench(quick: bool, output: str | None) -> None:
             f"{Path(__file__).parent / '_benchmarks'} nor a source checkout's benchmarks/. Reinstall voxflow "
             f"from a wheel or a checkout (pip install .)."
         )
-    args = [sys.executable, str(folder / "run_all.py")] + (["--quick"] if quick else []) + (
-        ["-o", output] if output else [])
+    args = (
+        [sys.executable, str(folder / "run_all.py")]
+        + (["--quick"] if quick else [])
+        + (["-o", output] if output else [])
+    )
     raise SystemExit(subprocess.call(args))

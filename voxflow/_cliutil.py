@@ -28,28 +28,39 @@ __all__ = [
 
 def scheduler_option(f: F) -> F:
     f = click.option(
-        "--memory-limit", default=None,
+        "--memory-limit",
+        default=None,
         help="Memory limit per worker for --scheduler local:N (e.g. 2GB). Default: dask's automatic share.",
     )(f)
     return click.option(
-        "--scheduler", default="threads", show_default=True,
+        "--scheduler",
+        default="threads",
+        show_default=True,
         help="Dask scheduler: threads, processes, sync, local:N (LocalCluster with N workers) or "
-             "tcp://host:port of a running `dask scheduler`.",
+        "tcp://host:port of a running `dask scheduler`.",
     )(f)  # type: ignore[return-value]
 
 
 def workspace_option(f: F) -> F:
     return click.option(
-        "--work", "--workspace", "work", type=click.Path(file_okay=False), envvar="VOXFLOW_WORKSPACE",
-        default="voxflow_work", show_default=True,
+        "--work",
+        "--workspace",
+        "work",
+        type=click.Path(file_okay=False),
+        envvar="VOXFLOW_WORKSPACE",
+        default="voxflow_work",
+        show_default=True,
         help="Work directory holding the dataset store, plans, preprocessed data and runs "
-             "(default from $VOXFLOW_WORKSPACE if set).",
+        "(default from $VOXFLOW_WORKSPACE if set).",
     )(f)  # type: ignore[return-value]
 
 
 def set_option(f: F) -> F:
     return click.option(
-        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
         help="Override a plan or training field, e.g. --set train.epochs=50 (repeatable).",
     )(f)  # type: ignore[return-value]
 
@@ -59,8 +70,9 @@ def preset_option(help_text: str) -> Callable[[F], F]:
     from voxflow.plan.planner import PRESETS  # at decoration time: `voxflow --help` itself stays light
 
     def decorate(f: F) -> F:
-        return click.option("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True,
-                            help=help_text)(f)  # type: ignore[return-value]
+        return click.option(
+            "--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True, help=help_text
+        )(f)  # type: ignore[return-value]
 
     return decorate
 
@@ -99,13 +111,15 @@ def parse_folds(folds: Iterable[str], more: Iterable[str] = (), *, param_hint: s
     ``[0, 1, 2]`` (``"all"`` kept as is)."""
     folds, more = list(folds), list(more)
     if more and not folds:
-        raise click.BadParameter(f"unexpected arguments {more}; only fold numbers may follow -f.",
-                                 param_hint=param_hint)
+        raise click.BadParameter(
+            f"unexpected arguments {more}; only fold numbers may follow -f.", param_hint=param_hint
+        )
     items = [f.strip() for item in (*folds, *more) for f in str(item).split(",") if f.strip()]
     bad = [f for f in items if not (f.isdigit() or f == "all")]
     if bad:
-        raise click.BadParameter(f"fold numbers must be integers (0, 1, ...) or 'all'; got {bad}.",
-                                 param_hint=param_hint)
+        raise click.BadParameter(
+            f"fold numbers must be integers (0, 1, ...) or 'all'; got {bad}.", param_hint=param_hint
+        )
     return [int(f) if f.isdigit() else f for f in items]
 
 

@@ -71,8 +71,10 @@ def read_lock(lock_file: PathLikeStr) -> dict[str, Any] | None:
 def _describe(info: Mapping[str, Any]) -> str:
     if not info:
         return "an unknown process (the lock file is empty or unreadable)"
-    return (f"pid {info.get('pid')} on host {info.get('host')!r}, running {info.get('command')!r} since "
-            f"{info.get('started')}")
+    return (
+        f"pid {info.get('pid')} on host {info.get('host')!r}, running {info.get('command')!r} since "
+        f"{info.get('started')}"
+    )
 
 
 def _pid_alive(pid: int, started_unix: float | None) -> bool:
@@ -144,8 +146,14 @@ def acquire(lock_file: PathLikeStr, *, command: str) -> Path:
         return lock_file
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": now.isoformat(timespec="seconds"),
-            "started_unix": now.timestamp(), "command": command, "argv": sys.argv}
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": now.isoformat(timespec="seconds"),
+        "started_unix": now.timestamp(),
+        "command": command,
+        "argv": sys.argv,
+    }
     record = json.dumps(info).encode()
     for _ in range(3):
         if _try_create(lock_file, record):
@@ -160,7 +168,8 @@ def acquire(lock_file: PathLikeStr, *, command: str) -> Path:
         raise LockedError(
             f"only one voxflow command may write {lock_file.parent} at a time; it is locked by "
             f"{_describe(holder)}. Wait for it to finish (readers such as `voxflow info` need no lock). If that "
-            f"process is known to be gone (e.g. on another host), delete {lock_file} and rerun.")
+            f"process is known to be gone (e.g. on another host), delete {lock_file} and rerun."
+        )
     raise LockedError(f"could not take the lock {lock_file}: it kept changing hands; rerun the command.")
 
 
@@ -194,6 +203,7 @@ def locked(lock_file_of: Callable[[Mapping[str, Any]], PathLikeStr | None], *, c
     ``arguments`` maps every parameter name of the decorated function to its value (defaults
     applied), e.g. ``@locked(lambda a: store_lock_file(a["dst"]), command="convert")``.
     """
+
     def deco(f: F) -> F:
         sig = inspect.signature(f)
 

@@ -60,14 +60,31 @@ _MAX_LEVELS = 12
 _IMAGE_ARRAYS = ("image", "probs")
 _LABEL_ARRAYS = ("label", "label_raw")
 # Distinct, colour-blind-friendly colours (Okabe-Ito, then tab10); background is transparent.
-_PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
-            (204, 121, 167), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+_PALETTE = [
+    (230, 159, 0),
+    (86, 180, 233),
+    (0, 158, 115),
+    (240, 228, 66),
+    (0, 114, 178),
+    (213, 94, 0),
+    (204, 121, 167),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 
 
 # ---------------------------------------------------------------------------------------- pure helpers
-def pyramid_factors(shape_zyx: Sequence[int], spacing_zyx: Sequence[float], *,
-                    max_voxels: int = MAX_LEVEL_VOXELS) -> list[tuple[int, int, int]]:
+def pyramid_factors(
+    shape_zyx: Sequence[int], spacing_zyx: Sequence[float], *, max_voxels: int = MAX_LEVEL_VOXELS
+) -> list[tuple[int, int, int]]:
     """Per-level downsampling factors relative to level 0, level 0 (``(1, 1, 1)``) included.
 
     An axis is halved when it has more than one voxel and its spacing is at most twice the finest
@@ -95,12 +112,12 @@ def pyramid_factors(shape_zyx: Sequence[int], spacing_zyx: Sequence[float], *,
 
 def level_shape(shape_zyx: Sequence[int], factor: Sequence[int]) -> tuple[int, int, int]:
     """Shape of a level: ``ceil(n / f)`` per axis."""
-    return (-(-int(shape_zyx[0]) // factor[0]), -(-int(shape_zyx[1]) // factor[1]),
-            -(-int(shape_zyx[2]) // factor[2]))
+    return (-(-int(shape_zyx[0]) // factor[0]), -(-int(shape_zyx[1]) // factor[1]), -(-int(shape_zyx[2]) // factor[2]))
 
 
-def level_geometry(spacing_zyx: Sequence[float], origin_zyx: Sequence[float], factor: Sequence[int], *,
-                   mean: bool) -> tuple[list[float], list[float]]:
+def level_geometry(
+    spacing_zyx: Sequence[float], origin_zyx: Sequence[float], factor: Sequence[int], *, mean: bool
+) -> tuple[list[float], list[float]]:
     """(scale, translation) in mm of a level: averaged blocks are centred ``(f - 1) / 2`` voxels in;
     taking every f-th voxel (labels) keeps the first voxel's centre."""
     scale = [float(s) * f for s, f in zip(spacing_zyx, factor, strict=True)]
@@ -108,29 +125,44 @@ def level_geometry(spacing_zyx: Sequence[float], origin_zyx: Sequence[float], fa
     return scale, [float(o) + d for o, d in zip(origin_zyx, shift, strict=True)]
 
 
-def multiscales_metadata(*, name: str, paths: Sequence[str], spacing_zyx: Sequence[float],
-                         origin_zyx: Sequence[float], factors: Sequence[Sequence[int]], channel: bool,
-                         mean: bool) -> dict[str, Any]:
+def multiscales_metadata(
+    *,
+    name: str,
+    paths: Sequence[str],
+    spacing_zyx: Sequence[float],
+    origin_zyx: Sequence[float],
+    factors: Sequence[Sequence[int]],
+    channel: bool,
+    mean: bool,
+) -> dict[str, Any]:
     """One NGFF 0.5 ``multiscales`` entry: axes ((c,) z, y, x in mm) and per-level scale/translation.
 
     NGFF before 0.6 knows only scale and translation: the direction matrix stays in voxflow's own
     attributes, so an oblique image shows axis-aligned in NGFF viewers.
     """
     axes = ([{"name": "c", "type": "channel"}] if channel else []) + [
-        {"name": ax, "type": "space", "unit": "millimeter"} for ax in "zyx"]
+        {"name": ax, "type": "space", "unit": "millimeter"} for ax in "zyx"
+    ]
     lead = [1.0] if channel else []
     zero = [0.0] if channel else []
     datasets = []
     for path, factor in zip(paths, factors, strict=True):
         scale, translation = level_geometry(spacing_zyx, origin_zyx, factor, mean=mean)
-        datasets.append({"path": path, "coordinateTransformations": [
-            {"type": "scale", "scale": lead + scale},
-            {"type": "translation", "translation": zero + translation}]})
+        datasets.append(
+            {
+                "path": path,
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": lead + scale},
+                    {"type": "translation", "translation": zero + translation},
+                ],
+            }
+        )
     return {"name": name, "axes": axes, "datasets": datasets}
 
 
-def label_names(labels: Mapping[str, Any], regions_class_order: Sequence[int] | None, *,
-                predicted: bool) -> dict[int, str]:
+def label_names(
+    labels: Mapping[str, Any], regions_class_order: Sequence[int] | None, *, predicted: bool
+) -> dict[int, str]:
     """Label value -> class name from dataset.json ``labels`` (background included).
 
     Region-based datasets: a prediction writes region ``i`` as ``regions_class_order[i]``, so
@@ -181,8 +213,9 @@ def downsample_image(x: da.Array, step: Sequence[int]) -> da.Array:
     axes = {x.ndim - 3 + i: int(s) for i, s in enumerate(step) if s > 1}
     padded = _pad_to_multiple(x, step)
     # coarsen needs chunks divisible by the step: rechunk to multiples of it (a no-op for even chunks)
-    padded = padded.rechunk(tuple(
-        c if ax not in axes else _multiple_chunks(c, axes[ax]) for ax, c in enumerate(padded.chunks)))
+    padded = padded.rechunk(
+        tuple(c if ax not in axes else _multiple_chunks(c, axes[ax]) for ax, c in enumerate(padded.chunks))
+    )
     mean = da.coarsen(np.mean, padded.astype(np.float32), axes, trim_excess=False)
     if np.dtype(x.dtype).kind in "iub":
         info = np.iinfo(x.dtype) if x.dtype.kind != "b" else None
@@ -206,16 +239,33 @@ def downsample_label(x: da.Array, step: Sequence[int]) -> da.Array:
 
 
 # ---------------------------------------------------------------------------------------- writing
-def _create_level(group: zarr.Group, path: str, *, like: zarr.Array, shape: Sequence[int],
-                  dims: Sequence[str]) -> zarr.Array:
+def _create_level(
+    group: zarr.Group, path: str, *, like: zarr.Array, shape: Sequence[int], dims: Sequence[str]
+) -> zarr.Array:
     chunks = tuple(max(1, min(int(c), int(s))) for c, s in zip(like.chunks, shape, strict=True))
-    return group.create_array(path, shape=tuple(int(s) for s in shape), dtype=like.dtype, chunks=chunks,
-                              compressors=like.compressors, fill_value=like.fill_value, dimension_names=dims,
-                              overwrite=True)
+    return group.create_array(
+        path,
+        shape=tuple(int(s) for s in shape),
+        dtype=like.dtype,
+        chunks=chunks,
+        compressors=like.compressors,
+        fill_value=like.fill_value,
+        dimension_names=dims,
+        overwrite=True,
+    )
 
 
-def _pyramid(group: zarr.Group, base: zarr.Array, paths: Sequence[str], factors: Sequence[Sequence[int]],
-             *, mean: bool, dims: Sequence[str], copy_base: bool, eager: bool = False) -> list[Any]:
+def _pyramid(
+    group: zarr.Group,
+    base: zarr.Array,
+    paths: Sequence[str],
+    factors: Sequence[Sequence[int]],
+    *,
+    mean: bool,
+    dims: Sequence[str],
+    copy_base: bool,
+    eager: bool = False,
+) -> list[Any]:
     """Delayed writes of the levels at ``paths`` (relative to ``group``) downsampled from ``base``.
 
     ``paths[0]`` is ``base`` itself, or, with ``copy_base``, where a copy of it goes. ``eager`` (a
@@ -234,8 +284,9 @@ def _pyramid(group: zarr.Group, base: zarr.Array, paths: Sequence[str], factors:
         lazy = (downsample_image if mean else downsample_label)(lazy, step)
         parent, _, leaf = path.rpartition("/")
         where = _require_groups(group, parent)
-        target: Any = _create_level(where, leaf, like=base, shape=(*lead, *level_shape(base.shape[-3:], factor)),
-                               dims=dims)
+        target: Any = _create_level(
+            where, leaf, like=base, shape=(*lead, *level_shape(base.shape[-3:], factor)), dims=dims
+        )
         lazy = lazy.rechunk(target.chunks)  # one dask chunk per Zarr chunk: no two tasks share a chunk
         if eager:
             target[...] = lazy.compute(scheduler="sync")
@@ -270,29 +321,58 @@ def _scheduler() -> str | None:
     return "sync"
 
 
-def _label_images(case: zarr.Group, label_arrays: Mapping[str, zarr.Array], names: Mapping[int, str],
-                  factors: Sequence[Sequence[int]], spacing: Sequence[float], origin: Sequence[float], *,
-                  eager: bool) -> list[Any]:
+def _label_images(
+    case: zarr.Group,
+    label_arrays: Mapping[str, zarr.Array],
+    names: Mapping[int, str],
+    factors: Sequence[Sequence[int]],
+    spacing: Sequence[float],
+    origin: Sequence[float],
+    *,
+    eager: bool,
+) -> list[Any]:
     """The ``labels/`` group beside an image: one NGFF label image per label array; returns the level writes."""
     # attributes given at creation: one metadata write per group
     group = case.create_group("labels", attributes={"ome": {"version": NGFF_VERSION, "labels": list(label_arrays)}})
     writes: list[Any] = []
     for name, array in label_arrays.items():
         lpaths = _level_paths(name, len(factors), in_label_group=True)
-        sub = group.create_group(name, attributes={"ome": {
-            "version": NGFF_VERSION,
-            "multiscales": [multiscales_metadata(name=name, paths=lpaths, spacing_zyx=spacing, origin_zyx=origin,
-                                                 factors=factors, channel=False, mean=False)],
-            "image-label": image_label_metadata(names, source="../../"),
-        }})
-        writes += _pyramid(sub, array, lpaths, factors, mean=False, dims=("z", "y", "x"), copy_base=True,
-                           eager=eager)
+        sub = group.create_group(
+            name,
+            attributes={
+                "ome": {
+                    "version": NGFF_VERSION,
+                    "multiscales": [
+                        multiscales_metadata(
+                            name=name,
+                            paths=lpaths,
+                            spacing_zyx=spacing,
+                            origin_zyx=origin,
+                            factors=factors,
+                            channel=False,
+                            mean=False,
+                        )
+                    ],
+                    "image-label": image_label_metadata(names, source="../../"),
+                }
+            },
+        )
+        writes += _pyramid(sub, array, lpaths, factors, mean=False, dims=("z", "y", "x"), copy_base=True, eager=eager)
     return writes
 
 
-def write_case_ngff(case: zarr.Group, *, case_id: str, geometry: Any, labels: Mapping[str, Any],
-                    regions_class_order: Sequence[int] | None, kind: str, max_voxels: int | None = None,
-                    compute: bool = True, attrs: Mapping[str, Any] | None = None) -> list[Any]:
+def write_case_ngff(
+    case: zarr.Group,
+    *,
+    case_id: str,
+    geometry: Any,
+    labels: Mapping[str, Any],
+    regions_class_order: Sequence[int] | None,
+    kind: str,
+    max_voxels: int | None = None,
+    compute: bool = True,
+    attrs: Mapping[str, Any] | None = None,
+) -> list[Any]:
     """Write the NGFF metadata and pyramid of one case whose arrays are all written.
 
     ``geometry`` is the case's :class:`~voxflow.geometry.Geometry`; levels are added until one has
@@ -319,24 +399,44 @@ def write_case_ngff(case: zarr.Group, *, case_id: str, geometry: Any, labels: Ma
     if image_name is None:  # a prediction without probabilities: the case is the label image
         name = label_arrays[0]
         paths = _level_paths(name, len(factors), in_label_group=False)
-        writes += _pyramid(case, arrays[name], paths, factors, mean=False, dims=("z", "y", "x"), copy_base=False,
-                           eager=eager)
-        ome["multiscales"] = [multiscales_metadata(name=case_id, paths=paths, spacing_zyx=spacing,
-                                                   origin_zyx=origin, factors=factors, channel=False, mean=False)]
+        writes += _pyramid(
+            case, arrays[name], paths, factors, mean=False, dims=("z", "y", "x"), copy_base=False, eager=eager
+        )
+        ome["multiscales"] = [
+            multiscales_metadata(
+                name=case_id,
+                paths=paths,
+                spacing_zyx=spacing,
+                origin_zyx=origin,
+                factors=factors,
+                channel=False,
+                mean=False,
+            )
+        ]
         ome["image-label"] = image_label_metadata(names, source=None)
     else:
         paths = _level_paths(image_name, len(factors), in_label_group=False)
-        writes += _pyramid(case, base, paths, factors, mean=True, dims=("c", "z", "y", "x"), copy_base=False,
-                           eager=eager)
-        ome["multiscales"] = [multiscales_metadata(name=case_id, paths=paths, spacing_zyx=spacing,
-                                                   origin_zyx=origin, factors=factors, channel=True, mean=True)]
+        writes += _pyramid(
+            case, base, paths, factors, mean=True, dims=("c", "z", "y", "x"), copy_base=False, eager=eager
+        )
+        ome["multiscales"] = [
+            multiscales_metadata(
+                name=case_id,
+                paths=paths,
+                spacing_zyx=spacing,
+                origin_zyx=origin,
+                factors=factors,
+                channel=True,
+                mean=True,
+            )
+        ]
         if label_arrays:
-            writes += _label_images(case, {n: arrays[n] for n in label_arrays}, names, factors, spacing, origin,
-                                    eager=eager)
+            writes += _label_images(
+                case, {n: arrays[n] for n in label_arrays}, names, factors, spacing, origin, eager=eager
+            )
     if compute and writes:
         sched = _scheduler()
         with dask.config.set(scheduler=sched) if sched else contextlib.nullcontext():
             dask.compute(*writes)
     case.attrs.update({"ome": ome, **dict(attrs or {})})
     return writes
-

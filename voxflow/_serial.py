@@ -72,8 +72,11 @@ def check_choice(value: Any, options: Iterable[Any], name: str, *, error: ErrorT
 @functools.cache
 def _literal_fields(cls: type) -> tuple[tuple[str, tuple[Any, ...]], ...]:
     hints = typing.get_type_hints(cls)
-    return tuple((f.name, typing.get_args(hints[f.name])) for f in dataclasses.fields(cls)
-                 if typing.get_origin(hints[f.name]) is Literal)
+    return tuple(
+        (f.name, typing.get_args(hints[f.name]))
+        for f in dataclasses.fields(cls)
+        if typing.get_origin(hints[f.name]) is Literal
+    )
 
 
 def check_choices(obj: Any, *, error: ErrorType = PlanError) -> None:
@@ -88,9 +91,17 @@ def set_field(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)
 
 
-def number_tuple(value: Any, name: str, *, cast: type = int, length: int | None = None,
-                 minimum: int | None = None, positive: bool = False, axes: str = "",
-                 error: ErrorType = PlanError) -> tuple[Any, ...]:
+def number_tuple(
+    value: Any,
+    name: str,
+    *,
+    cast: type = int,
+    length: int | None = None,
+    minimum: int | None = None,
+    positive: bool = False,
+    axes: str = "",
+    error: ErrorType = PlanError,
+) -> tuple[Any, ...]:
     """``value`` (a JSON list) as a tuple of ``cast`` (``int`` or ``float``).
 
     ``length`` fixes the number of entries (``axes`` names them, e.g. ``"(z, y, x)"``); integers
@@ -119,8 +130,11 @@ def number_tuple(value: Any, name: str, *, cast: type = int, length: int | None 
 
 # ------------------------------------------------------------------------------------ dataclass <-> dict
 def _required(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING}
+    return {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
 
 
 def from_dict(cls: type[T], data: Any, where: str = "", *, error: ErrorType = PlanError) -> T:
@@ -209,8 +223,9 @@ def atomic_write_json(path: PathLikeStr, data: Any) -> None:
     atomic_write(path, write)
 
 
-def load_json_file(path: PathLikeStr, build: Callable[[Any], T], *, what: str, command: str,
-                   error: ErrorType = PlanError) -> T:
+def load_json_file(
+    path: PathLikeStr, build: Callable[[Any], T], *, what: str, command: str, error: ErrorType = PlanError
+) -> T:
     """Read a JSON file and ``build(data)``; every failure is an ``error`` naming the file
     (a missing file also says which ``command`` writes it)."""
     path = Path(path)

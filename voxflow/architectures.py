@@ -145,8 +145,10 @@ def check_architecture(name: str, *, field: str = "architecture") -> str:
     options = architecture_names()
     close = difflib.get_close_matches(str(name), options, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise PlanError(f"{field} must be one of {list(options)}; got {name!r}.{hint} Networks come from "
-                    f"`voxflow.nets.register_network` or the {FACTORY_GROUP!r} entry points.")
+    raise PlanError(
+        f"{field} must be one of {list(options)}; got {name!r}.{hint} Networks come from "
+        f"`voxflow.nets.register_network` or the {FACTORY_GROUP!r} entry points."
+    )
 
 
 def cost_model(name: str) -> CostModel:
@@ -158,17 +160,19 @@ def cost_model(name: str) -> CostModel:
     found = _COSTS.get(name)
     if found is None:
         check_architecture(name)
-        raise PlanError(f"architecture {name!r} has no cost model, so it cannot be planned: register it with "
-                        f"`voxflow.nets.register_network({name!r}, cost=...)` (a CostModel or the name of an "
-                        f"architecture to price it like, e.g. 'unet') or "
-                        f"`voxflow.architectures.register_architecture`.")
+        raise PlanError(
+            f"architecture {name!r} has no cost model, so it cannot be planned: register it with "
+            f"`voxflow.nets.register_network({name!r}, cost=...)` (a CostModel or the name of an "
+            f"architecture to price it like, e.g. 'unet') or "
+            f"`voxflow.architectures.register_architecture`."
+        )
     return found
 
 
 # ------------------------------------------------------------------------------ generic counts
 def stage_shapes(spec: NetworkTopology, patch_size_vox: Sequence[int]) -> list[tuple[int, ...]]:
     """Spatial shape of every stage's feature map (stage 0 first) for a (z, y, x) patch."""
-    cur = tuple(int(p) for p in list(patch_size_vox)[-spec.spatial_dims:])
+    cur = tuple(int(p) for p in list(patch_size_vox)[-spec.spatial_dims :])
     out = []
     for st in spec.strides:
         cur = tuple(max(1, c // s) for c, s in zip(cur, st, strict=True))
@@ -176,16 +180,19 @@ def stage_shapes(spec: NetworkTopology, patch_size_vox: Sequence[int]) -> list[t
     return out
 
 
-def activation_elements(spec: NetworkTopology, patch_size_vox: Sequence[int], in_channels: int,
-                        num_outputs: int) -> int:
+def activation_elements(
+    spec: NetworkTopology, patch_size_vox: Sequence[int], in_channels: int, num_outputs: int
+) -> int:
     """Elements autograd keeps for one sample (batch 1) in a training forward pass."""
     return int(cost_model(spec.architecture).activation_elements(spec, patch_size_vox, in_channels, num_outputs))
 
 
 @functools.lru_cache(maxsize=4096)
 def _parameter_count(cost: CostModel, spec: NetworkTopology, in_channels: int, num_outputs: int) -> int:
-    return sum(ly.c_in * ly.c_out * ly.kernel_volume + ly.c_out + 2 * ly.c_out * ly.norm
-               for ly in cost.layers(spec, in_channels, num_outputs))
+    return sum(
+        ly.c_in * ly.c_out * ly.kernel_volume + ly.c_out + 2 * ly.c_out * ly.norm
+        for ly in cost.layers(spec, in_channels, num_outputs)
+    )
 
 
 def parameter_count(spec: NetworkTopology, in_channels: int, num_outputs: int) -> int:
@@ -197,13 +204,23 @@ def parameter_count(spec: NetworkTopology, in_channels: int, num_outputs: int) -
 def conv_flops(spec: NetworkTopology, patch_size_vox: Sequence[int], in_channels: int, num_outputs: int) -> int:
     """Forward FLOPs (2 per multiply-add) of the convolutions for one sample."""
     vox = [math.prod(s) for s in stage_shapes(spec, patch_size_vox)]
-    return sum(2 * ly.c_in * ly.c_out * ly.kernel_volume * vox[ly.stage]
-               for ly in cost_model(spec.architecture).layers(spec, in_channels, num_outputs))
+    return sum(
+        2 * ly.c_in * ly.c_out * ly.kernel_volume * vox[ly.stage]
+        for ly in cost_model(spec.architecture).layers(spec, in_channels, num_outputs)
+    )
 
 
-def estimate_training_memory_bytes(spec: NetworkTopology, patch_size_vox: Sequence[int], batch_size: int,
-                                   in_channels: int, num_outputs: int, *, bytes_per_element: int = 4,
-                                   workspace_factor: float = 1.0, n_parameters: int | None = None) -> int:
+def estimate_training_memory_bytes(
+    spec: NetworkTopology,
+    patch_size_vox: Sequence[int],
+    batch_size: int,
+    in_channels: int,
+    num_outputs: int,
+    *,
+    bytes_per_element: int = 4,
+    workspace_factor: float = 1.0,
+    n_parameters: int | None = None,
+) -> int:
     """Estimated peak bytes of one training step (see the module docstring).
 
     ``bytes_per_element`` 4 for fp32, 2 under AMP; ``workspace_factor`` scales the activations for
@@ -216,8 +233,9 @@ def estimate_training_memory_bytes(spec: NetworkTopology, patch_size_vox: Sequen
 
 
 # ------------------------------------------------------------------------------ the built-in U-Nets
-def _unet_layers(spec: NetworkTopology, in_channels: int, num_outputs: int, *, residual: bool,
-                 nested: bool) -> Iterator[Layer]:
+def _unet_layers(
+    spec: NetworkTopology, in_channels: int, num_outputs: int, *, residual: bool, nested: bool
+) -> Iterator[Layer]:
     f = spec.features_per_stage
     k = [math.prod(ks) for ks in spec.kernel_sizes]
     n = spec.n_stages
@@ -245,8 +263,15 @@ def _unet_layers(spec: NetworkTopology, in_channels: int, num_outputs: int, *, r
         yield Layer(s, f[s], num_outputs, 1, 0)  # segmentation heads
 
 
-def _unet_activations(spec: NetworkTopology, patch_size_vox: Sequence[int], in_channels: int, num_outputs: int,
-                      *, residual: bool, nested: bool) -> int:
+def _unet_activations(
+    spec: NetworkTopology,
+    patch_size_vox: Sequence[int],
+    in_channels: int,
+    num_outputs: int,
+    *,
+    residual: bool,
+    nested: bool,
+) -> int:
     v = [math.prod(s) for s in stage_shapes(spec, patch_size_vox)]
     f = spec.features_per_stage
     n = spec.n_stages
@@ -269,8 +294,10 @@ def _unet_activations(spec: NetworkTopology, patch_size_vox: Sequence[int], in_c
 
 
 def _unet_cost(*, residual: bool, nested: bool) -> CostModel:
-    return CostModel(layers=functools.partial(_unet_layers, residual=residual, nested=nested),
-                     activation_elements=functools.partial(_unet_activations, residual=residual, nested=nested))
+    return CostModel(
+        layers=functools.partial(_unet_layers, residual=residual, nested=nested),
+        activation_elements=functools.partial(_unet_activations, residual=residual, nested=nested),
+    )
 
 
 register_architecture("unet", _unet_cost(residual=False, nested=False))

@@ -31,8 +31,18 @@ import dask.callbacks
 
 from voxflow.errors import VoxflowError
 
-__all__ = ["BIG_CASE_VOXELS", "POOL_MIN_CASES", "SMALL_CASE_VOXELS", "case_progress", "compute", "compute_cases", "is_small_case", "scheduler_context",
-           "stage_bar", "validate_scheduler"]
+__all__ = [
+    "BIG_CASE_VOXELS",
+    "POOL_MIN_CASES",
+    "SMALL_CASE_VOXELS",
+    "case_progress",
+    "compute",
+    "compute_cases",
+    "is_small_case",
+    "scheduler_context",
+    "stage_bar",
+    "validate_scheduler",
+]
 
 log = logging.getLogger(__name__)
 _LOCAL = ("threads", "processes", "sync")
@@ -84,14 +94,14 @@ def validate_scheduler(spec: str) -> str:
         if n.isdigit() and int(n) > 0:
             return spec
     raise VoxflowError(
-        f"--scheduler must be one of threads, processes, sync, local:N (N workers) or tcp://host:port; "
-        f"got {spec!r}."
+        f"--scheduler must be one of threads, processes, sync, local:N (N workers) or tcp://host:port; got {spec!r}."
     )
 
 
 @contextlib.contextmanager
-def scheduler_context(spec: str = "threads", *, memory_limit: str | None = None,
-                      num_workers: int | None = None) -> Iterator[Any]:
+def scheduler_context(
+    spec: str = "threads", *, memory_limit: str | None = None, num_workers: int | None = None
+) -> Iterator[Any]:
     """Run the enclosed ``dask.compute`` calls on the scheduler ``spec``.
 
     Yields the ``distributed.Client`` for cluster schedulers, else ``None``.
@@ -112,9 +122,16 @@ def scheduler_context(spec: str = "threads", *, memory_limit: str | None = None,
 
     if spec.startswith("local:"):
         n = int(spec.split(":", 1)[1])
-        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                          memory_limit=memory_limit or "auto", dashboard_address=":0") as cluster, \
-                Client(cluster) as client:
+        with (
+            LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                memory_limit=memory_limit or "auto",
+                dashboard_address=":0",
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             log.info("Dask LocalCluster with %d workers; dashboard at %s", n, client.dashboard_link)
             yield client
         return
@@ -134,8 +151,11 @@ def _process_pool(num_workers: int | None) -> Iterator[Any]:
 
     if os.environ.get("PYTHONHASHSEED") in (None, "0"):
         os.environ["PYTHONHASHSEED"] = "6640"  # as dask does: consistent hashing in the workers
-    pool = ProcessPoolExecutor(num_workers or dmp.CPU_COUNT, mp_context=dmp.get_context(),
-                               initializer=functools.partial(dmp.initialize_worker_process, user_initializer=None))
+    pool = ProcessPoolExecutor(
+        num_workers or dmp.CPU_COUNT,
+        mp_context=dmp.get_context(),
+        initializer=functools.partial(dmp.initialize_worker_process, user_initializer=None),
+    )
     try:
         yield pool
     finally:
@@ -164,8 +184,9 @@ def compute(*collections: Any, desc: str = "computing", progress: bool = True) -
     return dask.compute(*collections, callbacks=[_TqdmCallback(desc)._callback])
 
 
-def compute_cases(tasks: Sequence[Any], *, bar: Any = None, preload: Sequence[str] = (),
-                  pool: bool = True) -> list[Any]:
+def compute_cases(
+    tasks: Sequence[Any], *, bar: Any = None, preload: Sequence[str] = (), pool: bool = True
+) -> list[Any]:
     """Compute one Delayed task per (small) case in one go, advancing the stage ``bar`` (a
     :func:`stage_bar`, or None) by one as each task finishes; results in task order.
 
@@ -231,8 +252,9 @@ def _case_pool(n: int, preload: Sequence[str]) -> Iterator[Any]:
         os.environ["PYTHONHASHSEED"] = "6640"  # as dask does: consistent hashing in the workers
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(preload))
-    pool = ProcessPoolExecutor(n, mp_context=ctx,
-                               initializer=functools.partial(dmp.initialize_worker_process, user_initializer=None))
+    pool = ProcessPoolExecutor(
+        n, mp_context=ctx, initializer=functools.partial(dmp.initialize_worker_process, user_initializer=None)
+    )
     try:
         yield pool
     finally:
@@ -277,4 +299,4 @@ class _TqdmCallback(dask.callbacks.Callback):  # type: ignore[misc]
 def split_evenly(items: Sequence[Any], n: int) -> list[list[Any]]:
     """Split ``items`` into ``n`` contiguous, nearly equal parts (for per-rank/device work)."""
     k, m = divmod(len(items), n)
-    return [list(items[i * k + min(i, m):(i + 1) * k + min(i + 1, m)]) for i in range(n)]
+    return [list(items[i * k + min(i, m) : (i + 1) * k + min(i + 1, m)]) for i in range(n)]

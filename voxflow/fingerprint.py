@@ -89,19 +89,26 @@ class CaseFingerprint:
         s(self, "spacing_zyx", _triple(self.spacing_zyx, "spacing_zyx", float))
         s(self, "shape_after_crop_zyx", _triple(self.shape_after_crop_zyx, "shape_after_crop_zyx", int))
         box = tuple(tuple(int(v) for v in b) for b in self.nonzero_bbox_zyx)
-        if len(box) != 3 or any(len(b) != 2 or not 0 <= b[0] < b[1] <= n for b, n in zip(box, self.shape_zyx, strict=True)):
-            raise PlanError(f"nonzero_bbox_zyx must be 3 [lo, hi) ranges inside shape_zyx {self.shape_zyx}; "
-                            f"got {self.nonzero_bbox_zyx!r} for case {self.case_id!r}")
+        if len(box) != 3 or any(
+            len(b) != 2 or not 0 <= b[0] < b[1] <= n for b, n in zip(box, self.shape_zyx, strict=True)
+        ):
+            raise PlanError(
+                f"nonzero_bbox_zyx must be 3 [lo, hi) ranges inside shape_zyx {self.shape_zyx}; "
+                f"got {self.nonzero_bbox_zyx!r} for case {self.case_id!r}"
+            )
         s(self, "nonzero_bbox_zyx", box)
         s(self, "class_voxel_counts", {int(k): int(v) for k, v in dict(self.class_voxel_counts).items()})
         if self.n_components is not None:
             s(self, "n_components", {int(k): int(v) for k, v in dict(self.n_components).items()})
         if not 0.0 < float(self.fraction_kept_by_crop) <= 1.0:
-            raise PlanError(f"fraction_kept_by_crop must be in (0, 1]; got {self.fraction_kept_by_crop!r} "
-                            f"for case {self.case_id!r}")
+            raise PlanError(
+                f"fraction_kept_by_crop must be in (0, 1]; got {self.fraction_kept_by_crop!r} for case {self.case_id!r}"
+            )
         if any(v <= 0 for v in self.spacing_zyx) or any(v <= 0 for v in self.shape_zyx):
-            raise PlanError(f"shape_zyx and spacing_zyx must be positive; got {self.shape_zyx} and "
-                            f"{self.spacing_zyx} for case {self.case_id!r}")
+            raise PlanError(
+                f"shape_zyx and spacing_zyx must be positive; got {self.shape_zyx} and "
+                f"{self.spacing_zyx} for case {self.case_id!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,8 +152,11 @@ class AxisStats:
     @classmethod
     def of(cls, values: np.ndarray) -> AxisStats:
         v = np.asarray(values, dtype=np.float64).reshape(-1, 3)
-        return cls(median_zyx=tuple(np.median(v, axis=0)), p10_zyx=tuple(np.percentile(v, 10, axis=0)),
-                   p90_zyx=tuple(np.percentile(v, 90, axis=0)))
+        return cls(
+            median_zyx=tuple(np.median(v, axis=0)),
+            p10_zyx=tuple(np.percentile(v, 10, axis=0)),
+            p90_zyx=tuple(np.percentile(v, 90, axis=0)),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,8 +180,10 @@ class Fingerprint:
     def __post_init__(self) -> None:
         s = _serial.set_field
         if self.fingerprint_version != FINGERPRINT_VERSION:
-            raise PlanError(f"fingerprint_version must be {FINGERPRINT_VERSION}; got {self.fingerprint_version!r}. "
-                            f"Re-run `voxflow fingerprint`.")
+            raise PlanError(
+                f"fingerprint_version must be {FINGERPRINT_VERSION}; got {self.fingerprint_version!r}. "
+                f"Re-run `voxflow fingerprint`."
+            )
         s(self, "channel_names", tuple(str(c) for c in self.channel_names))
         if self.regions_class_order is not None:
             s(self, "regions_class_order", tuple(int(v) for v in self.regions_class_order))
@@ -182,8 +194,9 @@ class Fingerprint:
         if not self.cases:
             raise PlanError("cases must not be empty: a fingerprint needs at least one complete case")
         if len(self.intensity) != len(self.channel_names):
-            raise PlanError(f"intensity must have one entry per channel ({len(self.channel_names)}); "
-                            f"got {len(self.intensity)}")
+            raise PlanError(
+                f"intensity must have one entry per channel ({len(self.channel_names)}); got {len(self.intensity)}"
+            )
 
     # -------------------------------------------------------------- derived views
     @property
@@ -231,8 +244,14 @@ def _block_seed(seed: int, case_id: str, block_index: Sequence[int]) -> np.rando
     return np.random.SeedSequence([int(seed), zlib.crc32(case_id.encode()), *(int(i) for i in block_index)])
 
 
-def chunk_statistics(image: np.ndarray, label: np.ndarray | None, *, offset_zyx: Sequence[int],
-                     max_samples: int, rng: np.random.Generator) -> dict[str, Any]:
+def chunk_statistics(
+    image: np.ndarray,
+    label: np.ndarray | None,
+    *,
+    offset_zyx: Sequence[int],
+    max_samples: int,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
     """Statistics of one block: nonzero box (global voxel indices), label counts, fg sample.
 
     ``image`` is (C, z, y, x), ``label`` (z, y, x) or ``None``. The sample is ``min(max_samples,
@@ -256,8 +275,13 @@ def chunk_statistics(image: np.ndarray, label: np.ndarray | None, *, offset_zyx:
     k = min(n_fg, int(max_samples))
     pick = rng.choice(n_fg, size=k, replace=False) if k < n_fg else rng.permutation(n_fg)
     samples = image.reshape(n_channels, -1)[:, fg_index[pick]].astype(np.float64)
-    return {"box": box, "counts": {int(v): int(c) for v, c in enumerate(counts) if c}, "n_fg": n_fg,
-            "samples": samples, "range": value_range}
+    return {
+        "box": box,
+        "counts": {int(v): int(c) for v, c in enumerate(counts) if c},
+        "n_fg": n_fg,
+        "samples": samples,
+        "range": value_range,
+    }
 
 
 def allocate_samples(counts: Sequence[int], total: int) -> np.ndarray:
@@ -277,14 +301,28 @@ def allocate_samples(counts: Sequence[int], total: int) -> np.ndarray:
     return np.minimum(quota, n)
 
 
-def _chunk_task(image: np.ndarray, label: np.ndarray | None, *, offset_zyx: tuple[int, ...],
-                block_index: tuple[int, ...], case_id: str, seed: int, max_samples: int) -> dict[str, Any]:
+def _chunk_task(
+    image: np.ndarray,
+    label: np.ndarray | None,
+    *,
+    offset_zyx: tuple[int, ...],
+    block_index: tuple[int, ...],
+    case_id: str,
+    seed: int,
+    max_samples: int,
+) -> dict[str, Any]:
     rng = np.random.default_rng(_block_seed(seed, case_id, block_index))
     return chunk_statistics(image, label, offset_zyx=offset_zyx, max_samples=max_samples, rng=rng)
 
 
-def _case_task(chunks: list[dict[str, Any]], *, shape_zyx: tuple[int, int, int], samples_per_case: int,
-               n_channels: int, components: dict[int, int] | None) -> dict[str, Any]:
+def _case_task(
+    chunks: list[dict[str, Any]],
+    *,
+    shape_zyx: tuple[int, int, int],
+    samples_per_case: int,
+    n_channels: int,
+    components: dict[int, int] | None,
+) -> dict[str, Any]:
     boxes = [c["box"] for c in chunks if c["box"] is not None]
     if boxes:
         box = tuple((min(b[ax][0] for b in boxes), max(b[ax][1] for b in boxes)) for ax in range(3))
@@ -300,8 +338,14 @@ def _case_task(chunks: list[dict[str, Any]], *, shape_zyx: tuple[int, int, int],
     counts = dict(sorted(counts.items()))
     ranges = np.stack([c["range"] for c in chunks]) if chunks else np.zeros((0, n_channels, 2))
     value_range = np.stack([ranges[..., 0].min(axis=0), ranges[..., 1].max(axis=0)], axis=1) if chunks else None
-    return {"box": box, "counts": counts, "n_fg": int(sum(c["n_fg"] for c in chunks)), "samples": samples,
-            "components": components, "range": value_range}
+    return {
+        "box": box,
+        "counts": counts,
+        "n_fg": int(sum(c["n_fg"] for c in chunks)),
+        "samples": samples,
+        "components": components,
+        "range": value_range,
+    }
 
 
 def count_components(label: np.ndarray, values: Sequence[int]) -> dict[int, int]:
@@ -319,8 +363,9 @@ def _spatial_blocks(image: da.Array, label: da.Array | None) -> tuple[da.Array, 
     return image, label
 
 
-def fingerprint_graph(store: Store, *, samples_per_case: int = 10_000, seed: int = 0,
-                      components_max_voxels: int = 2**22) -> dict[str, Any]:
+def fingerprint_graph(
+    store: Store, *, samples_per_case: int = 10_000, seed: int = 0, components_max_voxels: int = 2**22
+) -> dict[str, Any]:
     """The lazy per-case results ``{case_id: Delayed dict}`` (chunk tasks reduced per case).
 
     Computing it touches every chunk once; nothing is computed while building it.
@@ -338,15 +383,27 @@ def fingerprint_graph(store: Store, *, samples_per_case: int = 10_000, seed: int
         for idx in np.ndindex(*img_blocks.shape):
             off = tuple(int(offsets[ax][i]) for ax, i in enumerate(idx))
             lab = lab_blocks[idx] if lab_blocks is not None else None
-            chunk_results.append(dask.delayed(_chunk_task, pure=True)(
-                img_blocks[idx], lab, offset_zyx=off, block_index=idx, case_id=case_id, seed=seed,
-                max_samples=samples_per_case))
+            chunk_results.append(
+                dask.delayed(_chunk_task, pure=True)(
+                    img_blocks[idx],
+                    lab,
+                    offset_zyx=off,
+                    block_index=idx,
+                    case_id=case_id,
+                    seed=seed,
+                    max_samples=samples_per_case,
+                )
+            )
         components = None
         if label is not None and components_max_voxels and math.prod(label.shape) <= components_max_voxels:
             components = dask.delayed(count_components, pure=True)(label, values)
         out[case_id] = dask.delayed(_case_task, pure=True)(
-            chunk_results, shape_zyx=tuple(image.shape[1:]), samples_per_case=samples_per_case,
-            n_channels=image.shape[0], components=components)
+            chunk_results,
+            shape_zyx=tuple(image.shape[1:]),
+            samples_per_case=samples_per_case,
+            n_channels=image.shape[0],
+            components=components,
+        )
     return out
 
 
@@ -357,9 +414,17 @@ def intensity_stats(channel: str, samples: np.ndarray) -> IntensityStats:
     if x.size == 0:
         return IntensityStats(channel=channel, n_samples=0)
     lo, hi = np.percentile(x, [0.5, 99.5])
-    return IntensityStats(channel=channel, n_samples=int(x.size), mean=float(x.mean()), std=float(x.std()),
-                          median=float(np.median(x)), min=float(x.min()), max=float(x.max()),
-                          percentile_00_5=float(lo), percentile_99_5=float(hi))
+    return IntensityStats(
+        channel=channel,
+        n_samples=int(x.size),
+        mean=float(x.mean()),
+        std=float(x.std()),
+        median=float(np.median(x)),
+        min=float(x.min()),
+        max=float(x.max()),
+        percentile_00_5=float(lo),
+        percentile_99_5=float(hi),
+    )
 
 
 _GENERIC_CHANNEL = re.compile(r"(image|img|channel|ch|input|data|volume)?[_ -]?\d*", re.IGNORECASE)
@@ -380,19 +445,23 @@ def warn_if_unnamed_ct(store: Store, results: Mapping[str, dict[str, Any]]) -> N
         lo, hi = min(float(r[0]) for r in ranges), max(float(r[1]) for r in ranges)
         if -3100 <= lo <= -900 and hi >= 300:
             new = [("CT" if j == i else n) for j, n in enumerate(names)]
-            warnings.warn(VoxflowWarning(
-                f"channel {i} is named {name!r} but looks like CT (integer values from {lo:.0f} to {hi:.0f}, Hounsfield "
-                f"units); it will be z-scored per image instead of CT normalisation. If it is CT, reconvert with "
-                f"`voxflow convert --channel-names {','.join(new)}` (or set channel_names in dataset.json)."),
-                stacklevel=3)
+            warnings.warn(
+                VoxflowWarning(
+                    f"channel {i} is named {name!r} but looks like CT (integer values from {lo:.0f} to {hi:.0f}, Hounsfield "
+                    f"units); it will be z-scored per image instead of CT normalisation. If it is CT, reconvert with "
+                    f"`voxflow convert --channel-names {','.join(new)}` (or set channel_names in dataset.json)."
+                ),
+                stacklevel=3,
+            )
 
 
 def _class_names(labels: Mapping[str, Any]) -> dict[int, str]:
     return {int(v): k for k, v in labels.items() if not isinstance(v, (list, tuple))}
 
 
-def assemble_fingerprint(store: Store, results: Mapping[str, dict[str, Any]], *, samples_per_case: int,
-                         seed: int) -> Fingerprint:
+def assemble_fingerprint(
+    store: Store, results: Mapping[str, dict[str, Any]], *, samples_per_case: int, seed: int
+) -> Fingerprint:
     """Build the :class:`Fingerprint` from computed per-case results (pure, small data)."""
     meta = store.meta
     warn_if_unnamed_ct(store, results)
@@ -400,29 +469,58 @@ def assemble_fingerprint(store: Store, results: Mapping[str, dict[str, Any]], *,
     for case_id, r in results.items():
         geom = store.geometry(case_id)
         crop = tuple(hi - lo for lo, hi in r["box"])
-        cases.append(CaseFingerprint(
-            case_id=case_id, shape_zyx=geom.shape_zyx, spacing_zyx=geom.spacing_zyx, source_ndim=geom.source_ndim,
-            nonzero_bbox_zyx=r["box"], shape_after_crop_zyx=crop,
-            fraction_kept_by_crop=math.prod(crop) / math.prod(geom.shape_zyx), labelled=store.has_array(case_id, "label"),
-            n_foreground_voxels=r["n_fg"], class_voxel_counts=r["counts"], n_components=r["components"]))
+        cases.append(
+            CaseFingerprint(
+                case_id=case_id,
+                shape_zyx=geom.shape_zyx,
+                spacing_zyx=geom.spacing_zyx,
+                source_ndim=geom.source_ndim,
+                nonzero_bbox_zyx=r["box"],
+                shape_after_crop_zyx=crop,
+                fraction_kept_by_crop=math.prod(crop) / math.prod(geom.shape_zyx),
+                labelled=store.has_array(case_id, "label"),
+                n_foreground_voxels=r["n_fg"],
+                class_voxel_counts=r["counts"],
+                n_components=r["components"],
+            )
+        )
     n_ch = len(meta.channel_names)
     pooled = np.concatenate([r["samples"] for r in results.values()], axis=1) if results else np.empty((n_ch, 0))
     names = _class_names(meta.labels)
     seen = sorted(set(names) | {v for c in cases for v in c.class_voxel_counts})
-    classes = tuple(ClassStats(value=v, name=names.get(v, f"value_{v}"),
-                               voxel_count=sum(c.class_voxel_counts.get(v, 0) for c in cases),
-                               n_cases=sum(1 for c in cases if c.class_voxel_counts.get(v, 0) > 0)) for v in seen)
+    classes = tuple(
+        ClassStats(
+            value=v,
+            name=names.get(v, f"value_{v}"),
+            voxel_count=sum(c.class_voxel_counts.get(v, 0) for c in cases),
+            n_cases=sum(1 for c in cases if c.class_voxel_counts.get(v, 0) > 0),
+        )
+        for v in seen
+    )
     return Fingerprint(
-        dataset_name=meta.name, channel_names=meta.channel_names, labels=dict(meta.labels),
-        regions_class_order=meta.regions_class_order, samples_per_case=samples_per_case, seed=seed,
-        cases=tuple(cases), intensity=tuple(intensity_stats(ch, pooled[i]) for i, ch in enumerate(meta.channel_names)),
-        classes=classes, spacing=AxisStats.of(np.array([c.spacing_zyx for c in cases])),
+        dataset_name=meta.name,
+        channel_names=meta.channel_names,
+        labels=dict(meta.labels),
+        regions_class_order=meta.regions_class_order,
+        samples_per_case=samples_per_case,
+        seed=seed,
+        cases=tuple(cases),
+        intensity=tuple(intensity_stats(ch, pooled[i]) for i, ch in enumerate(meta.channel_names)),
+        classes=classes,
+        spacing=AxisStats.of(np.array([c.spacing_zyx for c in cases])),
         shape=AxisStats.of(np.array([c.shape_zyx for c in cases])),
-        shape_after_crop=AxisStats.of(np.array([c.shape_after_crop_zyx for c in cases])))
+        shape_after_crop=AxisStats.of(np.array([c.shape_after_crop_zyx for c in cases])),
+    )
 
 
-def compute_fingerprint(store: Store | PathLikeStr, *, samples_per_case: int = 10_000, seed: int = 0,
-                        components_max_voxels: int = 2**22, progress: bool = True) -> Fingerprint:
+def compute_fingerprint(
+    store: Store | PathLikeStr,
+    *,
+    samples_per_case: int = 10_000,
+    seed: int = 0,
+    components_max_voxels: int = 2**22,
+    progress: bool = True,
+) -> Fingerprint:
     """Fingerprint a dataset store with one ``dask.compute`` on the active scheduler.
 
     Parameters
@@ -442,8 +540,9 @@ def compute_fingerprint(store: Store | PathLikeStr, *, samples_per_case: int = 1
     st = store if isinstance(store, Store) else Store.open(store)
     if not st.case_ids():
         raise PlanError(f"{st.path} holds no complete case to fingerprint; run `voxflow convert` first.")
-    graph = fingerprint_graph(st, samples_per_case=samples_per_case, seed=seed,
-                              components_max_voxels=components_max_voxels)
+    graph = fingerprint_graph(
+        st, samples_per_case=samples_per_case, seed=seed, components_max_voxels=components_max_voxels
+    )
     computed = compute(*graph.values(), desc="fingerprint", progress=progress)
     results = dict(zip(graph, computed, strict=True))
     log.info("fingerprinted %d cases of %s", len(results), st.path)

@@ -35,8 +35,10 @@ _IDENTITY = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 
 def _tuple3(values: Sequence[float], name: str, cast: type = float) -> tuple[Any, Any, Any]:
     if len(values) != 3:
-        raise GeometryError(f"{name} must have 3 entries (z, y, x); got {tuple(values)!r}. A 2D image is one "
-                            f"slice: pass (1, Y, X) sizes and a z entry (1 mm spacing, 0 origin).")
+        raise GeometryError(
+            f"{name} must have 3 entries (z, y, x); got {tuple(values)!r}. A 2D image is one "
+            f"slice: pass (1, Y, X) sizes and a z entry (1 mm spacing, 0 origin)."
+        )
     z, y, x = (cast(v) for v in values)
     return z, y, x
 
@@ -57,18 +59,26 @@ class Geometry:
         object.__setattr__(self, "origin_zyx", _tuple3(self.origin_zyx, "origin_zyx"))
         d = np.asarray(self.direction_zyx, dtype=float)
         if d.shape != (3, 3):
-            raise GeometryError(f"direction_zyx must be a 3x3 matrix (rows z, y, x); got shape {d.shape}. Pass "
-                                f"the 3x3 direction cosines, or leave it out for the identity.")
+            raise GeometryError(
+                f"direction_zyx must be a 3x3 matrix (rows z, y, x); got shape {d.shape}. Pass "
+                f"the 3x3 direction cosines, or leave it out for the identity."
+            )
         object.__setattr__(self, "direction_zyx", tuple(tuple(float(v) for v in row) for row in d))
         if any(s <= 0 for s in self.shape_zyx):
-            raise GeometryError(f"shape_zyx must be at least 1 voxel per axis; got {self.shape_zyx!r}. An empty "
-                                f"image cannot be stored: check the file or the crop box.")
+            raise GeometryError(
+                f"shape_zyx must be at least 1 voxel per axis; got {self.shape_zyx!r}. An empty "
+                f"image cannot be stored: check the file or the crop box."
+            )
         if any(not math.isfinite(s) or s <= 0 for s in self.spacing_zyx):
-            raise GeometryError(f"spacing_zyx must be positive finite mm per axis; got {self.spacing_zyx!r}. Fix "
-                                f"the spacing in the image header (e.g. with SimpleITK's SetSpacing).")
+            raise GeometryError(
+                f"spacing_zyx must be positive finite mm per axis; got {self.spacing_zyx!r}. Fix "
+                f"the spacing in the image header (e.g. with SimpleITK's SetSpacing)."
+            )
         if self.source_ndim not in (2, 3):
-            raise GeometryError(f"source_ndim must be 2 or 3; got {self.source_ndim!r}. Use 2 for a single-slice "
-                                f"image from a 2D file, else 3 (the default).")
+            raise GeometryError(
+                f"source_ndim must be 2 or 3; got {self.source_ndim!r}. Use 2 for a single-slice "
+                f"image from a 2D file, else 3 (the default)."
+            )
 
     # ------------------------------------------------------------------ SimpleITK
     @classmethod
@@ -139,12 +149,15 @@ class Geometry:
     def axis_coords_mm(self) -> dict[str, np.ndarray]:
         """1-D physical coordinates per axis (exact only for axis-aligned direction)."""
         return {
-            ax: self.origin_zyx[i] + self.spacing_zyx[i] * np.arange(self.shape_zyx[i])
-            for i, ax in enumerate("zyx")
+            ax: self.origin_zyx[i] + self.spacing_zyx[i] * np.arange(self.shape_zyx[i]) for i, ax in enumerate("zyx")
         }
 
-    def with_shape(self, shape_zyx: Sequence[int], spacing_zyx: Sequence[float] | None = None,
-                   origin_zyx: Sequence[float] | None = None) -> Geometry:
+    def with_shape(
+        self,
+        shape_zyx: Sequence[int],
+        spacing_zyx: Sequence[float] | None = None,
+        origin_zyx: Sequence[float] | None = None,
+    ) -> Geometry:
         """A copy with a new grid (after cropping or resampling)."""
         return replace(
             self,
@@ -160,8 +173,15 @@ class Geometry:
         return self.with_shape(shape, origin_zyx=tuple(self.index_to_physical(lo)))
 
     # ------------------------------------------------------------------ comparison / JSON
-    def check_matches(self, other: Geometry, *, what: str = "label", case: str | None = None,
-                      rtol: float = 1e-3, atol_mm: float = 1e-3) -> None:
+    def check_matches(
+        self,
+        other: Geometry,
+        *,
+        what: str = "label",
+        case: str | None = None,
+        rtol: float = 1e-3,
+        atol_mm: float = 1e-3,
+    ) -> None:
         """Raise :class:`GeometryMismatchError` unless ``other`` lies on the same grid.
 
         Spacing is compared with a relative tolerance, origin with ``max(atol_mm, rtol*spacing)``
@@ -202,8 +222,10 @@ class Geometry:
         known = {"shape_zyx", "spacing_zyx", "origin_zyx", "direction_zyx", "source_ndim"}
         unknown = set(d) - known
         if unknown:
-            raise GeometryError(f"geometry fields must be among {sorted(known)}; got unknown {sorted(unknown)}. "
-                                f"Remove them (was the store written by a newer voxflow?).")
+            raise GeometryError(
+                f"geometry fields must be among {sorted(known)}; got unknown {sorted(unknown)}. "
+                f"Remove them (was the store written by a newer voxflow?)."
+            )
         return cls(
             shape_zyx=tuple(d["shape_zyx"]),
             spacing_zyx=tuple(d["spacing_zyx"]),

@@ -35,8 +35,9 @@ def cpu_has_native_bf16() -> bool:
         return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(precision: str, device: torch.device | str, *, amp: bool = True,
-                      setting: str = "precision") -> str:
+def resolve_precision(
+    precision: str, device: torch.device | str, *, amp: bool = True, setting: str = "precision"
+) -> str:
     """The precision a run uses: ``fp32``, ``bf16`` or ``fp16``.
 
     ``auto``: bf16 on CUDA devices that support it, fp16 on older ones; on the CPU fp32 (a bf16
@@ -51,11 +52,12 @@ def resolve_precision(precision: str, device: torch.device | str, *, amp: bool =
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision not in _DTYPES:
-        raise ConfigError(f"{setting} must be one of {list(PRECISIONS)}; got {precision!r}. Set one with "
-                          f"--precision.")
+        raise ConfigError(f"{setting} must be one of {list(PRECISIONS)}; got {precision!r}. Set one with --precision.")
     if precision == "fp16" and dev.type != "cuda":
-        raise ConfigError(f"{setting} fp16 needs a CUDA device; got device {str(dev)!r}. Use a GPU "
-                          f"(--device cuda) or use --precision bf16 or fp32 on the CPU.")
+        raise ConfigError(
+            f"{setting} fp16 needs a CUDA device; got device {str(dev)!r}. Use a GPU "
+            f"(--device cuda) or use --precision bf16 or fp32 on the CPU."
+        )
     return precision
 
 

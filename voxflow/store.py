@@ -106,8 +106,9 @@ def is_checksummed(arr: zarr.Array[Any]) -> bool:
 
 def _damaged(what: str, exc: BaseException, fix: str) -> StoreDamagedError:
     detail = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
-    return StoreDamagedError(f"stored data must be readable; {what} is damaged ({type(exc).__name__}: "
-                             f"{detail[0]}). {fix}")
+    return StoreDamagedError(
+        f"stored data must be readable; {what} is damaged ({type(exc).__name__}: {detail[0]}). {fix}"
+    )
 
 
 class _CheckedArray:
@@ -191,9 +192,20 @@ def ngff_multiscales(geometry: Geometry, *, name: str, path: str = "image") -> d
     (complete cases carry the full view, pyramid and labels included: :mod:`voxflow._ngff`)."""
     from voxflow._ngff import NGFF_VERSION, multiscales_metadata
 
-    return {"version": NGFF_VERSION, "multiscales": [multiscales_metadata(
-        name=name, paths=[path], spacing_zyx=geometry.spacing_zyx, origin_zyx=geometry.origin_zyx,
-        factors=[(1, 1, 1)], channel=True, mean=True)]}
+    return {
+        "version": NGFF_VERSION,
+        "multiscales": [
+            multiscales_metadata(
+                name=name,
+                paths=[path],
+                spacing_zyx=geometry.spacing_zyx,
+                origin_zyx=geometry.origin_zyx,
+                factors=[(1, 1, 1)],
+                channel=True,
+                mean=True,
+            )
+        ],
+    }
 
 
 class Store:
@@ -206,8 +218,7 @@ class Store:
             self.meta = DatasetMeta.from_dict(cast("Mapping[str, Any]", group.attrs["voxflow"]))
         except KeyError:
             raise LayoutError(
-                f"{path} is not a voxflow store (no 'voxflow' root attributes). Create it with "
-                f"`voxflow convert`."
+                f"{path} is not a voxflow store (no 'voxflow' root attributes). Create it with `voxflow convert`."
             ) from None
 
     # ------------------------------------------------------------------ open / create
@@ -219,8 +230,7 @@ class Store:
             shutil.rmtree(path)
         if path.exists() and (path / "zarr.json").exists():
             if not _json_ok(path / "zarr.json"):
-                log.warning("%s: the root zarr.json is damaged; writing it again (cases are checked one by one)",
-                            path)
+                log.warning("%s: the root zarr.json is damaged; writing it again (cases are checked one by one)", path)
                 (path / "zarr.json").unlink()
                 group = zarr.open_group(str(path), mode="a", zarr_format=3)
                 group.attrs["voxflow"] = meta.to_dict()
@@ -246,9 +256,12 @@ class Store:
         try:
             group = zarr.open_group(str(path), mode=mode, zarr_format=3)
         except _READ_ERRORS as e:
-            raise _damaged(f"the store metadata {path / 'zarr.json'}", e,
-                           "Rerun the command that wrote the store (its cases are kept and checked), or "
-                           "pass --overwrite to write it afresh.") from e
+            raise _damaged(
+                f"the store metadata {path / 'zarr.json'}",
+                e,
+                "Rerun the command that wrote the store (its cases are kept and checked), or "
+                "pass --overwrite to write it afresh.",
+            ) from e
         return cls(group, path)
 
     # ------------------------------------------------------------------ listing
@@ -333,8 +346,10 @@ class Store:
             raise _damaged(f"the metadata of case {case_id!r} in {self.path}", e, self._fix()) from e
 
     def _fix(self) -> str:
-        return (f"Rerun the command that wrote {self.path} (it redoes damaged cases); "
-                f"`voxflow info --verify {self.path}` checks every case.")
+        return (
+            f"Rerun the command that wrote {self.path} (it redoes damaged cases); "
+            f"`voxflow info --verify {self.path}` checks every case."
+        )
 
     def _require_complete(self, case_id: str) -> zarr.Group:
         g = self.case_group(case_id)
@@ -364,13 +379,13 @@ class Store:
                 raise CaseNotFoundError(f"case {case_id!r} in {self.path} has no {name!r} array")
             arr: Any = g[name]
         except _READ_ERRORS as e:
-            raise _damaged(f"the metadata of array {name!r} of case {case_id!r} in {self.path}", e,
-                           self._fix()) from e
+            raise _damaged(f"the metadata of array {name!r} of case {case_id!r} in {self.path}", e, self._fix()) from e
         if is_checksummed(arr) and arr.nchunks_initialized != arr.nchunks:
             raise StoreDamagedError(
                 f"every chunk of array {name!r} of case {case_id!r} in {self.path} must be on disk; "
                 f"{arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunk files are missing. "
-                f"{self._fix()}")
+                f"{self._fix()}"
+            )
         return cast("zarr.Array[Any]", arr)
 
     def array(self, case_id: str, name: str, *, chunks: tuple[int, ...] | None = None) -> da.Array:
@@ -381,8 +396,14 @@ class Store:
         chunks = arr.chunks if chunks is None else chunks
         checked = _CheckedArray(arr, f"array {name!r} of case {case_id!r} in {self.path}", self._fix())
         token = tokenize(str(self.path), case_id, name, arr.shape, str(arr.dtype), chunks)
-        lazy: da.Array = da.from_array(checked, chunks=chunks, name=f"from-zarr-{token}", asarray=False, fancy=False,
-                                       meta=np.empty((0,) * arr.ndim, dtype=arr.dtype))
+        lazy: da.Array = da.from_array(
+            checked,
+            chunks=chunks,
+            name=f"from-zarr-{token}",
+            asarray=False,
+            fancy=False,
+            meta=np.empty((0,) * arr.ndim, dtype=arr.dtype),
+        )
         return lazy
 
     def image(self, case_id: str, *, chunks: tuple[int, ...] | None = None) -> da.Array:
@@ -399,17 +420,24 @@ class Store:
         """Start (or restart) writing a case: drops any old copy, marks it incomplete."""
         if not _CASE_ID.match(case_id):
             raise LayoutError(
-                f"case id {case_id!r} must start with a letter or digit and use only letters, digits, "
-                f"'.', '_' and '-'."
+                f"case id {case_id!r} must start with a letter or digit and use only letters, digits, '.', '_' and '-'."
             )
         cases = self.group.require_group("cases")
         self.delete_case(case_id)
         block = {"complete": False, "geometry": geometry.to_dict(), **dict(attrs or {})}
         return cases.create_group(case_id, attributes={"voxflow": block})  # one metadata write
 
-    def create_array(self, case_id: str, name: str, *, shape: Sequence[int], dtype: Any,
-                     chunks: Sequence[int], fill_value: Any = 0,
-                     dimension_names: Sequence[str] | None = None) -> zarr.Array[Any]:
+    def create_array(
+        self,
+        case_id: str,
+        name: str,
+        *,
+        shape: Sequence[int],
+        dtype: Any,
+        chunks: Sequence[int],
+        fill_value: Any = 0,
+        dimension_names: Sequence[str] | None = None,
+    ) -> zarr.Array[Any]:
         """Create a compressed array in a case being written (chunks clipped to the shape)."""
         g = self.case_group(case_id)
         chunks = tuple(max(1, min(int(c), int(s))) for c, s in zip(chunks, shape, strict=True))
@@ -417,9 +445,15 @@ class Store:
         if dims is not None and len(dims) != len(shape):
             dims = None
         return g.create_array(
-            name, shape=tuple(int(s) for s in shape), dtype=dtype, chunks=chunks,
-            compressors=(default_compressor(), Crc32cCodec()), fill_value=fill_value, dimension_names=dims,
-            overwrite=True, config=_WRITE_CONFIG,
+            name,
+            shape=tuple(int(s) for s in shape),
+            dtype=dtype,
+            chunks=chunks,
+            compressors=(default_compressor(), Crc32cCodec()),
+            fill_value=fill_value,
+            dimension_names=dims,
+            overwrite=True,
+            config=_WRITE_CONFIG,
         )
 
     def update_case_attrs(self, case_id: str, **values: Any) -> None:
@@ -442,9 +476,15 @@ class Store:
         group = self.case_group(case_id)
         block: dict[str, Any] = dict(group.attrs.get("voxflow", {}))  # type: ignore[arg-type]
         extra = None if complete is None else {"voxflow": {**block, "complete": bool(complete)}}
-        write_case_ngff(group, case_id=case_id, geometry=Geometry.from_dict(block["geometry"]),
-                        labels=self.meta.labels, regions_class_order=self.meta.regions_class_order,
-                        kind=self.meta.kind, attrs=extra)
+        write_case_ngff(
+            group,
+            case_id=case_id,
+            geometry=Geometry.from_dict(block["geometry"]),
+            labels=self.meta.labels,
+            regions_class_order=self.meta.regions_class_order,
+            kind=self.meta.kind,
+            attrs=extra,
+        )
 
     def delete_case(self, case_id: str) -> None:
         """Remove a case (also one whose metadata is damaged)."""
@@ -524,7 +564,9 @@ def _verify_array(arr: zarr.Array[Any], folder: Path) -> str | None:
         except _READ_ERRORS as e:
             return f"chunk {key} does not decode ({type(e).__name__}: {str(e)[:120]})"
     if missing and checksummed:
-        return f"{len(missing)} of {arr.nchunks} chunk files missing (first: {arr.metadata.encode_chunk_key(missing[0])})"
+        return (
+            f"{len(missing)} of {arr.nchunks} chunk files missing (first: {arr.metadata.encode_chunk_key(missing[0])})"
+        )
     return None
 
 
@@ -541,7 +583,7 @@ def open_case(store: Store | PathLikeStr, case_id: str, *, name: str = "image") 
     arr = st.array(case_id, name)
     geom = st.geometry(case_id)
     coords: dict[str, Any] = dict(geom.axis_coords_mm()) if tuple(arr.shape[-3:]) == geom.shape_zyx else {}
-    dims: tuple[str, ...] = _DIMS.get(name, ("c", "z", "y", "x")[-arr.ndim:])
+    dims: tuple[str, ...] = _DIMS.get(name, ("c", "z", "y", "x")[-arr.ndim :])
     if dims[0] == "c" and name == "image":
         coords["c"] = list(st.meta.channel_names)
     attrs = {"geometry": geom.to_dict(), "case_id": case_id, "store": str(st.path), "units": "mm"}

@@ -88,13 +88,19 @@ def _ct_params(rng: np.random.Generator, flat: bool) -> dict[str, Any]:
     if flat:
         offset[0] = 0.0
     return {
-        "organ_c": organ_c, "organ_r": organ_r, "lesion_c": organ_c + offset, "lesion_r": lesion_r,
-        "organ_hu": rng.uniform(130, 170), "lesion_hu": rng.uniform(40, 70), "noise_hu": rng.uniform(12, 20),
+        "organ_c": organ_c,
+        "organ_r": organ_r,
+        "lesion_c": organ_c + offset,
+        "lesion_r": lesion_r,
+        "organ_hu": rng.uniform(130, 170),
+        "lesion_hu": rng.uniform(40, 70),
+        "noise_hu": rng.uniform(12, 20),
     }
 
 
-def _ct_slab(g: tuple[np.ndarray, ...], p: dict[str, Any], noise: np.ndarray,
-             flat: bool) -> tuple[np.ndarray, np.ndarray]:
+def _ct_slab(
+    g: tuple[np.ndarray, ...], p: dict[str, Any], noise: np.ndarray, flat: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """CT-like HU slab (int16) and its label (uint8) on grid ``g``; ``noise`` is unit normal noise."""
     gz, gy, gx = g
     shape = np.broadcast_shapes(gz.shape, gy.shape, gx.shape)
@@ -139,8 +145,9 @@ def _mr_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.
     return np.stack(chans), label
 
 
-def synthetic_volume(kind: str, shape_zyx: Sequence[int], *, seed: int | Sequence[int] = 0
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_volume(
+    kind: str, shape_zyx: Sequence[int], *, seed: int | Sequence[int] = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic case: image (C, Z, Y, X) and label (Z, Y, X) uint8.
 
     CT and 2D images are int16 HU, MR images float32. For ``"2d"`` the z size is forced to 1.
@@ -174,10 +181,18 @@ def _to_sitk(array: np.ndarray, spacing_zyx: Sequence[float], origin_zyx: Sequen
     return img
 
 
-def make_dataset(out_dir: PathLikeStr, *, kind: str = "ct", n_cases: int = 6,
-                 shape_zyx: Sequence[int] = (32, 64, 64), spacing_zyx: Sequence[float] | None = None,
-                 seed: int = 0, n_test_cases: int = 0, file_ending: str = ".nii.gz",
-                 name: str | None = None) -> Path:
+def make_dataset(
+    out_dir: PathLikeStr,
+    *,
+    kind: str = "ct",
+    n_cases: int = 6,
+    shape_zyx: Sequence[int] = (32, 64, 64),
+    spacing_zyx: Sequence[float] | None = None,
+    seed: int = 0,
+    n_test_cases: int = 0,
+    file_ending: str = ".nii.gz",
+    name: str | None = None,
+) -> Path:
     """Write a deterministic nnU-Net v2 raw dataset and return its folder.
 
     Layout: ``dataset.json``, ``imagesTr/<case>_<CCCC><file_ending>``, ``labelsTr/<case><file_ending>``
@@ -208,14 +223,18 @@ def make_dataset(out_dir: PathLikeStr, *, kind: str = "ct", n_cases: int = 6,
         image, label = synthetic_volume(kind, shape, seed=(seed, i))
         cid = f"{prefix}_{i:03d}"
         for c in range(len(channels)):
-            sitk.WriteImage(_to_sitk(image[c], spacing, origin, flat),
-                            str(out / f"images{split}" / f"{cid}_{c:04d}{file_ending}"), True)
-        sitk.WriteImage(_to_sitk(label, spacing, origin, flat),
-                        str(out / f"labels{split}" / f"{cid}{file_ending}"), True)
+            sitk.WriteImage(
+                _to_sitk(image[c], spacing, origin, flat),
+                str(out / f"images{split}" / f"{cid}_{c:04d}{file_ending}"),
+                True,
+            )
+        sitk.WriteImage(
+            _to_sitk(label, spacing, origin, flat), str(out / f"labels{split}" / f"{cid}{file_ending}"), True
+        )
     meta = {
         "name": name or f"Synthetic{kind.upper()}",
         "description": f"voxflow synthetic {kind} dataset (seed {seed}, shape_zyx {list(shape)}, "
-                       f"spacing_zyx {list(spacing)} mm)",
+        f"spacing_zyx {list(spacing)} mm)",
         "channel_names": {str(i): c for i, c in enumerate(channels)},
         "labels": dict(_LABELS[kind]),
         "numTraining": n_cases,
@@ -227,17 +246,26 @@ def make_dataset(out_dir: PathLikeStr, *, kind: str = "ct", n_cases: int = 6,
 
 
 # ---------------------------------------------------------------------- one very large volume
-_MET_TYPES = {"int16": ("MET_SHORT", "short"), "uint8": ("MET_UCHAR", "uint8"),
-              "float32": ("MET_FLOAT", "float"), "uint16": ("MET_USHORT", "ushort")}
+_MET_TYPES = {
+    "int16": ("MET_SHORT", "short"),
+    "uint8": ("MET_UCHAR", "uint8"),
+    "float32": ("MET_FLOAT", "float"),
+    "uint16": ("MET_USHORT", "ushort"),
+}
 
 
-def large_volume_slab(shape_zyx: Sequence[int], z0: int, z1: int, *, seed: int = 0,
-                      dtype: str = "int16") -> tuple[np.ndarray, np.ndarray]:
+def large_volume_slab(
+    shape_zyx: Sequence[int], z0: int, z1: int, *, seed: int = 0, dtype: str = "int16"
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``z0:z1`` of the volume :func:`write_large_volume` writes: (image (Z', Y, X), label)."""
     rng_params = np.random.default_rng((seed, 0))
     params = _ct_params(rng_params, flat=False)
-    noise = np.stack([np.random.default_rng((seed, 1, z)).standard_normal(tuple(shape_zyx[1:]), dtype=np.float32)
-                      for z in range(z0, z1)])  # seeded per z row: any slab split gives the same volume
+    noise = np.stack(
+        [
+            np.random.default_rng((seed, 1, z)).standard_normal(tuple(shape_zyx[1:]), dtype=np.float32)
+            for z in range(z0, z1)
+        ]
+    )  # seeded per z row: any slab split gives the same volume
     image, label = _ct_slab(_grid(shape_zyx, z0, z1), params, noise, flat=False)
     return image.astype(dtype, copy=False), label
 
@@ -246,21 +274,47 @@ def _header(path: Path, shape: tuple[int, int, int], spacing: Sequence[float], d
     nz, ny, nx = shape
     sz, sy, sx = spacing
     if path.suffix == ".mha":
-        lines = ["ObjectType = Image", "NDims = 3", "BinaryData = True", "BinaryDataByteOrderMSB = False",
-                 "CompressedData = False", "TransformMatrix = 1 0 0 0 1 0 0 0 1", "Offset = 0 0 0",
-                 "CenterOfRotation = 0 0 0", "AnatomicalOrientation = RAI",
-                 f"ElementSpacing = {sx!r} {sy!r} {sz!r}", f"DimSize = {nx} {ny} {nz}",
-                 f"ElementType = {_MET_TYPES[dtype][0]}", "ElementDataFile = LOCAL"]
+        lines = [
+            "ObjectType = Image",
+            "NDims = 3",
+            "BinaryData = True",
+            "BinaryDataByteOrderMSB = False",
+            "CompressedData = False",
+            "TransformMatrix = 1 0 0 0 1 0 0 0 1",
+            "Offset = 0 0 0",
+            "CenterOfRotation = 0 0 0",
+            "AnatomicalOrientation = RAI",
+            f"ElementSpacing = {sx!r} {sy!r} {sz!r}",
+            f"DimSize = {nx} {ny} {nz}",
+            f"ElementType = {_MET_TYPES[dtype][0]}",
+            "ElementDataFile = LOCAL",
+        ]
         return ("\n".join(lines) + "\n").encode()
-    lines = ["NRRD0004", f"type: {_MET_TYPES[dtype][1]}", "dimension: 3", "space: left-posterior-superior",
-             f"sizes: {nx} {ny} {nz}", f"space directions: ({sx!r},0,0) (0,{sy!r},0) (0,0,{sz!r})",
-             "kinds: domain domain domain", "endian: little", "encoding: raw", "space origin: (0,0,0)"]
+    lines = [
+        "NRRD0004",
+        f"type: {_MET_TYPES[dtype][1]}",
+        "dimension: 3",
+        "space: left-posterior-superior",
+        f"sizes: {nx} {ny} {nz}",
+        f"space directions: ({sx!r},0,0) (0,{sy!r},0) (0,0,{sz!r})",
+        "kinds: domain domain domain",
+        "endian: little",
+        "encoding: raw",
+        "space origin: (0,0,0)",
+    ]
     return ("\n".join(lines) + "\n\n").encode()
 
 
-def write_large_volume(path: PathLikeStr, shape_zyx: Sequence[int], *, spacing_zyx: Sequence[float] = (1.0, 0.8, 0.8),
-                       seed: int = 0, dtype: str = "int16", slab_z: int = 16,
-                       label_path: PathLikeStr | None = None) -> Path:
+def write_large_volume(
+    path: PathLikeStr,
+    shape_zyx: Sequence[int],
+    *,
+    spacing_zyx: Sequence[float] = (1.0, 0.8, 0.8),
+    seed: int = 0,
+    dtype: str = "int16",
+    slab_z: int = 16,
+    label_path: PathLikeStr | None = None,
+) -> Path:
     """Write one CT-like volume as an uncompressed ``.mha`` or ``.nrrd`` file, ``slab_z`` rows at a time.
 
     Memory stays at one slab whatever ``shape_zyx`` is, so volumes larger than RAM can be made.
@@ -269,12 +323,14 @@ def write_large_volume(path: PathLikeStr, shape_zyx: Sequence[int], *, spacing_z
     """
     p = Path(path)
     if p.suffix not in (".mha", ".nrrd") or dtype not in _MET_TYPES:
-        raise VoxflowError(f"write_large_volume writes .mha or .nrrd with dtype in {sorted(_MET_TYPES)}; "
-                           f"got {p.name!r} with {dtype!r}.")
+        raise VoxflowError(
+            f"write_large_volume writes .mha or .nrrd with dtype in {sorted(_MET_TYPES)}; "
+            f"got {p.name!r} with {dtype!r}."
+        )
     shape = tuple(int(s) for s in shape_zyx)
     lp = Path(label_path) if label_path is not None else None
     p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "wb") as fi, (open(lp, "wb") if lp else open("/dev/null", "wb")) as fl:
+    with open(p, "wb") as fi, open(lp, "wb") if lp else open("/dev/null", "wb") as fl:
         fi.write(_header(p, shape, spacing_zyx, dtype))  # type: ignore[arg-type]
         if lp:
             fl.write(_header(lp, shape, spacing_zyx, "uint8"))  # type: ignore[arg-type]

@@ -30,8 +30,9 @@ def raise_if_computes() -> Iterator[None]:
         yield
 
 
-def synthetic_case(shape: Sequence[int], *, n_labels: int = 2, rng: np.random.Generator | None = None,
-                   n_channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_case(
+    shape: Sequence[int], *, n_labels: int = 2, rng: np.random.Generator | None = None, n_channels: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """A small (C, Z, Y, X) float32 image with blob-shaped labels 0..n_labels (Z, Y, X uint8)."""
     rng = rng or np.random.default_rng(0)
     shape = tuple(int(s) for s in shape)
@@ -41,14 +42,15 @@ def synthetic_case(shape: Sequence[int], *, n_labels: int = 2, rng: np.random.Ge
         centre = rng.uniform(-0.5, 0.5, size=3)[:, None, None, None]
         radius = rng.uniform(0.2, 0.4) / k
         label[((grid - centre) ** 2).sum(0) < radius**2] = k
-    image = np.stack([
-        (label * (50.0 + 10 * c) + rng.normal(0, 10, size=shape)).astype(np.float32) for c in range(n_channels)
-    ])
+    image = np.stack(
+        [(label * (50.0 + 10 * c) + rng.normal(0, 10, size=shape)).astype(np.float32) for c in range(n_channels)]
+    )
     return image, label
 
 
-def run_with_memory_cap(code: str, *, cap_bytes: int | None = None, timeout: float = 900,
-                        env: dict[str, str] | None = None) -> tuple[int, str]:
+def run_with_memory_cap(
+    code: str, *, cap_bytes: int | None = None, timeout: float = 900, env: dict[str, str] | None = None
+) -> tuple[int, str]:
     """Run ``python -c code`` in a subprocess; return (peak RSS in bytes, its stdout).
 
     The peak is the child's own high-water RSS (``VmHWM``, not inflated by the parent's RSS at fork)
@@ -64,17 +66,26 @@ def run_with_memory_cap(code: str, *, cap_bytes: int | None = None, timeout: flo
 
     # The child's own peak is VmHWM (reset by exec); ru_maxrss of RUSAGE_SELF would include the RSS the
     # parent had when it forked (Linux keeps the larger maxrss across execve).
-    wrapped = (code + "\nimport resource as _r\n"
-               "def _own_peak_kib():\n"
-               "    try:\n"
-               "        with open('/proc/self/status') as _f:\n"
-               "            return int(_f.read().split('VmHWM:')[1].split()[0])\n"
-               "    except (OSError, IndexError, ValueError):\n"
-               "        return _r.getrusage(_r.RUSAGE_SELF).ru_maxrss\n"
-               "print('__PEAK_RSS__', (_own_peak_kib()"
-               " + _r.getrusage(_r.RUSAGE_CHILDREN).ru_maxrss) * 1024)\n")
-    proc = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=_limit, env={**os.environ, **(env or {})}, check=False)
+    wrapped = (
+        code + "\nimport resource as _r\n"
+        "def _own_peak_kib():\n"
+        "    try:\n"
+        "        with open('/proc/self/status') as _f:\n"
+        "            return int(_f.read().split('VmHWM:')[1].split()[0])\n"
+        "    except (OSError, IndexError, ValueError):\n"
+        "        return _r.getrusage(_r.RUSAGE_SELF).ru_maxrss\n"
+        "print('__PEAK_RSS__', (_own_peak_kib()"
+        " + _r.getrusage(_r.RUSAGE_CHILDREN).ru_maxrss) * 1024)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", wrapped],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=_limit,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     peak = 0

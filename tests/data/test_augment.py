@@ -46,7 +46,9 @@ def test_mirror_once_flips_and_twice_is_identity(rng) -> None:
     for b in range(3):
         axes = tuple(1 + a for a in np.flatnonzero(mirror[b]))
         expected[b] = np.flip(expected[b], axes)
-        assert torch.equal(t1[0][b, 0], torch.from_numpy(np.flip(label[b].numpy(), tuple(a - 1 for a in axes)).copy()).long())
+        assert torch.equal(
+            t1[0][b, 0], torch.from_numpy(np.flip(label[b].numpy(), tuple(a - 1 for a in axes)).copy()).long()
+        )
     np.testing.assert_array_equal(once.numpy(), expected)
     twice, t2 = apply(once, t1[0], p, patch_size=(6, 5, 4))
     assert torch.equal(twice, image)
@@ -88,18 +90,26 @@ def _position_batch(shape: tuple[int, ...], b: int):
     return (torch.from_numpy(np.repeat(image[None], b, 0)), torch.from_numpy(np.repeat(label[None], b, 0)))
 
 
-@pytest.mark.parametrize(("shape", "final", "elastic"), [((21, 20, 19), (11, 12, 9), 0.0),
-                                                          ((21, 20, 19), (11, 12, 9), 1.0),
-                                                          ((30, 28), (16, 14), 0.0)])
+@pytest.mark.parametrize(
+    ("shape", "final", "elastic"),
+    [((21, 20, 19), (11, 12, 9), 0.0), ((21, 20, 19), (11, 12, 9), 1.0), ((30, 28), (16, 14), 0.0)],
+)
 def test_augmentation_keeps_image_and_label_aligned(shape, final, elastic) -> None:
     b, d = 6, len(shape)
     image, label = _position_batch(shape, b)
-    cfg = AugmentConfig(p_rotation=1.0, p_scale=1.0, p_elastic=elastic, elastic_magnitude_vox=(1.0, 2.0),
-                        elastic_grid_spacing_vox=4, p_mirror=0.5, **{f: 0.0 for f in (
-                            "p_noise", "p_blur", "p_brightness", "p_contrast", "p_lowres", "p_gamma",
-                            "p_gamma_inverted")})
-    params = sample_params(np.random.default_rng(0), b, n_channels=d + 1, spatial_dims=d, config=cfg,
-                           patch_size=final)
+    cfg = AugmentConfig(
+        p_rotation=1.0,
+        p_scale=1.0,
+        p_elastic=elastic,
+        elastic_magnitude_vox=(1.0, 2.0),
+        elastic_grid_spacing_vox=4,
+        p_mirror=0.5,
+        **{
+            f: 0.0
+            for f in ("p_noise", "p_blur", "p_brightness", "p_contrast", "p_lowres", "p_gamma", "p_gamma_inverted")
+        },
+    )
+    params = sample_params(np.random.default_rng(0), b, n_channels=d + 1, spatial_dims=d, config=cfg, patch_size=final)
     assert params.spatial.all()
     assert params.mirror.any()
     out, targets = apply(image, label, params, patch_size=final)
@@ -108,7 +118,7 @@ def test_augmentation_keeps_image_and_label_aligned(shape, final, elastic) -> No
     frac = np.abs(pos - np.round(pos))
     clear = inside & np.all(np.abs(frac - 0.5) > 1e-3, axis=1)
     idx = np.round(pos).astype(int)
-    expected = (sum(idx[:, a] // 3 for a in range(d)) % 4)
+    expected = sum(idx[:, a] // 3 for a in range(d)) % 4
     got = targets[0][:, 0].numpy()
     assert clear.mean() > 0.5
     np.testing.assert_array_equal(got[clear], expected[clear])
@@ -120,8 +130,7 @@ def test_blur_matches_scipy_per_channel(rng) -> None:
     sigma = np.array([[0.7, 0.0], [0.0, 1.0]])
     out, _ = apply(image, None, _params(2, 2, 3, blur_sigma=sigma), patch_size=(11, 10, 9))
     for b, c in [(0, 0), (1, 1)]:
-        np.testing.assert_allclose(out[b, c].numpy(), ndi.gaussian_filter(image[b, c].numpy(), sigma[b, c]),
-                                   atol=1e-5)
+        np.testing.assert_allclose(out[b, c].numpy(), ndi.gaussian_filter(image[b, c].numpy(), sigma[b, c]), atol=1e-5)
     assert torch.equal(out[0, 1], image[0, 1])
     assert torch.equal(out[1, 0], image[1, 0])
 
@@ -154,8 +163,13 @@ def test_intensity_transforms_change_what_they_should(rng) -> None:
 
 def test_deep_supervision_targets_are_nearest_downsampled(rng) -> None:
     image, label = _batch(rng, (8, 8, 8), b=2, c=1)
-    _, targets = apply(image, label, Params.identity(2, 1, 3), patch_size=(8, 8, 8),
-                       ds_scales=[(1.0, 1.0, 1.0), (0.5, 0.5, 0.5), (0.5, 0.25, 0.25)])
+    _, targets = apply(
+        image,
+        label,
+        Params.identity(2, 1, 3),
+        patch_size=(8, 8, 8),
+        ds_scales=[(1.0, 1.0, 1.0), (0.5, 0.5, 0.5), (0.5, 0.25, 0.25)],
+    )
     assert [tuple(t.shape) for t in targets] == [(2, 1, 8, 8, 8), (2, 1, 4, 4, 4), (2, 1, 4, 2, 2)]
     assert all(t.dtype == torch.int64 for t in targets)
     assert torch.equal(targets[1][:, 0], label[:, 1::2, 1::2, 1::2].long())
@@ -170,16 +184,23 @@ def test_sample_params_is_seeded_and_follows_probabilities() -> None:
         assert (va is None and vb is None) or np.array_equal(va, vb)
     n = 4000
     p = sample_params(np.random.default_rng(0), n, n_channels=1, spatial_dims=3)
-    for freq, prob in [((p.noise_std > 0).mean(), 0.1), ((p.brightness != 1).mean(), 0.15),
-                       ((p.gamma != 1).mean(), 0.3), ((p.gamma_inverted != 1).mean(), 0.1),
-                       (p.mirror.mean(), 0.5), ((p.lowres_zoom != 1).mean(), 0.125),
-                       (p.spatial.mean(), 1 - 0.8 * 0.8), ((p.blur_sigma > 0).mean(), 0.1)]:
+    for freq, prob in [
+        ((p.noise_std > 0).mean(), 0.1),
+        ((p.brightness != 1).mean(), 0.15),
+        ((p.gamma != 1).mean(), 0.3),
+        ((p.gamma_inverted != 1).mean(), 0.1),
+        (p.mirror.mean(), 0.5),
+        ((p.lowres_zoom != 1).mean(), 0.125),
+        (p.spatial.mean(), 1 - 0.8 * 0.8),
+        ((p.blur_sigma > 0).mean(), 0.1),
+    ]:
         assert abs(freq - prob) < 4 * math.sqrt(prob * (1 - prob) / n)
     scales = np.linalg.det(p.matrix[p.spatial]) ** (1 / 3)
     assert scales.min() >= 0.7 - 1e-9
     assert scales.max() <= 1.4 + 1e-9
-    two_d = sample_params(np.random.default_rng(0), 4, n_channels=1, spatial_dims=2,
-                          config=AugmentConfig(mirror_axes=(0, 1, 2)))
+    two_d = sample_params(
+        np.random.default_rng(0), 4, n_channels=1, spatial_dims=2, config=AugmentConfig(mirror_axes=(0, 1, 2))
+    )
     assert two_d.matrix.shape == (4, 2, 2)
     assert two_d.mirror.shape == (4, 2)
 
@@ -229,8 +250,9 @@ def test_gamma_matches_batchgenerators(rng, invert) -> None:
     field = "gamma_inverted" if invert else "gamma"
     out, _ = apply(image, None, _params(3, 2, 3, **{field: gamma}), patch_size=(9, 8, 7))
     for b in (0, 2):
-        np.testing.assert_allclose(out[b].numpy(), _batchgenerators_gamma(image[b].numpy(), gamma[b], invert),
-                                   rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(
+            out[b].numpy(), _batchgenerators_gamma(image[b].numpy(), gamma[b], invert), rtol=1e-4, atol=1e-3
+        )
     assert torch.equal(out[1], image[1])
 
 

@@ -88,8 +88,13 @@ def test_unaugmented_train_batch_is_a_store_region(preprocessed_store, config_fa
         x = full[cid][0]
         img = batch.image[b, 0].numpy()
         # find where the patch sits (random patches of an 8^3 patch on >= 11-voxel axes lie inside)
-        hits = [(z, y, xx) for z in range(x.shape[0] - 7) for y in range(x.shape[1] - 7) for xx in range(x.shape[2] - 7)
-                if np.array_equal(x[z:z + 8, y:y + 8, xx:xx + 8], img)]
+        hits = [
+            (z, y, xx)
+            for z in range(x.shape[0] - 7)
+            for y in range(x.shape[1] - 7)
+            for xx in range(x.shape[2] - 7)
+            if np.array_equal(x[z : z + 8, y : y + 8, xx : xx + 8], img)
+        ]
         assert len(hits) == 1
 
 
@@ -156,14 +161,19 @@ def test_footprint_reads_equal_reading_the_enlarged_patch(preprocessed_store, co
     batches = _take(loader, 3)
     spec = loader.spec
     rng = stream_rng(3, rank=0, worker=0, purpose="train")
-    sampler = PatchSampler(loader.cases, spec.read_patch_vox, final_patch_size_vox=(1, *spec.final_patch_vox)
-                           if len(spec.final_patch_vox) == 2 else spec.final_patch_vox,
-                           oversample_foreground=spec.oversample_foreground, rng=rng)
+    sampler = PatchSampler(
+        loader.cases,
+        spec.read_patch_vox,
+        final_patch_size_vox=(1, *spec.final_patch_vox) if len(spec.final_patch_vox) == 2 else spec.final_patch_vox,
+        oversample_foreground=spec.oversample_foreground,
+        rng=rng,
+    )
     dims = len(spec.final_patch_vox)
     for batch in batches:
         cases, corners, _ = sampler.draw(4)
-        params = sample_params(rng, 4, n_channels=1, spatial_dims=dims, config=spec.augment,
-                               patch_size=spec.final_patch_vox)
+        params = sample_params(
+            rng, 4, n_channels=1, spatial_dims=dims, config=spec.augment, patch_size=spec.final_patch_vox
+        )
         assert np.array_equal(params.matrix, batch.params.matrix)
         reads = [sampler.read(c, lo) for c, lo in zip(cases, corners, strict=True)]
         image = torch.from_numpy(np.stack([r[0] for r in reads]))

@@ -30,8 +30,15 @@ def _rank_main(rank: int, world: int, port: int, store_path: str, out_dir: str) 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         store = Store.open(store_path)
-        with build_loader(store, store.case_ids(), make_config((8, 8, 8)), rank=dist.get_rank(),
-                          world_size=dist.get_world_size(), seed=5, num_workers=2) as loader:
+        with build_loader(
+            store,
+            store.case_ids(),
+            make_config((8, 8, 8)),
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            seed=5,
+            num_workers=2,
+        ) as loader:
             it = iter(loader)
             images = torch.stack([next(it).image for _ in range(3)])
         gathered = [torch.zeros_like(images) for _ in range(world)]

@@ -20,8 +20,8 @@ from voxflow.data._previous import (
 
 def _ball(r: float) -> np.ndarray:
     n = int(np.floor(r))
-    g = np.mgrid[-n:n + 1, -n:n + 1, -n:n + 1]
-    return (g ** 2).sum(0) <= r * r
+    g = np.mgrid[-n : n + 1, -n : n + 1, -n : n + 1]
+    return (g**2).sum(0) <= r * r
 
 
 def _blobs(rng: np.random.Generator, shape: tuple[int, ...] = (20, 22, 18)) -> np.ndarray:
@@ -38,8 +38,7 @@ def test_binary_operators_match_scipy_with_a_ball(radius: float) -> None:
     ero = ndi.binary_erosion(x, ball, border_value=1)
     np.testing.assert_array_equal(binary_operator(x, "dilation", radius), dil)
     np.testing.assert_array_equal(binary_operator(x, "erosion", radius), ero)
-    np.testing.assert_array_equal(binary_operator(x, "closing", radius),
-                                  ndi.binary_erosion(dil, ball, border_value=1))
+    np.testing.assert_array_equal(binary_operator(x, "closing", radius), ndi.binary_erosion(dil, ball, border_value=1))
     np.testing.assert_array_equal(binary_operator(x, "opening", radius), ndi.binary_dilation(ero, ball))
 
 
@@ -57,10 +56,15 @@ def test_perturbation_draws_follow_nnunet_probabilities() -> None:
 
 
 def _params(b: int, k: int, **kw: np.ndarray) -> PreviousParams:
-    base = dict(binary_order=np.tile(np.arange(k), (b, 1)), binary_on=np.zeros((b, k), bool),
-                binary_op=np.zeros((b, k), int), binary_radius=np.ones((b, k)),
-                component_order=np.tile(np.arange(k), (b, 1)), component_on=np.zeros((b, k), bool),
-                component_pick=np.zeros((b, k)))
+    base = dict(
+        binary_order=np.tile(np.arange(k), (b, 1)),
+        binary_on=np.zeros((b, k), bool),
+        binary_op=np.zeros((b, k), int),
+        binary_radius=np.ones((b, k)),
+        component_order=np.tile(np.arange(k), (b, 1)),
+        component_on=np.zeros((b, k), bool),
+        component_pick=np.zeros((b, k)),
+    )
     base.update(kw)
     return PreviousParams(**base)  # type: ignore[arg-type]
 
@@ -70,8 +74,9 @@ def test_dilating_one_class_takes_its_gain_from_the_others() -> None:
     lab[3:6, 3:9, 3:9] = 1
     lab[6:9, 3:9, 3:9] = 2
     onehot = np.stack([lab == 1, lab == 2])
-    p = _params(1, 2, binary_on=np.array([[True, False]]), binary_op=np.array([[0, 0]]),
-                binary_radius=np.array([[2.0, 1.0]]))
+    p = _params(
+        1, 2, binary_on=np.array([[True, False]]), binary_op=np.array([[0, 0]]), binary_radius=np.array([[2.0, 1.0]])
+    )
     out = perturb_sample(onehot, p, 0)
     np.testing.assert_array_equal(out[0], ndi.binary_dilation(lab == 1, _ball(2.0)))
     np.testing.assert_array_equal(out[1], (lab == 2) & ~out[0])
@@ -80,9 +85,9 @@ def test_dilating_one_class_takes_its_gain_from_the_others() -> None:
 
 def test_component_removal_drops_one_small_component_only() -> None:
     x = np.zeros((20, 20, 20), bool)
-    x[1:3, 1:3, 1:3] = True          # 8 voxels
-    x[10:13, 10:13, 10:13] = True    # 27 voxels
-    x[:, :, 15:] = True              # 2000 voxels = 25% of the patch: never removed
+    x[1:3, 1:3, 1:3] = True  # 8 voxels
+    x[10:13, 10:13, 10:13] = True  # 27 voxels
+    x[:, :, 15:] = True  # 2000 voxels = 25% of the patch: never removed
     lab, _ = ndi.label(x, structure=np.ones((3, 3, 3)))
     for pick, gone in ((0.0, (1, 1, 1)), (0.99, (11, 11, 11))):
         p = _params(1, 1, component_on=np.array([[True]]), component_pick=np.array([[pick]]))
@@ -98,8 +103,9 @@ def test_perturbations_are_deterministic_given_the_seed() -> None:
     onehot[1] &= ~onehot[0]
     outs = []
     for _ in range(2):
-        p = sample_previous_params(np.random.default_rng(7), 8, 2, AugmentConfig(p_previous_binary=1.0,
-                                                                                 p_previous_remove_component=1.0))
+        p = sample_previous_params(
+            np.random.default_rng(7), 8, 2, AugmentConfig(p_previous_binary=1.0, p_previous_remove_component=1.0)
+        )
         outs.append(np.stack([perturb_sample(onehot, p, b) for b in range(8)]))
     np.testing.assert_array_equal(outs[0], outs[1])
     assert any((o != onehot).any() for o in outs[0])
@@ -119,10 +125,17 @@ def test_apply_appends_one_hot_previous_channels_transformed_like_the_label() ->
     np.testing.assert_array_equal(out[:, 2].numpy(), (prev == 2).float().numpy())
     np.testing.assert_array_equal(targets[0][:, 0].numpy(), label.numpy())
     # a spatial transform moves the previous stage with the label (nearest): same mapping for both
-    cfg = AugmentConfig(p_rotation=1.0, p_scale=1.0, p_noise=1.0, p_brightness=1.0, p_previous_binary=0.0,
-                        p_previous_remove_component=0.0)
-    params = sample_params(np.random.default_rng(2), b, n_channels=1, spatial_dims=3, config=cfg,
-                           patch_size=size, n_previous=2)
+    cfg = AugmentConfig(
+        p_rotation=1.0,
+        p_scale=1.0,
+        p_noise=1.0,
+        p_brightness=1.0,
+        p_previous_binary=0.0,
+        p_previous_remove_component=0.0,
+    )
+    params = sample_params(
+        np.random.default_rng(2), b, n_channels=1, spatial_dims=3, config=cfg, patch_size=size, n_previous=2
+    )
     same = torch.stack([label, label], 1)
     out, targets = apply(image, same, params, patch_size=size, previous_labels=(1, 2))
     np.testing.assert_array_equal(out[:, 1].numpy(), (targets[0][:, 0] == 1).float().numpy())

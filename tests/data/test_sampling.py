@@ -18,13 +18,16 @@ def _padded_region(x: np.ndarray, lo: np.ndarray, size: tuple[int, ...]) -> np.n
     return padded[(slice(None),) * (x.ndim - 3) + sl]
 
 
-@pytest.mark.parametrize(("lo", "size"), [
-    ((1, 1, 1), (5, 4, 3)),          # inside one chunk
-    ((5, 4, 3), (9, 8, 7)),          # across chunk borders
-    ((-3, 10, 12), (8, 12, 9)),      # past both borders
-    ((-4, -4, -4), (30, 30, 30)),    # larger than the volume
-    ((25, 0, 0), (4, 4, 4)),         # completely outside
-])
+@pytest.mark.parametrize(
+    ("lo", "size"),
+    [
+        ((1, 1, 1), (5, 4, 3)),  # inside one chunk
+        ((5, 4, 3), (9, 8, 7)),  # across chunk borders
+        ((-3, 10, 12), (8, 12, 9)),  # past both borders
+        ((-4, -4, -4), (30, 30, 30)),  # larger than the volume
+        ((25, 0, 0), (4, 4, 4)),  # completely outside
+    ],
+)
 def test_read_patch_equals_numpy_region(tmp_path, rng, lo, size) -> None:
     x = rng.normal(size=(2, 20, 18, 16)).astype(np.float32)
     arr = zarr.create_array(store=str(tmp_path / "a.zarr"), shape=x.shape, chunks=(1, 7, 6, 5), dtype="float32")
@@ -64,8 +67,9 @@ def test_sampler_patches_equal_store_regions(preprocessed_store) -> None:
 
 
 def _numpy_case(label: np.ndarray, case_id: str = "n") -> CaseHandle:
-    rows = np.concatenate([np.c_[np.full(int((label == k).sum()), k), np.argwhere(label == k)]
-                           for k in np.unique(label) if k != 0])
+    rows = np.concatenate(
+        [np.c_[np.full(int((label == k).sum()), k), np.argwhere(label == k)] for k in np.unique(label) if k != 0]
+    )
     classes = tuple(int(k) for k in np.unique(label) if k != 0)
     return CaseHandle(case_id, label[None].astype(np.float32), label, rows, classes)
 
@@ -75,8 +79,9 @@ def test_final_patch_stays_inside_volume() -> None:
     label[0, 0, 0] = 1
     label[29, 24, 19] = 2
     case = _numpy_case(label)
-    sampler = PatchSampler([case], (14, 12, 10), final_patch_size_vox=(8, 8, 6), rng=stream_rng(0),
-                           oversample_foreground=0.5)
+    sampler = PatchSampler(
+        [case], (14, 12, 10), final_patch_size_vox=(8, 8, 6), rng=stream_rng(0), oversample_foreground=0.5
+    )
     shape = np.array(label.shape)
     for _ in range(300):
         lo = sampler.draw_corner(case, foreground=bool(sampler.rng.random() < 0.5))

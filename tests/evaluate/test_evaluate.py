@@ -69,7 +69,9 @@ def test_evaluate_folders_with_regions(folders, tmp_path: Path) -> None:
         assert c.metrics["1+2"]["dice"] == pytest.approx(dice(p > 0, r > 0))
         assert c.metrics["1"]["volume_ref_mm3"] == pytest.approx((r == 1).sum() * np.prod(SPACING_ZYX))
     assert math.isnan(per_case[2].metrics["2"]["dice"])
-    assert summary.mean["2"]["dice"] == pytest.approx(np.mean([dice(p == 2, r == 2) for p, r in zip(preds[:2], refs[:2], strict=True)]))
+    assert summary.mean["2"]["dice"] == pytest.approx(
+        np.mean([dice(p == 2, r == 2) for p, r in zip(preds[:2], refs[:2], strict=True)])
+    )
     assert summary.mean["2"]["n_cases_scored"] == 2
     fg = np.mean([summary.mean[k]["dice"] for k in ("1", "2", "1+2")])
     assert summary.foreground_mean["dice"] == pytest.approx(fg)

@@ -49,13 +49,15 @@ def test_real_label_components_match_scipy(shared_data: Path) -> None:
             lab, n = label_components(arr == 1, connectivity=conn)
             ref, n_ref = ndi.label(arr.compute() == 1, ndi.generate_binary_structure(3, conn))
             assert n == n_ref
-            np.testing.assert_array_equal(np.sort(np.bincount(lab.compute().ravel())[1:]),
-                                          np.sort(np.bincount(ref.ravel())[1:]))
+            np.testing.assert_array_equal(
+                np.sort(np.bincount(lab.compute().ravel())[1:]), np.sort(np.bincount(ref.ravel())[1:])
+            )
 
 
 def test_2d_images_and_declared_regions_in_a_store(tmp_path: Path) -> None:
-    meta = DatasetMeta(channel_names=("T2",), labels={"background": 0, "a": 1, "b": 2, "whole": (1, 2)},
-                       kind="prediction")
+    meta = DatasetMeta(
+        channel_names=("T2",), labels={"background": 0, "a": 1, "b": 2, "whole": (1, 2)}, kind="prediction"
+    )
     geom = Geometry(shape_zyx=(1, 30, 40), spacing_zyx=(1.0, 0.5, 0.25), source_ndim=2)
     ref = np.zeros((1, 30, 40), np.uint8)
     ref[0, 5:20, 10:30] = 1

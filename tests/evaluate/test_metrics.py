@@ -27,8 +27,13 @@ def test_spheres_offset_by_k_voxels(k: int, axis: int) -> None:
     ref = sphere((20, 40, 40), SPACING, radius)
     pred = np.roll(ref, k, axis=axis)
     d = k * SPACING[axis]
-    cm = dask.compute(confusion_matrix(da.from_array(pred.astype(np.uint8), chunks=(7, 9, 11)),
-                                       da.from_array(ref.astype(np.uint8), chunks=(5, 8, 13)), 3))[0]
+    cm = dask.compute(
+        confusion_matrix(
+            da.from_array(pred.astype(np.uint8), chunks=(7, 9, 11)),
+            da.from_array(ref.astype(np.uint8), chunks=(5, 8, 13)),
+            3,
+        )
+    )[0]
     m = overlap_metrics(**region_counts(cm, (1,)), voxel_volume_mm3=float(np.prod(SPACING)))
     # Dice of two balls of radius r whose centres are d apart: lens volume / ball volume
     analytic = (math.pi * (4 * radius + d) * (2 * radius - d) ** 2 / 12) / (4 / 3 * math.pi * radius**3)
@@ -67,9 +72,11 @@ def test_empty_cases_follow_nnunet() -> None:
     assert s["nsd"] == 0.0
 
 
-def reference_surface_metrics(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...],
-                              tol: float) -> dict[str, float]:
+def reference_surface_metrics(
+    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...], tol: float
+) -> dict[str, float]:
     """Brute force: surface = mask minus its 6-neighbour erosion, all pairwise distances in mm."""
+
     def surface_points(m: np.ndarray) -> np.ndarray:
         padded = np.pad(m, 1)
         inner = padded.copy()
@@ -83,8 +90,12 @@ def reference_surface_metrics(pred: np.ndarray, ref: np.ndarray, spacing: tuple[
     dist = cdist(sp, sr)
     d_pr, d_rp = dist.min(1), dist.min(0)
     both = np.concatenate([d_pr, d_rp])
-    return {"hd95_mm": max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)), "hd_mm": both.max(),
-            "assd_mm": both.mean(), "nsd": float((both <= tol).mean())}
+    return {
+        "hd95_mm": max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)),
+        "hd_mm": both.max(),
+        "assd_mm": both.mean(),
+        "nsd": float((both <= tol).mean()),
+    }
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -121,8 +132,12 @@ def test_confusion_matrix_is_lazy_chunked_and_exact(rng: np.random.Generator) ->
     np.testing.assert_array_equal(cm, expected)
     c = region_counts(cm, (1, 2))
     p, r = np.isin(pred, (1, 2)), np.isin(ref, (1, 2))
-    assert c == {"tp": int((p & r).sum()), "fp": int((p & ~r).sum()), "fn": int((~p & r).sum()),
-                 "tn": int((~p & ~r).sum())}
+    assert c == {
+        "tp": int((p & r).sum()),
+        "fp": int((p & ~r).sum()),
+        "fn": int((~p & r).sum()),
+        "tn": int((~p & ~r).sum()),
+    }
 
 
 def test_overlap_metrics_agree_with_numpy_on_random_masks(rng: np.random.Generator) -> None:

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 SHORT = {"train.epochs": 1, "train.iters_per_epoch": 3, "train.val_iters": 1}
 
@@ -45,15 +44,18 @@ def test_training_on_cuda_with_each_precision(planned_workspace: Path, tmp_path:
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     work = Workspace(_copy(planned_workspace, tmp_path))
-    run = train_fold(work, "3d_fullres", 0, device="cuda", overrides={**SHORT, "train.precision": precision},
-                     validate_cases=False)
+    run = train_fold(
+        work, "3d_fullres", 0, device="cuda", overrides={**SHORT, "train.precision": precision}, validate_cases=False
+    )
     ckpt = load_checkpoint(run / "checkpoint_final.pt")
     expected = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if precision == "auto" else precision
     assert ckpt["precision"] == expected
     m = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite(m[-1]["train_loss"])
-    print(f"\n[gpu-check] precision {expected}: {m[-1]['seconds_per_iter']:.3f} s/iter, "
-          f"data wait {m[-1]['data_wait_fraction']:.1%}")
+    print(
+        f"\n[gpu-check] precision {expected}: {m[-1]['seconds_per_iter']:.3f} s/iter, "
+        f"data wait {m[-1]['data_wait_fraction']:.1%}"
+    )
 
 
 def test_augmentation_runs_on_the_device(planned_workspace: Path) -> None:
@@ -66,8 +68,15 @@ def test_augmentation_runs_on_the_device(planned_workspace: Path) -> None:
     work = Workspace(planned_workspace)
     cfg = Plan.load(work.plans).configuration("3d_fullres")
     store = Store.open(work.preprocessed("3d_fullres"))
-    with build_loader(store, store.case_ids(), cfg, device="cuda", num_workers=2, seed=1,
-                      ds_scales=deep_supervision_scales(cfg.network)) as loader:
+    with build_loader(
+        store,
+        store.case_ids(),
+        cfg,
+        device="cuda",
+        num_workers=2,
+        seed=1,
+        ds_scales=deep_supervision_scales(cfg.network),
+    ) as loader:
         batch = next(iter(loader))
     assert batch.image.is_cuda
     assert all(t.is_cuda for t in batch.target)
@@ -87,8 +96,11 @@ def test_planner_memory_estimate_against_cuda_peak(planned_workspace: Path) -> N
     k = LabelSpec.from_meta(Store.open(work.preprocessed("3d_fullres")).meta).num_outputs
     net = build_network(cfg.network, cfg.n_channels, k).cuda().train()
     opt = build_optimizer(net.parameters(), cfg.train)
-    loss_fn, _ = build_losses(LabelSpec.from_meta(Store.open(work.preprocessed("3d_fullres")).meta), cfg.train,
-                              len(deep_supervision_scales(cfg.network)))
+    loss_fn, _ = build_losses(
+        LabelSpec.from_meta(Store.open(work.preprocessed("3d_fullres")).meta),
+        cfg.train,
+        len(deep_supervision_scales(cfg.network)),
+    )
     x = torch.randn(cfg.batch_size, cfg.n_channels, *cfg.patch_size_vox, device="cuda")
     torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
@@ -103,8 +115,10 @@ def test_planner_memory_estimate_against_cuda_peak(planned_workspace: Path) -> N
     measured = torch.cuda.max_memory_allocated()
     estimated = estimate_memory_bytes(cfg.network, cfg.patch_size_vox, cfg.batch_size, cfg.n_channels, k, amp=True)
     ratio = estimated / measured
-    print(f"\n[gpu-check] planner memory estimate {estimated / 2**20:.0f} MiB vs max_memory_allocated "
-          f"{measured / 2**20:.0f} MiB: ratio {ratio:.2f}")
+    print(
+        f"\n[gpu-check] planner memory estimate {estimated / 2**20:.0f} MiB vs max_memory_allocated "
+        f"{measured / 2**20:.0f} MiB: ratio {ratio:.2f}"
+    )
     assert 0.5 < ratio < 4.0
 
 
@@ -119,8 +133,17 @@ def test_prediction_on_cuda_agrees_with_cpu(planned_workspace: Path, tmp_path: P
     cases = Store.open(work.dataset_store).case_ids()[:2]
     labels = {}
     for device in ("cpu", "cuda"):
-        out = predict(work.dataset_store, tmp_path / f"pred_{device}", model_dir=work.root / "runs" / "3d_fullres",
-                      folds=[0], device=device, case_ids=cases, tta=False, progress=False, export=False)
+        out = predict(
+            work.dataset_store,
+            tmp_path / f"pred_{device}",
+            model_dir=work.root / "runs" / "3d_fullres",
+            folds=[0],
+            device=device,
+            case_ids=cases,
+            tta=False,
+            progress=False,
+            export=False,
+        )
         labels[device] = [np.asarray(out.zarr_array(c, "label")[...]) for c in cases]
     agree = np.mean(np.concatenate([(a == b).ravel() for a, b in zip(labels["cpu"], labels["cuda"], strict=True)]))
     print(f"\n[gpu-check] CUDA vs CPU prediction: {agree:.4%} of voxels agree")
@@ -128,9 +151,30 @@ def test_prediction_on_cuda_agrees_with_cpu(planned_workspace: Path, tmp_path: P
 
 
 def _torchrun(work: Path, nproc: int) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "voxflow.train", str(work), "-c", "3d_fullres", "-f", "0", "--device", "cuda",
-           "--epochs", "1", "--iters", "3", "--set", "train.val_iters=1", "--no-validation"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "voxflow.train",
+        str(work),
+        "-c",
+        "3d_fullres",
+        "-f",
+        "0",
+        "--device",
+        "cuda",
+        "--epochs",
+        "1",
+        "--iters",
+        "3",
+        "--set",
+        "train.val_iters=1",
+        "--no-validation",
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ))
 
 
@@ -154,7 +198,9 @@ def test_tile_predictor_precisions_on_cuda(precision: str) -> None:
     from voxflow.infer import TilePredictor
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.GroupNorm(8, 8), nn.LeakyReLU(), nn.Conv3d(8, 3, 3, padding=1))
+    net = nn.Sequential(
+        nn.Conv3d(1, 8, 3, padding=1), nn.GroupNorm(8, 8), nn.LeakyReLU(), nn.Conv3d(8, 3, 3, padding=1)
+    )
     x = np.random.default_rng(0).normal(size=(2, 1, 16, 16, 16)).astype(np.float32)
     ref = TilePredictor(net, mirror_axes=(0, 1, 2)).predict(x).numpy()
     pred = TilePredictor(net, mirror_axes=(0, 1, 2), device="cuda", precision=precision)

@@ -15,15 +15,34 @@ from voxflow.store import DatasetMeta, Store
 from voxflow.testing import synthetic_case
 
 
-def _make_config(patch: tuple[int, int, int] = (8, 16, 16), *, spacing: tuple[float, float, float] = (2.0, 1.0, 1.0),
-                name: str = "3d_fullres", mirror_axes: tuple[int, ...] = (0, 1, 2), n_stages: int = 2,
-                scheme: str = "zscore") -> Configuration:
-    spec = NetworkSpec(n_stages=n_stages, features_per_stage=(4, 8)[:n_stages],
-                       kernel_sizes=((3, 3, 3),) * n_stages, strides=((1, 1, 1), (2, 2, 2))[:n_stages],
-                       n_blocks_per_stage=(1,) * n_stages, n_conv_per_stage_decoder=(1,) * (n_stages - 1))
-    return Configuration(name=name, spacing_zyx=spacing, median_shape_vox=(10, 20, 20), patch_size_vox=patch,
-                         batch_size=2, normalization=(ChannelNormalization(scheme=scheme),),
-                         resampling=ResamplingSpec(), network=spec, train=TrainSpec(mirror_axes=mirror_axes))
+def _make_config(
+    patch: tuple[int, int, int] = (8, 16, 16),
+    *,
+    spacing: tuple[float, float, float] = (2.0, 1.0, 1.0),
+    name: str = "3d_fullres",
+    mirror_axes: tuple[int, ...] = (0, 1, 2),
+    n_stages: int = 2,
+    scheme: str = "zscore",
+) -> Configuration:
+    spec = NetworkSpec(
+        n_stages=n_stages,
+        features_per_stage=(4, 8)[:n_stages],
+        kernel_sizes=((3, 3, 3),) * n_stages,
+        strides=((1, 1, 1), (2, 2, 2))[:n_stages],
+        n_blocks_per_stage=(1,) * n_stages,
+        n_conv_per_stage_decoder=(1,) * (n_stages - 1),
+    )
+    return Configuration(
+        name=name,
+        spacing_zyx=spacing,
+        median_shape_vox=(10, 20, 20),
+        patch_size_vox=patch,
+        batch_size=2,
+        normalization=(ChannelNormalization(scheme=scheme),),
+        resampling=ResamplingSpec(),
+        network=spec,
+        train=TrainSpec(mirror_axes=mirror_axes),
+    )
 
 
 def _conv_net(in_ch: int = 1, k: int = 3, seed: int = 0) -> nn.Module:
@@ -42,8 +61,10 @@ class MirrorSymmetricNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from voxflow.infer import mirror_combinations
 
-        outs = [torch.flip(self.inner(torch.flip(x, [a + 2 for a in c])), [a + 2 for a in c])
-                for c in mirror_combinations((0, 1, 2))]
+        outs = [
+            torch.flip(self.inner(torch.flip(x, [a + 2 for a in c])), [a + 2 for a in c])
+            for c in mirror_combinations((0, 1, 2))
+        ]
         return torch.stack(outs).mean(0)
 
 
@@ -52,8 +73,12 @@ def meta() -> DatasetMeta:
     return DatasetMeta(channel_names=("MR",), labels={"background": 0, "a": 1, "b": 2})
 
 
-def _write_store(path: Path, meta: DatasetMeta, shapes: list[tuple[int, int, int]],
-                spacing: tuple[float, float, float] = (1.5, 1.0, 0.9)) -> Store:
+def _write_store(
+    path: Path,
+    meta: DatasetMeta,
+    shapes: list[tuple[int, int, int]],
+    spacing: tuple[float, float, float] = (1.5, 1.0, 0.9),
+) -> Store:
     store = Store.create(path, meta)
     for i, shape in enumerate(shapes):
         img, lab = synthetic_case(shape, rng=np.random.default_rng(i))

@@ -63,8 +63,9 @@ def test_cascade_prediction_runs_a_volume_larger_than_its_memory_cap(tmp_path: P
     # stage's one-hot channels and the K float32 probabilities
     volume_bytes = voxels * 4 * (1 + (N_CLASSES - 1) + N_CLASSES)
     assert volume_bytes > CAP_BYTES
-    peak, out = run_with_memory_cap(CODE.format(shape=SHAPE, tmp=str(tmp_path), k=N_CLASSES), cap_bytes=CAP_BYTES,
-                                    timeout=2400)
+    peak, out = run_with_memory_cap(
+        CODE.format(shape=SHAPE, tmp=str(tmp_path), k=N_CLASSES), cap_bytes=CAP_BYTES, timeout=2400
+    )
     assert int(out.split("CLASSES")[-1].split()[0]) >= 2  # the first stage's label map is not constant
     agree = float(out.split("AGREE")[-1])
     assert agree > 0.999

@@ -63,8 +63,12 @@ print("DONE")
 
 def _env() -> dict[str, str]:
     root = str(Path(voxflow.__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1", "PYTHONUTF8": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUTF8": "1",
+    }
 
 
 def _wait_for(path: Path, timeout: float) -> dict:
@@ -86,19 +90,49 @@ class Cluster:
         self.tmp, self.workers, self.n = tmp, [], 0
         sched_file = tmp / "scheduler.json"
         self.scheduler = subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-             "--dashboard-address", ":0", "--scheduler-file", str(sched_file)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--dashboard-address",
+                ":0",
+                "--scheduler-file",
+                str(sched_file),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=_env(),
+        )
         self.address = _wait_for(sched_file, 60)["address"]
 
     def ensure_workers(self, n: int = 2) -> None:
         self.workers = [w for w in self.workers if w.poll() is None]
         while len(self.workers) < n:
             self.n += 1
-            self.workers.append(subprocess.Popen(
-                [sys.executable, "-m", "distributed.cli.dask_worker", self.address, "--nthreads", "1",
-                 "--no-dashboard", "--memory-limit", "2GB", "--local-directory", str(self.tmp / f"w{self.n}")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env()))
+            self.workers.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "distributed.cli.dask_worker",
+                        self.address,
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                        "--memory-limit",
+                        "2GB",
+                        "--local-directory",
+                        str(self.tmp / f"w{self.n}"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    env=_env(),
+                )
+            )
         from distributed import Client
 
         with Client(self.address, timeout=60) as client:
@@ -143,16 +177,31 @@ def case(tmp_path, meta, make_config, write_store):  # noqa: ANN001, ANN201
     runs = tmp / "runs" / cfg.name
     for fold in (0, 1):
         torch.manual_seed(fold)
-        save_checkpoint(runs / f"fold_{fold}" / "checkpoint_final.pt", {
-            "network": build_network(cfg.network, 1, 3).state_dict(), "configuration": dataclasses.asdict(cfg),
-            "dataset": meta.to_dict(), "in_channels": 1, "num_outputs": 3, "epoch": 1})
+        save_checkpoint(
+            runs / f"fold_{fold}" / "checkpoint_final.pt",
+            {
+                "network": build_network(cfg.network, 1, 3).state_dict(),
+                "configuration": dataclasses.asdict(cfg),
+                "dataset": meta.to_dict(),
+                "in_channels": 1,
+                "num_outputs": 3,
+                "epoch": 1,
+            },
+        )
     ref = predict(src, tmp / "ref", model_dir=runs, save_probabilities=True, progress=False, export=False)
     return src, runs, ref
 
 
 def _client(args: list[str], **kw: object) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", CLIENT, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=_env(), encoding="utf-8", errors="replace", **kw)  # type: ignore[call-overload]
+    return subprocess.Popen(
+        [sys.executable, "-c", CLIENT, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=_env(),
+        encoding="utf-8",
+        errors="replace",
+        **kw,
+    )  # type: ignore[call-overload]
 
 
 def _assert_identical(out: Path, ref: Store) -> None:
@@ -234,6 +283,8 @@ def test_killed_client_resumes_only_missing_blocks(cluster, case, tmp_path) -> N
     log, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, log
     n_before = int(before.sum())
-    assert f"{before.size - n_before} of {before.size} blocks of (16, 16, 16) to predict ({n_before} already " \
-           f"complete)" in log, log
+    assert (
+        f"{before.size - n_before} of {before.size} blocks of (16, 16, 16) to predict ({n_before} already "
+        f"complete)" in log
+    ), log
     _assert_identical(out, ref)

@@ -33,8 +33,9 @@ class _ThresholdModel:
     def check_input(self, store: Store) -> None:
         pass
 
-    def prepare(self, store: Store, case_id: str, *, out_chunks: Sequence[int],
-                previous: Mapping[str, da.Array]) -> CaseInput:
+    def prepare(
+        self, store: Store, case_id: str, *, out_chunks: Sequence[int], previous: Mapping[str, da.Array]
+    ) -> CaseInput:
         self.previous_seen.append(previous)
         image = store.image(case_id).astype(np.float32)
         return CaseInput(image, store.geometry(case_id), lambda scores, chunks: scores.rechunk((2, *chunks)))
@@ -52,8 +53,7 @@ def test_any_prediction_model_plugs_into_predict(tmp_path: Path, write_store) ->
     src = write_store(tmp_path / "ds.zarr", meta, [(9, 13, 11)])
     model = _ThresholdModel(meta)
     model_protocol: PredictionModel = model  # what the type checker checks
-    out = predict(src, tmp_path / "out", models=[model_protocol], save_probabilities=True, progress=False,
-                  export=False)
+    out = predict(src, tmp_path / "out", models=[model_protocol], save_probabilities=True, progress=False, export=False)
     cid = src.case_ids()[0]
     np.testing.assert_array_equal(out.label(cid).compute(), (src.image(cid).compute()[0] > 0).astype(np.uint8))
     assert out.case_attrs(cid)["rule"] == "image > 0"
@@ -61,8 +61,13 @@ def test_any_prediction_model_plugs_into_predict(tmp_path: Path, write_store) ->
     assert model.previous_seen == [{}]  # single stage: no earlier outputs
 
 
-def test_predict_options_are_one_typed_value(tmp_path: Path, meta, make_config, conv_net,  # noqa: ANN001
-                                             write_store) -> None:  # noqa: ANN001
+def test_predict_options_are_one_typed_value(
+    tmp_path: Path,
+    meta,
+    make_config,
+    conv_net,  # noqa: ANN001
+    write_store,
+) -> None:  # noqa: ANN001
     with pytest.raises(TypeError, match="unknown prediction option"):
         PredictOptions.build(stpe=0.5)
     opts = PredictOptions.build(PredictOptions(tta=False), device=["cpu", "cpu"])
@@ -71,8 +76,12 @@ def test_predict_options_are_one_typed_value(tmp_path: Path, meta, make_config, 
     assert PredictOptions(device="cuda:0, cuda:1").devices() == ["cuda:0", "cuda:1"]
     src = write_store(tmp_path / "ds.zarr", meta, [(5, 9, 30)])
     model = (conv_net(seed=1), make_config(), meta)
-    a = predict(src, tmp_path / "a", models=[model], options=PredictOptions(tta=False, progress=False, export=False,
-                                                                            save_probabilities=True))
+    a = predict(
+        src,
+        tmp_path / "a",
+        models=[model],
+        options=PredictOptions(tta=False, progress=False, export=False, save_probabilities=True),
+    )
     b = predict(src, tmp_path / "b", models=[model], tta=False, progress=False, export=False, save_probabilities=True)
     np.testing.assert_array_equal(a.array("case_000", "probs").compute(), b.array("case_000", "probs").compute())
 
@@ -119,13 +128,15 @@ class _SecondStage(_CountingThreshold):
         super().__init__(dataset, name="second")
         self.previous_stage = first
 
-    def prepare(self, store: Store, case_id: str, *, out_chunks: Sequence[int],
-                previous: Mapping[str, da.Array]) -> CaseInput:
+    def prepare(
+        self, store: Store, case_id: str, *, out_chunks: Sequence[int], previous: Mapping[str, da.Array]
+    ) -> CaseInput:
         self.previous_seen.append(previous)
         image = store.image(case_id).astype(np.float32)
         prev = previous["threshold"].astype(np.float32)[None].rechunk(image.chunks)
-        return CaseInput(da.concatenate([image, prev]), store.geometry(case_id),
-                         lambda scores, chunks: scores.rechunk((2, *chunks)))
+        return CaseInput(
+            da.concatenate([image, prev]), store.geometry(case_id), lambda scores, chunks: scores.rechunk((2, *chunks))
+        )
 
     def tile_predictor(self, *, device: str, tta: bool, amp: bool) -> Any:
         def scores(tiles: np.ndarray) -> np.ndarray:
@@ -170,5 +181,6 @@ def test_a_second_stage_gets_the_first_stages_labels_and_resumes_per_stage(tmp_p
     again = predict(src, tmp_path / "out", models=[second], progress=False, export=False)
     assert 0 < first.tiles_seen
     image = src.image(src.case_ids()[0]).compute()[0]
-    np.testing.assert_array_equal(again.label(src.case_ids()[0]).compute(),
-                                  ((image > 0) & (image < 0.5)).astype(np.uint8))
+    np.testing.assert_array_equal(
+        again.label(src.case_ids()[0]).compute(), ((image > 0) & (image < 0.5)).astype(np.uint8)
+    )

@@ -56,8 +56,12 @@ def test_same_named_file_from_another_folder_is_read_and_predicted(tmp_path: Pat
     assert second.case_attrs("scan")["input"]["image"] == [str((tmp_path / "b/scan.nii.gz").resolve())]
 
 
-def test_changed_file_is_read_again_and_unchanged_one_is_not(tmp_path: Path, model, meta,  # noqa: ANN001
-                                                           make_config) -> None:  # noqa: ANN001
+def test_changed_file_is_read_again_and_unchanged_one_is_not(
+    tmp_path: Path,
+    model,
+    meta,  # noqa: ANN001
+    make_config,
+) -> None:  # noqa: ANN001
     path, out = tmp_path / "in/scan.nii.gz", tmp_path / "out"
     _write(path, 0.0, ending_ns=1_000_000_000)
     predict([path], out, models=model, tta=False, progress=False)
@@ -74,12 +78,12 @@ def test_two_inputs_for_one_case_are_refused_naming_both(tmp_path: Path, model) 
     _write(tmp_path / "a/scan.nii.gz", 0.0)
     _write(tmp_path / "b/scan.nii.gz", 1.0)
     with pytest.raises(ConversionError, match=r"distinct cases.*a/scan\.nii\.gz.*b/scan\.nii\.gz"):
-        predict([tmp_path / "a/scan.nii.gz", tmp_path / "b/scan.nii.gz"], tmp_path / "out", models=model,
-                progress=False)
+        predict(
+            [tmp_path / "a/scan.nii.gz", tmp_path / "b/scan.nii.gz"], tmp_path / "out", models=model, progress=False
+        )
     _write(tmp_path / "a/scan.nrrd", 1.0)  # another ending, the same case id
     with pytest.raises(ConversionError, match=r"unique.*a/scan\.nii\.gz.*a/scan\.nrrd|unique.*scan\.nrrd"):
-        predict([tmp_path / "a/scan.nii.gz", tmp_path / "a/scan.nrrd"], tmp_path / "out", models=model,
-                progress=False)
+        predict([tmp_path / "a/scan.nii.gz", tmp_path / "a/scan.nrrd"], tmp_path / "out", models=model, progress=False)
 
 
 def test_cli_refuses_same_named_inputs(tmp_path: Path, meta, make_config) -> None:  # noqa: ANN001
@@ -92,14 +96,33 @@ def test_cli_refuses_same_named_inputs(tmp_path: Path, meta, make_config) -> Non
 
     cfg = make_config()
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "runs" / cfg.name / "fold_0" / "checkpoint_final.pt", {
-        "network": build_network(cfg.network, 1, 3).state_dict(), "configuration": dataclasses.asdict(cfg),
-        "dataset": meta.to_dict(), "in_channels": 1, "num_outputs": 3, "epoch": 1})
+    save_checkpoint(
+        tmp_path / "runs" / cfg.name / "fold_0" / "checkpoint_final.pt",
+        {
+            "network": build_network(cfg.network, 1, 3).state_dict(),
+            "configuration": dataclasses.asdict(cfg),
+            "dataset": meta.to_dict(),
+            "in_channels": 1,
+            "num_outputs": 3,
+            "epoch": 1,
+        },
+    )
     _write(tmp_path / "a/scan.nii.gz", 0.0)
     _write(tmp_path / "b/scan.nii.gz", 1.0)
-    res = CliRunner().invoke(main, ["predict", "-i", str(tmp_path / "a/scan.nii.gz"), "-i",
-                                    str(tmp_path / "b/scan.nii.gz"), "-o", str(tmp_path / "out"),
-                                    "-m", str(tmp_path / "runs" / cfg.name)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            "-i",
+            str(tmp_path / "a/scan.nii.gz"),
+            "-i",
+            str(tmp_path / "b/scan.nii.gz"),
+            "-o",
+            str(tmp_path / "out"),
+            "-m",
+            str(tmp_path / "runs" / cfg.name),
+        ],
+    )
     assert res.exit_code == 1, res.output
     assert isinstance(res.exception, SystemExit), repr(res.exception)  # a clean error, not a traceback
     flat = "".join(res.output.split())

@@ -51,8 +51,9 @@ def test_prediction_runs_a_volume_larger_than_its_memory_cap(tmp_path: Path) -> 
     # float32 image + K float32 probabilities on the preprocessed grid: what an in-memory predictor holds
     volume_bytes = voxels * 4 * (1 + N_CLASSES)
     assert volume_bytes > CAP_BYTES
-    peak, out = run_with_memory_cap(CODE.format(shape=SHAPE, tmp=str(tmp_path), k=N_CLASSES), cap_bytes=CAP_BYTES,
-                                    timeout=1800)
+    peak, out = run_with_memory_cap(
+        CODE.format(shape=SHAPE, tmp=str(tmp_path), k=N_CLASSES), cap_bytes=CAP_BYTES, timeout=1800
+    )
     agree = float(out.split("AGREE")[-1])
     assert agree > 0.999
     assert peak < CAP_BYTES
@@ -77,7 +78,9 @@ def test_peak_memory_is_flat_in_the_volume() -> None:
     voxels: nothing in the pipeline -- tile bookkeeping, dask graphs, the tile cache, freed heap --
     may grow with the volume. (The issue's figure is 32 M vs 512 M: ``benchmarks/predict.py``.)"""
     bench = _predict_benchmark()
-    rows = [bench.run_size(n, patch=(32, 64, 64), cache_mb=32, baseline=False, net="pointwise")
-            for n in (8_000_000, 64_000_000)]
+    rows = [
+        bench.run_size(n, patch=(32, 64, 64), cache_mb=32, baseline=False, net="pointwise")
+        for n in (8_000_000, 64_000_000)
+    ]
     small, large = (r["voxflow"]["peak_rss_mb"] for r in rows)
     assert large <= 1.10 * small, rows  # measured 437 -> 451 MB (1.03x)

@@ -24,8 +24,7 @@ def _oracle(src: Store, cid: str, net: nn.Module, cfg) -> np.ndarray:  # noqa: A
     """Eager pipeline: preprocess (computed), whole-array sliding window, zoom back, uncrop."""
     pc = preprocess_case(src.image(cid), src.geometry(cid), cfg)
     img = pc.image.compute()
-    probs = sliding_window_predict_in_memory(img, TilePredictor(net), patch_size_vox=cfg.patch_size_vox,
-                                             n_classes=3)
+    probs = sliding_window_predict_in_memory(img, TilePredictor(net), patch_size_vox=cfg.patch_size_vox, n_classes=3)
     back = np.stack([zoom_reference(p, pc.shape_after_crop_zyx, order=1) for p in probs])
     full = np.zeros((3, *pc.original_geometry.shape_zyx), np.float32)
     full[0] = 1.0
@@ -33,13 +32,17 @@ def _oracle(src: Store, cid: str, net: nn.Module, cfg) -> np.ndarray:  # noqa: A
     return full
 
 
-def test_predict_matches_eager_pipeline_and_exports_geometry(tmp_path: Path, meta, make_config, conv_net,  # noqa: ANN001
-                                                             write_store) -> None:  # noqa: ANN001
+def test_predict_matches_eager_pipeline_and_exports_geometry(
+    tmp_path: Path,
+    meta,
+    make_config,
+    conv_net,  # noqa: ANN001
+    write_store,
+) -> None:  # noqa: ANN001
     src = write_store(tmp_path / "ds.zarr", meta, SHAPES)
     cfg = make_config()
     net = conv_net(seed=4)
-    out = predict(src, tmp_path / "out", models=[(net, cfg, meta)], tta=False, save_probabilities=True,
-                  progress=False)
+    out = predict(src, tmp_path / "out", models=[(net, cfg, meta)], tta=False, save_probabilities=True, progress=False)
     assert out.meta.kind == "prediction"
     assert out.case_ids() == src.case_ids()
     assert not (tmp_path / "out" / ".scratch").exists()
@@ -64,18 +67,36 @@ class _Exploding(nn.Module):
         raise AssertionError("a complete case must not be predicted again")
 
 
-def test_predict_resumes_and_ensembles_folds(tmp_path: Path, meta, make_config, conv_net,  # noqa: ANN001
-                                             write_store) -> None:  # noqa: ANN001
+def test_predict_resumes_and_ensembles_folds(
+    tmp_path: Path,
+    meta,
+    make_config,
+    conv_net,  # noqa: ANN001
+    write_store,
+) -> None:  # noqa: ANN001
     src = write_store(tmp_path / "ds.zarr", meta, SHAPES[1:])
     cfg = make_config(mirror_axes=(1, 2))
     nets = [conv_net(seed=s) for s in (1, 2)]
-    first = predict(src, tmp_path / "out", models=[(n, cfg, meta) for n in nets], save_probabilities=True,
-                    progress=False, export=False)
-    again = predict(src, tmp_path / "out", models=[(_Exploding(), cfg, meta), (_Exploding(), cfg, meta)],
-                    save_probabilities=True, progress=False, export=False)
+    first = predict(
+        src,
+        tmp_path / "out",
+        models=[(n, cfg, meta) for n in nets],
+        save_probabilities=True,
+        progress=False,
+        export=False,
+    )
+    again = predict(
+        src,
+        tmp_path / "out",
+        models=[(_Exploding(), cfg, meta), (_Exploding(), cfg, meta)],
+        save_probabilities=True,
+        progress=False,
+        export=False,
+    )
     assert again.case_ids() == first.case_ids() == ["case_000"]
-    single = predict(src, tmp_path / "single", models=[(nets[0], cfg, meta)], save_probabilities=True,
-                     progress=False, export=False)
+    single = predict(
+        src, tmp_path / "single", models=[(nets[0], cfg, meta)], save_probabilities=True, progress=False, export=False
+    )
     a = first.array("case_000", "probs").compute().astype(np.float32)
     b = single.array("case_000", "probs").compute().astype(np.float32)
     assert np.abs(a - b).max() > 1e-3  # the second fold changed the result
@@ -89,9 +110,17 @@ def _save_fold(run_dir: Path, cfg, meta, seed: int) -> None:  # noqa: ANN001
 
     torch.manual_seed(seed)
     net = build_network(cfg.network, 1, 3)
-    save_checkpoint(run_dir / "checkpoint_final.pt", {
-        "network": net.state_dict(), "configuration": dataclasses.asdict(cfg), "dataset": meta.to_dict(),
-        "in_channels": 1, "num_outputs": 3, "epoch": 1})
+    save_checkpoint(
+        run_dir / "checkpoint_final.pt",
+        {
+            "network": net.state_dict(),
+            "configuration": dataclasses.asdict(cfg),
+            "dataset": meta.to_dict(),
+            "in_channels": 1,
+            "num_outputs": 3,
+            "epoch": 1,
+        },
+    )
 
 
 def test_cli_predict_nifti_folder_with_checkpoints(tmp_path: Path, meta, make_config) -> None:  # noqa: ANN001
@@ -110,8 +139,22 @@ def test_cli_predict_nifti_folder_with_checkpoints(tmp_path: Path, meta, make_co
         sitk.WriteImage(img, str(images / f"pat{i}_0000.nii.gz"))
         geoms[f"pat{i}"] = Geometry.from_sitk(img)
     out = tmp_path / "pred"
-    res = CliRunner().invoke(main, ["predict", "-i", str(images), "-o", str(out), "-m",
-                                    str(tmp_path / "runs" / cfg.name), "-f", "0", "1", "--no-tta"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            "-i",
+            str(images),
+            "-o",
+            str(out),
+            "-m",
+            str(tmp_path / "runs" / cfg.name),
+            "-f",
+            "0",
+            "1",
+            "--no-tta",
+        ],
+    )
     assert res.exit_code == 0, res.output + repr(res.exception)
     store = Store.open(out / "prediction.zarr")
     assert store.meta.extra["models"] == ["3d_fullres/fold_0", "3d_fullres/fold_1"]
@@ -119,8 +162,9 @@ def test_cli_predict_nifti_folder_with_checkpoints(tmp_path: Path, meta, make_co
         written = sitk.ReadImage(str(out / f"{cid}.nii.gz"))
         geom.check_matches(Geometry.from_sitk(written), what="exported label", case=cid)
         assert set(np.unique(sitk.GetArrayFromImage(written))) <= {0, 1, 2}
-    bad = CliRunner().invoke(main, ["predict", "-i", str(images), "-o", str(out), "-m",
-                                    str(tmp_path / "runs" / cfg.name), "-f", "7"])
+    bad = CliRunner().invoke(
+        main, ["predict", "-i", str(images), "-o", str(out), "-m", str(tmp_path / "runs" / cfg.name), "-f", "7"]
+    )
     assert bad.exit_code != 0
     assert "fold_7" in bad.output
 
@@ -132,8 +176,13 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, meta, write_store) 
         predict(src, tmp_path / "out", model_dir=tmp_path / "runs" / "3d_fullres", folds=[0], progress=False)
 
 
-def test_configurations_are_ensembled_in_original_space(tmp_path: Path, meta, make_config, conv_net,  # noqa: ANN001
-                                                        write_store) -> None:  # noqa: ANN001
+def test_configurations_are_ensembled_in_original_space(
+    tmp_path: Path,
+    meta,
+    make_config,
+    conv_net,  # noqa: ANN001
+    write_store,
+) -> None:  # noqa: ANN001
     src = write_store(tmp_path / "ds.zarr", meta, SHAPES[:1])
     full = make_config(name="3d_fullres", mirror_axes=())
     low = make_config(name="3d_lowres", spacing=(3.0, 2.0, 2.0), patch=(8, 8, 8), mirror_axes=())
@@ -142,13 +191,19 @@ def test_configurations_are_ensembled_in_original_space(tmp_path: Path, meta, ma
     both = predict(src, tmp_path / "both", models=models, **kw)
     singles = [predict(src, tmp_path / m[1].name, models=[m], **kw) for m in models]
     probs = [s.array("case_000", "probs").compute().astype(np.float32) for s in singles]
-    np.testing.assert_allclose(both.array("case_000", "probs").compute().astype(np.float32),
-                               (probs[0] + probs[1]) / 2, atol=2e-3)
+    np.testing.assert_allclose(
+        both.array("case_000", "probs").compute().astype(np.float32), (probs[0] + probs[1]) / 2, atol=2e-3
+    )
     assert both.meta.extra["configurations"] == ["3d_fullres", "3d_lowres"]
 
 
-def test_preprocessed_store_input_equals_dataset_input(tmp_path: Path, meta, make_config, conv_net,  # noqa: ANN001
-                                                       write_store) -> None:  # noqa: ANN001
+def test_preprocessed_store_input_equals_dataset_input(
+    tmp_path: Path,
+    meta,
+    make_config,
+    conv_net,  # noqa: ANN001
+    write_store,
+) -> None:  # noqa: ANN001
     from voxflow.plan.schema import Plan
     from voxflow.preprocess import run_preprocess
 
@@ -183,15 +238,26 @@ def test_one_process_per_device_and_dask_cluster(tmp_path: Path, meta, make_conf
             np.testing.assert_array_equal(other.array(cid, "probs").compute(), ref.array(cid, "probs").compute())
 
 
-def test_region_dataset_uses_sigmoid_and_regions_class_order(tmp_path: Path, make_config, conv_net,  # noqa: ANN001
-                                                             write_store) -> None:  # noqa: ANN001
+def test_region_dataset_uses_sigmoid_and_regions_class_order(
+    tmp_path: Path,
+    make_config,
+    conv_net,  # noqa: ANN001
+    write_store,
+) -> None:  # noqa: ANN001
     from voxflow.store import DatasetMeta
 
-    regions = DatasetMeta(channel_names=("MR",), labels={"background": 0, "whole": [1, 2], "core": [2]},
-                          regions_class_order=(1, 2))
+    regions = DatasetMeta(
+        channel_names=("MR",), labels={"background": 0, "whole": [1, 2], "core": [2]}, regions_class_order=(1, 2)
+    )
     src = write_store(tmp_path / "ds.zarr", regions, SHAPES[1:])
-    out = predict(src, tmp_path / "out", models=[(conv_net(k=2, seed=6), make_config(), regions)],
-                  save_probabilities=True, progress=False, export=False)
+    out = predict(
+        src,
+        tmp_path / "out",
+        models=[(conv_net(k=2, seed=6), make_config(), regions)],
+        save_probabilities=True,
+        progress=False,
+        export=False,
+    )
     probs = out.array("case_000", "probs").compute().astype(np.float32)
     label = out.array("case_000", "label").compute()
     assert probs.shape[0] == 2
@@ -211,16 +277,32 @@ def test_2d_configuration_predicts_slice_by_slice(tmp_path: Path, meta, write_st
         TrainSpec,
     )
 
-    spec = NetworkSpec(spatial_dims=2, n_stages=1, features_per_stage=(4,), kernel_sizes=((3, 3),),
-                       strides=((1, 1),), n_blocks_per_stage=(1,), n_conv_per_stage_decoder=())
-    cfg = Configuration(name="2d", spacing_zyx=(1.5, 1.0, 1.0), median_shape_vox=(5, 9, 30), patch_size_vox=(1, 16, 16),
-                        batch_size=4, normalization=(ChannelNormalization(scheme="zscore"),),
-                        resampling=ResamplingSpec(), network=spec, train=TrainSpec(mirror_axes=(0, 1, 2)))
+    spec = NetworkSpec(
+        spatial_dims=2,
+        n_stages=1,
+        features_per_stage=(4,),
+        kernel_sizes=((3, 3),),
+        strides=((1, 1),),
+        n_blocks_per_stage=(1,),
+        n_conv_per_stage_decoder=(),
+    )
+    cfg = Configuration(
+        name="2d",
+        spacing_zyx=(1.5, 1.0, 1.0),
+        median_shape_vox=(5, 9, 30),
+        patch_size_vox=(1, 16, 16),
+        batch_size=4,
+        normalization=(ChannelNormalization(scheme="zscore"),),
+        resampling=ResamplingSpec(),
+        network=spec,
+        train=TrainSpec(mirror_axes=(0, 1, 2)),
+    )
     torch.manual_seed(0)
     net2d = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1)).eval()
     src = write_store(tmp_path / "ds.zarr", meta, SHAPES[1:])
-    out = predict(src, tmp_path / "out", models=[(net2d, cfg, meta)], save_probabilities=True, progress=False,
-                  export=False)
+    out = predict(
+        src, tmp_path / "out", models=[(net2d, cfg, meta)], save_probabilities=True, progress=False, export=False
+    )
     probs = out.array("case_000", "probs").compute().astype(np.float32)
     assert probs.shape == (3, *SHAPES[1])
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=3e-3)
@@ -246,13 +328,20 @@ def test_model_postprocessing_is_applied_automatically(tmp_path: Path, meta, mak
     keep = comps == 1 + int(np.argmax(sizes))
     np.testing.assert_array_equal(label, np.where(keep, raw, 0))
     assert out.case_attrs(cid)["postprocessing"]["operations"][0]["op"] == "keep_largest"
-    plain = predict(src, tmp_path / "plain", model_dir=tmp_path / "runs" / cfg.name, tta=False, progress=False,
-                    postprocessing=None)
+    plain = predict(
+        src, tmp_path / "plain", model_dir=tmp_path / "runs" / cfg.name, tta=False, progress=False, postprocessing=None
+    )
     np.testing.assert_array_equal(plain.label(cid).compute(), raw)
 
 
-def test_staging_graph_does_not_grow_with_small_chunks(tmp_path: Path, meta, make_config, conv_net,  # noqa: ANN001
-                                                        write_store, monkeypatch) -> None:  # noqa: ANN001
+def test_staging_graph_does_not_grow_with_small_chunks(
+    tmp_path: Path,
+    meta,
+    make_config,
+    conv_net,  # noqa: ANN001
+    write_store,
+    monkeypatch,
+) -> None:  # noqa: ANN001
     """The per-case dask graphs must stay small: with half-patch chunks a 512 M-voxel case held ~10^5
     tasks (~150 MB of Python objects, the part of peak memory that grew with the volume). The case
     here has 64 x 128 x 128 voxels in 1 x 7 x 6 x 5 store chunks and a 16 x 32 x 32 patch (512
@@ -269,8 +358,15 @@ def test_staging_graph_does_not_grow_with_small_chunks(tmp_path: Path, meta, mak
         return real(*collections, desc=desc, progress=progress)
 
     monkeypatch.setattr(P, "compute", counting)
-    out = predict(src, tmp_path / "out", models=[(conv_net(seed=2), cfg, meta)], tta=False, progress=False,
-                  export=False, postprocessing=None)
+    out = predict(
+        src,
+        tmp_path / "out",
+        models=[(conv_net(seed=2), cfg, meta)],
+        tta=False,
+        progress=False,
+        export=False,
+        postprocessing=None,
+    )
     assert out.is_complete(src.case_ids()[0])
     assert set(sizes) == {"preprocess", "write"}
     assert sizes["preprocess"] < 150, sizes

@@ -21,12 +21,14 @@ from voxflow.infer import (
 def _norm_net(seed: int, k: int = 3) -> nn.Module:
     """Conv + GroupNorm(C, C) (instance norm, per sample) + conv: batch entries must not interact."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.GroupNorm(4, 4), nn.LeakyReLU(),
-                         nn.Conv3d(4, k, 3, padding=1)).eval()
+    return nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1), nn.GroupNorm(4, 4), nn.LeakyReLU(), nn.Conv3d(4, k, 3, padding=1)
+    ).eval()
 
 
-def _one_flip_per_pass(nets: list[nn.Module], x: torch.Tensor, mirror_axes: tuple[int, ...],
-                       perm: list[int] | None, activation: str | None) -> np.ndarray:
+def _one_flip_per_pass(
+    nets: list[nn.Module], x: torch.Tensor, mirror_axes: tuple[int, ...], perm: list[int] | None, activation: str | None
+) -> np.ndarray:
     """The reference: every network and mirroring as its own forward pass of the batch."""
     outs = []
     with torch.no_grad():
@@ -43,12 +45,14 @@ def _one_flip_per_pass(nets: list[nn.Module], x: torch.Tensor, mirror_axes: tupl
 
 @pytest.mark.parametrize("max_tiles", [None, 1, 4, 5])
 @pytest.mark.parametrize(("activation", "order"), [("softmax", (0, 1, 2)), (None, (2, 0, 1))])
-def test_batched_mirroring_equals_one_flip_per_pass(rng: np.random.Generator, max_tiles: int | None,
-                                                    activation: str | None, order: tuple[int, ...]) -> None:
+def test_batched_mirroring_equals_one_flip_per_pass(
+    rng: np.random.Generator, max_tiles: int | None, activation: str | None, order: tuple[int, ...]
+) -> None:
     nets = [_norm_net(1), _norm_net(2)]
     x = torch.from_numpy(rng.normal(size=(2, 1, 6, 8, 10)).astype(np.float32))
-    pred = TilePredictor(nets, mirror_axes=(0, 1, 2), activation=activation, axis_order=order,
-                         max_tiles_per_forward=max_tiles)
+    pred = TilePredictor(
+        nets, mirror_axes=(0, 1, 2), activation=activation, axis_order=order, max_tiles_per_forward=max_tiles
+    )
     perm = None if order == (0, 1, 2) else [0, 1, *(2 + a for a in order)]
     ref = _one_flip_per_pass(nets, x, (0, 1, 2), perm, activation)
     np.testing.assert_allclose(pred(x).numpy(), ref, rtol=1e-5, atol=1e-5)
@@ -123,8 +127,9 @@ def test_whole_image_prediction_is_the_network_on_the_padded_image(rng: np.rando
     net = _norm_net(5)
     img = rng.normal(size=(1, 11, 13, 9)).astype(np.float32)
     pred = TilePredictor(net, mirror_axes=(0, 2))
-    out = sliding_window_predict(img, pred, patch_size_vox=(8, 8, 8), n_classes=3, whole_image_voxels=10**6,
-                                 divisor_zyx=(4, 4, 4))
+    out = sliding_window_predict(
+        img, pred, patch_size_vox=(8, 8, 8), n_classes=3, whole_image_voxels=10**6, divisor_zyx=(4, 4, 4)
+    )
     padded = np.zeros((1, 1, 12, 16, 12), np.float32)
     padded[0, :, 0:11, 1:14, 1:10] = img
     ref = pred(padded).numpy()[0][:, 0:11, 1:14, 1:10]

@@ -18,17 +18,24 @@ from voxflow.infer import (
 
 @pytest.mark.parametrize("shape", [(13, 22, 17), (5, 9, 30)])
 @pytest.mark.parametrize(("cache_bytes", "batch_size"), [(2**30, 1), (30_000, 3)])
-def test_tiled_zarr_prediction_equals_in_memory_oracle(shape: tuple[int, int, int], cache_bytes: int,
-                                                       batch_size: int, rng: np.random.Generator, conv_net) -> None:  # noqa: ANN001
+def test_tiled_zarr_prediction_equals_in_memory_oracle(
+    shape: tuple[int, int, int], cache_bytes: int, batch_size: int, rng: np.random.Generator, conv_net
+) -> None:  # noqa: ANN001
     """Same tiles + same Gaussian weights, accumulated chunk-wise into Zarr (with spills when the cache
     is tiny) == whole-volume numpy accumulation (nnU-Net style)."""
     pred = TilePredictor(conv_net())
     img = rng.normal(size=(1, *shape)).astype(np.float32)
     ref = sliding_window_predict_in_memory(img, pred, patch_size_vox=(8, 16, 16), n_classes=3)
     out = zarr.create_array(store={}, shape=(3, *shape), chunks=(3, 5, 7, 6), dtype="f4")
-    sliding_window_predict(zarr.create_array(store={}, data=img, chunks=(1, 7, 6, 5)), pred,
-                           patch_size_vox=(8, 16, 16), n_classes=3, out=out, batch_size=batch_size,
-                           cache_bytes=cache_bytes)
+    sliding_window_predict(
+        zarr.create_array(store={}, data=img, chunks=(1, 7, 6, 5)),
+        pred,
+        patch_size_vox=(8, 16, 16),
+        n_classes=3,
+        out=out,
+        batch_size=batch_size,
+        cache_bytes=cache_bytes,
+    )
     np.testing.assert_allclose(out[...], ref, atol=2e-6)
     np.testing.assert_allclose(out[...].sum(0), 1.0, atol=1e-5)
 
@@ -39,8 +46,9 @@ def test_tiled_prediction_equals_one_shot_full_volume(rng: np.random.Generator) 
     net = nn.Sequential(nn.Conv3d(2, 6, 1), nn.Tanh(), nn.Conv3d(6, 4, 1))
     pred = TilePredictor(net)
     img = rng.normal(size=(2, 13, 22, 19)).astype(np.float32)
-    tiled = sliding_window_predict(img, pred, patch_size_vox=(8, 8, 16), n_classes=4, cache_bytes=40_000,
-                                   block_zyx=(5, 6, 7))
+    tiled = sliding_window_predict(
+        img, pred, patch_size_vox=(8, 8, 16), n_classes=4, cache_bytes=40_000, block_zyx=(5, 6, 7)
+    )
     one_shot = pred(img[None]).numpy()[0]
     np.testing.assert_allclose(tiled, one_shot, atol=2e-6)
 
@@ -57,8 +65,11 @@ def test_volume_smaller_than_patch(rng: np.random.Generator, conv_net) -> None: 
     np.testing.assert_allclose(out, expected, atol=1e-6)
 
 
-def test_tta_with_mirror_equivariant_network_changes_nothing(rng: np.random.Generator, conv_net,  # noqa: ANN001
-                                                            symmetric_net) -> None:  # noqa: ANN001
+def test_tta_with_mirror_equivariant_network_changes_nothing(
+    rng: np.random.Generator,
+    conv_net,  # noqa: ANN001
+    symmetric_net,
+) -> None:  # noqa: ANN001
     net = symmetric_net(seed=5)
     img = rng.normal(size=(1, 12, 12, 12)).astype(np.float32)
     plain = TilePredictor(net)(img[None]).numpy()
@@ -73,8 +84,12 @@ def test_tta_averages_flipped_predictions(rng: np.random.Generator, conv_net) ->
     net = conv_net(seed=2)
     x = torch.from_numpy(rng.normal(size=(2, 1, 6, 8, 10)).astype(np.float32))
     with torch.no_grad():
-        ref = torch.stack([torch.flip(torch.softmax(net(torch.flip(x, [a + 2 for a in c])), 1),
-                                      [a + 2 for a in c]) for c in mirror_combinations((1, 2))]).mean(0)
+        ref = torch.stack(
+            [
+                torch.flip(torch.softmax(net(torch.flip(x, [a + 2 for a in c])), 1), [a + 2 for a in c])
+                for c in mirror_combinations((1, 2))
+            ]
+        ).mean(0)
     np.testing.assert_allclose(TilePredictor(net, mirror_axes=(2, 1))(x).numpy(), ref.numpy(), atol=1e-6)
     assert mirror_combinations((2, 0)) == [(), (0,), (2,), (0, 2)]
 
@@ -118,8 +133,11 @@ def test_accumulator_normalises_and_writes_each_block_once() -> None:
     np.testing.assert_allclose(np.asarray(out)[0, 4:], 4.0)
 
 
-def test_accumulator_spills_with_a_small_cache_and_cleans_up(tmp_path, rng: np.random.Generator,  # noqa: ANN001
-                                                             conv_net) -> None:  # noqa: ANN001
+def test_accumulator_spills_with_a_small_cache_and_cleans_up(
+    tmp_path,
+    rng: np.random.Generator,  # noqa: ANN001
+    conv_net,
+) -> None:  # noqa: ANN001
     pred = TilePredictor(conv_net())
     img = rng.normal(size=(1, 12, 20, 24)).astype(np.float32)
     grid = tile_grid(img.shape[1:], (8, 8, 8))
@@ -128,8 +146,15 @@ def test_accumulator_spills_with_a_small_cache_and_cleans_up(tmp_path, rng: np.r
     with TileAccumulator(out, boxes, block_zyx=(8, 8, 8), cache_bytes=1, scratch_dir=tmp_path) as acc:
         assert acc.block_nbytes == 4 * 512 * 4
     ref = sliding_window_predict_in_memory(img, pred, patch_size_vox=(8, 8, 8), n_classes=3)
-    got = sliding_window_predict(img, pred, patch_size_vox=(8, 8, 8), n_classes=3, block_zyx=(8, 8, 8),
-                                 cache_bytes=3 * 4 * 512 * 4, scratch_dir=tmp_path)
+    got = sliding_window_predict(
+        img,
+        pred,
+        patch_size_vox=(8, 8, 8),
+        n_classes=3,
+        block_zyx=(8, 8, 8),
+        cache_bytes=3 * 4 * 512 * 4,
+        scratch_dir=tmp_path,
+    )
     np.testing.assert_allclose(got, ref, atol=2e-6)
     assert list(tmp_path.iterdir()) == []
 
@@ -138,8 +163,9 @@ def test_custom_importance_map(rng: np.random.Generator, conv_net) -> None:  # n
     """A uniform map gives the plain mean over overlapping tiles; a wrong map is rejected."""
     pred = TilePredictor(conv_net(seed=9))
     img = rng.normal(size=(1, 6, 12, 12)).astype(np.float32)
-    got = sliding_window_predict(img, pred, patch_size_vox=(6, 8, 8), n_classes=3,
-                                 importance_map=np.ones((6, 8, 8), np.float32))
+    got = sliding_window_predict(
+        img, pred, patch_size_vox=(6, 8, 8), n_classes=3, importance_map=np.ones((6, 8, 8), np.float32)
+    )
     grid = tile_grid(img.shape[1:], (6, 8, 8))
     acc, n = np.zeros((3, 6, 12, 12)), np.zeros((6, 12, 12))
     for start in grid.tiles():

@@ -9,9 +9,16 @@ from voxflow.errors import VoxflowError
 from voxflow.infer import gaussian_importance_map, tile_grid, tile_starts
 
 
-@pytest.mark.parametrize(("size", "patch", "expected"), [
-    (16, 8, [0, 4, 8]), (11, 4, [0, 2, 4, 5, 7]), (8, 8, [0]), (5, 8, [0]), (9, 8, [0, 1]),
-])
+@pytest.mark.parametrize(
+    ("size", "patch", "expected"),
+    [
+        (16, 8, [0, 4, 8]),
+        (11, 4, [0, 2, 4, 5, 7]),
+        (8, 8, [0]),
+        (5, 8, [0]),
+        (9, 8, [0, 1]),
+    ],
+)
 def test_tile_starts_known_cases(size: int, patch: int, expected: list[int]) -> None:
     assert tile_starts(size, patch, step=0.5) == expected
 
@@ -33,14 +40,13 @@ def test_tile_starts_cover_axis_within_step(size: int, patch: int, step: float) 
     assert (gaps <= np.ceil(step * patch)).all()
     covered = np.zeros(max(size, patch), bool)
     for s in starts:
-        covered[s:s + patch] = True
+        covered[s : s + patch] = True
     assert covered.all()
 
 
 @settings(max_examples=30, deadline=None)
 @given(shape=st.tuples(*[st.integers(1, 40)] * 3), patch=st.tuples(*[st.integers(1, 16)] * 3))
-def test_tiles_cover_every_voxel_with_positive_weight(shape: tuple[int, int, int],
-                                                      patch: tuple[int, int, int]) -> None:
+def test_tiles_cover_every_voxel_with_positive_weight(shape: tuple[int, int, int], patch: tuple[int, int, int]) -> None:
     grid = tile_grid(shape, patch, step=0.5)
     gauss = gaussian_importance_map(patch)
     weight = np.zeros(shape)

@@ -20,8 +20,13 @@ def test_undo_preprocessing_is_lazy_and_matches_scipy(chunks: tuple[int, ...], r
     probs = _softmax(rng.normal(size=(3, 9, 14, 11)))
     bbox = ((2, 15), (1, 21), (0, 17))
     with raise_if_computes():
-        lazy = undo_preprocessing(da.from_array(probs, chunks=chunks), shape_after_crop_zyx=(13, 20, 17),
-                                  crop_bbox_zyx=bbox, original_shape_zyx=(18, 22, 17), out_chunks_zyx=(7, 6, 5))
+        lazy = undo_preprocessing(
+            da.from_array(probs, chunks=chunks),
+            shape_after_crop_zyx=(13, 20, 17),
+            crop_bbox_zyx=bbox,
+            original_shape_zyx=(18, 22, 17),
+            out_chunks_zyx=(7, 6, 5),
+        )
     back = np.stack([zoom_reference(p, (13, 20, 17), order=1) for p in probs])
     expected = np.zeros((3, 18, 22, 17), np.float32)
     expected[0] = 1.0
@@ -34,8 +39,13 @@ def test_undo_preprocessing_is_lazy_and_matches_scipy(chunks: tuple[int, ...], r
 
 def test_undo_preprocessing_of_regions_pads_with_zero(rng: np.random.Generator) -> None:
     probs = rng.uniform(size=(2, 4, 5, 6)).astype(np.float32)
-    out = undo_preprocessing(da.from_array(probs), shape_after_crop_zyx=(4, 5, 6), crop_bbox_zyx=((1, 5), (0, 5), (0, 6)),
-                             original_shape_zyx=(6, 5, 6), activation="sigmoid").compute()
+    out = undo_preprocessing(
+        da.from_array(probs),
+        shape_after_crop_zyx=(4, 5, 6),
+        crop_bbox_zyx=((1, 5), (0, 5), (0, 6)),
+        original_shape_zyx=(6, 5, 6),
+        activation="sigmoid",
+    ).compute()
     np.testing.assert_array_equal(out[:, [0, 5]], 0.0)
     np.testing.assert_allclose(out[:, 1:5], probs, atol=1e-7)
 

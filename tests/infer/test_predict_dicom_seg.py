@@ -34,8 +34,11 @@ def _series(tmp_path: Path) -> Path:
 def test_predict_writes_a_valid_dicom_seg_equal_to_the_nifti(tmp_path: Path, make_config, conv_net) -> None:  # noqa: ANN001
     series = _series(tmp_path)
     net = conv_net(seed=2)
-    common = {"models": [(net, make_config(patch=(8, 64, 64), spacing=(6.5, 0.86, 0.86)), META)], "tta": False,
-              "progress": False}
+    common = {
+        "models": [(net, make_config(patch=(8, 64, 64), spacing=(6.5, 0.86, 0.86)), META)],
+        "tta": False,
+        "progress": False,
+    }
     seg_out = predict(series, tmp_path / "seg", output_format="dicom-seg", **common)
     nii_out = predict(series, tmp_path / "nii", output_format="nifti", **common)
     (cid,) = seg_out.case_ids()
@@ -49,15 +52,21 @@ def test_predict_writes_a_valid_dicom_seg_equal_to_the_nifti(tmp_path: Path, mak
     np.testing.assert_array_equal(from_seg, from_nii)
 
 
-def test_dicom_seg_output_of_a_nifti_input_is_refused_naming_the_case(tmp_path: Path, make_config, conv_net,  # noqa: ANN001
-                                                                       write_store) -> None:  # noqa: ANN001
+def test_dicom_seg_output_of_a_nifti_input_is_refused_naming_the_case(
+    tmp_path: Path,
+    make_config,
+    conv_net,  # noqa: ANN001
+    write_store,
+) -> None:  # noqa: ANN001
     src = write_store(tmp_path / "ds.zarr", META, [(8, 16, 16)])
     with pytest.raises(ConversionError, match="needs inputs converted from DICOM") as e:
-        predict(src, tmp_path / "out", models=[(conv_net(), make_config(), META)], output_format="dicom-seg",
-                progress=False)
+        predict(
+            src, tmp_path / "out", models=[(conv_net(), make_config(), META)], output_format="dicom-seg", progress=False
+        )
     assert src.case_ids()[0] in str(e.value)
     assert not (tmp_path / "out" / "prediction.zarr" / "cases").exists() or not list(
-        (tmp_path / "out" / "prediction.zarr" / "cases").iterdir())
+        (tmp_path / "out" / "prediction.zarr" / "cases").iterdir()
+    )
     res = CliRunner().invoke(main, ["predict", "--help"])
     assert "--output-format" in res.output
     assert "dicom-seg" in res.output

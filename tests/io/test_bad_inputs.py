@@ -101,8 +101,10 @@ def _undeclared_value(a: np.ndarray) -> np.ndarray:
 
 def _nan_image(root: Path) -> Path:
     raw = _mr(root, ".nrrd")  # SimpleITK reads NaN in NIfTI as 0: only other formats can show it
-    _rewrite(raw / "imagesTr/synmr_001_0000.nrrd", lambda a: np.where(np.arange(a.size).reshape(a.shape) == 5,
-                                                                      np.nan, a).astype(np.float32))
+    _rewrite(
+        raw / "imagesTr/synmr_001_0000.nrrd",
+        lambda a: np.where(np.arange(a.size).reshape(a.shape) == 5, np.nan, a).astype(np.float32),
+    )
     return raw
 
 
@@ -208,8 +210,13 @@ def _same_named_inputs(root: Path) -> list[Path]:
 
 def _msd_entry_without_label(root: Path) -> Path:
     raw = _ct(root)
-    meta = {"name": "t", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "organ", "2": "lesion"},
-            "training": [{"image": f"./imagesTr/{CASE}_0000.nii.gz"}], "test": []}
+    meta = {
+        "name": "t",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "organ", "2": "lesion"},
+        "training": [{"image": f"./imagesTr/{CASE}_0000.nii.gz"}],
+        "test": [],
+    }
     (raw / "dataset.json").write_text(json.dumps(meta))
     return raw
 
@@ -226,63 +233,152 @@ class Bad:
 
 BAD = [
     # dataset.json
-    Bad("label-value-not-an-integer", _json_edit(lambda m: m["labels"].update(organ="one")), ConversionError,
-        ("dataset.json", "labels['organ']", "non-negative integer", "'one'")),
-    Bad("channel-key-not-a-number", _json_edit(lambda m: m.update(channel_names={"a": "CT"})), ConversionError,
-        ("dataset.json", "channel_names", '"0"', "'a'")),
-    Bad("labels-as-a-list", _json_edit(lambda m: m.update(labels=["background", "organ"])), ConversionError,
-        ("dataset.json", "labels", "mapping label names to integer values", "list")),
-    Bad("channel-names-missing", _json_edit(lambda m: m.pop("channel_names")), ConversionError,
-        ("dataset.json", "channel_names is required")),
-    Bad("channel-names-as-a-list", _json_edit(lambda m: m.update(channel_names=["CT"])), ConversionError,
-        ("dataset.json", "channel_names", "['CT']")),
-    Bad("channel-numbers-with-a-gap", _json_edit(lambda m: m.update(channel_names={"0": "CT", "2": "PET"})),
-        ConversionError, ("dataset.json", "channel_names", "without gaps", "[0, 2]")),
-    Bad("file-ending-not-a-string", _json_edit(lambda m: m.update(file_ending=5)), ConversionError,
-        ("dataset.json", "file_ending", '".nii.gz"', "got 5")),
-    Bad("no-background-label", _json_edit(lambda m: m.update(labels={"organ": 1, "lesion": 2})), ConversionError,
-        ("dataset.json", "labels", "background as 0")),
-    Bad("two-labels-one-value", _json_edit(lambda m: m["labels"].update(lesion=1)), ConversionError,
-        ("dataset.json", "labels", "[1]", "'organ', 'lesion'")),
-    Bad("num-training-not-a-number", _json_edit(lambda m: m.update(numTraining="two")), ConversionError,
-        ("dataset.json", "numTraining", "'two'")),
-    Bad("msd-without-training-list", _json_edit(lambda m: m.update(modality=m.pop("channel_names"))),
-        ConversionError, ("dataset.json", "training is required", "MSD")),
+    Bad(
+        "label-value-not-an-integer",
+        _json_edit(lambda m: m["labels"].update(organ="one")),
+        ConversionError,
+        ("dataset.json", "labels['organ']", "non-negative integer", "'one'"),
+    ),
+    Bad(
+        "channel-key-not-a-number",
+        _json_edit(lambda m: m.update(channel_names={"a": "CT"})),
+        ConversionError,
+        ("dataset.json", "channel_names", '"0"', "'a'"),
+    ),
+    Bad(
+        "labels-as-a-list",
+        _json_edit(lambda m: m.update(labels=["background", "organ"])),
+        ConversionError,
+        ("dataset.json", "labels", "mapping label names to integer values", "list"),
+    ),
+    Bad(
+        "channel-names-missing",
+        _json_edit(lambda m: m.pop("channel_names")),
+        ConversionError,
+        ("dataset.json", "channel_names is required"),
+    ),
+    Bad(
+        "channel-names-as-a-list",
+        _json_edit(lambda m: m.update(channel_names=["CT"])),
+        ConversionError,
+        ("dataset.json", "channel_names", "['CT']"),
+    ),
+    Bad(
+        "channel-numbers-with-a-gap",
+        _json_edit(lambda m: m.update(channel_names={"0": "CT", "2": "PET"})),
+        ConversionError,
+        ("dataset.json", "channel_names", "without gaps", "[0, 2]"),
+    ),
+    Bad(
+        "file-ending-not-a-string",
+        _json_edit(lambda m: m.update(file_ending=5)),
+        ConversionError,
+        ("dataset.json", "file_ending", '".nii.gz"', "got 5"),
+    ),
+    Bad(
+        "no-background-label",
+        _json_edit(lambda m: m.update(labels={"organ": 1, "lesion": 2})),
+        ConversionError,
+        ("dataset.json", "labels", "background as 0"),
+    ),
+    Bad(
+        "two-labels-one-value",
+        _json_edit(lambda m: m["labels"].update(lesion=1)),
+        ConversionError,
+        ("dataset.json", "labels", "[1]", "'organ', 'lesion'"),
+    ),
+    Bad(
+        "num-training-not-a-number",
+        _json_edit(lambda m: m.update(numTraining="two")),
+        ConversionError,
+        ("dataset.json", "numTraining", "'two'"),
+    ),
+    Bad(
+        "msd-without-training-list",
+        _json_edit(lambda m: m.update(modality=m.pop("channel_names"))),
+        ConversionError,
+        ("dataset.json", "training is required", "MSD"),
+    ),
     Bad("dataset-json-not-json", _json_text("{'labels': }"), ConversionError, ("dataset.json", "valid JSON")),
     Bad("dataset-json-not-an-object", _json_text("[1, 2]"), ConversionError, ("dataset.json", "JSON object")),
-    Bad("msd-training-entry-without-label", _msd_entry_without_label, ConversionError,
-        ("dataset.json", "training", "label", f"{CASE}_0000.nii.gz")),
+    Bad(
+        "msd-training-entry-without-label",
+        _msd_entry_without_label,
+        ConversionError,
+        ("dataset.json", "training", "label", f"{CASE}_0000.nii.gz"),
+    ),
     # image and label contents
     Bad("nan-in-image", _nan_image, ConversionError, ("NaN/Inf", "synmr_001_0000.nrrd", "case 'synmr_001'")),
-    Bad("label-shape-differs-from-image", _label(lambda a: a[:, :-1]), ConversionError,
-        ("shape", f"{CASE}.nii.gz", f"case '{CASE}'")),
-    Bad("label-spacing-differs-from-image", _label(lambda a: a, spacing=(0.8, 0.8, 3.0)), ConversionError,
-        ("spacing", f"{CASE}.nii.gz", f"case '{CASE}'")),
-    Bad("undeclared-label-value", _label(_undeclared_value), ConversionError,
-        ("undeclared value(s) [7]", f"{CASE}.nii.gz", f"case '{CASE}'")),
-    Bad("float-label", _label(_float_label), ConversionError,
-        ("must be integers", "[1.5]", f"{CASE}.nii.gz", f"case '{CASE}'")),
-    Bad("more-channels-than-declared", _too_many_channels, ConversionError,
-        ("1 channel(s)", "got 2", f"{CASE}_0000.nii.gz", f"case '{CASE}'")),
+    Bad(
+        "label-shape-differs-from-image",
+        _label(lambda a: a[:, :-1]),
+        ConversionError,
+        ("shape", f"{CASE}.nii.gz", f"case '{CASE}'"),
+    ),
+    Bad(
+        "label-spacing-differs-from-image",
+        _label(lambda a: a, spacing=(0.8, 0.8, 3.0)),
+        ConversionError,
+        ("spacing", f"{CASE}.nii.gz", f"case '{CASE}'"),
+    ),
+    Bad(
+        "undeclared-label-value",
+        _label(_undeclared_value),
+        ConversionError,
+        ("undeclared value(s) [7]", f"{CASE}.nii.gz", f"case '{CASE}'"),
+    ),
+    Bad(
+        "float-label",
+        _label(_float_label),
+        ConversionError,
+        ("must be integers", "[1.5]", f"{CASE}.nii.gz", f"case '{CASE}'"),
+    ),
+    Bad(
+        "more-channels-than-declared",
+        _too_many_channels,
+        ConversionError,
+        ("1 channel(s)", "got 2", f"{CASE}_0000.nii.gz", f"case '{CASE}'"),
+    ),
     # files
-    Bad("missing-channel-file", _missing_channel, ConversionError,
-        ("channel 1 ('T2')", "case 'synmr_001'", "'synmr_001_0001.nii.gz'", "channel_names")),
-    Bad("missing-channel-in-a-plain-folder", _missing_channel_in_folder, ConversionError,
-        ("channel 1", "'synmr_001_0001.nii.gz'", "case 'synmr_001'")),
+    Bad(
+        "missing-channel-file",
+        _missing_channel,
+        ConversionError,
+        ("channel 1 ('T2')", "case 'synmr_001'", "'synmr_001_0001.nii.gz'", "channel_names"),
+    ),
+    Bad(
+        "missing-channel-in-a-plain-folder",
+        _missing_channel_in_folder,
+        ConversionError,
+        ("channel 1", "'synmr_001_0001.nii.gz'", "case 'synmr_001'"),
+    ),
     Bad("unreadable-file", _unreadable, ConversionError, ("could not read", f"{CASE}_0000.nii.gz")),
-    Bad("training-case-without-label", _missing_label, ConversionError,
-        ("needs a label file", f"{CASE}.nii.gz", f"case '{CASE}'")),
+    Bad(
+        "training-case-without-label",
+        _missing_label,
+        ConversionError,
+        ("needs a label file", f"{CASE}.nii.gz", f"case '{CASE}'"),
+    ),
     Bad("folder-without-images", _empty_folder, ConversionError, ("could not recognise", "empty")),
     Bad("dataset-without-cases", _empty_images_tr, ConversionError, ("at least one case", "raw")),
     Bad("png-among-nifti", _png_among_nifti, VoxflowWarning, ("synct_009_0000.png", "file_ending '.nii.gz'")),
-    Bad("2d-file-in-3d-dataset", _two_d_in_three_d, ConversionError,
-        ("2D image", f"{CASE}_0000.nii.gz", f"case '{CASE}'", "3D")),
+    Bad(
+        "2d-file-in-3d-dataset",
+        _two_d_in_three_d,
+        ConversionError,
+        ("2D image", f"{CASE}_0000.nii.gz", f"case '{CASE}'", "3D"),
+    ),
     Bad("png-among-nifti-in-folders", _png_among_nifti_folders, ConversionError, ("2D image", "b.png", "case 'b'")),
     Bad("space-in-file-name", _space_in_name, ConversionError, ("synct 001_0000.nii.gz", "Rename the file")),
     Bad("two-files-one-case", _duplicate_stems, ConversionError, ("unique", "'a.nii.gz'", "'a.nrrd'")),
     Bad("label-without-image", _orphan_label, ConversionError, ("needs an image", "zz.nii.gz")),
-    Bad("same-named-files-from-two-folders", _same_named_inputs, ConversionError,
-        ("distinct cases", "a/scan.nii.gz", "b/scan.nii.gz"), files=True),
+    Bad(
+        "same-named-files-from-two-folders",
+        _same_named_inputs,
+        ConversionError,
+        ("distinct cases", "a/scan.nii.gz", "b/scan.nii.gz"),
+        files=True,
+    ),
 ]
 
 
@@ -306,8 +402,11 @@ def test_bad_input_api(bad: Bad, tmp_path: Path) -> None:
         assert fragment in msg, f"{fragment!r} not in: {msg}"
 
 
-@pytest.mark.parametrize("bad", [b for b in BAD if not b.files and not issubclass(b.error, Warning)],
-                         ids=[b.id for b in BAD if not b.files and not issubclass(b.error, Warning)])
+@pytest.mark.parametrize(
+    "bad",
+    [b for b in BAD if not b.files and not issubclass(b.error, Warning)],
+    ids=[b.id for b in BAD if not b.files and not issubclass(b.error, Warning)],
+)
 def test_bad_input_cli(bad: Bad, tmp_path: Path) -> None:
     src = bad.make(tmp_path)
     with warnings.catch_warnings():

@@ -37,8 +37,9 @@ def _volume() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture
-def mr_tree(tmp_path: Path, dicom_writer: Callable[..., list[Path]],
-            oblique_xyz: tuple[float, ...]) -> tuple[Path, Store, np.ndarray]:
+def mr_tree(
+    tmp_path: Path, dicom_writer: Callable[..., list[Path]], oblique_xyz: tuple[float, ...]
+) -> tuple[Path, Store, np.ndarray]:
     """A tree with one oblique MR series, converted; and the label to put in SEGs."""
     image, label = _volume()
     dicom_writer(tmp_path / "tree" / "study" / "t1", image, series_uid="1.2.826.0.1.7", direction=oblique_xyz)
@@ -49,8 +50,9 @@ def mr_tree(tmp_path: Path, dicom_writer: Callable[..., list[Path]],
 def _write_seg(store: Store, label: np.ndarray, path: Path, labels: dict, **kw: object) -> Path:
     (cid,) = store.case_ids()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_dicom_seg(label, store.geometry(cid), dicom_reference(store.case_attrs(cid)), path,
-                           labels=labels, case_id=cid, **kw)
+    return write_dicom_seg(
+        label, store.geometry(cid), dicom_reference(store.case_attrs(cid)), path, labels=labels, case_id=cid, **kw
+    )
 
 
 def test_dicom_modality_names_the_channel_and_conversion_records_the_uids(mr_tree) -> None:
@@ -66,8 +68,9 @@ def test_dicom_modality_names_the_channel_and_conversion_records_the_uids(mr_tre
 
 def test_seg_round_trip_through_convert(mr_tree, tmp_path: Path) -> None:
     tree, store, label = mr_tree
-    _write_seg(store, label, tree / "study" / "seg" / "seg.dcm", {"background": 0, "edge": 1, "core": 2},
-               model_name="m")
+    _write_seg(
+        store, label, tree / "study" / "seg" / "seg.dcm", {"background": 0, "edge": 1, "core": 2}, model_name="m"
+    )
     back = convert(tree, tmp_path / "back.zarr", progress=False)
     (cid,) = back.case_ids()
     assert back.meta.labels == {"background": 0, "edge": 1, "core": 2}  # segment labels name the classes
@@ -81,8 +84,9 @@ def test_seg_export_of_a_case_not_from_dicom_names_the_case(tmp_path: Path) -> N
     store = convert(tmp_path / "scan.nii.gz", tmp_path / "s.zarr", progress=False)
     with pytest.raises(ConversionError, match=r"case 'scan'.*no DICOM source record"):
         export_store(store, tmp_path / "out", array="image", file_ending=".dcm", progress=False)
-    res = CliRunner().invoke(main, ["export", str(store.path), str(tmp_path / "out"), "--array", "image",
-                                    "--file-ending", ".dcm"])
+    res = CliRunner().invoke(
+        main, ["export", str(store.path), str(tmp_path / "out"), "--array", "image", "--file-ending", ".dcm"]
+    )
     assert res.exit_code != 0
     assert "DICOM SEG" in res.output
     assert not (tmp_path / "out").exists()  # nothing half-written
@@ -103,8 +107,12 @@ def test_seg_export_of_a_prediction_store(mr_tree, tmp_path: Path) -> None:
     one that does not needs ``dicom_reference``."""
     _, store, label = mr_tree
     (cid,) = store.case_ids()
-    pred = _prediction_like(store, label, tmp_path / "pred.zarr",
-                            {"input": store.case_attrs(cid)["provenance"], "configurations": ["3d_fullres"]})
+    pred = _prediction_like(
+        store,
+        label,
+        tmp_path / "pred.zarr",
+        {"input": store.case_attrs(cid)["provenance"], "configurations": ["3d_fullres"]},
+    )
     (path,) = export_store(pred, tmp_path / "out", file_ending=".dcm", progress=False)
     ds = pydicom.dcmread(path)
     assert ds.Modality == "SEG"
@@ -142,10 +150,13 @@ def test_overlapping_segments_are_an_error_unless_regions_are_declared(mr_tree, 
     tree, store, label = mr_tree
     seg = _write_seg(store, label, tree / "study" / "seg" / "seg.dcm", REGIONS, regions_class_order=(1, 2))
     assert pydicom.dcmread(seg).SegmentsOverlap == "YES"  # region "whole" contains "core"
-    with pytest.raises(ConversionError, match=r"segments 1 \('whole'\) and 2 \('core'\) share \d+ voxel\(s\) on slice \d"):
+    with pytest.raises(
+        ConversionError, match=r"segments 1 \('whole'\) and 2 \('core'\) share \d+ voxel\(s\) on slice \d"
+    ):
         convert(tree, tmp_path / "x.zarr", progress=False)
-    back = convert(tree, tmp_path / "regions.zarr", progress=False, labels=REGIONS, regions_class_order=(1, 2),
-                   overwrite=True)
+    back = convert(
+        tree, tmp_path / "regions.zarr", progress=False, labels=REGIONS, regions_class_order=(1, 2), overwrite=True
+    )
     (cid,) = back.case_ids()
     np.testing.assert_array_equal(back.label(cid).compute(), label)
 

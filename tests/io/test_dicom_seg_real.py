@@ -84,8 +84,15 @@ def ct_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]
     tree = root / "tree"
     shutil.copytree(SHARED / "dicom-ct-j2k", tree)
     with pytest.warns(VoxflowWarning, match="StudyInstanceUID, SeriesInstanceUID"):  # the files have none
-        write_dicom_seg(label, store.geometry(cid), dicom_reference(store.case_attrs(cid)), tree / "seg.dcm",
-                        labels=CT_LABELS, case_id=cid, model_name="threshold")
+        write_dicom_seg(
+            label,
+            store.geometry(cid),
+            dicom_reference(store.case_attrs(cid)),
+            tree / "seg.dcm",
+            labels=CT_LABELS,
+            case_id=cid,
+            model_name="threshold",
+        )
     return tree, label
 
 
@@ -122,8 +129,9 @@ def test_seg_of_oblique_mr_is_valid_references_its_series_and_equals_nifti(mr_st
         assert len(frames) == len(position_of)  # every slice, empty ones included
         for f in frames:  # each frame refers to the source slice at its own position
             uid = f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-            np.testing.assert_allclose([float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient],
-                                       position_of[uid], atol=1e-4)
+            np.testing.assert_allclose(
+                [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient], position_of[uid], atol=1e-4
+            )
         iop = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
         np.testing.assert_allclose([float(v) for v in iop], ref["image_orientation"], atol=1e-6)
         assert not np.allclose([float(v) for v in iop], [1, 0, 0, 0, 1, 0], atol=1e-3)  # oblique

@@ -78,10 +78,17 @@ def test_msd_4d_images_become_channels(tmp_path: Path, image_factory) -> None:
     sitk.WriteImage(img4, str(root / "imagesTr" / "brain_001.nii.gz"))
     lab = (vol[0] > 0.5).astype(np.uint8)
     sitk.WriteImage(image_factory(lab), str(root / "labelsTr" / "brain_001.nii.gz"))
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "Task01", "modality": {"0": "FLAIR", "1": "T1w"}, "labels": {"0": "background", "1": "tumour"},
-        "training": [{"image": "./imagesTr/brain_001.nii.gz", "label": "./labelsTr/brain_001.nii.gz"}],
-        "test": []}))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "Task01",
+                "modality": {"0": "FLAIR", "1": "T1w"},
+                "labels": {"0": "background", "1": "tumour"},
+                "training": [{"image": "./imagesTr/brain_001.nii.gz", "label": "./labelsTr/brain_001.nii.gz"}],
+                "test": [],
+            }
+        )
+    )
     store = convert(root, tmp_path / "ds.zarr", progress=False)
     assert detect_source(root) == "msd"
     assert store.meta.channel_names == ("FLAIR", "T1w")
@@ -128,16 +135,18 @@ def test_single_file_tiff_stack_and_slice_folder(tmp_path: Path, image_factory) 
     np.testing.assert_array_equal(store.image("slices")[0].compute(), vol)
 
 
-def test_dicom_series_in_one_folder_are_told_apart_and_masks_pair(tmp_path: Path, dicom_writer,
-                                                                    oblique_xyz: tuple[float, ...]) -> None:
+def test_dicom_series_in_one_folder_are_told_apart_and_masks_pair(
+    tmp_path: Path, dicom_writer, oblique_xyz: tuple[float, ...]
+) -> None:
     rng = np.random.default_rng(2)
     t1 = rng.integers(0, 1000, size=(6, 10, 12)).astype(np.int16)
     t2 = rng.integers(0, 1000, size=(4, 9, 12)).astype(np.int16)
     mask = (t1 > 700).astype(np.int16)
     study = tmp_path / "dicom/patient/study"
     dicom_writer(study / "mixed", t1, series_uid="1.2.3.1", description="T1post", direction=oblique_xyz)
-    dicom_writer(study / "mixed", t2, series_uid="1.2.3.2", description="T2", spacing_xyz=(0.9, 0.9, 4.0),
-                 start_index=100)
+    dicom_writer(
+        study / "mixed", t2, series_uid="1.2.3.2", description="T2", spacing_xyz=(0.9, 0.9, 4.0), start_index=100
+    )
     dicom_writer(study / "seg", mask, series_uid="1.2.3.3", description="MaskTumor", direction=oblique_xyz)
     store = convert(tmp_path / "dicom", tmp_path / "ds.zarr", progress=False)
     assert store.meta.labels == {"background": 0, "foreground": 1}
@@ -165,8 +174,9 @@ def test_to_xarray_is_lazy(tmp_path: Path) -> None:
 @pytest.mark.slow  # starts a 2-process LocalCluster (~5-10 s)
 def test_convert_on_local_cluster_matches_threads(tmp_path: Path) -> None:
     src = make_dataset(tmp_path / "raw", kind="mr", n_cases=3, shape_zyx=(10, 20, 20))
-    cluster = convert(src, tmp_path / "a.zarr", scheduler="local:2", chunks_zyx=(2, 8, 8),
-                      max_memory_bytes=5_000_000, progress=False)
+    cluster = convert(
+        src, tmp_path / "a.zarr", scheduler="local:2", chunks_zyx=(2, 8, 8), max_memory_bytes=5_000_000, progress=False
+    )
     threads = convert(src, tmp_path / "b.zarr", progress=False)
     assert cluster.case_ids() == threads.case_ids()
     for cid in cluster.case_ids():
@@ -177,8 +187,13 @@ def test_convert_on_local_cluster_matches_threads(tmp_path: Path) -> None:
 def test_test_images_folder_with_training_names(tmp_path: Path) -> None:
     src = make_dataset(tmp_path / "raw", kind="mr", n_cases=1, shape_zyx=(4, 6, 8), n_test_cases=2)
     assert detect_source(src / "imagesTs") == "image-folder"
-    store = convert(src / "imagesTs", tmp_path / "ts.zarr", channel_names=("T1", "T2"),
-                    labels={"background": 0, "edema": 1, "tumor": 2}, progress=False)
+    store = convert(
+        src / "imagesTs",
+        tmp_path / "ts.zarr",
+        channel_names=("T1", "T2"),
+        labels={"background": 0, "edema": 1, "tumor": 2},
+        progress=False,
+    )
     assert store.case_ids() == ["synmr_001", "synmr_002"]
     assert store.meta.channel_names == ("T1", "T2")
     assert store.image("synmr_002").shape == (2, 4, 6, 8)

@@ -15,9 +15,18 @@ from voxflow.store import Store
 from voxflow.synthetic import make_dataset
 
 
-@pytest.mark.parametrize(("ending", "dtype"), [(".nii.gz", np.float32), (".nii.gz", np.int16), (".nii", np.uint8),
-                                               (".nrrd", np.float32), (".nrrd", np.int16), (".mha", np.float32),
-                                               (".mha", np.uint8)])
+@pytest.mark.parametrize(
+    ("ending", "dtype"),
+    [
+        (".nii.gz", np.float32),
+        (".nii.gz", np.int16),
+        (".nii", np.uint8),
+        (".nrrd", np.float32),
+        (".nrrd", np.int16),
+        (".mha", np.float32),
+        (".mha", np.uint8),
+    ],
+)
 def test_export_round_trip_is_bit_exact(tmp_path: Path, image_factory, oblique_xyz, ending: str, dtype: type) -> None:
     rng = np.random.default_rng(3)
     (tmp_path / "src/images").mkdir(parents=True)
@@ -31,7 +40,9 @@ def test_export_round_trip_is_bit_exact(tmp_path: Path, image_factory, oblique_x
     out = export_store(store, tmp_path / "out", file_ending=ending, progress=False)
     out += export_store(store, tmp_path / "out", array="image", file_ending=ending, progress=False)
     assert [p.name for p in out] == [f"c1{ending}", f"c1_0000{ending}"]
-    for exported, original in zip(out, [tmp_path / f"src/labels/c1{ending}", tmp_path / f"src/images/c1{ending}"], strict=True):
+    for exported, original in zip(
+        out, [tmp_path / f"src/labels/c1{ending}", tmp_path / f"src/images/c1{ending}"], strict=True
+    ):
         a, b = sitk.ReadImage(str(original)), sitk.ReadImage(str(exported))
         assert a.GetPixelID() == b.GetPixelID()
         np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
@@ -79,15 +90,18 @@ def test_info_lists_incomplete_cases_and_sizes(tmp_path: Path) -> None:
 def test_cli_convert_info_export(tmp_path: Path) -> None:
     src = make_dataset(tmp_path / "raw", n_cases=2, shape_zyx=(4, 8, 8))
     runner = CliRunner()
-    res = runner.invoke(main, ["convert", str(src), str(tmp_path / "ds.zarr"), "--chunks", "2,4,4",
-                               "--max-memory", "1GB"])
+    res = runner.invoke(
+        main, ["convert", str(src), str(tmp_path / "ds.zarr"), "--chunks", "2,4,4", "--max-memory", "1GB"]
+    )
     assert res.exit_code == 0, res.output
     assert "2 complete case(s)" in res.output
     res = runner.invoke(main, ["info", str(tmp_path / "ds.zarr"), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["n_cases"] == 2
-    res = runner.invoke(main, ["export", str(tmp_path / "ds.zarr"), str(tmp_path / "out"), "--case", "synct_001",
-                               "--file-ending", ".mha"])
+    res = runner.invoke(
+        main,
+        ["export", str(tmp_path / "ds.zarr"), str(tmp_path / "out"), "--case", "synct_001", "--file-ending", ".mha"],
+    )
     assert res.exit_code == 0, res.output
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["synct_001.mha"]
     res = runner.invoke(main, ["convert", str(src), str(tmp_path / "bad.zarr"), "--chunks", "2,4"])
@@ -114,10 +128,17 @@ def _uncompressed(path: Path) -> bytes:
     return raw
 
 
-@pytest.mark.parametrize(("ending", "dtype"), [(".nii", np.uint8), (".nii.gz", np.int16), (".nii", np.float32),
-                                               (".nrrd", np.int16), (".nrrd", np.float32)])
-def test_export_streams_slabs_with_sitk_bytes(tmp_path: Path, oblique_xyz, monkeypatch, ending: str,  # noqa: ANN001
-                                                    dtype: type) -> None:
+@pytest.mark.parametrize(
+    ("ending", "dtype"),
+    [(".nii", np.uint8), (".nii.gz", np.int16), (".nii", np.float32), (".nrrd", np.int16), (".nrrd", np.float32)],
+)
+def test_export_streams_slabs_with_sitk_bytes(
+    tmp_path: Path,
+    oblique_xyz,
+    monkeypatch,
+    ending: str,  # noqa: ANN001
+    dtype: type,
+) -> None:
     """Streamed NIfTI/NRRD == SimpleITK's whole-image write, byte for byte (uncompressed), while the
     volume is read one slab at a time; a failed write leaves no file under the final name."""
     import voxflow.io._export as E

@@ -119,8 +119,9 @@ def test_verify_reads_every_chunk_and_reports_a_bad_checksum(raw: Path, tmp_path
 
 
 @pytest.mark.parametrize("damaged", ["case", "array"])
-def test_truncated_zarr_json_is_a_clear_error_and_convert_redoes_the_case(raw: Path, tmp_path: Path,
-                                                                        damaged: str) -> None:
+def test_truncated_zarr_json_is_a_clear_error_and_convert_redoes_the_case(
+    raw: Path, tmp_path: Path, damaged: str
+) -> None:
     dst = _converted(raw, tmp_path)
     meta = dst / "cases" / CASE / ("zarr.json" if damaged == "case" else "image/zarr.json")
     meta.write_bytes(meta.read_bytes()[:40])
@@ -152,9 +153,15 @@ def test_store_without_checksums_still_opens(tmp_path: Path) -> None:
 
     st = Store.create(tmp_path / "old.zarr", DatasetMeta(channel_names=("ct",), labels={"background": 0}))
     st.begin_case("a", geometry=Geometry(shape_zyx=(4, 4, 4), spacing_zyx=(1.0, 1.0, 1.0)))
-    old = st.case_group("a").create_array("image", shape=(1, 4, 4, 4), chunks=(1, 2, 4, 4), dtype="f4",
-                                          compressors=default_compressor(), fill_value=0,
-                                          dimension_names=("c", "z", "y", "x"))
+    old = st.case_group("a").create_array(
+        "image",
+        shape=(1, 4, 4, 4),
+        chunks=(1, 2, 4, 4),
+        dtype="f4",
+        compressors=default_compressor(),
+        fill_value=0,
+        dimension_names=("c", "z", "y", "x"),
+    )
     old[:, :2] = 1.0  # the second chunk is all fill value: not written, as older voxflow did
     st.mark_complete("a")
     st = Store.open(tmp_path / "old.zarr")

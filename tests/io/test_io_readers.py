@@ -27,8 +27,10 @@ def _readers(tmp_path: Path, vol: np.ndarray, image_factory, dicom_writer) -> di
         sitk.WriteImage(sitk.GetImageFromArray(vol[z].astype(np.uint16)), str(tmp_path / "png" / f"s{z}.png"))
     dicom_writer(tmp_path / "dcm", vol, series_uid="1.9")
     return {
-        "nii": SitkFile(tmp_path / "v.nii"), "nii.gz": SitkFile(tmp_path / "v.nii.gz"),
-        "nrrd": SitkFile(tmp_path / "v.nrrd"), "mha": SitkFile(tmp_path / "v.mha"),
+        "nii": SitkFile(tmp_path / "v.nii"),
+        "nii.gz": SitkFile(tmp_path / "v.nii.gz"),
+        "nrrd": SitkFile(tmp_path / "v.nrrd"),
+        "mha": SitkFile(tmp_path / "v.mha"),
         "tif": SliceStack((tmp_path / "v.tif",)),
         "png": SliceStack(tuple(sorted((tmp_path / "png").iterdir(), key=lambda p: int(p.stem[1:])))),
         "dicom": scan_dicom_series(tmp_path / "dcm")[0],
@@ -64,8 +66,9 @@ def _orthonormal(angles: tuple[float, float, float]) -> tuple[float, ...]:
     angles=st.tuples(*[st.floats(-3.1, 3.1)] * 3),
     ending=st.sampled_from([".nrrd", ".mha", ".nii"]),
 )
-def test_convert_export_round_trips_geometry(tmp_path_factory: pytest.TempPathFactory, image_factory,
-                                             spacing, origin, angles, ending: str) -> None:
+def test_convert_export_round_trips_geometry(
+    tmp_path_factory: pytest.TempPathFactory, image_factory, spacing, origin, angles, ending: str
+) -> None:
     tmp = tmp_path_factory.mktemp("rt")
     vol = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
     img = image_factory(vol, spacing, origin, _orthonormal(angles))

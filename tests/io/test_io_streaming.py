@@ -23,10 +23,12 @@ def _pattern(z0: int, z1: int, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def _write_mha(path: Path, shape: tuple[int, int, int], slab: int = 16) -> None:
-    header = ("ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
-              "CompressedData = False\nTransformMatrix = 1 0 0 0 1 0 0 0 1\nOffset = 1.5 -2 3\n"
-              f"ElementSpacing = 0.5 0.5 1.25\nDimSize = {shape[2]} {shape[1]} {shape[0]}\n"
-              "ElementType = MET_SHORT\nElementDataFile = LOCAL\n")
+    header = (
+        "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        "CompressedData = False\nTransformMatrix = 1 0 0 0 1 0 0 0 1\nOffset = 1.5 -2 3\n"
+        f"ElementSpacing = 0.5 0.5 1.25\nDimSize = {shape[2]} {shape[1]} {shape[0]}\n"
+        "ElementType = MET_SHORT\nElementDataFile = LOCAL\n"
+    )
     with open(path, "wb") as f:
         f.write(header.encode())
         for z in range(0, shape[0], slab):
@@ -79,7 +81,7 @@ def test_volume_larger_than_memory_cap_converts_exactly(tmp_path: Path) -> None:
     reader.SetFileName(str(src))
     for z0 in range(0, _SHAPE[0], 44):
         expected = _pattern(z0, z0 + 44, _SHAPE)
-        np.testing.assert_array_equal(arr[0, z0:z0 + 44], expected)
+        np.testing.assert_array_equal(arr[0, z0 : z0 + 44], expected)
     reader.SetExtractIndex((0, 0, 100))
     reader.SetExtractSize((_SHAPE[2], _SHAPE[1], 3))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(reader.Execute()), _pattern(100, 103, _SHAPE))

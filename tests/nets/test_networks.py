@@ -15,13 +15,22 @@ from voxflow.nets import (
 from voxflow.plan.schema import NetworkSpec
 
 
-def _spec(dims: int = 3, architecture: str = "unet", strides=None, features=(4, 8, 16), ds: bool = True,
-          kernels=None) -> NetworkSpec:
+def _spec(
+    dims: int = 3, architecture: str = "unet", strides=None, features=(4, 8, 16), ds: bool = True, kernels=None
+) -> NetworkSpec:
     n = len(features)
     strides = strides or [(1,) * dims] + [(2,) * dims] * (n - 1)
-    return NetworkSpec(architecture=architecture, spatial_dims=dims, n_stages=n, features_per_stage=features,
-                       kernel_sizes=kernels or [(3,) * dims] * n, strides=strides, n_blocks_per_stage=[1, 2, 2, 1, 1][:n],
-                       n_conv_per_stage_decoder=[1] * (n - 1), deep_supervision=ds)
+    return NetworkSpec(
+        architecture=architecture,
+        spatial_dims=dims,
+        n_stages=n,
+        features_per_stage=features,
+        kernel_sizes=kernels or [(3,) * dims] * n,
+        strides=strides,
+        n_blocks_per_stage=[1, 2, 2, 1, 1][:n],
+        n_conv_per_stage_decoder=[1] * (n - 1),
+        deep_supervision=ds,
+    )
 
 
 @pytest.mark.parametrize("architecture", ["unet", "resenc_unet", "unetpp"])
@@ -96,8 +105,15 @@ def test_residual_and_nested_variants_differ_from_plain() -> None:
 
 
 def test_count_parameters_by_hand() -> None:
-    spec = NetworkSpec(spatial_dims=2, n_stages=1, features_per_stage=(2,), kernel_sizes=[(3, 3)],
-                       strides=[(1, 1)], n_blocks_per_stage=(1,), n_conv_per_stage_decoder=())
+    spec = NetworkSpec(
+        spatial_dims=2,
+        n_stages=1,
+        features_per_stage=(2,),
+        kernel_sizes=[(3, 3)],
+        strides=[(1, 1)],
+        n_blocks_per_stage=(1,),
+        n_conv_per_stage_decoder=(),
+    )
     net = build_network(spec, 1, 3)
     # conv 1->2 3x3 (+bias) = 20, instance norm affine = 4, head 2->3 1x1 (+bias) = 9
     assert count_parameters(net) == 20 + 4 + 9

@@ -21,16 +21,21 @@ from voxflow.nnunet import (
 from voxflow.preprocess import zoom_reference
 from voxflow.testing import raise_if_computes
 
-DATASET = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1, "lesion": 2},
-           "numTraining": 2, "file_ending": ".nii.gz"}
+DATASET = {
+    "channel_names": {"0": "CT"},
+    "labels": {"background": 0, "organ": 1, "lesion": 2},
+    "numTraining": 2,
+    "file_ending": ".nii.gz",
+}
 
 
 def plans() -> dict[str, Any]:
     """The hand-written nnU-Net plans of ``test_nnunet_translate.py`` (3d_fullres, 3d_lowres, 3d_cascade_fullres)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("nnunet_translate_tests", Path(__file__).with_name(
-        "test_nnunet_translate.py"))
+    spec = importlib.util.spec_from_file_location(
+        "nnunet_translate_tests", Path(__file__).with_name("test_nnunet_translate.py")
+    )
     assert spec is not None
     assert spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
@@ -66,8 +71,16 @@ def _along(seg: np.ndarray, shape: tuple[int, ...], order_z: int) -> np.ndarray:
     return out
 
 
-def _oracle(label: np.ndarray, nonzero: np.ndarray, bbox: tuple[tuple[int, int], ...], shape: tuple[int, int, int],
-            labels: list[int], *, sep: int | None, order_z: int) -> np.ndarray:
+def _oracle(
+    label: np.ndarray,
+    nonzero: np.ndarray,
+    bbox: tuple[tuple[int, int], ...],
+    shape: tuple[int, int, int],
+    labels: list[int],
+    *,
+    sep: int | None,
+    order_z: int,
+) -> np.ndarray:
     box = tuple(slice(lo, hi) for lo, hi in bbox)
     seg = label[box].astype(np.int16)
     seg[(seg == 0) & ~nonzero[box]] = -1
@@ -80,15 +93,18 @@ def _oracle(label: np.ndarray, nonzero: np.ndarray, bbox: tuple[tuple[int, int],
     return np.stack([seg == v for v in labels]).astype(np.float32)
 
 
-@pytest.mark.parametrize(("shape", "sep", "order_z", "chunks"), [
-    ((17, 30, 26), None, 0, (7, 6, 5)),   # downsample z, upsample y and x, all order 1
-    ((9, 40, 13), 0, 0, (5, 9, 7)),       # separate z: in-plane order 1, then nearest along z
-    ((31, 20, 22), 2, 1, (8, 11, 6)),     # separate x with order 1 along it (per label, > 0.5)
-    ((14, 22, 18), None, 0, (14, 22, 18)),  # the crop's own shape: no resampling
-])
-def test_previous_stage_onehot_matches_nnunet_resampling(shape: tuple[int, int, int], sep: int | None, order_z: int,
-                                                         chunks: tuple[int, int, int],
-                                                         rng: np.random.Generator) -> None:
+@pytest.mark.parametrize(
+    ("shape", "sep", "order_z", "chunks"),
+    [
+        ((17, 30, 26), None, 0, (7, 6, 5)),  # downsample z, upsample y and x, all order 1
+        ((9, 40, 13), 0, 0, (5, 9, 7)),  # separate z: in-plane order 1, then nearest along z
+        ((31, 20, 22), 2, 1, (8, 11, 6)),  # separate x with order 1 along it (per label, > 0.5)
+        ((14, 22, 18), None, 0, (14, 22, 18)),  # the crop's own shape: no resampling
+    ],
+)
+def test_previous_stage_onehot_matches_nnunet_resampling(
+    shape: tuple[int, int, int], sep: int | None, order_z: int, chunks: tuple[int, int, int], rng: np.random.Generator
+) -> None:
     from scipy import ndimage as ndi
 
     noise = ndi.gaussian_filter(rng.normal(size=(18, 26, 22)), 2.0)  # blobby labels 0, 1, 2
@@ -97,9 +113,17 @@ def test_previous_stage_onehot_matches_nnunet_resampling(shape: tuple[int, int, 
     nonzero[:, :8] = False  # background there is nnU-Net's -1 (outside the nonzero mask)
     bbox = ((2, 16), (1, 23), (3, 21))
     with raise_if_computes():
-        got = previous_stage_onehot(da.from_array(label, chunks=(7, 9, 8)), bbox, shape, labels=[1, 2],
-                                    nonzero=da.from_array(nonzero, chunks=(5, 6, 7)), order=1, separate_axis=sep,
-                                    order_z=order_z, out_chunks=chunks)
+        got = previous_stage_onehot(
+            da.from_array(label, chunks=(7, 9, 8)),
+            bbox,
+            shape,
+            labels=[1, 2],
+            nonzero=da.from_array(nonzero, chunks=(5, 6, 7)),
+            order=1,
+            separate_axis=sep,
+            order_z=order_z,
+            out_chunks=chunks,
+        )
     assert got.dtype == np.float32
     assert got.chunks[1][0] == chunks[0]
     ref = _oracle(label, nonzero, bbox, shape, [1, 2], sep=sep, order_z=order_z)
@@ -137,10 +161,14 @@ def test_cascade_config_errors_are_named() -> None:
 
 # ---- with nnU-Net itself / its network package -------------------------------------------------------------------
 
+
 @pytest.mark.nnunet
-@pytest.mark.parametrize(("spacing", "target"), [((1.0, 1.0, 1.0), (1.3, 0.7, 0.9)), ((0.7, 0.8, 4.0), (1.0, 1.0, 2.2))])
-def test_onehot_equals_nnunet_preprocessor(spacing: tuple[float, ...], target: tuple[float, ...],
-                                           rng: np.random.Generator) -> None:
+@pytest.mark.parametrize(
+    ("spacing", "target"), [((1.0, 1.0, 1.0), (1.3, 0.7, 0.9)), ((0.7, 0.8, 4.0), (1.0, 1.0, 2.2))]
+)
+def test_onehot_equals_nnunet_preprocessor(
+    spacing: tuple[float, ...], target: tuple[float, ...], rng: np.random.Generator
+) -> None:
     """The channels equal nnU-Net's own ``resample_data_or_seg_to_shape(is_seg=True)`` and
     ``convert_labelmap_to_one_hot`` (after its crop, with the -1 it writes outside the nonzero mask)."""
     pytest.importorskip("nnunetv2")
@@ -161,13 +189,22 @@ def test_onehot_equals_nnunet_preprocessor(spacing: tuple[float, ...], target: t
     seg = label[tuple(slice(lo, hi) for lo, hi in bbox)].astype(np.int8)[None]
     seg[0, :3][seg[0, :3] == 0] = -1  # nnU-Net's crop_to_nonzero marks background outside the mask -1
     shape = tuple(int(s) for s in compute_new_shape(seg.shape[1:], spacing, target))
-    ref_seg = resample_data_or_seg_to_shape(seg, shape, spacing, target, is_seg=True, order=1, order_z=0,
-                                            force_separate_z=None)
+    ref_seg = resample_data_or_seg_to_shape(
+        seg, shape, spacing, target, is_seg=True, order=1, order_z=0, force_separate_z=None
+    )
     ref = convert_labelmap_to_one_hot(ref_seg[0], [1, 2], np.float32)
     sep = separate_z_axis(spacing, target)
-    got = previous_stage_onehot(da.from_array(label, chunks=(6, 8, 7)), bbox, shape, labels=[1, 2], order=1,
-                                nonzero=da.from_array(nonzero), separate_axis=sep, order_z=0,
-                                out_chunks=(5, 9, 8)).compute()
+    got = previous_stage_onehot(
+        da.from_array(label, chunks=(6, 8, 7)),
+        bbox,
+        shape,
+        labels=[1, 2],
+        order=1,
+        nonzero=da.from_array(nonzero),
+        separate_axis=sep,
+        order_z=0,
+        out_chunks=(5, 9, 8),
+    ).compute()
     assert got.shape == ref.shape
     # nnU-Net decides exact ties (true value 0.5 on both sides) on its float64 rounding (0.5000000000000002 vs
     # 0.4999999999999998); voxflow zooms axis by axis in float32: a few such voxels in 10^4 differ.
@@ -175,8 +212,14 @@ def test_onehot_equals_nnunet_preprocessor(spacing: tuple[float, ...], target: t
     assert got.sum() > 1000
 
 
-def _model_folder(root: Path, config: str, plans: dict[str, Any], dataset: dict[str, Any], folds: list[int],
-                  trainer: str = "nnUNetTrainer") -> Path:
+def _model_folder(
+    root: Path,
+    config: str,
+    plans: dict[str, Any],
+    dataset: dict[str, Any],
+    folds: list[int],
+    trainer: str = "nnUNetTrainer",
+) -> Path:
     import torch
 
     from voxflow.nnunet import build_network
@@ -185,9 +228,15 @@ def _model_folder(root: Path, config: str, plans: dict[str, Any], dataset: dict[
     spec = translate_configuration(plans, dataset, config)
     for fold in folds:
         (folder / f"fold_{fold}").mkdir(parents=True)
-        torch.save({"network_weights": build_network(spec).state_dict(), "init_args": {"configuration": config},
-                    "trainer_name": trainer, "inference_allowed_mirroring_axes": (0, 1, 2)},
-                   folder / f"fold_{fold}" / "checkpoint_final.pth")
+        torch.save(
+            {
+                "network_weights": build_network(spec).state_dict(),
+                "init_args": {"configuration": config},
+                "trainer_name": trainer,
+                "inference_allowed_mirroring_axes": (0, 1, 2),
+            },
+            folder / f"fold_{fold}" / "checkpoint_final.pth",
+        )
     (folder / "plans.json").write_text(json.dumps(plans))
     (folder / "dataset.json").write_text(json.dumps(dataset))
     return folder
@@ -249,10 +298,14 @@ def test_cascade_prepare_appends_the_previous_stage_channels(tmp_path: Path, rng
     store.create_array("c", "image", shape=image.shape, dtype=image.dtype, chunks=(1, 7, 6, 5))[...] = image
     store.mark_complete("c")
     meta = dataset_meta(DATASET, p)
-    cascade = NnunetPredictionModel(NnunetModel(tmp_path, translate_configuration(p, DATASET, "3d_cascade_fullres"),
-                                                meta, [], ["fold_0"], "nnUNetTrainer"))
-    single = NnunetPredictionModel(NnunetModel(tmp_path, translate_configuration(p, DATASET, "3d_fullres"), meta, [],
-                                               ["fold_0"], "nnUNetTrainer"))
+    cascade = NnunetPredictionModel(
+        NnunetModel(
+            tmp_path, translate_configuration(p, DATASET, "3d_cascade_fullres"), meta, [], ["fold_0"], "nnUNetTrainer"
+        )
+    )
+    single = NnunetPredictionModel(
+        NnunetModel(tmp_path, translate_configuration(p, DATASET, "3d_fullres"), meta, [], ["fold_0"], "nnUNetTrainer")
+    )
     with pytest.raises(NnunetModelError, match="needs the '3d_lowres' segmentation of case 'c'"):
         cascade.prepare(store, "c", out_chunks=(8, 8, 8), previous={})
     got = cascade.prepare(store, "c", out_chunks=(8, 8, 8), previous={"3d_lowres": da.from_array(label, chunks=5)})
@@ -273,7 +326,19 @@ def test_cli_previous_model_needs_nnunet_model(tmp_path: Path) -> None:
 
     (tmp_path / "img").mkdir()
     (tmp_path / "low").mkdir()
-    res = CliRunner().invoke(main, ["predict", "-i", str(tmp_path / "img"), "-o", str(tmp_path / "out"), "-m",
-                                    str(tmp_path / "low"), "--nnunet-previous-model", str(tmp_path / "low")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            "-i",
+            str(tmp_path / "img"),
+            "-o",
+            str(tmp_path / "out"),
+            "-m",
+            str(tmp_path / "low"),
+            "--nnunet-previous-model",
+            str(tmp_path / "low"),
+        ],
+    )
     assert res.exit_code != 0
     assert "--nnunet-previous-model goes with --nnunet-model" in res.output

@@ -11,8 +11,12 @@ from voxflow.nnunet import instance_norm_as_group_norm
 
 def test_instance_norm_becomes_group_norm_with_the_same_outputs_and_state_dict(rng: np.random.Generator) -> None:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4, eps=1e-5, affine=True), nn.LeakyReLU(),
-                        nn.Sequential(nn.Conv3d(4, 3, 3, padding=1), nn.InstanceNorm3d(3, affine=False))).eval()
+    net = nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1),
+        nn.InstanceNorm3d(4, eps=1e-5, affine=True),
+        nn.LeakyReLU(),
+        nn.Sequential(nn.Conv3d(4, 3, 3, padding=1), nn.InstanceNorm3d(3, affine=False)),
+    ).eval()
     with torch.no_grad():
         net[1].weight.uniform_(0.5, 1.5)
         net[1].bias.uniform_(-0.5, 0.5)

@@ -24,8 +24,11 @@ DATASET_ID = 901
 def _point_nnunet_at(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """nnU-Net reads its folders from environment variables (current versions when used, older ones at
     import): set them, and patch plain values copied by modules already imported."""
-    paths = {"nnUNet_raw": root / "raw", "nnUNet_preprocessed": root / "preprocessed",
-             "nnUNet_results": root / "results"}
+    paths = {
+        "nnUNet_raw": root / "raw",
+        "nnUNet_preprocessed": root / "preprocessed",
+        "nnUNet_results": root / "results",
+    }
     for name, p in paths.items():
         p.mkdir(parents=True, exist_ok=True)
         monkeypatch.setenv(name, str(p))
@@ -56,8 +59,9 @@ def _shrink(cfg: dict[str, Any], patch_net: list[int], spacing_net: list[float])
     cfg["batch_size"] = 2
 
 
-def _train_briefly(net: Any, cases: list[tuple[np.ndarray, np.ndarray]], patch: list[int], seed: int,
-                   steps: int = 25) -> None:
+def _train_briefly(
+    net: Any, cases: list[tuple[np.ndarray, np.ndarray]], patch: list[int], seed: int, steps: int = 25
+) -> None:
     """A few Adam steps of cross-entropy on random patches of nnU-Net-preprocessed training cases, so
     that the network's classes are separated by margins like a trained model's (random weights give
     near-ties everywhere, where any rounding flips the argmax)."""
@@ -83,8 +87,13 @@ def _train_briefly(net: Any, cases: list[tuple[np.ndarray, np.ndarray]], patch: 
     net.eval()
 
 
-def _build_model(root: Path, kind: str, spacing_zyx: tuple[float, float, float],
-                 target_zyx: tuple[float, float, float], monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[Path]]:
+def _build_model(
+    root: Path,
+    kind: str,
+    spacing_zyx: tuple[float, float, float],
+    target_zyx: tuple[float, float, float],
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[Path, list[Path]]:
     """nnU-Net plans a synthetic dataset; returns the model folder and the test images."""
     import torch
 
@@ -101,8 +110,15 @@ def _build_model(root: Path, kind: str, spacing_zyx: tuple[float, float, float],
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     name = f"Dataset{DATASET_ID}_Syn{kind}"
-    raw = make_dataset(root / "raw" / name, kind=kind, n_cases=3, n_test_cases=1, shape_zyx=(20, 36, 28),
-                       spacing_zyx=spacing_zyx, seed=3)
+    raw = make_dataset(
+        root / "raw" / name,
+        kind=kind,
+        n_cases=3,
+        n_test_cases=1,
+        shape_zyx=(20, 36, 28),
+        spacing_zyx=spacing_zyx,
+        seed=3,
+    )
     extract_fingerprints([DATASET_ID], num_processes=1, show_progress_bar=False, verbose=False)
     plans_id = plan_experiments([DATASET_ID])
     pre = root / "preprocessed" / name
@@ -110,8 +126,11 @@ def _build_model(root: Path, kind: str, spacing_zyx: tuple[float, float, float],
     plans = json.loads(plans_file.read_text())
     tf = plans["transpose_forward"]
     plans["configurations"] = {"3d_fullres": plans["configurations"]["3d_fullres"]}
-    _shrink(plans["configurations"]["3d_fullres"], patch_net=[[16, 24, 16][i] for i in tf],
-            spacing_net=[target_zyx[i] for i in tf])
+    _shrink(
+        plans["configurations"]["3d_fullres"],
+        patch_net=[[16, 24, 16][i] for i in tf],
+        spacing_net=[target_zyx[i] for i in tf],
+    )
     plans_file.write_text(json.dumps(plans, indent=2))
     preprocess([DATASET_ID], plans_id, configurations=("3d_fullres",), num_processes=(1,), verbose=False)
 
@@ -124,23 +143,46 @@ def _build_model(root: Path, kind: str, spacing_zyx: tuple[float, float, float],
     train = []
     for case in sorted(f.name[: -len(".nii.gz")] for f in (raw / "labelsTr").iterdir()):
         data, seg, _ = DefaultPreprocessor(verbose=False).run_case(
-            [str(raw / "imagesTr" / f"{case}_{c:04d}.nii.gz") for c in range(n_ch)], str(raw / "labelsTr" /
-                                                                                        f"{case}.nii.gz"),
-            pm, cm, dataset)
+            [str(raw / "imagesTr" / f"{case}_{c:04d}.nii.gz") for c in range(n_ch)],
+            str(raw / "labelsTr" / f"{case}.nii.gz"),
+            pm,
+            cm,
+            dataset,
+        )
         train.append((data, seg))
     for fold in (0, 1):
         torch.manual_seed(fold)
-        net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                     cm.network_arch_init_kwargs_req_import, n_ch, n_out,
-                                     allow_init=True, deep_supervision=True)
+        net = get_network_from_plans(
+            cm.network_arch_class_name,
+            cm.network_arch_init_kwargs,
+            cm.network_arch_init_kwargs_req_import,
+            n_ch,
+            n_out,
+            allow_init=True,
+            deep_supervision=True,
+        )
         _train_briefly(net, train, list(cm.patch_size), seed=fold)
         (model / f"fold_{fold}").mkdir(parents=True)
-        torch.save({"network_weights": net.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
-                    "logging": {}, "_best_ema": None, "current_epoch": 0,
-                    "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": fold,
-                                  "dataset_json": dataset, "device": "cpu"},
-                    "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)},
-                   model / f"fold_{fold}" / "checkpoint_final.pth")
+        torch.save(
+            {
+                "network_weights": net.state_dict(),
+                "optimizer_state": None,
+                "grad_scaler_state": None,
+                "logging": {},
+                "_best_ema": None,
+                "current_epoch": 0,
+                "init_args": {
+                    "plans": plans,
+                    "configuration": "3d_fullres",
+                    "fold": fold,
+                    "dataset_json": dataset,
+                    "device": "cpu",
+                },
+                "trainer_name": "nnUNetTrainer",
+                "inference_allowed_mirroring_axes": (0, 1, 2),
+            },
+            model / f"fold_{fold}" / "checkpoint_final.pth",
+        )
     (model / "plans.json").write_text(json.dumps(plans))
     (model / "dataset.json").write_text(json.dumps(dataset))
     fp = pre / "dataset_fingerprint.json"
@@ -153,8 +195,14 @@ def _nnunet_predict(model: Path, images: list[Path]) -> dict[str, tuple[np.ndarr
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
-                                perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=True,
+        perform_everything_on_device=False,
+        device=torch.device("cpu"),
+        allow_tqdm=False,
+    )
     predictor.initialize_from_trained_model_folder(str(model), use_folds=(0, 1), checkpoint_name="checkpoint_final.pth")
     cases: dict[str, list[Path]] = {}
     for f in images:
@@ -167,21 +215,29 @@ def _nnunet_predict(model: Path, images: list[Path]) -> dict[str, tuple[np.ndarr
     return out
 
 
-@pytest.mark.parametrize(("kind", "spacing_zyx", "target_zyx"), [
-    ("ct", (0.8, 0.8, 2.5), (1.0, 0.9, 2.2)),  # x coarsest: transpose_forward [2, 0, 1], separate-z along x
-    ("mr", (1.0, 1.0, 1.0), (1.2, 0.9, 1.1)),  # two channels, z-score, order-3 resampling on all axes
-])
-def test_voxflow_matches_nnunet_predictor(kind: str, spacing_zyx: tuple[float, float, float],
-                                          target_zyx: tuple[float, float, float], tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("kind", "spacing_zyx", "target_zyx"),
+    [
+        ("ct", (0.8, 0.8, 2.5), (1.0, 0.9, 2.2)),  # x coarsest: transpose_forward [2, 0, 1], separate-z along x
+        ("mr", (1.0, 1.0, 1.0), (1.2, 0.9, 1.1)),  # two channels, z-score, order-3 resampling on all axes
+    ],
+)
+def test_voxflow_matches_nnunet_predictor(
+    kind: str,
+    spacing_zyx: tuple[float, float, float],
+    target_zyx: tuple[float, float, float],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from voxflow.nnunet import load_nnunet_model, predict_nnunet
 
     model_dir, images = _build_model(tmp_path, kind, spacing_zyx, target_zyx, monkeypatch)
     reference = _nnunet_predict(model_dir, images)
     model = load_nnunet_model(model_dir)
     assert len(model.networks) == 2
-    store = predict_nnunet(images, tmp_path / "voxflow_out", model, save_probabilities=True, progress=False,
-                           export=False)
+    store = predict_nnunet(
+        images, tmp_path / "voxflow_out", model, save_probabilities=True, progress=False, export=False
+    )
     for case, (seg_ref, probs_ref) in reference.items():
         seg = store.label(case).compute()
         probs = store.array(case, "probs").compute().astype(np.float32)
@@ -190,8 +246,10 @@ def test_voxflow_matches_nnunet_predictor(kind: str, spacing_zyx: tuple[float, f
         agree = float((seg == seg_ref).mean())
         err = np.abs(probs - probs_ref)
         p999 = float(np.quantile(err, 0.999))
-        print(f"{kind} {case}: agreement {agree:.6f}, |dp| max {err.max():.2e} p99.9 {p999:.2e} mean "
-              f"{err.mean():.2e}, classes {np.bincount(seg_ref.ravel(), minlength=3)}")
+        print(
+            f"{kind} {case}: agreement {agree:.6f}, |dp| max {err.max():.2e} p99.9 {p999:.2e} mean "
+            f"{err.mean():.2e}, classes {np.bincount(seg_ref.ravel(), minlength=3)}"
+        )
         assert agree >= 0.999, f"{case}: {agree:.5f} voxel agreement"
         # nnU-Net accumulates tile logits and weights in float16: where only the far tails of its Gaussian
         # cover a voxel (volume corners) its average is off by up to ~0.1; voxflow accumulates in float32
@@ -215,9 +273,15 @@ def test_weights_of_another_architecture_name_the_trainer(tmp_path: Path) -> Non
     (folder / "plans.json").write_text(json.dumps(plans))
     (folder / "dataset.json").write_text(json.dumps(dataset))
     other = torch.nn.Conv3d(1, 3, 3)
-    torch.save({"network_weights": other.state_dict(), "init_args": {"configuration": "3d_fullres"},
-                "trainer_name": "MyTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)},
-               folder / "fold_0" / "checkpoint_final.pth")
+    torch.save(
+        {
+            "network_weights": other.state_dict(),
+            "init_args": {"configuration": "3d_fullres"},
+            "trainer_name": "MyTrainer",
+            "inference_allowed_mirroring_axes": (0, 1, 2),
+        },
+        folder / "fold_0" / "checkpoint_final.pth",
+    )
     with pytest.raises(NnunetModelError, match="trainer 'MyTrainer'.*PlainConvUNet"):
         load_nnunet_model(folder)
 
@@ -225,8 +289,9 @@ def test_weights_of_another_architecture_name_the_trainer(tmp_path: Path) -> Non
 def _import_translate_tests() -> Any:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("nnunet_translate_tests", Path(__file__).with_name(
-        "test_nnunet_translate.py"))
+    spec = importlib.util.spec_from_file_location(
+        "nnunet_translate_tests", Path(__file__).with_name("test_nnunet_translate.py")
+    )
     assert spec is not None
     assert spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
@@ -258,24 +323,48 @@ def _train_and_save(folder: Path, plans: dict[str, Any], dataset: dict[str, Any]
     for case in sorted(f.name[: -len(".nii.gz")] for f in (raw / "labelsTr").iterdir()):
         data, seg, _ = DefaultPreprocessor(verbose=False).run_case(
             [str(raw / "imagesTr" / f"{case}_{c:04d}.nii.gz") for c in range(n_ch)],
-            str(raw / "labelsTr" / f"{case}.nii.gz"), pm, cm, dataset)
+            str(raw / "labelsTr" / f"{case}.nii.gz"),
+            pm,
+            cm,
+            dataset,
+        )
         if cm.previous_stage_name is not None:
             data = np.vstack((data, convert_labelmap_to_one_hot(seg[0], lm.foreground_labels, data.dtype)))
         train.append((data, seg))
     assert train[0][0].shape[0] == n_in
     for fold in (0, 1):
         torch.manual_seed(fold)
-        net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                     cm.network_arch_init_kwargs_req_import, n_in, n_out,
-                                     allow_init=True, deep_supervision=True)
+        net = get_network_from_plans(
+            cm.network_arch_class_name,
+            cm.network_arch_init_kwargs,
+            cm.network_arch_init_kwargs_req_import,
+            n_in,
+            n_out,
+            allow_init=True,
+            deep_supervision=True,
+        )
         _train_briefly(net, train, list(cm.patch_size), seed=fold)
         (folder / f"fold_{fold}").mkdir(parents=True)
-        torch.save({"network_weights": net.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
-                    "logging": {}, "_best_ema": None, "current_epoch": 0,
-                    "init_args": {"plans": plans, "configuration": config, "fold": fold,
-                                  "dataset_json": dataset, "device": "cpu"},
-                    "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)},
-                   folder / f"fold_{fold}" / "checkpoint_final.pth")
+        torch.save(
+            {
+                "network_weights": net.state_dict(),
+                "optimizer_state": None,
+                "grad_scaler_state": None,
+                "logging": {},
+                "_best_ema": None,
+                "current_epoch": 0,
+                "init_args": {
+                    "plans": plans,
+                    "configuration": config,
+                    "fold": fold,
+                    "dataset_json": dataset,
+                    "device": "cpu",
+                },
+                "trainer_name": "nnUNetTrainer",
+                "inference_allowed_mirroring_axes": (0, 1, 2),
+            },
+            folder / f"fold_{fold}" / "checkpoint_final.pth",
+        )
     (folder / "plans.json").write_text(json.dumps(plans))
     (folder / "dataset.json").write_text(json.dumps(dataset))
 
@@ -289,8 +378,15 @@ def _build_cascade(root: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[st
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
 
     name = f"Dataset{CASCADE_ID}_SynCascade"
-    raw = make_dataset(root / "raw" / name, kind="ct", n_cases=3, n_test_cases=1, shape_zyx=(24, 48, 40),
-                       spacing_zyx=(0.8, 0.8, 2.5), seed=5)
+    raw = make_dataset(
+        root / "raw" / name,
+        kind="ct",
+        n_cases=3,
+        n_test_cases=1,
+        shape_zyx=(24, 48, 40),
+        spacing_zyx=(0.8, 0.8, 2.5),
+        seed=5,
+    )
     extract_fingerprints([CASCADE_ID], num_processes=1, show_progress_bar=False, verbose=False)
     # a 0.02 GB "GPU" gives a full-resolution patch under 1/4 of the median image: nnU-Net adds the cascade
     plans_id = plan_experiments([CASCADE_ID], gpu_memory_target_in_gb=0.02)
@@ -309,15 +405,17 @@ def _build_cascade(root: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[st
     _shrink(cfgs["3d_lowres"], patch_net=net_order([12, 16, 16]), spacing_net=net_order([1.5, 1.4, 3.0]))
     plans_file.write_text(json.dumps(plans, indent=2))
     dataset = json.loads((raw / "dataset.json").read_text())
-    folders = {c: root / "results" / name / f"nnUNetTrainer__{plans_id}__{c}" for c in ("3d_lowres",
-                                                                                         "3d_cascade_fullres")}
+    folders = {
+        c: root / "results" / name / f"nnUNetTrainer__{plans_id}__{c}" for c in ("3d_lowres", "3d_cascade_fullres")
+    }
     for config, folder in folders.items():
         _train_and_save(folder, plans, dataset, config, raw)
     return folders, sorted((raw / "imagesTs").iterdir())
 
 
-def _nnunet_cascade_predict(folders: dict[str, Path], images: list[Path], out: Path
-                            ) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
+def _nnunet_cascade_predict(
+    folders: dict[str, Path], images: list[Path], out: Path
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """nnU-Net's two-stage prediction: 3d_lowres into a folder, then the cascade with
     ``folder_with_segs_from_prev_stage``; the lowres labels and the cascade's (labels, probabilities)."""
     import SimpleITK as sitk
@@ -329,20 +427,37 @@ def _nnunet_cascade_predict(folders: dict[str, Path], images: list[Path], out: P
         cases.setdefault(f.name[: -len("_0000.nii.gz")], []).append(str(f))
     lists = [sorted(v) for v in cases.values()]
     for config, prev in (("3d_lowres", None), ("3d_cascade_fullres", out / "3d_lowres")):
-        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
-                                    perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(str(folders[config]), use_folds=(0, 1),
-                                                       checkpoint_name="checkpoint_final.pth")
+        predictor = nnUNetPredictor(
+            tile_step_size=0.5,
+            use_gaussian=True,
+            use_mirroring=True,
+            perform_everything_on_device=False,
+            device=torch.device("cpu"),
+            allow_tqdm=False,
+        )
+        predictor.initialize_from_trained_model_folder(
+            str(folders[config]), use_folds=(0, 1), checkpoint_name="checkpoint_final.pth"
+        )
         (out / config).mkdir(parents=True)
-        predictor.predict_from_files_sequential(lists, str(out / config), save_probabilities=prev is not None,
-                                                overwrite=True, folder_with_segs_from_prev_stage=prev and str(prev))
+        predictor.predict_from_files_sequential(
+            lists,
+            str(out / config),
+            save_probabilities=prev is not None,
+            overwrite=True,
+            folder_with_segs_from_prev_stage=prev and str(prev),
+        )
 
     def read(p: Path) -> np.ndarray:
         return sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
 
     low = {c: read(out / "3d_lowres" / f"{c}.nii.gz") for c in cases}
-    casc = {c: (read(out / "3d_cascade_fullres" / f"{c}.nii.gz"),
-                np.load(out / "3d_cascade_fullres" / f"{c}.npz")["probabilities"]) for c in cases}
+    casc = {
+        c: (
+            read(out / "3d_cascade_fullres" / f"{c}.nii.gz"),
+            np.load(out / "3d_cascade_fullres" / f"{c}.npz")["probabilities"],
+        )
+        for c in cases
+    }
     return low, casc
 
 
@@ -366,8 +481,14 @@ def test_voxflow_matches_nnunet_cascade(tmp_path: Path, monkeypatch: pytest.Monk
 
     folders, images = _build_cascade(tmp_path, monkeypatch)
     low_ref, casc_ref = _nnunet_cascade_predict(folders, images, tmp_path / "nnunet_out")
-    store = predict_nnunet(images, tmp_path / "voxflow_out", folders["3d_cascade_fullres"], save_probabilities=True,
-                           progress=False, export=False)
+    store = predict_nnunet(
+        images,
+        tmp_path / "voxflow_out",
+        folders["3d_cascade_fullres"],
+        save_probabilities=True,
+        progress=False,
+        export=False,
+    )
     stage = Store.open(tmp_path / "voxflow_out" / "stages" / "3d_lowres.zarr")
     for case, (seg_ref, probs_ref) in casc_ref.items():
         low = stage.label(case).compute()
@@ -379,8 +500,10 @@ def test_voxflow_matches_nnunet_cascade(tmp_path: Path, monkeypatch: pytest.Monk
         agree_low = float((low == low_ref[case]).mean())
         agree = float((seg == seg_ref).mean())
         err = np.abs(probs - probs_ref)
-        print(f"cascade {case}: 3d_lowres agreement {agree_low:.6f}, cascade agreement {agree:.6f}, |dp| max "
-              f"{err.max():.2e} mean {err.mean():.2e}, classes {np.bincount(seg_ref.ravel(), minlength=3)}")
+        print(
+            f"cascade {case}: 3d_lowres agreement {agree_low:.6f}, cascade agreement {agree:.6f}, |dp| max "
+            f"{err.max():.2e} mean {err.mean():.2e}, classes {np.bincount(seg_ref.ravel(), minlength=3)}"
+        )
         assert agree_low >= 0.999, f"{case}: 3d_lowres {agree_low:.5f} voxel agreement"
         assert agree >= 0.999, f"{case}: cascade {agree:.5f} voxel agreement"
         assert np.bincount(seg_ref.ravel(), minlength=3)[1:].min() > 0  # both foreground classes predicted

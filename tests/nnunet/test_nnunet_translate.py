@@ -26,43 +26,85 @@ from voxflow.nnunet import (
 from voxflow.nnunet._predict import _activate
 from voxflow.testing import raise_if_computes
 
-DATASET = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1, "lesion": 2},
-           "numTraining": 2, "file_ending": ".nii.gz"}
+DATASET = {
+    "channel_names": {"0": "CT"},
+    "labels": {"background": 0, "organ": 1, "lesion": 2},
+    "numTraining": 2,
+    "file_ending": ".nii.gz",
+}
 _KW = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
 
 
 def _plans(transpose: list[int] | None = None) -> dict[str, Any]:
-    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": {"n_stages": 3, "features_per_stage": [8, 16, 32], "conv_op": "torch.nn.modules.conv.Conv3d",
-                            "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3]],
-                            "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2]], "n_conv_per_stage": [2, 2, 2],
-                            "n_conv_per_stage_decoder": [2, 2], "conv_bias": True,
-                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                            "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
-                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-                            "nonlin_kwargs": {"inplace": True}},
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
-    full = {"data_identifier": "x", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-            "patch_size": [8, 16, 24], "median_image_size_in_voxels": [10.0, 20.0, 30.0],
-            "spacing": [2.5, 0.8, 0.7], "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
-            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": dict(_KW),
-            "resampling_fn_seg": "resample_data_or_seg_to_shape",
-            "resampling_fn_seg_kwargs": {**_KW, "is_seg": True, "order": 1},
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-            "resampling_fn_probabilities_kwargs": {**_KW, "order": 1},
-            "architecture": arch, "batch_dice": False}
-    return {"dataset_name": "Dataset001_Syn", "plans_name": "nnUNetPlans",
-            "original_median_spacing_after_transp": [2.5, 0.8, 0.7],
-            "original_median_shape_after_transp": [10, 20, 30], "image_reader_writer": "SimpleITKIO",
-            "transpose_forward": transpose or [0, 1, 2], "transpose_backward": [int(i) for i in np.argsort(transpose or [0, 1, 2])],
-            "configurations": {"3d_fullres": full,
-                               "3d_lowres": {"inherits_from": "3d_fullres", "spacing": [5.0, 1.6, 1.4],
-                                             "next_stage": "3d_cascade_fullres"},
-                               "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}},
-            "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-            "foreground_intensity_properties_per_channel": {"0": {
-                "max": 900.0, "mean": 120.0, "median": 110.0, "min": -1000.0, "percentile_00_5": -200.0,
-                "percentile_99_5": 400.0, "std": 80.0}}}
+    arch = {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": 3,
+            "features_per_stage": [8, 16, 32],
+            "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3]],
+            "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2]],
+            "n_conv_per_stage": [2, 2, 2],
+            "n_conv_per_stage_decoder": [2, 2],
+            "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+            "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+    full = {
+        "data_identifier": "x",
+        "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": 2,
+        "patch_size": [8, 16, 24],
+        "median_image_size_in_voxels": [10.0, 20.0, 30.0],
+        "spacing": [2.5, 0.8, 0.7],
+        "normalization_schemes": ["CTNormalization"],
+        "use_mask_for_norm": [False],
+        "resampling_fn_data": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": dict(_KW),
+        "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_seg_kwargs": {**_KW, "is_seg": True, "order": 1},
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": {**_KW, "order": 1},
+        "architecture": arch,
+        "batch_dice": False,
+    }
+    return {
+        "dataset_name": "Dataset001_Syn",
+        "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": [2.5, 0.8, 0.7],
+        "original_median_shape_after_transp": [10, 20, 30],
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": transpose or [0, 1, 2],
+        "transpose_backward": [int(i) for i in np.argsort(transpose or [0, 1, 2])],
+        "configurations": {
+            "3d_fullres": full,
+            "3d_lowres": {
+                "inherits_from": "3d_fullres",
+                "spacing": [5.0, 1.6, 1.4],
+                "next_stage": "3d_cascade_fullres",
+            },
+            "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"},
+        },
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            "0": {
+                "max": 900.0,
+                "mean": 120.0,
+                "median": 110.0,
+                "min": -1000.0,
+                "percentile_00_5": -200.0,
+                "percentile_99_5": 400.0,
+                "std": 80.0,
+            }
+        },
+    }
 
 
 def test_translate_fullres_matches_plans() -> None:
@@ -99,16 +141,27 @@ def test_inherited_configuration_and_unknown_name() -> None:
         translate_configuration(_plans(), DATASET, "2d")
 
 
-@pytest.mark.parametrize(("edit", "match"), [
-    (lambda p: p["configurations"]["3d_fullres"].update(normalization_schemes=["RGBTo01Normalization"]),
-     "normalization scheme 'RGBTo01Normalization'"),
-    (lambda p: p["configurations"]["3d_fullres"]["architecture"].update(network_class_name="my_pkg.nets.FancyNet"),
-     "'my_pkg.nets.FancyNet' is not supported"),
-    (lambda p: p["configurations"]["3d_fullres"].update(resampling_fn_data="resample_torch_fornnunet"),
-     "resampling_fn_data .* got 'resample_torch_fornnunet'"),
-    (lambda p: p.update(image_reader_writer="Tiff3DIO"), "image_reader_writer 'Tiff3DIO'"),
-    (lambda p: p["configurations"]["3d_fullres"].pop("architecture"), "nnU-Net >= 2.4 plans"),
-])
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (
+            lambda p: p["configurations"]["3d_fullres"].update(normalization_schemes=["RGBTo01Normalization"]),
+            "normalization scheme 'RGBTo01Normalization'",
+        ),
+        (
+            lambda p: p["configurations"]["3d_fullres"]["architecture"].update(
+                network_class_name="my_pkg.nets.FancyNet"
+            ),
+            "'my_pkg.nets.FancyNet' is not supported",
+        ),
+        (
+            lambda p: p["configurations"]["3d_fullres"].update(resampling_fn_data="resample_torch_fornnunet"),
+            "resampling_fn_data .* got 'resample_torch_fornnunet'",
+        ),
+        (lambda p: p.update(image_reader_writer="Tiff3DIO"), "image_reader_writer 'Tiff3DIO'"),
+        (lambda p: p["configurations"]["3d_fullres"].pop("architecture"), "nnU-Net >= 2.4 plans"),
+    ],
+)
 def test_unsupported_settings_are_named(edit: Any, match: str, tmp_path: Path) -> None:
     plans = copy.deepcopy(_plans())
     edit(plans)
@@ -117,9 +170,15 @@ def test_unsupported_settings_are_named(edit: Any, match: str, tmp_path: Path) -
         (folder / "fold_0").mkdir(parents=True)
         (folder / "plans.json").write_text(json.dumps(plans))
         (folder / "dataset.json").write_text(json.dumps(DATASET))
-        torch.save({"network_weights": {}, "init_args": {"configuration": "3d_fullres"},
-                    "trainer_name": "MyTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)},
-                   folder / "fold_0" / "checkpoint_final.pth")
+        torch.save(
+            {
+                "network_weights": {},
+                "init_args": {"configuration": "3d_fullres"},
+                "trainer_name": "MyTrainer",
+                "inference_allowed_mirroring_axes": (0, 1, 2),
+            },
+            folder / "fold_0" / "checkpoint_final.pth",
+        )
         with pytest.raises(NnunetModelError, match=match):
             load_nnunet_model(folder)
         return
@@ -137,26 +196,33 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
 
 
 def test_region_dataset_meta() -> None:
-    ds = {"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3],
-                                                               "enh": [3]},
-          "regions_class_order": [1, 2, 3], "file_ending": ".nii.gz"}
+    ds = {
+        "channel_names": {"0": "T1", "1": "T2"},
+        "labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enh": [3]},
+        "regions_class_order": [1, 2, 3],
+        "file_ending": ".nii.gz",
+    }
     meta = dataset_meta(ds, {"dataset_name": "Dataset002_Reg"})
     assert meta.channel_names == ("T1", "T2")
     assert meta.regions_class_order == (1, 2, 3)
     assert meta.has_regions
 
 
-@pytest.mark.parametrize(("current", "new", "force", "expected"), [
-    ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0), None, None),
-    ((5.0, 1.0, 1.0), (1.0, 1.0, 1.0), None, 0),  # current spacing anisotropic: its coarse axis
-    ((1.0, 1.0, 1.0), (1.0, 4.0, 1.0), None, 1),  # else the new spacing's coarse axis
-    ((4.0, 4.0, 1.0), (1.0, 1.0, 1.0), None, None),  # two coarse axes: no separate axis
-    ((2.9, 1.0, 1.0), (1.0, 1.0, 1.0), None, None),  # ratio 2.9 <= 3
-    ((2.0, 1.0, 1.0), (1.0, 1.0, 1.0), True, 0),
-    ((5.0, 1.0, 1.0), (1.0, 1.0, 1.0), False, None),
-])
-def test_separate_z_rule(current: tuple[float, ...], new: tuple[float, ...], force: bool | None,
-                         expected: int | None) -> None:
+@pytest.mark.parametrize(
+    ("current", "new", "force", "expected"),
+    [
+        ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0), None, None),
+        ((5.0, 1.0, 1.0), (1.0, 1.0, 1.0), None, 0),  # current spacing anisotropic: its coarse axis
+        ((1.0, 1.0, 1.0), (1.0, 4.0, 1.0), None, 1),  # else the new spacing's coarse axis
+        ((4.0, 4.0, 1.0), (1.0, 1.0, 1.0), None, None),  # two coarse axes: no separate axis
+        ((2.9, 1.0, 1.0), (1.0, 1.0, 1.0), None, None),  # ratio 2.9 <= 3
+        ((2.0, 1.0, 1.0), (1.0, 1.0, 1.0), True, 0),
+        ((5.0, 1.0, 1.0), (1.0, 1.0, 1.0), False, None),
+    ],
+)
+def test_separate_z_rule(
+    current: tuple[float, ...], new: tuple[float, ...], force: bool | None, expected: int | None
+) -> None:
     assert separate_z_axis(current, new, force=force) == expected
 
 
@@ -212,11 +278,33 @@ def test_cli_nnunet_model_wiring(tmp_path: Path) -> None:
     (tmp_path / "img").mkdir()
     (tmp_path / "model").mkdir()
     runner = CliRunner()
-    both = runner.invoke(main, ["predict", "-i", str(tmp_path / "img"), "-o", str(tmp_path / "out"),
-                                "-m", str(tmp_path / "model"), "--nnunet-model", str(tmp_path / "model")])
+    both = runner.invoke(
+        main,
+        [
+            "predict",
+            "-i",
+            str(tmp_path / "img"),
+            "-o",
+            str(tmp_path / "out"),
+            "-m",
+            str(tmp_path / "model"),
+            "--nnunet-model",
+            str(tmp_path / "model"),
+        ],
+    )
     assert both.exit_code != 0
     assert "exactly one" in both.output
-    empty = runner.invoke(main, ["predict", "-i", str(tmp_path / "img"), "-o", str(tmp_path / "out"),
-                                 "--nnunet-model", str(tmp_path / "model")])
+    empty = runner.invoke(
+        main,
+        [
+            "predict",
+            "-i",
+            str(tmp_path / "img"),
+            "-o",
+            str(tmp_path / "out"),
+            "--nnunet-model",
+            str(tmp_path / "model"),
+        ],
+    )
     assert empty.exit_code != 0
     assert "plans.json must exist" in empty.output

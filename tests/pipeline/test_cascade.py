@@ -24,15 +24,34 @@ from voxflow.workspace import Workspace
 
 # gpu_memory_gb 0.02 (CPU preset): patch (16, 24, 24) for a median image of (48, 64, 64), i.e. the
 # patch covers 4.7% of the image (< 25%): the planner adds 3d_lowres (27, 36, 36) and the cascade.
-RUN_ARGS = ["--preset", "cpu", "--gpu-memory-gb", "0.02", "-c", "3d_cascade_fullres", "--folds", "0",
-            "--folds", "1", "--no-tta", "--num-workers", "0", "--set", "train.epochs=1",
-            "--set", "train.iters_per_epoch=4", "--set", "train.val_iters=1"]
+RUN_ARGS = [
+    "--preset",
+    "cpu",
+    "--gpu-memory-gb",
+    "0.02",
+    "-c",
+    "3d_cascade_fullres",
+    "--folds",
+    "0",
+    "--folds",
+    "1",
+    "--no-tta",
+    "--num-workers",
+    "0",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.iters_per_epoch=4",
+    "--set",
+    "train.val_iters=1",
+]
 
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("raw") / "ds", kind="mr", n_cases=2, n_test_cases=1,
-                        shape_zyx=(48, 64, 64), seed=1)
+    return make_dataset(
+        tmp_path_factory.mktemp("raw") / "ds", kind="mr", n_cases=2, n_test_cases=1, shape_zyx=(48, 64, 64), seed=1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +81,7 @@ def test_run_plans_trains_and_selects_the_cascade(finished: tuple[Path, str]) ->
         assert ckpt["in_channels"] == 2 + 2  # T1, T2 + one-hot edema, tumour of the previous stage
 
 
-def test_training_cases_get_the_lowres_segmentation_of_the_fold_that_validated_them(
-        finished: tuple[Path, str]) -> None:
+def test_training_cases_get_the_lowres_segmentation_of_the_fold_that_validated_them(finished: tuple[Path, str]) -> None:
     work, _ = finished
     ws = Workspace(work)
     splits = json.loads(ws.splits.read_text())
@@ -98,19 +116,27 @@ def test_cascade_network_reads_the_previous_stage_channels(finished: tuple[Path,
     assert float((real - zero).abs().mean()) > 1e-3
 
 
-def test_predict_runs_both_stages_and_packages_carry_them(raw: Path, finished: tuple[Path, str],
-                                                          tmp_path: Path) -> None:
+def test_predict_runs_both_stages_and_packages_carry_them(
+    raw: Path, finished: tuple[Path, str], tmp_path: Path
+) -> None:
     work, _ = finished
     runner = CliRunner()
-    res = runner.invoke(main, ["export-model", str(work), "-c", "3d_cascade_fullres", "-o", str(tmp_path / "m.zip")],
-                        catch_exceptions=False)
+    res = runner.invoke(
+        main,
+        ["export-model", str(work), "-c", "3d_cascade_fullres", "-o", str(tmp_path / "m.zip")],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     names = zipfile.ZipFile(tmp_path / "m.zip").namelist()
     assert {"3d_lowres/fold_0/checkpoint_final.pt", "3d_cascade_fullres/fold_1/checkpoint_final.pt"} <= set(names)
     images = str(raw / "imagesTs")
-    for out, model in ((tmp_path / "a", str(work / "runs" / "3d_cascade_fullres")), (tmp_path / "b", str(tmp_path / "m.zip"))):
-        res = runner.invoke(main, ["predict", "-i", images, "-o", str(out), "-m", model, "--no-tta"],
-                            catch_exceptions=False)
+    for out, model in (
+        (tmp_path / "a", str(work / "runs" / "3d_cascade_fullres")),
+        (tmp_path / "b", str(tmp_path / "m.zip")),
+    ):
+        res = runner.invoke(
+            main, ["predict", "-i", images, "-o", str(out), "-m", model, "--no-tta"], catch_exceptions=False
+        )
         assert res.exit_code == 0, res.output
         stage = Store.open(out / "stages" / "3d_lowres.zarr")
         assert stage.case_ids() == ["synmr_002"]
@@ -119,8 +145,9 @@ def test_predict_runs_both_stages_and_packages_carry_them(raw: Path, finished: t
     assert a.meta.extra["stages"] == ["3d_lowres"]
 
 
-def test_cascade_without_its_first_stage_is_a_clear_error(finished: tuple[Path, str], tmp_path: Path,
-                                                          raw: Path) -> None:
+def test_cascade_without_its_first_stage_is_a_clear_error(
+    finished: tuple[Path, str], tmp_path: Path, raw: Path
+) -> None:
     from voxflow.infer import predict
 
     work, _ = finished
@@ -130,8 +157,9 @@ def test_cascade_without_its_first_stage_is_a_clear_error(finished: tuple[Path, 
         predict(raw / "imagesTs", tmp_path / "out", model_dir=alone / "3d_cascade_fullres", progress=False)
 
 
-def test_training_the_cascade_before_its_first_stage_names_the_command(finished: tuple[Path, str],
-                                                                       tmp_path: Path) -> None:
+def test_training_the_cascade_before_its_first_stage_names_the_command(
+    finished: tuple[Path, str], tmp_path: Path
+) -> None:
     from voxflow.train.cascade import ensure_previous_stage
 
     work, _ = finished
@@ -157,8 +185,15 @@ def test_training_batches_carry_the_previous_stage_aligned_with_the_label(finish
     work, _ = finished
     ws = Workspace(work)
     cfg = Plan.load(ws.plans).configuration("3d_cascade_fullres")
-    with build_loader(ws.preprocessed(cfg.name), Store.open(ws.preprocessed(cfg.name)).case_ids(), cfg, train=False,
-                      num_workers=0, n_batches=4, batch_size=4) as loader:
+    with build_loader(
+        ws.preprocessed(cfg.name),
+        Store.open(ws.preprocessed(cfg.name)).case_ids(),
+        cfg,
+        train=False,
+        num_workers=0,
+        n_batches=4,
+        batch_size=4,
+    ) as loader:
         batches = list(loader)
     image = torch.cat([b.image for b in batches])
     target = torch.cat([b.target[0] for b in batches])[:, 0]

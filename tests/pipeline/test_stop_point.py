@@ -16,8 +16,7 @@ from voxflow.workspace import Workspace
 def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from voxflow.synthetic import make_dataset
 
-    return make_dataset(tmp_path_factory.mktemp("stop") / "raw", kind="ct", n_cases=2, shape_zyx=(12, 24, 24),
-                        seed=3)
+    return make_dataset(tmp_path_factory.mktemp("stop") / "raw", kind="ct", n_cases=2, shape_zyx=(12, 24, 24), seed=3)
 
 
 def test_stop_after_plan_writes_the_plan_and_nothing_after_it(raw: Path, tmp_path: Path) -> None:
@@ -39,8 +38,9 @@ def test_redo_replans_with_the_new_preset_and_without_it_the_plan_is_kept(raw: P
     run_workflow(raw, ws, RunOptions(preset="cpu", stop_after="plan"), report=lambda _: None)
     run_workflow(raw, ws, RunOptions(preset="default", stop_after="plan"), report=lambda _: None)
     assert Plan.load(ws.plans).preset == "cpu"  # skipped: plans.json exists
-    run_workflow(raw, ws, RunOptions(preset="default", stop_after="plan", redo=frozenset({"plan"})),
-                 report=lambda _: None)
+    run_workflow(
+        raw, ws, RunOptions(preset="default", stop_after="plan", redo=frozenset({"plan"})), report=lambda _: None
+    )
     assert Plan.load(ws.plans).preset == "default"
 
 

@@ -13,20 +13,34 @@ from voxflow.cli import main
 from voxflow.store import Store
 from voxflow.synthetic import make_dataset
 
-RUN_ARGS = ["--preset", "cpu", "-c", "3d_fullres", "--folds", "0", "--no-tta",
-            "--set", "train.epochs=1", "--set", "train.iters_per_epoch=2", "--set", "train.val_iters=1",
-            "--num-workers", "0"]
+RUN_ARGS = [
+    "--preset",
+    "cpu",
+    "-c",
+    "3d_fullres",
+    "--folds",
+    "0",
+    "--no-tta",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.iters_per_epoch=2",
+    "--set",
+    "train.val_iters=1",
+    "--num-workers",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("raw") / "ds", kind="ct", n_cases=5, n_test_cases=1,
-                        shape_zyx=(16, 32, 32), seed=3)
+    return make_dataset(
+        tmp_path_factory.mktemp("raw") / "ds", kind="ct", n_cases=5, n_test_cases=1, shape_zyx=(16, 32, 32), seed=3
+    )
 
 
 def _run(raw: Path, work: Path, *extra: str) -> str:
-    result = CliRunner().invoke(main, ["run", str(raw), "--work", str(work), *RUN_ARGS, *extra],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(main, ["run", str(raw), "--work", str(work), *RUN_ARGS, *extra], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -39,10 +53,18 @@ def finished(raw: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
 
 def test_run_writes_every_output_and_a_sane_summary(finished: tuple[Path, str]) -> None:
     work, output = finished
-    for rel in ["dataset.zarr/zarr.json", "fingerprint.json", "plans.json", "splits.json",
-                "preprocessed/3d_fullres.zarr/zarr.json", "runs/3d_fullres/fold_0/checkpoint_final.pt",
-                "runs/3d_fullres/fold_0/validation/summary.json", "runs/3d_fullres/postprocessing.json",
-                "best_configuration.json", "summary.json"]:
+    for rel in [
+        "dataset.zarr/zarr.json",
+        "fingerprint.json",
+        "plans.json",
+        "splits.json",
+        "preprocessed/3d_fullres.zarr/zarr.json",
+        "runs/3d_fullres/fold_0/checkpoint_final.pt",
+        "runs/3d_fullres/fold_0/validation/summary.json",
+        "runs/3d_fullres/postprocessing.json",
+        "best_configuration.json",
+        "summary.json",
+    ]:
         assert (work / rel).exists(), rel
     summary = json.loads((work / "summary.json").read_text())
     assert summary["best"] == ["3d_fullres"]
@@ -61,8 +83,9 @@ def test_rerun_skips_every_step(raw: Path, finished: tuple[Path, str]) -> None:
     assert (work / "runs/3d_fullres/fold_0/checkpoint_final.pt").stat().st_mtime_ns == before
 
 
-def test_interrupted_run_resumes_to_the_same_result(raw: Path, finished: tuple[Path, str], tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_resumes_to_the_same_result(
+    raw: Path, finished: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import voxflow.train as train_pkg
 
     work_ref, _ = finished
@@ -90,9 +113,13 @@ def test_model_package_reproduces_workdir_prediction(raw: Path, finished: tuple[
     res = runner.invoke(main, ["export-model", str(work), "-o", str(tmp_path / "model.zip")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     images = str(raw / "imagesTs")
-    for out, model in ((tmp_path / "a", str(work / "runs" / "3d_fullres")), (tmp_path / "b", str(tmp_path / "model.zip"))):
-        res = runner.invoke(main, ["predict", "-i", images, "-o", str(out), "-m", model, "-f", "0", "--no-tta"],
-                            catch_exceptions=False)
+    for out, model in (
+        (tmp_path / "a", str(work / "runs" / "3d_fullres")),
+        (tmp_path / "b", str(tmp_path / "model.zip")),
+    ):
+        res = runner.invoke(
+            main, ["predict", "-i", images, "-o", str(out), "-m", model, "-f", "0", "--no-tta"], catch_exceptions=False
+        )
         assert res.exit_code == 0, res.output
     a, b = Store.open(tmp_path / "a" / "prediction.zarr"), Store.open(tmp_path / "b" / "prediction.zarr")
     assert a.case_ids() == b.case_ids() == ["synct_005"]

@@ -61,13 +61,21 @@ def _numpy_case(cid: str, image: np.ndarray, label: np.ndarray, samples: int, se
     for starts in np.ndindex(*(len(g) for g in grid)):
         sl = tuple(slice(g[i], g[i] + c) for g, i, c in zip(grid, starts, IMAGE_CHUNKS[1:], strict=True))
         rng = np.random.default_rng(_block_seed(seed, cid, starts))
-        per_chunk.append(chunk_statistics(image[(slice(None), *sl)], label[sl], offset_zyx=[s.start for s in sl],
-                                          max_samples=samples, rng=rng))
+        per_chunk.append(
+            chunk_statistics(
+                image[(slice(None), *sl)], label[sl], offset_zyx=[s.start for s in sl], max_samples=samples, rng=rng
+            )
+        )
     quota = allocate_samples([c["n_fg"] for c in per_chunk], samples)
     pooled = np.concatenate([c["samples"][:, :q] for c, q in zip(per_chunk, quota, strict=True)], axis=1)
     comps = {v: ndimage.label(label == v)[1] for v in (1, 2)}
-    return {"box": box, "counts": dict(zip(values.tolist(), counts.tolist(), strict=True)), "n_fg": int((label > 0).sum()),
-            "samples": pooled, "components": comps}
+    return {
+        "box": box,
+        "counts": dict(zip(values.tolist(), counts.tolist(), strict=True)),
+        "n_fg": int((label > 0).sum()),
+        "samples": pooled,
+        "components": comps,
+    }
 
 
 @pytest.mark.parametrize("samples_per_case", [25, 100_000])
@@ -88,8 +96,9 @@ def test_fingerprint_matches_numpy(tiny_store: Store, samples_per_case: int) -> 
         assert ref["samples"].shape[1] == min(samples_per_case, ref["n_fg"])
         pooled.append(ref["samples"])
         if samples_per_case >= ref["n_fg"]:  # independent check: the sample is every fg voxel
-            np.testing.assert_array_equal(np.sort(ref["samples"], axis=1),
-                                          np.sort(image[:, label > 0].astype(np.float64), axis=1))
+            np.testing.assert_array_equal(
+                np.sort(ref["samples"], axis=1), np.sort(image[:, label > 0].astype(np.float64), axis=1)
+            )
     pooled = np.concatenate(pooled, axis=1)
     for c, st in enumerate(fp.intensity):
         x = pooled[c]

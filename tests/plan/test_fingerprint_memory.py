@@ -17,8 +17,9 @@ CAP = 340 * 10**6  # RLIMIT_DATA of the fingerprinting process, below the case's
 
 @pytest.mark.slow  # ~60 s on 2 shared cores: writes the 377 MB case slab by slab, then fingerprints it
 def test_case_larger_than_memory_cap(tmp_path) -> None:
-    store = Store.create(tmp_path / "big.zarr",
-                         DatasetMeta(channel_names=("CT",), labels={"background": 0, "organ": 1, "lesion": 2}))
+    store = Store.create(
+        tmp_path / "big.zarr", DatasetMeta(channel_names=("CT",), labels={"background": 0, "organ": 1, "lesion": 2})
+    )
     store.begin_case("big", geometry=Geometry(shape_zyx=SHAPE, spacing_zyx=(1.0, 0.8, 0.8)))
     image = store.create_array("big", "image", shape=(1, *SHAPE), dtype="float32", chunks=(1, 64, 128, 128))
     label = store.create_array("big", "label", shape=SHAPE, dtype="uint8", chunks=(64, 128, 128))
@@ -26,8 +27,8 @@ def test_case_larger_than_memory_cap(tmp_path) -> None:
     lo, hi = np.full(3, np.iinfo(np.int64).max), np.full(3, -1)
     for z0 in range(0, SHAPE[0], 64):
         img, lab = large_volume_slab(SHAPE, z0, z0 + 64, dtype="float32")
-        image[0, z0:z0 + 64] = img
-        label[z0:z0 + 64] = lab
+        image[0, z0 : z0 + 64] = img
+        label[z0 : z0 + 64] = lab
         counts += np.bincount(lab.ravel(), minlength=3)[:3]
         nz = np.argwhere(img != 0)
         if nz.size:

@@ -35,8 +35,10 @@ def test_fingerprint_and_plan_commands(tmp_path) -> None:
     assert fp.n_cases == 2
     assert fp.samples_per_case == 50
     assert fp.intensity[0].n_samples == sum(min(50, c.n_foreground_voxels) for c in fp.cases) > 50
-    res = runner.invoke(main, ["plan", "--work", str(work), "--preset", "cpu", "--set", "train.epochs=3",
-                               "--set", "3d_fullres.batch_size=3"])
+    res = runner.invoke(
+        main,
+        ["plan", "--work", str(work), "--preset", "cpu", "--set", "train.epochs=3", "--set", "3d_fullres.batch_size=3"],
+    )
     assert res.exit_code == 0, res.output
     for row in ("spacing_zyx (mm)", "median shape", "patch", "batch", "stages", "kernels", "normalisation"):
         assert row in res.output

@@ -17,26 +17,56 @@ LABELS = {"background": 0, "organ": 1, "lesion": 2}
 
 def make_fp(shapes, spacings, *, channels=("CT",), kept=1.0, is_2d=False, labels=LABELS) -> Fingerprint:
     cases = tuple(
-        CaseFingerprint(case_id=f"c{i:03d}", shape_zyx=sh, spacing_zyx=sp, source_ndim=2 if is_2d else 3,
-                        nonzero_bbox_zyx=tuple((0, n) for n in sh), shape_after_crop_zyx=sh,
-                        fraction_kept_by_crop=kept, n_foreground_voxels=100, class_voxel_counts={0: 900, 1: 100})
-        for i, (sh, sp) in enumerate(zip(shapes, spacings, strict=True)))
-    stats = tuple(IntensityStats(channel=c, n_samples=1000, mean=100.0 + i, std=50.0, median=90.0, min=-900.0,
-                                 max=2000.0, percentile_00_5=-500.0, percentile_99_5=1500.0)
-                  for i, c in enumerate(channels))
-    return Fingerprint(channel_names=channels, labels=labels, samples_per_case=1000, seed=0, cases=cases,
-                       intensity=stats, classes=(), spacing=AxisStats.of(np.array(spacings)),
-                       shape=AxisStats.of(np.array(shapes)), shape_after_crop=AxisStats.of(np.array(shapes)))
+        CaseFingerprint(
+            case_id=f"c{i:03d}",
+            shape_zyx=sh,
+            spacing_zyx=sp,
+            source_ndim=2 if is_2d else 3,
+            nonzero_bbox_zyx=tuple((0, n) for n in sh),
+            shape_after_crop_zyx=sh,
+            fraction_kept_by_crop=kept,
+            n_foreground_voxels=100,
+            class_voxel_counts={0: 900, 1: 100},
+        )
+        for i, (sh, sp) in enumerate(zip(shapes, spacings, strict=True))
+    )
+    stats = tuple(
+        IntensityStats(
+            channel=c,
+            n_samples=1000,
+            mean=100.0 + i,
+            std=50.0,
+            median=90.0,
+            min=-900.0,
+            max=2000.0,
+            percentile_00_5=-500.0,
+            percentile_99_5=1500.0,
+        )
+        for i, c in enumerate(channels)
+    )
+    return Fingerprint(
+        channel_names=channels,
+        labels=labels,
+        samples_per_case=1000,
+        seed=0,
+        cases=cases,
+        intensity=stats,
+        classes=(),
+        spacing=AxisStats.of(np.array(spacings)),
+        shape=AxisStats.of(np.array(shapes)),
+        shape_after_crop=AxisStats.of(np.array(shapes)),
+    )
 
 
 def check_plan(plan: Plan, budget_gb: float) -> None:
     """Invariants every plan must satisfy."""
     for cfg in plan.configurations.values():
         net = cfg.network
-        spatial = cfg.patch_size_vox[-net.spatial_dims:]
+        spatial = cfg.patch_size_vox[-net.spatial_dims :]
         assert all(p % t == 0 for p, t in zip(spatial, net.total_stride, strict=True)), cfg.name
-        mem = estimate_memory_bytes(net, cfg.patch_size_vox, cfg.batch_size, len(plan.channel_names), 3,
-                                    amp=cfg.train.amp)
+        mem = estimate_memory_bytes(
+            net, cfg.patch_size_vox, cfg.batch_size, len(plan.channel_names), 3, amp=cfg.train.amp
+        )
         assert mem <= budget_gb * GIB, cfg.name
         assert cfg.estimated_memory_gb == pytest.approx(mem / GIB, abs=1e-3)
         assert cfg.batch_size >= 2
@@ -222,7 +252,7 @@ def test_custom_memory_estimator_is_used() -> None:
 
     def per_voxel(spec, patch, batch, in_ch, n_out):  # 1 KiB per voxel and sample
         calls.append(patch)
-        return math.prod(patch[-spec.spatial_dims:]) * batch * 1024
+        return math.prod(patch[-spec.spatial_dims :]) * batch * 1024
 
     cfg = plan_experiment(fp, gpu_memory_gb=1, memory_estimator=per_voxel).configuration("3d_fullres")
     assert calls

@@ -53,9 +53,9 @@ def test_snake_across_many_chunk_borders_is_one_component(connectivity: int) -> 
         for i, y in enumerate(range(0, 21, 2)):
             x[z, y, :] = True
             if y + 2 < 21:
-                x[z, y:y + 3, 19 if i % 2 == 0 else 0] = True
+                x[z, y : y + 3, 19 if i % 2 == 0 else 0] = True
         if z + 2 < 9:
-            x[z:z + 3, 20 if (z // 2) % 2 == 0 else 0, 19 if (z // 2) % 2 == 0 else 0] = True
+            x[z : z + 3, 20 if (z // 2) % 2 == 0 else 0, 19 if (z // 2) % 2 == 0 else 0] = True
     ref, n_ref = ndi.label(x, connectivity_structure(3, connectivity))
     assert n_ref == 1
     check(x, (2, 3, 2), connectivity)
@@ -100,8 +100,9 @@ def test_empty_and_full() -> None:
     connectivity=st.integers(1, 3),
     seed=st.integers(0, 2**16),
 )
-def test_property_matches_scipy(shape: tuple[int, int, int], chunk: tuple[int, int, int], density: float,
-                                connectivity: int, seed: int) -> None:
+def test_property_matches_scipy(
+    shape: tuple[int, int, int], chunk: tuple[int, int, int], density: float, connectivity: int, seed: int
+) -> None:
     x = np.random.default_rng(seed).random(shape) < density
     check(x, chunk, connectivity)
 
@@ -155,7 +156,8 @@ def test_threads_and_sync_schedulers_agree(rng: np.random.Generator) -> None:
     connectivity=st.sampled_from([1, 2, 4, 8]),
     seed=st.integers(0, 2**16),
 )
-def test_property_2d_matches_scipy(shape: tuple[int, int], chunk: tuple[int, int], density: float,
-                                   connectivity: int, seed: int) -> None:
+def test_property_2d_matches_scipy(
+    shape: tuple[int, int], chunk: tuple[int, int], density: float, connectivity: int, seed: int
+) -> None:
     x = np.random.default_rng(seed).random(shape) < density
     check(x, chunk, connectivity)

@@ -119,14 +119,18 @@ def test_fill_holes_2d_image_stored_as_single_slice() -> None:
     lab[0, 3, 3] = 0
     out = fill_holes(da.from_array(lab, chunks=(1, 3, 4)), 1).compute()
     assert out[0, 3, 3] == 1
-    np.testing.assert_array_equal(
-        fill_holes_mask(da.from_array(lab > 0, chunks=(1, 3, 4))).compute(), out > 0)
+    np.testing.assert_array_equal(fill_holes_mask(da.from_array(lab > 0, chunks=(1, 3, 4))).compute(), out > 0)
 
 
 def test_spec_roundtrip_apply_and_errors(tmp_path) -> None:
-    spec = PostprocessingSpec(operations=(Operation(op="keep_largest", target="foreground"),
-                                          Operation(op="remove_small", target=[2], min_size_mm3=3.0),
-                                          Operation(op="fill_holes", target="1")), connectivity=1)
+    spec = PostprocessingSpec(
+        operations=(
+            Operation(op="keep_largest", target="foreground"),
+            Operation(op="remove_small", target=[2], min_size_mm3=3.0),
+            Operation(op="fill_holes", target="1"),
+        ),
+        connectivity=1,
+    )
     spec.save(tmp_path / "pp.json")
     loaded = PostprocessingSpec.load(tmp_path / "pp.json")
     assert loaded == spec

@@ -120,15 +120,19 @@ def test_run_postprocess_store_folder_and_cli(tmp_path: Path) -> None:
     (tmp_path / "files").mkdir()
     save(tmp_path / "files" / "c0.nii.gz", lab)
     spec.save(tmp_path / "model" / "postprocessing.json")
-    res = CliRunner().invoke(main, ["postprocess", str(tmp_path / "files"), str(tmp_path / "files_pp"),
-                                    "--model-dir", str(tmp_path / "model")])
+    res = CliRunner().invoke(
+        main,
+        ["postprocess", str(tmp_path / "files"), str(tmp_path / "files_pp"), "--model-dir", str(tmp_path / "model")],
+    )
     assert res.exit_code == 0, res.output
     img = sitk.ReadImage(str(tmp_path / "files_pp" / "c0.nii.gz"))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(img), organ(0))
     assert img.GetSpacing() == pytest.approx((0.8, 0.8, 2.0))
     assert not list((tmp_path / "files_pp").glob(".*"))
-    res = CliRunner().invoke(main, ["postprocess", str(tmp_path / "files"), str(tmp_path / "files_pp"),
-                                    "--model-dir", str(tmp_path / "model")])
+    res = CliRunner().invoke(
+        main,
+        ["postprocess", str(tmp_path / "files"), str(tmp_path / "files_pp"), "--model-dir", str(tmp_path / "model")],
+    )
     assert res.exit_code != 0
     assert "--overwrite" in res.output
 
@@ -172,8 +176,18 @@ def test_cli_determine_then_apply(tmp_path: Path) -> None:
     for p in preds:
         p[0:2, 0:2, 17:20] = 1
     pred_dir, gt_dir = write_cases(tmp_path, preds, refs)
-    res = CliRunner().invoke(main, ["postprocess", str(pred_dir), str(tmp_path / "out"), "--determine-with",
-                                    str(gt_dir), "-p", str(tmp_path / "pp.json")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "postprocess",
+            str(pred_dir),
+            str(tmp_path / "out"),
+            "--determine-with",
+            str(gt_dir),
+            "-p",
+            str(tmp_path / "pp.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "keep_largest 1" in res.output
     assert PostprocessingSpec.load(tmp_path / "pp.json").operations == (Operation(op="keep_largest", target=1),)

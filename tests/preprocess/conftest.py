@@ -14,12 +14,29 @@ from voxflow.plan.schema import ChannelNormalization, Configuration, NetworkSpec
 from voxflow.store import DatasetMeta, Store
 
 
-def make_config(*, spacing_zyx=(2.0, 1.0, 1.0), patch=(16, 16, 16), norms=None, resampling=None,
-                name: str = "3d_fullres", network: NetworkSpec | None = None) -> Configuration:
-    net = network or NetworkSpec(n_stages=2, features_per_stage=(4, 8), kernel_sizes=((3, 3, 3), (3, 3, 3)),
-                      strides=((1, 1, 1), (2, 2, 2)), n_blocks_per_stage=(1, 1), n_conv_per_stage_decoder=(1,))
+def make_config(
+    *,
+    spacing_zyx=(2.0, 1.0, 1.0),
+    patch=(16, 16, 16),
+    norms=None,
+    resampling=None,
+    name: str = "3d_fullres",
+    network: NetworkSpec | None = None,
+) -> Configuration:
+    net = network or NetworkSpec(
+        n_stages=2,
+        features_per_stage=(4, 8),
+        kernel_sizes=((3, 3, 3), (3, 3, 3)),
+        strides=((1, 1, 1), (2, 2, 2)),
+        n_blocks_per_stage=(1, 1),
+        n_conv_per_stage_decoder=(1,),
+    )
     return Configuration(
-        name=name, spacing_zyx=spacing_zyx, median_shape_vox=(10, 10, 10), patch_size_vox=patch, batch_size=2,
+        name=name,
+        spacing_zyx=spacing_zyx,
+        median_shape_vox=(10, 10, 10),
+        patch_size_vox=patch,
+        batch_size=2,
         normalization=tuple(norms or (ChannelNormalization(scheme="zscore", use_mask=True),)),
         resampling=resampling or ResamplingSpec(image_order=3, label_order=1),
         network=net,
@@ -27,12 +44,14 @@ def make_config(*, spacing_zyx=(2.0, 1.0, 1.0), patch=(16, 16, 16), norms=None, 
 
 
 def make_plan(config: Configuration, channels=("MR",)) -> Plan:
-    return Plan(channel_names=tuple(channels), labels={"background": 0, "a": 1, "b": 2},
-                configurations={config.name: config})
+    return Plan(
+        channel_names=tuple(channels), labels={"background": 0, "a": 1, "b": 2}, configurations={config.name: config}
+    )
 
 
-def write_store(path: Path, cases: dict[str, tuple[np.ndarray, np.ndarray | None, Geometry]],
-                channels=("MR",), chunks=(7, 9, 8)) -> Store:
+def write_store(
+    path: Path, cases: dict[str, tuple[np.ndarray, np.ndarray | None, Geometry]], channels=("MR",), chunks=(7, 9, 8)
+) -> Store:
     meta = DatasetMeta(channel_names=channels, labels={"background": 0, "a": 1, "b": 2})
     store = Store.create(path, meta)
     for cid, (image, label, geom) in cases.items():
@@ -46,8 +65,9 @@ def write_store(path: Path, cases: dict[str, tuple[np.ndarray, np.ndarray | None
     return store
 
 
-def small_case(rng: np.random.Generator, shape=(14, 26, 23), spacing=(3.0, 0.8, 1.1), pad=2,
-               n_channels=1) -> tuple[np.ndarray, np.ndarray, Geometry]:
+def small_case(
+    rng: np.random.Generator, shape=(14, 26, 23), spacing=(3.0, 0.8, 1.1), pad=2, n_channels=1
+) -> tuple[np.ndarray, np.ndarray, Geometry]:
     from voxflow.testing import synthetic_case
 
     inner = tuple(s - 2 * pad for s in shape)
@@ -77,5 +97,6 @@ def helpers() -> Any:
     """The module's helper functions, for tests (importlib mode cannot import conftest)."""
     import types
 
-    return types.SimpleNamespace(make_config=make_config, make_plan=make_plan, write_store=write_store,
-                                 small_case=small_case)
+    return types.SimpleNamespace(
+        make_config=make_config, make_plan=make_plan, write_store=write_store, small_case=small_case
+    )

@@ -46,12 +46,17 @@ def _eager(x: np.ndarray, spec: ChannelNormalization, mask: np.ndarray) -> np.nd
     return np.where(mask, out, 0.0) if spec.use_mask else out
 
 
-@pytest.mark.parametrize("specs", [
-    (ChannelNormalization(scheme="zscore", use_mask=True), ChannelNormalization(scheme="zscore")),
-    (ChannelNormalization(scheme="ct", mean=250.0, std=30.0, lower=200.0, upper=380.0),
-     ChannelNormalization(scheme="rescale_0_1", use_mask=True)),
-    (ChannelNormalization(scheme="none"), ChannelNormalization(scheme="rescale_0_1")),
-])
+@pytest.mark.parametrize(
+    "specs",
+    [
+        (ChannelNormalization(scheme="zscore", use_mask=True), ChannelNormalization(scheme="zscore")),
+        (
+            ChannelNormalization(scheme="ct", mean=250.0, std=30.0, lower=200.0, upper=380.0),
+            ChannelNormalization(scheme="rescale_0_1", use_mask=True),
+        ),
+        (ChannelNormalization(scheme="none"), ChannelNormalization(scheme="rescale_0_1")),
+    ],
+)
 def test_normalize_matches_numpy_and_is_lazy(specs, rng) -> None:
     x = _image(rng)
     with raise_if_computes():

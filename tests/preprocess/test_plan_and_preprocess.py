@@ -16,8 +16,9 @@ def test_plan_and_preprocess_from_raw_dataset_and_from_store(tmp_path) -> None:
 
     raw = make_dataset(tmp_path / "raw", kind="ct", n_cases=2, shape_zyx=(12, 24, 24), seed=1)
     ws = Workspace(tmp_path / "work")
-    result = CliRunner().invoke(main, ["plan-and-preprocess", str(raw), "--work", str(ws.root), "--preset", "cpu",
-                                       "-c", "3d_fullres"])
+    result = CliRunner().invoke(
+        main, ["plan-and-preprocess", str(raw), "--work", str(ws.root), "--preset", "cpu", "-c", "3d_fullres"]
+    )
     assert result.exit_code == 0, result.output
     plan = Plan.load(ws.plans)
     assert ws.fingerprint.is_file()
@@ -33,8 +34,10 @@ def test_plan_and_preprocess_from_raw_dataset_and_from_store(tmp_path) -> None:
         np.testing.assert_allclose(np.asarray(geom.spacing_zyx), cfg.spacing_zyx, rtol=0.1)
         assert set(pp.case_attrs(cid)["classes_present"]) <= {0, 1, 2}
     # a store as SRC is used as is; complete cases are skipped on the rerun
-    again = CliRunner().invoke(main, ["plan-and-preprocess", str(ws.dataset_store), "--work", str(ws.root),
-                                      "--preset", "cpu", "-c", "3d_fullres"])
+    again = CliRunner().invoke(
+        main,
+        ["plan-and-preprocess", str(ws.dataset_store), "--work", str(ws.root), "--preset", "cpu", "-c", "3d_fullres"],
+    )
     assert again.exit_code == 0, again.output
     assert "3d_fullres: 2 cases" in again.output
 
@@ -47,8 +50,9 @@ def test_plan_and_preprocess_real_hippocampus_cases(tmp_path, shared_data) -> No
         for name in ("hippocampus_001.nii.gz", "hippocampus_003.nii.gz"):
             (src / sub / name).symlink_to(shared_data / "hippocampus-dev" / sub / name)
     ws = Workspace(tmp_path / "work")
-    result = CliRunner().invoke(main, ["plan-and-preprocess", str(src), "--work", str(ws.root), "--preset", "cpu",
-                                       "-c", "3d_fullres"])
+    result = CliRunner().invoke(
+        main, ["plan-and-preprocess", str(src), "--work", str(ws.root), "--preset", "cpu", "-c", "3d_fullres"]
+    )
     assert result.exit_code == 0, result.output
     pp = Store.open(ws.preprocessed("3d_fullres"))
     norm = Plan.load(ws.plans).configuration("3d_fullres").normalization[0]

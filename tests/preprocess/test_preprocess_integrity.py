@@ -25,13 +25,21 @@ def test_second_preprocess_fails_at_once_naming_the_holder(tmp_path: Path, small
     work.mkdir()
     helpers.make_plan(helpers.make_config()).save(work / "plans.json")
     target = work / "preprocessed" / "3d_fullres.zarr"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(store_lock_file(target))], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(store_lock_file(target))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "held"
-        res = subprocess.run([sys.executable, "-m", "voxflow", "preprocess", str(src.path), "--work", str(work)],
-                             capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-m", "voxflow", "preprocess", str(src.path), "--work", str(work)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert res.returncode != 0
         assert f"pid {holder.pid}" in res.stderr
         assert "holder-under-test" in res.stderr
@@ -63,13 +71,13 @@ def test_resume_redoes_a_case_with_damaged_metadata(tmp_path: Path, small_store,
 def test_cases_not_yet_started_count_as_unfinished(tmp_path: Path, small_store, helpers) -> None:
     src = small_store(3)
     plan = helpers.make_plan(helpers.make_config())
-    out = run_preprocess(src, plan, "3d_fullres", tmp_path / "pp.zarr", scheduler="sync", progress=False,
-                         case_ids=["case_000"])
+    out = run_preprocess(
+        src, plan, "3d_fullres", tmp_path / "pp.zarr", scheduler="sync", progress=False, case_ids=["case_000"]
+    )
     assert out.unfinished_case_ids() == []  # asked for one case only: done
     out.expect_cases(["case_000"], source=src.path)  # as a full run records it
     assert out.unfinished_case_ids() == ["case_001", "case_002"]
     with exclusive_lock(store_lock_file(tmp_path / "pp.zarr"), command="test"):  # re-entrant in one process
         out = run_preprocess(src, plan, "3d_fullres", tmp_path / "pp.zarr", scheduler="sync", progress=False)
     assert out.unfinished_case_ids() == []
-    assert Store.open(tmp_path / "pp.zarr").case_ids() == [
-        "case_000", "case_001", "case_002"]
+    assert Store.open(tmp_path / "pp.zarr").case_ids() == ["case_000", "case_001", "case_002"]

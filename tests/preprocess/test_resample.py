@@ -46,8 +46,9 @@ def test_resample_keeps_channels_and_int_input(rng) -> None:
 def test_separate_axis_is_inplane_then_axis(rng, sep_order) -> None:
     x = rng.normal(size=(9, 20, 22)).astype(np.float32)
     out = (21, 13, 30)
-    lazy = resample_to_shape(da.from_array(x, chunks=(4, 7, 6)), out, order=3, separate_axis=0,
-                             separate_order=sep_order)
+    lazy = resample_to_shape(
+        da.from_array(x, chunks=(4, 7, 6)), out, order=3, separate_axis=0, separate_order=sep_order
+    )
     inplane = zoom_reference(x, (9, 13, 30), order=3)
     ref = zoom_reference(inplane, out, order=sep_order)
     np.testing.assert_allclose(lazy.compute(), ref, atol=1e-4 * np.ptp(x))
@@ -66,8 +67,9 @@ def test_label_resampling_one_hot_matches_scipy_across_chunk_borders(out, chunks
     _, label = synthetic_case((13, 22, 17), n_labels=3, rng=rng)
     label[6, 10, 8] = 3  # a one-voxel class on a chunk border
     with raise_if_computes():
-        lazy = resample_label_to_shape(da.from_array(label, chunks=(6, 10, 8)), out, values=[0, 1, 2, 3],
-                                       order=1, out_chunks=chunks)
+        lazy = resample_label_to_shape(
+            da.from_array(label, chunks=(6, 10, 8)), out, values=[0, 1, 2, 3], order=1, out_chunks=chunks
+        )
     got = lazy.compute()
     ref, ties = _label_oracle(label, out, [0, 1, 2, 3], 1)
     assert got.dtype == np.uint8

@@ -13,9 +13,14 @@ axis = st.integers(1, 14)
 
 
 @settings(max_examples=15, deadline=None)
-@given(shape=st.tuples(axis, axis, axis), out=st.tuples(axis, axis, axis), order=st.sampled_from([0, 1, 2, 3]),
-       chunk=st.tuples(st.integers(2, 6), st.integers(2, 6), st.integers(2, 6)),
-       out_chunk=st.tuples(st.integers(2, 6), st.integers(2, 6), st.integers(2, 6)), seed=st.integers(0, 99))
+@given(
+    shape=st.tuples(axis, axis, axis),
+    out=st.tuples(axis, axis, axis),
+    order=st.sampled_from([0, 1, 2, 3]),
+    chunk=st.tuples(st.integers(2, 6), st.integers(2, 6), st.integers(2, 6)),
+    out_chunk=st.tuples(st.integers(2, 6), st.integers(2, 6), st.integers(2, 6)),
+    seed=st.integers(0, 99),
+)
 def test_resample_equals_scipy_for_any_chunking(shape, out, order, chunk, out_chunk, seed) -> None:
     x = np.random.default_rng(seed).uniform(-5, 5, size=shape).astype(np.float32)
     got = resample_to_shape(da.from_array(x, chunks=chunk), out, order=order, out_chunks=out_chunk).compute()

@@ -20,7 +20,9 @@ def _eager(image, label, geom: Geometry, config):
     mask = np.any(img != 0, axis=0)
     sel = img[0][mask]
     img = np.where(mask, (img - sel.mean()) / sel.std(), 0.0).astype(np.float32)
-    shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(img.shape[1:], geom.spacing_zyx, config.spacing_zyx, strict=True))
+    shape = tuple(
+        max(1, round(n * s / t)) for n, s, t in zip(img.shape[1:], geom.spacing_zyx, config.spacing_zyx, strict=True)
+    )
     out = zoom_reference(img[0], shape, order=3)[None]
     stack = np.stack([zoom_reference((lab == v).astype(np.float64), shape, order=1) for v in (0, 1, 2)])
     top2 = np.sort(stack, axis=0)[-2:]
@@ -34,8 +36,14 @@ def test_preprocess_case_is_lazy_and_matches_eager_pipeline(rng, helpers) -> Non
     config = helpers.make_config(spacing_zyx=(2.0, 1.0, 1.0))
     box, ref_img, ref_lab, ties = _eager(image, label, geom, config)
     with raise_if_computes():
-        pc = preprocess_case(da.from_array(image, chunks=(1, 5, 7, 6)), geom, config,
-                             label=da.from_array(label, chunks=(5, 7, 6)), bbox_zyx=box, label_values=(0, 1, 2))
+        pc = preprocess_case(
+            da.from_array(image, chunks=(1, 5, 7, 6)),
+            geom,
+            config,
+            label=da.from_array(label, chunks=(5, 7, 6)),
+            bbox_zyx=box,
+            label_values=(0, 1, 2),
+        )
     assert pc.crop_bbox_zyx == box
     assert pc.shape_after_crop_zyx == tuple(b - a for a, b in box)
     assert pc.image.shape == ref_img.shape
@@ -44,8 +52,10 @@ def test_preprocess_case_is_lazy_and_matches_eager_pipeline(rng, helpers) -> Non
     got_lab = pc.label.compute()
     assert np.array_equal(got_lab[~ties], ref_lab[~ties])
     # the grid: spacing scales with the shape ratio; voxel centres stay inside the cropped extent
-    np.testing.assert_allclose(np.asarray(pc.geometry.spacing_zyx) * pc.geometry.shape_zyx,
-                               np.asarray(geom.spacing_zyx) * pc.shape_after_crop_zyx)
+    np.testing.assert_allclose(
+        np.asarray(pc.geometry.spacing_zyx) * pc.geometry.shape_zyx,
+        np.asarray(geom.spacing_zyx) * pc.shape_after_crop_zyx,
+    )
     lo_mm = geom.index_to_physical([b[0] - 0.5 for b in box])
     np.testing.assert_allclose(pc.geometry.index_to_physical([-0.5] * 3), lo_mm)
 
@@ -116,8 +126,15 @@ def test_interrupted_case_is_not_complete(tmp_path, rng, helpers, monkeypatch) -
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_run, "compute", lambda *a, **k: boom() if "preprocess" in k.get("desc", "") else
-                        __import__("voxflow.cluster", fromlist=["compute"]).compute(*a, **k))
+    monkeypatch.setattr(
+        _run,
+        "compute",
+        lambda *a, **k: (
+            boom()
+            if "preprocess" in k.get("desc", "")
+            else __import__("voxflow.cluster", fromlist=["compute"]).compute(*a, **k)
+        ),
+    )
     with pytest.raises(KeyboardInterrupt):
         run_preprocess(src, plan, "3d_fullres", tmp_path / "pp.zarr", progress=False)
     out = Store.open(tmp_path / "pp.zarr")
@@ -150,8 +167,9 @@ def test_small_case_interrupted_before_its_marker_is_not_complete(tmp_path, rng,
 
 def test_anisotropic_separate_axis_and_2d_configuration(tmp_path, rng, helpers) -> None:
     src = helpers.write_store(tmp_path / "ds.zarr", {"a": helpers.small_case(rng, spacing=(4.0, 0.9, 0.9))})
-    sep = helpers.make_config(spacing_zyx=(3.0, 1.2, 1.2),
-                              resampling=ResamplingSpec(separate_z=True, separate_axis=0, separate_order=0))
+    sep = helpers.make_config(
+        spacing_zyx=(3.0, 1.2, 1.2), resampling=ResamplingSpec(separate_z=True, separate_axis=0, separate_order=0)
+    )
     out = run_preprocess(src, helpers.make_plan(sep), "3d_fullres", tmp_path / "sep.zarr", progress=False)
     image = src.image("a").compute()
     box = out.case_attrs("a")["crop_bbox_zyx"]
@@ -162,12 +180,18 @@ def test_anisotropic_separate_axis_and_2d_configuration(tmp_path, rng, helpers) 
     ref = zoom_reference(zoom_reference(crop, (crop.shape[0], *shape[1:]), order=3), shape, order=0)
     np.testing.assert_allclose(out.image("a").compute()[0], ref, atol=1e-4 * np.ptp(ref))
 
-    net2d = dict(n_stages=2, features_per_stage=(4, 8), kernel_sizes=((3, 3), (3, 3)), strides=((1, 1), (2, 2)),
-                 n_blocks_per_stage=(1, 1), n_conv_per_stage_decoder=(1,), spatial_dims=2)
+    net2d = dict(
+        n_stages=2,
+        features_per_stage=(4, 8),
+        kernel_sizes=((3, 3), (3, 3)),
+        strides=((1, 1), (2, 2)),
+        n_blocks_per_stage=(1, 1),
+        n_conv_per_stage_decoder=(1,),
+        spatial_dims=2,
+    )
     from voxflow.plan.schema import NetworkSpec
 
-    cfg2d = helpers.make_config(spacing_zyx=(1.0, 1.2, 1.2), patch=(1, 16, 16), name="2d",
-                                network=NetworkSpec(**net2d))
+    cfg2d = helpers.make_config(spacing_zyx=(1.0, 1.2, 1.2), patch=(1, 16, 16), name="2d", network=NetworkSpec(**net2d))
     out2 = run_preprocess(src, helpers.make_plan(cfg2d), "2d", tmp_path / "2d.zarr", progress=False)
     assert out2.geometry("a").shape_zyx[0] == len(range(*box[0]))  # z is never resampled in 2D
     assert out2.zarr_array("a", "image").chunks[1] == 1
@@ -187,12 +211,24 @@ def test_cli_preprocess(tmp_path, rng, helpers) -> None:
 
     src = helpers.write_store(tmp_path / "ds.zarr", {"a": helpers.small_case(rng)})
     helpers.make_plan(helpers.make_config()).save(tmp_path / "plans.json")
-    result = CliRunner().invoke(main, ["preprocess", str(src.path), "--plans", str(tmp_path / "plans.json"),
-                                       "-c", "3d_fullres", "-o", str(tmp_path / "pp.zarr")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "preprocess",
+            str(src.path),
+            "--plans",
+            str(tmp_path / "plans.json"),
+            "-c",
+            "3d_fullres",
+            "-o",
+            str(tmp_path / "pp.zarr"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert Store.open(tmp_path / "pp.zarr").case_ids() == ["a"]
-    bad = CliRunner().invoke(main, ["preprocess", str(src.path), "--plans", str(tmp_path / "plans.json"),
-                                    "-c", "3d_fulres"])
+    bad = CliRunner().invoke(
+        main, ["preprocess", str(src.path), "--plans", str(tmp_path / "plans.json"), "-c", "3d_fulres"]
+    )
     assert bad.exit_code != 0
     assert "Did you mean '3d_fullres'" in bad.output
 

@@ -40,8 +40,9 @@ def test_processes_scheduler_gives_identical_store(tmp_path, dataset) -> None:
 @pytest.mark.slow
 def test_local_cluster_gives_identical_store(tmp_path, dataset) -> None:
     src, plan, reference = dataset
-    out = run_preprocess(src, plan, "3d_fullres", tmp_path / "local.zarr", scheduler="local:2",
-                         memory_limit="1GB", progress=False)
+    out = run_preprocess(
+        src, plan, "3d_fullres", tmp_path / "local.zarr", scheduler="local:2", memory_limit="1GB", progress=False
+    )
     _assert_same(reference, out)
 
 
@@ -63,14 +64,43 @@ def test_tcp_cluster_of_two_worker_processes_gives_identical_store(tmp_path, dat
     sched_file = tmp_path / "scheduler.json"
     dask_cli = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
     worker_cli = [sys.executable, "-m", "distributed.cli.dask_worker"]
-    procs = [subprocess.Popen([*dask_cli, "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
-                               "--scheduler-file", str(sched_file)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs = [
+        subprocess.Popen(
+            [
+                *dask_cli,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--dashboard-address",
+                ":0",
+                "--scheduler-file",
+                str(sched_file),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
     try:
         address = _wait_for(sched_file, 60)["address"]
-        procs += [subprocess.Popen([*worker_cli, address, "--nthreads", "1", "--no-dashboard",
-                                    "--memory-limit", "1GB", "--local-directory", str(tmp_path / f"w{i}")],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+        procs += [
+            subprocess.Popen(
+                [
+                    *worker_cli,
+                    address,
+                    "--nthreads",
+                    "1",
+                    "--no-dashboard",
+                    "--memory-limit",
+                    "1GB",
+                    "--local-directory",
+                    str(tmp_path / f"w{i}"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for i in range(2)
+        ]
         from distributed import Client
 
         with Client(address, timeout=60) as client:

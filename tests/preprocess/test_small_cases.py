@@ -19,8 +19,11 @@ from voxflow.synthetic import make_dataset
 
 def _digest(root: Path) -> dict[str, str]:
     """Every file of a store (metadata and chunks) by its bytes."""
-    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(root.rglob("*")) if f.is_file()}
+    return {
+        str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(root.rglob("*"))
+        if f.is_file()
+    }
 
 
 @pytest.fixture
@@ -46,8 +49,9 @@ def test_convert_small_cases_in_parallel_writes_the_same_store(tmp_path, raw, mo
     assert small == chunked
 
 
-def test_preprocess_small_cases_in_parallel_writes_the_same_store(tmp_path, small_store, helpers, monkeypatch,
-                                                                  scheduler) -> None:
+def test_preprocess_small_cases_in_parallel_writes_the_same_store(
+    tmp_path, small_store, helpers, monkeypatch, scheduler
+) -> None:
     src = small_store(n_cases=4)
     plan = helpers.make_plan(helpers.make_config())
     run_preprocess(src, plan, "3d_fullres", tmp_path / "small.zarr", progress=False, scheduler=scheduler)
@@ -66,8 +70,10 @@ def test_evaluate_small_cases_gives_the_same_metrics(tmp_path, rng, monkeypatch,
     from voxflow.geometry import Geometry
 
     meta = {"channel_names": ("MR",), "labels": {"background": 0, "a": 1, "b": 2}}
-    stores = {k: Store.create(tmp_path / f"{k}.zarr", DatasetMeta(**meta, kind=kind))
-              for k, kind in (("pred", "prediction"), ("ref", "dataset"))}
+    stores = {
+        k: Store.create(tmp_path / f"{k}.zarr", DatasetMeta(**meta, kind=kind))
+        for k, kind in (("pred", "prediction"), ("ref", "dataset"))
+    }
     for i, shape in enumerate([(9, 14, 12), (1, 20, 18), (7, 8, 9)]):  # 3D, 2D, and one with label 2 absent
         ref = (rng.random(shape) * 2.4).astype(np.uint8) if i != 2 else np.zeros(shape, np.uint8)
         pred = np.roll(ref, 1, axis=-1)

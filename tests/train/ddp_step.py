@@ -38,8 +38,7 @@ def main(work_root: str, cfg_name: str, rank: int, world: int, port: int, out: s
     store = Store.open(work.preprocessed(cfg_name))
     scales = deep_supervision_scales(config.network)
     b = config.batch_size
-    with build_loader(store, store.case_ids(), config, train=True, seed=3, num_workers=0,
-                      ds_scales=scales) as loader:
+    with build_loader(store, store.case_ids(), config, train=True, seed=3, num_workers=0, ds_scales=scales) as loader:
         batch = next(iter(loader))
     lo, hi = rank * b // world, (rank + 1) * b // world
     batch.image, batch.target = batch.image[lo:hi], [t[lo:hi] for t in batch.target]
@@ -51,12 +50,23 @@ def main(work_root: str, cfg_name: str, rank: int, world: int, port: int, out: s
         initial = {k: v.clone() for k, v in net.state_dict().items()}
         optimizer = build_optimizer(net.parameters(), config.train)
         set_lr(optimizer, lr_at(0, config.train))
-        loss_fn, _ = build_losses(LabelSpec.from_meta(store.meta), config.train, len(scales),
-                                  distributed=info.distributed)
+        loss_fn, _ = build_losses(
+            LabelSpec.from_meta(store.meta), config.train, len(scales), distributed=info.distributed
+        )
         model: nn.Module = nn.parallel.DistributedDataParallel(net) if info.distributed else net
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        progress = train_epoch(model, loss_fn, optimizer, scaler, iter([batch]), n_iters=1, info=info,
-                               amp_dtype=None, grad_clip=config.train.grad_clip, desc="step")
+        progress = train_epoch(
+            model,
+            loss_fn,
+            optimizer,
+            scaler,
+            iter([batch]),
+            n_iters=1,
+            info=info,
+            amp_dtype=None,
+            grad_clip=config.train.grad_clip,
+            desc="step",
+        )
         loss = epoch_loss(progress, info)
         if info.is_main:
             torch.save({"loss": loss, "state": net.state_dict(), "initial": initial, "local_batch": hi - lo}, out)

@@ -27,8 +27,11 @@ SHORT = ["--epochs", "1", "--iters", "2", "--set", "train.val_iters=1", "--no-va
 
 def _env() -> dict[str, str]:
     repo = str(HERE.parents[1])
-    return {**os.environ, "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p),
+    }
 
 
 def _voxflow(*args: str) -> list[str]:
@@ -36,22 +39,34 @@ def _voxflow(*args: str) -> list[str]:
 
 
 def _run(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout, env=_env())
+    return subprocess.run(
+        cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout, env=_env()
+    )
 
 
 def _one_step(work: Path, cfg: str, world: int, out: Path) -> dict:
     port = D.free_port()
-    procs = [subprocess.Popen([sys.executable, str(HERE / "ddp_step.py"), str(work), cfg, str(r), str(world),
-                               str(port), str(out)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, encoding="utf-8", errors="replace") for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "ddp_step.py"), str(work), cfg, str(r), str(world), str(port), str(out)],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
+        for r in range(world)
+    ]
     logs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     return torch.load(out, weights_only=False)
 
 
 @pytest.mark.parametrize("cfg", ["3d_fullres", "2d"])
-def test_two_ranks_take_the_step_of_one_process_with_the_whole_batch(planned_workspace: Path, tmp_path: Path,
-                                                                      cfg: str) -> None:
+def test_two_ranks_take_the_step_of_one_process_with_the_whole_batch(
+    planned_workspace: Path, tmp_path: Path, cfg: str
+) -> None:
     """Same weights, same samples: 2 ranks x batch b/2 give the loss and updated weights of 1 x batch b."""
     single = _one_step(planned_workspace, cfg, 1, tmp_path / "single.pt")
     ddp = _one_step(planned_workspace, cfg, 2, tmp_path / "ddp.pt")
@@ -92,12 +107,42 @@ def test_two_torchrun_nodes(planned_workspace: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     shutil.copytree(planned_workspace, work)
     endpoint = f"127.0.0.1:{D.free_port()}"
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
-         "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "vf",
-         "-m", "voxflow.train", str(work), "-c", "2d", "-f", "0", *SHORT],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
-        for node in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "vf",
+                "-m",
+                "voxflow.train",
+                str(work),
+                "-c",
+                "2d",
+                "-f",
+                "0",
+                *SHORT,
+            ],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
+        for node in (0, 1)
+    ]
     logs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(s[-3000:] for s in logs)
     summary = _summary(work / "runs" / "2d" / "fold_0")
@@ -105,8 +150,21 @@ def test_two_torchrun_nodes(planned_workspace: Path, tmp_path: Path) -> None:
     assert summary["ddp_max_param_diff"] == 0.0  # all-reduced max difference of every weight over the ranks
 
 
-PREEMPT = ["--epochs", "2", "--iters", "4", "--set", "train.val_iters=1", "--set", "batch_size=4",
-           "--set", "train.checkpoint_every=1", "--no-validation", "--num-workers", "0"]
+PREEMPT = [
+    "--epochs",
+    "2",
+    "--iters",
+    "4",
+    "--set",
+    "train.val_iters=1",
+    "--set",
+    "batch_size=4",
+    "--set",
+    "train.checkpoint_every=1",
+    "--no-validation",
+    "--num-workers",
+    "0",
+]
 
 
 def test_sigterm_on_a_two_rank_run_checkpoints_and_resume_is_exact(planned_workspace: Path, tmp_path: Path) -> None:
@@ -115,8 +173,9 @@ def test_sigterm_on_a_two_rank_run_checkpoints_and_resume_is_exact(planned_works
     shutil.copytree(planned_workspace, work)
     run_dir = work / "runs" / "2d" / "fold_0"
     cmd = _voxflow("train", str(work), "-c", "2d", "-f", "0", "--nproc", "2", *PREEMPT)
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            errors="replace")
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace"
+    )
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not (run_dir / "metrics.jsonl").exists():
         time.sleep(0.05)

@@ -89,7 +89,9 @@ def test_class_weighted_ce() -> None:
     got = SegmentationLoss(SOFTMAX, kind="ce", class_weights=w)(logits, target)
     per_voxel = [math.log(2), -math.log(0.75), math.log(2), -math.log(0.75)]
     weights = [1, 3, 3, 1]
-    assert float(got) == pytest.approx(sum(a * b for a, b in zip(per_voxel, weights, strict=True)) / sum(weights), rel=1e-6)
+    assert float(got) == pytest.approx(
+        sum(a * b for a, b in zip(per_voxel, weights, strict=True)) / sum(weights), rel=1e-6
+    )
 
 
 def _nnunet_weights(n_decoder_outputs: int) -> list[float]:
@@ -113,8 +115,11 @@ def test_deep_supervision_weights_are_nnunets_without_the_zero_weight_output() -
 def test_deep_supervision_loss_weights_each_scale() -> None:
     g = torch.Generator().manual_seed(1)
     base = SegmentationLoss(LabelSpec(3, ("a", "b")))
-    outs = [torch.randn(2, 3, 8, 8, 8, generator=g), torch.randn(2, 3, 4, 4, 4, generator=g),
-            torch.randn(2, 3, 2, 2, 2, generator=g)]
+    outs = [
+        torch.randn(2, 3, 8, 8, 8, generator=g),
+        torch.randn(2, 3, 4, 4, 4, generator=g),
+        torch.randn(2, 3, 2, 2, 2, generator=g),
+    ]
     tgts = [torch.randint(0, 3, (2, 1, *o.shape[2:]), generator=g) for o in outs]
     got = DeepSupervisionLoss(base)(outs, tgts)
     expected = (4 * base(outs[0], tgts[0]) + 2 * base(outs[1], tgts[1]) + base(outs[2], tgts[2])) / 7

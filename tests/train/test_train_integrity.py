@@ -57,8 +57,17 @@ def test_a_second_trainer_of_the_same_fold_fails_naming_the_holder(tmp_path: Pat
     lock = dir_lock_file(work.run_dir("tiny", 0))
     lock.parent.mkdir(parents=True)
     # pid 1 is alive and older than this lock: a live holder on this host
-    lock.write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "command": "train",
-                                "started": "just now", "started_unix": time.time()}))
+    lock.write_text(
+        json.dumps(
+            {
+                "pid": 1,
+                "host": socket.gethostname(),
+                "command": "train",
+                "started": "just now",
+                "started_unix": time.time(),
+            }
+        )
+    )
     with pytest.raises(LockedError, match="pid 1 .*'train'"):
         _train(work)
     assert not (work.run_dir("tiny", 0) / "checkpoint_latest.pt").exists()

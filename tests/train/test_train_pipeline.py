@@ -26,8 +26,13 @@ def test_synthetic_ct_reaches_organ_dice_above_0_8(tmp_path: Path) -> None:
     plan = plan_experiment(fp, preset="cpu")
     plan.save(work.plans)
     run_preprocess(work.dataset_store, plan, "3d_fullres", work.preprocessed("3d_fullres"))
-    run_dir = train_fold(work, "3d_fullres", 0, num_workers=1,
-                         overrides={"train.epochs": 6, "train.iters_per_epoch": 25, "train.val_iters": 2})
+    run_dir = train_fold(
+        work,
+        "3d_fullres",
+        0,
+        num_workers=1,
+        overrides={"train.epochs": 6, "train.iters_per_epoch": 25, "train.val_iters": 2},
+    )
     summary = json.loads((run_dir / "validation" / "summary.json").read_text())
     organ = str(plan.labels["organ"])
     assert summary["mean"][organ]["dice"] > 0.8

@@ -32,8 +32,14 @@ def test_smoke_loss_decreases_and_run_dir_is_complete(tmp_path: Path) -> None:
     assert [r["epoch"] for r in m] == [0, 1, 2]
     assert m[-1]["train_loss"] < 0.85 * m[0]["train_loss"]
     assert [r["lr"] for r in m] == pytest.approx([lr_at(e, TrainSpec(epochs=3)) for e in range(3)])
-    for name in ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt", "progress.png",
-                 "training_log.txt", "training_summary.json"):
+    for name in (
+        "checkpoint_latest.pt",
+        "checkpoint_best.pt",
+        "checkpoint_final.pt",
+        "progress.png",
+        "training_log.txt",
+        "training_summary.json",
+    ):
         assert (run_dir / name).is_file(), name
     assert "epoch 2" in (run_dir / "training_log.txt").read_text()
     net, cfg, meta = load_model(run_dir / "checkpoint_final.pt")
@@ -50,11 +56,28 @@ def test_2d_residual_config_and_options(tmp_path: Path, monkeypatch: pytest.Monk
     # an EMA of momentum 1 keeps its first value exactly: no later epoch can improve on it, so
     # patience 1 must stop the run after its second epoch
     monkeypatch.setattr(trainer, "EMA_MOMENTUM", 1.0)
-    work = make_workspace(tmp_path, patch=(1, 16, 16), network=tiny_network(dims=2, architecture="resenc_unet"),
-                          epochs=2, optimizer="adamw", lr=1e-3, schedule="cosine", warmup_epochs=1,
-                          class_weighted_ce=True, early_stopping_patience=1, loss="dice_ce")
-    run_dir = train_fold(work, "tiny", "all", loader_factory=fake_build_loader, num_workers=0,
-                         validate_cases=False, overrides={"train.epochs": 6})
+    work = make_workspace(
+        tmp_path,
+        patch=(1, 16, 16),
+        network=tiny_network(dims=2, architecture="resenc_unet"),
+        epochs=2,
+        optimizer="adamw",
+        lr=1e-3,
+        schedule="cosine",
+        warmup_epochs=1,
+        class_weighted_ce=True,
+        early_stopping_patience=1,
+        loss="dice_ce",
+    )
+    run_dir = train_fold(
+        work,
+        "tiny",
+        "all",
+        loader_factory=fake_build_loader,
+        num_workers=0,
+        validate_cases=False,
+        overrides={"train.epochs": 6},
+    )
     ckpt = load_checkpoint(run_dir / "checkpoint_final.pt")
     state = ckpt["trainer_state"]
     assert len(state["class_weights"]) == 3
@@ -73,9 +96,26 @@ def test_cli_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     work = make_workspace(tmp_path)
     monkeypatch.setattr(trainer, "_default_loader", lambda: fake_build_loader)
-    res = CliRunner().invoke(main, ["train", str(work.root), "-c", "tiny", "-f", "1", "--epochs", "1",
-                                    "--iters", "1", "--num-workers", "0", "--no-validation",
-                                    "--set", "train.val_iters=1"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "train",
+            str(work.root),
+            "-c",
+            "tiny",
+            "-f",
+            "1",
+            "--epochs",
+            "1",
+            "--iters",
+            "1",
+            "--num-workers",
+            "0",
+            "--no-validation",
+            "--set",
+            "train.val_iters=1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert len(_metrics(work.run_dir("tiny", 1))) == 1
     res = CliRunner().invoke(main, ["train", str(work.root), "-c", "tiny", "--set", "train.epoch=3"])
@@ -138,22 +178,30 @@ def test_sigkill_then_resume_finishes_with_the_right_schedule(tmp_path: Path) ->
 @pytest.mark.ddp
 def test_ddp_two_cpu_processes_keep_weights_identical(tmp_path: Path) -> None:
     work = make_workspace(tmp_path, epochs=2, iters_per_epoch=3, batch_size=2)
-    run_dir = train_fold(work, "tiny", 0, nproc=2, loader_factory=fake_build_loader, num_workers=0,
-                         validate_cases=False)
+    run_dir = train_fold(
+        work, "tiny", 0, nproc=2, loader_factory=fake_build_loader, num_workers=0, validate_cases=False
+    )
     summary = json.loads((run_dir / "training_summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["ddp_max_param_diff"] == 0.0
     assert len(_metrics(run_dir)) == 2
     # the ranks saw different data: a single-process run of the same plan ends with other weights
-    single = train_fold(make_workspace(tmp_path / "single", epochs=2, iters_per_epoch=3, batch_size=2), "tiny", 0,
-                        loader_factory=fake_build_loader, num_workers=0, validate_cases=False)
+    single = train_fold(
+        make_workspace(tmp_path / "single", epochs=2, iters_per_epoch=3, batch_size=2),
+        "tiny",
+        0,
+        loader_factory=fake_build_loader,
+        num_workers=0,
+        validate_cases=False,
+    )
     a = load_checkpoint(run_dir / "checkpoint_final.pt")["network"]
     b = load_checkpoint(single / "checkpoint_final.pt")["network"]
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_validation_is_skipped_with_a_warning_without_dataset_store(tmp_path: Path,
-                                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_validation_is_skipped_with_a_warning_without_dataset_store(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from voxflow.train._steps import amp_dtype_for, resolve_precision
     from voxflow.train.validation import validate_fold
 
@@ -255,8 +303,9 @@ def test_rerun_without_resume_or_restart_is_refused_and_restart_starts_afresh(tm
         train_fold(work, "tiny", 0, restart=True, resume=True, **kw)
 
 
-def test_resume_after_a_kill_during_the_final_validation_runs_it(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_a_kill_during_the_final_validation_runs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import voxflow.train.trainer as trainer
 
     calls: list[tuple] = []

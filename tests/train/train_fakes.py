@@ -26,33 +26,60 @@ from voxflow.testing import synthetic_case
 from voxflow.workspace import Workspace
 
 
-def tiny_network(*, dims: int = 3, architecture: str = "unet", features: tuple[int, ...] = (4, 8),
-                 strides: Sequence[Sequence[int]] | None = None, deep_supervision: bool = True) -> NetworkSpec:
+def tiny_network(
+    *,
+    dims: int = 3,
+    architecture: str = "unet",
+    features: tuple[int, ...] = (4, 8),
+    strides: Sequence[Sequence[int]] | None = None,
+    deep_supervision: bool = True,
+) -> NetworkSpec:
     n = len(features)
     strides = strides or [(1,) * dims] + [(2,) * dims] * (n - 1)
-    return NetworkSpec(architecture=architecture, spatial_dims=dims, n_stages=n, features_per_stage=features,
-                       kernel_sizes=[(3,) * dims] * n, strides=strides, n_blocks_per_stage=[1] * n,
-                       n_conv_per_stage_decoder=[1] * (n - 1), deep_supervision=deep_supervision)
+    return NetworkSpec(
+        architecture=architecture,
+        spatial_dims=dims,
+        n_stages=n,
+        features_per_stage=features,
+        kernel_sizes=[(3,) * dims] * n,
+        strides=strides,
+        n_blocks_per_stage=[1] * n,
+        n_conv_per_stage_decoder=[1] * (n - 1),
+        deep_supervision=deep_supervision,
+    )
 
 
-def make_workspace(root: Path, *, n_cases: int = 4, shape: tuple[int, int, int] = (16, 20, 20),
-                   patch: tuple[int, int, int] = (16, 16, 16), network: NetworkSpec | None = None,
-                   labels: dict[str, Any] | None = None, batch_size: int = 2, seed: int = 0,
-                   **train: Any) -> Workspace:
+def make_workspace(
+    root: Path,
+    *,
+    n_cases: int = 4,
+    shape: tuple[int, int, int] = (16, 20, 20),
+    patch: tuple[int, int, int] = (16, 16, 16),
+    network: NetworkSpec | None = None,
+    labels: dict[str, Any] | None = None,
+    batch_size: int = 2,
+    seed: int = 0,
+    **train: Any,
+) -> Workspace:
     """plans.json with one configuration ``tiny`` and its preprocessed store of blob cases."""
     work = Workspace(root).ensure()
     labels = labels or {"background": 0, "organ": 1, "lesion": 2}
     network = network or tiny_network()
     cfg = Configuration(
-        name="tiny", spacing_zyx=(1.0, 1.0, 1.0), median_shape_vox=shape, patch_size_vox=patch,
-        batch_size=batch_size, normalization=[ChannelNormalization(scheme="zscore")],
-        resampling=ResamplingSpec(), network=network,
-        train=TrainSpec(**{"epochs": 2, "iters_per_epoch": 2, "val_iters": 1, "checkpoint_every": 1,
-                           "seed": 1, **train}),
+        name="tiny",
+        spacing_zyx=(1.0, 1.0, 1.0),
+        median_shape_vox=shape,
+        patch_size_vox=patch,
+        batch_size=batch_size,
+        normalization=[ChannelNormalization(scheme="zscore")],
+        resampling=ResamplingSpec(),
+        network=network,
+        train=TrainSpec(
+            **{"epochs": 2, "iters_per_epoch": 2, "val_iters": 1, "checkpoint_every": 1, "seed": 1, **train}
+        ),
     )
     Plan(channel_names=("img",), labels=labels, configurations={"tiny": cfg}).save(work.plans)
-    meta = DatasetMeta(channel_names=("img",), labels=labels, kind="preprocessed",
-                       extra={"configuration": "tiny"})
+    meta = DatasetMeta(channel_names=("img",), labels=labels, kind="preprocessed", extra={"configuration": "tiny"})
     store = Store.create(work.preprocessed("tiny"), meta, overwrite=True)
     rng = np.random.default_rng(seed)
     for i in range(n_cases):
@@ -76,12 +103,27 @@ class FakeLoader:
     """Random (half foreground-centred) patches from the cases held in memory; infinite when ``train``,
     ``n_val`` batches otherwise. Deterministic per (seed, rank)."""
 
-    def __init__(self, store: Any, case_ids: Sequence[str], config: Configuration, *, train: bool = True,
-                 device: Any = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 ds_scales: Sequence[Sequence[float]] | None = None, augment: bool = True, n_val: int = 2):
+    def __init__(
+        self,
+        store: Any,
+        case_ids: Sequence[str],
+        config: Configuration,
+        *,
+        train: bool = True,
+        device: Any = "cpu",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        ds_scales: Sequence[Sequence[float]] | None = None,
+        augment: bool = True,
+        n_val: int = 2,
+    ):
         store = store if isinstance(store, Store) else Store.open(store)
-        self.cases = [(np.asarray(store.zarr_array(c, "image")[...]), np.asarray(store.zarr_array(c, "label")[...]))
-                      for c in case_ids]
+        self.cases = [
+            (np.asarray(store.zarr_array(c, "image")[...]), np.asarray(store.zarr_array(c, "label")[...]))
+            for c in case_ids
+        ]
         self.config, self.train, self.device, self.n_val = config, train, device, n_val
         self.seed, self.rank = seed, rank
         self.steps = [tuple(round(1 / s) for s in sc) for sc in (ds_scales or [(1.0,) * 3])]

@@ -49,15 +49,29 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("viewer")
     raw = make_dataset(root / "raw", kind="ct", n_cases=1, n_test_cases=1, shape_zyx=(12, 24, 20), seed=2)
     ds = convert(raw, root / "dataset.zarr", progress=False)
-    spec = NetworkSpec(n_stages=1, features_per_stage=(4,), kernel_sizes=((3, 3, 3),), strides=((1, 1, 1),),
-                       n_blocks_per_stage=(1,), n_conv_per_stage_decoder=())
-    cfg = Configuration(name="3d_fullres", spacing_zyx=(2.0, 1.0, 1.0), median_shape_vox=(8, 16, 16),
-                        patch_size_vox=(8, 16, 16), batch_size=2,
-                        normalization=(ChannelNormalization(scheme="zscore"),), resampling=ResamplingSpec(),
-                        network=spec, train=TrainSpec(mirror_axes=()))
+    spec = NetworkSpec(
+        n_stages=1,
+        features_per_stage=(4,),
+        kernel_sizes=((3, 3, 3),),
+        strides=((1, 1, 1),),
+        n_blocks_per_stage=(1,),
+        n_conv_per_stage_decoder=(),
+    )
+    cfg = Configuration(
+        name="3d_fullres",
+        spacing_zyx=(2.0, 1.0, 1.0),
+        median_shape_vox=(8, 16, 16),
+        patch_size_vox=(8, 16, 16),
+        batch_size=2,
+        normalization=(ChannelNormalization(scheme="zscore"),),
+        resampling=ResamplingSpec(),
+        network=spec,
+        train=TrainSpec(mirror_axes=()),
+    )
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(),
-                        nn.Conv3d(4, len(ds.meta.labels), 3, padding=1)).eval()
+    net = nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, len(ds.meta.labels), 3, padding=1)
+    ).eval()
     out = root / "test_predictions"
     pred = predict(raw / "imagesTs", out, models=[(net, cfg, ds.meta)], progress=False, export=False)
     mp.undo()

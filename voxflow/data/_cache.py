@@ -76,7 +76,9 @@ def read_box_cached(array: Any, box: Sequence[slice], cache: ChunkCache, key: Ha
         hi = [min(r.stop * c, n) for r, c, n in zip(ranges, chunk, shape, strict=True)]
         union = np.asarray(array[head + tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))])
         for b in blocks:
-            sl = tuple(slice(i * c - a, min((i + 1) * c, n) - a) for i, c, a, n in zip(b, chunk, lo, shape, strict=True))
+            sl = tuple(
+                slice(i * c - a, min((i + 1) * c, n) - a) for i, c, a, n in zip(b, chunk, lo, shape, strict=True)
+            )
             block = np.ascontiguousarray(union[head + sl])
             found[b] = block
             cache.put((key, b), block)

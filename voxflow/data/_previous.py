@@ -33,8 +33,14 @@ from voxflow.errors import ConfigError
 if TYPE_CHECKING:
     from voxflow.data.augment import AugmentConfig
 
-__all__ = ["OPERATORS", "PreviousParams", "apply_previous", "binary_operator", "perturb_sample",
-           "sample_previous_params"]
+__all__ = [
+    "OPERATORS",
+    "PreviousParams",
+    "apply_previous",
+    "binary_operator",
+    "perturb_sample",
+    "sample_previous_params",
+]
 
 OPERATORS = ("dilation", "erosion", "closing", "opening")
 
@@ -62,8 +68,9 @@ class PreviousParams:
         return np.asarray(self.binary_on.any(axis=1) | self.component_on.any(axis=1), dtype=bool)
 
 
-def sample_previous_params(rng: np.random.Generator, batch_size: int, n_labels: int,
-                           cfg: AugmentConfig) -> PreviousParams:
+def sample_previous_params(
+    rng: np.random.Generator, batch_size: int, n_labels: int, cfg: AugmentConfig
+) -> PreviousParams:
     """Draw the perturbations of one batch (numpy only)."""
     b, k = batch_size, n_labels
     order = np.stack([rng.permutation(k) for _ in range(b)]) if b else np.zeros((0, k), np.int64)
@@ -71,10 +78,10 @@ def sample_previous_params(rng: np.random.Generator, batch_size: int, n_labels: 
     op = rng.integers(len(OPERATORS), size=(b, k))
     radius = rng.uniform(*cfg.previous_strel_radius_vox, (b, k))
     c_order = np.stack([rng.permutation(k) for _ in range(b)]) if b else np.zeros((0, k), np.int64)
-    c_on = (rng.random(b) < cfg.p_previous_remove_component)[:, None] & \
-        (rng.random((b, k)) < cfg.p_previous_remove_per_label)
-    return PreviousParams(order, on, op, radius, c_order, c_on, rng.random((b, k)),
-                          cfg.previous_component_max_fraction)
+    c_on = (rng.random(b) < cfg.p_previous_remove_component)[:, None] & (
+        rng.random((b, k)) < cfg.p_previous_remove_per_label
+    )
+    return PreviousParams(order, on, op, radius, c_order, c_on, rng.random((b, k)), cfg.previous_component_max_fraction)
 
 
 def _dilate(x: np.ndarray, r: float) -> np.ndarray:

@@ -19,8 +19,17 @@ if TYPE_CHECKING:
     from voxflow.data.augment import Params
 
 __all__ = [
-    "apply_blur", "apply_brightness", "apply_contrast", "apply_gamma", "apply_lowres",
-    "apply_noise", "apply_spatial", "centre_crop", "downsample_targets", "gaussian_blur", "input_footprint",
+    "apply_blur",
+    "apply_brightness",
+    "apply_contrast",
+    "apply_gamma",
+    "apply_lowres",
+    "apply_noise",
+    "apply_spatial",
+    "centre_crop",
+    "downsample_targets",
+    "gaussian_blur",
+    "input_footprint",
 ]
 
 
@@ -35,8 +44,9 @@ def centre_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return x[(slice(None),) * lead + sl]
 
 
-def _sampling_grid(params: Params, sel: np.ndarray, in_shape: Sequence[int], out_shape: Sequence[int],
-                   device: torch.device) -> torch.Tensor:
+def _sampling_grid(
+    params: Params, sel: np.ndarray, in_shape: Sequence[int], out_shape: Sequence[int], device: torch.device
+) -> torch.Tensor:
     """grid_sample grid (n, *F, D) in (x, y, z) order, normalised with align_corners=True.
 
     Output voxel offset ``o`` from the output centre maps to input offset ``M @ o`` (+ elastic
@@ -70,9 +80,14 @@ def _sampling_grid(params: Params, sel: np.ndarray, in_shape: Sequence[int], out
     return grid
 
 
-def apply_spatial(image: torch.Tensor, label: torch.Tensor | None, params: Params, patch_size: Sequence[int], *,
-                  spatial_input: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def apply_spatial(
+    image: torch.Tensor,
+    label: torch.Tensor | None,
+    params: Params,
+    patch_size: Sequence[int],
+    *,
+    spatial_input: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotation/scaling/elastic as one ``grid_sample`` over the transformed samples, centre crop
     for the others. Image: linear; label: nearest; outside the input patch: 0. Mirroring is done
     here too: folded into the sampling matrix of transformed samples (free), a flip of the crop
@@ -94,8 +109,9 @@ def apply_spatial(image: torch.Tensor, label: torch.Tensor | None, params: Param
     else:
         src_img, src_lab = spatial_input
     grid = _sampling_grid(params, sel, src_img.shape[2:], patch_size, image.device)
-    out_img[idx] = nnf.grid_sample(src_img.float(), grid, mode="bilinear", padding_mode="zeros",
-                                   align_corners=True).to(out_img.dtype)
+    out_img[idx] = nnf.grid_sample(src_img.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True).to(
+        out_img.dtype
+    )
     if src_lab is not None and out_lab is not None:
         lab = nnf.grid_sample(src_lab.float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)
         out_lab[idx] = lab.to(out_lab.dtype)
@@ -261,8 +277,12 @@ def _mirror_plain(image: torch.Tensor, label: torch.Tensor | None, params: Param
 
 def _nearest_exact_index(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
     """Source index of each output voxel for nearest-exact resizing: floor((i + 0.5) * n_in / n_out)."""
-    return ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * (n_in / n_out)).floor().long().clamp_(
-        max=n_in - 1)
+    return (
+        ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * (n_in / n_out))
+        .floor()
+        .long()
+        .clamp_(max=n_in - 1)
+    )
 
 
 def downsample_targets(label: torch.Tensor, ds_scales: Sequence[Sequence[float]] | None) -> list[torch.Tensor]:

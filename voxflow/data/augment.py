@@ -112,14 +112,24 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             if f.name.startswith("p_") and not 0.0 <= getattr(self, f.name) <= 1.0:
-                raise ConfigError(f"AugmentConfig.{f.name} must be a probability in [0, 1]; got "
-                                  f"{getattr(self, f.name)!r}. Pass a value between 0 (never) and 1 (always).")
-        for name in ("scale_range", "brightness_range", "contrast_range", "lowres_zoom", "gamma_range",
-                     "previous_strel_radius_vox"):
+                raise ConfigError(
+                    f"AugmentConfig.{f.name} must be a probability in [0, 1]; got "
+                    f"{getattr(self, f.name)!r}. Pass a value between 0 (never) and 1 (always)."
+                )
+        for name in (
+            "scale_range",
+            "brightness_range",
+            "contrast_range",
+            "lowres_zoom",
+            "gamma_range",
+            "previous_strel_radius_vox",
+        ):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
-                raise ConfigError(f"AugmentConfig.{name} must be (low, high) with 0 < low <= high; got "
-                                  f"{getattr(self, name)!r}. Swap or raise the bounds, e.g. (0.7, 1.4).")
+                raise ConfigError(
+                    f"AugmentConfig.{name} must be (low, high) with 0 < low <= high; got "
+                    f"{getattr(self, name)!r}. Swap or raise the bounds, e.g. (0.7, 1.4)."
+                )
         object.__setattr__(self, "mirror_axes", tuple(int(a) for a in self.mirror_axes))
 
     def max_rotation_rad(self, spatial_dims: int, patch_size: Sequence[int] | None = None) -> float:
@@ -146,9 +156,21 @@ class AugmentConfig:
     @classmethod
     def off(cls) -> AugmentConfig:
         """Every transform disabled (validation)."""
-        return cls(p_rotation=0.0, p_scale=0.0, p_elastic=0.0, p_noise=0.0, p_blur=0.0, p_brightness=0.0,
-                   p_contrast=0.0, p_lowres=0.0, p_gamma_inverted=0.0, p_gamma=0.0, p_mirror=0.0,
-                   p_previous_binary=0.0, p_previous_remove_component=0.0)
+        return cls(
+            p_rotation=0.0,
+            p_scale=0.0,
+            p_elastic=0.0,
+            p_noise=0.0,
+            p_blur=0.0,
+            p_brightness=0.0,
+            p_contrast=0.0,
+            p_lowres=0.0,
+            p_gamma_inverted=0.0,
+            p_gamma=0.0,
+            p_mirror=0.0,
+            p_previous_binary=0.0,
+            p_previous_remove_component=0.0,
+        )
 
     def for_spatial_dims(self, spatial_dims: int) -> AugmentConfig:
         """Drop mirror axes that a ``spatial_dims``-D patch does not have."""
@@ -209,28 +231,38 @@ class Params:
     contrast 1, lowres_zoom 1, gamma / gamma_inverted 1, mirror False.
     """
 
-    matrix: np.ndarray            # (B, D, D) output offset (vox, z-y-x) -> input offset
-    spatial: np.ndarray           # (B,) bool: resample this sample (else exact centre crop)
-    elastic: np.ndarray | None    # (B, D, *coarse) displacement (vox) at control points, or None
-    noise_std: np.ndarray         # (B,)
+    matrix: np.ndarray  # (B, D, D) output offset (vox, z-y-x) -> input offset
+    spatial: np.ndarray  # (B,) bool: resample this sample (else exact centre crop)
+    elastic: np.ndarray | None  # (B, D, *coarse) displacement (vox) at control points, or None
+    noise_std: np.ndarray  # (B,)
     noise_seed: int
-    blur_sigma: np.ndarray        # (B, C) vox
-    brightness: np.ndarray        # (B, C)
-    contrast: np.ndarray          # (B, C)
-    lowres_zoom: np.ndarray       # (B, C)
-    gamma_inverted: np.ndarray    # (B,)
-    gamma: np.ndarray             # (B,)
-    mirror: np.ndarray            # (B, D) bool
+    blur_sigma: np.ndarray  # (B, C) vox
+    brightness: np.ndarray  # (B, C)
+    contrast: np.ndarray  # (B, C)
+    lowres_zoom: np.ndarray  # (B, C)
+    gamma_inverted: np.ndarray  # (B,)
+    gamma: np.ndarray  # (B,)
+    mirror: np.ndarray  # (B, D) bool
     extra: dict = field(default_factory=dict)
     previous: PreviousParams | None = None  # cascade perturbations of the previous-stage channels
 
     @classmethod
     def identity(cls, batch_size: int, n_channels: int, spatial_dims: int) -> Params:
         b, c, d = batch_size, n_channels, spatial_dims
-        return cls(matrix=np.tile(np.eye(d), (b, 1, 1)), spatial=np.zeros(b, bool), elastic=None,
-                   noise_std=np.zeros(b), noise_seed=0, blur_sigma=np.zeros((b, c)), brightness=np.ones((b, c)),
-                   contrast=np.ones((b, c)), lowres_zoom=np.ones((b, c)), gamma_inverted=np.ones(b),
-                   gamma=np.ones(b), mirror=np.zeros((b, d), bool))
+        return cls(
+            matrix=np.tile(np.eye(d), (b, 1, 1)),
+            spatial=np.zeros(b, bool),
+            elastic=None,
+            noise_std=np.zeros(b),
+            noise_seed=0,
+            blur_sigma=np.zeros((b, c)),
+            brightness=np.ones((b, c)),
+            contrast=np.ones((b, c)),
+            lowres_zoom=np.ones((b, c)),
+            gamma_inverted=np.ones(b),
+            gamma=np.ones(b),
+            mirror=np.zeros((b, d), bool),
+        )
 
 
 def _two_sided(rng: np.random.Generator, rng_range: Range, size: int | tuple[int, ...]) -> np.ndarray:
@@ -244,8 +276,9 @@ def _where(rng: np.random.Generator, p: float, values: np.ndarray, neutral: floa
     return np.where(rng.random(values.shape) < p, values, neutral)
 
 
-def _spatial_params(rng: np.random.Generator, b: int, d: int, cfg: AugmentConfig,
-                    patch_size: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _spatial_params(
+    rng: np.random.Generator, b: int, d: int, cfg: AugmentConfig, patch_size: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     rot_max = cfg.max_rotation_rad(d, patch_size)
     in_plane = cfg.is_in_plane(patch_size)
     do_rot = rng.random(b) < cfg.p_rotation
@@ -270,9 +303,16 @@ def _spatial_params(rng: np.random.Generator, b: int, d: int, cfg: AugmentConfig
     return matrix, do_rot | do_scale | do_el, elastic
 
 
-def sample_params(rng: np.random.Generator, batch_size: int, *, n_channels: int, spatial_dims: int,
-                  config: AugmentConfig | None = None, patch_size: Sequence[int] | None = None,
-                  n_previous: int = 0) -> Params:
+def sample_params(
+    rng: np.random.Generator,
+    batch_size: int,
+    *,
+    n_channels: int,
+    spatial_dims: int,
+    config: AugmentConfig | None = None,
+    patch_size: Sequence[int] | None = None,
+    n_previous: int = 0,
+) -> Params:
     """Draw the augmentation parameters of one batch (numpy only; cheap).
 
     ``patch_size`` (the final patch, ``spatial_dims`` entries) sets the elastic control grid and
@@ -286,8 +326,7 @@ def sample_params(rng: np.random.Generator, batch_size: int, *, n_channels: int,
     noise_std = _where(rng, cfg.p_noise, np.sqrt(rng.uniform(*cfg.noise_variance, b)), 0.0)
     blur_on = (rng.random(b) < cfg.p_blur)[:, None] & (rng.random((b, c)) < cfg.p_blur_per_channel)
     blur = np.where(blur_on, rng.uniform(*cfg.blur_sigma, (b, c)), 0.0)
-    brightness = np.where((rng.random(b) < cfg.p_brightness)[:, None],
-                          rng.uniform(*cfg.brightness_range, (b, c)), 1.0)
+    brightness = np.where((rng.random(b) < cfg.p_brightness)[:, None], rng.uniform(*cfg.brightness_range, (b, c)), 1.0)
     contrast = np.where((rng.random(b) < cfg.p_contrast)[:, None], _two_sided(rng, cfg.contrast_range, (b, c)), 1.0)
     low_on = (rng.random(b) < cfg.p_lowres)[:, None] & (rng.random((b, c)) < cfg.p_lowres_per_channel)
     lowres = np.where(low_on, rng.uniform(*cfg.lowres_zoom, (b, c)), 1.0)
@@ -298,16 +337,33 @@ def sample_params(rng: np.random.Generator, batch_size: int, *, n_channels: int,
         mirror[:, a] = rng.random(b) < cfg.p_mirror
     noise_seed = int(rng.integers(2**62))
     previous = sample_previous_params(rng, b, n_previous, cfg) if n_previous else None
-    return Params(matrix=matrix, spatial=spatial, elastic=elastic, noise_std=noise_std,
-                  noise_seed=noise_seed, blur_sigma=blur, brightness=brightness, contrast=contrast,
-                  lowres_zoom=lowres, gamma_inverted=gamma_inv, gamma=gamma, mirror=mirror, previous=previous)
+    return Params(
+        matrix=matrix,
+        spatial=spatial,
+        elastic=elastic,
+        noise_std=noise_std,
+        noise_seed=noise_seed,
+        blur_sigma=blur,
+        brightness=brightness,
+        contrast=contrast,
+        lowres_zoom=lowres,
+        gamma_inverted=gamma_inv,
+        gamma=gamma,
+        mirror=mirror,
+        previous=previous,
+    )
 
 
-def apply(image: torch.Tensor, label: torch.Tensor | None, params: Params, *, patch_size: Sequence[int],
-          ds_scales: Sequence[Sequence[float]] | None = None,
-          spatial_input: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-          previous_labels: Sequence[int] = (),
-          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def apply(
+    image: torch.Tensor,
+    label: torch.Tensor | None,
+    params: Params,
+    *,
+    patch_size: Sequence[int],
+    ds_scales: Sequence[Sequence[float]] | None = None,
+    spatial_input: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    previous_labels: Sequence[int] = (),
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Augment one batch on its device; deterministic given ``params``.
 
     Parameters
@@ -344,9 +400,11 @@ def apply(image: torch.Tensor, label: torch.Tensor | None, params: Params, *, pa
     image = apply_gamma(image, params.gamma, invert=False)
     if previous_labels:
         if label is None or label.shape[1] != 2:
-            raise ConfigError(f"a cascade batch needs the label and the previous stage as (B, 2, *P); got "
-                              f"{None if label is None else tuple(label.shape)}. Preprocess and train "
-                              f"3d_lowres first (its cross-validation segmentation is the second channel).")
+            raise ConfigError(
+                f"a cascade batch needs the label and the previous stage as (B, 2, *P); got "
+                f"{None if label is None else tuple(label.shape)}. Preprocess and train "
+                f"3d_lowres first (its cross-validation segmentation is the second channel)."
+            )
         prev, label = label[:, 1], label[:, :1]
         onehot = torch.stack([prev == int(v) for v in previous_labels], dim=1).to(image.dtype)
         image = torch.cat([image, apply_previous(onehot, params.previous)], dim=1)

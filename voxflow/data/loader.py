@@ -57,11 +57,11 @@ class Batch:
 
 @dataclass
 class _Raw:
-    image: torch.Tensor                  # (B, C, *F): the samples without spatial transform
+    image: torch.Tensor  # (B, C, *F): the samples without spatial transform
     label: torch.Tensor | None
     case_ids: tuple[str, ...]
     params: Params
-    spatial_image: torch.Tensor | None   # (n, C, *P'): footprints of the transformed samples
+    spatial_image: torch.Tensor | None  # (n, C, *P'): footprints of the transformed samples
     spatial_label: torch.Tensor | None
 
 
@@ -76,7 +76,7 @@ class LoaderSpec:
 
     batch_size: int
     read_patch_vox: tuple[int, int, int]
-    final_patch_vox: tuple[int, ...]   # spatial axes of the network input: 3 (z, y, x) or 2 (y, x)
+    final_patch_vox: tuple[int, ...]  # spatial axes of the network input: 3 (z, y, x) or 2 (y, x)
     n_channels: int
     oversample_foreground: float
     augment: AugmentConfig | None
@@ -89,9 +89,19 @@ class BatchLoader:
     """Iterable of :class:`Batch`; infinite when ``n_batches`` is ``None``, else ``n_batches`` long
     and identical on every pass (each ``iter()`` restarts the streams). Use as a context manager."""
 
-    def __init__(self, cases: Sequence[CaseHandle], spec: LoaderSpec, *, device: str | torch.device = "cpu",
-                 seed: int = 0, rank: int = 0, num_workers: int = 2, n_batches: int | None = None,
-                 prefetch: int = 2, cache: ChunkCache | None = None) -> None:
+    def __init__(
+        self,
+        cases: Sequence[CaseHandle],
+        spec: LoaderSpec,
+        *,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        rank: int = 0,
+        num_workers: int = 2,
+        n_batches: int | None = None,
+        prefetch: int = 2,
+        cache: ChunkCache | None = None,
+    ) -> None:
         self.cases = list(cases)
         self.cache = cache
         self.spec = spec
@@ -118,17 +128,27 @@ class BatchLoader:
             return
         self._queues = [queue.Queue(maxsize=self.prefetch) for _ in range(self.num_workers)]
         self._threads = [
-            threading.Thread(target=_work, daemon=True, name=f"voxflow-loader-r{self.rank}-w{w}",
-                             args=(self._producer(w), w, self.num_workers, self.n_batches, self._queues[w],
-                                   self._stop))
+            threading.Thread(
+                target=_work,
+                daemon=True,
+                name=f"voxflow-loader-r{self.rank}-w{w}",
+                args=(self._producer(w), w, self.num_workers, self.n_batches, self._queues[w], self._stop),
+            )
             for w in range(self.num_workers)
         ]
         for t in self._threads:
             t.start()
 
     def _producer(self, worker: int) -> _Producer:
-        return _Producer(self.spec, self.cases, seed=self.seed, rank=self.rank, worker=worker,
-                         pin=self.device.type == "cuda", cache=self.cache)
+        return _Producer(
+            self.spec,
+            self.cases,
+            seed=self.seed,
+            rank=self.rank,
+            worker=worker,
+            pin=self.device.type == "cuda",
+            cache=self.cache,
+        )
 
     def close(self) -> None:
         """Stop and join the worker threads; safe to call more than once."""
@@ -207,16 +227,25 @@ class BatchLoader:
         label = None if raw.label is None else raw.label.to(self.device, non_blocking=nb)
         spatial = None
         if raw.spatial_image is not None:
-            spatial = (raw.spatial_image.to(self.device, non_blocking=nb),
-                       None if raw.spatial_label is None else raw.spatial_label.to(self.device, non_blocking=nb))
-        image, targets = apply(image, label, raw.params, patch_size=self.spec.final_patch_vox,
-                               ds_scales=self.spec.ds_scales, spatial_input=spatial,
-                               previous_labels=self.spec.previous_labels)
+            spatial = (
+                raw.spatial_image.to(self.device, non_blocking=nb),
+                None if raw.spatial_label is None else raw.spatial_label.to(self.device, non_blocking=nb),
+            )
+        image, targets = apply(
+            image,
+            label,
+            raw.params,
+            patch_size=self.spec.final_patch_vox,
+            ds_scales=self.spec.ds_scales,
+            spatial_input=spatial,
+            previous_labels=self.spec.previous_labels,
+        )
         return Batch(image=image, target=targets, case_ids=raw.case_ids, params=raw.params)
 
 
-def _work(producer: _Producer, w: int, n_workers: int, n_batches: int | None, q: queue.Queue[Any],
-          stop: threading.Event) -> None:
+def _work(
+    producer: _Producer, w: int, n_workers: int, n_batches: int | None, q: queue.Queue[Any], stop: threading.Event
+) -> None:
     """Worker thread body: batches w, w + n_workers, ... into ``q`` until stopped or done.
 
     It holds no reference to the loader, so a loader dropped without ``close()`` is still
@@ -245,24 +274,46 @@ def _work(producer: _Producer, w: int, n_workers: int, n_batches: int | None, q:
 class _Producer:
     """One worker's sampler and parameter stream."""
 
-    def __init__(self, spec: LoaderSpec, cases: Sequence[CaseHandle], *, seed: int, rank: int, worker: int,
-                 pin: bool, cache: ChunkCache | None) -> None:
+    def __init__(
+        self,
+        spec: LoaderSpec,
+        cases: Sequence[CaseHandle],
+        *,
+        seed: int,
+        rank: int,
+        worker: int,
+        pin: bool,
+        cache: ChunkCache | None,
+    ) -> None:
         self.spec = spec
         self.rng = stream_rng(seed, rank=rank, worker=worker, purpose=spec.purpose)
-        self.sampler = PatchSampler(cases, spec.read_patch_vox, final_patch_size_vox=_final_3d(spec), rng=self.rng,
-                                    oversample_foreground=spec.oversample_foreground, cache=cache)
+        self.sampler = PatchSampler(
+            cases,
+            spec.read_patch_vox,
+            final_patch_size_vox=_final_3d(spec),
+            rng=self.rng,
+            oversample_foreground=spec.oversample_foreground,
+            cache=cache,
+        )
         self.pin = pin
 
     def _params(self) -> Params:
         spec, dims = self.spec, len(self.spec.final_patch_vox)
         if spec.augment is None:
             return Params.identity(spec.batch_size, spec.n_channels, dims)
-        return sample_params(self.rng, spec.batch_size, n_channels=spec.n_channels, spatial_dims=dims,
-                             config=spec.augment, patch_size=spec.final_patch_vox,
-                             n_previous=len(spec.previous_labels))
+        return sample_params(
+            self.rng,
+            spec.batch_size,
+            n_channels=spec.n_channels,
+            spatial_dims=dims,
+            config=spec.augment,
+            patch_size=spec.final_patch_vox,
+            n_previous=len(spec.previous_labels),
+        )
 
-    def _read(self, cases: list[CaseHandle], corners: np.ndarray, which: np.ndarray,
-              size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _read(
+        self, cases: list[CaseHandle], corners: np.ndarray, which: np.ndarray, size: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stacked reads of the ``which`` samples, boxes of ``size`` (spatial axes) centred in their patch."""
         size3 = (1, *size) if len(size) == 2 else tuple(size)
         reads = [self.sampler.read(cases[b], corners[b], size3) for b in which]
@@ -281,10 +332,13 @@ class _Producer:
         cases, corners, _ = self.sampler.draw(spec.batch_size)
         params = self._params()
         final = tuple(spec.final_patch_vox)
-        sizes = input_footprint(params, final, spec.read_patch_vox[-len(final):])
+        sizes = input_footprint(params, final, spec.read_patch_vox[-len(final) :])
         plain, moved = np.flatnonzero(~params.spatial), np.flatnonzero(params.spatial)
-        image, label = self._read(cases, corners, np.arange(spec.batch_size), final) if len(moved) == 0 else \
-            self._read_split(cases, corners, plain, final)
+        image, label = (
+            self._read(cases, corners, np.arange(spec.batch_size), final)
+            if len(moved) == 0
+            else self._read_split(cases, corners, plain, final)
+        )
         s_image: torch.Tensor | None = None
         s_label: torch.Tensor | None = None
         if len(moved):
@@ -294,8 +348,9 @@ class _Producer:
             label, s_image, s_label = (None if t is None else t.pin_memory() for t in (label, s_image, s_label))
         return _Raw(image, label, tuple(c.case_id for c in cases), params, s_image, s_label)
 
-    def _read_split(self, cases: list[CaseHandle], corners: np.ndarray, plain: np.ndarray,
-                    final: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _read_split(
+        self, cases: list[CaseHandle], corners: np.ndarray, plain: np.ndarray, final: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, C, *F) batch with the ``plain`` samples read and zeros for the transformed ones."""
         spec = self.spec
         image = torch.zeros((spec.batch_size, spec.n_channels, *final))
@@ -317,9 +372,16 @@ def _final_3d(spec: LoaderSpec) -> tuple[int, int, int]:
     return tuple(spec.final_patch_vox)  # type: ignore[return-value]
 
 
-def loader_spec(config: Configuration, *, train: bool, augment: bool | AugmentConfig,
-                ds_scales: Sequence[Sequence[float]] | None, batch_size: int | None = None,
-                n_channels: int | None = None, previous_labels: Sequence[int] = ()) -> LoaderSpec:
+def loader_spec(
+    config: Configuration,
+    *,
+    train: bool,
+    augment: bool | AugmentConfig,
+    ds_scales: Sequence[Sequence[float]] | None,
+    batch_size: int | None = None,
+    n_channels: int | None = None,
+    previous_labels: Sequence[int] = (),
+) -> LoaderSpec:
     """Patch sizes, augmentation and targets of a loader for ``config`` (see :func:`build_loader`)."""
     final = tuple(config.patch_size_vox[1:]) if config.is_2d else tuple(config.patch_size_vox)
     aug: AugmentConfig | None = None
@@ -333,20 +395,41 @@ def loader_spec(config: Configuration, *, train: bool, augment: bool | AugmentCo
     read3 = (1, *read) if config.is_2d else read
     scales = None if ds_scales is None else tuple(tuple(float(v) for v in s) for s in ds_scales)
     if scales is not None and any(len(s) != len(final) for s in scales):
-        raise ConfigError(f"ds_scales entries must have {len(final)} factors (one per patch axis); got {scales!r}. "
-                          f"Build them with voxflow.nets.deep_supervision_scales(config.network).")
-    return LoaderSpec(batch_size=int(batch_size or config.batch_size), read_patch_vox=read3,  # type: ignore[arg-type]
-                      final_patch_vox=final, n_channels=int(n_channels or config.n_channels),
-                      oversample_foreground=config.train.oversample_foreground, augment=aug,
-                      ds_scales=scales, purpose="train" if train else "val",
-                      previous_labels=tuple(int(v) for v in previous_labels))
+        raise ConfigError(
+            f"ds_scales entries must have {len(final)} factors (one per patch axis); got {scales!r}. "
+            f"Build them with voxflow.nets.deep_supervision_scales(config.network)."
+        )
+    return LoaderSpec(
+        batch_size=int(batch_size or config.batch_size),
+        read_patch_vox=read3,  # type: ignore[arg-type]
+        final_patch_vox=final,
+        n_channels=int(n_channels or config.n_channels),
+        oversample_foreground=config.train.oversample_foreground,
+        augment=aug,
+        ds_scales=scales,
+        purpose="train" if train else "val",
+        previous_labels=tuple(int(v) for v in previous_labels),
+    )
 
 
-def build_loader(store: Store | PathLikeStr, case_ids: Sequence[str], config: Configuration, *,
-                 train: bool = True, device: str | torch.device = "cpu", seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 2, ds_scales: Sequence[Sequence[float]] | None = None,
-                 augment: bool | AugmentConfig = True, n_batches: int | None = None,
-                 batch_size: int | None = None, prefetch: int = 2, cache_mb: float = 256) -> BatchLoader:
+def build_loader(
+    store: Store | PathLikeStr,
+    case_ids: Sequence[str],
+    config: Configuration,
+    *,
+    train: bool = True,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    ds_scales: Sequence[Sequence[float]] | None = None,
+    augment: bool | AugmentConfig = True,
+    n_batches: int | None = None,
+    batch_size: int | None = None,
+    prefetch: int = 2,
+    cache_mb: float = 256,
+) -> BatchLoader:
     """Loader of patches from a preprocessed store for one configuration.
 
     ``train=True``: infinite, augmented (``augment`` True = nnU-Net defaults with the plan's
@@ -361,26 +444,47 @@ def build_loader(store: Store | PathLikeStr, case_ids: Sequence[str], config: Co
     small datasets end up served from memory, large ones are streamed chunk by chunk.
     """
     if not 0 <= rank < world_size:
-        raise ConfigError(f"rank must be in [0, world_size={world_size}); got {rank!r}. Pass the process's DDP "
-                          f"rank and the number of processes (torch.distributed.get_rank/get_world_size).")
+        raise ConfigError(
+            f"rank must be in [0, world_size={world_size}); got {rank!r}. Pass the process's DDP "
+            f"rank and the number of processes (torch.distributed.get_rank/get_world_size)."
+        )
     st = store if isinstance(store, Store) else Store.open(store)
     cascade = config.previous_stage is not None
     cases = open_cases(st, list(case_ids), require_label=True, previous=cascade)
     for c in cases:
         if c.image.shape[0] != config.n_channels:
-            raise LayoutError(f"configuration {config.name!r} expects {config.n_channels} channels; got "
-                              f"{c.image.shape[0]} for case {c.case_id!r} in {st.path}. Preprocess with this plan.")
+            raise LayoutError(
+                f"configuration {config.name!r} expects {config.n_channels} channels; got "
+                f"{c.image.shape[0]} for case {c.case_id!r} in {st.path}. Preprocess with this plan."
+            )
     previous: tuple[int, ...] = ()
     if cascade:
         from voxflow.models import previous_stage_labels
 
         previous = previous_stage_labels(st.meta)
-    spec = loader_spec(config, train=train, augment=augment, ds_scales=ds_scales, batch_size=batch_size,
-                       previous_labels=previous)
+    spec = loader_spec(
+        config, train=train, augment=augment, ds_scales=ds_scales, batch_size=batch_size, previous_labels=previous
+    )
     if not train and n_batches is None:
         n_batches = config.train.val_iters
-    log.info("loader rank %d: %d cases, read patch %s -> %s, batch %d, %s", rank, len(cases),
-             spec.read_patch_vox, spec.final_patch_vox, spec.batch_size, "augmented" if spec.augment else "plain")
+    log.info(
+        "loader rank %d: %d cases, read patch %s -> %s, batch %d, %s",
+        rank,
+        len(cases),
+        spec.read_patch_vox,
+        spec.final_patch_vox,
+        spec.batch_size,
+        "augmented" if spec.augment else "plain",
+    )
     cache = ChunkCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
-    return BatchLoader(cases, spec, device=device, seed=seed, rank=rank, num_workers=num_workers,
-                       n_batches=n_batches, prefetch=prefetch, cache=cache)
+    return BatchLoader(
+        cases,
+        spec,
+        device=device,
+        seed=seed,
+        rank=rank,
+        num_workers=num_workers,
+        n_batches=n_batches,
+        prefetch=prefetch,
+        cache=cache,
+    )

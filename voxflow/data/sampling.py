@@ -35,7 +35,16 @@ from voxflow.store import Store
 
 PREVIOUS_ARRAY = "prev_seg"  # a cascade's previous-stage segmentation in the preprocessed store
 
-__all__ = ["PREVIOUS_ARRAY", "CaseHandle", "ChunkCache", "PatchBatch", "PatchSampler", "open_cases", "read_patch", "stream_rng"]
+__all__ = [
+    "PREVIOUS_ARRAY",
+    "CaseHandle",
+    "ChunkCache",
+    "PatchBatch",
+    "PatchSampler",
+    "open_cases",
+    "read_patch",
+    "stream_rng",
+]
 
 log = logging.getLogger(__name__)
 
@@ -80,36 +89,49 @@ class CaseHandle:
 def _open_previous(store: Store, case_id: str, shape_zyx: tuple[int, ...]) -> Any:
     rec = store.case_attrs(case_id).get("previous_stage") or {}
     if not rec.get("complete") or not store.has_array(case_id, PREVIOUS_ARRAY):
-        raise LayoutError(f"a cascade's second stage trains on the previous stage's cross-validation segmentation; "
-                          f"case {case_id!r} in {store.path} has none. `voxflow train` writes it from the trained "
-                          f"and validated 3d_lowres folds (train those first), or run `voxflow run`.")
+        raise LayoutError(
+            f"a cascade's second stage trains on the previous stage's cross-validation segmentation; "
+            f"case {case_id!r} in {store.path} has none. `voxflow train` writes it from the trained "
+            f"and validated 3d_lowres folds (train those first), or run `voxflow run`."
+        )
     prev = store.zarr_array(case_id, PREVIOUS_ARRAY)
     if tuple(prev.shape) != shape_zyx:
-        raise LayoutError(f"{PREVIOUS_ARRAY} shape {tuple(prev.shape)} must equal the image's spatial shape {shape_zyx} "
-                          f"for case {case_id!r} in {store.path}; it is stale: retrain the cascade fold.")
+        raise LayoutError(
+            f"{PREVIOUS_ARRAY} shape {tuple(prev.shape)} must equal the image's spatial shape {shape_zyx} "
+            f"for case {case_id!r} in {store.path}; it is stale: retrain the cascade fold."
+        )
     return prev
 
 
 def _open_case(store: Store, case_id: str, *, require_label: bool, previous: bool = False) -> CaseHandle:
     image = store.zarr_array(case_id, "image")
     if image.ndim != 4:
-        raise LayoutError(f"image must be (C, Z, Y, X); got shape {image.shape} for case {case_id!r} "
-                          f"(store {store.path}). Re-run `voxflow preprocess`.")
+        raise LayoutError(
+            f"image must be (C, Z, Y, X); got shape {image.shape} for case {case_id!r} "
+            f"(store {store.path}). Re-run `voxflow preprocess`."
+        )
     label = store.zarr_array(case_id, "label") if store.has_array(case_id, "label") else None
     if label is None and require_label:
-        raise LayoutError(f"training needs a label for every case; case {case_id!r} in {store.path} has "
-                          f"none. Remove it from the training cases or preprocess its label.")
+        raise LayoutError(
+            f"training needs a label for every case; case {case_id!r} in {store.path} has "
+            f"none. Remove it from the training cases or preprocess its label."
+        )
     if label is not None and tuple(label.shape) != tuple(image.shape[1:]):
-        raise LayoutError(f"label shape {tuple(label.shape)} must equal the image's spatial shape "
-                          f"{tuple(image.shape[1:])} for case {case_id!r} in {store.path}.")
+        raise LayoutError(
+            f"label shape {tuple(label.shape)} must equal the image's spatial shape "
+            f"{tuple(image.shape[1:])} for case {case_id!r} in {store.path}."
+        )
     if store.has_array(case_id, "fg_index"):
         fg = np.asarray(store.zarr_array(case_id, "fg_index")[...], dtype=np.int64).reshape(-1, 4)
     else:
         fg = np.zeros((0, 4), np.int64)
         if label is not None:
-            warnings.warn(f"case {case_id!r} in {store.path} has no fg_index; foreground oversampling "
-                          f"falls back to random patches for it. Re-run `voxflow preprocess`.",
-                          VoxflowWarning, stacklevel=3)
+            warnings.warn(
+                f"case {case_id!r} in {store.path} has no fg_index; foreground oversampling "
+                f"falls back to random patches for it. Re-run `voxflow preprocess`.",
+                VoxflowWarning,
+                stacklevel=3,
+            )
     present = store.case_attrs(case_id).get("classes_present")
     in_index = {int(c) for c in np.unique(fg[:, 0])}
     classes = sorted(in_index if present is None else in_index & {int(c) for c in present})
@@ -118,8 +140,9 @@ def _open_case(store: Store, case_id: str, *, require_label: bool, previous: boo
     return CaseHandle(case_id, image, label, fg, tuple(c for c in classes if c not in (0, ignore)), prev)
 
 
-def open_cases(store: Store, case_ids: Sequence[str], *, require_label: bool = True,
-               previous: bool = False) -> list[CaseHandle]:
+def open_cases(
+    store: Store, case_ids: Sequence[str], *, require_label: bool = True, previous: bool = False
+) -> list[CaseHandle]:
     """Open the arrays of ``case_ids`` (no voxel data is read; ``fg_index`` is loaded); ``previous``
     also opens each case's previous-stage segmentation (``prev_seg``, a cascade's second stage)."""
     if not case_ids:
@@ -127,8 +150,15 @@ def open_cases(store: Store, case_ids: Sequence[str], *, require_label: bool = T
     return [_open_case(store, c, require_label=require_label, previous=previous) for c in case_ids]
 
 
-def read_patch(array: Any, lo_zyx: Sequence[int], size_zyx: Sequence[int], *, fill: float = 0,
-               cache: ChunkCache | None = None, key: Hashable = None) -> np.ndarray:
+def read_patch(
+    array: Any,
+    lo_zyx: Sequence[int],
+    size_zyx: Sequence[int],
+    *,
+    fill: float = 0,
+    cache: ChunkCache | None = None,
+    key: Hashable = None,
+) -> np.ndarray:
     """Read ``array[..., lo:lo+size]`` over the last three axes, padding with ``fill`` outside.
 
     ``array`` is a Zarr (or numpy) array; ``lo_zyx`` may be negative and ``lo + size`` may pass
@@ -180,22 +210,39 @@ class PatchSampler:
     cache : optional decoded-chunk cache shared with other samplers of the same cases.
     """
 
-    def __init__(self, cases: Sequence[CaseHandle], patch_size_vox: Sequence[int], *,
-                 final_patch_size_vox: Sequence[int] | None = None, oversample_foreground: float = 1 / 3,
-                 rng: np.random.Generator, cache: ChunkCache | None = None) -> None:
+    def __init__(
+        self,
+        cases: Sequence[CaseHandle],
+        patch_size_vox: Sequence[int],
+        *,
+        final_patch_size_vox: Sequence[int] | None = None,
+        oversample_foreground: float = 1 / 3,
+        rng: np.random.Generator,
+        cache: ChunkCache | None = None,
+    ) -> None:
         self.cases = list(cases)
         self.cache = cache
         self.patch = np.asarray(patch_size_vox, dtype=np.int64)
-        self.final = np.asarray(final_patch_size_vox if final_patch_size_vox is not None else patch_size_vox,
-                                dtype=np.int64)
-        if self.patch.shape != (3,) or self.final.shape != (3,) or (self.patch < self.final).any() \
-                or ((self.patch - self.final) % 2).any() or (self.final < 1).any():
-            raise ConfigError(f"patch_size_vox must be 3 sizes >= final_patch_size_vox (each >= 1) with an even "
-                              f"difference per axis; got {tuple(self.patch)} and {tuple(self.final)}. Read a "
-                              f"patch of final + 2 * margin voxels per axis (enlarged_patch_size does this).")
+        self.final = np.asarray(
+            final_patch_size_vox if final_patch_size_vox is not None else patch_size_vox, dtype=np.int64
+        )
+        if (
+            self.patch.shape != (3,)
+            or self.final.shape != (3,)
+            or (self.patch < self.final).any()
+            or ((self.patch - self.final) % 2).any()
+            or (self.final < 1).any()
+        ):
+            raise ConfigError(
+                f"patch_size_vox must be 3 sizes >= final_patch_size_vox (each >= 1) with an even "
+                f"difference per axis; got {tuple(self.patch)} and {tuple(self.final)}. Read a "
+                f"patch of final + 2 * margin voxels per axis (enlarged_patch_size does this)."
+            )
         if not 0.0 <= oversample_foreground <= 1.0:
-            raise ConfigError(f"oversample_foreground must be a fraction in [0, 1]; got {oversample_foreground!r}. "
-                              f"Use e.g. 0.33 (nnU-Net's default: a third of the patches centred on foreground).")
+            raise ConfigError(
+                f"oversample_foreground must be a fraction in [0, 1]; got {oversample_foreground!r}. "
+                f"Use e.g. 0.33 (nnU-Net's default: a third of the patches centred on foreground)."
+            )
         self.oversample_foreground = float(oversample_foreground)
         self.rng = rng
 
@@ -232,12 +279,16 @@ class PatchSampler:
         forced = np.arange(batch_size) >= batch_size - n_fg
         picks = self.rng.integers(len(self.cases), size=batch_size)
         cases = [self.cases[int(i)] for i in picks]
-        corners = np.stack([self.draw_corner(c, foreground=bool(f)) for c, f in zip(cases, forced, strict=True)]) \
-            if batch_size else np.zeros((0, 3), np.int64)
+        corners = (
+            np.stack([self.draw_corner(c, foreground=bool(f)) for c, f in zip(cases, forced, strict=True)])
+            if batch_size
+            else np.zeros((0, 3), np.int64)
+        )
         return cases, corners, forced
 
-    def read(self, case: CaseHandle, lo_zyx: np.ndarray, size_zyx: Sequence[int] | None = None
-             ) -> tuple[np.ndarray, np.ndarray | None]:
+    def read(
+        self, case: CaseHandle, lo_zyx: np.ndarray, size_zyx: Sequence[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Image (C, *size) float32 and label (*size) uint8 of the box of ``size_zyx`` centred in the
         patch at ``lo_zyx`` (default: the whole patch). ``patch - size`` must be even. A case with a
         previous-stage segmentation gives the label as (2, *size): reference, previous stage."""
@@ -245,8 +296,13 @@ class PatchSampler:
         lo = np.asarray(lo_zyx) + (self.patch - size) // 2
         shape = tuple(int(v) for v in size)
         image = read_patch(case.image, lo, shape, cache=self.cache, key=(case.case_id, "image"))
-        label = None if case.label is None else read_patch(case.label, lo, shape, cache=self.cache,
-                                                            key=(case.case_id, "label")).astype(np.uint8, copy=False)
+        label = (
+            None
+            if case.label is None
+            else read_patch(case.label, lo, shape, cache=self.cache, key=(case.case_id, "label")).astype(
+                np.uint8, copy=False
+            )
+        )
         image = image.astype(np.float32, copy=False)
         if label is not None and case.previous is not None:
             prev = read_patch(case.previous, lo, shape, cache=self.cache, key=(case.case_id, PREVIOUS_ARRAY))

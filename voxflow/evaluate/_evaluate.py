@@ -37,8 +37,19 @@ __all__ = ["MEAN_METRICS", "evaluate", "evaluate_pairs", "format_table", "parse_
 
 log = logging.getLogger(__name__)
 LabelSpec = int | str | Sequence[int]
-MEAN_METRICS = ("dice", "iou", "precision", "recall", "hd95_mm", "hd_mm", "assd_mm", "nsd",
-                "volume_pred_mm3", "volume_ref_mm3", "volume_diff_mm3")
+MEAN_METRICS = (
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "hd95_mm",
+    "hd_mm",
+    "assd_mm",
+    "nsd",
+    "volume_pred_mm3",
+    "volume_ref_mm3",
+    "volume_diff_mm3",
+)
 
 
 def _parse_one(item: LabelSpec) -> tuple[int, ...]:
@@ -73,8 +84,11 @@ def target_key(values: tuple[int, ...]) -> str:
     return "+".join(str(v) for v in values)
 
 
-def resolve_targets(labels: Sequence[LabelSpec] | Mapping[str, Any] | None, reference: Any,
-                    pairs: list[tuple[Segmentation, Segmentation]]) -> list[tuple[int, ...]]:
+def resolve_targets(
+    labels: Sequence[LabelSpec] | Mapping[str, Any] | None,
+    reference: Any,
+    pairs: list[tuple[Segmentation, Segmentation]],
+) -> list[tuple[int, ...]]:
     """The targets to score: ``labels`` if given, else the reference's declared labels, else every
     foreground value present in the pairs (the value 0 is never a target)."""
     if labels is not None:
@@ -92,8 +106,7 @@ def _present_values(pairs: list[tuple[Segmentation, Segmentation]]) -> list[tupl
     return [(int(v),) for v in present if v > 0]
 
 
-def _case_graph(pred: Segmentation, ref: Segmentation, targets: list[tuple[int, ...]],
-                surface: bool) -> dict[str, Any]:
+def _case_graph(pred: Segmentation, ref: Segmentation, targets: list[tuple[int, ...]], surface: bool) -> dict[str, Any]:
     n_values = max(max(t) for t in targets) + 2
     out: dict[str, Any] = {"matrix": confusion_matrix(pred.array, ref.array, n_values)}
     if surface:
@@ -102,8 +115,9 @@ def _case_graph(pred: Segmentation, ref: Segmentation, targets: list[tuple[int, 
     return out
 
 
-def _surface_task(pred: Segmentation, ref: Segmentation, values: tuple[int, ...], box: tuple[slice, ...],
-                  tolerance_mm: float) -> Any:
+def _surface_task(
+    pred: Segmentation, ref: Segmentation, values: tuple[int, ...], box: tuple[slice, ...], tolerance_mm: float
+) -> Any:
     spacing = tuple(pred.geometry.spacing_zyx)
     p = da.isin(pred.array[box], list(values))
     r = da.isin(ref.array[box], list(values))
@@ -133,8 +147,15 @@ def _compute_nested(graphs: list[dict[str, Any]], *, progress: bool = False) -> 
     return out
 
 
-def _small_pair(pred: np.ndarray, ref: np.ndarray, targets: list[tuple[int, ...]], spacing: tuple[float, ...], *,
-                surface: bool, tolerance_mm: float) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
+def _small_pair(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    targets: list[tuple[int, ...]],
+    spacing: tuple[float, ...],
+    *,
+    surface: bool,
+    tolerance_mm: float,
+) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
     """Confusion matrix and surface metrics of one small pair in memory: the same numbers as the
     chunked graph of :func:`_case_graph` and :func:`_surface_task` (integer counts, the same boxes)."""
     n_values = max(max(t) for t in targets) + 2
@@ -143,8 +164,10 @@ def _small_pair(pred: np.ndarray, ref: np.ndarray, targets: list[tuple[int, ...]
     for t in targets if surface else ():
         p, r = np.isin(pred, list(t)), np.isin(ref, list(t))
         either = p | r
-        box = bounding_box([np.asarray(either.any(axis=tuple(a for a in range(either.ndim) if a != ax)))
-                            for ax in range(either.ndim)], pad=1)
+        box = bounding_box(
+            [np.asarray(either.any(axis=tuple(a for a in range(either.ndim) if a != ax))) for ax in range(either.ndim)],
+            pad=1,
+        )
         if box is not None:
             pb, rb, sp = p[box], r[box], spacing
             if pred.shape[0] == 1:  # a 2D image: distances in-plane
@@ -153,8 +176,14 @@ def _small_pair(pred: np.ndarray, ref: np.ndarray, targets: list[tuple[int, ...]
     return matrix, surf
 
 
-def _pairs_chunked(pairs: list[tuple[Segmentation, Segmentation]], targets: list[tuple[int, ...]], *,
-                   tolerance_mm: float, surface: bool, progress: bool) -> list[tuple[Any, dict[str, Any]]]:
+def _pairs_chunked(
+    pairs: list[tuple[Segmentation, Segmentation]],
+    targets: list[tuple[int, ...]],
+    *,
+    tolerance_mm: float,
+    surface: bool,
+    progress: bool,
+) -> list[tuple[Any, dict[str, Any]]]:
     """(matrix, surface metrics by target) of big pairs: chunked graphs, two computes in all."""
     if not pairs:
         return []
@@ -167,13 +196,28 @@ def _pairs_chunked(pairs: list[tuple[Segmentation, Segmentation]], targets: list
                 box = bounding_box(prof, pad=1)
                 if box is not None:
                     tasks[(i, target_key(t))] = _surface_task(p, r, t, box, tolerance_mm)
-    surf = dict(zip(tasks, compute(*tasks.values(), desc=f"evaluate {len(pairs)} cases: surface distances",
-                                   progress=progress and bool(tasks)), strict=True))
+    surf = dict(
+        zip(
+            tasks,
+            compute(
+                *tasks.values(),
+                desc=f"evaluate {len(pairs)} cases: surface distances",
+                progress=progress and bool(tasks),
+            ),
+            strict=True,
+        )
+    )
     return [(g["matrix"], {key: m for (j, key), m in surf.items() if j == i}) for i, g in enumerate(computed)]
 
 
-def evaluate_pairs(pairs: list[tuple[Segmentation, Segmentation]], targets: list[tuple[int, ...]], *,
-                   tolerance_mm: float = 1.0, surface: bool = True, progress: bool = False) -> list[dict[str, Any]]:
+def evaluate_pairs(
+    pairs: list[tuple[Segmentation, Segmentation]],
+    targets: list[tuple[int, ...]],
+    *,
+    tolerance_mm: float = 1.0,
+    surface: bool = True,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
     """Metrics of every (prediction, reference) pair for every target.
 
     Small pairs (fewer voxels than :data:`~voxflow.cluster.SMALL_CASE_VOXELS`) are one task each, all
@@ -181,14 +225,29 @@ def evaluate_pairs(pairs: list[tuple[Segmentation, Segmentation]], targets: list
     progress bar when ``progress``). Both give the same numbers."""
     small = [i for i, (p, _) in enumerate(pairs) if is_small_case(int(np.prod(p.array.shape)))]
     big = [i for i in range(len(pairs)) if i not in set(small)]
-    tasks = [dask.delayed(_small_pair, pure=True)(pairs[i][0].array, pairs[i][1].array, targets,
-                                                  tuple(pairs[i][0].geometry.spacing_zyx), surface=surface,
-                                                  tolerance_mm=tolerance_mm) for i in small]
+    tasks = [
+        dask.delayed(_small_pair, pure=True)(
+            pairs[i][0].array,
+            pairs[i][1].array,
+            targets,
+            tuple(pairs[i][0].geometry.spacing_zyx),
+            surface=surface,
+            tolerance_mm=tolerance_mm,
+        )
+        for i in small
+    ]
     with stage_bar(len(small), desc=f"evaluate {len(small)} small cases", progress=progress) as bar:
         # no process pool: a pair's work is numpy/scipy (GIL released); a pool was no faster at 150 pairs
         found = dict(zip(small, compute_cases(tasks, bar=bar, pool=False), strict=True))
-    found.update(zip(big, _pairs_chunked([pairs[i] for i in big], targets, tolerance_mm=tolerance_mm,
-                                         surface=surface, progress=progress), strict=True))
+    found.update(
+        zip(
+            big,
+            _pairs_chunked(
+                [pairs[i] for i in big], targets, tolerance_mm=tolerance_mm, surface=surface, progress=progress
+            ),
+            strict=True,
+        )
+    )
     results = []
     empty = {"hd95_mm": math.nan, "hd_mm": math.nan, "assd_mm": math.nan, "nsd": math.nan}
     for i, (p, r) in enumerate(pairs):
@@ -223,10 +282,18 @@ def summarize(per_case: list[dict[str, Any]], targets: list[tuple[int, ...]]) ->
     return {"mean": mean, "foreground_mean": fg}
 
 
-def evaluate(pred: Store | PathLikeStr, reference: Store | PathLikeStr, *,
-             labels: Sequence[LabelSpec] | Mapping[str, Any] | None = None, tolerance_mm: float = 1.0,
-             surface: bool = True, output: PathLikeStr | None = None, scheduler: str = "threads",
-             memory_limit: str | None = None, progress: bool = True) -> EvaluationSummary:
+def evaluate(
+    pred: Store | PathLikeStr,
+    reference: Store | PathLikeStr,
+    *,
+    labels: Sequence[LabelSpec] | Mapping[str, Any] | None = None,
+    tolerance_mm: float = 1.0,
+    surface: bool = True,
+    output: PathLikeStr | None = None,
+    scheduler: str = "threads",
+    memory_limit: str | None = None,
+    progress: bool = True,
+) -> EvaluationSummary:
     """Evaluate predictions against references (folders of label files or voxflow stores).
 
     Returns the :class:`~voxflow.evaluate.EvaluationSummary` (per case and per target metrics, their
@@ -239,17 +306,21 @@ def evaluate(pred: Store | PathLikeStr, reference: Store | PathLikeStr, *,
     with scheduler_context(scheduler, memory_limit=memory_limit):
         targets = resolve_targets(labels, reference, pairs)
         if not targets:
-            raise EvaluationError("no foreground label to evaluate: predictions and references are all background; "
-                                  "pass --labels to score specific values")
+            raise EvaluationError(
+                "no foreground label to evaluate: predictions and references are all background; "
+                "pass --labels to score specific values"
+            )
         per_case = evaluate_pairs(pairs, targets, tolerance_mm=tolerance_mm, surface=surface, progress=progress)
-    summary = EvaluationSummary.from_dict({
-        "labels": [target_key(t) for t in targets],
-        "tolerance_mm": float(tolerance_mm),
-        "conventions": "Dice/IoU NaN (null) when prediction and reference are both empty, excluded from means; "
-                       "HD95 = max of directed 95th percentiles; surfaces by erosion; distances in mm by exact EDT.",
-        "metric_per_case": per_case,
-        **summarize(per_case, targets),
-    })
+    summary = EvaluationSummary.from_dict(
+        {
+            "labels": [target_key(t) for t in targets],
+            "tolerance_mm": float(tolerance_mm),
+            "conventions": "Dice/IoU NaN (null) when prediction and reference are both empty, excluded from means; "
+            "HD95 = max of directed 95th percentiles; surfaces by erosion; distances in mm by exact EDT.",
+            "metric_per_case": per_case,
+            **summarize(per_case, targets),
+        }
+    )
     if output is not None:
         summary.save(output)
         log.info("wrote %s", output)

@@ -26,8 +26,24 @@ from voxflow.store import DEFAULT_CHUNKS_ZYX, Store
 __all__ = ["Segmentation", "case_id_of", "declared_labels", "open_segmentations", "pair_segmentations"]
 
 log = logging.getLogger(__name__)
-_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".tif", ".tiff", ".png", ".bmp",
-               ".gipl", ".gipl.gz", ".hdr", ".vtk", ".img", ".jpg")
+_EXTENSIONS = (
+    ".nii.gz",
+    ".nii",
+    ".nrrd",
+    ".nhdr",
+    ".mha",
+    ".mhd",
+    ".tif",
+    ".tiff",
+    ".png",
+    ".bmp",
+    ".gipl",
+    ".gipl.gz",
+    ".hdr",
+    ".vtk",
+    ".img",
+    ".jpg",
+)
 
 
 @dataclass(frozen=True)
@@ -78,8 +94,12 @@ def _file_segmentation(path: Path, case_id: str, chunks: tuple[int, int, int]) -
     except RuntimeError as e:
         raise ConversionError(f"cannot read the header of {path}: {e}") from e
     geom = _geometry_from_reader(reader)
-    arr = da.from_delayed(dask.delayed(_read_label_file, pure=True)(str(path)), shape=geom.shape_zyx,
-                          dtype=np.int32, meta=np.empty((0, 0, 0), np.int32))
+    arr = da.from_delayed(
+        dask.delayed(_read_label_file, pure=True)(str(path)),
+        shape=geom.shape_zyx,
+        dtype=np.int32,
+        meta=np.empty((0, 0, 0), np.int32),
+    )
     return Segmentation(case_id, arr.rechunk(chunks), geom, str(path))
 
 
@@ -109,8 +129,9 @@ def _is_store(path: Path) -> bool:
     return (path / "zarr.json").is_file()
 
 
-def open_segmentations(source: Store | PathLikeStr, *,
-                       chunks: tuple[int, int, int] = DEFAULT_CHUNKS_ZYX) -> dict[str, Segmentation]:
+def open_segmentations(
+    source: Store | PathLikeStr, *, chunks: tuple[int, int, int] = DEFAULT_CHUNKS_ZYX
+) -> dict[str, Segmentation]:
     """Label maps of every case in a store (its ``label`` arrays) or a folder of label files."""
     if isinstance(source, Store):
         return _store_segmentations(source)
@@ -140,8 +161,9 @@ def _store_segmentations(store: Store) -> dict[str, Segmentation]:
     return out
 
 
-def pair_segmentations(pred: Mapping[str, Segmentation],
-                       ref: Mapping[str, Segmentation]) -> list[tuple[Segmentation, Segmentation]]:
+def pair_segmentations(
+    pred: Mapping[str, Segmentation], ref: Mapping[str, Segmentation]
+) -> list[tuple[Segmentation, Segmentation]]:
     """Match predictions to references by case id; geometries must agree.
 
     Raises :class:`CaseNotFoundError` for a prediction without reference and

@@ -86,7 +86,12 @@ def overlap_metrics(tp: int, fp: int, fn: int, tn: int = 0, *, voxel_volume_mm3:
         "iou": _ratio(tp, tp + fp + fn),
         "precision": _ratio(tp, n_pred),
         "recall": _ratio(tp, n_ref),
-        "tp": tp, "fp": fp, "fn": fn, "tn": tn, "n_pred": n_pred, "n_ref": n_ref,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+        "n_pred": n_pred,
+        "n_ref": n_ref,
         "volume_pred_mm3": n_pred * voxel_volume_mm3,
         "volume_ref_mm3": n_ref * voxel_volume_mm3,
         "volume_diff_mm3": (n_pred - n_ref) * voxel_volume_mm3,
@@ -123,8 +128,9 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float
     return to_ref, to_pred
 
 
-def surface_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], *,
-                    tolerance_mm: float = 1.0) -> dict[str, float]:
+def surface_metrics(
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], *, tolerance_mm: float = 1.0
+) -> dict[str, float]:
     """HD95, Hausdorff, ASSD (mm) and NSD at ``tolerance_mm`` of two boolean masks (numpy).
 
     ``pred`` and ``ref`` may be a crop of the full volume that holds both masks with one voxel

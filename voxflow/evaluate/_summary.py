@@ -81,8 +81,10 @@ class EvaluationSummary:
     def __post_init__(self) -> None:
         set_field(self, "labels", tuple(str(k) for k in self.labels))
         set_field(self, "tolerance_mm", float(_number(self.tolerance_mm, "tolerance_mm")))
-        cases = tuple(coerce(CaseMetrics, c, f"metric_per_case.{i}", error=EvaluationError)
-                      for i, c in enumerate(self.metric_per_case))
+        cases = tuple(
+            coerce(CaseMetrics, c, f"metric_per_case.{i}", error=EvaluationError)
+            for i, c in enumerate(self.metric_per_case)
+        )
         set_field(self, "metric_per_case", cases)
         set_field(self, "mean", _table(self.mean, "mean"))
         set_field(self, "foreground_mean", _row(self.foreground_mean, "foreground_mean"))
@@ -113,5 +115,6 @@ class EvaluationSummary:
     @classmethod
     def load(cls, path: PathLikeStr) -> EvaluationSummary:
         """Read a ``summary.json`` written by :meth:`save` (or by earlier versions: same layout)."""
-        return load_json_file(path, cls.from_dict, what="evaluation summary", command="voxflow evaluate",
-                              error=EvaluationError)
+        return load_json_file(
+            path, cls.from_dict, what="evaluation summary", command="voxflow evaluate", error=EvaluationError
+        )

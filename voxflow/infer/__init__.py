@@ -68,8 +68,11 @@ __all__ = [
 ]
 
 _LAZY = {
-    "TilePredictor": "_predictor", "mirror_combinations": "_predictor",
-    "sliding_window_predict": "_sliding", "sliding_window_predict_in_memory": "_sliding", "read_tile": "_sliding",
+    "TilePredictor": "_predictor",
+    "mirror_combinations": "_predictor",
+    "sliding_window_predict": "_sliding",
+    "sliding_window_predict_in_memory": "_sliding",
+    "read_tile": "_sliding",
     "predict": "_predict",
 }
 

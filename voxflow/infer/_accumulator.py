@@ -41,8 +41,9 @@ def _box_array(boxes: Iterable[Box] | np.ndarray) -> np.ndarray:
     return arr.reshape(-1, 3, 2)
 
 
-def order_tiles(boxes: Iterable[Box] | np.ndarray, *, block_zyx: Sequence[int], block_nbytes: int,
-                cache_bytes: int) -> np.ndarray:
+def order_tiles(
+    boxes: Iterable[Box] | np.ndarray, *, block_zyx: Sequence[int], block_nbytes: int, cache_bytes: int
+) -> np.ndarray:
     """A tile order (indices into ``boxes``) whose working set of partial blocks fits in about half
     of ``cache_bytes``.
 
@@ -122,8 +123,15 @@ class TileAccumulator:
         first spill, removed by :meth:`close`).
     """
 
-    def __init__(self, out: Any, boxes: Iterable[Box] | np.ndarray, *, block_zyx: Sequence[int],
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, scratch_dir: str | Path | None = None):
+    def __init__(
+        self,
+        out: Any,
+        boxes: Iterable[Box] | np.ndarray,
+        *,
+        block_zyx: Sequence[int],
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        scratch_dir: str | Path | None = None,
+    ):
         self.out = out
         self.n_classes = int(out.shape[0])
         self.shape_zyx = tuple(int(s) for s in out.shape[1:])
@@ -144,8 +152,11 @@ class TileAccumulator:
         grid = tuple(-(-s // b) for s, b in zip(self.shape_zyx, self.block_zyx))
         diff = np.zeros(tuple(g + 1 for g in grid), np.int64)
         if len(boxes):
-            if (boxes[:, :, 0] < 0).any() or (boxes[:, :, 1] > np.asarray(self.shape_zyx)).any() or \
-                    (boxes[:, :, 1] <= boxes[:, :, 0]).any():
+            if (
+                (boxes[:, :, 0] < 0).any()
+                or (boxes[:, :, 1] > np.asarray(self.shape_zyx)).any()
+                or (boxes[:, :, 1] <= boxes[:, :, 0]).any()
+            ):
                 raise ValueError(f"tile boxes must be non-empty and lie inside the volume {self.shape_zyx}.")
             lo = boxes[:, :, 0] // blk
             hi = (boxes[:, :, 1] - 1) // blk + 1
@@ -153,7 +164,7 @@ class TileAccumulator:
                 pick = [(corner >> a) & 1 for a in range(3)]
                 idx = tuple(np.where(pick[a], hi[:, a], lo[:, a]) for a in range(3))
                 np.add.at(diff, idx, (-1) ** sum(pick))
-        return np.cumsum(np.cumsum(np.cumsum(diff, 0), 1), 2)[:grid[0], :grid[1], :grid[2]].astype(np.int32)
+        return np.cumsum(np.cumsum(np.cumsum(diff, 0), 1), 2)[: grid[0], : grid[1], : grid[2]].astype(np.int32)
 
     @property
     def block_nbytes(self) -> int:
@@ -191,8 +202,10 @@ class TileAccumulator:
             buf = self._drop(key)
             if self._spill is None:
                 self._spill = _SlotFile(self.block_nbytes, self._scratch_parent)
-                log.debug("accumulator spills partial blocks to a scratch file in %s",
-                          self._scratch_parent or tempfile.gettempdir())
+                log.debug(
+                    "accumulator spills partial blocks to a scratch file in %s",
+                    self._scratch_parent or tempfile.gettempdir(),
+                )
             self._spilled[key] = self._spill.write(buf)
             self.n_spills += 1
 

@@ -25,8 +25,15 @@ import numpy as np
 from voxflow.infer._accumulator import order_tiles
 from voxflow.infer._tiling import TileGrid, tile_grid
 
-__all__ = ["DEFAULT_BLOCK_BYTES", "TileSchedule", "block_boxes", "block_grid", "block_shape",
-           "duplicated_tile_overhead", "predict_block"]
+__all__ = [
+    "DEFAULT_BLOCK_BYTES",
+    "TileSchedule",
+    "block_boxes",
+    "block_grid",
+    "block_shape",
+    "duplicated_tile_overhead",
+    "predict_block",
+]
 
 Box = tuple[tuple[int, int], ...]
 #: Default accumulation memory of one block task: (K + 1) float32 values per core voxel.
@@ -62,11 +69,12 @@ class TileSchedule:
         nbytes = (self.n_classes + 1) * math.prod(chunk) * 4  # TileAccumulator.block_nbytes
         order = order_tiles(boxes, block_zyx=chunk, block_nbytes=nbytes, cache_bytes=self.cache_bytes)
         bs = max(1, int(self.batch_size))
-        return grid, starts, boxes, [order[i:i + bs] for i in range(0, len(order), bs)]
+        return grid, starts, boxes, [order[i : i + bs] for i in range(0, len(order), bs)]
 
 
-def block_shape(shape_zyx: Sequence[int], chunk_zyx: Sequence[int], n_classes: int, *,
-                max_bytes: int = DEFAULT_BLOCK_BYTES) -> tuple[int, int, int]:
+def block_shape(
+    shape_zyx: Sequence[int], chunk_zyx: Sequence[int], n_classes: int, *, max_bytes: int = DEFAULT_BLOCK_BYTES
+) -> tuple[int, int, int]:
     """The largest block of whole chunks, grown evenly over the axes (the shortest first), whose
     (K + 1) float32 buffer fits ``max_bytes``; never beyond the volume (rounded up to whole chunks)."""
     chunk = [max(1, min(int(c), int(s))) for c, s in zip(chunk_zyx, shape_zyx, strict=True)]
@@ -113,13 +121,16 @@ def _needed_batches(boxes: np.ndarray, batches: list[np.ndarray], core: Box) -> 
 def duplicated_tile_overhead(schedule: TileSchedule, block_zyx: Sequence[int]) -> float:
     """Tiles predicted by all block tasks together / tiles of the grid (1.0 = no duplicates)."""
     _, _, boxes, batches = schedule.batches()
-    total = sum(sum(len(b) for b in _needed_batches(boxes, batches, core))
-                for _, core in block_boxes(schedule.shape_zyx, block_zyx))
+    total = sum(
+        sum(len(b) for b in _needed_batches(boxes, batches, core))
+        for _, core in block_boxes(schedule.shape_zyx, block_zyx)
+    )
     return total / max(len(boxes), 1)
 
 
-def predict_block(image: Any, predictor: Any, schedule: TileSchedule, core: Box,
-                  weights: np.ndarray) -> tuple[np.ndarray, int]:
+def predict_block(
+    image: Any, predictor: Any, schedule: TileSchedule, core: Box, weights: np.ndarray
+) -> tuple[np.ndarray, int]:
     """Scores ``sum(w * p) / sum(w)`` (K, *core) of one block's core, and how many tiles it predicted.
 
     ``image``: the (C, Z, Y, X) model-grid image (a Zarr array: only the tiles are read, the next
@@ -159,14 +170,23 @@ def predict_block(image: Any, predictor: Any, schedule: TileSchedule, core: Box,
     return buf[:k], sum(len(b) for b in needed)
 
 
-def _add_tile(buf: np.ndarray, grid: TileGrid, start: np.ndarray, core: Box, lo: np.ndarray,
-              weighted: np.ndarray, weights: np.ndarray) -> None:
+def _add_tile(
+    buf: np.ndarray,
+    grid: TileGrid,
+    start: np.ndarray,
+    core: Box,
+    lo: np.ndarray,
+    weighted: np.ndarray,
+    weights: np.ndarray,
+) -> None:
     """Add the part of one tile inside ``core`` (no-op for a batch mate that misses it)."""
     vol, loc = grid.region([int(s) for s in start])
     inter = [(max(a0, c0), min(a1, c1)) for (a0, a1), (c0, c1) in zip(vol, core, strict=True)]
     if any(hi <= lo_ for lo_, hi in inter):
         return
-    in_tile = tuple(slice(l0 + (i0 - v0), l0 + (i1 - v0)) for (i0, i1), (v0, _), (l0, _) in zip(inter, vol, loc, strict=True))
+    in_tile = tuple(
+        slice(l0 + (i0 - v0), l0 + (i1 - v0)) for (i0, i1), (v0, _), (l0, _) in zip(inter, vol, loc, strict=True)
+    )
     in_buf = tuple(slice(i0 - int(o), i1 - int(o)) for (i0, i1), o in zip(inter, lo, strict=True))
     k = buf.shape[0] - 1
     sums, tile_part, weight_sum = (slice(0, k), *in_buf), (slice(None), *in_tile), (k, *in_buf)

@@ -71,28 +71,42 @@ class _Preloaded:
         return list(self.models)
 
 
-def block_run(client: Any, models: Sequence[PredictionModel], loader: ModelLoader | None,
-              opts: PredictOptions) -> BlockRun:
+def block_run(
+    client: Any, models: Sequence[PredictionModel], loader: ModelLoader | None, opts: PredictOptions
+) -> BlockRun:
     """The :class:`BlockRun` of a prediction on ``client``'s cluster (checks the device and models)."""
     from dask.base import tokenize
 
     if not isinstance(opts.device, str) or "," in opts.device:
-        raise VoxflowError(f"on a Dask cluster each worker predicts on one device: pass --device cpu or cuda "
-                           f"(and start one worker per GPU, CUDA_VISIBLE_DEVICES=i); got {opts.device!r}.")
+        raise VoxflowError(
+            f"on a Dask cluster each worker predicts on one device: pass --device cpu or cuda "
+            f"(and start one worker per GPU, CUDA_VISIBLE_DEVICES=i); got {opts.device!r}."
+        )
     staged = [m.name for m in models if getattr(m, "previous_stage", None) is not None]
     if staged:
-        raise VoxflowError(f"block-parallel prediction on a Dask cluster does not run cascades yet; "
-                           f"{staged} have a previous stage. Use --scheduler threads for cascades.")
+        raise VoxflowError(
+            f"block-parallel prediction on a Dask cluster does not run cascades yet; "
+            f"{staged} have a previous stage. Use --scheduler threads for cascades."
+        )
     if opts.whole_image:
-        raise VoxflowError("whole-image tiles (--whole-image) are not block-parallel; drop --whole-image or use "
-                           "--scheduler threads.")
+        raise VoxflowError(
+            "whole-image tiles (--whole-image) are not block-parallel; drop --whole-image or use --scheduler threads."
+        )
     if loader is not None:
         source, key = loader, f"loader-{tokenize(loader)}"
     else:
         source = client.scatter(_Preloaded(tuple(models)), broadcast=True, hash=False)
         key = f"scattered-{source.key}"
-    return BlockRun(source, key, opts.device, opts.tta, opts.amp, block_bytes=opts.block_bytes,
-                    precision=opts.precision, forward_bytes=opts.forward_bytes)
+    return BlockRun(
+        source,
+        key,
+        opts.device,
+        opts.tta,
+        opts.amp,
+        block_bytes=opts.block_bytes,
+        precision=opts.precision,
+        forward_bytes=opts.forward_bytes,
+    )
 
 
 #: worker process cache: (source key, device, tta, amp) -> [(tile predictor, tile weights) per model]
@@ -160,37 +174,83 @@ def _open_or_create(group: zarr.Group, name: str, signature: dict[str, Any], **k
     return group.create_array(name, overwrite=True, attributes={"voxflow_blocks": signature}, **kw), False
 
 
-def predict_blocks(image: zarr.Array, scratch: Path, i: int, model: PredictionModel, opts: PredictOptions,
-                   run: BlockRun, *, desc: str) -> zarr.Array:
+def _schedule(image: zarr.Array, model: PredictionModel, opts: PredictOptions) -> TileSchedule:
+    """The single-process path's tile schedule of a staged image (same grid, tile order and batches)."""
+    shape = tuple(int(s) for s in image.shape[1:])
+    chunk = clamp_chunks([-(-p // 2) for p in model.patch_size_vox], shape)  # as the single-process path
+    return TileSchedule(
+        shape,  # type: ignore[arg-type]
+        model.patch_size_vox,
+        float(opts.step),
+        chunk,  # type: ignore[arg-type]
+        model.n_outputs,
+        int(opts.cache_bytes),
+        int(model.batch_size(opts.batch_size)),
+    )
+
+
+def _signature(schedule: TileSchedule, block: Sequence[int], model: PredictionModel, run: BlockRun) -> Any:
+    """What the stored scores and done marks were computed with (JSON round trip: as stored, lists)."""
+    sig = {
+        "schedule": asdict(schedule),
+        "block": block,
+        "models": list(model.names),
+        "tta": run.tta,
+        "amp": run.amp,
+        "device": run.device,
+    }
+    return json.loads(json.dumps(sig))
+
+
+def predict_blocks(
+    image: zarr.Array, scratch: Path, i: int, model: PredictionModel, opts: PredictOptions, run: BlockRun, *, desc: str
+) -> zarr.Array:
     """Scores (K, z, y, x) of model ``i`` over its staged ``image``, block tasks on the active cluster.
 
     Blocks marked done in ``scratch/model<i>_done`` by an earlier run with the same schedule are kept."""
     shape = tuple(int(s) for s in image.shape[1:])
     k = model.n_outputs
-    chunk = clamp_chunks([-(-p // 2) for p in model.patch_size_vox], shape)  # as the single-process path
-    schedule = TileSchedule(shape, model.patch_size_vox, float(opts.step), chunk, k, int(opts.cache_bytes),  # type: ignore[arg-type]
-                            int(model.batch_size(opts.batch_size)))
+    schedule = _schedule(image, model, opts)
+    chunk = clamp_chunks([-(-p // 2) for p in model.patch_size_vox], shape)
     block = block_shape(shape, chunk, k, max_bytes=run.block_bytes)
-    sig = json.loads(json.dumps({"schedule": asdict(schedule), "block": block, "models": list(model.names),
-                                 "tta": run.tta, "amp": run.amp, "device": run.device}))  # as stored: lists
+    sig = _signature(schedule, block, model, run)
     group = zarr.open_group(str(scratch), mode="r+", zarr_format=3)
-    scores, reused = _open_or_create(group, f"model{i}_scores", sig, shape=(k, *shape), chunks=(k, *chunk),
-                                     dtype=np.float32, compressors=None, fill_value=0.0)
-    done, _ = _open_or_create(group, f"model{i}_done", sig, shape=block_grid(shape, block), chunks=(1, 1, 1),
-                              dtype=np.uint8, fill_value=0)
+    scores, reused = _open_or_create(
+        group,
+        f"model{i}_scores",
+        sig,
+        shape=(k, *shape),
+        chunks=(k, *chunk),
+        dtype=np.float32,
+        compressors=None,
+        fill_value=0.0,
+    )
+    done, _ = _open_or_create(
+        group, f"model{i}_done", sig, shape=block_grid(shape, block), chunks=(1, 1, 1), dtype=np.uint8, fill_value=0
+    )
     if not reused:  # new scores: no block of an older schedule counts
         done[...] = 0
     marks = np.asarray(done[...])
     todo = [(idx, core) for idx, core in block_boxes(shape, block) if not marks[idx]]
     n_blocks = math.prod(done.shape)
-    log.info("%s: %d of %d blocks of %s to predict (%d already complete)", desc, len(todo), n_blocks,
-             block, n_blocks - len(todo))
-    tasks = [_BlockTask(str(scratch / f"model{i}_image"), str(scratch / f"model{i}_scores"),
-                        str(scratch / f"model{i}_done"), i, schedule, idx, core) for idx, core in todo]
+    log.info(
+        "%s: %d of %d blocks of %s to predict (%d already complete)",
+        desc,
+        len(todo),
+        n_blocks,
+        block,
+        n_blocks - len(todo),
+    )
+    image_path, scores_path, done_path = (str(scratch / f"model{i}_{name}") for name in ("image", "scores", "done"))
+    tasks = [_BlockTask(image_path, scores_path, done_path, i, schedule, idx, core) for idx, core in todo]
     n_tiles = _submit_and_wait(tasks, run, desc=desc, progress=opts.progress)
     if todo:
-        log.info("%s: %d tiles predicted for %d grid tiles of the blocks done now (whole volume: %d tiles)",
-                 desc, n_tiles, len(schedule.grid()), len(schedule.grid()))
+        log.info(
+            "%s: %d tiles predicted for the blocks done now (whole volume: %d tiles)",
+            desc,
+            n_tiles,
+            len(schedule.grid()),
+        )
     return scores
 
 
@@ -202,17 +262,27 @@ def _submit_and_wait(tasks: Sequence[_BlockTask], run: BlockRun, *, desc: str, p
     from tqdm.auto import tqdm
 
     client = get_client()
-    futures = [client.submit(_run_block, t, run, run.source, pure=False,
-                             key=f"voxflow-block-{t.model_index}-{'-'.join(map(str, t.index))}-{_uid()}")
-               for t in tasks]
+    futures = [
+        client.submit(
+            _run_block,
+            t,
+            run,
+            run.source,
+            pure=False,
+            key=f"voxflow-block-{t.model_index}-{'-'.join(map(str, t.index))}-{_uid()}",
+        )
+        for t in tasks
+    ]
     total = 0
     with tqdm(total=len(futures), desc=f"{desc} blocks", unit="block", leave=False, disable=not progress) as bar:
         for fut in as_completed(futures):
             if fut.status == "error":
                 client.cancel(futures)
                 exc = fut.exception()
-                raise VoxflowError(f"{desc}: a block task failed ({type(exc).__name__}: {exc}); finished blocks "
-                                   f"are kept, rerun to predict the rest.") from exc
+                raise VoxflowError(
+                    f"{desc}: a block task failed ({type(exc).__name__}: {exc}); finished blocks "
+                    f"are kept, rerun to predict the rest."
+                ) from exc
             total += int(fut.result())
             bar.update(1)
     return total

@@ -74,16 +74,26 @@ class _Staged:
     source_files: Any  # what the case was converted from (recorded with the prediction)
 
 
-def _stage_case(src: Store, case_id: str, models: Sequence[PredictionModel], scratch_root: Path,
-                previous: Sequence[Mapping[str, da.Array]] | None = None, *, resume: bool = False) -> _Staged:
+def _stage_case(
+    src: Store,
+    case_id: str,
+    models: Sequence[PredictionModel],
+    scratch_root: Path,
+    previous: Sequence[Mapping[str, da.Array]] | None = None,
+    *,
+    resume: bool = False,
+) -> _Staged:
     """Write each model's preprocessed image of a case to scratch Zarr (one compute).
 
     ``previous``: per model, the earlier stages' label maps of the case (see :func:`_previous_outputs`).
     ``resume``: keep a scratch staged completely from the same input by the same models (block-parallel
     prediction resumes its finished blocks there)."""
     scratch = scratch_root / case_id
-    signature = json.loads(json.dumps({"input": input_signature(src, case_id),
-                                       "models": [n for m in models for n in m.names]}, default=str))
+    signature = json.loads(
+        json.dumps(
+            {"input": input_signature(src, case_id), "models": [n for m in models for n in m.names]}, default=str
+        )
+    )
     reuse = resume and _staged_with(scratch, signature)
     if scratch.exists() and not reuse:
         shutil.rmtree(scratch)
@@ -101,8 +111,11 @@ def _stage_case(src: Store, case_id: str, models: Sequence[PredictionModel], scr
             images.append(staged_image)
             continue
         chunks = (shape[0], *clamp_chunks(model.patch_size_vox, shape[1:]))  # tiles read ~8 of these
-        images.append(group.create_array(f"model{i}_image", shape=shape, chunks=chunks, dtype=np.float32,
-                                         compressors=None, fill_value=0.0))
+        images.append(
+            group.create_array(
+                f"model{i}_image", shape=shape, chunks=chunks, dtype=np.float32, compressors=None, fill_value=0.0
+            )
+        )
         inputs.append(case)
         # dask chunks are whole multiples of the Zarr chunks: every task writes whole chunks, no lock
         sources.append(case.image.astype(np.float32).rechunk((shape[0], *clamp_chunks(big, shape[1:]))))
@@ -122,8 +135,15 @@ def _staged_with(scratch: Path, signature: dict[str, Any]) -> bool:
         return False
 
 
-def _predict_model(st: _Staged, i: int, model: PredictionModel, predictor: TileScorer | None, opts: PredictOptions,
-                   out_chunks: tuple[int, ...], blocks: BlockRun | None = None) -> da.Array:
+def _predict_model(
+    st: _Staged,
+    i: int,
+    model: PredictionModel,
+    predictor: TileScorer | None,
+    opts: PredictOptions,
+    out_chunks: tuple[int, ...],
+    blocks: BlockRun | None = None,
+) -> da.Array:
     """Sliding window of one model over its staged image; its probabilities on the original grid (lazy).
 
     ``blocks``: block tasks on the Dask cluster instead of the tile predictor here."""
@@ -139,37 +159,71 @@ def _predict_model(st: _Staged, i: int, model: PredictionModel, predictor: TileS
     assert predictor is not None
     block = clamp_chunks([-(-p // 2) for p in model.patch_size_vox], image.shape[1:])  # half-patch blocks
     group = zarr.open_group(str(st.scratch), mode="r+", zarr_format=3)
-    scores = group.create_array(f"model{i}_scores", shape=(k, *image.shape[1:]), chunks=(k, *block),
-                                dtype=np.float32, compressors=None, fill_value=0.0)
-    sliding_window_predict(image, predictor, patch_size_vox=model.patch_size_vox, n_classes=k, out=scores,
-                           step=opts.step, batch_size=model.batch_size(opts.batch_size),
-                           cache_bytes=opts.cache_bytes, scratch_dir=st.scratch, progress=opts.progress,
-                           desc=f"{st.case_id} {model.name}", importance_map=model.importance_map(),
-                           **_whole_image(predictor, opts))
+    scores = group.create_array(
+        f"model{i}_scores",
+        shape=(k, *image.shape[1:]),
+        chunks=(k, *block),
+        dtype=np.float32,
+        compressors=None,
+        fill_value=0.0,
+    )
+    sliding_window_predict(
+        image,
+        predictor,
+        patch_size_vox=model.patch_size_vox,
+        n_classes=k,
+        out=scores,
+        step=opts.step,
+        batch_size=model.batch_size(opts.batch_size),
+        cache_bytes=opts.cache_bytes,
+        scratch_dir=st.scratch,
+        progress=opts.progress,
+        desc=f"{st.case_id} {model.name}",
+        importance_map=model.importance_map(),
+        **_whole_image(predictor, opts),
+    )
     trim_heap()  # the tile cache's blocks are free now; keep them from adding to the write phase's peak
     lazy = da.from_zarr(scores, chunks=(k, *output_chunks(image.shape[1:], k)))  # fewer, larger tasks
     return st.inputs[i].restore(lazy, out_chunks)
 
 
-def _predict_staged(st: _Staged, models: Sequence[PredictionModel], predictors: Sequence[TileScorer | None],
-                    out: Store, opts: PredictOptions, blocks: BlockRun | None = None) -> None:
+def _predict_staged(
+    st: _Staged,
+    models: Sequence[PredictionModel],
+    predictors: Sequence[TileScorer | None],
+    out: Store,
+    opts: PredictOptions,
+    blocks: BlockRun | None = None,
+) -> None:
     """Predict a staged case with every model, average, write labels (+ probabilities), postprocess."""
     first = models[0]
     geom = st.inputs[0].geometry
     out_chunks = output_chunks(geom.shape_zyx, first.n_outputs)
-    back = [_predict_model(st, i, m, p, opts, out_chunks, blocks)
-            for i, (m, p) in enumerate(zip(models, predictors, strict=True))]
+    back = [
+        _predict_model(st, i, m, p, opts, out_chunks, blocks)
+        for i, (m, p) in enumerate(zip(models, predictors, strict=True))
+    ]
     mean = back[0] if len(back) == 1 else sum(back[1:], back[0]) / len(back)
-    out.begin_case(st.case_id, geometry=geom, attrs={
-        "configurations": [m.name for m in models], "models": [n for m in models for n in m.names],
-        "activation": first.activation, **_records(models), "input": st.source_files})
+    out.begin_case(
+        st.case_id,
+        geometry=geom,
+        attrs={
+            "configurations": [m.name for m in models],
+            "models": [n for m in models for n in m.names],
+            "activation": first.activation,
+            **_records(models),
+            "input": st.source_files,
+        },
+    )
     name = "label_raw" if opts.postprocessing is not None else "label"
-    label = out.create_array(st.case_id, name, shape=geom.shape_zyx, dtype=np.uint8, chunks=out_chunks,
-                             dimension_names=("z", "y", "x"))
+    label = out.create_array(
+        st.case_id, name, shape=geom.shape_zyx, dtype=np.uint8, chunks=out_chunks, dimension_names=("z", "y", "x")
+    )
     sources, targets = [probabilities_to_label(mean, regions_class_order=first.regions_class_order)], [label]
     if opts.save_probabilities:
-        targets.append(out.create_array(st.case_id, "probs", shape=mean.shape, dtype=np.float16,
-                                        chunks=(1, *out_chunks)))
+        targets.append(
+            out.create_array(st.case_id, "probs", shape=mean.shape, dtype=np.float16, chunks=(1, *out_chunks))
+        )
         sources.append(mean.astype(np.float16).rechunk((1, *out_chunks)))
     writes = da.store(sources, targets, lock=False, compute=False)  # type: ignore[arg-type]  # zarr targets
     compute(writes, desc=f"{st.case_id}: write", progress=opts.progress)
@@ -179,8 +233,9 @@ def _predict_staged(st: _Staged, models: Sequence[PredictionModel], predictors: 
     shutil.rmtree(st.scratch, ignore_errors=True)
 
 
-def _postprocess_case(out: Store, case_id: str, raw: zarr.Array, spacing_zyx: Sequence[float],
-                      opts: PredictOptions) -> None:
+def _postprocess_case(
+    out: Store, case_id: str, raw: zarr.Array, spacing_zyx: Sequence[float], opts: PredictOptions
+) -> None:
     """Apply the model's postprocessing to the written ``label_raw`` and write ``label``.
 
     ``label_raw`` (the plain argmax) is kept beside it, so the effect of postprocessing stays visible."""
@@ -210,8 +265,10 @@ def stage_chain(models: Sequence[PredictionModel]) -> list[PredictionModel]:
         visit(prev)
         known = found.setdefault(prev.name, prev)
         if list(known.names) != list(prev.names):
-            raise VoxflowError(f"two different models are both the earlier stage {prev.name!r} ({known.names} and "
-                               f"{prev.names}); predict them in separate runs.")
+            raise VoxflowError(
+                f"two different models are both the earlier stage {prev.name!r} ({known.names} and "
+                f"{prev.names}); predict them in separate runs."
+            )
 
     for m in models:
         visit(m)
@@ -237,7 +294,8 @@ class _Stages:
     def predictor(self, model: PredictionModel) -> TileScorer:
         if model.name not in self.predictors:
             self.predictors[model.name] = _configured(
-                model.tile_predictor(device=self.device, tta=self.opts.tta, amp=self.opts.amp), self.opts)
+                model.tile_predictor(device=self.device, tta=self.opts.tta, amp=self.opts.amp), self.opts
+            )
         return self.predictors[model.name]
 
 
@@ -261,8 +319,17 @@ def _previous_outputs(src: Store, model: PredictionModel, case_id: str, stages: 
     return {prev.name: store.array(case_id, "label")}
 
 
-def _predict_cases(src: Store, out: Store, models: Sequence[PredictionModel], case_ids: Sequence[str], *,
-                   device: str, opts: PredictOptions, scratch_root: Path, blocks: BlockRun | None = None) -> None:
+def _predict_cases(
+    src: Store,
+    out: Store,
+    models: Sequence[PredictionModel],
+    case_ids: Sequence[str],
+    *,
+    device: str,
+    opts: PredictOptions,
+    scratch_root: Path,
+    blocks: BlockRun | None = None,
+) -> None:
     """Predict cases one after the other, staging the next one while the current one runs.
 
     With earlier stages (a cascade) each case is staged in turn instead: its earlier stages are
@@ -271,8 +338,10 @@ def _predict_cases(src: Store, out: Store, models: Sequence[PredictionModel], ca
     if not case_ids:
         return
     predictors: list[TileScorer | None] = (
-        [None] * len(models) if blocks is not None
-        else [_configured(m.tile_predictor(device=device, tta=opts.tta, amp=opts.amp), opts) for m in models])
+        [None] * len(models)
+        if blocks is not None
+        else [_configured(m.tile_predictor(device=device, tta=opts.tta, amp=opts.amp), opts) for m in models]
+    )
     resume = blocks is not None and not opts.overwrite
     stages = _Stages(out.path.parent / STAGES_DIR, scratch_root / STAGES_DIR, device, _stage_options(opts))
     chained = bool(stage_chain(models))
@@ -319,23 +388,45 @@ def _case_opts(opts: PredictOptions, src: Store, case_id: str) -> PredictOptions
     return replace(opts, progress=case_progress(opts.progress, n_voxels))
 
 
-def _device_worker(src_path: str, out_path: str, loader: ModelLoader, device: str, case_ids: list[str],
-                   opts: PredictOptions, scratch_root: str) -> None:
+def _device_worker(
+    src_path: str,
+    out_path: str,
+    loader: ModelLoader,
+    device: str,
+    case_ids: list[str],
+    opts: PredictOptions,
+    scratch_root: str,
+) -> None:
     """Entry point of one process per device (spawned)."""
     models = loader(device)
     with scheduler_context("threads"):
-        _predict_cases(Store.open(src_path), Store.open(out_path, mode="r+"), models, case_ids, device=device,
-                       opts=replace(opts, progress=False), scratch_root=Path(scratch_root) / device.replace(":", "_"))
+        _predict_cases(
+            Store.open(src_path),
+            Store.open(out_path, mode="r+"),
+            models,
+            case_ids,
+            device=device,
+            opts=replace(opts, progress=False),
+            scratch_root=Path(scratch_root) / device.replace(":", "_"),
+        )
 
 
-def _run_on_devices(devices: list[str], src: Store, out: Store, loader: ModelLoader, todo: list[str],
-                    opts: PredictOptions, scratch_root: Path) -> None:
+def _run_on_devices(
+    devices: list[str],
+    src: Store,
+    out: Store,
+    loader: ModelLoader,
+    todo: list[str],
+    opts: PredictOptions,
+    scratch_root: Path,
+) -> None:
     ctx = mp.get_context("spawn")
     procs = []
     for dev, part in zip(devices, split_evenly(todo, len(devices)), strict=True):
         if part:
-            p = ctx.Process(target=_device_worker, args=(str(src.path), str(out.path), loader, dev, part, opts,
-                                                          str(scratch_root)))
+            p = ctx.Process(
+                target=_device_worker, args=(str(src.path), str(out.path), loader, dev, part, opts, str(scratch_root))
+            )
             p.start()
             procs.append((dev, p))
     failed = []
@@ -344,8 +435,9 @@ def _run_on_devices(devices: list[str], src: Store, out: Store, loader: ModelLoa
         if p.exitcode != 0:
             failed.append(f"{dev} (exit {p.exitcode})")
     if failed:
-        raise VoxflowError(f"prediction worker processes must succeed; failed: {failed}. Rerun to resume; "
-                           f"completed cases are kept.")
+        raise VoxflowError(
+            f"prediction worker processes must succeed; failed: {failed}. Rerun to resume; completed cases are kept."
+        )
 
 
 def _records(models: Sequence[PredictionModel]) -> dict[str, Any]:
@@ -357,34 +449,55 @@ def _check_models(models: Sequence[PredictionModel]) -> None:
         raise VoxflowError("predict needs at least one model (model_dir or models); got none.")
     first = models[0]
     for m in models[1:]:
-        if (m.dataset.labels != first.dataset.labels or m.regions_class_order != first.regions_class_order
-                or m.activation != first.activation):
-            raise VoxflowError(f"ensembled configurations must predict the same labels; {m.name!r} has "
-                               f"{m.dataset.labels}, {first.name!r} has {first.dataset.labels}.")
+        if (
+            m.dataset.labels != first.dataset.labels
+            or m.regions_class_order != first.regions_class_order
+            or m.activation != first.activation
+        ):
+            raise VoxflowError(
+                f"ensembled configurations must predict the same labels; {m.name!r} has "
+                f"{m.dataset.labels}, {first.name!r} has {first.dataset.labels}."
+            )
 
 
 def _output_meta(src: Store, models: Sequence[PredictionModel], opts: PredictOptions) -> DatasetMeta:
     first = models[0].dataset
-    return DatasetMeta(channel_names=src.meta.channel_names, labels=first.labels,
-                       regions_class_order=first.regions_class_order, file_ending=src.meta.file_ending,
-                       name=src.meta.name, kind="prediction",
-                       extra={"configurations": [m.name for m in models],
-                              "models": [n for m in models for n in m.names], **_records(models),
-                              "step": opts.step, "tta": opts.tta,
-                              **({"stages": [p.name for p in chain]} if (chain := stage_chain(models)) else {})})
+    return DatasetMeta(
+        channel_names=src.meta.channel_names,
+        labels=first.labels,
+        regions_class_order=first.regions_class_order,
+        file_ending=src.meta.file_ending,
+        name=src.meta.name,
+        kind="prediction",
+        extra={
+            "configurations": [m.name for m in models],
+            "models": [n for m in models for n in m.names],
+            **_records(models),
+            "step": opts.step,
+            "tta": opts.tta,
+            **({"stages": [p.name for p in chain]} if (chain := stage_chain(models)) else {}),
+        },
+    )
 
 
 def _create_stage_stores(src: Store, root: Path, models: Sequence[PredictionModel], opts: PredictOptions) -> None:
     """Create (or reopen, to resume) the store of every earlier stage, before any process writes to it."""
     for prev in stage_chain(models):
         prev.check_input(src)
-        Store.create(root / f"{prev.name}.zarr", _output_meta(src, [prev], _stage_options(opts)),
-                     overwrite=opts.overwrite)
+        Store.create(
+            root / f"{prev.name}.zarr", _output_meta(src, [prev], _stage_options(opts)), overwrite=opts.overwrite
+        )
 
 
-def run_prediction(source: Store | str | Path | Sequence[str | Path], output: str | Path,
-                   models: Sequence[PredictionModel], opts: PredictOptions, *, loader: ModelLoader | None = None,
-                   case_ids: Sequence[str] | None = None) -> Store:
+def run_prediction(
+    source: Store | str | Path | Sequence[str | Path],
+    output: str | Path,
+    models: Sequence[PredictionModel],
+    opts: PredictOptions,
+    *,
+    loader: ModelLoader | None = None,
+    case_ids: Sequence[str] | None = None,
+) -> Store:
     """Segment the cases of ``source`` with ``models`` (averaged) into ``output/prediction.zarr``.
 
     ``models`` are loaded on the first of ``opts.devices()``; with several devices (and more than one
@@ -398,8 +511,10 @@ def run_prediction(source: Store | str | Path | Sequence[str | Path], output: st
     devices = opts.devices()
     if len(devices) > 1 and loader is None:
         if opts.device != "cuda":
-            raise VoxflowError("several devices need models each process can load (model_dir, an nnU-Net model "
-                               "folder); got models that are already loaded.")
+            raise VoxflowError(
+                "several devices need models each process can load (model_dir, an nnU-Net model "
+                "folder); got models that are already loaded."
+            )
         devices = ["cuda"]  # loaded models and every visible GPU: predict on the current one
     release_large_allocations()
     out_dir = Path(output)
@@ -415,18 +530,30 @@ def run_prediction(source: Store | str | Path | Sequence[str | Path], output: st
         out = Store.create(out_dir / STORE_NAME, _output_meta(src, models, opts), overwrite=opts.overwrite)
         ids = list(case_ids) if case_ids is not None else src.case_ids()
         todo = cases_to_predict(src, out, ids)
-        log.info("predicting %d cases (%d already complete) with %s", len(todo), len(ids) - len(todo),
-                 ", ".join(n for m in models for n in m.names))
+        log.info(
+            "predicting %d cases (%d already complete) with %s",
+            len(todo),
+            len(ids) - len(todo),
+            ", ".join(n for m in models for n in m.names),
+        )
         # on a Dask cluster: every volume as block tasks on its workers (resumable), see _distributed.py
         blocks = block_run(client, models, loader, opts) if client is not None and todo else None
         if blocks is None and len(devices) > 1 and len(todo) > 1 and loader is not None:
             _run_on_devices(devices, src, out, loader, todo, opts, scratch_root)
         else:
-            _predict_cases(src, out, models, todo, device=devices[0], opts=opts, scratch_root=scratch_root,
-                           blocks=blocks)
+            _predict_cases(
+                src, out, models, todo, device=devices[0], opts=opts, scratch_root=scratch_root, blocks=blocks
+            )
     shutil.rmtree(scratch_root, ignore_errors=True)
     if opts.export:
         sched = opts.scheduler if opts.scheduler in ("threads", "processes", "sync") else "threads"
-        export_labels(out, out_dir, ids, file_ending=opts.file_ending(src.meta.file_ending), scheduler=sched,
-                      source=src, model_name="+".join(n for m in models for n in m.names))
+        export_labels(
+            out,
+            out_dir,
+            ids,
+            file_ending=opts.file_ending(src.meta.file_ending),
+            scheduler=sched,
+            source=src,
+            model_name="+".join(n for m in models for n in m.names),
+        )
     return out

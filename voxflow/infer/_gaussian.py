@@ -9,8 +9,13 @@ import numpy as np
 __all__ = ["gaussian_importance_map"]
 
 
-def gaussian_importance_map(patch_size_vox: Sequence[int], *, sigma_scale: float = 1.0 / 8,
-                            min_value: float = 1e-3, dtype: np.dtype | type = np.float32) -> np.ndarray:
+def gaussian_importance_map(
+    patch_size_vox: Sequence[int],
+    *,
+    sigma_scale: float = 1.0 / 8,
+    min_value: float = 1e-3,
+    dtype: np.dtype | type = np.float32,
+) -> np.ndarray:
     """Separable Gaussian weight over a tile, shape ``patch_size_vox`` (z, y, x).
 
     ``g(i) = prod_a exp(-(i_a - c_a)^2 / (2 sigma_a^2))`` with centre ``c_a = (p_a - 1) / 2`` and

@@ -45,18 +45,24 @@ def _image_files(paths: Sequence[Path]) -> list[Path]:
         elif p.is_file():
             files.append(p)
         else:
-            raise ConversionError(f"input {str(p)!r} must be an existing file, folder or voxflow store; "
-                                  f"it does not exist.")
+            raise ConversionError(
+                f"input {str(p)!r} must be an existing file, folder or voxflow store; it does not exist."
+            )
     if not files:
-        raise ConversionError(f"input {[str(p) for p in paths]} must contain image files "
-                              f"({', '.join(IMAGE_SUFFIXES)}); found none.")
+        raise ConversionError(
+            f"input {[str(p) for p in paths]} must contain image files ({', '.join(IMAGE_SUFFIXES)}); found none."
+        )
     return files
 
 
 def _manifest(source: DatasetSource) -> dict[str, Any]:
     """Every file a source reads, by resolved path, size and modification time."""
-    paths = {str(Path(p).resolve()) for c in source.cases
-             for ref in (*c.images, *([c.label] if c.label is not None else [])) for p in ref.paths}
+    paths = {
+        str(Path(p).resolve())
+        for c in source.cases
+        for ref in (*c.images, *([c.label] if c.label is not None else []))
+        for p in ref.paths
+    }
     return {"format": source.format, "files": [file_stats(p) for p in sorted(paths)]}
 
 
@@ -71,8 +77,9 @@ def _reusable(dst: Path, manifest_path: Path, manifest: dict[str, Any], n_cases:
     return store if len(store.case_ids()) == n_cases and not store.incomplete_case_ids() else None
 
 
-def open_input(source: Store | str | Path | Sequence[str | Path], work_dir: Path, *,
-               scheduler: str = "threads") -> Store:
+def open_input(
+    source: Store | str | Path | Sequence[str | Path], work_dir: Path, *, scheduler: str = "threads"
+) -> Store:
     """A voxflow store for the input: opened as is, or converted into ``work_dir/input.zarr``.
 
     Image files are read where they are; two files that would be one case are refused (naming
@@ -132,8 +139,9 @@ class PreparedCase:
     shape_after_crop_zyx: tuple[int, int, int]
 
 
-def prepare_case(store: Store, case_id: str, config: Configuration, *,
-                 out_chunks: Sequence[int] | None = None) -> PreparedCase:
+def prepare_case(
+    store: Store, case_id: str, config: Configuration, *, out_chunks: Sequence[int] | None = None
+) -> PreparedCase:
     """The lazy preprocessed image of a case for ``config`` (read as is from a preprocessed store).
 
     ``out_chunks`` (z, y, x) sets the dask chunks of the result (default: preprocessing's own, half
@@ -143,22 +151,31 @@ def prepare_case(store: Store, case_id: str, config: Configuration, *,
     if store.meta.kind == "preprocessed":
         have = store.meta.extra.get("configuration")
         if have != config.name:
-            raise LayoutError(f"a preprocessed input store must match the model configuration {config.name!r}; "
-                              f"got {have!r} in {store.path}. Pass the raw images or the matching store.")
+            raise LayoutError(
+                f"a preprocessed input store must match the model configuration {config.name!r}; "
+                f"got {have!r} in {store.path}. Pass the raw images or the matching store."
+            )
         a = store.case_attrs(case_id)
         img = store.image(case_id, chunks=read_chunks(store, case_id)).astype(np.float32)
         if out_chunks is not None:
             img = img.rechunk((img.shape[0], *(min(int(c), n) for c, n in zip(out_chunks, img.shape[1:]))))
-        return PreparedCase(img, Geometry.from_dict(a["original_geometry"]),
-                            tuple((int(lo), int(hi)) for lo, hi in a["crop_bbox_zyx"]),
-                            tuple(int(s) for s in a["shape_after_crop_zyx"]))  # type: ignore[arg-type]
+        return PreparedCase(
+            img,
+            Geometry.from_dict(a["original_geometry"]),
+            tuple((int(lo), int(hi)) for lo, hi in a["crop_bbox_zyx"]),
+            tuple(int(s) for s in a["shape_after_crop_zyx"]),  # type: ignore[arg-type]
+        )
     image, geometry = store.image(case_id, chunks=read_chunks(store, case_id)), store.geometry(case_id)
     if image.shape[0] != config.n_channels:
-        raise LayoutError(f"images must have the {config.n_channels} channels the model was trained on; got "
-                          f"{image.shape[0]} for case {case_id!r} {describe_case(store, case_id)}. Give one "
-                          f"file per channel, named CASE_0000, CASE_0001, ... (nnU-Net style).")
+        raise LayoutError(
+            f"images must have the {config.n_channels} channels the model was trained on; got "
+            f"{image.shape[0]} for case {case_id!r} {describe_case(store, case_id)}. Give one "
+            f"file per channel, named CASE_0000, CASE_0001, ... (nnU-Net style)."
+        )
     pc = preprocess_case(image, geometry, config, case_id=case_id, out_chunks=out_chunks)
-    return PreparedCase(pc.image, pc.original_geometry,
-                        tuple((int(lo), int(hi)) for lo, hi in pc.crop_bbox_zyx),
-                        tuple(int(s) for s in pc.shape_after_crop_zyx))  # type: ignore[arg-type]
-
+    return PreparedCase(
+        pc.image,
+        pc.original_geometry,
+        tuple((int(lo), int(hi)) for lo, hi in pc.crop_bbox_zyx),
+        tuple(int(s) for s in pc.shape_after_crop_zyx),  # type: ignore[arg-type]
+    )

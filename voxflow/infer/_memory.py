@@ -68,6 +68,7 @@ def forward_bytes_per_voxel(spec: Any, patch_size_vox: Sequence[int], in_channel
     """
     from voxflow.architectures import estimate_training_memory_bytes
 
-    total = estimate_training_memory_bytes(spec, patch_size_vox, 1, in_channels, n_outputs, bytes_per_element=4,
-                                           n_parameters=0)
+    total = estimate_training_memory_bytes(
+        spec, patch_size_vox, 1, in_channels, n_outputs, bytes_per_element=4, n_parameters=0
+    )
     return max(total, 1) / math.prod(int(p) for p in patch_size_vox)

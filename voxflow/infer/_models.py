@@ -38,45 +38,65 @@ def _config_dirs(model_dirs: Sequence[Path], configurations: Sequence[str] | Non
     out: list[ConfigurationDir] = []
     for d in model_dirs:
         if not d.is_dir():
-            raise IncompleteStoreError(f"model dir {str(d)!r} must exist (WORK/runs/<configuration>); it does "
-                                       f"not. Train a model first (`voxflow train`).")
+            raise IncompleteStoreError(
+                f"model dir {str(d)!r} must exist (WORK/runs/<configuration>); it does "
+                f"not. Train a model first (`voxflow train`)."
+            )
         if ConfigurationDir(d).has_folds():
             if configurations and d.name not in configurations:
-                raise VoxflowError(f"model dir {str(d)!r} holds configuration {d.name!r}, not one of "
-                                   f"{list(configurations)}; drop -c or point -m at WORK/runs.")
+                raise VoxflowError(
+                    f"model dir {str(d)!r} holds configuration {d.name!r}, not one of "
+                    f"{list(configurations)}; drop -c or point -m at WORK/runs."
+                )
             out.append(ConfigurationDir(d))
         elif configurations:
             out.extend(ConfigurationDir(d / c) for c in configurations)
         else:
-            out.extend(ConfigurationDir(p) for p in sorted(d.iterdir()) if p.is_dir() and ConfigurationDir(p).has_folds())
+            out.extend(
+                ConfigurationDir(p) for p in sorted(d.iterdir()) if p.is_dir() and ConfigurationDir(p).has_folds()
+            )
     if not out:
-        raise IncompleteStoreError(f"model dirs {[str(d) for d in model_dirs]} must hold "
-                                   f"fold_<k>/{CHECKPOINT_FINAL}; found none.")
+        raise IncompleteStoreError(
+            f"model dirs {[str(d) for d in model_dirs]} must hold fold_<k>/{CHECKPOINT_FINAL}; found none."
+        )
     return out
 
 
-def find_trained_folds(model_dirs: Sequence[str | Path], *, configurations: Sequence[str] | None = None,
-                       folds: Sequence[int | str] | None = None) -> list[FoldDir]:
+def find_trained_folds(
+    model_dirs: Sequence[str | Path],
+    *,
+    configurations: Sequence[str] | None = None,
+    folds: Sequence[int | str] | None = None,
+) -> list[FoldDir]:
     """The fold dirs ``<cfg dir>/fold_<k>/`` to predict with (default: every one with a final checkpoint)."""
     out: list[FoldDir] = []
     for cdir in _config_dirs([Path(d) for d in model_dirs], configurations):
         wanted = [cdir.fold(f) for f in folds] if folds else cdir.trained_folds()
         for fdir in wanted:
             if not fdir.checkpoint_final.exists():
-                raise IncompleteStoreError(f"{fdir.checkpoint_final} must exist to predict with {fdir.path.name} "
-                                           f"of {cdir.name}; it does not. Finish training that fold or choose "
-                                           f"others with -f.")
+                raise IncompleteStoreError(
+                    f"{fdir.checkpoint_final} must exist to predict with {fdir.path.name} "
+                    f"of {cdir.name}; it does not. Finish training that fold or choose "
+                    f"others with -f."
+                )
             out.append(fdir)
         if not wanted:
             raise IncompleteStoreError(f"{cdir.path} must hold fold_<k>/{CHECKPOINT_FINAL}; found none.")
     return out
 
 
-def _restore(scores: da.Array, out_chunks: tuple[int, ...], *, prep: PreparedCase, activation: str,
-             separate_axis: int | None) -> da.Array:
-    return undo_preprocessing(scores, shape_after_crop_zyx=prep.shape_after_crop_zyx,
-                              crop_bbox_zyx=prep.crop_bbox_zyx, original_shape_zyx=prep.original_geometry.shape_zyx,
-                              activation=activation, separate_axis=separate_axis, out_chunks_zyx=out_chunks)
+def _restore(
+    scores: da.Array, out_chunks: tuple[int, ...], *, prep: PreparedCase, activation: str, separate_axis: int | None
+) -> da.Array:
+    return undo_preprocessing(
+        scores,
+        shape_after_crop_zyx=prep.shape_after_crop_zyx,
+        crop_bbox_zyx=prep.crop_bbox_zyx,
+        original_shape_zyx=prep.original_geometry.shape_zyx,
+        activation=activation,
+        separate_axis=separate_axis,
+        out_chunks_zyx=out_chunks,
+    )
 
 
 @dataclass
@@ -104,10 +124,15 @@ class Ensemble:
         spec = LabelSpec.from_meta(self.dataset)
         order = self.dataset.regions_class_order
         if spec.uses_regions and (order is None or len(order) != spec.num_outputs):
-            raise VoxflowError(f"a region-based dataset needs regions_class_order with one value per region "
-                               f"({spec.num_outputs}); got {order!r}. Fix dataset.json.")
-        self._outputs = (spec.num_outputs, "sigmoid" if spec.uses_regions else "softmax",
-                         tuple(order) if spec.uses_regions and order is not None else None)
+            raise VoxflowError(
+                f"a region-based dataset needs regions_class_order with one value per region "
+                f"({spec.num_outputs}); got {order!r}. Fix dataset.json."
+            )
+        self._outputs = (
+            spec.num_outputs,
+            "sigmoid" if spec.uses_regions else "softmax",
+            tuple(order) if spec.uses_regions and order is not None else None,
+        )
 
     @property
     def name(self) -> str:
@@ -159,17 +184,20 @@ class Ensemble:
     def check_input(self, store: Store) -> None:
         """Any store: a raw one is preprocessed per case, a preprocessed one must match (checked per case)."""
 
-    def prepare(self, store: Store, case_id: str, *, out_chunks: Sequence[int],
-                previous: Mapping[str, da.Array]) -> CaseInput:
+    def prepare(
+        self, store: Store, case_id: str, *, out_chunks: Sequence[int], previous: Mapping[str, da.Array]
+    ) -> CaseInput:
         cfg = self.configuration
         prep = prepare_case(store, case_id, cfg, out_chunks=out_chunks)
         sep = cfg.resampling.separate_axis if cfg.resampling.separate_z else None
         image = prep.image
         if cfg.previous_stage is not None:
-            image = _with_previous(image, self._previous_label(store, case_id, previous), prep, cfg,
-                                   self.previous_labels)
-        return CaseInput(image, prep.original_geometry,
-                         partial(_restore, prep=prep, activation=self.activation, separate_axis=sep))
+            image = _with_previous(
+                image, self._previous_label(store, case_id, previous), prep, cfg, self.previous_labels
+            )
+        return CaseInput(
+            image, prep.original_geometry, partial(_restore, prep=prep, activation=self.activation, separate_axis=sep)
+        )
 
     def _previous_label(self, store: Store, case_id: str, previous: Mapping[str, da.Array]) -> da.Array:
         """The first stage's label map of the case on its original grid (Z, Y, X), lazy."""
@@ -177,19 +205,20 @@ class Ensemble:
         if name in previous:
             return previous[name]
         if self.previous_source is not None:
-            path = (self.previous_source if isinstance(self.previous_source, Path)
-                    else self.previous_source.get(case_id))
+            path = self.previous_source if isinstance(self.previous_source, Path) else self.previous_source.get(case_id)
             label = _stored_label(path, case_id)
             if label is None:
                 raise IncompleteStoreError(
                     f"the {name} segmentation of case {case_id!r} must be in {path} to predict "
                     f"{self.name}; it is not. Validate the {name} fold that holds the case (`voxflow train WORK "
-                    f"-c {name} -f K` predicts its validation cases at the end).")
+                    f"-c {name} -f K` predicts its validation cases at the end)."
+                )
             return label
         raise VoxflowError(
             f"{self.name} is a cascade's second stage and needs the {name} segmentation of case {case_id!r}; "
             f"none was given. Predict with the model directory (`voxflow predict -m WORK/runs/{self.name}`), "
-            f"which runs {name} first.")
+            f"which runs {name} first."
+        )
 
     def tile_predictor(self, *, device: str, tta: bool, amp: bool) -> TileScorer:
         from voxflow.infer._memory import forward_bytes_per_voxel
@@ -197,11 +226,16 @@ class Ensemble:
 
         cfg = self.configuration
         mirror = [a for a in cfg.train.mirror_axes if cfg.patch_size_vox[a] > 1] if tta else []
-        return TilePredictor(self.networks, mirror_axes=mirror, activation=self.activation,
-                             spatial_dims=cfg.network.spatial_dims, device=device, amp=amp,
-                             voxel_bytes=forward_bytes_per_voxel(cfg.network, cfg.patch_size_vox, cfg.n_channels,
-                                                                 self.n_outputs),
-                             divisor_zyx=_divisor_zyx(cfg.network.total_stride))
+        return TilePredictor(
+            self.networks,
+            mirror_axes=mirror,
+            activation=self.activation,
+            spatial_dims=cfg.network.spatial_dims,
+            device=device,
+            amp=amp,
+            voxel_bytes=forward_bytes_per_voxel(cfg.network, cfg.patch_size_vox, cfg.n_channels, self.n_outputs),
+            divisor_zyx=_divisor_zyx(cfg.network.total_stride),
+        )
 
 
 def _divisor_zyx(total_stride: Sequence[int]) -> tuple[int, int, int]:
@@ -220,25 +254,34 @@ def _stored_label(path: Path | None, case_id: str) -> da.Array | None:
     return src.array(case_id, "label_raw") if src.has_array(case_id, "label_raw") else src.label(case_id)
 
 
-def _with_previous(image: da.Array, label: da.Array, prep: PreparedCase, cfg: Configuration,
-                   values: Sequence[int]) -> da.Array:
+def _with_previous(
+    image: da.Array, label: da.Array, prep: PreparedCase, cfg: Configuration, values: Sequence[int]
+) -> da.Array:
     """``image`` (C, z, y, x) with the one-hot channels of ``label`` (original grid) appended, on
     the image's grid and chunks."""
     from voxflow.preprocess import one_hot_channels, previous_onto_grid
 
     if tuple(label.shape) != prep.original_geometry.shape_zyx:
-        raise VoxflowError(f"the previous-stage segmentation must lie on the case's grid "
-                           f"{prep.original_geometry.shape_zyx}; got shape {tuple(label.shape)}.")
+        raise VoxflowError(
+            f"the previous-stage segmentation must lie on the case's grid "
+            f"{prep.original_geometry.shape_zyx}; got shape {tuple(label.shape)}."
+        )
     spatial_chunks = tuple(c[0] for c in image.chunks[1:])
-    onto = previous_onto_grid(label, cfg, crop_bbox_zyx=prep.crop_bbox_zyx,  # type: ignore[arg-type]
-                              out_shape_zyx=image.shape[1:],
-                              values=values, out_chunks=spatial_chunks)
+    onto = previous_onto_grid(
+        label,
+        cfg,
+        crop_bbox_zyx=prep.crop_bbox_zyx,  # type: ignore[arg-type]
+        out_shape_zyx=image.shape[1:],
+        values=values,
+        out_chunks=spatial_chunks,
+    )
     onto = onto.rechunk(image.chunks[1:])
     return da.concatenate([image, one_hot_channels(onto, values)], axis=0).rechunk({0: image.shape[0] + len(values)})
 
 
-def group_models(models: Sequence[tuple[Any, Configuration, DatasetMeta]],
-                 names: Sequence[str] | None = None) -> list[Ensemble]:
+def group_models(
+    models: Sequence[tuple[Any, Configuration, DatasetMeta]], names: Sequence[str] | None = None
+) -> list[Ensemble]:
     """Group ``(network, configuration, dataset)`` triples by configuration; all must share labels."""
     groups: dict[str, Ensemble] = {}
     for i, (net, cfg, meta) in enumerate(models):
@@ -283,7 +326,8 @@ def previous_stage_folds(runs: Sequence[FoldDir], previous: str) -> list[FoldDir
         raise IncompleteStoreError(
             f"the cascade {runs[0].configuration.name} needs its first stage {previous} with the same folds; "
             f"{cdir.path} lacks fold(s) {missing} ({CHECKPOINT_FINAL}). Train them (`voxflow train WORK -c "
-            f"{previous} -f K`) or export both stages (`voxflow export-model`).")
+            f"{previous} -f K`) or export both stages (`voxflow export-model`)."
+        )
     return out
 
 

@@ -18,8 +18,13 @@ log = logging.getLogger(__name__)
 
 
 #: ``--output-format`` -> file ending of the exported labels (None: the input's)
-OUTPUT_FORMATS: dict[str, str | None] = {"auto": None, "nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha",
-                                         "dicom-seg": ".dcm"}
+OUTPUT_FORMATS: dict[str, str | None] = {
+    "auto": None,
+    "nifti": ".nii.gz",
+    "nrrd": ".nrrd",
+    "mha": ".mha",
+    "dicom-seg": ".dcm",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,8 +115,7 @@ def resolve_postprocessing(postprocessing: Any, configuration_dirs: Sequence[Pat
         dirs = set(configuration_dirs)
         if len(dirs) != 1:
             if dirs:
-                log.info("no postprocessing applied: it is chosen per configuration, and %d are ensembled",
-                         len(dirs))
+                log.info("no postprocessing applied: it is chosen per configuration, and %d are ensembled", len(dirs))
             return None
         path = ConfigurationDir(next(iter(dirs))).postprocessing
         return PostprocessingSpec.load(path) if path.is_file() else None

@@ -26,8 +26,9 @@ class _Resolved:
     configuration_dirs: list[Path]  # where "auto" postprocessing is looked up
 
 
-def _unpack_packages(dirs: Sequence[str | Path], configs: Sequence[str] | None
-                     ) -> tuple[list[str | Path], Sequence[str] | None]:
+def _unpack_packages(
+    dirs: Sequence[str | Path], configs: Sequence[str] | None
+) -> tuple[list[str | Path], Sequence[str] | None]:
     """Replace model packages (``voxflow export-model`` zips) by their unpacked folders; the
     package's configurations become the default selection."""
     from voxflow.models import is_model_package, package_configurations, unpack_model
@@ -44,9 +45,13 @@ def _unpack_packages(dirs: Sequence[str | Path], configs: Sequence[str] | None
     return out, configs
 
 
-def _resolve_models(model_dir: str | Path | Sequence[str | Path] | None, models: Sequence[Any] | None,
-                    configuration: str | Sequence[str] | None, folds: Sequence[int | str] | None,
-                    device: str) -> _Resolved:
+def _resolve_models(
+    model_dir: str | Path | Sequence[str | Path] | None,
+    models: Sequence[Any] | None,
+    configuration: str | Sequence[str] | None,
+    folds: Sequence[int | str] | None,
+    device: str,
+) -> _Resolved:
     """Loaded models (``models``: triples or prediction models) or the folds found in ``model_dir``."""
     if models is not None:
         triples = [m for m in models if isinstance(m, tuple)]
@@ -63,11 +68,19 @@ def _resolve_models(model_dir: str | Path | Sequence[str | Path] | None, models:
 
 
 @locked(lambda a: dir_lock_file(a["output"]), command="predict")
-def predict(source: Store | str | Path | Sequence[str | Path], output: str | Path, *,
-            model_dir: str | Path | Sequence[str | Path] | None = None, models: Sequence[Any] | None = None,
-            configuration: str | Sequence[str] | None = None, folds: Sequence[int | str] | None = None,
-            case_ids: Sequence[str] | None = None, postprocessing: Any = "auto",
-            options: PredictOptions | None = None, **option_values: Any) -> Store:
+def predict(
+    source: Store | str | Path | Sequence[str | Path],
+    output: str | Path,
+    *,
+    model_dir: str | Path | Sequence[str | Path] | None = None,
+    models: Sequence[Any] | None = None,
+    configuration: str | Sequence[str] | None = None,
+    folds: Sequence[int | str] | None = None,
+    case_ids: Sequence[str] | None = None,
+    postprocessing: Any = "auto",
+    options: PredictOptions | None = None,
+    **option_values: Any,
+) -> Store:
     """Segment every case of ``source`` and write ``output/prediction.zarr`` (+ files in ``output``).
 
     Parameters

@@ -60,11 +60,21 @@ class TilePredictor:
         stride); needed for whole-image tiles.
     """
 
-    def __init__(self, networks: nn.Module | Sequence[nn.Module], *, mirror_axes: Sequence[int] = (),
-                 activation: str | None = "softmax", spatial_dims: int = 3, device: str | torch.device = "cpu",
-                 amp: bool = True, axis_order: Sequence[int] = (0, 1, 2), precision: str = "auto",
-                 max_tiles_per_forward: int | None = None, voxel_bytes: float | None = None,
-                 divisor_zyx: Sequence[int] | None = None):
+    def __init__(
+        self,
+        networks: nn.Module | Sequence[nn.Module],
+        *,
+        mirror_axes: Sequence[int] = (),
+        activation: str | None = "softmax",
+        spatial_dims: int = 3,
+        device: str | torch.device = "cpu",
+        amp: bool = True,
+        axis_order: Sequence[int] = (0, 1, 2),
+        precision: str = "auto",
+        max_tiles_per_forward: int | None = None,
+        voxel_bytes: float | None = None,
+        divisor_zyx: Sequence[int] | None = None,
+    ):
         nets = [networks] if isinstance(networks, nn.Module) else list(networks)
         if not nets:
             raise VoxflowError("TilePredictor needs at least one network; got none.")
@@ -78,7 +88,9 @@ class TilePredictor:
         self.device = torch.device(device)
         self.networks = [n.to(self.device).eval() for n in nets]
         position = {t: j for j, t in enumerate(order)}
-        self.mirrors = [tuple(order[j] for j in c) for c in mirror_combinations([position[int(a)] for a in mirror_axes])]
+        self.mirrors = [
+            tuple(order[j] for j in c) for c in mirror_combinations([position[int(a)] for a in mirror_axes])
+        ]
         self.activation = activation
         self.spatial_dims = spatial_dims
         self._amp_switch = bool(amp)
@@ -141,14 +153,18 @@ class TilePredictor:
         ``batch`` tiles of ``tile_voxels`` (at least one), in order."""
         most = self.tiles_per_forward(tile_voxels)
         per = len(self.mirrors) if most is None else max(1, most // batch)
-        return [self.mirrors[i:i + per] for i in range(0, len(self.mirrors), per)]
+        return [self.mirrors[i : i + per] for i in range(0, len(self.mirrors), per)]
 
-    def _mirrored_sum(self, net: nn.Module, x: torch.Tensor, group: list[tuple[int, ...]],
-                      total: torch.Tensor | None) -> torch.Tensor:
+    def _mirrored_sum(
+        self, net: nn.Module, x: torch.Tensor, group: list[tuple[int, ...]], total: torch.Tensor | None
+    ) -> torch.Tensor:
         """``total`` plus the scores of every mirroring in ``group`` (one forward pass), in order."""
         flips = [[a + 2 for a in axes] for axes in group]
-        batch = torch.cat([torch.flip(x, d) if d else x for d in flips]) if len(group) > 1 else (
-            torch.flip(x, flips[0]) if flips[0] else x)
+        batch = (
+            torch.cat([torch.flip(x, d) if d else x for d in flips])
+            if len(group) > 1
+            else (torch.flip(x, flips[0]) if flips[0] else x)
+        )
         out = self._forward(net, batch)
         for p, d in zip(out.split(x.shape[0]), flips, strict=True):
             p = torch.flip(p, d) if d else p

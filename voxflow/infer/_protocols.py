@@ -100,8 +100,9 @@ class PredictionModel(Protocol):
         """Raise a :class:`VoxflowError` if the model cannot predict from this input store."""
         ...
 
-    def prepare(self, store: Store, case_id: str, *, out_chunks: Sequence[int],
-                previous: Mapping[str, da.Array]) -> CaseInput:
+    def prepare(
+        self, store: Store, case_id: str, *, out_chunks: Sequence[int], previous: Mapping[str, da.Array]
+    ) -> CaseInput:
         """The case on the model's grid (lazy, dask chunks ``out_chunks``; small computes allowed).
 
         ``previous``: outputs of earlier stages for this case by stage name (e.g. a cascade's

@@ -35,15 +35,27 @@ def read_tile(image: Any, grid: TileGrid, start: Sequence[int]) -> np.ndarray:
 
 
 def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: Sequence[int],
-                           n_classes: int, out: Any = None, step: float = 0.5, batch_size: int = 1,
-                           cache_bytes: int = DEFAULT_CACHE_BYTES, block_zyx: Sequence[int] | None = None,
-                           scratch_dir: str | Path | None = None, progress: bool = False,
-                           desc: str = "tiles", importance_map: np.ndarray | None = None,
-                           whole_image_voxels: int = 0, divisor_zyx: Sequence[int] | None = None) -> Any:
+def sliding_window_predict(
+    image: Any,
+    predictor: Predictor,
+    *,
+    patch_size_vox: Sequence[int],
+    n_classes: int,
+    out: Any = None,
+    step: float = 0.5,
+    batch_size: int = 1,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    block_zyx: Sequence[int] | None = None,
+    scratch_dir: str | Path | None = None,
+    progress: bool = False,
+    desc: str = "tiles",
+    importance_map: np.ndarray | None = None,
+    whole_image_voxels: int = 0,
+    divisor_zyx: Sequence[int] | None = None,
+) -> Any:
     """Predict class probabilities of a (C, Z, Y, X) volume tile by tile.
 
     Each tile's probabilities are weighted with :func:`gaussian_importance_map` and accumulated by a
@@ -65,8 +77,7 @@ def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: 
         the weights are uniform (they cancel).
     """
     shape = tuple(int(s) for s in image.shape[1:])
-    grid = tile_grid(shape, patch_size_vox, step=step, whole_image_voxels=whole_image_voxels,
-                     divisor_zyx=divisor_zyx)
+    grid = tile_grid(shape, patch_size_vox, step=step, whole_image_voxels=whole_image_voxels, divisor_zyx=divisor_zyx)
     if grid.patch_size_vox != tuple(int(p) for p in patch_size_vox):
         importance_map = np.ones(grid.patch_size_vox, np.float32)
     if out is None:
@@ -77,18 +88,20 @@ def sliding_window_predict(image: Any, predictor: Predictor, *, patch_size_vox: 
     starts = grid.start_array()  # (n, 3): per-tile bookkeeping stays numpy, ~50 bytes per tile
     vol_boxes = grid.volume_boxes(starts)
     gauss = _tile_weights(importance_map, grid)
-    with TileAccumulator(out, vol_boxes, block_zyx=block_zyx, cache_bytes=cache_bytes,
-                         scratch_dir=scratch_dir) as acc:
-        order = order_tiles(vol_boxes, block_zyx=acc.block_zyx, block_nbytes=acc.block_nbytes,
-                            cache_bytes=cache_bytes)
+    with TileAccumulator(out, vol_boxes, block_zyx=block_zyx, cache_bytes=cache_bytes, scratch_dir=scratch_dir) as acc:
+        order = order_tiles(vol_boxes, block_zyx=acc.block_zyx, block_nbytes=acc.block_nbytes, cache_bytes=cache_bytes)
         del vol_boxes
         bar = _bar(len(starts), desc, progress)
         _accumulate(image, predictor, grid, starts, _batches(order, batch_size), gauss, acc, bar)
         if bar is not None:
             bar.close()
         if acc.n_spills:
-            log.info("sliding window: %d block spills to disk (cache %d MiB, spill file peak %d MiB)",
-                     acc.n_spills, cache_bytes >> 20, acc.spill_file_bytes >> 20)
+            log.info(
+                "sliding window: %d block spills to disk (cache %d MiB, spill file peak %d MiB)",
+                acc.n_spills,
+                cache_bytes >> 20,
+                acc.spill_file_bytes >> 20,
+            )
     return out
 
 
@@ -97,13 +110,23 @@ def _tile_weights(importance_map: np.ndarray | None, grid: TileGrid) -> torch.Te
     if importance_map is None:
         importance_map = gaussian_importance_map(grid.patch_size_vox)
     elif tuple(np.shape(importance_map)) != tuple(grid.patch_size_vox) or not np.all(np.asarray(importance_map) > 0):
-        raise ValueError(f"importance_map must have the patch shape {tuple(grid.patch_size_vox)} and positive "
-                           f"values; got shape {np.shape(importance_map)}.")
+        raise ValueError(
+            f"importance_map must have the patch shape {tuple(grid.patch_size_vox)} and positive "
+            f"values; got shape {np.shape(importance_map)}."
+        )
     return torch.from_numpy(np.ascontiguousarray(importance_map, dtype=np.float32))
 
 
-def _accumulate(image: Any, predictor: Predictor, grid: TileGrid, starts: np.ndarray, batches: list[np.ndarray],
-                gauss: torch.Tensor, acc: TileAccumulator, bar: Any) -> None:
+def _accumulate(
+    image: Any,
+    predictor: Predictor,
+    grid: TileGrid,
+    starts: np.ndarray,
+    batches: list[np.ndarray],
+    gauss: torch.Tensor,
+    acc: TileAccumulator,
+    bar: Any,
+) -> None:
     """Predict the batches (reading the next one while the current one runs) and add them to ``acc``."""
     gauss_np = gauss.numpy()
     gauss_on: dict[torch.device, torch.Tensor] = {}
@@ -129,9 +152,9 @@ def _accumulate(image: Any, predictor: Predictor, grid: TileGrid, starts: np.nda
                 bar.update(len(idx))
 
 
-def sliding_window_predict_in_memory(image: np.ndarray, predictor: Predictor, *,
-                                     patch_size_vox: Sequence[int], n_classes: int,
-                                     step: float = 0.5) -> np.ndarray:
+def sliding_window_predict_in_memory(
+    image: np.ndarray, predictor: Predictor, *, patch_size_vox: Sequence[int], n_classes: int, step: float = 0.5
+) -> np.ndarray:
     """Reference (nnU-Net style): the whole volume and two whole-volume accumulators in memory.
 
     Same tiles, same Gaussian weighting as :func:`sliding_window_predict`; used as its test oracle
@@ -139,8 +162,9 @@ def sliding_window_predict_in_memory(image: np.ndarray, predictor: Predictor, *,
     """
     image = np.asarray(image, dtype=np.float32)
     grid = tile_grid(image.shape[1:], patch_size_vox, step=step)
-    pad = [(0, 0)] + [(lo, max(p - s, 0) - lo) for lo, p, s in
-                      zip(grid.pad_lo_zyx, grid.patch_size_vox, image.shape[1:])]
+    pad = [(0, 0)] + [
+        (lo, max(p - s, 0) - lo) for lo, p, s in zip(grid.pad_lo_zyx, grid.patch_size_vox, image.shape[1:])
+    ]
     padded = np.pad(image, pad)
     gauss = gaussian_importance_map(grid.patch_size_vox)
     acc = np.zeros((n_classes, *padded.shape[1:]), np.float32)
@@ -163,5 +187,3 @@ def _bar(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="tile", leave=False)
-
-

@@ -98,21 +98,30 @@ class TileGrid:
         return tuple(vol), tuple(loc)
 
 
-def whole_image_patch(shape_zyx: Sequence[int], patch_size_vox: Sequence[int], divisor_zyx: Sequence[int],
-                      max_voxels: int) -> tuple[int, ...] | None:
+def whole_image_patch(
+    shape_zyx: Sequence[int], patch_size_vox: Sequence[int], divisor_zyx: Sequence[int], max_voxels: int
+) -> tuple[int, ...] | None:
     """The whole-image tile of a volume: its shape rounded up per axis to ``divisor_zyx`` (axes where
     the patch is 1, a 2-D network's z, stay 1); None if that tile has more than ``max_voxels`` voxels.
 
     >>> whole_image_patch((35, 50, 36), (40, 48, 32), (8, 8, 8), 10**6)
     (40, 56, 40)
     """
-    tile = tuple(1 if p == 1 else -(-int(s) // int(d)) * int(d)
-                 for s, p, d in zip(shape_zyx, patch_size_vox, divisor_zyx, strict=True))
+    tile = tuple(
+        1 if p == 1 else -(-int(s) // int(d)) * int(d)
+        for s, p, d in zip(shape_zyx, patch_size_vox, divisor_zyx, strict=True)
+    )
     return tile if math.prod(tile) <= max_voxels else None
 
 
-def tile_grid(shape_zyx: Sequence[int], patch_size_vox: Sequence[int], *, step: float = 0.5,
-              whole_image_voxels: int = 0, divisor_zyx: Sequence[int] | None = None) -> TileGrid:
+def tile_grid(
+    shape_zyx: Sequence[int],
+    patch_size_vox: Sequence[int],
+    *,
+    step: float = 0.5,
+    whole_image_voxels: int = 0,
+    divisor_zyx: Sequence[int] | None = None,
+) -> TileGrid:
     """The sliding-window tile grid of a volume; every voxel lies in at least one tile.
 
     The one function deciding the tiles of a prediction (single process and block-parallel alike).

@@ -25,35 +25,51 @@ def background_probabilities(n_outputs: int, activation: str) -> list[float]:
     return [1.0 if (activation == "softmax" and c == 0) else 0.0 for c in range(n_outputs)]
 
 
-def uncrop(probs: da.Array, crop_bbox_zyx: Sequence[Sequence[int]], original_shape_zyx: Sequence[int], *,
-           background: Sequence[float]) -> da.Array:
+def uncrop(
+    probs: da.Array,
+    crop_bbox_zyx: Sequence[Sequence[int]],
+    original_shape_zyx: Sequence[int],
+    *,
+    background: Sequence[float],
+) -> da.Array:
     """Place (K, z, y, x) probabilities of the crop box into the original (K, Z, Y, X) grid; voxels
     outside the box get ``background[k]`` for channel k (1 for softmax class 0, else 0)."""
     pad = [(0, 0)] + [(int(lo), int(n) - int(hi)) for (lo, hi), n in zip(crop_bbox_zyx, original_shape_zyx)]
     if any(p < 0 for pair in pad for p in pair):
-        raise VoxflowError(f"crop_bbox_zyx {crop_bbox_zyx!r} must lie inside the original shape "
-                           f"{tuple(original_shape_zyx)!r}.")
+        raise VoxflowError(
+            f"crop_bbox_zyx {crop_bbox_zyx!r} must lie inside the original shape {tuple(original_shape_zyx)!r}."
+        )
     if all(p == (0, 0) for p in pad):
         return probs
-    parts = [da.pad(probs[k:k + 1], pad, mode="constant", constant_values=float(background[k]))
-             for k in range(probs.shape[0])]
+    parts = [
+        da.pad(probs[k : k + 1], pad, mode="constant", constant_values=float(background[k]))
+        for k in range(probs.shape[0])
+    ]
     return da.concatenate(parts, axis=0)
 
 
-def undo_preprocessing(probs: da.Array, *, shape_after_crop_zyx: Sequence[int],
-                       crop_bbox_zyx: Sequence[Sequence[int]], original_shape_zyx: Sequence[int],
-                       activation: str = "softmax", separate_axis: int | None = None,
-                       out_chunks_zyx: Sequence[int] = (64, 128, 128)) -> da.Array:
+def undo_preprocessing(
+    probs: da.Array,
+    *,
+    shape_after_crop_zyx: Sequence[int],
+    crop_bbox_zyx: Sequence[Sequence[int]],
+    original_shape_zyx: Sequence[int],
+    activation: str = "softmax",
+    separate_axis: int | None = None,
+    out_chunks_zyx: Sequence[int] = (64, 128, 128),
+) -> da.Array:
     """(K, z', y', x') probabilities on the preprocessed grid -> (K, Z, Y, X) on the original grid.
 
     Linear resampling back to the cropped shape (nearest along ``separate_axis`` for anisotropic
     plans), then uncropping; the result is float32, chunked ``(K, *out_chunks_zyx)``.
     """
     k = probs.shape[0]
-    back = resample_to_shape(probs, shape_after_crop_zyx, order=1, separate_axis=separate_axis,
-                             separate_order=0, out_chunks=out_chunks_zyx)
-    full = uncrop(back.astype(np.float32), crop_bbox_zyx, original_shape_zyx,
-                  background=background_probabilities(k, activation))
+    back = resample_to_shape(
+        probs, shape_after_crop_zyx, order=1, separate_axis=separate_axis, separate_order=0, out_chunks=out_chunks_zyx
+    )
+    full = uncrop(
+        back.astype(np.float32), crop_bbox_zyx, original_shape_zyx, background=background_probabilities(k, activation)
+    )
     chunks = (k, *(min(int(c), int(n)) for c, n in zip(out_chunks_zyx, original_shape_zyx)))
     return full.rechunk(chunks)
 
@@ -74,10 +90,13 @@ def probabilities_to_label(probs: da.Array, *, regions_class_order: Sequence[int
     probs = probs.rechunk({0: -1})
     meta = np.empty((0, 0, 0), np.uint8)
     if regions_class_order is None:
-        return da.map_blocks(lambda p: np.argmax(p, axis=0).astype(np.uint8), probs, drop_axis=0,
-                             dtype=np.uint8, meta=meta)
+        return da.map_blocks(
+            lambda p: np.argmax(p, axis=0).astype(np.uint8), probs, drop_axis=0, dtype=np.uint8, meta=meta
+        )
     order = tuple(int(v) for v in regions_class_order)
     if len(order) != probs.shape[0]:
-        raise VoxflowError(f"regions_class_order must have one value per region output ({probs.shape[0]}); "
-                           f"got {order!r}. Fix regions_class_order in dataset.json.")
+        raise VoxflowError(
+            f"regions_class_order must have one value per region output ({probs.shape[0]}); "
+            f"got {order!r}. Fix regions_class_order in dataset.json."
+        )
     return da.map_blocks(_regions_to_label, probs, order, drop_axis=0, dtype=np.uint8, meta=meta)

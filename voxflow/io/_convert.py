@@ -73,7 +73,8 @@ def _check_grid(ref: VolumeSource, other: VolumeSource, what: str, case: str) ->
     except GeometryMismatchError as e:
         raise GeometryMismatchError(
             f"{e} File {other.describe()!r} vs image {ref.describe()!r}. Resample it onto the image grid or "
-            f"fix its header.") from None
+            f"fix its header."
+        ) from None
 
 
 def _plan_case(case: CaseSpec, n_channels: int, chunks_zyx: Sequence[int], max_memory: int) -> _CasePlan:
@@ -81,8 +82,10 @@ def _plan_case(case: CaseSpec, n_channels: int, chunks_zyx: Sequence[int], max_m
     label = case.label.open(case.case_id) if case.label is not None else None
     got = sum(s.n_channels for s in images)
     if got != n_channels:
-        raise ConversionError(f"a case must have {n_channels} channel(s) as declared; got {got} for case "
-                              f"{case.case_id!r} (files {[s.describe() for s in images]}).")
+        raise ConversionError(
+            f"a case must have {n_channels} channel(s) as declared; got {got} for case "
+            f"{case.case_id!r} (files {[s.describe() for s in images]})."
+        )
     for i, s in enumerate(images[1:], start=1):
         _check_grid(images[0], s, f"channel {i}", case.case_id)
     if label is not None:
@@ -102,7 +105,8 @@ def _plan_case(case: CaseSpec, n_channels: int, chunks_zyx: Sequence[int], max_m
             raise ConversionError(
                 f"a volume must stream or fit in the converter's memory ({_mib(max_memory)}); "
                 f"{whole[0].describe()!r} of case {case.case_id!r} needs about {_mib(need)}.{gzip_hint(whole[0])}, "
-                f"or allow more memory with --max-memory.")
+                f"or allow more memory with --max-memory."
+            )
     dtype = np.result_type(*[s.dtype for s in images])
     return _CasePlan(case, images, label, np.dtype(dtype), slab_z)
 
@@ -123,7 +127,8 @@ def _refuse_2d_in_3d(plans: Sequence[_CasePlan], store: Store, done: set[str]) -
         out[p.case.case_id] = (
             f"the cases of a dataset must all be 3D or all be 2D; {f.describe()!r} of case {p.case.case_id!r} is a 2D "
             f"image (shape {f.geometry.shape_zyx[1:]}), but {deep!r} is 3D. Remove the case, save it as a 3D "
-            f"volume, or convert 2D and 3D data separately.")
+            f"volume, or convert 2D and 3D data separately."
+        )
     return out
 
 
@@ -136,11 +141,13 @@ def _check_image(arr: np.ndarray, src: VolumeSource, case: str) -> None:
         n_bad = int(arr.size - np.isfinite(arr).sum())
         raise ConversionError(
             f"images must be finite; got {n_bad} NaN/Inf voxels in {src.describe()!r} for case {case!r}. "
-            f"Replace them (e.g. with the image minimum) before converting.")
+            f"Replace them (e.g. with the image minimum) before converting."
+        )
 
 
-def _prepare_label(arr: np.ndarray, src: VolumeSource, case: str, declared: tuple[int, ...],
-                   binary: bool, dtype: np.dtype) -> np.ndarray:
+def _prepare_label(
+    arr: np.ndarray, src: VolumeSource, case: str, declared: tuple[int, ...], binary: bool, dtype: np.dtype
+) -> np.ndarray:
     if binary:
         return (arr > 0).astype(dtype)
     if arr.dtype.kind == "f":
@@ -151,14 +158,16 @@ def _prepare_label(arr: np.ndarray, src: VolumeSource, case: str, declared: tupl
             raise ConversionError(
                 f"label values must be integers; got {bad.size} voxel(s) with non-integer values {shown} in "
                 f"{src.describe()!r} for case {case!r}. Labels are class ids, not probabilities: round or "
-                f"threshold the label file, or fix how it was exported.")
+                f"threshold the label file, or fix how it was exported."
+            )
     values = np.unique(arr)
     undeclared = sorted(set(values.tolist()) - set(declared))
     if undeclared:
         raise ConversionError(
             f"label values must be declared in the dataset labels {list(declared)}; got undeclared value(s) "
             f"{[int(v) for v in undeclared]} in {src.describe()!r} for case {case!r}. Add them to dataset.json "
-            f"'labels' or fix the label file.")
+            f"'labels' or fix the label file."
+        )
     return arr.astype(dtype)
 
 
@@ -185,12 +194,12 @@ def _write_slab(job: _SlabJob) -> str | None:
             _check_image(arr, src, job.case)
             parts.append(arr.astype(job.dtype, copy=False))
         image = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        open_array_for_write(f"{job.store}/cases/{job.case}/image")[:, job.z0:job.z1] = image
+        open_array_for_write(f"{job.store}/cases/{job.case}/image")[:, job.z0 : job.z1] = image
         del image, parts
         if job.label is not None:
             lab = job.label.read(job.z0, job.z1)[0]
             lab = _prepare_label(lab, job.label, job.case, job.declared, job.binary, np.dtype(job.label_dtype))
-            open_array_for_write(f"{job.store}/cases/{job.case}/label")[job.z0:job.z1] = lab
+            open_array_for_write(f"{job.store}/cases/{job.case}/label")[job.z0 : job.z1] = lab
     except VoxflowError as e:
         return str(e)
     except (RuntimeError, OSError, ValueError, MemoryError) as e:
@@ -283,8 +292,9 @@ def _case_attrs(plan: _CasePlan, source: DatasetSource, split: str) -> dict[str,
     }
 
 
-def _begin_case(store: Store, plan: _CasePlan, attrs: dict[str, Any], chunks_zyx: Sequence[int],
-                label_dtype: np.dtype) -> None:
+def _begin_case(
+    store: Store, plan: _CasePlan, attrs: dict[str, Any], chunks_zyx: Sequence[int], label_dtype: np.dtype
+) -> None:
     """Start the case on disk: its group (marked incomplete) and empty arrays."""
     geom = plan.images[0].geometry
     cid = plan.case.case_id
@@ -295,8 +305,14 @@ def _begin_case(store: Store, plan: _CasePlan, attrs: dict[str, Any], chunks_zyx
         store.create_array(cid, "label", shape=geom.shape_zyx, dtype=label_dtype, chunks=chunks_zyx)
 
 
-def _convert_small_case(store: str, plan: _CasePlan, attrs: dict[str, Any], chunks_zyx: tuple[int, ...],
-                        label_dtype: np.dtype, job: _SlabJob) -> str | None:
+def _convert_small_case(
+    store: str,
+    plan: _CasePlan,
+    attrs: dict[str, Any],
+    chunks_zyx: tuple[int, ...],
+    label_dtype: np.dtype,
+    job: _SlabJob,
+) -> str | None:
     """A small case start to finish in one task (begin, its one slab, finish): the same writes as
     the slab tasks of a big case, in parallel with other small cases. Returns an error or None."""
     try:
@@ -312,8 +328,9 @@ def _one_task(plan: _CasePlan) -> bool:
     return plan.slab_z >= shape[0] and is_small_case(math.prod(shape))
 
 
-def _start_case(store: Store, plan: _CasePlan, source: DatasetSource, split: str,
-                chunks_zyx: Sequence[int], label_dtype: np.dtype) -> list[Any]:
+def _start_case(
+    store: Store, plan: _CasePlan, source: DatasetSource, split: str, chunks_zyx: Sequence[int], label_dtype: np.dtype
+) -> list[Any]:
     """Begin the case on disk and return its delayed slab writes plus the finishing task; a small
     case (one slab, fewer voxels than :data:`~voxflow.cluster.SMALL_CASE_VOXELS`) is one task."""
     geom = plan.images[0].geometry
@@ -321,38 +338,82 @@ def _start_case(store: Store, plan: _CasePlan, source: DatasetSource, split: str
     attrs = _case_attrs(plan, source, split)
     nz = geom.shape_zyx[0]
     if _one_task(plan):
-        job = _SlabJob(str(store.path), cid, 0, nz, tuple(plan.images), plan.label, store.meta.label_values,
-                       plan.case.binary_label, str(plan.dtype), str(label_dtype))
-        return [delayed(_convert_small_case, pure=False)(str(store.path), delayed(plan, traverse=False), attrs,
-                                                         tuple(chunks_zyx), label_dtype, delayed(job, traverse=False))]
+        job = _SlabJob(
+            str(store.path),
+            cid,
+            0,
+            nz,
+            tuple(plan.images),
+            plan.label,
+            store.meta.label_values,
+            plan.case.binary_label,
+            str(plan.dtype),
+            str(label_dtype),
+        )
+        return [
+            delayed(_convert_small_case, pure=False)(
+                str(store.path),
+                delayed(plan, traverse=False),
+                attrs,
+                tuple(chunks_zyx),
+                label_dtype,
+                delayed(job, traverse=False),
+            )
+        ]
     _begin_case(store, plan, attrs, chunks_zyx, label_dtype)
     declared = store.meta.label_values
-    jobs = [_SlabJob(str(store.path), cid, z0, min(nz, z0 + plan.slab_z), tuple(plan.images), plan.label,
-                     declared, plan.case.binary_label, str(plan.dtype), str(label_dtype))
-            for z0 in range(0, nz, plan.slab_z)]
+    jobs = [
+        _SlabJob(
+            str(store.path),
+            cid,
+            z0,
+            min(nz, z0 + plan.slab_z),
+            tuple(plan.images),
+            plan.label,
+            declared,
+            plan.case.binary_label,
+            str(plan.dtype),
+            str(label_dtype),
+        )
+        for z0 in range(0, nz, plan.slab_z)
+    ]
     # traverse=False: dask would otherwise rebuild the dataclasses field by field inside the task
     slabs = [delayed(_write_slab, pure=False)(delayed(job, traverse=False)) for job in jobs]
     return [delayed(_finish_case, pure=False)(str(store.path), cid, *slabs)]
 
 
-def _compute_conversions(tasks: Sequence[Any], ids: Sequence[str], small: set[str], *,
-                         progress: bool) -> dict[str, str | None]:
+def _compute_conversions(
+    tasks: Sequence[Any], ids: Sequence[str], small: set[str], *, progress: bool
+) -> dict[str, str | None]:
     """Run every case's finishing task: ``small`` cases one task each (:func:`compute_cases`, one bar
     over cases), then the slab graphs of big ones (a bar over slabs). Case id -> error or None."""
     small_i = [i for i, cid in enumerate(ids) if cid in small]
     big = [i for i in range(len(tasks)) if i not in set(small_i)]
     out: dict[str, str | None] = {}
     with stage_bar(len(small_i), desc="convert", progress=progress) as bar:
-        out.update(zip([ids[i] for i in small_i], compute_cases([tasks[i] for i in small_i], bar=bar,
-                                                                preload=[__name__]), strict=True))
+        out.update(
+            zip(
+                [ids[i] for i in small_i],
+                compute_cases([tasks[i] for i in small_i], bar=bar, preload=[__name__]),
+                strict=True,
+            )
+        )
     if big:
-        out.update(zip([ids[i] for i in big], compute(*[tasks[i] for i in big], desc="convert", progress=progress),
-                       strict=True))
+        out.update(
+            zip(
+                [ids[i] for i in big], compute(*[tasks[i] for i in big], desc="convert", progress=progress), strict=True
+            )
+        )
     return out
 
 
-def _override(source: DatasetSource, *, channel_names: Sequence[str] | None, labels: Mapping[str, Any] | None,
-              regions_class_order: Sequence[int] | None) -> None:
+def _override(
+    source: DatasetSource,
+    *,
+    channel_names: Sequence[str] | None,
+    labels: Mapping[str, Any] | None,
+    regions_class_order: Sequence[int] | None,
+) -> None:
     """Replace what ``source`` declares by the caller's channel names, labels and region order (where given)."""
     if channel_names is not None:
         source.channel_names = tuple(str(c) for c in channel_names)
@@ -362,8 +423,9 @@ def _override(source: DatasetSource, *, channel_names: Sequence[str] | None, lab
         source.regions_class_order = tuple(int(v) for v in regions_class_order)
 
 
-def _plan_cases(cases: Sequence[Any], n_channels: int, chunks: tuple[int, ...],
-                max_memory: int) -> tuple[list[Any], dict[str, str]]:
+def _plan_cases(
+    cases: Sequence[Any], n_channels: int, chunks: tuple[int, ...], max_memory: int
+) -> tuple[list[Any], dict[str, str]]:
     """:func:`_plan_case` of each case; the plans, and case id -> error for those that cannot be planned."""
     plans, errors = [], {}
     for case in cases:
@@ -375,11 +437,22 @@ def _plan_cases(cases: Sequence[Any], n_channels: int, chunks: tuple[int, ...],
 
 
 @locked(lambda a: store_lock_file(a["dst"]), command="convert")
-def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bool = False, scheduler: str = "threads",
-            chunks_zyx: Sequence[int] = DEFAULT_CHUNKS_ZYX, max_memory_bytes: int | None = None,
-            split: str = "train", format: str | None = None, progress: bool = True,
-            memory_limit: str | None = None, channel_names: Sequence[str] | None = None,
-            labels: Mapping[str, Any] | None = None, regions_class_order: Sequence[int] | None = None) -> Store:
+def convert(
+    src: PathLikeStr | DatasetSource,
+    dst: PathLikeStr,
+    *,
+    overwrite: bool = False,
+    scheduler: str = "threads",
+    chunks_zyx: Sequence[int] = DEFAULT_CHUNKS_ZYX,
+    max_memory_bytes: int | None = None,
+    split: str = "train",
+    format: str | None = None,
+    progress: bool = True,
+    memory_limit: str | None = None,
+    channel_names: Sequence[str] | None = None,
+    labels: Mapping[str, Any] | None = None,
+    regions_class_order: Sequence[int] | None = None,
+) -> Store:
     """Convert a dataset, series or file at ``src`` into the voxflow store ``dst``.
 
     ``src`` is auto-detected (see :mod:`voxflow.io._sources`; ``format`` forces one), or an already
@@ -403,9 +476,14 @@ def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bo
     max_memory = int(max_memory_bytes or default_max_memory())
     with scheduler_context(scheduler, memory_limit=memory_limit):
         labels = source.labels if source.labels is not None else _scan_labels(source, chunks, progress=progress)
-        meta = DatasetMeta(channel_names=source.channel_names, labels=labels,
-                           regions_class_order=source.regions_class_order, file_ending=source.file_ending,
-                           name=source.name, extra={"source_format": source.format})
+        meta = DatasetMeta(
+            channel_names=source.channel_names,
+            labels=labels,
+            regions_class_order=source.regions_class_order,
+            file_ending=source.file_ending,
+            name=source.name,
+            extra={"source_format": source.format},
+        )
         store = Store.create(dst, meta, overwrite=overwrite)
         label_dtype = label_dtype_for(max(meta.label_values))
         done = set(store.resumable_case_ids())
@@ -419,7 +497,9 @@ def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bo
             if plan.case.case_id not in errors:
                 tasks += _start_case(store, plan, source, split, chunks, label_dtype)
                 ids.append(plan.case.case_id)
-        log.info("converting %d case(s) from %s (%s); %d already complete", len(ids), source.root, source.format, len(done))
+        log.info(
+            "converting %d case(s) from %s (%s); %d already complete", len(ids), source.root, source.format, len(done)
+        )
         one_task = {p.case.case_id for p in plans if _one_task(p)}
         results = _compute_conversions(tasks, ids, one_task, progress=progress)
     errors.update({cid: err for cid, err in results.items() if err})
@@ -427,5 +507,6 @@ def convert(src: PathLikeStr | DatasetSource, dst: PathLikeStr, *, overwrite: bo
         first = next(iter(errors.values()))
         raise ConversionError(
             f"{len(errors)} of {len(source.cases)} case(s) could not be converted (left incomplete): "
-            f"{sorted(errors)}. First error: {first}")
+            f"{sorted(errors)}. First error: {first}"
+        )
     return Store.open(dst)

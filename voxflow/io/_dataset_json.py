@@ -50,8 +50,9 @@ def read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise ConversionError(f"{str(path)!r} must be valid JSON; {e}. Fix the file.") from None
     if not isinstance(data, dict):
-        raise ConversionError(f"{str(path)!r} must hold a JSON object ({{...}}); got a {type(data).__name__}. "
-                              f"Fix the file.")
+        raise ConversionError(
+            f"{str(path)!r} must hold a JSON object ({{...}}); got a {type(data).__name__}. Fix the file."
+        )
     return data
 
 
@@ -99,8 +100,10 @@ def _channels(value: Any, path: Path, field: str) -> tuple[str, ...]:
 
 
 def _nnunet_labels(value: Any, path: Path) -> dict[str, int | tuple[int, ...]]:
-    expected = ('an object mapping label names to integer values, e.g. {"background": 0, "tumor": 1} '
-                '(or to lists of values for regions)')
+    expected = (
+        'an object mapping label names to integer values, e.g. {"background": 0, "tumor": 1} '
+        "(or to lists of values for regions)"
+    )
     if not isinstance(value, dict) or not value:
         raise _fail(path, "labels", expected, f"a {type(value).__name__}: {value!r}"[:200])
     labels: dict[str, int | tuple[int, ...]] = {}
@@ -110,11 +113,10 @@ def _nnunet_labels(value: Any, path: Path) -> dict[str, int | tuple[int, ...]]:
         elif _index(v) is not None:
             labels[str(name)] = int(_index(v))  # type: ignore[arg-type]
         else:
-            raise _fail(path, f"labels[{name!r}]", "a non-negative integer (or a list of them for a region)",
-                        f"{v!r}")
+            raise _fail(path, f"labels[{name!r}]", "a non-negative integer (or a list of them for a region)", f"{v!r}")
     plain = [v for v in labels.values() if isinstance(v, int)]
     if 0 not in plain:
-        raise _fail(path, "labels", f'{expected}, with the background as 0', f"no label with value 0: {value!r}")
+        raise _fail(path, "labels", f"{expected}, with the background as 0", f"no label with value 0: {value!r}")
     dup = sorted({v for v in plain if plain.count(v) > 1})
     if dup:
         names = [k for k, v in labels.items() if v in dup]
@@ -125,12 +127,13 @@ def _nnunet_labels(value: Any, path: Path) -> dict[str, int | tuple[int, ...]]:
 def parse_nnunet(path: Path, meta: dict[str, Any]) -> NnunetJson:
     """Validate an nnU-Net v2 dataset.json (already read from ``path``)."""
     if "modality" in meta and "channel_names" not in meta:
-        raise ConversionError(f"training is required in {str(path)!r}: an MSD dataset.json (it has 'modality') "
-                              f"must list its cases as [{{\"image\": ..., \"label\": ...}}, ...]; an nnU-Net one "
-                              f"needs 'channel_names' instead. Fix dataset.json.")
+        raise ConversionError(
+            f"training is required in {str(path)!r}: an MSD dataset.json (it has 'modality') "
+            f'must list its cases as [{{"image": ..., "label": ...}}, ...]; an nnU-Net one '
+            f"needs 'channel_names' instead. Fix dataset.json."
+        )
     chans = _channels(_require(meta, "channel_names", path, 'an object such as {"0": "CT"}'), path, "channel_names")
-    labels = _nnunet_labels(_require(meta, "labels", path, 'an object such as {"background": 0, "tumor": 1}'),
-                            path)
+    labels = _nnunet_labels(_require(meta, "labels", path, 'an object such as {"background": 0, "tumor": 1}'), path)
     ending = _require(meta, "file_ending", path, 'the image file ending, e.g. ".nii.gz"')
     if not isinstance(ending, str) or not ending.startswith(".") or len(ending) < 2:
         raise _fail(path, "file_ending", 'a file ending starting with ".", e.g. ".nii.gz"', f"{ending!r}")
@@ -140,8 +143,14 @@ def parse_nnunet(path: Path, meta: dict[str, Any]) -> NnunetJson:
     n_train = meta.get("numTraining")
     if n_train is not None and _index(n_train) is None:
         raise _fail(path, "numTraining", "the number of training cases (an integer)", f"{n_train!r}")
-    return NnunetJson(chans, labels, ending, tuple(int(x) for x in rco) if rco else None,
-                      str(meta.get("name", path.parent.name)), _index(n_train) if n_train is not None else None)
+    return NnunetJson(
+        chans,
+        labels,
+        ending,
+        tuple(int(x) for x in rco) if rco else None,
+        str(meta.get("name", path.parent.name)),
+        _index(n_train) if n_train is not None else None,
+    )
 
 
 def _msd_labels(value: Any, path: Path) -> dict[str, int]:
@@ -157,17 +166,23 @@ def _msd_labels(value: Any, path: Path) -> dict[str, int]:
             raise _fail(path, f"labels[{k!r}]", "a label name (a non-empty string)", f"{name!r}")
         out[name] = i
     if 0 not in out.values():
-        raise _fail(path, "labels", f"{expected}, with the background as \"0\"", f"no value 0: {value!r}")
+        raise _fail(path, "labels", f'{expected}, with the background as "0"', f"no value 0: {value!r}")
     return out
 
 
 def _msd_entry(e: Any, path: Path, field: str, *, need_label: bool) -> tuple[str, str | None]:
     if isinstance(e, str) and not need_label:
         return e, None
-    form = '{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}' if need_label else \
-        'an image path, or {"image": "./imagesTs/x.nii.gz"}'
-    if not isinstance(e, dict) or not isinstance(e.get("image"), str) or \
-            (need_label and not isinstance(e.get("label"), str)):
+    form = (
+        '{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}'
+        if need_label
+        else 'an image path, or {"image": "./imagesTs/x.nii.gz"}'
+    )
+    if (
+        not isinstance(e, dict)
+        or not isinstance(e.get("image"), str)
+        or (need_label and not isinstance(e.get("label"), str))
+    ):
         raise _fail(path, field, f"a list of entries like {form}", f"entry {e!r}"[:200])
     return e["image"], e.get("label") if isinstance(e.get("label"), str) else None
 
@@ -180,6 +195,10 @@ def parse_msd(path: Path, meta: dict[str, Any]) -> MsdJson:
     for field, entries in (("training", training), ("test", test)):
         if not isinstance(entries, list):
             raise _fail(path, field, "a list of cases", f"{entries!r}"[:200])
-    return MsdJson(chans, labels, tuple(_msd_entry(e, path, "training", need_label=True) for e in training),
-                   tuple(_msd_entry(e, path, "test", need_label=False)[0] for e in test),
-                   str(meta.get("name", path.parent.name)))
+    return MsdJson(
+        chans,
+        labels,
+        tuple(_msd_entry(e, path, "training", need_label=True) for e in training),
+        tuple(_msd_entry(e, path, "test", need_label=False)[0] for e in test),
+        str(meta.get("name", path.parent.name)),
+    )

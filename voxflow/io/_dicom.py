@@ -37,14 +37,24 @@ from voxflow.io._dicom_seg import SEG_SOP_CLASS_UID, series_reference, substitut
 from voxflow.io._dicom_seg_in import SegHeader, SegLabel, read_seg_header
 from voxflow.io._volume import VolumeSource, geometry_from_sitk_values, read_error
 
-__all__ = ["DicomSeries", "find_dicom_files", "is_dicom", "pair_masks", "pair_segs", "scan_dicom",
-           "scan_dicom_series"]
+__all__ = ["DicomSeries", "find_dicom_files", "is_dicom", "pair_masks", "pair_segs", "scan_dicom", "scan_dicom_series"]
 
 log = logging.getLogger(__name__)
 
-_TAGS = {"uid": "0020|000e", "ipp": "0020|0032", "iop": "0020|0037", "spacing": "0028|0030",
-         "thickness": "0018|0050", "desc": "0008|103e", "number": "0020|0011", "rows": "0028|0010",
-         "cols": "0028|0011", "modality": "0008|0060", "sop_class": "0008|0016", "frame_of_reference": "0020|0052"}
+_TAGS = {
+    "uid": "0020|000e",
+    "ipp": "0020|0032",
+    "iop": "0020|0037",
+    "spacing": "0028|0030",
+    "thickness": "0018|0050",
+    "desc": "0008|103e",
+    "number": "0020|0011",
+    "rows": "0028|0010",
+    "cols": "0028|0011",
+    "modality": "0008|0060",
+    "sop_class": "0008|0016",
+    "frame_of_reference": "0020|0052",
+}
 
 
 def is_dicom(path: Path) -> bool:
@@ -77,8 +87,10 @@ def _floats(text: str, n: int, tag: str, path: Path) -> np.ndarray:
     except ValueError:
         vals = np.zeros(0)
     if vals.size != n:
-        raise ConversionError(f"DICOM tag {tag} must hold {n} numbers; got {text!r} in {str(path)!r}. "
-                              f"The file is not a usable image slice; remove it from the folder.")
+        raise ConversionError(
+            f"DICOM tag {tag} must hold {n} numbers; got {text!r} in {str(path)!r}. "
+            f"The file is not a usable image slice; remove it from the folder."
+        )
     return vals
 
 
@@ -127,10 +139,21 @@ def _read_header(path: Path) -> _Slice:
         thickness = float(get("thickness", "1") or 1)
     except ValueError:
         thickness = 1.0
-    return _Slice(path=path, uid=get("uid"), ipp=ipp, iop=iop, pixel_spacing=sp, rows=int(size[1]),
-                  cols=int(size[0]), desc=get("desc"), number=get("number"), thickness=thickness,
-                  pixel_id=r.GetPixelID(), modality=get("modality").upper(),
-                  frame_of_reference=get("frame_of_reference"))
+    return _Slice(
+        path=path,
+        uid=get("uid"),
+        ipp=ipp,
+        iop=iop,
+        pixel_spacing=sp,
+        rows=int(size[1]),
+        cols=int(size[0]),
+        desc=get("desc"),
+        number=get("number"),
+        thickness=thickness,
+        pixel_id=r.GetPixelID(),
+        modality=get("modality").upper(),
+        frame_of_reference=get("frame_of_reference"),
+    )
 
 
 @dataclass
@@ -168,8 +191,9 @@ class DicomSeries(VolumeSource):
                 f"{self._where()}. Move the slices of each size into their own folder."
             )
         if any(not np.allclose(s.iop, first.iop, atol=1e-4) for s in self.slices):
-            raise ConversionError(f"all slices of a DICOM series must share ImageOrientationPatient; they differ "
-                                  f"in {self._where()}.")
+            raise ConversionError(
+                f"all slices of a DICOM series must share ImageOrientationPatient; they differ in {self._where()}."
+            )
         row, col = first.iop[:3], first.iop[3:]
         normal = np.cross(row, col)
         pos = np.array([float(s.ipp @ normal) for s in self.slices])
@@ -183,16 +207,19 @@ class DicomSeries(VolumeSource):
             i = int(np.argmin(dz))
             raise ConversionError(
                 f"slices of a DICOM series must have distinct positions; {self._paths[i]!r} and "
-                f"{self._paths[i + 1]!r} share ImagePositionPatient in {self._where()}. Remove duplicates.")
+                f"{self._paths[i + 1]!r} share ImagePositionPatient in {self._where()}. Remove duplicates."
+            )
         if len(dz) and dz.max() - dz.min() > max(1e-3, 0.01 * dz.mean()):
             raise ConversionError(
                 f"slice positions of a DICOM series must be evenly spaced; got spacings from {dz.min():.4g} to "
-                f"{dz.max():.4g} mm in {self._where()} (a slice is probably missing).")
+                f"{dz.max():.4g} mm in {self._where()} (a slice is probably missing)."
+            )
         spacing_z = float(dz.mean()) if len(dz) else float(first.thickness or 1.0)
         direction = np.column_stack([row, col, normal]).ravel()
         spacing_xyz = (first.pixel_spacing[1], first.pixel_spacing[0], spacing_z)
-        return geometry_from_sitk_values((first.cols, first.rows, len(self.slices)), spacing_xyz,
-                                         self.slices[0].ipp, direction)
+        return geometry_from_sitk_values(
+            (first.cols, first.rows, len(self.slices)), spacing_xyz, self.slices[0].ipp, direction
+        )
 
     def read(self, z0: int, z1: int) -> np.ndarray:
         import SimpleITK as sitk
@@ -254,8 +281,16 @@ def scan_dicom(root: Path, files: list[Path] | None = None) -> tuple[list[DicomS
     series = []
     for (folder, uid), slices in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
         desc = slices[0].desc
-        series.append(DicomSeries(slices=slices, folder=folder, uid=uid, description=desc,
-                                  number=slices[0].number, is_mask="mask" in desc.lower()))
+        series.append(
+            DicomSeries(
+                slices=slices,
+                folder=folder,
+                uid=uid,
+                description=desc,
+                number=slices[0].number,
+                is_mask="mask" in desc.lower(),
+            )
+        )
     return series, segs
 
 
@@ -280,17 +315,20 @@ def pair_masks(series: list[DicomSeries]) -> list[tuple[DicomSeries, DicomSeries
             found = "no" if not cands else f"{len(cands)}"
             raise ConversionError(
                 f"a DICOM mask series must have the geometry of exactly one image series; found {found} for "
-                f"mask {m.describe()}. Keep each mask next to its image series (same study folder).")
+                f"mask {m.describe()}. Keep each mask next to its image series (same study folder)."
+            )
         if cands[0] in pairs:
             raise ConversionError(
                 f"an image series may have one mask series; {images[cands[0]].describe()} matches both "
-                f"{pairs[cands[0]].describe()} and {m.describe()}. Merge the masks into one label series.")
+                f"{pairs[cands[0]].describe()} and {m.describe()}. Merge the masks into one label series."
+            )
         pairs[cands[0]] = m
     return [(s, pairs.get(i)) for i, s in enumerate(images)]
 
 
-def pair_segs(pairs: list[tuple[DicomSeries, DicomSeries | None]],
-              segs: list[SegHeader]) -> list[tuple[DicomSeries, DicomSeries | SegHeader | None]]:
+def pair_segs(
+    pairs: list[tuple[DicomSeries, DicomSeries | None]], segs: list[SegHeader]
+) -> list[tuple[DicomSeries, DicomSeries | SegHeader | None]]:
     """(image series, its label: mask series, SEG header or None) pairs: each SEG labels the one image
     series its ReferencedSeriesSequence names, in the same frame of reference."""
     by_uid: dict[str, list[int]] = defaultdict(list)
@@ -302,26 +340,32 @@ def pair_segs(pairs: list[tuple[DicomSeries, DicomSeries | None]],
     for seg in segs:
         hits = sorted({i for uid in seg.referenced_series for i in by_uid.get(uid, [])})
         if len(hits) > 1:
-            near = [i for i in hits if pairs[i][0].folder.parent == seg.path.parent.parent or
-                    pairs[i][0].folder == seg.path.parent]
+            near = [
+                i
+                for i in hits
+                if pairs[i][0].folder.parent == seg.path.parent.parent or pairs[i][0].folder == seg.path.parent
+            ]
             hits = near if len(near) == 1 else hits
         if len(hits) != 1:
             what = "none is" if not hits else f"{len(hits)} are"
             raise ConversionError(
                 f"a DICOM SEG must reference exactly one image series of the tree; {seg.describe()} references "
                 f"series {list(seg.referenced_series) or '(none)'} and {what} in the tree. Put the SEG next to its "
-                f"image series, or remove it.")
+                f"image series, or remove it."
+            )
         img, label = out[hits[0]]
         if seg.frame_of_reference != frames[hits[0]]:
             raise ConversionError(
                 f"a DICOM SEG must share the FrameOfReferenceUID of the image series it references; "
                 f"{seg.describe()} has {seg.frame_of_reference!r}, {img.describe()} has "
-                f"{frames[hits[0]]!r}. The SEG was made for other images: remove it or fix its references.")
+                f"{frames[hits[0]]!r}. The SEG was made for other images: remove it or fix its references."
+            )
         if label is not None:
             other = label.describe()
             raise ConversionError(
                 f"an image series may have one label (mask series or SEG); {img.describe()} has both {other} and "
-                f"{seg.describe()}. Merge them into one SEG or remove one.")
+                f"{seg.describe()}. Merge them into one SEG or remove one."
+            )
         out[hits[0]] = (img, seg)
     return out
 
@@ -329,9 +373,14 @@ def pair_segs(pairs: list[tuple[DicomSeries, DicomSeries | None]],
 def seg_label(seg: SegHeader, image: DicomSeries, regions_class_order: tuple[int, ...] | None) -> SegLabel:
     """The SEG as the label volume of ``image`` (its frames placed on the image's slices)."""
     first = image.slices[0]
-    return SegLabel(header=seg, image_geometry=image.geometry, slice_positions=np.array([s.ipp for s in image.slices]),
-                    image_orientation=np.asarray(first.iop, float), image_pixel_spacing=np.asarray(first.pixel_spacing),
-                    regions_class_order=regions_class_order)
+    return SegLabel(
+        header=seg,
+        image_geometry=image.geometry,
+        slice_positions=np.array([s.ipp for s in image.slices]),
+        image_orientation=np.asarray(first.iop, float),
+        image_pixel_spacing=np.asarray(first.pixel_spacing),
+        regions_class_order=regions_class_order,
+    )
 
 
 _BAD = re.compile(r"[^A-Za-z0-9._-]+")

@@ -31,16 +31,33 @@ import numpy as np
 from voxflow.errors import ConversionError, GeometryMismatchError, VoxflowWarning
 from voxflow.geometry import Geometry
 
-__all__ = ["SEG_SOP_CLASS_UID", "case_reference", "dicom_reference", "series_reference", "substitute_uid",
-           "write_case_seg", "write_dicom_seg"]
+__all__ = [
+    "SEG_SOP_CLASS_UID",
+    "case_reference",
+    "dicom_reference",
+    "series_reference",
+    "substitute_uid",
+    "write_case_seg",
+    "write_dicom_seg",
+]
 
 log = logging.getLogger(__name__)
 
 SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 _REFERENCE_VERSION = 1
-_STUDY_TAGS = ("StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
-               "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
-               "SpecificCharacterSet")
+_STUDY_TAGS = (
+    "StudyInstanceUID",
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "SpecificCharacterSet",
+)
 _SERIES_TAGS = ("SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality", "FrameOfReferenceUID")
 POS_TOL_MM = 1e-2  # how far a plane may be from the slice it stands for
 
@@ -114,13 +131,20 @@ def _source_datasets(ref: Mapping[str, Any], case_id: str) -> list[Any]:
 
     study, series = dict(ref["study"]), dict(ref["series"])
     seed = ref["sop_instance_uids"][0] if ref["sop_instance_uids"] else case_id
-    missing = [k for k, d in (("StudyInstanceUID", study), ("SeriesInstanceUID", series),
-                              ("FrameOfReferenceUID", series)) if not d.get(k)]
+    missing = [
+        k
+        for k, d in (("StudyInstanceUID", study), ("SeriesInstanceUID", series), ("FrameOfReferenceUID", series))
+        if not d.get(k)
+    ]
     if missing:
-        warnings.warn(VoxflowWarning(
-            f"a DICOM SEG must reference the source's {', '.join(missing)}; the source series of case "
-            f"{case_id!r} has none (anonymised without UIDs), so the SEG gets new deterministic UIDs for "
-            f"them and a viewer will not place it in the source study automatically."), stacklevel=3)
+        warnings.warn(
+            VoxflowWarning(
+                f"a DICOM SEG must reference the source's {', '.join(missing)}; the source series of case "
+                f"{case_id!r} has none (anonymised without UIDs), so the SEG gets new deterministic UIDs for "
+                f"them and a viewer will not place it in the source study automatically."
+            ),
+            stacklevel=3,
+        )
         for k in missing:
             (study if k == "StudyInstanceUID" else series)[k] = substitute_uid(k, seed)
     sop_uids = list(ref["sop_instance_uids"])
@@ -154,7 +178,8 @@ def _check_grid(geometry: Geometry, ref: Mapping[str, Any], case_id: str) -> Non
         raise GeometryMismatchError(
             f"a DICOM SEG must be written on the grid of its source series; case {case_id!r} has shape "
             f"{tuple(geometry.shape_zyx)} (z, y, x) but its DICOM series has {want}. Export the label on the "
-            f"original grid (a prediction store is; a preprocessed store is not).")
+            f"original grid (a prediction store is; a preprocessed store is not)."
+        )
     d = np.asarray(geometry.direction_zyx, float)[::-1, ::-1]  # columns: physical x, y, z index axes (xyz)
     iop = np.asarray(ref["image_orientation"], float)
     pos = np.asarray(ref["image_positions"], float)
@@ -166,7 +191,8 @@ def _check_grid(geometry: Geometry, ref: Mapping[str, Any], case_id: str) -> Non
         raise GeometryMismatchError(
             f"a DICOM SEG must be written on the grid of its source series; the geometry of case {case_id!r} "
             f"does not match the orientation/positions recorded from its DICOM slices (largest position "
-            f"difference {err:.3g} mm). Export the array converted from that series.")
+            f"difference {err:.3g} mm). Export the array converted from that series."
+        )
 
 
 @dataclass(frozen=True)
@@ -185,9 +211,12 @@ def _segments(labels: Mapping[str, Any], regions_class_order: Sequence[int] | No
         if len(order) != len(fg):
             raise ConversionError(
                 f"a region-based dataset needs one regions_class_order value per region to write a DICOM SEG; "
-                f"got {order} for regions {[k for k, _ in fg]} (case {case_id!r}). Fix dataset.json.")
-        segs = [_Segment(int(n), k, tuple(int(x) for x in (v if isinstance(v, (tuple, list)) else (v,))))
-                for n, (k, v) in zip(order, fg, strict=True)]
+                f"got {order} for regions {[k for k, _ in fg]} (case {case_id!r}). Fix dataset.json."
+            )
+        segs = [
+            _Segment(int(n), k, tuple(int(x) for x in (v if isinstance(v, (tuple, list)) else (v,))))
+            for n, (k, v) in zip(order, fg, strict=True)
+        ]
     else:
         segs = [_Segment(int(v), k, (int(v),)) for k, v in fg]
     segs.sort(key=lambda s: s.number)
@@ -195,7 +224,8 @@ def _segments(labels: Mapping[str, Any], regions_class_order: Sequence[int] | No
     if numbers != list(range(1, len(segs) + 1)):
         raise ConversionError(
             f"DICOM SEG segment numbers are the label values and must run 1, 2, ... without gaps; the dataset's "
-            f"labels give {numbers} (case {case_id!r}). Renumber the labels consecutively (as nnU-Net requires).")
+            f"labels give {numbers} (case {case_id!r}). Renumber the labels consecutively (as nnU-Net requires)."
+        )
     return segs
 
 
@@ -204,21 +234,34 @@ def _pixels(label: Any, geometry: Geometry, segs: Sequence[_Segment], case_id: s
     value ``n``, else one binary frame per segment on the last axis. Checks shape and declared values."""
     vol = np.asarray(label)
     if vol.shape != tuple(geometry.shape_zyx):
-        raise GeometryMismatchError(f"the label of case {case_id!r} must have shape {geometry.shape_zyx}; got {vol.shape}.")
+        raise GeometryMismatchError(
+            f"the label of case {case_id!r} must have shape {geometry.shape_zyx}; got {vol.shape}."
+        )
     known = {v for s in segs for v in s.values} | {0}
     found = set(np.unique(vol).tolist())
     if found - known:
-        raise ConversionError(f"label values must be declared in the dataset labels; case {case_id!r} has "
-                              f"undeclared value(s) {sorted(found - known)}.")
+        raise ConversionError(
+            f"label values must be declared in the dataset labels; case {case_id!r} has "
+            f"undeclared value(s) {sorted(found - known)}."
+        )
     if any(len(s.values) > 1 for s in segs) or any(s.number != s.values[0] for s in segs):
         return np.stack([np.isin(vol, s.values) for s in segs], axis=-1).astype(np.uint8)
     return vol.astype(np.uint8 if vol.max(initial=0) < 256 else np.uint16)
 
 
-def write_dicom_seg(label: Any, geometry: Geometry, reference: Mapping[str, Any] | None, path: str | Path, *,
-                    labels: Mapping[str, Any], case_id: str, regions_class_order: Sequence[int] | None = None,
-                    model_name: str | None = None, series_description: str | None = None,
-                    series_number: int = 300) -> Path:
+def write_dicom_seg(
+    label: Any,
+    geometry: Geometry,
+    reference: Mapping[str, Any] | None,
+    path: str | Path,
+    *,
+    labels: Mapping[str, Any],
+    case_id: str,
+    regions_class_order: Sequence[int] | None = None,
+    model_name: str | None = None,
+    series_description: str | None = None,
+    series_number: int = 300,
+) -> Path:
     """Write ``label`` (Z, Y, X; numpy or dask) as one BINARY DICOM SEG file at ``path``.
 
     ``reference`` is the source record of the case (:func:`dicom_reference` of its attributes;
@@ -241,21 +284,35 @@ def write_dicom_seg(label: Any, geometry: Geometry, reference: Mapping[str, Any]
         raise ConversionError(
             f"a DICOM SEG can only be written for a case converted from a DICOM series; case {case_id!r} was "
             f"not (no DICOM source record in its attributes). Export it as NIfTI (--file-ending .nii.gz), or "
-            f"convert the case from its DICOM files.")
+            f"convert the case from its DICOM files."
+        )
     _check_grid(geometry, reference, case_id)
     segs = _segments(labels, regions_class_order, case_id)
     if not segs:
-        raise ConversionError(f"a DICOM SEG needs at least one foreground class; the dataset labels {dict(labels)} "
-                              f"have none (case {case_id!r}).")
+        raise ConversionError(
+            f"a DICOM SEG needs at least one foreground class; the dataset labels {dict(labels)} "
+            f"have none (case {case_id!r})."
+        )
     pixels = _pixels(label, geometry, segs, case_id)
     algo = hd.AlgorithmIdentificationSequence(
-        name=model_name or "voxflow", family=codes.cid7162.ArtificialIntelligence,
-        version=voxflow.__version__, source="voxflow")
-    descriptions = [hd.seg.SegmentDescription(
-        segment_number=s.number, segment_label=s.name[:64],
-        segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Tissue,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo,
-        tracking_uid=hd.UID(), tracking_id=s.name[:64]) for s in segs]
+        name=model_name or "voxflow",
+        family=codes.cid7162.ArtificialIntelligence,
+        version=voxflow.__version__,
+        source="voxflow",
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=s.number,
+            segment_label=s.name[:64],
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo,
+            tracking_uid=hd.UID(),
+            tracking_id=s.name[:64],
+        )
+        for s in segs
+    ]
     sources = _source_datasets(reference, case_id)
     with warnings.catch_warnings():  # the source's own patient name form is not ours to fix
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
@@ -270,18 +327,36 @@ def write_dicom_seg(label: Any, geometry: Geometry, reference: Mapping[str, Any]
     return out
 
 
-def _segmentation(hd: Any, sources: list[Any], pixels: np.ndarray, descriptions: list[Any], model_name: str | None,
-                  case_id: str, series_description: str | None, series_number: int) -> Any:
+def _segmentation(
+    hd: Any,
+    sources: list[Any],
+    pixels: np.ndarray,
+    descriptions: list[Any],
+    model_name: str | None,
+    case_id: str,
+    series_description: str | None,
+    series_number: int,
+) -> Any:
     import voxflow
 
     return hd.seg.Segmentation(
-        source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=series_number,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="voxflow",
-        manufacturer_model_name=(model_name or "voxflow")[:64], software_versions=voxflow.__version__,
-        device_serial_number="0", content_label="VOXFLOW", omit_empty_frames=False,
+        source_images=sources,
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="voxflow",
+        manufacturer_model_name=(model_name or "voxflow")[:64],
+        software_versions=voxflow.__version__,
+        device_serial_number="0",
+        content_label="VOXFLOW",
+        omit_empty_frames=False,
         content_description=(series_description or f"voxflow segmentation of {case_id}")[:64],
-        series_description=(series_description or f"voxflow {model_name or 'segmentation'}")[:64])
+        series_description=(series_description or f"voxflow {model_name or 'segmentation'}")[:64],
+    )
 
 
 # ---------------------------------------------------------------------- from a store
@@ -298,13 +373,26 @@ def _model_name(attrs: Mapping[str, Any]) -> str | None:
     return "+".join(str(c) for c in configs) if isinstance(configs, list) and configs else None
 
 
-def write_case_seg(store: Any, case_id: str, path: Path, *, array: str = "label", reference_store: Any | None = None,
-                   model_name: str | None = None) -> Path:
+def write_case_seg(
+    store: Any,
+    case_id: str,
+    path: Path,
+    *,
+    array: str = "label",
+    reference_store: Any | None = None,
+    model_name: str | None = None,
+) -> Path:
     """Write ``array`` of a store's case as a DICOM SEG (see :func:`write_dicom_seg`); the model name
     defaults to the configurations a prediction store records."""
     attrs = store.case_attrs(case_id)
     meta = store.meta
-    return write_dicom_seg(store.zarr_array(case_id, array)[...], store.geometry(case_id),
-                           case_reference(store, case_id, reference_store), path, labels=meta.labels,
-                           regions_class_order=meta.regions_class_order, case_id=case_id,
-                           model_name=model_name or _model_name(attrs))
+    return write_dicom_seg(
+        store.zarr_array(case_id, array)[...],
+        store.geometry(case_id),
+        case_reference(store, case_id, reference_store),
+        path,
+        labels=meta.labels,
+        regions_class_order=meta.regions_class_order,
+        case_id=case_id,
+        model_name=model_name or _model_name(attrs),
+    )

@@ -68,22 +68,32 @@ def read_seg_header(path: Path) -> SegHeader:
         ident = _seq_item(item, "SegmentIdentificationSequence") or _seq_item(shared, "SegmentIdentificationSequence")
         pos = _seq_item(item, "PlanePositionSequence") or _seq_item(shared, "PlanePositionSequence")
         if ident is None or pos is None:
-            raise ConversionError(f"every frame of a DICOM SEG must name its segment and plane position; frame {i + 1} "
-                                  f"of {str(path)!r} does not. The SEG cannot be placed on its image series.")
+            raise ConversionError(
+                f"every frame of a DICOM SEG must name its segment and plane position; frame {i + 1} "
+                f"of {str(path)!r} does not. The SEG cannot be placed on its image series."
+            )
         x, y, z = (float(v) for v in pos.ImagePositionPatient)
         frames.append((int(ident.ReferencedSegmentNumber), (x, y, z)))
     measures = _seq_item(item, "PixelMeasuresSequence") if frames else None
     measures = measures or _seq_item(shared, "PixelMeasuresSequence")
     orient = _seq_item(shared, "PlaneOrientationSequence") or (
-        _seq_item(item, "PlaneOrientationSequence") if frames else None)
+        _seq_item(item, "PlaneOrientationSequence") if frames else None
+    )
     return SegHeader(
-        path=path, series_uid=str(ds.get("SeriesInstanceUID", "")),
+        path=path,
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
         referenced_series=tuple(str(s.SeriesInstanceUID) for s in ds.get("ReferencedSeriesSequence", [])),
-        frame_of_reference=str(ds.get("FrameOfReferenceUID", "")), rows=int(ds.Rows), columns=int(ds.Columns),
-        pixel_spacing=tuple(float(v) for v in measures.PixelSpacing) if measures is not None and "PixelSpacing" in measures else None,  # type: ignore[arg-type]
+        frame_of_reference=str(ds.get("FrameOfReferenceUID", "")),
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        pixel_spacing=tuple(float(v) for v in measures.PixelSpacing)
+        if measures is not None and "PixelSpacing" in measures
+        else None,  # type: ignore[arg-type]
         orientation=tuple(float(v) for v in orient.ImageOrientationPatient) if orient is not None else None,
         segments={int(s.SegmentNumber): str(s.get("SegmentLabel", "")) for s in ds.get("SegmentSequence", [])},
-        frames=tuple(frames), segmentation_type=str(ds.get("SegmentationType", "")))
+        frames=tuple(frames),
+        segmentation_type=str(ds.get("SegmentationType", "")),
+    )
 
 
 @dataclass
@@ -117,18 +127,26 @@ class SegLabel(VolumeSource):
         if h.segmentation_type not in ("BINARY", "FRACTIONAL"):
             raise ConversionError(f"a DICOM SEG must be BINARY or FRACTIONAL; got {h.segmentation_type!r} in {where}.")
         if (h.rows, h.columns) != tuple(self.image_geometry.shape_zyx[1:]):
-            raise GeometryMismatchError(f"a DICOM SEG must have its image's rows and columns; got {(h.rows, h.columns)} "
-                                        f"vs {tuple(self.image_geometry.shape_zyx[1:])} in {where}.")
+            raise GeometryMismatchError(
+                f"a DICOM SEG must have its image's rows and columns; got {(h.rows, h.columns)} "
+                f"vs {tuple(self.image_geometry.shape_zyx[1:])} in {where}."
+            )
         if h.orientation is not None and not np.allclose(h.orientation, self.image_orientation, atol=1e-4):
-            raise GeometryMismatchError(f"a DICOM SEG must share its image's ImageOrientationPatient; got "
-                                        f"{list(h.orientation)} vs {self.image_orientation.tolist()} in {where}.")
+            raise GeometryMismatchError(
+                f"a DICOM SEG must share its image's ImageOrientationPatient; got "
+                f"{list(h.orientation)} vs {self.image_orientation.tolist()} in {where}."
+            )
         if h.pixel_spacing is not None and not np.allclose(h.pixel_spacing, self.image_pixel_spacing, rtol=1e-4):
-            raise GeometryMismatchError(f"a DICOM SEG must share its image's PixelSpacing; got {list(h.pixel_spacing)} "
-                                        f"vs {self.image_pixel_spacing.tolist()} in {where}.")
+            raise GeometryMismatchError(
+                f"a DICOM SEG must share its image's PixelSpacing; got {list(h.pixel_spacing)} "
+                f"vs {self.image_pixel_spacing.tolist()} in {where}."
+            )
         unknown = sorted({n for n, _ in h.frames} - set(h.segments))
         if unknown:
-            raise ConversionError(f"every frame of a DICOM SEG must belong to a described segment; segment(s) "
-                                  f"{unknown} are not in the SegmentSequence of {where}.")
+            raise ConversionError(
+                f"every frame of a DICOM SEG must belong to a described segment; segment(s) "
+                f"{unknown} are not in the SegmentSequence of {where}."
+            )
         pos = np.asarray([p for _, p in h.frames], float).reshape(-1, 3)
         slices = np.empty(len(pos), int)
         tol = max(POS_TOL_MM, 0.01 * float(self.image_geometry.spacing_zyx[0]))
@@ -138,7 +156,8 @@ class SegLabel(VolumeSource):
             if d[k] > tol:
                 raise GeometryMismatchError(
                     f"every frame of a DICOM SEG must lie on a slice of its image series; frame {i + 1} at "
-                    f"{p.round(3).tolist()} is {d[k]:.3g} mm from the nearest slice in {where}.")
+                    f"{p.round(3).tolist()} is {d[k]:.3g} mm from the nearest slice in {where}."
+                )
             slices[i] = k
         return slices
 
@@ -165,7 +184,8 @@ class SegLabel(VolumeSource):
                         f"the segments of a DICOM SEG must not overlap to become one label map; segments {other} "
                         f"({h.segments.get(other)!r}) and {number} ({h.segments.get(number)!r}) share "
                         f"{int(clash.sum())} voxel(s) on slice {int(self._slice_of_frame[i])} of {h.describe()}. "
-                        f"Declare them as regions in the dataset labels, or fix the SEG.")
+                        f"Declare them as regions in the dataset labels, or fix the SEG."
+                    )
             plane[mask] = number
         return out[None]
 

@@ -76,11 +76,11 @@ def _streamed_header(geometry: Geometry, dtype: np.dtype, shape_zyx: Sequence[in
     if nifti:
         if struct.unpack_from("<i", raw, 0)[0] != 348 or struct.unpack_from("<h", raw, 40)[0] != 3:
             return None
-        header = bytearray(raw[:int(struct.unpack_from("<f", raw, 108)[0])])
+        header = bytearray(raw[: int(struct.unpack_from("<f", raw, 108)[0])])
         struct.pack_into("<3h", header, 42, *xyz)
         return bytes(header)
     end = raw.find(b"\n\n")
-    text = raw[:end + 2]
+    text = raw[: end + 2]
     if end < 0 or b"\nsizes: 1 1 1\n" not in text or b"\nencoding: gzip\n" not in text:
         return None
     return text.replace(b"\nsizes: 1 1 1\n", b"\nsizes: %d %d %d\n" % xyz)
@@ -102,8 +102,11 @@ def _write_streaming(arr: zarr.Array, channel: int | None, geometry: Geometry, p
         with open(part, "wb") as raw:
             if ending == ".nrrd":  # NRRD: a plain text header, then gzip-encoded voxels
                 raw.write(header)
-            data: Any = raw if ending == ".nii" else gzip.GzipFile(filename="", fileobj=raw, mode="wb",
-                                                                   compresslevel=6, mtime=0)
+            data: Any = (
+                raw
+                if ending == ".nii"
+                else gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0)
+            )
             if ending != ".nrrd":  # NIfTI: the header is part of the (.nii.gz: gzip) stream
                 data.write(header)
             for z0 in range(0, shape[0], step):
@@ -118,8 +121,15 @@ def _write_streaming(arr: zarr.Array, channel: int | None, geometry: Geometry, p
     return True
 
 
-def _write_case(store_path: str, case_id: str, array: str, out_dir: str, file_ending: str,
-                reference_store: str | None = None, model_name: str | None = None) -> list[str]:
+def _write_case(
+    store_path: str,
+    case_id: str,
+    array: str,
+    out_dir: str,
+    file_ending: str,
+    reference_store: str | None = None,
+    model_name: str | None = None,
+) -> list[str]:
     import SimpleITK as sitk
 
     store = Store.open(store_path)
@@ -148,20 +158,35 @@ def _check_seg_export(st: Store, ids: Sequence[str], array: str, reference: Stor
     """Before any work: a DICOM SEG export needs a label array and a DICOM source record per case."""
     for cid in ids:
         if case_reference(st, cid, reference) is None:
-            hint = (f"nor does case {cid!r} of the reference store {reference.path}" if reference is not None else
-                    "pass --dicom-reference with the dataset store converted from the DICOM series")
+            hint = (
+                f"nor does case {cid!r} of the reference store {reference.path}"
+                if reference is not None
+                else "pass --dicom-reference with the dataset store converted from the DICOM series"
+            )
             raise ConversionError(
                 f"a DICOM SEG can only be written for a case converted from a DICOM series; case {cid!r} in "
-                f"{st.path} has no DICOM source record ({hint}). Export it as NIfTI instead (--file-ending .nii.gz).")
+                f"{st.path} has no DICOM source record ({hint}). Export it as NIfTI instead (--file-ending .nii.gz)."
+            )
         if st.zarr_array(cid, array).ndim != 3:
-            raise ConversionError(f"a DICOM SEG holds a label (Z, Y, X); array {array!r} of case {cid!r} in "
-                                  f"{st.path} is not one. Export --array label, or choose another file ending.")
+            raise ConversionError(
+                f"a DICOM SEG holds a label (Z, Y, X); array {array!r} of case {cid!r} in "
+                f"{st.path} is not one. Export --array label, or choose another file ending."
+            )
 
 
-def export_store(store: Store | PathLikeStr, out_dir: PathLikeStr, *, case_ids: Sequence[str] | None = None,
-                 file_ending: str = ".nii.gz", array: str = "label", scheduler: str = "threads",
-                 progress: bool = True, memory_limit: str | None = None,
-                 dicom_reference: Store | PathLikeStr | None = None, model_name: str | None = None) -> list[Path]:
+def export_store(
+    store: Store | PathLikeStr,
+    out_dir: PathLikeStr,
+    *,
+    case_ids: Sequence[str] | None = None,
+    file_ending: str = ".nii.gz",
+    array: str = "label",
+    scheduler: str = "threads",
+    progress: bool = True,
+    memory_limit: str | None = None,
+    dicom_reference: Store | PathLikeStr | None = None,
+    model_name: str | None = None,
+) -> list[Path]:
     """Write ``array`` of each complete case to ``out_dir`` with the case's original geometry.
 
     Labels (Z, Y, X) become ``<case><file_ending>``; images and other (C, Z, Y, X) arrays become one
@@ -181,15 +206,20 @@ def export_store(store: Store | PathLikeStr, out_dir: PathLikeStr, *, case_ids: 
         ids = list(case_ids)
         for cid in ids:
             if not st.has_array(cid, array):
-                raise CaseNotFoundError(f"case {cid!r} in {st.path} has no {array!r} array to export; "
-                                        f"choose another --array or case.")
+                raise CaseNotFoundError(
+                    f"case {cid!r} in {st.path} has no {array!r} array to export; choose another --array or case."
+                )
             st.zarr_array(cid, array)  # raises for incomplete cases
     ref = None if dicom_reference is None else _as_store(dicom_reference)
     if file_ending.lower() == ".dcm":
         _check_seg_export(st, ids, array, ref)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [delayed(_write_case, pure=False)(str(st.path), cid, array, str(out), file_ending,
-                                              None if ref is None else str(ref.path), model_name) for cid in ids]
+    tasks = [
+        delayed(_write_case, pure=False)(
+            str(st.path), cid, array, str(out), file_ending, None if ref is None else str(ref.path), model_name
+        )
+        for cid in ids
+    ]
     with scheduler_context(scheduler, memory_limit=memory_limit):
         results = compute(*tasks, desc="export", progress=progress) if tasks else ()
     log.info("exported %s of %d case(s) to %s", array, len(ids), out)
@@ -199,8 +229,7 @@ def export_store(store: Store | PathLikeStr, out_dir: PathLikeStr, *, case_ids: 
 # ---------------------------------------------------------------------- info
 def _case_entry(st: Store, cid: str, verify: bool) -> dict[str, Any]:
     """One case of :func:`store_info`; ``problems`` maps an array (or ``(case)``) to what is wrong."""
-    entry: dict[str, Any] = {"case_id": cid, "complete": False, "shape_zyx": None, "spacing_zyx": None,
-                             "problems": {}}
+    entry: dict[str, Any] = {"case_id": cid, "complete": False, "shape_zyx": None, "spacing_zyx": None, "problems": {}}
     try:
         attrs = st.case_attrs(cid)
         g = st.case_group(cid)
@@ -208,8 +237,11 @@ def _case_entry(st: Store, cid: str, verify: bool) -> dict[str, Any]:
         entry["problems"] = {"(case)": "zarr.json is unreadable"}
         return entry
     geom = attrs.get("geometry", {})
-    entry.update(complete=bool(attrs.get("complete", False)), shape_zyx=geom.get("shape_zyx"),
-                 spacing_zyx=geom.get("spacing_zyx"))
+    entry.update(
+        complete=bool(attrs.get("complete", False)),
+        shape_zyx=geom.get("shape_zyx"),
+        spacing_zyx=geom.get("spacing_zyx"),
+    )
     for name in ("image", "label", "probs"):
         try:
             arr = g[name] if name in g else None
@@ -220,7 +252,9 @@ def _case_entry(st: Store, cid: str, verify: bool) -> dict[str, Any]:
             entry[f"{name}_dtype"] = str(arr.dtype)
             entry[f"{name}_shape"] = list(arr.shape)
             if is_checksummed(arr) and arr.nchunks_initialized != arr.nchunks:
-                entry["problems"][name] = f"{arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunk files missing"
+                entry["problems"][name] = (
+                    f"{arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunk files missing"
+                )
     if verify and entry["complete"]:
         entry["problems"].update(st.verify_case(cid))
     return entry
@@ -285,17 +319,23 @@ def format_info(info: dict[str, Any], *, max_cases: int = 50) -> str:
         shapes = np.array([c["shape_zyx"] for c in cases if c["shape_zyx"]], float)
         spac = np.array([c["spacing_zyx"] for c in cases if c["spacing_zyx"]], float)
         if len(shapes):
-            lines.append(f"shape_zyx    median {_fmt_tuple(np.median(shapes, 0), '{:.0f}')}  "
-                         f"min {_fmt_tuple(shapes.min(0), '{:.0f}')}  max {_fmt_tuple(shapes.max(0), '{:.0f}')}")
-            lines.append(f"spacing_zyx  median {_fmt_tuple(np.median(spac, 0), '{:.3g}')} mm  "
-                         f"min {_fmt_tuple(spac.min(0), '{:.3g}')}  max {_fmt_tuple(spac.max(0), '{:.3g}')}")
+            lines.append(
+                f"shape_zyx    median {_fmt_tuple(np.median(shapes, 0), '{:.0f}')}  "
+                f"min {_fmt_tuple(shapes.min(0), '{:.0f}')}  max {_fmt_tuple(shapes.max(0), '{:.0f}')}"
+            )
+            lines.append(
+                f"spacing_zyx  median {_fmt_tuple(np.median(spac, 0), '{:.3g}')} mm  "
+                f"min {_fmt_tuple(spac.min(0), '{:.3g}')}  max {_fmt_tuple(spac.max(0), '{:.3g}')}"
+            )
         w = max(len(c["case_id"]) for c in cases)
         lines.append("")
         lines.append(f"{'case':<{w}}  {'shape_zyx':<14} {'spacing_zyx (mm)':<22} {'image':<9} {'label':<7} status")
         for c in cases[:max_cases]:
-            lines.append(f"{c['case_id']:<{w}}  {_fmt_tuple(c['shape_zyx']):<14} "
-                         f"{_fmt_tuple(c['spacing_zyx'], '{:.4g}'):<22} {c.get('image_dtype', '-'):<9} "
-                         f"{c.get('label_dtype', '-'):<7} {c['status'] if c['status'] == 'ok' else c['status'].upper()}")
+            lines.append(
+                f"{c['case_id']:<{w}}  {_fmt_tuple(c['shape_zyx']):<14} "
+                f"{_fmt_tuple(c['spacing_zyx'], '{:.4g}'):<22} {c.get('image_dtype', '-'):<9} "
+                f"{c.get('label_dtype', '-'):<7} {c['status'] if c['status'] == 'ok' else c['status'].upper()}"
+            )
         if len(cases) > max_cases:
             lines.append(f"... {len(cases) - max_cases} more (use --json for all)")
     return "\n".join(lines)

@@ -33,13 +33,39 @@ from voxflow.io._dicom_seg_in import SegHeader
 from voxflow.io._volume import SitkFile, SliceStack, VolumeSource
 from voxflow.store import is_valid_case_id
 
-__all__ = ["IMAGE_SUFFIXES", "CaseSpec", "DatasetSource", "SourceFormat", "check_source", "detect_source",
-           "files_source", "load_source", "register_format", "split_suffix"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "CaseSpec",
+    "DatasetSource",
+    "SourceFormat",
+    "check_source",
+    "detect_source",
+    "files_source",
+    "load_source",
+    "register_format",
+    "split_suffix",
+]
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".tif", ".tiff", ".png", ".bmp",
-                  ".jpg", ".jpeg", ".gipl", ".gipl.gz", ".hdr", ".vtk")
+IMAGE_SUFFIXES = (
+    ".nii.gz",
+    ".nii",
+    ".nrrd",
+    ".nhdr",
+    ".mha",
+    ".mhd",
+    ".tif",
+    ".tiff",
+    ".png",
+    ".bmp",
+    ".jpg",
+    ".jpeg",
+    ".gipl",
+    ".gipl.gz",
+    ".hdr",
+    ".vtk",
+)
 _SLICE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 _IMAGE_DIRS = ("imagesTr", "images", "image", "imgs", "img")
@@ -51,7 +77,7 @@ def split_suffix(name: str) -> tuple[str, str]:
     low = name.lower()
     for suf in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
         if low.endswith(suf):
-            return name[: -len(suf)], name[len(name) - len(suf):]
+            return name[: -len(suf)], name[len(name) - len(suf) :]
     return name, ""
 
 
@@ -117,9 +143,11 @@ class SourceFormat:
 _FORMATS: dict[str, SourceFormat] = {}
 
 
-def register_format(name: str, detect: Callable[[Path], bool]) -> Callable[[Callable[[Path, str], DatasetSource]],
-                                                                          Callable[[Path, str], DatasetSource]]:
+def register_format(
+    name: str, detect: Callable[[Path], bool]
+) -> Callable[[Callable[[Path, str], DatasetSource]], Callable[[Path, str], DatasetSource]]:
     """Decorator registering ``load(path, split)`` under ``name`` (tried in registration order)."""
+
     def deco(load: Callable[[Path, str], DatasetSource]) -> Callable[[Path, str], DatasetSource]:
         _FORMATS[name] = SourceFormat(name, detect, load)
         return load
@@ -146,7 +174,8 @@ def detect_source(path: Path) -> str:
             return fmt.name
     raise ConversionError(
         f"the source must be one of {list(_FORMATS)}; could not recognise {str(path)!r}. See `voxflow convert "
-        f"--help` for the layouts voxflow reads.")
+        f"--help` for the layouts voxflow reads."
+    )
 
 
 def load_source(path: Path, *, split: str = "train", format: str | None = None) -> DatasetSource:
@@ -166,14 +195,17 @@ def check_source(src: DatasetSource, *, where: str) -> DatasetSource:
         first = case.images[0].paths[0]
         if case.case_id in seen:
             a = seen[case.case_id].images[0].paths[0]
-            raise ConversionError(f"case ids must be unique; {case.case_id!r} comes from both {str(a)!r} and "
-                                  f"{str(first)!r}. Rename or remove one of them.")
+            raise ConversionError(
+                f"case ids must be unique; {case.case_id!r} comes from both {str(a)!r} and "
+                f"{str(first)!r}. Rename or remove one of them."
+            )
         if not is_valid_case_id(case.case_id):
             fixed = re.sub(r"[^A-Za-z0-9._-]+", "_", first.name).lstrip("._-")
             raise ConversionError(
                 f"case ids (from file names) must start with a letter or digit and use only letters, digits, "
                 f"'.', '_' and '-'; got {case.case_id!r} from {str(first)!r}. Rename the file (e.g. to "
-                f"{fixed!r}).")
+                f"{fixed!r})."
+            )
         seen[case.case_id] = case
     if not src.cases:
         raise ConversionError(f"a source must hold at least one case; found none in {where!r} ({src.format}).")
@@ -192,8 +224,7 @@ def _shown(p: Path, where: Path | None) -> str:
     return p.name if where is not None and p.parent == where else str(p)
 
 
-def _group_channels(files: list[Path], n_channels: int | None,
-                    where: Path | None) -> dict[str, list[Path | None]]:
+def _group_channels(files: list[Path], n_channels: int | None, where: Path | None) -> dict[str, list[Path | None]]:
     """``CASE_XXXX.ext`` files -> {case: [channel 0 path, channel 1 path, ...]} (None where missing)."""
     cases: dict[str, dict[int, Path]] = {}
     in_where = f" in {str(where)!r}" if where is not None else ""
@@ -201,14 +232,17 @@ def _group_channels(files: list[Path], n_channels: int | None,
         stem, _ = split_suffix(p.name)
         m = _CHANNEL.match(stem)
         if not m:
-            raise ConversionError(f"image files must be named CASE_XXXX<ending> (XXXX = channel); got "
-                                  f"{_shown(p, where)!r}{in_where}.")
+            raise ConversionError(
+                f"image files must be named CASE_XXXX<ending> (XXXX = channel); got {_shown(p, where)!r}{in_where}."
+            )
         chans = cases.setdefault(m["case"], {})
         ch = int(m["ch"])
         if ch in chans:
-            raise ConversionError(f"case ids must be unique; channel {ch} of case {m['case']!r} is both "
-                                  f"{_shown(chans[ch], where)!r} and {_shown(p, where)!r}{in_where}. "
-                                  f"Rename or remove one of them.")
+            raise ConversionError(
+                f"case ids must be unique; channel {ch} of case {m['case']!r} is both "
+                f"{_shown(chans[ch], where)!r} and {_shown(p, where)!r}{in_where}. "
+                f"Rename or remove one of them."
+            )
         chans[ch] = p
     n = n_channels or max((max(c) + 1 for c in cases.values()), default=1)
     return {cid: [chans.get(i) for i in range(n)] for cid, chans in sorted(cases.items())}
@@ -222,32 +256,42 @@ def _files_by_stem(folder: Path | None, files: Sequence[Path] | None = None) -> 
     for p in files:
         stem = split_suffix(p.name)[0]
         if stem in out:
-            raise ConversionError(f"case ids must be unique; {_shown(out[stem], folder)!r} and "
-                                  f"{_shown(p, folder)!r}{in_where} name the same case. Remove one of them.")
+            raise ConversionError(
+                f"case ids must be unique; {_shown(out[stem], folder)!r} and "
+                f"{_shown(p, folder)!r}{in_where} name the same case. Remove one of them."
+            )
         out[stem] = p
     return out
 
 
 def _missing_ref(path: Path, channel: int, names: Sequence[str] | None = None) -> VolumeRef:
     """A channel file that is not there: opening it raises an error saying what to add."""
+
     def _open(cid: str) -> VolumeSource:
         name = f" ({names[channel]!r})" if names and channel < len(names) else ""
-        fix = ("remove it from 'channel_names' in dataset.json" if names else
-               "rename the files so that channels are numbered from _0000 without gaps")
+        fix = (
+            "remove it from 'channel_names' in dataset.json"
+            if names
+            else "rename the files so that channels are numbered from _0000 without gaps"
+        )
         raise ConversionError(
             f"every case needs one file per channel; channel {channel}{name} of case {cid!r} must be "
             f"{path.name!r}, and {str(path)!r} is missing for case {cid!r}. Add the file, move the case out, "
-            f"or, if the dataset has no channel {channel}, {fix}.")
+            f"or, if the dataset has no channel {channel}, {fix}."
+        )
 
     return VolumeRef((path,), _open)
 
 
-def _channel_refs(cid: str, paths: Sequence[Path | None], folder: Path,
-                  names: Sequence[str] | None = None) -> tuple[VolumeRef, ...]:
+def _channel_refs(
+    cid: str, paths: Sequence[Path | None], folder: Path, names: Sequence[str] | None = None
+) -> tuple[VolumeRef, ...]:
     """File refs of a case's channels; missing channels get a ref that explains what is expected."""
     ending = next((split_suffix(p.name)[1] for p in paths if p is not None), "")
-    return tuple(file_ref(p) if p is not None else _missing_ref(folder / f"{cid}_{i:04d}{ending}", i, names)
-                 for i, p in enumerate(paths))
+    return tuple(
+        file_ref(p) if p is not None else _missing_ref(folder / f"{cid}_{i:04d}{ending}", i, names)
+        for i, p in enumerate(paths)
+    )
 
 
 # ---------------------------------------------------------------------- nnU-Net v2
@@ -259,18 +303,22 @@ def _is_nnunet(p: Path) -> bool:
 def _warn_other_endings(folder: Path, ending: str) -> None:
     others = [p.name for p in _image_files(folder) if not p.name.endswith(ending)]
     if others:
-        warnings.warn(VoxflowWarning(
-            f"image files in {str(folder)!r} must end with the dataset's file_ending {ending!r}; skipped "
-            f"{len(others)} that do not: {others[:5]}. Convert them to {ending} or move them out of the folder."),
-            stacklevel=4)
+        warnings.warn(
+            VoxflowWarning(
+                f"image files in {str(folder)!r} must end with the dataset's file_ending {ending!r}; skipped "
+                f"{len(others)} that do not: {others[:5]}. Convert them to {ending} or move them out of the folder."
+            ),
+            stacklevel=4,
+        )
 
 
 @register_format("nnunet-v2", _is_nnunet)
 def _load_nnunet(root: Path, split: str) -> DatasetSource:
     info = parse_nnunet(root / "dataset.json", read_json(root / "dataset.json"))
     channel_names, ending = info.channel_names, info.file_ending
-    img_dir, lab_dir = (root / "imagesTr", root / "labelsTr") if split == "train" else \
-        (root / "imagesTs", root / "labelsTs")
+    img_dir, lab_dir = (
+        (root / "imagesTr", root / "labelsTr") if split == "train" else (root / "imagesTs", root / "labelsTs")
+    )
     _warn_other_endings(img_dir, ending)
     _warn_other_endings(lab_dir, ending)
     files = [p for p in _image_files(img_dir) if p.name.endswith(ending)]
@@ -280,13 +328,23 @@ def _load_nnunet(root: Path, split: str) -> DatasetSource:
         refs = _channel_refs(cid, paths, img_dir, channel_names)
         lab = lab_dir / f"{cid}{ending}"
         if split == "train" and not lab.is_file():
-            raise ConversionError(f"every training case needs a label file; {str(lab)!r} is missing for case "
-                                  f"{cid!r}. Add it or move the case to imagesTs/.")
+            raise ConversionError(
+                f"every training case needs a label file; {str(lab)!r} is missing for case "
+                f"{cid!r}. Add it or move the case to imagesTs/."
+            )
         cases.append(CaseSpec(cid, refs, file_ref(lab) if lab.is_file() else None))
     if split == "train" and info.num_training not in (None, len(cases)):
         log.warning("dataset.json says numTraining=%s but %s holds %d cases", info.num_training, img_dir, len(cases))
-    return DatasetSource("nnunet-v2", root, channel_names, dict(info.labels), cases,
-                         regions_class_order=info.regions_class_order, file_ending=ending, name=info.name)
+    return DatasetSource(
+        "nnunet-v2",
+        root,
+        channel_names,
+        dict(info.labels),
+        cases,
+        regions_class_order=info.regions_class_order,
+        file_ending=ending,
+        name=info.name,
+    )
 
 
 # ---------------------------------------------------------------------- MSD
@@ -306,8 +364,9 @@ def _load_msd(root: Path, split: str) -> DatasetSource:
         cid = split_suffix(img.name)[0]
         lab = (root / lab_rel).resolve() if lab_rel else None
         cases.append(CaseSpec(cid, (file_ref(img),), file_ref(lab) if lab else None))
-    return DatasetSource("msd", root, info.channel_names, dict(info.labels), cases, file_ending=".nii.gz",
-                         name=info.name)
+    return DatasetSource(
+        "msd", root, info.channel_names, dict(info.labels), cases, file_ending=".nii.gz", name=info.name
+    )
 
 
 # ---------------------------------------------------------------------- images/ + labels/
@@ -332,8 +391,10 @@ def _load_pairs(root: Path, split: str) -> DatasetSource:
         groups = {s: [p] for s, p in _files_by_stem(img_dir).items()}
     orphans = sorted(set(labels) - set(groups))
     if orphans:
-        raise ConversionError(f"every label file needs an image of the same name; no image for "
-                              f"{labels[orphans[0]].name!r} in {str(img_dir)!r} ({len(orphans)} such labels).")
+        raise ConversionError(
+            f"every label file needs an image of the same name; no image for "
+            f"{labels[orphans[0]].name!r} in {str(img_dir)!r} ({len(orphans)} such labels)."
+        )
     n_ch = max(len(v) for v in groups.values()) if groups else 1
     cases = []
     for cid, paths in groups.items():
@@ -360,8 +421,15 @@ def _load_dicom(root: Path, split: str) -> DatasetSource:
     labels: dict[str, Any] = {}
     for v, name in sorted(names.items()):
         labels[name if name not in labels else f"{name}_{v}"] = v
-    src = DatasetSource("dicom", root, _modality_names([img for img, _ in pairs], root), labels, [],
-                        file_ending=".nii.gz", name=root.name)
+    src = DatasetSource(
+        "dicom",
+        root,
+        _modality_names([img for img, _ in pairs], root),
+        labels,
+        [],
+        file_ending=".nii.gz",
+        name=root.name,
+    )
     for cid, (img, lab) in zip(ids, pairs, strict=True):
         if isinstance(lab, SegHeader):
             src.cases.append(CaseSpec(cid, (ready_ref(img),), _seg_ref(lab, img, src)))
@@ -376,16 +444,21 @@ def _modality_names(images: Sequence[Any], root: Path) -> tuple[str, ...]:
     if len(found) == 1:
         return (found[0],)
     if len(found) > 1:
-        warnings.warn(VoxflowWarning(
-            f"the image series of a DICOM dataset should share one Modality (the channel name); {str(root)!r} "
-            f"holds {found}. The channel is named 'image', so no modality-specific normalisation is planned; "
-            f"convert each modality separately, or pass channel_names."), stacklevel=4)
+        warnings.warn(
+            VoxflowWarning(
+                f"the image series of a DICOM dataset should share one Modality (the channel name); {str(root)!r} "
+                f"holds {found}. The channel is named 'image', so no modality-specific normalisation is planned; "
+                f"convert each modality separately, or pass channel_names."
+            ),
+            stacklevel=4,
+        )
     return ("image",)
 
 
 def _seg_ref(seg: SegHeader, image: Any, src: DatasetSource) -> VolumeRef:
     """A SEG label, opened with the dataset's regions as they stand when the case is converted (the
     caller may override the labels): overlapping segments are allowed only for a region dataset."""
+
     def _open(cid: str) -> VolumeSource:
         regions = any(isinstance(v, (tuple, list)) for v in (src.labels or {}).values())
         order = tuple(src.regions_class_order or ()) if regions else None
@@ -406,8 +479,9 @@ def _load_file(path: Path, split: str) -> DatasetSource:
     stem, ending = split_suffix(path.name)
     ref = stack_ref((path,)) if _is_tiff(path) else file_ref(path)
     cid = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-") or "case"
-    return DatasetSource("file", path.parent, ("image",), None, [CaseSpec(cid, (ref,))],
-                         file_ending=ending or ".nii.gz", name=cid)
+    return DatasetSource(
+        "file", path.parent, ("image",), None, [CaseSpec(cid, (ref,))], file_ending=ending or ".nii.gz", name=cid
+    )
 
 
 def _is_2d_file(p: Path) -> bool:
@@ -448,18 +522,25 @@ def _folder_source(root: Path, files: list[Path], where: Path | None) -> Dataset
     nnunet = _nnunet_named(stems)
     if not nnunet and all(_is_2d_file(p) for p in files[:3]) and len({p.suffix.lower() for p in files}) == 1:
         files = sorted(files, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
-        return DatasetSource("image-folder", root, ("image",), None, [CaseSpec(cid, (stack_ref(tuple(files)),))],
-                             file_ending=".nii.gz", name=cid)
+        return DatasetSource(
+            "image-folder",
+            root,
+            ("image",),
+            None,
+            [CaseSpec(cid, (stack_ref(tuple(files)),))],
+            file_ending=".nii.gz",
+            name=cid,
+        )
     if nnunet:
         groups = _group_channels(files, None, where)
     else:
         groups = {s: [p] for s, p in _files_by_stem(where, files).items()}
     n_ch = max(len(v) for v in groups.values())
-    cases = [CaseSpec(c, _channel_refs(c, paths, paths[0].parent if paths[0] else root))
-             for c, paths in groups.items()]
+    cases = [CaseSpec(c, _channel_refs(c, paths, paths[0].parent if paths[0] else root)) for c, paths in groups.items()]
     names = ("image",) if n_ch == 1 else tuple(f"channel_{i}" for i in range(n_ch))
-    return DatasetSource("image-folder", root, names, None, cases, file_ending=split_suffix(files[0].name)[1],
-                         name=root.name)
+    return DatasetSource(
+        "image-folder", root, names, None, cases, file_ending=split_suffix(files[0].name)[1], name=root.name
+    )
 
 
 def files_source(files: Sequence[Path]) -> DatasetSource:
@@ -479,7 +560,8 @@ def files_source(files: Sequence[Path]) -> DatasetSource:
         if p.name in by_name:
             raise ConversionError(
                 f"input files must map to distinct cases; {str(by_name[p.name])!r} and {str(p)!r} have the same "
-                f"name, so both would be case {split_suffix(p.name)[0]!r}. Rename one, or predict them separately.")
+                f"name, so both would be case {split_suffix(p.name)[0]!r}. Rename one, or predict them separately."
+            )
         by_name[p.name] = p
     folders = {p.parent for p in paths}
     where = next(iter(folders)) if len(folders) == 1 else None

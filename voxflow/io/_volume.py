@@ -45,7 +45,8 @@ def read_error(path: Path | str, exc: BaseException, case: str | None = None) ->
         return ConversionError(
             f"reading an image must fit in memory; ran out of memory reading {str(path)!r}{where} ({detail}). "
             f"Lower --max-memory so that volumes stream in thinner slabs, use a streamable format "
-            f"(.nii, .mha, .nrrd, DICOM, TIFF), or run on a machine with more memory.")
+            f"(.nii, .mha, .nrrd, DICOM, TIFF), or run on a machine with more memory."
+        )
     return ConversionError(
         f"image files must be readable and complete; could not read {str(path)!r}{where} ({detail}). "
         f"Check that the file is not truncated or corrupt, or remove the case from the source."
@@ -98,9 +99,9 @@ def _nifti_promised_bytes(head: bytes) -> int | None:
             break
     else:
         return None
-    if not 1 <= dims[0] <= 7 or bitpix <= 0 or min(dims[1:1 + dims[0]]) < 0:
+    if not 1 <= dims[0] <= 7 or bitpix <= 0 or min(dims[1 : 1 + dims[0]]) < 0:
         return None
-    return max(offset, size) + int(np.prod(dims[1:1 + dims[0]], dtype=np.int64)) * int(bitpix) // 8
+    return max(offset, size) + int(np.prod(dims[1 : 1 + dims[0]], dtype=np.int64)) * int(bitpix) // 8
 
 
 def check_gzip_stream(path: Path | str, *, case: str | None = None) -> int:
@@ -122,7 +123,7 @@ def check_gzip_stream(path: Path | str, *, case: str | None = None) -> int:
                 out = d.decompress(data, _GZ_OUT)
                 total += len(out)
                 if len(head) < 540:
-                    head += out[:540 - len(head)]
+                    head += out[: 540 - len(head)]
                 data = d.unconsumed_tail
                 if d.eof:  # end of one gzip member: another may follow (concatenated gzip)
                     rest = d.unused_data or f.read(_GZ_IN)
@@ -136,13 +137,15 @@ def check_gzip_stream(path: Path | str, *, case: str | None = None) -> int:
     except (EOFError, zlib.error, OSError) as e:
         raise ConversionError(
             f"gzip-compressed image files must be complete; {str(path)!r}{where} is cut short or corrupt "
-            f"({type(e).__name__}: {e}). Copy or export it again.") from None
+            f"({type(e).__name__}: {e}). Copy or export it again."
+        ) from None
     promised = _nifti_promised_bytes(head)
     if promised is not None and total < promised:
         raise ConversionError(
             f"image files must hold every voxel their header declares; {str(path)!r}{where} decompresses to "
             f"{total} bytes but its NIfTI header promises {promised} (the file is truncated). "
-            f"Copy or export it again.")
+            f"Copy or export it again."
+        )
     return total
 
 
@@ -171,8 +174,10 @@ class SitkFile(VolumeSource):
 
         self.path = Path(self.path)
         if not self.path.is_file():
-            raise ConversionError(f"an image file must exist; {str(self.path)!r} is missing"
-                                  f"{f' for case {self.case!r}' if self.case else ''}.")
+            raise ConversionError(
+                f"an image file must exist; {str(self.path)!r} is missing"
+                f"{f' for case {self.case!r}' if self.case else ''}."
+            )
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(self.path))
         try:
@@ -212,7 +217,8 @@ class SitkFile(VolumeSource):
             raise ConversionError(
                 f"image files must be complete; {str(self.path)!r}{f' for case {self.case!r}' if self.case else ''} "
                 f"holds {have} bytes but its voxels need {self.nbytes} (the file is truncated). "
-                f"Copy or export it again.")
+                f"Copy or export it again."
+            )
 
     def read(self, z0: int, z1: int) -> np.ndarray:
         import SimpleITK as sitk
@@ -260,8 +266,9 @@ def _geometry_from_reader(reader: Any) -> Geometry:
     return geom.with_shape(shape)
 
 
-def geometry_from_sitk_values(size_xyz: Sequence[int], spacing_xyz: ArrayLike, origin_xyz: ArrayLike,
-                              direction_xyz: ArrayLike) -> Geometry:
+def geometry_from_sitk_values(
+    size_xyz: Sequence[int], spacing_xyz: ArrayLike, origin_xyz: ArrayLike, direction_xyz: ArrayLike
+) -> Geometry:
     """Geometry from SimpleITK-order values (via :meth:`Geometry.from_sitk`, the one conversion)."""
     import SimpleITK as sitk
 
@@ -351,8 +358,10 @@ class SliceStack(VolumeSource):
             slices = [self._read_file(p) for p in self.paths[z0:z1]]
             shapes = {s.shape for s in slices}
             if len(shapes) > 1 or slices[0].shape[:2] != self.geometry.shape_zyx[1:]:
-                raise ConversionError(f"all slices of a stack must have the same size; got {sorted(shapes)} in "
-                                      f"{str(self.paths[0].parent)!r}.")
+                raise ConversionError(
+                    f"all slices of a stack must have the same size; got {sorted(shapes)} in "
+                    f"{str(self.paths[0].parent)!r}."
+                )
             arr = np.stack(slices)
         arr = np.moveaxis(arr, -1, 0) if arr.ndim == 4 else arr[None]
         return arr.astype(self.dtype, copy=False)
@@ -361,7 +370,8 @@ class SliceStack(VolumeSource):
 def gzip_hint(src: VolumeSource) -> str:
     name = src.files[0]
     if name.endswith(".gz") or (Path(name).is_file() and _is_gzip(Path(name))):
-        return (" It is gzip-compressed (e.g. .nii.gz), which cannot be read in parts: decompress it "
-                "(`gunzip`, giving .nii) or convert it to .mha/.nrrd so that it streams slab by slab")
+        return (
+            " It is gzip-compressed (e.g. .nii.gz), which cannot be read in parts: decompress it "
+            "(`gunzip`, giving .nii) or convert it to .mha/.nrrd so that it streams slab by slab"
+        )
     return " This format cannot be read in parts"
-

@@ -36,18 +36,24 @@ class LabelSpec:
         labels = dict(meta.labels)
         ignore = labels.pop("ignore", None)
         if ignore is not None and not isinstance(ignore, int):
-            raise PlanError(f"the 'ignore' label must be one integer value; got {ignore!r} in dataset "
-                            f"{meta.name!r}. Fix dataset.json.")
+            raise PlanError(
+                f"the 'ignore' label must be one integer value; got {ignore!r} in dataset "
+                f"{meta.name!r}. Fix dataset.json."
+            )
         if meta.has_regions:
             regions = {k: (v if isinstance(v, tuple) else (v,)) for k, v in labels.items() if v != 0}
             return cls(len(regions), tuple(regions), tuple(regions.values()), ignore)
         values = sorted(int(v) for v in labels.values())
         if values != list(range(len(values))):
-            raise PlanError(f"label values must be consecutive integers from 0; got {values} in dataset "
-                            f"{meta.name!r}. Relabel the dataset.")
+            raise PlanError(
+                f"label values must be consecutive integers from 0; got {values} in dataset "
+                f"{meta.name!r}. Relabel the dataset."
+            )
         if ignore is not None and ignore < len(values):
-            raise PlanError(f"the 'ignore' label must be larger than every class value; got {ignore} with "
-                            f"classes {values} in dataset {meta.name!r}.")
+            raise PlanError(
+                f"the 'ignore' label must be larger than every class value; got {ignore} with "
+                f"classes {values} in dataset {meta.name!r}."
+            )
         by_value = {int(v): k for k, v in labels.items()}
         return cls(len(values), tuple(by_value[v] for v in range(1, len(values))), None, ignore)
 

@@ -47,9 +47,13 @@ def _chosen_configurations(work: Workspace) -> list[str]:
     return work.configuration_names()
 
 
-def export_model(work: PathLikeStr | Workspace, out_zip: PathLikeStr, *,
-                 configurations: Sequence[str] | None = None,
-                 folds: Sequence[str | int] | None = None) -> Path:
+def export_model(
+    work: PathLikeStr | Workspace,
+    out_zip: PathLikeStr,
+    *,
+    configurations: Sequence[str] | None = None,
+    folds: Sequence[str | int] | None = None,
+) -> Path:
     """Write ``out_zip`` holding the plan, the final checkpoints and postprocessing.
 
     ``configurations`` defaults to the best configuration(s) recorded by ``voxflow run``
@@ -112,7 +116,8 @@ def _previous_stages(work: Workspace, chosen: dict[str, list[str]]) -> dict[str,
             raise IncompleteStoreError(
                 f"the cascade stage {cfg!r} needs its first stage {prev!r} with the same folds; "
                 f"{work.configuration_dir(prev)} has no {CHECKPOINT_FINAL} for fold(s) {missing}. Train them "
-                f"(`voxflow train {work.root} -c {prev} -f K`).")
+                f"(`voxflow train {work.root} -c {prev} -f K`)."
+            )
         out[prev] = list(folds)
         todo.append((prev, folds))
     return out

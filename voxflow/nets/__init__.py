@@ -47,8 +47,7 @@ NetworkFactory = Callable[[NetworkSpec, int, int], nn.Module]
 NETWORKS: dict[str, NetworkFactory] = {}
 
 
-def register_network(name: str, *, cost: CostModel | str | None = None
-                     ) -> Callable[[NetworkFactory], NetworkFactory]:
+def register_network(name: str, *, cost: CostModel | str | None = None) -> Callable[[NetworkFactory], NetworkFactory]:
     """Decorator adding a factory ``(spec, in_channels, num_outputs) -> nn.Module`` to :data:`NETWORKS`
     and ``name`` to the architectures a plan may name (:func:`voxflow.architectures.register_architecture`).
 
@@ -108,8 +107,10 @@ def build_network(spec: NetworkSpec, in_channels: int, num_outputs: int) -> nn.M
 def deep_supervision_scales(spec: NetworkSpec) -> list[tuple[float, ...]]:
     """Per-axis scale of every output of :func:`build_network` relative to the input, full
     resolution (all 1.0) first: one entry per head (``spec.output_stages``)."""
-    return [tuple(1.0 / math.prod(st[a] for st in spec.strides[: s + 1]) for a in range(spec.spatial_dims))
-            for s in spec.output_stages]
+    return [
+        tuple(1.0 / math.prod(st[a] for st in spec.strides[: s + 1]) for a in range(spec.spatial_dims))
+        for s in spec.output_stages
+    ]
 
 
 def count_parameters(module: nn.Module, *, trainable_only: bool = True) -> int:

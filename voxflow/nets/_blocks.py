@@ -41,11 +41,13 @@ def _norm(dims: int, channels: int) -> nn.Module:
 class ConvNormAct(nn.Module):
     """One conv (bias on, as nnU-Net) → instance norm (affine) → optional LeakyReLU(0.01)."""
 
-    def __init__(self, dims: int, in_ch: int, out_ch: int, kernel: Sequence[int], stride: Sequence[int],
-                 *, act: bool = True):
+    def __init__(
+        self, dims: int, in_ch: int, out_ch: int, kernel: Sequence[int], stride: Sequence[int], *, act: bool = True
+    ):
         super().__init__()
-        self.conv = conv_cls(dims)(in_ch, out_ch, tuple(kernel), tuple(stride),
-                                   padding=tuple(k // 2 for k in kernel), bias=True)
+        self.conv = conv_cls(dims)(
+            in_ch, out_ch, tuple(kernel), tuple(stride), padding=tuple(k // 2 for k in kernel), bias=True
+        )
         self.norm = _norm(dims, out_ch)
         self.act = nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True) if act else nn.Identity()
 

@@ -29,8 +29,13 @@ __all__ = ["NestedUNet", "UNet"]
 
 
 def _encoder_stage(spec: NetworkSpec, s: int, in_ch: int, residual: bool) -> nn.Module:
-    dims, f, k, st, n = (spec.spatial_dims, spec.features_per_stage[s], spec.kernel_sizes[s],
-                         spec.strides[s], spec.n_blocks_per_stage[s])
+    dims, f, k, st, n = (
+        spec.spatial_dims,
+        spec.features_per_stage[s],
+        spec.kernel_sizes[s],
+        spec.strides[s],
+        spec.n_blocks_per_stage[s],
+    )
     if not residual:
         return StackedConvs(dims, in_ch, f, k, st, n)
     blocks = [ResidualBlock(dims, in_ch, f, k, st)]
@@ -44,8 +49,11 @@ class _Encoder(nn.Module):
     def __init__(self, spec: NetworkSpec, in_channels: int, *, residual: bool):
         super().__init__()
         f = spec.features_per_stage
-        self.stem = (ConvNormAct(spec.spatial_dims, in_channels, f[0], spec.kernel_sizes[0],
-                                 (1,) * spec.spatial_dims) if residual else nn.Identity())
+        self.stem = (
+            ConvNormAct(spec.spatial_dims, in_channels, f[0], spec.kernel_sizes[0], (1,) * spec.spatial_dims)
+            if residual
+            else nn.Identity()
+        )
         first_in = f[0] if residual else in_channels
         self.stages = nn.ModuleList(
             _encoder_stage(spec, s, first_in if s == 0 else f[s - 1], residual) for s in range(spec.n_stages)
@@ -69,8 +77,9 @@ def _up(spec: NetworkSpec, s: int) -> nn.Module:
 
 def _dec_convs(spec: NetworkSpec, s: int, in_ch: int) -> nn.Module:
     n = spec.n_conv_per_stage_decoder[spec.n_stages - 2 - s]
-    return StackedConvs(spec.spatial_dims, in_ch, spec.features_per_stage[s], spec.kernel_sizes[s],
-                        (1,) * spec.spatial_dims, n)
+    return StackedConvs(
+        spec.spatial_dims, in_ch, spec.features_per_stage[s], spec.kernel_sizes[s], (1,) * spec.spatial_dims, n
+    )
 
 
 def _head(spec: NetworkSpec, s: int, num_outputs: int) -> nn.Module:

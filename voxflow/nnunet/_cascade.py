@@ -53,22 +53,38 @@ def exclusive_labels(hits: np.ndarray) -> np.ndarray:
     return won.astype(np.float32)
 
 
-def _resize_segmentation(seg: da.Array, values: np.ndarray, n_lead: int, shape_zyx: tuple[int, ...], *,
-                         order: int, out_chunks: Sequence[int] | None) -> da.Array:
+def _resize_segmentation(
+    seg: da.Array,
+    values: np.ndarray,
+    n_lead: int,
+    shape_zyx: tuple[int, ...],
+    *,
+    order: int,
+    out_chunks: Sequence[int] | None,
+) -> da.Array:
     """Foreground one-hot of a (z, y, x) label map resized like ``resize_segmentation`` (lazy)."""
     if tuple(seg.shape) == shape_zyx or order == 0:
-        near = seg if tuple(seg.shape) == shape_zyx else resample_to_shape(seg, shape_zyx, order=0,
-                                                                           out_chunks=out_chunks)
+        near = (
+            seg if tuple(seg.shape) == shape_zyx else resample_to_shape(seg, shape_zyx, order=0, out_chunks=out_chunks)
+        )
         return da.stack([near == v for v in values[n_lead:]]).astype(np.float32)
     scores = resample_to_shape(da.stack([seg == v for v in values]), shape_zyx, order=order, out_chunks=out_chunks)
     near = resample_to_shape(seg, shape_zyx, order=0, out_chunks=out_chunks)
-    return da.map_blocks(pick_labels, scores.rechunk({0: -1}), near[None], values=values.astype(np.float32),
-                         n_lead=n_lead, dtype=np.float32, chunks=((len(values) - n_lead,), *scores.chunks[1:]),
-                         meta=np.empty((0,) * 4, dtype=np.float32))
+    return da.map_blocks(
+        pick_labels,
+        scores.rechunk({0: -1}),
+        near[None],
+        values=values.astype(np.float32),
+        n_lead=n_lead,
+        dtype=np.float32,
+        chunks=((len(values) - n_lead,), *scores.chunks[1:]),
+        meta=np.empty((0,) * 4, dtype=np.float32),
+    )
 
 
-def _along_axis(onehot: da.Array, shape_zyx: tuple[int, ...], *, order_z: int,
-                out_chunks: Sequence[int] | None) -> da.Array:
+def _along_axis(
+    onehot: da.Array, shape_zyx: tuple[int, ...], *, order_z: int, out_chunks: Sequence[int] | None
+) -> da.Array:
     """The separate axis: gather (order 0), or per-label zoom written where ``> 0.5``, larger last."""
     if tuple(onehot.shape[1:]) == shape_zyx:
         return onehot
@@ -78,10 +94,18 @@ def _along_axis(onehot: da.Array, shape_zyx: tuple[int, ...], *, order_z: int,
     return (zoomed > 0.5).rechunk({0: -1}).map_blocks(exclusive_labels, dtype=np.float32)
 
 
-def previous_stage_onehot(label: da.Array, bbox_zyx: BBox, out_shape_zyx: Sequence[int], *,
-                          labels: Sequence[int], nonzero: da.Array | None = None, order: int = 1,
-                          separate_axis: int | None = None, order_z: int = 0,
-                          out_chunks: Sequence[int] | None = None) -> da.Array:
+def previous_stage_onehot(
+    label: da.Array,
+    bbox_zyx: BBox,
+    out_shape_zyx: Sequence[int],
+    *,
+    labels: Sequence[int],
+    nonzero: da.Array | None = None,
+    order: int = 1,
+    separate_axis: int | None = None,
+    order_z: int = 0,
+    out_chunks: Sequence[int] | None = None,
+) -> da.Array:
     """(L, Z, Y, X) float32 one-hot channels of a previous stage's (Z, Y, X) label map, lazy.
 
     ``label`` and ``nonzero`` (the image's nonzero mask; None: all nonzero) lie on the case's

@@ -57,18 +57,34 @@ class NnunetTilePredictor(TilePredictor):
     network (whose ``mirror_axes_net`` are its own spatial axes) and the logits permuted back.
     """
 
-    def __init__(self, networks: Sequence[Any], *, transpose_forward: Sequence[int], mirror_axes_net: Sequence[int],
-                 spatial_dims: int, device: str = "cpu", voxel_bytes: float | None = None,
-                 divisor_zyx: Sequence[int] | None = None):
+    def __init__(
+        self,
+        networks: Sequence[Any],
+        *,
+        transpose_forward: Sequence[int],
+        mirror_axes_net: Sequence[int],
+        spatial_dims: int,
+        device: str = "cpu",
+        voxel_bytes: float | None = None,
+        divisor_zyx: Sequence[int] | None = None,
+    ):
         offset = 1 if spatial_dims == 2 else 0  # a 2-D network's axes are the last two of the permuted tile
         order = [int(a) for a in transpose_forward]
-        super().__init__(list(networks), mirror_axes=[order[int(a) + offset] for a in mirror_axes_net],
-                         activation=None, spatial_dims=spatial_dims, device=device, axis_order=order,
-                         voxel_bytes=voxel_bytes, divisor_zyx=divisor_zyx)
+        super().__init__(
+            list(networks),
+            mirror_axes=[order[int(a) + offset] for a in mirror_axes_net],
+            activation=None,
+            spatial_dims=spatial_dims,
+            device=device,
+            axis_order=order,
+            voxel_bytes=voxel_bytes,
+            divisor_zyx=divisor_zyx,
+        )
 
 
 def _activate(logits: da.Array, activation: str) -> da.Array:
     """Softmax over the class axis (0) or per-channel sigmoid, blockwise (classes in one chunk)."""
+
     def softmax(x: np.ndarray) -> np.ndarray:
         e = np.exp(x - x.max(axis=0, keepdims=True))
         return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
@@ -80,8 +96,17 @@ def _activate(logits: da.Array, activation: str) -> da.Array:
     return logits.rechunk({0: -1}).map_blocks(fn, dtype=np.float32)
 
 
-def _restore(logits: da.Array, out_chunks: tuple[int, ...], *, model: NnunetModel, cfg: Configuration,
-             geometry: Geometry, bbox: BBox, shape_crop: tuple[int, ...], activation: str) -> da.Array:
+def _restore(
+    logits: da.Array,
+    out_chunks: tuple[int, ...],
+    *,
+    model: NnunetModel,
+    cfg: Configuration,
+    geometry: Geometry,
+    bbox: BBox,
+    shape_crop: tuple[int, ...],
+    activation: str,
+) -> da.Array:
     """Logits on the preprocessed grid -> probabilities on the original grid, as nnU-Net: resample the
     logits back to the crop, activate, uncrop."""
     spec, k = model.spec, model.spec.num_outputs
@@ -89,8 +114,14 @@ def _restore(logits: da.Array, out_chunks: tuple[int, ...], *, model: NnunetMode
     if cfg.is_2d:
         target[0] = geometry.spacing_zyx[0]
     sep = separate_z_axis(target, geometry.spacing_zyx, force=spec.force_separate_z)
-    back = resample_to_shape(logits, shape_crop, order=spec.probabilities_order, separate_axis=sep,
-                             separate_order=spec.probabilities_order_z, out_chunks=out_chunks)
+    back = resample_to_shape(
+        logits,
+        shape_crop,
+        order=spec.probabilities_order,
+        separate_axis=sep,
+        separate_order=spec.probabilities_order_z,
+        out_chunks=out_chunks,
+    )
     probs = _activate(back, activation)
     full = uncrop(probs, bbox, geometry.shape_zyx, background=background_probabilities(k, activation))
     return full.rechunk((k, *out_chunks))
@@ -156,64 +187,102 @@ class NnunetPredictionModel:
 
     def check_input(self, store: Store) -> None:
         if store.meta.kind != "dataset":
-            raise NnunetModelError(f"an nnU-Net model predicts raw images (a folder, files or a converted dataset "
-                                   f"store); got a {store.meta.kind!r} store at {store.path}.")
+            raise NnunetModelError(
+                f"an nnU-Net model predicts raw images (a folder, files or a converted dataset "
+                f"store); got a {store.meta.kind!r} store at {store.path}."
+            )
 
-    def prepare(self, store: Store, case_id: str, *, out_chunks: Sequence[int],
-                previous: Mapping[str, da.Array]) -> CaseInput:
+    def prepare(
+        self, store: Store, case_id: str, *, out_chunks: Sequence[int], previous: Mapping[str, da.Array]
+    ) -> CaseInput:
         """nnU-Net's preprocessing of one case (crop, normalise, resample, skimage's clip): lazy, after
         one small compute of the value range the clip needs."""
         spec, geom = self.model.spec, store.geometry(case_id)
         cfg = case_configuration(spec, geom.spacing_zyx)
         raw = store.image(case_id, chunks=read_chunks(store, case_id))
         if raw.shape[0] != spec.num_input_channels:
-            raise NnunetModelError(f"images must have the {spec.num_input_channels} channels the nnU-Net model was "
-                                   f"trained on; got {raw.shape[0]} for case {case_id!r} "
-                                   f"{describe_case(store, case_id)}. Give one file per channel, named CASE_0000, "
-                                   f"CASE_0001, ... (nnU-Net style).")
+            raise NnunetModelError(
+                f"images must have the {spec.num_input_channels} channels the nnU-Net model was "
+                f"trained on; got {raw.shape[0]} for case {case_id!r} "
+                f"{describe_case(store, case_id)}. Give one file per channel, named CASE_0000, "
+                f"CASE_0001, ... (nnU-Net style)."
+            )
         bbox = nonzero_bbox(raw)
         norm = normalized_crop(raw, bbox, cfg)
         sep_in = cfg.resampling.separate_axis if cfg.resampling.separate_z else None
         bounds = compute(*clip_bounds(norm, sep_in), desc=f"{case_id}: value range", progress=False)
         image = resample_like_nnunet(norm, geom, cfg, bounds, out_chunks=out_chunks)
         if spec.previous_stage is not None:
-            extra = self._previous_channels(previous, case_id, geom, bbox, nonzero_mask(raw), image.shape[1:],
-                                            out_chunks)
+            extra = self._previous_channels(
+                previous, case_id, geom, bbox, nonzero_mask(raw), image.shape[1:], out_chunks
+            )
             image = da.concatenate([image, extra], axis=0)
-        restore = partial(_restore, model=self.model, cfg=cfg, geometry=geom, bbox=bbox,
-                          shape_crop=tuple(int(s) for s in norm.shape[1:]), activation=self.activation)
+        restore = partial(
+            _restore,
+            model=self.model,
+            cfg=cfg,
+            geometry=geom,
+            bbox=bbox,
+            shape_crop=tuple(int(s) for s in norm.shape[1:]),
+            activation=self.activation,
+        )
         return CaseInput(image, geom, restore)
 
-    def _previous_channels(self, previous: Mapping[str, da.Array], case_id: str, geom: Geometry, bbox: BBox,
-                           nonzero: da.Array, shape_zyx: Sequence[int], out_chunks: Sequence[int]) -> da.Array:
+    def _previous_channels(
+        self,
+        previous: Mapping[str, da.Array],
+        case_id: str,
+        geom: Geometry,
+        bbox: BBox,
+        nonzero: da.Array,
+        shape_zyx: Sequence[int],
+        out_chunks: Sequence[int],
+    ) -> da.Array:
         """The previous stage's label map of the case as one-hot channels on this model's grid (lazy)."""
         spec = self.model.spec
         stage = str(spec.previous_stage)
         if stage not in previous:
-            raise NnunetModelError(f"the cascade configuration {self.name!r} needs the {stage!r} segmentation of "
-                                   f"case {case_id!r} as input; got stages {sorted(previous)}. Predict with the "
-                                   f"cascade model folder (its previous stage runs first).")
+            raise NnunetModelError(
+                f"the cascade configuration {self.name!r} needs the {stage!r} segmentation of "
+                f"case {case_id!r} as input; got stages {sorted(previous)}. Predict with the "
+                f"cascade model folder (its previous stage runs first)."
+            )
         label = previous[stage]
         if tuple(label.shape) != tuple(geom.shape_zyx):
-            raise NnunetModelError(f"the {stage!r} segmentation of case {case_id!r} must have the case's shape "
-                                   f"{geom.shape_zyx}; got {tuple(label.shape)}.")
+            raise NnunetModelError(
+                f"the {stage!r} segmentation of case {case_id!r} must have the case's shape "
+                f"{geom.shape_zyx}; got {tuple(label.shape)}."
+            )
         target = self.model.spec.configuration.spacing_zyx
         sep = separate_z_axis(geom.spacing_zyx, target, force=spec.seg_force_separate_z)
-        return previous_stage_onehot(label, bbox, shape_zyx, labels=spec.previous_labels, nonzero=nonzero,
-                                     order=spec.seg_order,
-                                     separate_axis=sep, order_z=spec.seg_order_z, out_chunks=out_chunks)
+        return previous_stage_onehot(
+            label,
+            bbox,
+            shape_zyx,
+            labels=spec.previous_labels,
+            nonzero=nonzero,
+            order=spec.seg_order,
+            separate_axis=sep,
+            order_z=spec.seg_order_z,
+            out_chunks=out_chunks,
+        )
 
     def tile_predictor(self, *, device: str, tta: bool, amp: bool) -> TileScorer:
         from voxflow.infer import forward_bytes_per_voxel
 
         spec, cfg = self.model.spec, self.model.spec.configuration
         stride = tuple(int(s) for s in cfg.network.total_stride)
-        return NnunetTilePredictor(self.model.networks, transpose_forward=spec.transpose_forward,
-                                   mirror_axes_net=spec.mirror_axes_net if tta else (),
-                                   spatial_dims=spec.spatial_dims, device=device,
-                                   voxel_bytes=forward_bytes_per_voxel(cfg.network, cfg.patch_size_vox,
-                                                                       spec.num_input_channels, spec.num_outputs),
-                                   divisor_zyx=(1, *stride) if len(stride) == 2 else stride)
+        return NnunetTilePredictor(
+            self.model.networks,
+            transpose_forward=spec.transpose_forward,
+            mirror_axes_net=spec.mirror_axes_net if tta else (),
+            spatial_dims=spec.spatial_dims,
+            device=device,
+            voxel_bytes=forward_bytes_per_voxel(
+                cfg.network, cfg.patch_size_vox, spec.num_input_channels, spec.num_outputs
+            ),
+            divisor_zyx=(1, *stride) if len(stride) == 2 else stride,
+        )
 
 
 @dataclass(frozen=True)
@@ -226,17 +295,26 @@ class NnunetLoader:
     previous_model: Path | None = None
 
     def __call__(self, device: str) -> list[NnunetPredictionModel]:
-        model = load_nnunet_model(self.folder, folds=self.folds, checkpoint=self.checkpoint, device=device,
-                                  previous_model=self.previous_model)
+        model = load_nnunet_model(
+            self.folder, folds=self.folds, checkpoint=self.checkpoint, device=device, previous_model=self.previous_model
+        )
         return [NnunetPredictionModel(model)]
 
 
 @locked(lambda a: dir_lock_file(a["output"]), command="predict --nnunet-model")
-def predict_nnunet(source: Store | str | Path | Sequence[str | Path], output: str | Path,
-                   model: NnunetModel | str | Path, *, folds: Sequence[int | str] | None = None,
-                   checkpoint: str = "checkpoint_final.pth", previous_model: str | Path | None = None,
-                   case_ids: Sequence[str] | None = None, postprocessing: Any = "auto", options: PredictOptions | None = None,
-                   **option_values: Any) -> Store:
+def predict_nnunet(
+    source: Store | str | Path | Sequence[str | Path],
+    output: str | Path,
+    model: NnunetModel | str | Path,
+    *,
+    folds: Sequence[int | str] | None = None,
+    checkpoint: str = "checkpoint_final.pth",
+    previous_model: str | Path | None = None,
+    case_ids: Sequence[str] | None = None,
+    postprocessing: Any = "auto",
+    options: PredictOptions | None = None,
+    **option_values: Any,
+) -> Store:
     """Segment every case of ``source`` with an nnU-Net v2 model folder; write ``output/prediction.zarr``.
 
     Same inputs, options and outputs as :func:`voxflow.infer.predict` (``label`` uint8 per case in the
@@ -256,14 +334,21 @@ def predict_nnunet(source: Store | str | Path | Sequence[str | Path], output: st
     opts = PredictOptions.build(options, **option_values)
     loader = None
     if not isinstance(model, NnunetModel):
-        loader = NnunetLoader(Path(model), tuple(folds) if folds else None, checkpoint,
-                              Path(previous_model) if previous_model is not None else None)
+        loader = NnunetLoader(
+            Path(model),
+            tuple(folds) if folds else None,
+            checkpoint,
+            Path(previous_model) if previous_model is not None else None,
+        )
         models = loader(opts.devices()[0])
     else:
         if previous_model is not None:
-            raise NnunetModelError("previous_model goes with a model folder; a loaded NnunetModel brings its previous "
-                                   "stage itself (load_nnunet_model(folder, previous_model=...)).")
+            raise NnunetModelError(
+                "previous_model goes with a model folder; a loaded NnunetModel brings its previous "
+                "stage itself (load_nnunet_model(folder, previous_model=...))."
+            )
         models = [NnunetPredictionModel(model)]
     spec = resolve_postprocessing(postprocessing, [models[0].model.folder])
-    return run_prediction(source, output, models, PredictOptions.build(opts, postprocessing=spec), loader=loader,
-                          case_ids=case_ids)
+    return run_prediction(
+        source, output, models, PredictOptions.build(opts, postprocessing=spec), loader=loader, case_ids=case_ids
+    )

@@ -23,8 +23,9 @@ from voxflow.preprocess import BBox, axis_operator, crop, normalize, resample_to
 __all__ = ["clip_bounds", "clip_like_skimage", "nnunet_gaussian", "normalized_crop", "resample_like_nnunet"]
 
 
-def nnunet_gaussian(patch_size_vox: Sequence[int], *, sigma_scale: float = 1.0 / 8,
-                    value_scaling_factor: float = 10.0) -> np.ndarray:
+def nnunet_gaussian(
+    patch_size_vox: Sequence[int], *, sigma_scale: float = 1.0 / 8, value_scaling_factor: float = 10.0
+) -> np.ndarray:
     """nnU-Net's tile weights (``compute_gaussian``), float32 holding its float16 values.
 
     A unit impulse at ``p // 2`` per axis smoothed with ``sigma = p * sigma_scale`` (``mode=
@@ -54,8 +55,9 @@ def clip_bounds(normalized: da.Array, separate_axis: int | None) -> tuple[da.Arr
     return normalized.min(axis=axes), normalized.max(axis=axes)
 
 
-def clip_like_skimage(resampled: da.Array, lo: np.ndarray, hi: np.ndarray, *, n_in: int | None = None,
-                      separate_axis: int | None = None) -> da.Array:
+def clip_like_skimage(
+    resampled: da.Array, lo: np.ndarray, hi: np.ndarray, *, n_in: int | None = None, separate_axis: int | None = None
+) -> da.Array:
     """Clip resampled (C, Z, Y, X) data to the input range as skimage's ``resize`` does (lazy).
 
     ``lo``/``hi`` are (C,) per channel, or (C, n_in) per input slice along ``separate_axis``: an
@@ -72,9 +74,13 @@ def clip_like_skimage(resampled: da.Array, lo: np.ndarray, hi: np.ndarray, *, n_
     return da.clip(resampled, lo[:, src].reshape(per_slice), hi[:, src].reshape(per_slice)).astype(np.float32)
 
 
-def resample_like_nnunet(normalized: da.Array, geometry: Geometry, config: Configuration,
-                         bounds: tuple[np.ndarray, np.ndarray] | None,
-                         out_chunks: Sequence[int] | None = None) -> da.Array:
+def resample_like_nnunet(
+    normalized: da.Array,
+    geometry: Geometry,
+    config: Configuration,
+    bounds: tuple[np.ndarray, np.ndarray] | None,
+    out_chunks: Sequence[int] | None = None,
+) -> da.Array:
     """Resample a normalised crop to the configuration's spacing as nnU-Net does (lazy, float32).
 
     ``geometry`` is the *original* case geometry (its spacing); ``bounds`` from :func:`clip_bounds`
@@ -86,9 +92,16 @@ def resample_like_nnunet(normalized: da.Array, geometry: Geometry, config: Confi
         return normalized.astype(np.float32)
     res = config.resampling
     sep = res.separate_axis if res.separate_z else None
-    out = resample_to_shape(normalized, out_shape, order=res.image_order, separate_axis=sep,
-                            separate_order=res.separate_order, out_chunks=out_chunks)
+    out = resample_to_shape(
+        normalized,
+        out_shape,
+        order=res.image_order,
+        separate_axis=sep,
+        separate_order=res.separate_order,
+        out_chunks=out_chunks,
+    )
     if bounds is None or res.image_order == 0:
         return out
-    return clip_like_skimage(out, bounds[0], bounds[1], n_in=shape_in[sep] if sep is not None else None,
-                             separate_axis=sep)
+    return clip_like_skimage(
+        out, bounds[0], bounds[1], n_in=shape_in[sep] if sep is not None else None, separate_axis=sep
+    )

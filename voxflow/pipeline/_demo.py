@@ -44,12 +44,18 @@ class DemoOptions:
 
 
 def _overrides(o: DemoOptions) -> dict[str, str]:
-    return {"train.epochs": str(o.epochs), "train.iters_per_epoch": str(o.iters_per_epoch),
-            "train.val_iters": "4", "train.checkpoint_every": "4", "train.mirror_axes": "[1, 2]"}
+    return {
+        "train.epochs": str(o.epochs),
+        "train.iters_per_epoch": str(o.iters_per_epoch),
+        "train.val_iters": "4",
+        "train.checkpoint_every": "4",
+        "train.mirror_axes": "[1, 2]",
+    }
 
 
-def run_demo(work: PathLikeStr, options: DemoOptions | None = None, *,
-             report: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_demo(
+    work: PathLikeStr, options: DemoOptions | None = None, *, report: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Run the demo in ``work``; returns a summary with per-class Dice on the held-out cases."""
     from voxflow.evaluate import evaluate
     from voxflow.infer import predict
@@ -62,17 +68,33 @@ def run_demo(work: PathLikeStr, options: DemoOptions | None = None, *,
     raw = ws.root / "raw"
     if not (raw / "dataset.json").is_file():
         make_dataset(raw, kind="ct", n_cases=o.n_train, n_test_cases=o.n_test, shape_zyx=o.shape_zyx, seed=o.seed)
-        report(f"[data] synthetic CT dataset ({o.n_train} training + {o.n_test} held-out cases, "
-               f"{'x'.join(map(str, o.shape_zyx))} voxels) -> {raw}")
+        report(
+            f"[data] synthetic CT dataset ({o.n_train} training + {o.n_test} held-out cases, "
+            f"{'x'.join(map(str, o.shape_zyx))} voxels) -> {raw}"
+        )
     else:
         report(f"[data] skipped: {raw} exists")
     preset = "default" if o.device.startswith("cuda") else "cpu"
-    run_opts = RunOptions(configurations=("3d_fullres",), folds=("0",), scheduler=o.scheduler, device=o.device,
-                          preset=preset, overrides=_overrides(o), tta=o.tta)
+    run_opts = RunOptions(
+        configurations=("3d_fullres",),
+        folds=("0",),
+        scheduler=o.scheduler,
+        device=o.device,
+        preset=preset,
+        overrides=_overrides(o),
+        tta=o.tta,
+    )
     summary = run_workflow(raw, ws, run_opts, report=report)
     test_out = ws.root / "test_predictions"
-    pred = predict(raw / "imagesTs", test_out, model_dir=ws.configuration_dir("3d_fullres"), folds=[0],
-                   device=o.device, tta=o.tta, scheduler=o.scheduler)
+    pred = predict(
+        raw / "imagesTs",
+        test_out,
+        model_dir=ws.configuration_dir("3d_fullres"),
+        folds=[0],
+        device=o.device,
+        tta=o.tta,
+        scheduler=o.scheduler,
+    )
     report(f"[predict] {len(pred.case_ids())} held-out cases -> {test_out}")
     scores = evaluate(pred, raw / "labelsTs", output=test_out / "summary.json", scheduler=o.scheduler)
     labels = json.loads((raw / "dataset.json").read_text())["labels"]
@@ -80,9 +102,29 @@ def run_demo(work: PathLikeStr, options: DemoOptions | None = None, *,
     dice = {names.get(k, k): v.get("dice") for k, v in scores.mean.items()}
     png = _figure(raw, pred, ws.root / "demo_slices.png")
     wall = time.perf_counter() - t0
-    result = {"dice_held_out": dice, "cv": summary, "wall_s": round(wall, 1),
-              "prediction_store": str(pred.path), "figure": str(png), "test_predictions": str(test_out)}
+    result = {
+        "dice_held_out": dice,
+        "cv": summary,
+        "wall_s": round(wall, 1),
+        "prediction_store": str(pred.path),
+        "figure": str(png),
+        "test_predictions": str(test_out),
+    }
     (ws.root / "demo_summary.json").write_text(json.dumps(result, indent=2, default=str))
+    _report_outputs(report, dice, pred, test_out, png, ws, wall)
+    return result
+
+
+def _report_outputs(
+    report: Callable[[str], None],
+    dice: dict[str, Any],
+    pred: Any,
+    test_out: Path,
+    png: Path,
+    ws: Workspace,
+    wall: float,
+) -> None:
+    """The demo's closing lines: held-out Dice, total time and where each output is."""
     report("")
     report(f"Dice on {len(pred.case_ids())} held-out synthetic cases:")
     for name, d in dice.items():
@@ -94,9 +136,10 @@ def run_demo(work: PathLikeStr, options: DemoOptions | None = None, *,
         report(f"    {napari_command(pred, pred.case_ids()[0], image_store=test_out / '.input' / 'input.zarr')}")
     report(f"  slices figure        {png}")
     report(f"  training curves      {ws.run_dir('3d_fullres', 0) / 'progress.png'}")
-    report(f"  model                {ws.configuration_dir('3d_fullres')}   "
-           f"(package it: voxflow export-model {ws.root} -o model.zip)")
-    return result
+    report(
+        f"  model                {ws.configuration_dir('3d_fullres')}   "
+        f"(package it: voxflow export-model {ws.root} -o model.zip)"
+    )
 
 
 def napari_command(pred: Any, case_id: str, *, image_store: PathLikeStr | None = None) -> str:

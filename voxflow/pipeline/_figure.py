@@ -22,8 +22,9 @@ def pick_slices(label: np.ndarray, n: int = 3) -> list[int]:
     return [int(z) for z in picks]
 
 
-def save_comparison_png(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: PathLikeStr, *,
-                        n_slices: int = 3) -> Path:
+def save_comparison_png(
+    rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: PathLikeStr, *, n_slices: int = 3
+) -> Path:
     """Write one row per (case id, image (Z,Y,X), ground truth (Z,Y,X), prediction (Z,Y,X)).
 
     Each row shows ``n_slices`` axial slices as image | ground truth overlay | prediction overlay.

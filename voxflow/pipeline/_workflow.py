@@ -179,8 +179,16 @@ def _preprocess(work: Workspace, plan: Plan, cfg: str, opts: RunOptions, report:
             _step(report, "preprocess", f"skipped: {out} is complete ({len(done.case_ids())} cases)")
             return
     boxes = {c.case_id: c.nonzero_bbox_zyx for c in Fingerprint.load(work.fingerprint).cases}
-    run_preprocess(src, plan, cfg, out, scheduler=opts.scheduler, memory_limit=opts.memory_limit,
-                   overwrite=opts.overwrite, bboxes=boxes)
+    run_preprocess(
+        src,
+        plan,
+        cfg,
+        out,
+        scheduler=opts.scheduler,
+        memory_limit=opts.memory_limit,
+        overwrite=opts.overwrite,
+        bboxes=boxes,
+    )
     _step(report, "preprocess", f"{cfg} -> {out}")
 
 
@@ -197,15 +205,32 @@ def _train(work: Workspace, cfg: str, fold: str, opts: RunOptions, report: Repor
     if not final.is_file():
         resume = run.checkpoint_latest.is_file()
         t0 = time.perf_counter()
-        train_fold(work, cfg, _fold_arg(fold), device=opts.device, resume=resume, overrides=dict(opts.overrides),
-                   nproc=opts.nproc, num_workers=opts.num_workers, validate_cases=False)
-        _step(report, "train", f"{cfg} fold {fold} {'resumed and ' if resume else ''}trained in "
-                               f"{time.perf_counter() - t0:.0f} s -> {run.path}")
+        train_fold(
+            work,
+            cfg,
+            _fold_arg(fold),
+            device=opts.device,
+            resume=resume,
+            overrides=dict(opts.overrides),
+            nproc=opts.nproc,
+            num_workers=opts.num_workers,
+            validate_cases=False,
+        )
+        _step(
+            report,
+            "train",
+            f"{cfg} fold {fold} {'resumed and ' if resume else ''}trained in "
+            f"{time.perf_counter() - t0:.0f} s -> {run.path}",
+        )
     if fold != "all":
         t0 = time.perf_counter()
         validate_fold(work, cfg, _fold_arg(fold), device=opts.device, tta=opts.tta, scheduler=opts.scheduler)
-        _step(report, "validate", f"{cfg} fold {fold}: validation cases predicted and scored in "
-                                  f"{time.perf_counter() - t0:.0f} s -> {summary}")
+        _step(
+            report,
+            "validate",
+            f"{cfg} fold {fold}: validation cases predicted and scored in "
+            f"{time.perf_counter() - t0:.0f} s -> {summary}",
+        )
 
 
 def _fold_arg(fold: str) -> int | str:
@@ -258,18 +283,36 @@ def _ensemble_dice(work: Workspace, cfgs: Sequence[str], folds: Sequence[str], o
     for f in folds:
         _, val_ids = fold_cases(splits, _fold_arg(f), case_ids)
         run = work.fold(name, f)
-        models = [cross_validation_model(work, load_model(work.fold(c, f).checkpoint_final, device=opts.device), f)
-                  for c in cfgs]
-        pred = predict(work.dataset_store, run.validation, models=models, device=opts.device, tta=opts.tta,
-                       case_ids=val_ids, export=False, scheduler=opts.scheduler, progress=False)
-        summary = evaluate(pred, work.dataset_store, surface=False, output=run.validation_summary,
-                           scheduler=opts.scheduler)
+        models = [
+            cross_validation_model(work, load_model(work.fold(c, f).checkpoint_final, device=opts.device), f)
+            for c in cfgs
+        ]
+        pred = predict(
+            work.dataset_store,
+            run.validation,
+            models=models,
+            device=opts.device,
+            tta=opts.tta,
+            case_ids=val_ids,
+            export=False,
+            scheduler=opts.scheduler,
+            progress=False,
+        )
+        summary = evaluate(
+            pred, work.dataset_store, surface=False, output=run.validation_summary, scheduler=opts.scheduler
+        )
         per_case.extend(summary.case_dice())
     return sum(per_case) / len(per_case) if per_case else math.nan
 
 
-def find_best_configuration(work: Workspace, configurations: Sequence[str], folds: Sequence[str], *,
-                            opts: RunOptions | None = None, ensembles: bool = True) -> dict[str, Any]:
+def find_best_configuration(
+    work: Workspace,
+    configurations: Sequence[str],
+    folds: Sequence[str],
+    *,
+    opts: RunOptions | None = None,
+    ensembles: bool = True,
+) -> dict[str, Any]:
     """Rank configurations (and pairwise ensembles) by cross-validated mean foreground Dice.
 
     Single configurations use the validation predictions written at the end of each fold; a pair is
@@ -286,8 +329,12 @@ def find_best_configuration(work: Workspace, configurations: Sequence[str], fold
             candidates["+".join(pair)] = _ensemble_dice(work, pair, cv_folds, opts)
     scored = {k: v for k, v in candidates.items() if not math.isnan(v)}
     best = max(scored, key=lambda k: scored[k]) if scored else configurations[0]
-    return {"configurations": best.split("+"), "dice": scored.get(best, math.nan),
-            "candidates": {k: (None if math.isnan(v) else v) for k, v in candidates.items()}, "folds": list(folds)}
+    return {
+        "configurations": best.split("+"),
+        "dice": scored.get(best, math.nan),
+        "candidates": {k: (None if math.isnan(v) else v) for k, v in candidates.items()},
+        "folds": list(folds),
+    }
 
 
 def predict_command(work: Workspace, best: Mapping[str, Any]) -> str:
@@ -320,8 +367,9 @@ def _prepare(src: Path, work: Workspace, opts: RunOptions, report: Reporter) -> 
 
 
 @locked(_workspace_lock, command="run")
-def run_workflow(src: PathLikeStr, work: PathLikeStr | Workspace, opts: RunOptions | None = None, *,
-                 report: Reporter | None = None) -> dict[str, Any]:
+def run_workflow(
+    src: PathLikeStr, work: PathLikeStr | Workspace, opts: RunOptions | None = None, *, report: Reporter | None = None
+) -> dict[str, Any]:
     """Run every step of the workflow (see the module docstring); returns the summary dict.
 
     With ``opts.stop_after`` it returns after that step with ``{"work", "dataset", "configurations",
@@ -336,8 +384,13 @@ def run_workflow(src: PathLikeStr, work: PathLikeStr | Workspace, opts: RunOptio
     t0 = time.perf_counter()
     configs = _prepare(src, work, opts, report)
     if opts.stop_after is not None:
-        return {"work": str(work.root), "dataset": str(work.dataset_store), "configurations": configs,
-                "stopped_after": opts.stop_after, "wall_s": round(time.perf_counter() - t0, 1)}
+        return {
+            "work": str(work.root),
+            "dataset": str(work.dataset_store),
+            "configurations": configs,
+            "stopped_after": opts.stop_after,
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
     folds = [str(f) for f in opts.folds]
     for cfg in configs:
         for fold in folds:

@@ -25,16 +25,33 @@ log = logging.getLogger(__name__)
 
 @click.command("fingerprint")
 @click.argument("store", required=False, type=click.Path(file_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Fingerprint JSON to write. Default: WORK/fingerprint.json.")
-@click.option("--samples-per-case", default=10_000, show_default=True, type=click.IntRange(min=1),
-              help="Foreground voxels sampled per case for the intensity statistics.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Fingerprint JSON to write. Default: WORK/fingerprint.json.",
+)
+@click.option(
+    "--samples-per-case",
+    default=10_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Foreground voxels sampled per case for the intensity statistics.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")
 @workspace_option
 @scheduler_option
 @handle_errors
-def fingerprint(store: str | None, output: str | None, samples_per_case: int, seed: int, work: str,
-                scheduler: str, memory_limit: str | None) -> None:
+def fingerprint(
+    store: str | None,
+    output: str | None,
+    samples_per_case: int,
+    seed: int,
+    work: str,
+    scheduler: str,
+    memory_limit: str | None,
+) -> None:
     """Measure a dataset store (default WORK/dataset.zarr): shapes, spacings, crop boxes, foreground
     intensities, class counts. Bounded memory; identical on any --scheduler."""
     from voxflow.cluster import scheduler_context
@@ -49,10 +66,14 @@ def fingerprint(store: str | None, output: str | None, samples_per_case: int, se
     click.echo(f"fingerprint of {fp.n_cases} cases -> {out}")
     for st in fp.intensity:
         if st.n_samples:
-            click.echo(f"  {st.channel}: foreground mean {st.mean:.4g}, std {st.std:.4g}, "
-                       f"0.5-99.5% [{st.percentile_00_5:.4g}, {st.percentile_99_5:.4g}]")
-    click.echo(f"  median spacing (z, y, x) {tuple(round(v, 4) for v in fp.spacing.median_zyx)} mm, "
-               f"median shape after crop {tuple(int(v) for v in fp.shape_after_crop.median_zyx)}")
+            click.echo(
+                f"  {st.channel}: foreground mean {st.mean:.4g}, std {st.std:.4g}, "
+                f"0.5-99.5% [{st.percentile_00_5:.4g}, {st.percentile_99_5:.4g}]"
+            )
+    click.echo(
+        f"  median spacing (z, y, x) {tuple(round(v, 4) for v in fp.spacing.median_zyx)} mm, "
+        f"median shape after crop {tuple(int(v) for v in fp.shape_after_crop.median_zyx)}"
+    )
 
 
 def _fmt(values: object) -> str:
@@ -76,12 +97,19 @@ def format_plan(plan: Plan) -> str:
         ("kernels", [_fmt(c.network.kernel_sizes) for c in cfgs]),
         ("strides", [_fmt(c.network.strides) for c in cfgs]),
         ("architecture", [c.network.architecture for c in cfgs]),
-        ("normalisation", [", ".join(n.scheme + ("(mask)" if n.use_mask else "") for n in c.normalization)
-                           for c in cfgs]),
+        (
+            "normalisation",
+            [", ".join(n.scheme + ("(mask)" if n.use_mask else "") for n in c.normalization) for c in cfgs],
+        ),
         ("separate z", [f"axis {c.resampling.separate_axis}" if c.resampling.separate_z else "no" for c in cfgs]),
         ("est. memory (GiB)", [f"{c.estimated_memory_gb:.2f}" for c in cfgs]),
-        ("cascade", [f"prev {c.previous_stage}" if c.previous_stage else
-                     (f"next {c.next_stage}" if c.next_stage else "-") for c in cfgs]),
+        (
+            "cascade",
+            [
+                f"prev {c.previous_stage}" if c.previous_stage else (f"next {c.next_stage}" if c.next_stage else "-")
+                for c in cfgs
+            ],
+        ),
     ]
     head = ["", *[c.name for c in cfgs]]
     widths = [max(len(head[0]), *(len(r[0]) for r in rows))]
@@ -89,23 +117,40 @@ def format_plan(plan: Plan) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip([name, *vals], widths, strict=True)) for name, vals in rows]
-    title = (f"plan for {plan.dataset_name or 'dataset'}: preset {plan.preset}, "
-             f"budget {plan.gpu_memory_gb:g} GiB, channels {list(plan.channel_names)}")
+    title = (
+        f"plan for {plan.dataset_name or 'dataset'}: preset {plan.preset}, "
+        f"budget {plan.gpu_memory_gb:g} GiB, channels {list(plan.channel_names)}"
+    )
     return "\n".join([title, *lines])
 
 
 @click.command("plan")
 @click.argument("fingerprint_json", required=False, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Plans JSON to write. Default: WORK/plans.json.")
-@click.option("--gpu-memory-gb", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Training memory budget in GiB (RAM for --preset cpu). Default: the preset's (8, 24 for resenc-l, 4 for cpu).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Plans JSON to write. Default: WORK/plans.json.",
+)
+@click.option(
+    "--gpu-memory-gb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Training memory budget in GiB (RAM for --preset cpu). Default: the preset's (8, 24 for resenc-l, 4 for cpu).",
+)
 @preset_option("Network family and budget; `cpu` plans small nets that train on a laptop.")
 @set_option
 @workspace_option
 @handle_errors
-def plan(fingerprint_json: str | None, output: str | None, gpu_memory_gb: float | None, preset: str,
-         overrides: tuple[str, ...], work: str) -> None:
+def plan(
+    fingerprint_json: str | None,
+    output: str | None,
+    gpu_memory_gb: float | None,
+    preset: str,
+    overrides: tuple[str, ...],
+    work: str,
+) -> None:
     """Derive every configuration (spacing, patch, batch, topology, normalisation) from a
     fingerprint (default WORK/fingerprint.json), write plans.json and print a table.
 

@@ -46,15 +46,36 @@ CPU_FLOPS_PER_SECOND = 6.0e9
 WORKSPACE_FACTOR = 1.85
 
 
-def estimate_memory_bytes(spec: NetworkSpec, patch_size_vox: Sequence[int], batch_size: int, in_channels: int,
-                          num_outputs: int, *, amp: bool = True, workspace_factor: float = WORKSPACE_FACTOR) -> int:
+def estimate_memory_bytes(
+    spec: NetworkSpec,
+    patch_size_vox: Sequence[int],
+    batch_size: int,
+    in_channels: int,
+    num_outputs: int,
+    *,
+    amp: bool = True,
+    workspace_factor: float = WORKSPACE_FACTOR,
+) -> int:
     """Estimated peak bytes of one training iteration (see the module docstring)."""
-    return estimate_training_memory_bytes(spec, patch_size_vox, batch_size, in_channels, num_outputs,
-                                          bytes_per_element=2 if amp else 4, workspace_factor=workspace_factor)
+    return estimate_training_memory_bytes(
+        spec,
+        patch_size_vox,
+        batch_size,
+        in_channels,
+        num_outputs,
+        bytes_per_element=2 if amp else 4,
+        workspace_factor=workspace_factor,
+    )
 
 
-def estimate_iteration_seconds(spec: NetworkSpec, patch_size_vox: Sequence[int], batch_size: int,
-                               in_channels: int, num_outputs: int, *,
-                               flops_per_second: float = CPU_FLOPS_PER_SECOND) -> float:
+def estimate_iteration_seconds(
+    spec: NetworkSpec,
+    patch_size_vox: Sequence[int],
+    batch_size: int,
+    in_channels: int,
+    num_outputs: int,
+    *,
+    flops_per_second: float = CPU_FLOPS_PER_SECOND,
+) -> float:
     """Estimated seconds of one training iteration (forward, backward, step) on the reference CPU."""
     return 3.0 * batch_size * conv_flops(spec, patch_size_vox, in_channels, num_outputs) / flops_per_second

@@ -35,8 +35,9 @@ class Topology:
         return tuple(math.prod(s[a] for s in self.strides) for a in range(len(self.patch_size)))
 
 
-def pool_and_conv_props(spacing: Sequence[float], patch_size: Sequence[int], *, min_feature_map: int = 4,
-                        max_pool_per_axis: int = 999) -> Topology:
+def pool_and_conv_props(
+    spacing: Sequence[float], patch_size: Sequence[int], *, min_feature_map: int = 4, max_pool_per_axis: int = 999
+) -> Topology:
     """Topology for ``spacing`` (mm) and ``patch_size`` (voxels), both per spatial axis."""
     dim = len(spacing)
     cur_spacing = [float(s) for s in spacing]

@@ -144,13 +144,23 @@ _RESENC_BLOCKS = (1, 3, 4, 6, 6, 6)
 PRESETS: dict[str, Preset] = {
     "default": Preset(name="default"),
     "resenc-m": Preset(name="resenc-m", architecture="resenc_unet", encoder_blocks=_RESENC_BLOCKS, decoder_convs=1),
-    "resenc-l": Preset(name="resenc-l", architecture="resenc_unet", encoder_blocks=_RESENC_BLOCKS, decoder_convs=1,
-                       gpu_memory_gb=24.0),
-    "cpu": Preset(name="cpu", gpu_memory_gb=4.0, base_features=8, max_features_3d=64, base_features_2d=16,
-                  max_features_2d=128, initial_patch_edge_3d=96, initial_patch_edge_2d=256, amp=False,
-                  seconds_per_iteration=2.0, max_batch_size=2,
-                  train={"epochs": 50, "iters_per_epoch": 25, "val_iters": 5, "checkpoint_every": 10,
-                         "amp": False}),
+    "resenc-l": Preset(
+        name="resenc-l", architecture="resenc_unet", encoder_blocks=_RESENC_BLOCKS, decoder_convs=1, gpu_memory_gb=24.0
+    ),
+    "cpu": Preset(
+        name="cpu",
+        gpu_memory_gb=4.0,
+        base_features=8,
+        max_features_3d=64,
+        base_features_2d=16,
+        max_features_2d=128,
+        initial_patch_edge_3d=96,
+        initial_patch_edge_2d=256,
+        amp=False,
+        seconds_per_iteration=2.0,
+        max_batch_size=2,
+        train={"epochs": 50, "iters_per_epoch": 25, "val_iters": 5, "checkpoint_every": 10, "amp": False},
+    ),
 }
 
 
@@ -192,8 +202,16 @@ def median_shape(fp: Fingerprint, spacing_zyx: Sequence[float]) -> tuple[int, in
 
 
 # ------------------------------------------------------------------------------ normalisation, resampling
-_NAMED_SCHEMES: dict[str, NormScheme] = {"ct": "ct", "nonorm": "none", "none": "none", "no_norm": "none", "zscore": "zscore",
-                  "rescale_to_0_1": "rescale_0_1", "rgb_to_0_1": "rescale_0_1", "rescale_0_1": "rescale_0_1"}
+_NAMED_SCHEMES: dict[str, NormScheme] = {
+    "ct": "ct",
+    "nonorm": "none",
+    "none": "none",
+    "no_norm": "none",
+    "zscore": "zscore",
+    "rescale_to_0_1": "rescale_0_1",
+    "rgb_to_0_1": "rescale_0_1",
+    "rescale_0_1": "rescale_0_1",
+}
 
 
 def normalization_for(channel_name: str, stats: IntensityStats, *, use_mask: bool) -> ChannelNormalization:
@@ -201,10 +219,10 @@ def normalization_for(channel_name: str, stats: IntensityStats, *, use_mask: boo
     scheme = _NAMED_SCHEMES.get(channel_name.casefold(), "zscore")
     if scheme == "ct":
         if stats.n_samples and stats.std and stats.std > 0:
-            return ChannelNormalization(scheme="ct", mean=stats.mean, std=stats.std,
-                                        lower=stats.percentile_00_5, upper=stats.percentile_99_5)
-        log.warning("channel %r is CT but has no foreground intensity spread; using per-image z-score",
-                    channel_name)
+            return ChannelNormalization(
+                scheme="ct", mean=stats.mean, std=stats.std, lower=stats.percentile_00_5, upper=stats.percentile_99_5
+            )
+        log.warning("channel %r is CT but has no foreground intensity spread; using per-image z-score", channel_name)
         scheme = "zscore"
     return ChannelNormalization(scheme=scheme, use_mask=use_mask and scheme == "zscore")
 
@@ -213,8 +231,9 @@ def resampling_for(spacing_zyx: Sequence[float], median_spacing_zyx: Sequence[fl
     """Spline orders; separate order-0 resampling of the coarse axis for anisotropic data."""
     for sp in (spacing_zyx, median_spacing_zyx):
         if is_anisotropic(sp):
-            return ResamplingSpec(image_order=3, label_order=1, separate_z=True,
-                                  separate_axis=int(np.argmax(sp)), separate_order=0)
+            return ResamplingSpec(
+                image_order=3, label_order=1, separate_z=True, separate_axis=int(np.argmax(sp)), separate_order=0
+            )
     return ResamplingSpec(image_order=3, label_order=1)
 
 
@@ -241,10 +260,17 @@ class _Budget:
 def _network(topo: Topology, preset: Preset) -> NetworkSpec:
     n = topo.n_stages
     dims = len(topo.patch_size)
-    return NetworkSpec(architecture=preset.architecture, spatial_dims=dims, n_stages=n,
-                       features_per_stage=preset.features(n, dims), kernel_sizes=topo.kernel_sizes,
-                       strides=topo.strides, n_blocks_per_stage=preset.blocks(n),
-                       n_conv_per_stage_decoder=(preset.decoder_convs,) * (n - 1), deep_supervision=True)
+    return NetworkSpec(
+        architecture=preset.architecture,
+        spatial_dims=dims,
+        n_stages=n,
+        features_per_stage=preset.features(n, dims),
+        kernel_sizes=topo.kernel_sizes,
+        strides=topo.strides,
+        n_blocks_per_stage=preset.blocks(n),
+        n_conv_per_stage_decoder=(preset.decoder_convs,) * (n - 1),
+        deep_supervision=True,
+    )
 
 
 def _initial_patch(spacing: Sequence[float], median: Sequence[int], edge: int) -> list[int]:
@@ -289,9 +315,17 @@ def _triple_int(values: Sequence[int]) -> tuple[int, int, int]:
     return int(values[0]), int(values[1]), int(values[2])
 
 
-def plan_configuration(name: str, spacing_zyx: Sequence[float], median_shape_zyx: Sequence[int], *,
-                       spatial_dims: int, n_cases: int, budget: _Budget, normalization: Sequence[ChannelNormalization],
-                       resampling: ResamplingSpec) -> Configuration:
+def plan_configuration(
+    name: str,
+    spacing_zyx: Sequence[float],
+    median_shape_zyx: Sequence[int],
+    *,
+    spatial_dims: int,
+    n_cases: int,
+    budget: _Budget,
+    normalization: Sequence[ChannelNormalization],
+    resampling: ResamplingSpec,
+) -> Configuration:
     """Topology, patch and batch for one configuration at ``spacing_zyx`` (module docstring)."""
     sp = list(spacing_zyx)[-spatial_dims:]
     med = list(median_shape_zyx)[-spatial_dims:]
@@ -300,17 +334,27 @@ def plan_configuration(name: str, spacing_zyx: Sequence[float], median_shape_zyx
     patch_vox = float(np.prod(topo.patch_size, dtype=np.float64))
     batch = MIN_BATCH_SIZE
     cap = budget.preset.max_batch_size
-    while ((cap is None or batch < cap) and (batch + 1) * patch_vox <= MAX_DATASET_FRACTION_PER_BATCH * dataset_vox
-           and budget.fits(spec, topo.patch_size, batch + 1)):
+    while (
+        (cap is None or batch < cap)
+        and (batch + 1) * patch_vox <= MAX_DATASET_FRACTION_PER_BATCH * dataset_vox
+        and budget.fits(spec, topo.patch_size, batch + 1)
+    ):
         batch += 1
     patch3 = _triple_int(topo.patch_size if spatial_dims == 3 else (1, *topo.patch_size))
     mirror = (0, 1, 2) if spatial_dims == 3 else (1, 2)
     train = TrainSpec(mirror_axes=mirror, **budget.preset.train)
     return Configuration(
-        name=name, spacing_zyx=(float(spacing_zyx[0]), float(spacing_zyx[1]), float(spacing_zyx[2])),
+        name=name,
+        spacing_zyx=(float(spacing_zyx[0]), float(spacing_zyx[1]), float(spacing_zyx[2])),
         median_shape_vox=_triple_int(median_shape_zyx),
-        patch_size_vox=patch3, batch_size=batch, normalization=tuple(normalization), resampling=resampling,
-        network=spec, train=train, estimated_memory_gb=round(budget.memory(spec, patch3, batch) / GIB, 3))
+        patch_size_vox=patch3,
+        batch_size=batch,
+        normalization=tuple(normalization),
+        resampling=resampling,
+        network=spec,
+        train=train,
+        estimated_memory_gb=round(budget.memory(spec, patch3, batch) / GIB, 3),
+    )
 
 
 def _lowres_spacings(fullres_spacing: Sequence[float]) -> Any:
@@ -339,9 +383,15 @@ def _plan_lowres(fp: Fingerprint, fullres: Configuration, kwargs: dict[str, Any]
     return lowres
 
 
-def plan_experiment(fingerprint: Fingerprint, *, gpu_memory_gb: float | None = None, preset: str = "default",
-                    architecture: str | None = None, memory_estimator: MemoryEstimator | None = None,
-                    time_estimator: TimeEstimator = estimate_iteration_seconds) -> Plan:
+def plan_experiment(
+    fingerprint: Fingerprint,
+    *,
+    gpu_memory_gb: float | None = None,
+    preset: str = "default",
+    architecture: str | None = None,
+    memory_estimator: MemoryEstimator | None = None,
+    time_estimator: TimeEstimator = estimate_iteration_seconds,
+) -> Plan:
     """Plan every configuration for a fingerprinted dataset (pure; rules in the module docstring).
 
     Parameters
@@ -372,17 +422,22 @@ def plan_experiment(fingerprint: Fingerprint, *, gpu_memory_gb: float | None = N
         raise PlanError(f"gpu_memory_gb must be > 0; got {gpu_memory_gb!r}")
     fp = fingerprint
     num_outputs = len(fp.labels) if fp.regions_class_order is None else len(fp.labels) - 1
-    budget = _Budget(preset=pre, memory_bytes=budget_gb * GIB, in_channels=len(fp.channel_names),
-                     num_outputs=max(num_outputs, 2),
-                     memory_estimator=memory_estimator or functools.partial(estimate_memory_bytes, amp=pre.amp),
-                     time_estimator=time_estimator)
+    budget = _Budget(
+        preset=pre,
+        memory_bytes=budget_gb * GIB,
+        in_channels=len(fp.channel_names),
+        num_outputs=max(num_outputs, 2),
+        memory_estimator=memory_estimator or functools.partial(estimate_memory_bytes, amp=pre.amp),
+        time_estimator=time_estimator,
+    )
     use_mask = fp.median_fraction_kept_by_crop < 0.75
-    norm = tuple(normalization_for(ch, st, use_mask=use_mask) for ch, st in zip(fp.channel_names, fp.intensity, strict=True))
+    norm = tuple(
+        normalization_for(ch, st, use_mask=use_mask) for ch, st in zip(fp.channel_names, fp.intensity, strict=True)
+    )
     spacing = target_spacing(fp)
     med = median_shape(fp, spacing)
     resampling = resampling_for(spacing, fp.spacing.median_zyx)
-    kwargs: dict[str, Any] = {"n_cases": fp.n_cases, "budget": budget, "normalization": norm,
-                              "resampling": resampling}
+    kwargs: dict[str, Any] = {"n_cases": fp.n_cases, "budget": budget, "normalization": norm, "resampling": resampling}
     configs: dict[str, Configuration] = {}
     configs["2d"] = plan_configuration("2d", spacing, med, spatial_dims=2, **kwargs)
     if not fp.is_2d:
@@ -391,11 +446,23 @@ def plan_experiment(fingerprint: Fingerprint, *, gpu_memory_gb: float | None = N
         low = _plan_lowres(fp, full, kwargs)
         if low is not None:
             configs["3d_lowres"] = dataclasses.replace(low, next_stage="3d_cascade_fullres")
-            configs["3d_cascade_fullres"] = dataclasses.replace(full, name="3d_cascade_fullres",
-                                                                previous_stage="3d_lowres")
-    extra = {"planner": "voxflow.plan.planner", "anisotropic": is_anisotropic(spacing),
-             "median_spacing_zyx": list(fp.spacing.median_zyx), "use_nonzero_mask_for_norm": use_mask,
-             "n_cases": fp.n_cases}
-    return Plan(dataset_name=fp.dataset_name, channel_names=fp.channel_names, labels=dict(fp.labels),
-                regions_class_order=fp.regions_class_order, preset=pre.name, gpu_memory_gb=budget_gb,
-                configurations=configs, extra=extra)
+            configs["3d_cascade_fullres"] = dataclasses.replace(
+                full, name="3d_cascade_fullres", previous_stage="3d_lowres"
+            )
+    extra = {
+        "planner": "voxflow.plan.planner",
+        "anisotropic": is_anisotropic(spacing),
+        "median_spacing_zyx": list(fp.spacing.median_zyx),
+        "use_nonzero_mask_for_norm": use_mask,
+        "n_cases": fp.n_cases,
+    }
+    return Plan(
+        dataset_name=fp.dataset_name,
+        channel_names=fp.channel_names,
+        labels=dict(fp.labels),
+        regions_class_order=fp.regions_class_order,
+        preset=pre.name,
+        gpu_memory_gb=budget_gb,
+        configurations=configs,
+        extra=extra,
+    )

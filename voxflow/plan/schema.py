@@ -141,16 +141,27 @@ class NetworkSpec:
         if not isinstance(n, int) or n < 1:
             raise PlanError(f"n_stages must be a positive integer; got {n!r}")
         set_field(self, "features_per_stage", _int_tuple(self.features_per_stage, "features_per_stage", n))
-        set_field(self, "kernel_sizes", tuple(_int_tuple(k, f"kernel_sizes[{i}]", self.spatial_dims)
-                                         for i, k in enumerate(self.kernel_sizes)))
-        set_field(self, "strides", tuple(_int_tuple(s, f"strides[{i}]", self.spatial_dims)
-                                    for i, s in enumerate(self.strides)))
+        set_field(
+            self,
+            "kernel_sizes",
+            tuple(_int_tuple(k, f"kernel_sizes[{i}]", self.spatial_dims) for i, k in enumerate(self.kernel_sizes)),
+        )
+        set_field(
+            self,
+            "strides",
+            tuple(_int_tuple(s, f"strides[{i}]", self.spatial_dims) for i, s in enumerate(self.strides)),
+        )
         set_field(self, "n_blocks_per_stage", _int_tuple(self.n_blocks_per_stage, "n_blocks_per_stage", n))
-        set_field(self, "n_conv_per_stage_decoder",
-             _int_tuple(self.n_conv_per_stage_decoder, "n_conv_per_stage_decoder", max(n - 1, 0)))
+        set_field(
+            self,
+            "n_conv_per_stage_decoder",
+            _int_tuple(self.n_conv_per_stage_decoder, "n_conv_per_stage_decoder", max(n - 1, 0)),
+        )
         if len(self.kernel_sizes) != n or len(self.strides) != n:
-            raise PlanError(f"kernel_sizes and strides must have n_stages={n} entries; got "
-                            f"{len(self.kernel_sizes)} and {len(self.strides)}")
+            raise PlanError(
+                f"kernel_sizes and strides must have n_stages={n} entries; got "
+                f"{len(self.kernel_sizes)} and {len(self.strides)}"
+            )
         if any(k % 2 == 0 for ks in self.kernel_sizes for k in ks):
             raise PlanError(f"kernel_sizes must be odd; got {self.kernel_sizes!r}")
         if any(s != 1 for s in self.strides[0]):
@@ -237,15 +248,22 @@ class Configuration:
     estimated_memory_gb: float = 0.0
 
     def __post_init__(self) -> None:
-        set_field(self, "spacing_zyx", _serial.number_tuple(self.spacing_zyx, "spacing_zyx", cast=float, length=3,
-                                                            positive=True, axes="(z, y, x)"))
+        set_field(
+            self,
+            "spacing_zyx",
+            _serial.number_tuple(
+                self.spacing_zyx, "spacing_zyx", cast=float, length=3, positive=True, axes="(z, y, x)"
+            ),
+        )
         for name in ("median_shape_vox", "patch_size_vox"):
-            set_field(self, name, _serial.number_tuple(getattr(self, name), name, length=3, minimum=1,
-                                                       axes="(z, y, x)"))
+            set_field(
+                self, name, _serial.number_tuple(getattr(self, name), name, length=3, minimum=1, axes="(z, y, x)")
+            )
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise PlanError(f"batch_size must be a positive integer; got {self.batch_size!r}")
-        norm = tuple(_serial.coerce(ChannelNormalization, n, f"normalization[{i}]")
-                     for i, n in enumerate(self.normalization))
+        norm = tuple(
+            _serial.coerce(ChannelNormalization, n, f"normalization[{i}]") for i, n in enumerate(self.normalization)
+        )
         set_field(self, "normalization", norm)
         if not norm:
             raise PlanError("normalization must have one entry per channel; got none")
@@ -253,7 +271,7 @@ class Configuration:
         set_field(self, "network", _serial.coerce(NetworkSpec, self.network, "network"))
         set_field(self, "train", _serial.coerce(TrainSpec, self.train, "train"))
         net = self.network
-        spatial_patch = self.patch_size_vox[-net.spatial_dims:]
+        spatial_patch = self.patch_size_vox[-net.spatial_dims :]
         if net.spatial_dims == 2 and self.patch_size_vox[0] != 1:
             raise PlanError(f"patch_size_vox of a 2D configuration must be (1, Y, X); got {self.patch_size_vox!r}")
         bad = [(p, t) for p, t in zip(spatial_patch, net.total_stride, strict=True) if p % t]

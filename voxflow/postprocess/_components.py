@@ -97,8 +97,9 @@ def _small(a: np.ndarray, n: int) -> np.ndarray:
     return a.astype(np.uint16 if n < 2**16 else np.uint32)
 
 
-def _block_summary(block: np.ndarray, structure: np.ndarray, index: tuple[int, ...],
-                   numblocks: tuple[int, ...], sizes: bool) -> dict[str, Any]:
+def _block_summary(
+    block: np.ndarray, structure: np.ndarray, index: tuple[int, ...], numblocks: tuple[int, ...], sizes: bool
+) -> dict[str, Any]:
     """Pass 1 for one block: count, boundary planes, border labels, optional sizes."""
     lab, n = _label_block(block, structure)
     lo, hi, border = [], [], []
@@ -110,8 +111,12 @@ def _block_summary(block: np.ndarray, structure: np.ndarray, index: tuple[int, .
             border.append(np.unique(first))
         if index[ax] == numblocks[ax] - 1:
             border.append(np.unique(last))
-    out: dict[str, Any] = {"n": n, "lo": lo, "hi": hi,
-                           "border": np.unique(np.concatenate(border)) if border else np.zeros(0, np.int64)}
+    out: dict[str, Any] = {
+        "n": n,
+        "lo": lo,
+        "hi": hi,
+        "border": np.unique(np.concatenate(border)) if border else np.zeros(0, np.int64),
+    }
     if sizes:
         out["sizes"] = np.bincount(lab.ravel(), minlength=n + 1).astype(np.int64)
     return out
@@ -172,8 +177,9 @@ def _assemble_plane(summaries: np.ndarray, offsets: np.ndarray, axis: int, i: in
     return np.block(tiles.tolist()) if tiles.ndim else tiles[()]
 
 
-def _build_tables(summaries_list: list[dict[str, Any]], numblocks: tuple[int, ...],
-                  structure: np.ndarray) -> ComponentTables:
+def _build_tables(
+    summaries_list: list[dict[str, Any]], numblocks: tuple[int, ...], structure: np.ndarray
+) -> ComponentTables:
     flat = np.empty(len(summaries_list), dtype=object)
     flat[:] = summaries_list
     summaries = flat.reshape(numblocks)
@@ -190,8 +196,14 @@ def _build_tables(summaries_list: list[dict[str, Any]], numblocks: tuple[int, ..
     merged, merged_final = _merge(allp)
     # final label of a kept global label g: g minus the merged labels below it
     merged_final = merged_final - np.searchsorted(merged, merged_final)
-    tables = ComponentTables(numblocks=numblocks, offsets=offsets, counts=counts, merged=merged,
-                             merged_final=merged_final, n=total - len(merged))
+    tables = ComponentTables(
+        numblocks=numblocks,
+        offsets=offsets,
+        counts=counts,
+        merged=merged,
+        merged_final=merged_final,
+        n=total - len(merged),
+    )
     return _with_extras(tables, summaries_list)
 
 
@@ -238,16 +250,26 @@ def _check_mask(mask: da.Array) -> da.Array:
     return mask
 
 
-def _relabel(block: np.ndarray, tables: ComponentTables, structure: np.ndarray, dtype: np.dtype,
-             block_id: tuple[int, ...] | None = None) -> np.ndarray:
+def _relabel(
+    block: np.ndarray,
+    tables: ComponentTables,
+    structure: np.ndarray,
+    dtype: np.dtype,
+    block_id: tuple[int, ...] | None = None,
+) -> np.ndarray:
     assert block_id is not None  # dask's map_blocks always passes it
     lab, _ = _label_block(block, structure)
     out: np.ndarray = tables.lut(int(np.ravel_multi_index(block_id, tables.numblocks)))[lab].astype(dtype)
     return out
 
 
-def _select(block: np.ndarray, tables: ComponentTables, keep: np.ndarray, structure: np.ndarray,
-            block_id: tuple[int, ...] | None = None) -> np.ndarray:
+def _select(
+    block: np.ndarray,
+    tables: ComponentTables,
+    keep: np.ndarray,
+    structure: np.ndarray,
+    block_id: tuple[int, ...] | None = None,
+) -> np.ndarray:
     assert block_id is not None  # dask's map_blocks always passes it
     lab, _ = _label_block(block, structure)
     lut = tables.lut(int(np.ravel_multi_index(block_id, tables.numblocks)))
@@ -274,13 +296,15 @@ def label_components(mask: da.Array, *, connectivity: int = 1) -> tuple[da.Array
     structure = connectivity_structure(mask.ndim, connectivity)
     tables: ComponentTables = _tables_graph(mask, structure, sizes=False).compute()
     dtype = np.dtype(np.int32 if tables.n < 2**31 - 1 else np.int64)
-    labels = da.map_blocks(_relabel, mask, tables, structure, dtype, dtype=dtype,
-                           meta=np.empty((0,) * mask.ndim, dtype=dtype))
+    labels = da.map_blocks(
+        _relabel, mask, tables, structure, dtype, dtype=dtype, meta=np.empty((0,) * mask.ndim, dtype=dtype)
+    )
     return labels, tables.n
 
 
-def component_sizes(mask: da.Array, *, connectivity: int = 1,
-                    spacing: tuple[float, ...] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def component_sizes(
+    mask: da.Array, *, connectivity: int = 1, spacing: tuple[float, ...] | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Sizes of the components :func:`label_components` finds, without loading the volume.
 
     Returns ``(sizes_vox, sizes_mm3)`` indexed by final label (index 0 unused, 0); ``sizes_mm3`` is
@@ -328,14 +352,21 @@ class PendingFilter:
         """The lazy result, given the computed tables: one more blockwise pass over ``source``."""
         keep = _keep_array(tables, self.decide)
         mask = self.to_mask(self.source)
-        kept = da.map_blocks(_select, mask, tables, keep, self.structure, dtype=bool,
-                             meta=np.empty((0,) * mask.ndim, dtype=bool))
+        kept = da.map_blocks(
+            _select, mask, tables, keep, self.structure, dtype=bool, meta=np.empty((0,) * mask.ndim, dtype=bool)
+        )
         return self.combine(self.source, mask, kept)
 
 
-def prepare_filter(source: da.Array, to_mask: Callable[[da.Array], da.Array], decide: Decide,
-                   combine: Callable[[da.Array, da.Array, da.Array], da.Array], *, connectivity: int = 1,
-                   sizes: bool = True) -> PendingFilter:
+def prepare_filter(
+    source: da.Array,
+    to_mask: Callable[[da.Array], da.Array],
+    decide: Decide,
+    combine: Callable[[da.Array, da.Array, da.Array], da.Array],
+    *,
+    connectivity: int = 1,
+    sizes: bool = True,
+) -> PendingFilter:
     """Build (lazily) the summary pass of a filter on ``mask = to_mask(source)``; see :func:`finish_filters`."""
     mask = _check_mask(to_mask(source))
     structure = connectivity_structure(mask.ndim, connectivity)
@@ -352,16 +383,21 @@ def finish_filters(pending: Sequence[PendingFilter]) -> list[da.Array]:
     return [p.finish(t) for p, t in zip(pending, tables, strict=True)]
 
 
-def filter_components(source: da.Array, to_mask: Callable[[da.Array], da.Array], decide: Decide,
-                      combine: Callable[[da.Array, da.Array, da.Array], da.Array], *, connectivity: int = 1,
-                      sizes: bool = True) -> da.Array:
+def filter_components(
+    source: da.Array,
+    to_mask: Callable[[da.Array], da.Array],
+    decide: Decide,
+    combine: Callable[[da.Array, da.Array, da.Array], da.Array],
+    *,
+    connectivity: int = 1,
+    sizes: bool = True,
+) -> da.Array:
     """``combine(source, mask, kept)``, ``mask = to_mask(source)``, ``kept`` flagging its chosen components.
 
     The building block of the label-map operations: the summary pass over ``source`` runs now
     (streaming, one block per task), the result is lazy.
     """
-    return finish_filters([prepare_filter(source, to_mask, decide, combine, connectivity=connectivity,
-                                          sizes=sizes)])[0]
+    return finish_filters([prepare_filter(source, to_mask, decide, combine, connectivity=connectivity, sizes=sizes)])[0]
 
 
 def _keep_array(tables: ComponentTables, decide: Decide) -> np.ndarray:

@@ -124,9 +124,15 @@ def keep_largest_component(label: da.Array, target: Target = "foreground", *, co
     return finish_filters([prepare_keep_largest(label, target, connectivity=connectivity)])[0]
 
 
-def prepare_remove_small(label: da.Array, target: Target = "foreground", *, min_size_vox: float | None = None,
-                         min_size_mm3: float | None = None, spacing: Sequence[float] | None = None,
-                         connectivity: int = 1) -> PendingFilter:
+def prepare_remove_small(
+    label: da.Array,
+    target: Target = "foreground",
+    *,
+    min_size_vox: float | None = None,
+    min_size_mm3: float | None = None,
+    spacing: Sequence[float] | None = None,
+    connectivity: int = 1,
+) -> PendingFilter:
     """Lazy first half of :func:`remove_small_components`."""
     if min_size_mm3 is not None:
         if spacing is None:
@@ -134,19 +140,36 @@ def prepare_remove_small(label: da.Array, target: Target = "foreground", *, min_
         min_size_vox = float(min_size_mm3) / float(np.prod(spacing))
     if min_size_vox is None or min_size_vox < 0:
         raise PostprocessingError(f"min_size_vox must be >= 0 (or give min_size_mm3); got {min_size_vox!r}")
-    return prepare_filter(label, _TargetMask(target), _AtLeast(float(min_size_vox)), _drop_unkept,
-                          connectivity=connectivity, sizes=True)
+    return prepare_filter(
+        label, _TargetMask(target), _AtLeast(float(min_size_vox)), _drop_unkept, connectivity=connectivity, sizes=True
+    )
 
 
-def remove_small_components(label: da.Array, target: Target = "foreground", *, min_size_vox: float | None = None,
-                            min_size_mm3: float | None = None, spacing: Sequence[float] | None = None,
-                            connectivity: int = 1) -> da.Array:
+def remove_small_components(
+    label: da.Array,
+    target: Target = "foreground",
+    *,
+    min_size_vox: float | None = None,
+    min_size_mm3: float | None = None,
+    spacing: Sequence[float] | None = None,
+    connectivity: int = 1,
+) -> da.Array:
     """Set components of ``target`` smaller than a threshold to 0 (summary pass now, result lazy).
 
     Give ``min_size_vox`` (voxels), or ``min_size_mm3`` with ``spacing`` (mm per voxel, array order).
     """
-    return finish_filters([prepare_remove_small(label, target, min_size_vox=min_size_vox, min_size_mm3=min_size_mm3,
-                                                spacing=spacing, connectivity=connectivity)])[0]
+    return finish_filters(
+        [
+            prepare_remove_small(
+                label,
+                target,
+                min_size_vox=min_size_vox,
+                min_size_mm3=min_size_mm3,
+                spacing=spacing,
+                connectivity=connectivity,
+            )
+        ]
+    )[0]
 
 
 class _Outside:
@@ -176,8 +199,9 @@ def prepare_fill_holes(label: da.Array, target: int, *, connectivity: int = 1) -
         raise PostprocessingError(f"fill_holes works on one class value; got target {target!r}")
     squeeze = label.ndim == 3 and label.shape[0] == 1  # a 2D image stored as (1, Y, X): holes are in-plane
     conn = _in_plane(connectivity) if squeeze else connectivity
-    return prepare_filter(label, _Outside(target, squeeze), _enclosed, _Fill(target, squeeze), connectivity=conn,
-                          sizes=False)
+    return prepare_filter(
+        label, _Outside(target, squeeze), _enclosed, _Fill(target, squeeze), connectivity=conn, sizes=False
+    )
 
 
 def fill_holes(label: da.Array, target: int, *, connectivity: int = 1) -> da.Array:
@@ -195,8 +219,9 @@ def fill_holes_mask(mask: da.Array, *, connectivity: int = 1) -> da.Array:
     """Boolean ``mask`` with its holes filled (``scipy.ndimage.binary_fill_holes``, chunked)."""
     if mask.ndim == 3 and mask.shape[0] == 1:
         return cast(da.Array, fill_holes_mask(mask[0], connectivity=_in_plane(connectivity))[None])
-    return filter_components(mask.astype(bool), _invert, _enclosed, _or_enclosed, connectivity=connectivity,
-                             sizes=False)
+    return filter_components(
+        mask.astype(bool), _invert, _enclosed, _or_enclosed, connectivity=connectivity, sizes=False
+    )
 
 
 def _invert(mask: da.Array) -> da.Array:

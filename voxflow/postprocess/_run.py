@@ -27,9 +27,16 @@ def _is_store(path: Path) -> bool:
     return (path / "zarr.json").is_file()
 
 
-def run_postprocess(source: Store | PathLikeStr, output: PathLikeStr,
-                    spec: PostprocessingSpec | dict[str, Any] | PathLikeStr, *, scheduler: str = "threads",
-                    memory_limit: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+def run_postprocess(
+    source: Store | PathLikeStr,
+    output: PathLikeStr,
+    spec: PostprocessingSpec | dict[str, Any] | PathLikeStr,
+    *,
+    scheduler: str = "threads",
+    memory_limit: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     """Postprocess every case of ``source`` into ``output``, in parallel over cases and blocks.
 
     One dask compute per operation (its summary pass over all cases) and one for the writes.
@@ -46,8 +53,13 @@ def run_postprocess(source: Store | PathLikeStr, output: PathLikeStr,
         raise LayoutError(f"postprocess output must differ from its input; got {out} for both. Pick another path.")
     with scheduler_context(scheduler, memory_limit=memory_limit):
         if isinstance(source, Store) or _is_store(src_path):
-            _run_store(source if isinstance(source, Store) else Store.open(src_path), out, spec,
-                       overwrite=overwrite, progress=progress)
+            _run_store(
+                source if isinstance(source, Store) else Store.open(src_path),
+                out,
+                spec,
+                overwrite=overwrite,
+                progress=progress,
+            )
         else:
             _run_folder(src_path, out, spec, overwrite=overwrite, progress=progress)
     return out
@@ -64,8 +76,13 @@ def _run_store(src: Store, out: Path, spec: PostprocessingSpec, *, overwrite: bo
         attrs["postprocessing"] = spec.to_dict()
         geom = src.geometry(cid)
         dst.begin_case(cid, geometry=geom, attrs=attrs)
-        target: Any = dst.create_array(cid, "label", shape=label.shape, dtype=label.dtype,  # dask's stubs
-                                       chunks=tuple(c[0] for c in label.chunks))  # do not know zarr arrays
+        target: Any = dst.create_array(
+            cid,
+            "label",
+            shape=label.shape,
+            dtype=label.dtype,  # dask's stubs
+            chunks=tuple(c[0] for c in label.chunks),
+        )  # do not know zarr arrays
         writes.append(da.store(lazy.rechunk(target.chunks), target, lock=False, compute=False))
         done.append(cid)
     if writes:
@@ -89,11 +106,13 @@ def _run_folder(src: Path, out: Path, spec: PostprocessingSpec, *, overwrite: bo
     segs: dict[str, Segmentation] = open_segmentations(src)
     for seg in segs.values():
         if (out / Path(seg.source).name).exists() and not overwrite:
-            raise LayoutError(f"{out / Path(seg.source).name} exists; pass --overwrite to replace it or choose "
-                              f"another output folder")
+            raise LayoutError(
+                f"{out / Path(seg.source).name} exists; pass --overwrite to replace it or choose another output folder"
+            )
     out.mkdir(parents=True, exist_ok=True)
-    results = apply_postprocessing_many([s.array for s in segs.values()], spec,
-                                        spacings=[s.geometry.spacing_zyx for s in segs.values()])
+    results = apply_postprocessing_many(
+        [s.array for s in segs.values()], spec, spacings=[s.geometry.spacing_zyx for s in segs.values()]
+    )
     tasks = []
     for seg, lazy in zip(segs.values(), results, strict=True):
         name = Path(seg.source).name

@@ -88,11 +88,18 @@ def _open_all(sources: Source | Sequence[Source]) -> dict[str, Segmentation]:
     return open_segmentations(sources)  # type: ignore[arg-type]
 
 
-def determine_postprocessing(predictions: Source | Sequence[Source], references: Source, *,
-                             labels: Sequence[Any] | Mapping[str, Any] | None = None, connectivity: int = 1,
-                             candidates: Sequence[str] = ("keep_largest", "fill_holes"), min_gain: float = 0.0,
-                             output: PathLikeStr | None = None, scheduler: str = "threads",
-                             progress: bool = True) -> PostprocessingSpec:
+def determine_postprocessing(
+    predictions: Source | Sequence[Source],
+    references: Source,
+    *,
+    labels: Sequence[Any] | Mapping[str, Any] | None = None,
+    connectivity: int = 1,
+    candidates: Sequence[str] = ("keep_largest", "fill_holes"),
+    min_gain: float = 0.0,
+    output: PathLikeStr | None = None,
+    scheduler: str = "threads",
+    progress: bool = True,
+) -> PostprocessingSpec:
     """Choose postprocessing operations on cross-validation predictions (see module docstring).
 
     ``predictions`` is one store/folder or a list of them (e.g. one per fold); every case needs a
@@ -114,8 +121,9 @@ def determine_postprocessing(predictions: Source | Sequence[Source], references:
         if len(targets) > 1 and "keep_largest" in candidates:
             steps.append((Operation(op="keep_largest", target="foreground"), None))
         steps += [(op, target_key(t)) for t in targets for op in _candidates(t, candidates)]
-        bar = stage_bar(len(steps) + 1, desc=f"postprocessing selection ({len(pairs)} cases)", progress=progress,
-                        unit="trial")
+        bar = stage_bar(
+            len(steps) + 1, desc=f"postprocessing selection ({len(pairs)} cases)", progress=progress, unit="trial"
+        )
         base = mean_dice(current, refs, targets)
         baseline = dict(base)
         bar.update(1)
@@ -124,26 +132,48 @@ def determine_postprocessing(predictions: Source | Sequence[Source], references:
             after = mean_dice(trial, refs, targets)
             before_v, after_v = (_mean(base), _mean(after)) if key is None else (base[key], after[key])
             accept = _gain(after_v, before_v, min_gain)
-            trials.append({"operation": op.to_dict(), "scored_on": key or "foreground_mean",
-                           "dice_before": before_v, "dice_after": after_v, "kept": accept})
-            log.info("postprocessing trial %s: Dice %.4f -> %.4f (%s)", op.describe(), before_v, after_v,
-                     "kept" if accept else "dropped")
+            trials.append(
+                {
+                    "operation": op.to_dict(),
+                    "scored_on": key or "foreground_mean",
+                    "dice_before": before_v,
+                    "dice_after": after_v,
+                    "kept": accept,
+                }
+            )
+            log.info(
+                "postprocessing trial %s: Dice %.4f -> %.4f (%s)",
+                op.describe(),
+                before_v,
+                after_v,
+                "kept" if accept else "dropped",
+            )
             if accept:
                 kept.append(op)
                 base, current = after, trial
             bar.update(1)
         bar.close()
-    selection = {"n_cases": len(pairs), "targets": [target_key(t) for t in targets], "baseline_dice": baseline,
-                 "final_dice": base, "trials": trials}
-    spec = PostprocessingSpec(operations=tuple(kept), connectivity=connectivity,
-                              selection=_json_safe(selection))
+    selection = {
+        "n_cases": len(pairs),
+        "targets": [target_key(t) for t in targets],
+        "baseline_dice": baseline,
+        "final_dice": base,
+        "trials": trials,
+    }
+    spec = PostprocessingSpec(operations=tuple(kept), connectivity=connectivity, selection=_json_safe(selection))
     if output is not None:
         spec.save(output)
     return spec
 
 
-def determine_for_configuration(work: Workspace, configuration: str, *, folds: Sequence[int | str] | None = None,
-                                connectivity: int = 1, scheduler: str = "threads") -> PostprocessingSpec:
+def determine_for_configuration(
+    work: Workspace,
+    configuration: str,
+    *,
+    folds: Sequence[int | str] | None = None,
+    connectivity: int = 1,
+    scheduler: str = "threads",
+) -> PostprocessingSpec:
     """Choose postprocessing for a trained configuration from its folds' validation predictions.
 
     Reads ``WORK/runs/<cfg>/fold_<k>/validation/prediction.zarr`` (written by end-of-fold
@@ -159,8 +189,9 @@ def determine_for_configuration(work: Workspace, configuration: str, *, folds: S
             f"choosing postprocessing needs every fold's validation predictions; missing {missing or cfg_dir.path}. "
             f"Train the folds (end-of-fold validation writes them) or pass folds=[...]."
         )
-    return determine_postprocessing(stores, work.dataset_store, connectivity=connectivity,
-                                    output=cfg_dir.postprocessing, scheduler=scheduler)
+    return determine_postprocessing(
+        stores, work.dataset_store, connectivity=connectivity, output=cfg_dir.postprocessing, scheduler=scheduler
+    )
 
 
 def load_model_postprocessing(model_dir: PathLikeStr) -> PostprocessingSpec | None:

@@ -84,23 +84,23 @@ class PostprocessingSpec:
     selection: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        ops = tuple(_serial.coerce(Operation, o, f"operations[{i}]", error=PostprocessingError)
-                    for i, o in enumerate(self.operations))
+        ops = tuple(
+            _serial.coerce(Operation, o, f"operations[{i}]", error=PostprocessingError)
+            for i, o in enumerate(self.operations)
+        )
         _serial.set_field(self, "operations", ops)
         _serial.set_field(self, "selection", dict(self.selection))
         connectivity_structure(3, self.connectivity)  # validates
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, **_serial.to_jsonable(self),
-                "operations": [o.to_dict() for o in self.operations]}
+        return {"format": FORMAT, **_serial.to_jsonable(self), "operations": [o.to_dict() for o in self.operations]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PostprocessingSpec:
         if not isinstance(d, Mapping):
             raise PostprocessingError(f"postprocessing must be an object; got {type(d).__name__}")
         data = dict(d)
-        _serial.check_choice(data.pop("format", FORMAT), [FORMAT], "postprocessing format",
-                             error=PostprocessingError)
+        _serial.check_choice(data.pop("format", FORMAT), [FORMAT], "postprocessing format", error=PostprocessingError)
         return _serial.from_dict(cls, data, "postprocessing", error=PostprocessingError)
 
     def save(self, path: PathLikeStr) -> None:
@@ -108,8 +108,13 @@ class PostprocessingSpec:
 
     @classmethod
     def load(cls, path: PathLikeStr) -> PostprocessingSpec:
-        return _serial.load_json_file(path, cls.from_dict, what="postprocessing", error=PostprocessingError,
-                              command="voxflow postprocess SOURCE OUTPUT --determine-with REFERENCE -p FILE")
+        return _serial.load_json_file(
+            path,
+            cls.from_dict,
+            what="postprocessing",
+            error=PostprocessingError,
+            command="voxflow postprocess SOURCE OUTPUT --determine-with REFERENCE -p FILE",
+        )
 
 
 def _as_spec(spec: PostprocessingSpec | Mapping[str, Any] | PathLikeStr) -> PostprocessingSpec:
@@ -120,8 +125,9 @@ def _as_spec(spec: PostprocessingSpec | Mapping[str, Any] | PathLikeStr) -> Post
     return PostprocessingSpec.load(spec)
 
 
-def prepare_operation(label: da.Array, op: Operation, *, connectivity: int = 1,
-                      spacing: Sequence[float] | None = None) -> PendingFilter:
+def prepare_operation(
+    label: da.Array, op: Operation, *, connectivity: int = 1, spacing: Sequence[float] | None = None
+) -> PendingFilter:
     """The lazy summary pass of one operation (``spacing`` in mm per voxel, array order, for mm3)."""
     if op.op == "keep_largest":
         return prepare_keep_largest(label, op.target, connectivity=connectivity)
@@ -129,20 +135,33 @@ def prepare_operation(label: da.Array, op: Operation, *, connectivity: int = 1,
         return prepare_fill_holes(label, op.target, connectivity=connectivity)  # type: ignore[arg-type]
     if spacing is None:
         raise PostprocessingError(f"{op.describe()} needs the voxel spacing to convert mm3 to voxels")
-    return prepare_remove_small(label, op.target, min_size_mm3=op.min_size_mm3, spacing=spacing,
-                                connectivity=connectivity)
+    return prepare_remove_small(
+        label, op.target, min_size_mm3=op.min_size_mm3, spacing=spacing, connectivity=connectivity
+    )
 
 
-def apply_operation_many(labels: Sequence[da.Array], op: Operation, *, connectivity: int = 1,
-                         spacings: Sequence[Sequence[float] | None] | None = None) -> list[da.Array]:
+def apply_operation_many(
+    labels: Sequence[da.Array],
+    op: Operation,
+    *,
+    connectivity: int = 1,
+    spacings: Sequence[Sequence[float] | None] | None = None,
+) -> list[da.Array]:
     """One operation on several label maps: their summary passes in one dask call, results lazy."""
     spacings = list(spacings) if spacings is not None else [None] * len(labels)
-    pending = [prepare_operation(lab, op, connectivity=connectivity, spacing=sp) for lab, sp in zip(labels, spacings, strict=True)]
+    pending = [
+        prepare_operation(lab, op, connectivity=connectivity, spacing=sp)
+        for lab, sp in zip(labels, spacings, strict=True)
+    ]
     return finish_filters(pending)
 
 
-def apply_postprocessing_many(labels: Sequence[da.Array], spec: PostprocessingSpec | Mapping[str, Any] | PathLikeStr,
-                              *, spacings: Sequence[Sequence[float] | None] | None = None) -> list[da.Array]:
+def apply_postprocessing_many(
+    labels: Sequence[da.Array],
+    spec: PostprocessingSpec | Mapping[str, Any] | PathLikeStr,
+    *,
+    spacings: Sequence[Sequence[float] | None] | None = None,
+) -> list[da.Array]:
     """:func:`apply_postprocessing` on several label maps; one dask call per operation, over all of them."""
     spec = _as_spec(spec)
     out = list(labels)
@@ -151,8 +170,12 @@ def apply_postprocessing_many(labels: Sequence[da.Array], spec: PostprocessingSp
     return out
 
 
-def apply_postprocessing(label: da.Array, spec: PostprocessingSpec | Mapping[str, Any] | PathLikeStr, *,
-                         spacing: Sequence[float] | None = None) -> da.Array:
+def apply_postprocessing(
+    label: da.Array,
+    spec: PostprocessingSpec | Mapping[str, Any] | PathLikeStr,
+    *,
+    spacing: Sequence[float] | None = None,
+) -> da.Array:
     """Apply a postprocessing spec (object, dict or ``postprocessing.json`` path) to a label map.
 
     ``label`` is ``(Z, Y, X)`` (or ``(Y, X)``), lazy. Each operation runs its summary pass now

@@ -76,10 +76,19 @@ def _resampled_geometry(cropped: Geometry, out_shape: Sequence[int]) -> Geometry
     return cropped.with_shape(out_shape, spacing_zyx=spacing, origin_zyx=origin)
 
 
-def preprocess_case(image: da.Array, geometry: Geometry, config: Configuration, *,
-                    label: da.Array | None = None, seed: int = 0, bbox_zyx: BBox | None = None,
-                    label_values: Sequence[int] | None = None, out_chunks: Sequence[int] | None = None,
-                    max_fg_per_class: int = 10_000, case_id: str | None = None) -> PreprocessedCase:
+def preprocess_case(
+    image: da.Array,
+    geometry: Geometry,
+    config: Configuration,
+    *,
+    label: da.Array | None = None,
+    seed: int = 0,
+    bbox_zyx: BBox | None = None,
+    label_values: Sequence[int] | None = None,
+    out_chunks: Sequence[int] | None = None,
+    max_fg_per_class: int = 10_000,
+    case_id: str | None = None,
+) -> PreprocessedCase:
     """Crop to the nonzero box, normalise per channel and resample to ``config.spacing_zyx``, lazily.
 
     ``image`` is (C, Z, Y, X) on ``geometry``; ``label`` (Z, Y, X) on the same grid. The crop box
@@ -91,13 +100,16 @@ def preprocess_case(image: da.Array, geometry: Geometry, config: Configuration, 
     """
     where = f" for case {case_id!r}" if case_id else ""
     if image.ndim != 4 or tuple(image.shape[1:]) != geometry.shape_zyx:
-        raise VoxflowError(f"image must be (C, Z, Y, X) with (Z, Y, X) = geometry {geometry.shape_zyx}; "
-                           f"got {image.shape}{where}")
+        raise VoxflowError(
+            f"image must be (C, Z, Y, X) with (Z, Y, X) = geometry {geometry.shape_zyx}; got {image.shape}{where}"
+        )
     if label is not None and tuple(label.shape) != geometry.shape_zyx:
         raise VoxflowError(f"label shape must equal the image grid {geometry.shape_zyx}; got {label.shape}{where}")
     if image.shape[0] != config.n_channels:
-        raise VoxflowError(f"the plan expects {config.n_channels} channels; got {image.shape[0]}{where}. "
-                           f"Check that plans.json belongs to this dataset.")
+        raise VoxflowError(
+            f"the plan expects {config.n_channels} channels; got {image.shape[0]}{where}. "
+            f"Check that plans.json belongs to this dataset."
+        )
     bbox = nonzero_bbox(image) if bbox_zyx is None else tuple(tuple(int(v) for v in b) for b in bbox_zyx)
     cropped_geom = geometry.cropped(bbox)
     shape_crop = cropped_geom.shape_zyx
@@ -106,22 +118,32 @@ def preprocess_case(image: da.Array, geometry: Geometry, config: Configuration, 
     res = config.resampling
     sep = res.separate_axis if res.separate_z else None
     img = normalize(crop(image, bbox), config.normalization)  # type: ignore[arg-type]
-    img = resample_to_shape(img, out_shape, order=res.image_order, separate_axis=sep,
-                            separate_order=res.separate_order, out_chunks=chunks)
+    img = resample_to_shape(
+        img, out_shape, order=res.image_order, separate_axis=sep, separate_order=res.separate_order, out_chunks=chunks
+    )
     img = img.rechunk({0: img.shape[0]})
     lab = fg = None
     if label is not None:
         lab = crop(label, bbox)  # type: ignore[arg-type]
-        values = (list(label_values) if label_values is not None
-                  else [int(v) for v in dask.compute(da.unique(lab))[0]])
+        values = list(label_values) if label_values is not None else [int(v) for v in dask.compute(da.unique(lab))[0]]
         if max(values, default=0) > 255:
             raise VoxflowError(f"label values must fit uint8 (<= 255); got max {max(values)}{where}")
-        lab = resample_label_to_shape(lab, out_shape, values=sorted(set(values) | {0}), order=res.label_order,
-                                      separate_axis=sep, separate_order=res.separate_order,
-                                      out_chunks=chunks).astype(np.uint8)
+        lab = resample_label_to_shape(
+            lab,
+            out_shape,
+            values=sorted(set(values) | {0}),
+            order=res.label_order,
+            separate_axis=sep,
+            separate_order=res.separate_order,
+            out_chunks=chunks,
+        ).astype(np.uint8)
         fg = foreground_index(lab, max_per_class=max_fg_per_class, seed=seed)
     return PreprocessedCase(
-        image=img, label=lab, geometry=_resampled_geometry(cropped_geom, out_shape),
-        original_geometry=geometry, crop_bbox_zyx=bbox, shape_after_crop_zyx=shape_crop,  # type: ignore[arg-type]
+        image=img,
+        label=lab,
+        geometry=_resampled_geometry(cropped_geom, out_shape),
+        original_geometry=geometry,
+        crop_bbox_zyx=bbox,  # type: ignore[arg-type]
+        shape_after_crop_zyx=shape_crop,  # type: ignore[arg-type]
         fg_index=fg,
     )

@@ -30,8 +30,9 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def _block_candidates(block: np.ndarray, offset: Sequence[int], shape: Sequence[int], seed: int,
-                      k: int) -> tuple[np.ndarray, np.ndarray]:
+def _block_candidates(
+    block: np.ndarray, offset: Sequence[int], shape: Sequence[int], seed: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(rows (N, 5) uint64 [key, class, z, y, x], present values) of one block."""
     present = np.unique(block)
     rows = []
@@ -71,8 +72,7 @@ def _finalize(part: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, list[int
     return index.reshape(-1, 4), [int(v) for v in present]
 
 
-def foreground_index(label: da.Array, *, max_per_class: int = 10_000, seed: int = 0,
-                     fan_in: int = 8) -> Delayed:
+def foreground_index(label: da.Array, *, max_per_class: int = 10_000, seed: int = 0, fan_in: int = 8) -> Delayed:
     """Lazy ``(index, classes_present)`` of a (Z, Y, X) label map.
 
     ``index`` is an (N, 4) int32 array of rows ``(class_value, z, y, x)``: for every nonzero class,
@@ -87,13 +87,15 @@ def foreground_index(label: da.Array, *, max_per_class: int = 10_000, seed: int 
         off = tuple(int(offsets[a][i]) for a, i in enumerate(idx))
         parts.append(dask.delayed(_block_candidates, pure=True)(blocks[idx], off, shape, seed, max_per_class))
     while len(parts) > 1:
-        parts = [dask.delayed(_merge, pure=True)(parts[i:i + fan_in], max_per_class)
-                 for i in range(0, len(parts), fan_in)]
+        parts = [
+            dask.delayed(_merge, pure=True)(parts[i : i + fan_in], max_per_class) for i in range(0, len(parts), fan_in)
+        ]
     return dask.delayed(_finalize, pure=True)(parts[0])
 
 
-def foreground_index_eager(label: np.ndarray, *, max_per_class: int = 10_000,
-                           seed: int = 0) -> tuple[np.ndarray, list[int]]:
+def foreground_index_eager(
+    label: np.ndarray, *, max_per_class: int = 10_000, seed: int = 0
+) -> tuple[np.ndarray, list[int]]:
     """The same result from a numpy label map in one piece (reference for tests)."""
     cand = _block_candidates(np.asarray(label), (0, 0, 0), label.shape, seed, max_per_class)
     return _finalize(_merge([cand], max_per_class))

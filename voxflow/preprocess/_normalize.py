@@ -53,8 +53,7 @@ def _rekeyed(x: da.Array, salt: str, *, after: Sequence[da.Array] = ()) -> da.Ar
     for k, task in dsk.items():
         node = task.substitute(subs, key=subs[k])
         if after_keys and not task.dependencies:
-            node = Task(subs[k], _first, node.substitute({}, key=f"{subs[k]}-inner"),
-                        *(TaskRef(a) for a in after_keys))
+            node = Task(subs[k], _first, node.substitute({}, key=f"{subs[k]}-inner"), *(TaskRef(a) for a in after_keys))
         new[subs[k]] = node
     name = f"{x.name}{suffix}"
     layers: dict[str, Any] = {name: new}
@@ -85,8 +84,9 @@ def _stats(x: da.Array, mask: da.Array | None) -> dict[str, da.Array]:
     return {"n": n, "mean": mean, "std": da.sqrt(var), "min": lo, "max": hi}
 
 
-def _apply(x: da.Array, spec: ChannelNormalization, stats: dict[str, da.Array] | None,
-           mask: da.Array | None) -> da.Array:
+def _apply(
+    x: da.Array, spec: ChannelNormalization, stats: dict[str, da.Array] | None, mask: da.Array | None
+) -> da.Array:
     x = x.astype(np.float32)
     if spec.scheme == "none":
         return x
@@ -138,7 +138,6 @@ def normalize(image: da.Array, schemes: Sequence[ChannelNormalization]) -> da.Ar
     scalars = [v for d in stats if d is not None for v in d.values()]
     src = _rekeyed(image, "normalize", after=scalars)
     mask = (src != 0).any(axis=0) if any_mask else None
-    return da.stack([
-        _apply(src[c], s, stats[c], mask if (s.use_mask and needs_stats[c]) else None)
-        for c, s in enumerate(schemes)
-    ])
+    return da.stack(
+        [_apply(src[c], s, stats[c], mask if (s.use_mask and needs_stats[c]) else None) for c, s in enumerate(schemes)]
+    )

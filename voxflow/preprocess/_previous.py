@@ -23,9 +23,15 @@ from voxflow.preprocess._resample import resample_label_to_shape
 __all__ = ["one_hot_channels", "previous_onto_grid"]
 
 
-def previous_onto_grid(label: da.Array, config: Configuration, *, crop_bbox_zyx: BBox,
-                       out_shape_zyx: Sequence[int], values: Sequence[int],
-                       out_chunks: Sequence[int] | None = None) -> da.Array:
+def previous_onto_grid(
+    label: da.Array,
+    config: Configuration,
+    *,
+    crop_bbox_zyx: BBox,
+    out_shape_zyx: Sequence[int],
+    values: Sequence[int],
+    out_chunks: Sequence[int] | None = None,
+) -> da.Array:
     """Crop a (Z, Y, X) label map of the original grid to ``crop_bbox_zyx`` and resample it to
     ``out_shape_zyx`` (voxels, z-y-x) as preprocessing resamples labels; uint8, lazy.
 
@@ -36,9 +42,15 @@ def previous_onto_grid(label: da.Array, config: Configuration, *, crop_bbox_zyx:
     res = config.resampling
     sep = res.separate_axis if res.separate_z else None
     lab = crop(label, crop_bbox_zyx)
-    out = resample_label_to_shape(lab, tuple(int(s) for s in out_shape_zyx), values=sorted({0, *values}),
-                                  order=res.label_order, separate_axis=sep, separate_order=res.separate_order,
-                                  out_chunks=out_chunks)
+    out = resample_label_to_shape(
+        lab,
+        tuple(int(s) for s in out_shape_zyx),
+        values=sorted({0, *values}),
+        order=res.label_order,
+        separate_axis=sep,
+        separate_order=res.separate_order,
+        out_chunks=out_chunks,
+    )
     return out.astype(np.uint8)
 
 

@@ -161,14 +161,36 @@ def _resample_axis(x: da.Array, axis: int, n_out: int, order: int, chunks_out: i
         local = (s - i_lo).astype(np.intp)
         w = weights[o_lo:o_hi]
         if order == 0:
-            piece = slab.map_blocks(_apply_taps, local, w, axis, chunks=tuple(new_chunks), dtype=x.dtype,
-                                    meta=np.empty((0,) * x.ndim, dtype=x.dtype))
+            piece = slab.map_blocks(
+                _apply_taps,
+                local,
+                w,
+                axis,
+                chunks=tuple(new_chunks),
+                dtype=x.dtype,
+                meta=np.empty((0,) * x.ndim, dtype=x.dtype),
+            )
         elif spline:
-            piece = slab.map_blocks(_apply_spline, local, w, axis, order, chunks=tuple(new_chunks),
-                                    dtype=np.float32, meta=np.empty((0,) * x.ndim, dtype=np.float32))
+            piece = slab.map_blocks(
+                _apply_spline,
+                local,
+                w,
+                axis,
+                order,
+                chunks=tuple(new_chunks),
+                dtype=np.float32,
+                meta=np.empty((0,) * x.ndim, dtype=np.float32),
+            )
         else:
-            piece = slab.map_blocks(_apply_taps, local, w, axis, chunks=tuple(new_chunks), dtype=np.float32,
-                                    meta=np.empty((0,) * x.ndim, dtype=np.float32))
+            piece = slab.map_blocks(
+                _apply_taps,
+                local,
+                w,
+                axis,
+                chunks=tuple(new_chunks),
+                dtype=np.float32,
+                meta=np.empty((0,) * x.ndim, dtype=np.float32),
+            )
         pieces.append(piece)
         o_lo = o_hi
     return da.concatenate(pieces, axis=axis) if len(pieces) > 1 else pieces[0]
@@ -180,8 +202,9 @@ def _split(n: int, chunk: int) -> tuple[int, ...]:
     return (chunk,) * full + ((rest,) if rest else ())
 
 
-def _plan_axes(in_shape: Sequence[int], out_shape: Sequence[int], order: int, separate_axis: int | None,
-               separate_order: int) -> list[tuple[int, int]]:
+def _plan_axes(
+    in_shape: Sequence[int], out_shape: Sequence[int], order: int, separate_axis: int | None, separate_order: int
+) -> list[tuple[int, int]]:
     """(spatial axis, order) for every axis whose length changes: y and x (shrinking first), then z.
 
     z goes last because it is the slowest axis of the chunk grid: measured on a 640 MB volume, a
@@ -211,12 +234,20 @@ def _target_chunks(arr: da.Array, out_shape: tuple[int, ...], out_chunks: Sequen
     if out_chunks is not None:
         return tuple(int(c) for c in out_chunks)[-3:]
     in_shape = arr.shape[-3:]
-    return tuple(max(1, math.ceil(max(c) * o / i)) for c, o, i in zip(arr.chunks[-3:], out_shape, in_shape, strict=True))
+    return tuple(
+        max(1, math.ceil(max(c) * o / i)) for c, o, i in zip(arr.chunks[-3:], out_shape, in_shape, strict=True)
+    )
 
 
-def resample_to_shape(arr: da.Array, out_shape_zyx: Sequence[int], *, order: int,
-                      separate_axis: int | None = None, separate_order: int = 0,
-                      out_chunks: Sequence[int] | None = None) -> da.Array:
+def resample_to_shape(
+    arr: da.Array,
+    out_shape_zyx: Sequence[int],
+    *,
+    order: int,
+    separate_axis: int | None = None,
+    separate_order: int = 0,
+    out_chunks: Sequence[int] | None = None,
+) -> da.Array:
     """Resample the last three axes (Z, Y, X) of ``arr`` to ``out_shape_zyx``, lazily, float32.
 
     Equals ``scipy.ndimage.zoom(x, out/in, order=order, mode="nearest", grid_mode=True)`` on the
@@ -240,9 +271,16 @@ def _argmax_classes(*channels: np.ndarray, values: np.ndarray, out_dtype: np.dty
     return values[np.argmax(stacked, axis=0)].astype(out_dtype, copy=False)
 
 
-def resample_label_to_shape(label: da.Array, out_shape_zyx: Sequence[int], *, values: Sequence[int],
-                            order: int = 1, separate_axis: int | None = None, separate_order: int = 0,
-                            out_chunks: Sequence[int] | None = None) -> da.Array:
+def resample_label_to_shape(
+    label: da.Array,
+    out_shape_zyx: Sequence[int],
+    *,
+    values: Sequence[int],
+    order: int = 1,
+    separate_axis: int | None = None,
+    separate_order: int = 0,
+    out_chunks: Sequence[int] | None = None,
+) -> da.Array:
     """Resample a (Z, Y, X) label map: each class's one-hot mask with ``order``, then argmax.
 
     ``values`` lists the label values to keep (background included); a voxel whose value is not
@@ -269,5 +307,11 @@ def resample_label_to_shape(label: da.Array, out_shape_zyx: Sequence[int], *, va
         for axis, k in axes:
             onehot = _resample_axis(onehot, axis, out_shape[axis], k, target[axis])
         chans.append(onehot.rechunk(final_chunks))
-    return da.map_blocks(_argmax_classes, *chans, values=vals, out_dtype=label.dtype, dtype=label.dtype,
-                         meta=np.empty((0, 0, 0), dtype=label.dtype))
+    return da.map_blocks(
+        _argmax_classes,
+        *chans,
+        values=vals,
+        out_dtype=label.dtype,
+        dtype=label.dtype,
+        meta=np.empty((0, 0, 0), dtype=label.dtype),
+    )

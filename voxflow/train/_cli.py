@@ -16,6 +16,7 @@ EXIT_INTERRUPTED = 75
 class _Interrupted(click.ClickException):
     exit_code = EXIT_INTERRUPTED
 
+
 log = logging.getLogger(__name__)
 
 
@@ -26,25 +27,52 @@ log = logging.getLogger(__name__)
 @click.option("--epochs", type=int, default=None, help="Override train.epochs.")
 @click.option("--iters", type=int, default=None, help="Override train.iters_per_epoch.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--nproc", type=int, default=1, show_default=True,
-              help="DDP processes on this machine (gloo on CPU, NCCL on CUDA). For several nodes use "
-                   "`torchrun --nnodes ... -m voxflow.train WORKDIR ...`.")
+@click.option(
+    "--nproc",
+    type=int,
+    default=1,
+    show_default=True,
+    help="DDP processes on this machine (gloo on CPU, NCCL on CUDA). For several nodes use "
+    "`torchrun --nnodes ... -m voxflow.train WORKDIR ...`.",
+)
 @click.option("--num-workers", type=int, default=2, show_default=True, help="Loader worker processes per rank.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
-              help="Override train.precision: auto (bf16 on CUDA where supported, fp16 with loss scaling on "
-                   "older GPUs, fp32 on the CPU), or fp32 / bf16 / fp16 (CUDA only). Recorded in the checkpoint.")
-@click.option("--resume", is_flag=True,
-              help="Continue from checkpoint_latest.pt of this fold (also after SIGTERM/SIGUSR1, from the step "
-                   "where the run stopped; the number of processes may differ).")
-@click.option("--restart", is_flag=True,
-              help="Delete an earlier run of this fold (checkpoints, logs, validation) and train afresh. Without "
-                   "--resume or --restart, a fold that already has checkpoints is refused.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default=None,
+    help="Override train.precision: auto (bf16 on CUDA where supported, fp16 with loss scaling on "
+    "older GPUs, fp32 on the CPU), or fp32 / bf16 / fp16 (CUDA only). Recorded in the checkpoint.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue from checkpoint_latest.pt of this fold (also after SIGTERM/SIGUSR1, from the step "
+    "where the run stopped; the number of processes may differ).",
+)
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Delete an earlier run of this fold (checkpoints, logs, validation) and train afresh. Without "
+    "--resume or --restart, a fold that already has checkpoints is refused.",
+)
 @click.option("--no-validation", is_flag=True, help="Skip predicting the validation cases at the end.")
 @set_option
 @handle_errors
-def train(workdir: str, configuration: str, fold: int | str, epochs: int | None, iters: int | None, device: str,
-          nproc: int, num_workers: int, precision: str | None, resume: bool, restart: bool, no_validation: bool,
-          overrides: tuple[str, ...]) -> None:
+def train(
+    workdir: str,
+    configuration: str,
+    fold: int | str,
+    epochs: int | None,
+    iters: int | None,
+    device: str,
+    nproc: int,
+    num_workers: int,
+    precision: str | None,
+    resume: bool,
+    restart: bool,
+    no_validation: bool,
+    overrides: tuple[str, ...],
+) -> None:
     """Train fold FOLD of configuration CFG from WORKDIR (plans.json + preprocessed store).
 
     Writes WORKDIR/runs/CFG/fold_FOLD/ (checkpoints, metrics.jsonl, progress.png, training_log.txt).
@@ -62,10 +90,18 @@ def train(workdir: str, configuration: str, fold: int | str, epochs: int | None,
     if precision is not None:
         sets["train.precision"] = precision
     try:
-        run_dir = train_fold(Workspace(workdir), configuration, fold, device=device, resume=resume,
-                             restart=restart,
-                             overrides=sets, nproc=nproc, num_workers=num_workers,
-                             validate_cases=not no_validation)
+        run_dir = train_fold(
+            Workspace(workdir),
+            configuration,
+            fold,
+            device=device,
+            resume=resume,
+            restart=restart,
+            overrides=sets,
+            nproc=nproc,
+            num_workers=num_workers,
+            validate_cases=not no_validation,
+        )
     except TrainingInterrupted as e:
         raise _Interrupted(str(e)) from e
     click.echo(str(run_dir))

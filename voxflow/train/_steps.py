@@ -21,8 +21,17 @@ from voxflow.precision import resolve_precision as _resolve
 from voxflow.train.distributed import DistInfo, any_rank
 from voxflow.train.losses import region_targets
 
-__all__ = ["EpochProgress", "amp_dtype_for", "confusion_counts", "cpu_has_native_bf16", "epoch_loss", "pseudo_dice",
-           "resolve_precision", "train_epoch", "validate"]
+__all__ = [
+    "EpochProgress",
+    "amp_dtype_for",
+    "confusion_counts",
+    "cpu_has_native_bf16",
+    "epoch_loss",
+    "pseudo_dice",
+    "resolve_precision",
+    "train_epoch",
+    "validate",
+]
 
 
 def resolve_precision(precision: str, device: torch.device, *, amp: bool = True) -> str:
@@ -41,8 +50,8 @@ class EpochProgress:
     steps: int = 0
     loss_sum: float = 0.0
     stopped: bool = False
-    wait_seconds: float = 0.0   # host time spent waiting for the loader's next batch
-    step_seconds: float = 0.0   # host time of the whole steps (wait included; the loss read syncs CUDA)
+    wait_seconds: float = 0.0  # host time spent waiting for the loader's next batch
+    step_seconds: float = 0.0  # host time of the whole steps (wait included; the loss read syncs CUDA)
 
     @property
     def data_wait_fraction(self) -> float:
@@ -58,11 +67,21 @@ def _targets(batch: Any) -> list[torch.Tensor]:
     return [t] if isinstance(t, torch.Tensor) else list(t)
 
 
-def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, batches: Iterator[Any], *, n_iters: int, info: DistInfo,
-                amp_dtype: torch.dtype | None, grad_clip: float, desc: str,
-                progress: EpochProgress | None = None,
-                stop_requested: Callable[[], bool] | None = None) -> EpochProgress:
+def train_epoch(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batches: Iterator[Any],
+    *,
+    n_iters: int,
+    info: DistInfo,
+    amp_dtype: torch.dtype | None,
+    grad_clip: float,
+    desc: str,
+    progress: EpochProgress | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+) -> EpochProgress:
     """Optimiser steps until ``n_iters`` are done (counting those already in ``progress``), or until
     ``stop_requested()`` is true on any rank after a step (preemption). Returns the progress; the
     mean training loss of a finished epoch over ranks is :func:`epoch_loss`."""
@@ -70,8 +89,15 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opt
     progress = progress or EpochProgress()
     progress.stopped = False
     total = torch.zeros((), dtype=torch.float64, device=info.device)
-    bar = tqdm(range(progress.steps, n_iters), desc=desc, disable=not info.is_main, leave=False,
-               dynamic_ncols=True, initial=progress.steps, total=n_iters)
+    bar = tqdm(
+        range(progress.steps, n_iters),
+        desc=desc,
+        disable=not info.is_main,
+        leave=False,
+        dynamic_ncols=True,
+        initial=progress.steps,
+        total=n_iters,
+    )
     for _ in bar:
         t0 = time.perf_counter()
         batch = next(batches)
@@ -84,9 +110,11 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opt
             loss = loss_fn(out, targets)
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise TrainingDivergedError(f"the training loss must stay finite; it became {value} at step "
-                                        f"{progress.steps}. Lower train.lr (--set train.lr=...) or check the "
-                                        f"data for NaN/inf intensities.")
+            raise TrainingDivergedError(
+                f"the training loss must stay finite; it became {value} at step "
+                f"{progress.steps}. Lower train.lr (--set train.lr=...) or check the "
+                f"data for NaN/inf intensities."
+            )
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -116,7 +144,11 @@ def confusion_counts(logits: torch.Tensor, target: torch.Tensor, labels: LabelSp
     """(3, F) true positives, false positives, false negatives per foreground output (hard predictions),
     ignore-label voxels excluded. ``logits`` (B, K, ...), ``target`` (B, 1, ...)."""
     target = target.long()
-    valid = (target != labels.ignore_label) if labels.ignore_label is not None else torch.ones_like(target, dtype=torch.bool)
+    valid = (
+        (target != labels.ignore_label)
+        if labels.ignore_label is not None
+        else torch.ones_like(target, dtype=torch.bool)
+    )
     if labels.regions is not None:
         pred = torch.sigmoid(logits.float()) > 0.5
         gt = region_targets(target, labels.regions).bool()
@@ -140,12 +172,23 @@ def pseudo_dice(counts: torch.Tensor) -> list[float]:
 
 
 @torch.no_grad()
-def validate(model: nn.Module, loss_fn: nn.Module, batches: Iterator[Any], *, n_iters: int, info: DistInfo,
-             amp_dtype: torch.dtype | None, labels: LabelSpec) -> tuple[float, torch.Tensor]:
+def validate(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    batches: Iterator[Any],
+    *,
+    n_iters: int,
+    info: DistInfo,
+    amp_dtype: torch.dtype | None,
+    labels: LabelSpec,
+) -> tuple[float, torch.Tensor]:
     """Mean validation loss (full resolution) and summed confusion counts over ranks."""
     model.eval()
-    counts = torch.zeros((3, labels.num_outputs if labels.uses_regions else labels.num_outputs - 1),
-                         dtype=torch.float64, device=info.device)
+    counts = torch.zeros(
+        (3, labels.num_outputs if labels.uses_regions else labels.num_outputs - 1),
+        dtype=torch.float64,
+        device=info.device,
+    )
     loss_sum = torch.zeros(2, dtype=torch.float64, device=info.device)
     for batch in itertools.islice(batches, n_iters):
         image = batch.image.to(info.device, non_blocking=True)

@@ -18,8 +18,16 @@ from voxflow._serial import atomic_write
 from voxflow._types import PathLikeStr
 from voxflow.models import FORMAT, fit_state_dict, load_checkpoint, load_model, strip_state_dict
 
-__all__ = ["FORMAT", "capture_rng", "fit_state_dict", "load_checkpoint", "load_model", "restore_rng",
-           "save_checkpoint", "strip_state_dict"]
+__all__ = [
+    "FORMAT",
+    "capture_rng",
+    "fit_state_dict",
+    "load_checkpoint",
+    "load_model",
+    "restore_rng",
+    "save_checkpoint",
+    "strip_state_dict",
+]
 
 
 def save_checkpoint(path: PathLikeStr, payload: dict[str, Any]) -> None:
@@ -30,8 +38,11 @@ def save_checkpoint(path: PathLikeStr, payload: dict[str, Any]) -> None:
 
 
 def capture_rng() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
-                             "torch": torch.get_rng_state()}
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

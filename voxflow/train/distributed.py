@@ -51,8 +51,7 @@ def _device_for(device: str, local_rank: int) -> torch.device:
     return dev
 
 
-def setup_process_group(device: str, *, rank: int = 0, world_size: int = 1,
-                        port: int | None = None) -> DistInfo:
+def setup_process_group(device: str, *, rank: int = 0, world_size: int = 1, port: int | None = None) -> DistInfo:
     """Join (or create) the process group; single-process runs create none."""
     if dist.is_torchelastic_launched():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by torchrun, documented above
@@ -67,8 +66,13 @@ def setup_process_group(device: str, *, rank: int = 0, world_size: int = 1,
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=30),
+        )
     return DistInfo(rank, world_size, dev)
 
 

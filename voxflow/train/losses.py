@@ -76,8 +76,15 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def soft_dice(probs: torch.Tensor, onehot: torch.Tensor, mask: torch.Tensor | None = None, *,
-              batch_dice: bool = True, smooth: float = 1e-5, distributed: bool = False) -> torch.Tensor:
+def soft_dice(
+    probs: torch.Tensor,
+    onehot: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    batch_dice: bool = True,
+    smooth: float = 1e-5,
+    distributed: bool = False,
+) -> torch.Tensor:
     """Per-class soft Dice: (K,) with ``batch_dice``, else (B, K). ``mask`` (B, 1, ...) in {0, 1}.
 
     ``distributed`` with ``batch_dice``: tp/fp/fn are summed over all DDP ranks (with gradient), so
@@ -99,8 +106,9 @@ def soft_dice(probs: torch.Tensor, onehot: torch.Tensor, mask: torch.Tensor | No
 
 def region_targets(target: torch.Tensor, regions: Sequence[Sequence[int]]) -> torch.Tensor:
     """(B, 1, ...) integer labels → (B, R, ...) float masks, channel r = label ∈ regions[r]."""
-    return torch.cat([torch.isin(target, torch.as_tensor(list(r), device=target.device)) for r in regions],
-                     dim=1).float()
+    return torch.cat(
+        [torch.isin(target, torch.as_tensor(list(r), device=target.device)) for r in regions], dim=1
+    ).float()
 
 
 class SegmentationLoss(nn.Module):
@@ -111,16 +119,29 @@ class SegmentationLoss(nn.Module):
     initialised process group and every rank calling the loss the same number of times.
     """
 
-    def __init__(self, labels: LabelSpec, *, kind: str = "dice_ce", batch_dice: bool = True,
-                 smooth: float = 1e-5, class_weights: torch.Tensor | None = None,
-                 weight_dice: float = 1.0, weight_ce: float = 1.0, distributed: bool = False):
+    def __init__(
+        self,
+        labels: LabelSpec,
+        *,
+        kind: str = "dice_ce",
+        batch_dice: bool = True,
+        smooth: float = 1e-5,
+        class_weights: torch.Tensor | None = None,
+        weight_dice: float = 1.0,
+        weight_ce: float = 1.0,
+        distributed: bool = False,
+    ):
         super().__init__()
         if kind not in ("dice_ce", "dice", "ce"):
-            raise PlanError(f"the loss (train.loss) must be dice_ce, dice or ce; got {kind!r}. Set one with "
-                            f"--set train.loss=dice_ce.")
+            raise PlanError(
+                f"the loss (train.loss) must be dice_ce, dice or ce; got {kind!r}. Set one with "
+                f"--set train.loss=dice_ce."
+            )
         if class_weights is not None and labels.uses_regions:
-            raise PlanError("train.class_weighted_ce needs softmax labels (one class per voxel); got a "
-                            "region-based dataset (regions_class_order). Set train.class_weighted_ce=false.")
+            raise PlanError(
+                "train.class_weighted_ce needs softmax labels (one class per voxel); got a "
+                "region-based dataset (regions_class_order). Set train.class_weighted_ce=false."
+            )
         self.labels = labels
         self.kind = kind
         self.batch_dice = batch_dice
@@ -151,8 +172,14 @@ class SegmentationLoss(nn.Module):
             dice_classes = slice(1, None)
         loss = self.weight_ce * ce
         if self.weight_dice:
-            dc = soft_dice(probs[:, dice_classes], onehot[:, dice_classes], mask,
-                           batch_dice=self.batch_dice, smooth=self.smooth, distributed=self.distributed)
+            dc = soft_dice(
+                probs[:, dice_classes],
+                onehot[:, dice_classes],
+                mask,
+                batch_dice=self.batch_dice,
+                smooth=self.smooth,
+                distributed=self.distributed,
+            )
             if self.batch_dice:
                 term = 1.0 - dc.mean()
             else:  # mean over the samples of the global batch
@@ -195,21 +222,25 @@ class DeepSupervisionLoss(nn.Module):
         self.loss = loss
         self.weights = list(weights) if weights is not None else None
 
-    def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor],
-                targets: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, outputs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor | Sequence[torch.Tensor]
+    ) -> torch.Tensor:
         outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
         tgts = [targets] if isinstance(targets, torch.Tensor) else list(targets)
         if len(tgts) < len(outs):
-            raise ValueError(f"need one target per output scale; got {len(outs)} outputs and {len(tgts)} targets "
-                             f"(build the loader with ds_scales=deep_supervision_scales(spec))")
+            raise ValueError(
+                f"need one target per output scale; got {len(outs)} outputs and {len(tgts)} targets "
+                f"(build the loader with ds_scales=deep_supervision_scales(spec))"
+            )
         weights = self.weights if self.weights is not None else deep_supervision_weights(len(outs))
         if len(weights) != len(outs):
-            raise ValueError(f"got {len(outs)} outputs for {len(weights)} deep-supervision weights; build the "
-                             f"network and the loss from the same NetworkSpec")
+            raise ValueError(
+                f"got {len(outs)} outputs for {len(weights)} deep-supervision weights; build the "
+                f"network and the loss from the same NetworkSpec"
+            )
         total = outs[0].new_zeros(())
         for w, o, t in zip(weights, outs, tgts[: len(outs)], strict=True):
             if o.shape[2:] != t.shape[2:]:
-                raise ValueError(f"output and target shapes differ at one scale: {tuple(o.shape)} vs "
-                                 f"{tuple(t.shape)}")
+                raise ValueError(f"output and target shapes differ at one scale: {tuple(o.shape)} vs {tuple(t.shape)}")
             total = total + w * self.loss(o, t)
         return total

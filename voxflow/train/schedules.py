@@ -25,8 +25,9 @@ __all__ = ["build_optimizer", "lr_at", "set_lr"]
 def build_optimizer(params: Iterable[torch.nn.Parameter], spec: TrainSpec) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum (nnU-Net: lr 1e-2, momentum 0.99, weight decay 3e-5) or AdamW."""
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=True,
-                               weight_decay=spec.weight_decay)
+        return torch.optim.SGD(
+            params, lr=spec.lr, momentum=spec.momentum, nesterov=True, weight_decay=spec.weight_decay
+        )
     return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 

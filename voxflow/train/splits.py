@@ -27,15 +27,17 @@ __all__ = ["fold_cases", "load_or_create_splits", "make_splits", "require_finish
 log = logging.getLogger(__name__)
 
 
-def make_splits(case_ids: Sequence[str], *, n_folds: int = 5, seed: int = 12345,
-                groups: Mapping[str, str] | None = None) -> list[dict[str, list[str]]]:
+def make_splits(
+    case_ids: Sequence[str], *, n_folds: int = 5, seed: int = 12345, groups: Mapping[str, str] | None = None
+) -> list[dict[str, list[str]]]:
     """K folds over groups (each case its own group by default), seeded; at most one fold per group."""
     case_ids = sorted(case_ids)
     group_of = {c: str((groups or {}).get(c, c)) for c in case_ids}
     keys = sorted(set(group_of.values()))
     if len(keys) < 2:
-        raise PlanError(f"cross-validation needs at least 2 cases (groups); got {len(keys)}. "
-                        f"Train with --fold all instead.")
+        raise PlanError(
+            f"cross-validation needs at least 2 cases (groups); got {len(keys)}. Train with --fold all instead."
+        )
     k = min(n_folds, len(keys))
     order = np.random.default_rng(seed).permutation(len(keys))
     fold_of_group = {keys[g]: i % k for i, g in enumerate(order)}
@@ -46,8 +48,14 @@ def make_splits(case_ids: Sequence[str], *, n_folds: int = 5, seed: int = 12345,
     return folds
 
 
-def load_or_create_splits(work: Workspace, case_ids: Sequence[str], *, n_folds: int = 5, seed: int = 12345,
-                          groups: Mapping[str, str] | None = None) -> list[dict[str, list[str]]]:
+def load_or_create_splits(
+    work: Workspace,
+    case_ids: Sequence[str],
+    *,
+    n_folds: int = 5,
+    seed: int = 12345,
+    groups: Mapping[str, str] | None = None,
+) -> list[dict[str, list[str]]]:
     """Read ``work.splits`` if present (validated), else make it and write it atomically."""
     path = work.splits
     known = set(case_ids)
@@ -56,13 +64,14 @@ def load_or_create_splits(work: Workspace, case_ids: Sequence[str], *, n_folds: 
             splits = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise PlanError(f"{path} is not valid JSON: {e}. Fix or delete it.") from None
-        if not isinstance(splits, list) or not all(isinstance(s, dict) and {"train", "val"} <= set(s)
-                                                     for s in splits):
+        if not isinstance(splits, list) or not all(isinstance(s, dict) and {"train", "val"} <= set(s) for s in splits):
             raise PlanError(f"{path} must be a list of {{'train': [...], 'val': [...]}}; fix or delete it.")
         unknown = sorted({c for s in splits for c in (*s["train"], *s["val"])} - known)
         if unknown:
-            raise PlanError(f"{path} names cases that are not in the preprocessed store: {unknown[:5]}"
-                            f"{' ...' if len(unknown) > 5 else ''}; fix the file or delete it to regenerate.")
+            raise PlanError(
+                f"{path} names cases that are not in the preprocessed store: {unknown[:5]}"
+                f"{' ...' if len(unknown) > 5 else ''}; fix the file or delete it to regenerate."
+            )
         _check_coverage(path, splits, known, n_folds=n_folds, seed=seed, groups=groups)
         return splits
     splits = make_splits(case_ids, n_folds=n_folds, seed=seed, groups=groups)
@@ -71,27 +80,38 @@ def load_or_create_splits(work: Workspace, case_ids: Sequence[str], *, n_folds: 
     return splits
 
 
-def _check_coverage(path: object, splits: list[dict[str, list[str]]], known: set[str], *, n_folds: int,
-                    seed: int, groups: Mapping[str, str] | None) -> None:
+def _check_coverage(
+    path: object,
+    splits: list[dict[str, list[str]]],
+    known: set[str],
+    *,
+    n_folds: int,
+    seed: int,
+    groups: Mapping[str, str] | None,
+) -> None:
     """A voxflow-generated splits file must name every case of the store (a user's file may omit some)."""
     named = {c for s in splits for c in (*s["train"], *s["val"])}
     omitted = sorted(known - named)
     if not omitted:
         return
     try:
-        generated = len(named) >= 2 and splits == make_splits(sorted(named), n_folds=n_folds, seed=seed,
-                                                             groups=groups)
+        generated = len(named) >= 2 and splits == make_splits(sorted(named), n_folds=n_folds, seed=seed, groups=groups)
     except PlanError:
         generated = False
     if not generated:
-        log.info("%s (written by hand) leaves out %d case(s) of the store, e.g. %s; they are not used",
-                 path, len(omitted), omitted[:3])
+        log.info(
+            "%s (written by hand) leaves out %d case(s) of the store, e.g. %s; they are not used",
+            path,
+            len(omitted),
+            omitted[:3],
+        )
         return
     raise PlanError(
         f"a splits file voxflow generated must cover every case of the preprocessed store; {path} was made "
         f"from {len(named)} cases and the store now has {len(known)} ({len(omitted)} new: {omitted[:5]}"
         f"{' ...' if len(omitted) > 5 else ''}), e.g. after an interrupted preprocess. Delete {path} to "
-        f"regenerate it (then retrain folds trained on the old splits), or add the cases to it by hand.")
+        f"regenerate it (then retrain folds trained on the old splits), or add the cases to it by hand."
+    )
 
 
 def require_finished_store(store: Store, work: Workspace, configuration: str) -> None:
@@ -104,11 +124,13 @@ def require_finished_store(store: Store, work: Workspace, configuration: str) ->
         f"training needs every case of {store.path} preprocessed; {len(unfinished)} case(s) are not: "
         f"{unfinished[:8]}{' ...' if len(unfinished) > 8 else ''}. Finish them with `voxflow preprocess "
         f"{work.dataset_store} -c {configuration} --work {work.root}` (it resumes; wait for a preprocess "
-        f"that is still running), then train.")
+        f"that is still running), then train."
+    )
 
 
-def fold_cases(splits: Sequence[Mapping[str, Sequence[str]]], fold: int | str,
-               case_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+def fold_cases(
+    splits: Sequence[Mapping[str, Sequence[str]]], fold: int | str, case_ids: Sequence[str]
+) -> tuple[list[str], list[str]]:
     """(train, val) case ids of ``fold``; ``"all"`` → (every case, every case)."""
     if str(fold) == "all":
         return sorted(case_ids), sorted(case_ids)

@@ -100,8 +100,8 @@ class TrainState:
     class_weights: list[float] | None = None
     train_seconds: float = 0.0
     stopped_early: bool = False
-    epoch_steps: int = 0      # optimiser steps done in epoch ``epoch`` when it was interrupted
-    epoch_batches: int = 0    # batches drawn from that epoch's loader by then (replayed on resume)
+    epoch_steps: int = 0  # optimiser steps done in epoch ``epoch`` when it was interrupted
+    epoch_batches: int = 0  # batches drawn from that epoch's loader by then (replayed on resume)
 
 
 @dataclass
@@ -133,9 +133,17 @@ def _has_checkpoints(run_dir: Path) -> bool:
     return any((run_dir / f"checkpoint_{n}.pt").exists() for n in ("latest", "final"))
 
 
-def _resolve(work: Workspace, configuration: str, fold: int | str, *, resume: bool,
-             overrides: Mapping[str, Any] | None, num_workers: int, validate_cases: bool,
-             restart: bool = False) -> _Job:
+def _resolve(
+    work: Workspace,
+    configuration: str,
+    fold: int | str,
+    *,
+    resume: bool,
+    overrides: Mapping[str, Any] | None,
+    num_workers: int,
+    validate_cases: bool,
+    restart: bool = False,
+) -> _Job:
     plan = Plan.load(work.plans)
     if overrides:
         plan = plan.with_overrides(dict(overrides), configuration=configuration)
@@ -147,17 +155,23 @@ def _resolve(work: Workspace, configuration: str, fold: int | str, *, resume: bo
         train_ids, val_ids = fold_cases([], fold, case_ids)
     else:
         if len(case_ids) < 2:
-            raise PlanError(f"cross-validation needs at least 2 cases; {store.path} has {len(case_ids)}. "
-                            f"Train with --fold all (every case trains and validates).")
+            raise PlanError(
+                f"cross-validation needs at least 2 cases; {store.path} has {len(case_ids)}. "
+                f"Train with --fold all (every case trains and validates)."
+            )
         splits = load_or_create_splits(work, case_ids, groups=store.meta.extra.get("case_groups"))
         train_ids, val_ids = fold_cases(splits, fold, case_ids)
     run_dir = work.run_dir(configuration, fold)
     if not resume and not restart and _has_checkpoints(run_dir):
-        raise PlanError(f"{run_dir} already holds checkpoints of a run; continue it with --resume, or start "
-                        f"it afresh with --restart (which deletes them).")
+        raise PlanError(
+            f"{run_dir} already holds checkpoints of a run; continue it with --resume, or start "
+            f"it afresh with --restart (which deletes them)."
+        )
     if not train_ids or not val_ids:
-        raise PlanError(f"fold {fold!r} of {work.splits} must have training and validation cases; got "
-                        f"{len(train_ids)} and {len(val_ids)}.")
+        raise PlanError(
+            f"fold {fold!r} of {work.splits} must have training and validation cases; got "
+            f"{len(train_ids)} and {len(val_ids)}."
+        )
     if restart and run_dir.exists():
         for f in run_dir.iterdir():
             if f.name != LOCK_NAME:  # the lock this process holds
@@ -171,8 +185,21 @@ def _resolve(work: Workspace, configuration: str, fold: int | str, *, resume: bo
         cv_splits = load_or_create_splits(work, case_ids, groups=store.meta.extra.get("case_groups"))
         ensure_previous_stage(work, config, sorted({*train_ids, *val_ids}), splits=cv_splits)
         in_channels += len(previous_stage_labels(store.meta))
-    return _Job(work, config, store.meta, LabelSpec.from_meta(store.meta), store.path, fold, train_ids,
-                val_ids, run_dir, resume, num_workers, validate_cases, in_channels)
+    return _Job(
+        work,
+        config,
+        store.meta,
+        LabelSpec.from_meta(store.meta),
+        store.path,
+        fold,
+        train_ids,
+        val_ids,
+        run_dir,
+        resume,
+        num_workers,
+        validate_cases,
+        in_channels,
+    )
 
 
 def _run_dir_lock(args: Mapping[str, Any]) -> Path | None:
@@ -184,11 +211,20 @@ def _run_dir_lock(args: Mapping[str, Any]) -> Path | None:
 
 
 @locked(_run_dir_lock, command="train")
-def train_fold(work: Workspace, configuration: str, fold: int | str, *, device: str = "cpu",
-               resume: bool = False, restart: bool = False, overrides: Mapping[str, Any] | None = None,
-               nproc: int = 1,
-               num_workers: int = 2, loader_factory: LoaderFactory | None = None,
-               validate_cases: bool = True) -> Path:
+def train_fold(
+    work: Workspace,
+    configuration: str,
+    fold: int | str,
+    *,
+    device: str = "cpu",
+    resume: bool = False,
+    restart: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+    nproc: int = 1,
+    num_workers: int = 2,
+    loader_factory: LoaderFactory | None = None,
+    validate_cases: bool = True,
+) -> Path:
     """Train ``configuration`` on ``fold`` (0..4 or ``"all"``) and return the run directory.
 
     ``overrides`` are ``--set`` style keys relative to the configuration (``{"train.epochs": 5}``).
@@ -198,9 +234,16 @@ def train_fold(work: Workspace, configuration: str, fold: int | str, *, device: 
     """
     if resume and restart:
         raise PlanError("--resume continues a run and --restart deletes it; give one of them.")
-    job = _resolve(work, configuration, fold, resume=resume, restart=restart, overrides=overrides,
-                   num_workers=num_workers,
-                   validate_cases=validate_cases)
+    job = _resolve(
+        work,
+        configuration,
+        fold,
+        resume=resume,
+        restart=restart,
+        overrides=overrides,
+        num_workers=num_workers,
+        validate_cases=validate_cases,
+    )
     factory = loader_factory or _default_loader()
     if nproc > 1:
         interrupted = _spawn(nproc, device, job, factory)
@@ -217,8 +260,13 @@ def _spawn(nproc: int, device: str, job: _Job, factory: LoaderFactory) -> str | 
     import torch.multiprocessing as mp
 
     queue = mp.get_context("spawn").SimpleQueue()
-    ctx = mp.start_processes(_rank_main, args=(nproc, D.free_port(), device, job, factory, queue),
-                             nprocs=nproc, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _rank_main,
+        args=(nproc, D.free_port(), device, job, factory, queue),
+        nprocs=nproc,
+        join=False,
+        start_method="spawn",
+    )
 
     def forward(signum: int, frame: object) -> None:
         for p in ctx.processes:
@@ -231,15 +279,17 @@ def _spawn(nproc: int, device: str, job: _Job, factory: LoaderFactory) -> str | 
     return None if queue.empty() else queue.get()
 
 
-def _rank_main(rank: int, world_size: int, port: int, device: str, job: _Job, factory: LoaderFactory,
-               queue: Any) -> None:
+def _rank_main(
+    rank: int, world_size: int, port: int, device: str, job: _Job, factory: LoaderFactory, queue: Any
+) -> None:
     message = _rank_entry(rank, world_size, port, device, job, factory)
     if rank == 0 and message:
         queue.put(message)
 
 
-def _rank_entry(rank: int, world_size: int, port: int | None, device: str, job: _Job,
-                factory: LoaderFactory) -> str | None:
+def _rank_entry(
+    rank: int, world_size: int, port: int | None, device: str, job: _Job, factory: LoaderFactory
+) -> str | None:
     """Train on one rank; returns a message when the run was interrupted by a signal."""
     info = D.setup_process_group(device, rank=rank, world_size=world_size, port=port)
     try:
@@ -277,8 +327,10 @@ class _StopRequest:
     def __call__(self, signum: int, frame: object) -> None:
         if self.signum is None:
             self.signum = signum
-            log.warning("received %s: stopping after the current step and writing checkpoint_latest.pt",
-                        signal.Signals(signum).name)
+            log.warning(
+                "received %s: stopping after the current step and writing checkpoint_latest.pt",
+                signal.Signals(signum).name,
+            )
 
     def requested(self) -> bool:
         return self.signum is not None
@@ -299,8 +351,9 @@ class _Counted:
         return item
 
 
-def _drop_optimizer_params(state: dict[str, Any], keys: list[str], dropped: list[str],
-                           params: set[str]) -> dict[str, Any]:
+def _drop_optimizer_params(
+    state: dict[str, Any], keys: list[str], dropped: list[str], params: set[str]
+) -> dict[str, Any]:
     """An optimiser state dict without the entries of the parameters named ``dropped``.
 
     ``keys`` are the checkpoint's state-dict keys in order; the optimiser numbered its parameters in
@@ -314,8 +367,14 @@ def _drop_optimizer_params(state: dict[str, Any], keys: list[str], dropped: list
     return {"state": kept, "param_groups": groups}
 
 
-def build_losses(labels: LabelSpec, spec: TrainSpec, n_outputs: int, *, distributed: bool = False,
-                 class_weights: torch.Tensor | None = None) -> tuple[nn.Module, nn.Module]:
+def build_losses(
+    labels: LabelSpec,
+    spec: TrainSpec,
+    n_outputs: int,
+    *,
+    distributed: bool = False,
+    class_weights: torch.Tensor | None = None,
+) -> tuple[nn.Module, nn.Module]:
     """The training loss over the ``n_outputs`` deep-supervision outputs and the full-resolution loss
     used for validation; ``distributed``: the loss of the global DDP batch."""
     base = SegmentationLoss(labels, kind=spec.loss, class_weights=class_weights, distributed=distributed)
@@ -419,10 +478,14 @@ class _Trainer:
         self.net.load_state_dict(network)
         optimizer = ckpt["optimizer"]
         if dropped:
-            log.info("checkpoint holds %d weights of unsupervised heads that this version no longer builds; "
-                     "dropped: %s", len(dropped), ", ".join(dropped))
-            optimizer = _drop_optimizer_params(optimizer, list(strip_state_dict(ckpt["network"])), dropped,
-                                               {n for n, _ in self.net.named_parameters()})
+            log.info(
+                "checkpoint holds %d weights of unsupervised heads that this version no longer builds; dropped: %s",
+                len(dropped),
+                ", ".join(dropped),
+            )
+            optimizer = _drop_optimizer_params(
+                optimizer, list(strip_state_dict(ckpt["network"])), dropped, {n for n, _ in self.net.named_parameters()}
+            )
         self.optimizer.load_state_dict(optimizer)
         self.scaler.load_state_dict(ckpt["grad_scaler"])
         self.state = TrainState(**ckpt["trainer_state"])
@@ -441,9 +504,14 @@ class _Trainer:
                 self.state.epoch_batches = 0
                 self.epoch_loss_sum = 0.0
                 if self.info.is_main:
-                    log.warning("resuming a run of %d processes with %d: the global batch stays %d, but the ranks'"
-                                " data streams differ from the original run's, so the result is not identical to "
-                                "an uninterrupted run", old_world, self.info.world_size, self.cfg.batch_size)
+                    log.warning(
+                        "resuming a run of %d processes with %d: the global batch stays %d, but the ranks'"
+                        " data streams differ from the original run's, so the result is not identical to "
+                        "an uninterrupted run",
+                        old_world,
+                        self.info.world_size,
+                        self.cfg.batch_size,
+                    )
         where = f" step {self.state.epoch_steps}" if self.state.epoch_steps else ""
         log.info("resumed %s at epoch %d%s", self.job.run_dir, self.state.epoch, where)
         return final.exists() and self.state.epoch >= self.spec.epochs or self.state.stopped_early
@@ -453,15 +521,25 @@ class _Trainer:
         b, n, r = self.cfg.batch_size, self.info.world_size, self.info.rank
         per_rank = b // n + (1 if r < b % n else 0)
         if per_rank < 1:
-            raise PlanError(f"batch_size {b} cannot be split across {n} processes; use --nproc <= {b} or "
-                            f"--set batch_size={n}")
+            raise PlanError(
+                f"batch_size {b} cannot be split across {n} processes; use --nproc <= {b} or --set batch_size={n}"
+            )
         return dataclasses.replace(self.cfg, batch_size=per_rank)
 
     def _loader(self, case_ids: list[str], *, train: bool, seed: int) -> Any:
-        return self.factory(self.job.store_path, case_ids, self._rank_config(), train=train, seed=seed,
-                            augment=train, device=self.info.device, rank=self.info.rank,
-                            world_size=self.info.world_size, num_workers=self.job.num_workers,
-                            ds_scales=self.scales)
+        return self.factory(
+            self.job.store_path,
+            case_ids,
+            self._rank_config(),
+            train=train,
+            seed=seed,
+            augment=train,
+            device=self.info.device,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            num_workers=self.job.num_workers,
+            ds_scales=self.scales,
+        )
 
     def _class_weights(self, batches: Any) -> torch.Tensor | None:
         if not self.spec.class_weighted_ce:
@@ -479,8 +557,13 @@ class _Trainer:
         return torch.tensor(self.state.class_weights, dtype=torch.float32, device=self.info.device)
 
     def _losses(self, batches: Any) -> tuple[nn.Module, nn.Module]:
-        return build_losses(self.job.labels, self.spec, len(self.scales), distributed=self.info.distributed,
-                            class_weights=self._class_weights(batches))
+        return build_losses(
+            self.job.labels,
+            self.spec,
+            len(self.scales),
+            distributed=self.info.distributed,
+            class_weights=self._class_weights(batches),
+        )
 
     def _wrap(self) -> nn.Module:
         model: nn.Module = self.net
@@ -506,10 +589,18 @@ class _Trainer:
             if not self.rng_restored:
                 _seed_all(self.spec.seed + 1 + self.info.rank + 7919 * self.state.epoch)
             if self.info.is_main:
-                log.info("training %s fold %s: %d train / %d val cases, %d parameters, %d processes, device %s, "
-                         "precision %s", self.cfg.name, self.job.fold, len(self.job.train_ids),
-                         len(self.job.val_ids), count_parameters(self.net), self.info.world_size,
-                         self.info.device, self.precision)
+                log.info(
+                    "training %s fold %s: %d train / %d val cases, %d parameters, %d processes, device %s, "
+                    "precision %s",
+                    self.cfg.name,
+                    self.job.fold,
+                    len(self.job.train_ids),
+                    len(self.job.val_ids),
+                    count_parameters(self.net),
+                    self.info.world_size,
+                    self.info.device,
+                    self.precision,
+                )
             model = self._wrap()
             val_loader = self._loader(self.job.val_ids, train=False, seed=self.spec.seed + 1)
             try:
@@ -525,11 +616,16 @@ class _Trainer:
 
     def _interrupted_message(self) -> str:
         name = signal.Signals(self.stop.signum).name if self.stop.signum is not None else "a stop signal"
-        where = (f"epoch {self.state.epoch}, step {self.state.epoch_steps} of {self.spec.iters_per_epoch}"
-                 if self.state.epoch_steps else f"the end of epoch {self.state.epoch - 1}")
-        msg = (f"training of {self.cfg.name} fold {self.job.fold} stopped by {name} at {where}; "
-               f"{FoldDir(self.job.run_dir).checkpoint_latest} is written. Continue with `voxflow train "
-               f"{self.job.work.root} -c {self.cfg.name} -f {self.job.fold} --resume` (any number of processes).")
+        where = (
+            f"epoch {self.state.epoch}, step {self.state.epoch_steps} of {self.spec.iters_per_epoch}"
+            if self.state.epoch_steps
+            else f"the end of epoch {self.state.epoch - 1}"
+        )
+        msg = (
+            f"training of {self.cfg.name} fold {self.job.fold} stopped by {name} at {where}; "
+            f"{FoldDir(self.job.run_dir).checkpoint_latest} is written. Continue with `voxflow train "
+            f"{self.job.work.root} -c {self.cfg.name} -f {self.job.fold} --resume` (any number of processes)."
+        )
         log.warning("%s", msg)
         return msg
 
@@ -548,11 +644,20 @@ class _Trainer:
                 for _ in range(self.state.epoch_batches):  # replay up to where an interrupted epoch stopped
                     next(batches)
                 losses = losses or self._losses(batches)
-                progress = train_epoch(model, losses[0], self.optimizer, self.scaler, batches,
-                                       n_iters=self.spec.iters_per_epoch, info=self.info,
-                                       amp_dtype=self.amp_dtype, grad_clip=self.spec.grad_clip,
-                                       desc=f"epoch {epoch}", progress=progress,
-                                       stop_requested=self.stop.requested)
+                progress = train_epoch(
+                    model,
+                    losses[0],
+                    self.optimizer,
+                    self.scaler,
+                    batches,
+                    n_iters=self.spec.iters_per_epoch,
+                    info=self.info,
+                    amp_dtype=self.amp_dtype,
+                    grad_clip=self.spec.grad_clip,
+                    desc=f"epoch {epoch}",
+                    progress=progress,
+                    stop_requested=self.stop.requested,
+                )
             finally:
                 _close(loader)
             if progress.stopped:
@@ -564,26 +669,45 @@ class _Trainer:
             train_loss = epoch_loss(progress, self.info)
             self.data_wait_fraction = progress.data_wait_fraction
             t_train = time.perf_counter() - t0
-            val_loss, counts = validate(model, losses[1], iter(val_loader), n_iters=self.spec.val_iters,
-                                        info=self.info, amp_dtype=self.amp_dtype, labels=self.job.labels)
+            val_loss, counts = validate(
+                model,
+                losses[1],
+                iter(val_loader),
+                n_iters=self.spec.val_iters,
+                info=self.info,
+                amp_dtype=self.amp_dtype,
+                labels=self.job.labels,
+            )
             dice = pseudo_dice(counts.cpu())
             self._after_epoch(epoch, lr, train_loss, val_loss, dice, t_train, time.perf_counter() - t0)
             if self._should_stop():
-                log.info("early stopping after epoch %d: EMA pseudo-Dice did not improve for %d epochs",
-                         epoch, self.state.epochs_since_best)
+                log.info(
+                    "early stopping after epoch %d: EMA pseudo-Dice did not improve for %d epochs",
+                    epoch,
+                    self.state.epochs_since_best,
+                )
                 self.state.stopped_early = True
                 break
             if epoch + 1 < self.spec.epochs and D.any_rank(self.stop.requested(), self.info):
                 return True
         return False
 
-    def _after_epoch(self, epoch: int, lr: float, train_loss: float, val_loss: float, dice: list[float],
-                     t_train: float, t_epoch: float) -> None:
+    def _after_epoch(
+        self,
+        epoch: int,
+        lr: float,
+        train_loss: float,
+        val_loss: float,
+        dice: list[float],
+        t_train: float,
+        t_epoch: float,
+    ) -> None:
         finite = [d for d in dice if math.isfinite(d)]
         mean = float(np.mean(finite)) if finite else 0.0
         st = self.state
-        st.ema_pseudo_dice = mean if st.ema_pseudo_dice is None else (
-            EMA_MOMENTUM * st.ema_pseudo_dice + (1 - EMA_MOMENTUM) * mean)
+        st.ema_pseudo_dice = (
+            mean if st.ema_pseudo_dice is None else (EMA_MOMENTUM * st.ema_pseudo_dice + (1 - EMA_MOMENTUM) * mean)
+        )
         st.epoch = epoch + 1
         st.train_seconds += t_epoch
         improved = st.ema_pseudo_dice > st.best_ema
@@ -594,16 +718,32 @@ class _Trainer:
             st.epochs_since_best += 1
         if st.epoch % self.spec.checkpoint_every == 0:
             self._save("latest")
-        self.monitor.record({
-            "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-            "pseudo_dice": [d if math.isfinite(d) else None for d in dice], "mean_pseudo_dice": mean,
-            "ema_pseudo_dice": st.ema_pseudo_dice, "lr": lr, "epoch_seconds": t_epoch,
-            "seconds_per_iter": t_train / self.spec.iters_per_epoch, "new_best": improved,
-            "data_wait_fraction": self.data_wait_fraction,
-        })
+        self.monitor.record(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "pseudo_dice": [d if math.isfinite(d) else None for d in dice],
+                "mean_pseudo_dice": mean,
+                "ema_pseudo_dice": st.ema_pseudo_dice,
+                "lr": lr,
+                "epoch_seconds": t_epoch,
+                "seconds_per_iter": t_train / self.spec.iters_per_epoch,
+                "new_best": improved,
+                "data_wait_fraction": self.data_wait_fraction,
+            }
+        )
         if self.info.is_main:
-            log.info("epoch %d: train loss %.4f, val loss %.4f, pseudo-Dice %s (EMA %.4f), lr %.2e, %.1f s",
-                     epoch, train_loss, val_loss, [round(d, 4) for d in dice], st.ema_pseudo_dice, lr, t_epoch)
+            log.info(
+                "epoch %d: train loss %.4f, val loss %.4f, pseudo-Dice %s (EMA %.4f), lr %.2e, %.1f s",
+                epoch,
+                train_loss,
+                val_loss,
+                [round(d, 4) for d in dice],
+                st.ema_pseudo_dice,
+                lr,
+                t_epoch,
+            )
 
     def _should_stop(self) -> bool:
         patience = self.spec.early_stopping_patience
@@ -629,12 +769,19 @@ class _Trainer:
             log.warning("DDP ranks ended with different weights (max difference %.3g)", spread)
         if not self.info.is_main:
             return
-        atomic_write_json(self.job.run_dir / "training_summary.json", {
-            "configuration": self.cfg.name, "fold": str(self.job.fold), "epochs": self.state.epoch,
-            "stopped_early": self.state.stopped_early, "best_ema_pseudo_dice": self.state.best_ema,
-            "train_seconds": self.state.train_seconds, "world_size": self.info.world_size,
-            "ddp_max_param_diff": spread, "n_parameters": count_parameters(self.net),
-        })
+        atomic_write_json(
+            self.job.run_dir / "training_summary.json",
+            {
+                "configuration": self.cfg.name,
+                "fold": str(self.job.fold),
+                "epochs": self.state.epoch,
+                "stopped_early": self.state.stopped_early,
+                "best_ema_pseudo_dice": self.state.best_ema,
+                "train_seconds": self.state.train_seconds,
+                "world_size": self.info.world_size,
+                "ddp_max_param_diff": spread,
+                "n_parameters": count_parameters(self.net),
+            },
+        )
         if self.job.validate_cases:
-            validate_fold(self.job.work, self.cfg.name, self.job.fold, self.job.val_ids,
-                          device=str(self.info.device))
+            validate_fold(self.job.work, self.cfg.name, self.job.fold, self.job.val_ids, device=str(self.info.device))

@@ -23,15 +23,27 @@ __all__ = ["cross_validation_model", "validate_fold"]
 log = logging.getLogger(__name__)
 
 
-def validate_fold(work: Workspace, configuration: str, fold: int | str, val_ids: Sequence[str] | None = None, *,
-                  device: str = "cpu", tta: bool = True, scheduler: str = "threads") -> EvaluationSummary | None:
+def validate_fold(
+    work: Workspace,
+    configuration: str,
+    fold: int | str,
+    val_ids: Sequence[str] | None = None,
+    *,
+    device: str = "cpu",
+    tta: bool = True,
+    scheduler: str = "threads",
+) -> EvaluationSummary | None:
     """Predict ``val_ids`` (default: the fold's validation cases in ``splits.json``) with
     ``checkpoint_final.pt`` of the fold and write ``validation/summary.json``; return the evaluation
     summary, or ``None`` when skipped."""
     run = work.fold(configuration, fold)
     if not (work.dataset_store / "zarr.json").exists():
-        log.warning("end-of-fold validation skipped for %s fold %s: no dataset store at %s to predict from",
-                    configuration, fold, work.dataset_store)
+        log.warning(
+            "end-of-fold validation skipped for %s fold %s: no dataset store at %s to predict from",
+            configuration,
+            fold,
+            work.dataset_store,
+        )
         return None
     if val_ids is None:
         val_ids = _fold_validation_ids(work, configuration, fold)
@@ -41,12 +53,20 @@ def validate_fold(work: Workspace, configuration: str, fold: int | str, val_ids:
 
     model = cross_validation_model(work, load_model(run.checkpoint_final, device=device), fold)
     log.info("predicting %d validation cases of %s fold %s", len(val_ids), configuration, fold)
-    pred = predict(work.dataset_store, run.validation, models=[model], device=device, tta=tta,
-                   case_ids=list(val_ids), export=False, overwrite=True, scheduler=scheduler, progress=False)
-    summary = evaluate(pred, work.dataset_store, surface=False, output=run.validation_summary,
-                       scheduler=scheduler)
-    log.info("validation of %s fold %s: foreground mean Dice %.4f", configuration, fold,
-             summary.dice)
+    pred = predict(
+        work.dataset_store,
+        run.validation,
+        models=[model],
+        device=device,
+        tta=tta,
+        case_ids=list(val_ids),
+        export=False,
+        overwrite=True,
+        scheduler=scheduler,
+        progress=False,
+    )
+    summary = evaluate(pred, work.dataset_store, surface=False, output=run.validation_summary, scheduler=scheduler)
+    log.info("validation of %s fold %s: foreground mean Dice %.4f", configuration, fold, summary.dice)
     return summary
 
 
@@ -66,8 +86,9 @@ def cross_validation_model(work: Workspace, model: tuple[Any, Any, Any], fold: i
 
     store = Store.open(work.preprocessed(cfg.name))
     splits = load_or_create_splits(work, store.case_ids(), groups=store.meta.extra.get("case_groups"))
-    sources = {c: work.fold(cfg.previous_stage, k).validation_predictions
-               for k, s in enumerate(splits) for c in s["val"]}
+    sources = {
+        c: work.fold(cfg.previous_stage, k).validation_predictions for k, s in enumerate(splits) for c in s["val"]
+    }
     return Ensemble(cfg, meta, [net], [f"{cfg.name}/fold_{fold}"], previous_source=sources)
 
 
