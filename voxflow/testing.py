@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import dask
 import numpy as np
 
-__all__ = ["ComputeError", "raise_if_computes", "run_with_memory_cap", "synthetic_case"]
+__all__ = ["ComputeError", "raise_if_computes", "run_with_memory_cap", "synthetic_case", "wait_for_json"]
 
 
 class ComputeError(RuntimeError):
@@ -96,3 +98,18 @@ def run_with_memory_cap(
         else:
             lines.append(line)
     return peak, "\n".join(lines)
+
+
+def wait_for_json(path: str | os.PathLike[str], timeout: float) -> Any:
+    """The JSON that another process writes to ``path`` (e.g. a ``dask scheduler --scheduler-file``),
+    once it exists and parses; TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return json.load(f)
+            except json.JSONDecodeError:
+                pass  # still being written
+        time.sleep(0.2)
+    raise TimeoutError(f"no JSON at {path} after {timeout} s")

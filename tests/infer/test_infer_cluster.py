@@ -5,7 +5,6 @@ ensemble); a worker killed with SIGKILL mid-task and a killed client both recove
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import zarr
 import voxflow
 from voxflow.infer import predict
 from voxflow.store import Store
+from voxflow.testing import wait_for_json
 
 SHAPE = (17, 40, 36)  # cropped and resampled to (16, 39, 35): 1 x 3 x 3 blocks of (16, 16, 16), tile (8, 16, 16)
 BLOCK_BYTES = 4 * 4 * 16 * 16 * 16  # (3 classes + weight) float32
@@ -71,18 +71,6 @@ def _env() -> dict[str, str]:
     }
 
 
-def _wait_for(path: Path, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError:
-                pass
-        time.sleep(0.2)
-    raise TimeoutError(f"no scheduler file at {path} after {timeout} s")
-
-
 class Cluster:
     """A `dask scheduler` and `dask worker` subprocesses on this machine."""
 
@@ -107,7 +95,7 @@ class Cluster:
             stderr=subprocess.DEVNULL,
             env=_env(),
         )
-        self.address = _wait_for(sched_file, 60)["address"]
+        self.address = wait_for_json(sched_file, 60)["address"]
 
     def ensure_workers(self, n: int = 2) -> None:
         self.workers = [w for w in self.workers if w.poll() is None]

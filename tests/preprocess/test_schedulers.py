@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from voxflow.preprocess import run_preprocess
 from voxflow.store import Store
+from voxflow.testing import wait_for_json
 
 
 def _assert_same(a: Store, b: Store) -> None:
@@ -46,18 +44,6 @@ def test_local_cluster_gives_identical_store(tmp_path, dataset) -> None:
     _assert_same(reference, out)
 
 
-def _wait_for(path: Path, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError:
-                pass
-        time.sleep(0.2)
-    raise TimeoutError(f"no scheduler file at {path} after {timeout} s")
-
-
 @pytest.mark.slow
 def test_tcp_cluster_of_two_worker_processes_gives_identical_store(tmp_path, dataset) -> None:
     src, plan, reference = dataset
@@ -82,7 +68,7 @@ def test_tcp_cluster_of_two_worker_processes_gives_identical_store(tmp_path, dat
         )
     ]
     try:
-        address = _wait_for(sched_file, 60)["address"]
+        address = wait_for_json(sched_file, 60)["address"]
         procs += [
             subprocess.Popen(
                 [

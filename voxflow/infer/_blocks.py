@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,7 +139,7 @@ def predict_block(
     """
     import torch
 
-    from voxflow.infer._sliding import read_tile
+    from voxflow.infer._sliding import weighted_batches
 
     grid, starts, boxes, batches = schedule.batches()
     needed = _needed_batches(boxes, batches, core)
@@ -148,24 +147,11 @@ def predict_block(
     lo = np.asarray([c[0] for c in core], np.int64)
     buf = np.zeros((k + 1, *(hi - c0 for c0, hi in core)), np.float32)
     gauss = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
-    gauss_on: dict[Any, Any] = {}
-
-    def load(idx: np.ndarray) -> np.ndarray:
-        return np.stack([read_tile(image, grid, starts[i]) for i in idx])
-
     if not needed:
         return buf[:k], 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="voxflow-block-reader") as pool:
-        pending = pool.submit(load, needed[0])
-        for bi, idx in enumerate(needed):
-            tiles = pending.result()
-            if bi + 1 < len(needed):
-                pending = pool.submit(load, needed[bi + 1])
-            probs = torch.as_tensor(predictor(tiles))
-            g = gauss_on.setdefault(probs.device, gauss.to(probs.device))
-            weighted = (probs * g).cpu().numpy()  # as the single-process path computes it
-            for j, i in enumerate(idx):
-                _add_tile(buf, grid, starts[i], core, lo, weighted[j], weights)
+    for idx, weighted in weighted_batches(image, predictor, grid, starts, needed, gauss):
+        for j, i in enumerate(idx):
+            _add_tile(buf, grid, starts[i], core, lo, weighted[j], weights)
     np.divide(buf[:k], buf[k], out=buf[:k])
     return buf[:k], sum(len(b) for b in needed)
 

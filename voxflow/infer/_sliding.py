@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -117,19 +117,22 @@ def _tile_weights(importance_map: np.ndarray | None, grid: TileGrid) -> torch.Te
     return torch.from_numpy(np.ascontiguousarray(importance_map, dtype=np.float32))
 
 
-def _accumulate(
+def weighted_batches(
     image: Any,
     predictor: Predictor,
     grid: TileGrid,
     starts: np.ndarray,
-    batches: list[np.ndarray],
-    gauss: torch.Tensor,
-    acc: TileAccumulator,
-    bar: Any,
-) -> None:
-    """Predict the batches (reading the next one while the current one runs) and add them to ``acc``."""
-    gauss_np = gauss.numpy()
-    gauss_on: dict[torch.device, torch.Tensor] = {}
+    batches: Sequence[np.ndarray],
+    weights: torch.Tensor,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per batch: its tile indices and the weighted scores ``predictor(tiles) * weights`` (B, K, *patch)
+    float32 on the host, reading the next batch's tiles in a background thread while one runs.
+
+    The one place this arithmetic lives: the single-process accumulator and the cluster's block
+    tasks (:mod:`voxflow.infer._blocks`) both use it, so their sums are bit-identical."""
+    if not len(batches):
+        return
+    on_device: dict[torch.device, torch.Tensor] = {}
 
     def load(idx: np.ndarray) -> np.ndarray:
         return np.stack([read_tile(image, grid, starts[i]) for i in idx])
@@ -141,15 +144,30 @@ def _accumulate(
             if bi + 1 < len(batches):
                 pending = pool.submit(load, batches[bi + 1])
             probs = torch.as_tensor(predictor(tiles))
-            g = gauss_on.setdefault(probs.device, gauss.to(probs.device))
-            weighted = (probs * g).cpu().numpy()
-            for j, i in enumerate(idx):
-                vol, loc = grid.region(starts[i])
-                sl = tuple(slice(lo, hi) for lo, hi in loc)
-                every_class = (slice(None), *sl)
-                acc.add(vol, weighted[j][every_class], gauss_np[sl])
-            if bar is not None:
-                bar.update(len(idx))
+            w = on_device.setdefault(probs.device, weights.to(probs.device))
+            yield idx, (probs * w).cpu().numpy()
+
+
+def _accumulate(
+    image: Any,
+    predictor: Predictor,
+    grid: TileGrid,
+    starts: np.ndarray,
+    batches: list[np.ndarray],
+    gauss: torch.Tensor,
+    acc: TileAccumulator,
+    bar: Any,
+) -> None:
+    """Predict the batches and add them to ``acc``."""
+    gauss_np = gauss.numpy()
+    for idx, weighted in weighted_batches(image, predictor, grid, starts, batches, gauss):
+        for j, i in enumerate(idx):
+            vol, loc = grid.region(starts[i])
+            sl = tuple(slice(lo, hi) for lo, hi in loc)
+            every_class = (slice(None), *sl)
+            acc.add(vol, weighted[j][every_class], gauss_np[sl])
+        if bar is not None:
+            bar.update(len(idx))
 
 
 def sliding_window_predict_in_memory(
