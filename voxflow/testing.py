@@ -14,7 +14,15 @@ from typing import Any
 import dask
 import numpy as np
 
-__all__ = ["ComputeError", "raise_if_computes", "run_with_memory_cap", "synthetic_case", "wait_for_json"]
+__all__ = [
+    "ComputeError",
+    "raise_if_computes",
+    "run_with_memory_cap",
+    "start_dask_scheduler",
+    "start_dask_worker",
+    "synthetic_case",
+    "wait_for_json",
+]
 
 
 class ComputeError(RuntimeError):
@@ -113,3 +121,34 @@ def wait_for_json(path: str | os.PathLike[str], timeout: float) -> Any:
                 pass  # still being written
         time.sleep(0.2)
     raise TimeoutError(f"no JSON at {path} after {timeout} s")
+
+
+def start_dask_scheduler(
+    scheduler_file: str | os.PathLike[str], *, env: dict[str, str] | None = None, timeout: float = 60
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A ``dask scheduler`` subprocess on localhost (any free port, no dashboard) and its address."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+         "--dashboard-address", ":0", "--scheduler-file", str(scheduler_file)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    try:
+        return proc, str(wait_for_json(scheduler_file, timeout)["address"])
+    except BaseException:
+        proc.kill()
+        raise
+
+
+def start_dask_worker(
+    address: str,
+    local_directory: str | os.PathLike[str],
+    *,
+    memory_limit: str = "1GB",
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """A one-thread ``dask worker`` subprocess (no dashboard) connected to ``address``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-dashboard",
+         "--memory-limit", memory_limit, "--local-directory", str(local_directory)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip

@@ -20,7 +20,7 @@ import zarr
 import voxflow
 from voxflow.infer import predict
 from voxflow.store import Store
-from voxflow.testing import wait_for_json
+from voxflow.testing import start_dask_scheduler, start_dask_worker
 
 SHAPE = (17, 40, 36)  # cropped and resampled to (16, 39, 35): 1 x 3 x 3 blocks of (16, 16, 16), tile (8, 16, 16)
 BLOCK_BYTES = 4 * 4 * 16 * 16 * 16  # (3 classes + weight) float32
@@ -76,50 +76,14 @@ class Cluster:
 
     def __init__(self, tmp: Path):
         self.tmp, self.workers, self.n = tmp, [], 0
-        sched_file = tmp / "scheduler.json"
-        self.scheduler = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "distributed.cli.dask_scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--dashboard-address",
-                ":0",
-                "--scheduler-file",
-                str(sched_file),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=_env(),
-        )
-        self.address = wait_for_json(sched_file, 60)["address"]
+        self.scheduler, self.address = start_dask_scheduler(tmp / "scheduler.json", env=_env())
 
     def ensure_workers(self, n: int = 2) -> None:
         self.workers = [w for w in self.workers if w.poll() is None]
         while len(self.workers) < n:
             self.n += 1
             self.workers.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "distributed.cli.dask_worker",
-                        self.address,
-                        "--nthreads",
-                        "1",
-                        "--no-dashboard",
-                        "--memory-limit",
-                        "2GB",
-                        "--local-directory",
-                        str(self.tmp / f"w{self.n}"),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    env=_env(),
-                )
+                start_dask_worker(self.address, self.tmp / f"w{self.n}", memory_limit="2GB", env=_env())
             )
         from distributed import Client
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from voxflow.preprocess import run_preprocess
 from voxflow.store import Store
-from voxflow.testing import wait_for_json
+from voxflow.testing import start_dask_scheduler, start_dask_worker
 
 
 def _assert_same(a: Store, b: Store) -> None:
@@ -47,46 +46,10 @@ def test_local_cluster_gives_identical_store(tmp_path, dataset) -> None:
 @pytest.mark.slow
 def test_tcp_cluster_of_two_worker_processes_gives_identical_store(tmp_path, dataset) -> None:
     src, plan, reference = dataset
-    sched_file = tmp_path / "scheduler.json"
-    dask_cli = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
-    worker_cli = [sys.executable, "-m", "distributed.cli.dask_worker"]
-    procs = [
-        subprocess.Popen(
-            [
-                *dask_cli,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--dashboard-address",
-                ":0",
-                "--scheduler-file",
-                str(sched_file),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    ]
+    scheduler, address = start_dask_scheduler(tmp_path / "scheduler.json")
+    procs = [scheduler]
     try:
-        address = wait_for_json(sched_file, 60)["address"]
-        procs += [
-            subprocess.Popen(
-                [
-                    *worker_cli,
-                    address,
-                    "--nthreads",
-                    "1",
-                    "--no-dashboard",
-                    "--memory-limit",
-                    "1GB",
-                    "--local-directory",
-                    str(tmp_path / f"w{i}"),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for i in range(2)
-        ]
+        procs += [start_dask_worker(address, tmp_path / f"w{i}") for i in range(2)]
         from distributed import Client
 
         with Client(address, timeout=60) as client:
