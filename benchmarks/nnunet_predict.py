@@ -26,7 +26,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from voxflow.testing import run_with_memory_cap
+from voxflow.testing import run_with_memory_cap, write_nnunet_model_folder
 
 log = logging.getLogger("voxflow.benchmarks.nnunet_predict")
 DATASET_ID = 902
@@ -124,19 +124,7 @@ def build_model(root: Path, *, features: int, patch: int, spacing: float, resamp
         deep_supervision=True,
     )
     model = root / "nnUNet_results" / name / f"nnUNetTrainer__{plans_id}__3d_fullres"
-    (model / "fold_0").mkdir(parents=True)
-    torch.save(
-        {
-            "network_weights": net.state_dict(),
-            "init_args": {"configuration": "3d_fullres"},
-            "trainer_name": "nnUNetTrainer",
-            "inference_allowed_mirroring_axes": (0, 1, 2),
-            "current_epoch": 0,
-        },
-        model / "fold_0" / "checkpoint_final.pth",
-    )
-    (model / "plans.json").write_text(json.dumps(plans))
-    (model / "dataset.json").write_text(json.dumps(dataset))
+    write_nnunet_model_folder(model, {0: net.state_dict()}, plans=plans, dataset=dataset, configuration="3d_fullres")
     return model
 
 

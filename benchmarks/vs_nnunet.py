@@ -28,7 +28,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from voxflow.testing import run_with_memory_cap
+from voxflow.testing import run_with_memory_cap, write_nnunet_model_folder
 
 log = logging.getLogger("voxflow.benchmarks.vs_nnunet")
 DATASET_ID = 903
@@ -116,19 +116,7 @@ def build_model(root: Path, n_test: int) -> tuple[Path, Path, list[str], dict[st
         deep_supervision=True,
     )
     model = root / "nnUNet_results" / name / f"nnUNetTrainer__{plans_id}__3d_fullres"
-    (model / "fold_0").mkdir(parents=True)
-    torch.save(
-        {
-            "network_weights": net.state_dict(),
-            "init_args": {"configuration": "3d_fullres"},
-            "trainer_name": "nnUNetTrainer",
-            "inference_allowed_mirroring_axes": (0, 1, 2),
-            "current_epoch": 0,
-        },
-        model / "fold_0" / "checkpoint_final.pth",
-    )
-    (model / "plans.json").write_text(json.dumps(plans))
-    (model / "dataset.json").write_text(json.dumps(dataset))
+    write_nnunet_model_folder(model, {0: net.state_dict()}, plans=plans, dataset=dataset, configuration="3d_fullres")
     kw = cm.network_arch_init_kwargs
     plan = {"patch_size": cm.patch_size, "batch_size": cm.batch_size, "features_per_stage": kw["features_per_stage"]}
     return model, test_dir, ids, plan

@@ -22,6 +22,7 @@ __all__ = [
     "start_dask_worker",
     "synthetic_case",
     "wait_for_json",
+    "write_nnunet_model_folder",
 ]
 
 
@@ -152,3 +153,31 @@ def start_dask_worker(
          "--memory-limit", memory_limit, "--local-directory", str(local_directory)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )  # fmt: skip
+
+
+def write_nnunet_model_folder(
+    folder: str | os.PathLike[str],
+    weights: dict[int, Any],
+    *,
+    plans: dict[str, Any],
+    dataset: dict[str, Any],
+    configuration: str,
+    trainer: str = "nnUNetTrainer",
+    mirror_axes: Sequence[int] = (0, 1, 2),
+) -> None:
+    """An nnU-Net v2 model folder as nnU-Net's trainer leaves it: ``plans.json``, ``dataset.json`` and
+    ``fold_<k>/checkpoint_final.pth`` with the state dict ``weights[k]`` (for tests and benchmarks)."""
+    import torch  # only here: the other helpers work without it
+
+    root = os.fspath(folder)
+    for fold, state in weights.items():
+        os.makedirs(os.path.join(root, f"fold_{fold}"), exist_ok=True)
+        init_args = {"plans": plans, "configuration": configuration, "fold": fold, "dataset_json": dataset,
+                     "device": "cpu"}  # fmt: skip
+        checkpoint = {"network_weights": state, "optimizer_state": None, "grad_scaler_state": None, "logging": {},
+                      "_best_ema": None, "current_epoch": 0, "init_args": init_args, "trainer_name": trainer,
+                      "inference_allowed_mirroring_axes": tuple(mirror_axes)}  # fmt: skip
+        torch.save(checkpoint, os.path.join(root, f"fold_{fold}", "checkpoint_final.pth"))
+    for name, content in (("plans.json", plans), ("dataset.json", dataset)):
+        with open(os.path.join(root, name), "w", encoding="utf-8") as f:
+            json.dump(content, f)

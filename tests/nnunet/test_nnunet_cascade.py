@@ -4,7 +4,6 @@ errors. Tests needing nnunetv2 / dynamic-network-architectures are marked ``nnun
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from voxflow.nnunet import (
     translate_configuration,
 )
 from voxflow.preprocess import zoom_reference
-from voxflow.testing import raise_if_computes
+from voxflow.testing import raise_if_computes, write_nnunet_model_folder
 
 DATASET = {
     "channel_names": {"0": "CT"},
@@ -220,25 +219,13 @@ def _model_folder(
     folds: list[int],
     trainer: str = "nnUNetTrainer",
 ) -> Path:
-    import torch
 
     from voxflow.nnunet import build_network
 
     folder = root / f"{trainer}__nnUNetPlans__{config}"
     spec = translate_configuration(plans, dataset, config)
-    for fold in folds:
-        (folder / f"fold_{fold}").mkdir(parents=True)
-        torch.save(
-            {
-                "network_weights": build_network(spec).state_dict(),
-                "init_args": {"configuration": config},
-                "trainer_name": trainer,
-                "inference_allowed_mirroring_axes": (0, 1, 2),
-            },
-            folder / f"fold_{fold}" / "checkpoint_final.pth",
-        )
-    (folder / "plans.json").write_text(json.dumps(plans))
-    (folder / "dataset.json").write_text(json.dumps(dataset))
+    weights = {int(fold): build_network(spec).state_dict() for fold in folds}
+    write_nnunet_model_folder(folder, weights, plans=plans, dataset=dataset, configuration=config, trainer=trainer)
     return folder
 
 

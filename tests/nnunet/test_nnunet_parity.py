@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from voxflow.testing import write_nnunet_model_folder
+
 pytestmark = pytest.mark.nnunet
 
 DATASET_ID = 901
@@ -150,6 +152,7 @@ def _build_model(
             dataset,
         )
         train.append((data, seg))
+    weights: dict[int, Any] = {}
     for fold in (0, 1):
         torch.manual_seed(fold)
         net = get_network_from_plans(
@@ -162,29 +165,8 @@ def _build_model(
             deep_supervision=True,
         )
         _train_briefly(net, train, list(cm.patch_size), seed=fold)
-        (model / f"fold_{fold}").mkdir(parents=True)
-        torch.save(
-            {
-                "network_weights": net.state_dict(),
-                "optimizer_state": None,
-                "grad_scaler_state": None,
-                "logging": {},
-                "_best_ema": None,
-                "current_epoch": 0,
-                "init_args": {
-                    "plans": plans,
-                    "configuration": "3d_fullres",
-                    "fold": fold,
-                    "dataset_json": dataset,
-                    "device": "cpu",
-                },
-                "trainer_name": "nnUNetTrainer",
-                "inference_allowed_mirroring_axes": (0, 1, 2),
-            },
-            model / f"fold_{fold}" / "checkpoint_final.pth",
-        )
-    (model / "plans.json").write_text(json.dumps(plans))
-    (model / "dataset.json").write_text(json.dumps(dataset))
+        weights[fold] = net.state_dict()
+    write_nnunet_model_folder(model, weights, plans=plans, dataset=dataset, configuration="3d_fullres")
     fp = pre / "dataset_fingerprint.json"
     (model / "dataset_fingerprint.json").write_text(fp.read_text())
     return model, sorted((raw / "imagesTs").iterdir())
@@ -332,6 +314,7 @@ def _train_and_save(folder: Path, plans: dict[str, Any], dataset: dict[str, Any]
             data = np.vstack((data, convert_labelmap_to_one_hot(seg[0], lm.foreground_labels, data.dtype)))
         train.append((data, seg))
     assert train[0][0].shape[0] == n_in
+    weights: dict[int, Any] = {}
     for fold in (0, 1):
         torch.manual_seed(fold)
         net = get_network_from_plans(
@@ -344,29 +327,8 @@ def _train_and_save(folder: Path, plans: dict[str, Any], dataset: dict[str, Any]
             deep_supervision=True,
         )
         _train_briefly(net, train, list(cm.patch_size), seed=fold)
-        (folder / f"fold_{fold}").mkdir(parents=True)
-        torch.save(
-            {
-                "network_weights": net.state_dict(),
-                "optimizer_state": None,
-                "grad_scaler_state": None,
-                "logging": {},
-                "_best_ema": None,
-                "current_epoch": 0,
-                "init_args": {
-                    "plans": plans,
-                    "configuration": config,
-                    "fold": fold,
-                    "dataset_json": dataset,
-                    "device": "cpu",
-                },
-                "trainer_name": "nnUNetTrainer",
-                "inference_allowed_mirroring_axes": (0, 1, 2),
-            },
-            folder / f"fold_{fold}" / "checkpoint_final.pth",
-        )
-    (folder / "plans.json").write_text(json.dumps(plans))
-    (folder / "dataset.json").write_text(json.dumps(dataset))
+        weights[fold] = net.state_dict()
+    write_nnunet_model_folder(folder, weights, plans=plans, dataset=dataset, configuration=config)
 
 
 def _build_cascade(root: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Path], list[Path]]:
