@@ -19,10 +19,12 @@ __all__ = [
     "BIAS_ROUNDINGS",
     "EMULATION_POLICIES",
     "PRECISIONS",
+    "NATIVE_BF16_FLAGS",
     "EmulatedBf16",
     "amp_dtype_for",
     "autocast_for",
     "cpu_has_native_bf16",
+    "cpuinfo_has_native_bf16",
     "emulate_bf16_autocast",
     "resolve_precision",
 ]
@@ -32,17 +34,43 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("auto", *_DTYPES)
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the processor computes bf16 natively (AVX512-BF16 or AMX), where a bf16 autocast
-    is faster than fp32; elsewhere bf16 on the CPU is emulated and slower."""
+#: /proc/cpuinfo flags of native bf16 arithmetic: AVX512-BF16 (vdpbf16ps) and AMX-BF16 tiles
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpuinfo_has_native_bf16(cpuinfo: str) -> bool:
+    """Whether the ``flags`` lines of /proc/cpuinfo text list avx512_bf16 or amx_bf16 (x86 Linux).
+
+    >>> cpuinfo_has_native_bf16("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    True
+    >>> cpuinfo_has_native_bf16("flags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    False
+    """
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags" and NATIVE_BF16_FLAGS & set(value.split()):
+            return True
+    return False
+
+
+def cpu_has_native_bf16(cpuinfo_path: str | Path = "/proc/cpuinfo") -> bool:
+    """True when the processor computes bf16 natively (AVX512-BF16 or AMX-BF16), where a bf16
+    autocast is faster than fp32; elsewhere torch's bf16 kernels are slow fallbacks.
+
+    Reads the kernel's CPU flags (:func:`cpuinfo_has_native_bf16`) where ``cpuinfo_path`` has
+    them, else asks torch's CPUID probe. (``torch.backends.cpu.get_cpu_capability()`` says
+    ``AVX512`` also for AVX512 processors without bf16, so it is not used.)
+    """
+    try:
+        text = Path(cpuinfo_path).read_text(errors="replace")
+    except OSError:
+        text = ""
+    if any(line.partition(":")[0].strip() == "flags" for line in text.splitlines()):
+        return cpuinfo_has_native_bf16(text)
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # older torch: read the flags
-        try:
-            flags = Path("/proc/cpuinfo").read_text().split()
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except AttributeError:  # a torch without these probes
+        return False
 
 
 def resolve_precision(
