@@ -167,3 +167,19 @@ def test_bad_emulation_settings_are_refused() -> None:
         emulate_bf16_autocast("tpu")
     with pytest.raises(ConfigError, match="bias rounding must be one of"):
         EmulatedBf16(nn.Identity(), bias="late")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_is_bf16_for_cpu_inference_only_with_native_bf16(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    import voxflow.precision as P
+    from voxflow.infer import TilePredictor
+    from voxflow.train._steps import resolve_precision as resolve_for_training
+
+    monkeypatch.setattr(P, "_native_bf16_here", lambda: native)
+    cpu = torch.device("cpu")
+    assert P.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert P.resolve_precision("auto", cpu, amp=False) == "fp32"
+    assert P.resolve_precision("auto", cpu, for_training=True) == "fp32"
+    assert resolve_for_training("auto", cpu) == "fp32"
+    assert P.resolve_precision("fp32", cpu) == "fp32"
+    assert TilePredictor(nn.Conv3d(1, 2, 1)).precision == ("bf16" if native else "fp32")
