@@ -9,11 +9,18 @@ sums; every other op as autocast runs it), so a model's bf16 agreement can be me
    convolution given the input it got under real autocast: fraction of outputs that differ, and by
    how many bf16 units in the last place) and (b) end to end (argmax agreement of fp32, emulation
    and real bf16, pairwise), for a small random U-Net and for the trained network on one tile of a
-   validation case (``--tile``; the real bf16 forward is slow without native bf16).
+   validation case (``--tile``; the real bf16 forward is slow without native bf16). Bias rounding
+   "reference" reproduces this machine's fallback kernels (its transposed convolution adds the bias
+   after rounding); "fused" is oneDNN's (native-bf16 CPUs), which then differs from the fallback by
+   one bf16 unit in ~30% of the transposed convolutions' outputs.
 2. ``agreement``: the trained fold predicts its validation cases through ``voxflow.infer.predict``
    (preprocessing, sliding window, TTA, undo -- the real path) in fp32 and with the emulated bf16
    network (policy ``cpu``: CPU autocast's op lists; ``cuda``: CUDA's, which keep norms in float32);
    label-map voxel agreement and Dice against the reference labels of both.
+
+Measured (hippocampus-dev fold 0, CPU-preset model, 30 epochs, TTA, 5 cases, 328,500 voxels): oneDNN
+rules 30 voxels differ (99.991%), any case's Dice within 0.0011; CUDA rules 48 voxels (99.985%), Dice
+within 0.0009; real CPU autocast vs the emulation on one tile: identical label map. Figures: README.
 
 Train a fold first, e.g.::
 
