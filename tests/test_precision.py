@@ -65,18 +65,38 @@ def _conv_args(transposed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return x, torch.randn(shape, generator=g) * 0.2, torch.randn(6, generator=g)
 
 
+def _conv(transposed: bool, *a: torch.Tensor) -> torch.Tensor:
+    return F.conv_transpose3d(*a, stride=2) if transposed else F.conv3d(*a, padding=1)
+
+
+def _differing(transposed: bool, bias: str) -> float:
+    """Fraction of a bf16 convolution's outputs where the emulation differs from the real CPU autocast."""
+    x, w, b = _conv_args(transposed)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=BF16):
+            real = _conv(transposed, x, w, b)
+        with emulate_bf16_autocast("cpu", bias=bias):
+            return (_conv(transposed, x, w, b) != real).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def bias_here() -> str:
+    """This machine's bias rounding: "reference" where torch's fallback kernels run (CPUs without
+    AVX512: the transposed convolution adds its bias after rounding), "fused" where oneDNN runs."""
+    return min(("reference", "fused"), key=lambda bias: _differing(True, bias))
+
+
 @pytest.mark.parametrize("transposed", [False, True])
-def test_emulated_convolution_rounds_where_cpu_autocast_rounds(transposed: bool) -> None:
+def test_emulated_convolution_rounds_where_cpu_autocast_rounds(transposed: bool, bias_here: str) -> None:
     x, w, b = _conv_args(transposed)
 
     def conv(*a: torch.Tensor) -> torch.Tensor:
-        return F.conv_transpose3d(*a, stride=2) if transposed else F.conv3d(*a, padding=1)
+        return _conv(transposed, *a)
 
     with torch.inference_mode():
         with torch.autocast("cpu", dtype=BF16):
             real = conv(x, w, b)
-        # "reference": this machine's fallback kernels (transposed convolutions add the bias after rounding)
-        with emulate_bf16_autocast("cpu", bias="reference"):
+        with emulate_bf16_autocast("cpu", bias=bias_here):
             emu = conv(x, w, b)
         fp32 = conv(x, w, b)
     assert real.dtype == emu.dtype == BF16
@@ -116,7 +136,7 @@ def _tiny_unet() -> nn.Module:
     return build_network(spec, in_channels=1, num_outputs=3).eval()
 
 
-def test_emulated_network_matches_cpu_autocast_layer_by_layer() -> None:
+def test_emulated_network_matches_cpu_autocast_layer_by_layer(bias_here: str) -> None:
     """Every module of a U-Net gets the input it saw under real autocast (in-place LeakyReLU: taken
     before the call); its emulated output has the
     real output's dtype and values (but for rare float32-order flips in the convolutions)."""
@@ -135,12 +155,12 @@ def test_emulated_network_matches_cpu_autocast_layer_by_layer() -> None:
     with torch.inference_mode():
         for name, module in leaves:
             inp, real = inputs[name], outputs[name]
-            with emulate_bf16_autocast("cpu", bias="reference"):
+            with emulate_bf16_autocast("cpu", bias=bias_here):
                 emu = module(inp)
             assert emu.dtype == real.dtype, name
             assert (emu != real).float().mean().item() < 1e-2, name
             kinds.add((type(module).__name__, str(real.dtype)))
-        emu_out = EmulatedBf16(net, bias="reference")(x)
+        emu_out = EmulatedBf16(net, bias=bias_here)(x)
     # norms and activations run on bf16 tensors under CPU autocast, as in the emulation
     assert {("GroupNorm", "torch.bfloat16"), ("LeakyReLU", "torch.bfloat16")} <= kinds
     assert emu_out.dtype == real_out.dtype == BF16
@@ -183,3 +203,18 @@ def test_auto_is_bf16_for_cpu_inference_only_with_native_bf16(monkeypatch: pytes
     assert resolve_for_training("auto", cpu) == "fp32"
     assert P.resolve_precision("fp32", cpu) == "fp32"
     assert TilePredictor(nn.Conv3d(1, 2, 1)).precision == ("bf16" if native else "fp32")
+
+
+def test_emulated_network_in_the_tile_predictor_matches_real_bf16(bias_here: str) -> None:
+    """The wrapper slots into the fp32 predictor (mirroring TTA, float32 sums) and gives the scores of
+    the predictor running real bf16 autocast, up to the rare flips."""
+    from voxflow.infer import TilePredictor
+
+    net = _tiny_unet()
+    x = torch.randn(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(2)).numpy()
+    real = TilePredictor(net, mirror_axes=(2,), precision="bf16")(x)
+    emu = TilePredictor(EmulatedBf16(net, bias=bias_here), mirror_axes=(2,), precision="fp32")(x)
+    fp32 = TilePredictor(net, mirror_axes=(2,), precision="fp32")(x)
+    assert emu.dtype == real.dtype == torch.float32
+    assert (emu - real).abs().max().item() < 0.5 * (fp32 - real).abs().max().item()
+    assert (emu.argmax(1) == real.argmax(1)).float().mean().item() > 0.99
