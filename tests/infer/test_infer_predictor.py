@@ -80,7 +80,9 @@ def test_mirrorings_of_a_tile_go_in_one_forward_pass(rng: np.random.Generator) -
 
 def test_precision_resolution_and_bf16_on_the_cpu(rng: np.random.Generator) -> None:
     net = _norm_net(4)
-    assert TilePredictor(net).precision == "fp32"  # auto on the CPU
+    from voxflow.precision import cpu_has_native_bf16
+
+    assert TilePredictor(net).precision == ("bf16" if cpu_has_native_bf16() else "fp32")  # auto on the CPU
     x = rng.normal(size=(1, 1, 6, 8, 8)).astype(np.float32)
     fp32 = TilePredictor(net, mirror_axes=(2,))(x)
     bf16 = TilePredictor(net, mirror_axes=(2,), precision="bf16")(x)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -266,10 +267,20 @@ def test_precision_is_a_choice_recorded_in_the_checkpoint(tmp_path: Path) -> Non
         TrainSpec(precision="fp8")
     kw = {"loader_factory": fake_build_loader, "num_workers": 0, "validate_cases": False}
     work = make_workspace(tmp_path, epochs=1, iters_per_epoch=2)
-    run_dir = train_fold(work, "tiny", 0, overrides={"train.precision": "bf16"}, **kw)
+    conv_dtypes: set[torch.dtype] = set()
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, _i, o: conv_dtypes.add(o.dtype) if isinstance(m, torch.nn.Conv3d) else None
+    )
+    try:  # 2 iterations under a real CPU bf16 autocast (a slow fallback here, fine for a tiny net)
+        run_dir = train_fold(work, "tiny", 0, overrides={"train.precision": "bf16"}, **kw)
+    finally:
+        hook.remove()
+    assert torch.bfloat16 in conv_dtypes
     ckpt = load_checkpoint(run_dir / "checkpoint_final.pt")
     assert ckpt["precision"] == "bf16"
     assert ckpt["configuration"]["train"]["precision"] == "bf16"
+    assert all(math.isfinite(m["train_loss"]) for m in _metrics(run_dir))
+    assert all(torch.isfinite(v).all() for v in ckpt["network"].values() if v.is_floating_point())
     with pytest.raises(PlanError, match="fp16 needs a CUDA device"):
         train_fold(work, "tiny", 1, overrides={"train.precision": "fp16"}, **kw)
 

@@ -116,9 +116,12 @@ from voxflow._cliutil import handle_errors, parse_folds, scheduler_option
     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
     default="auto",
     show_default=True,
-    help="Forward-pass precision: auto (bf16 autocast on CUDA, fp16 where bf16 is missing; fp32 on the "
-    "CPU), fp32, bf16 (fast on CPUs with AVX512-BF16/AMX, emulated and slow elsewhere) or fp16 "
-    "(CUDA). Scores are accumulated in float32.",
+    help="Forward-pass precision: auto (bf16 autocast on CUDA, fp16 where bf16 is missing; on the CPU "
+    "bf16 where the processor has AVX512-BF16/AMX-BF16, fp32 elsewhere -- emulated bf16 agreed with "
+    "fp32 on >= 99.98% of voxels, each case's Dice within 0.0016, on a trained hippocampus model, see "
+    "README), fp32, bf16 "
+    "(slow fallback kernels on CPUs without AVX512-BF16/AMX) or fp16 (CUDA). Scores are accumulated "
+    "in float32.",
 )
 @click.option(
     "--whole-image/--sliding-window",

@@ -41,7 +41,8 @@ class PredictOptions:
     batch_size: int | None = None
     cache_bytes: int = DEFAULT_CACHE_BYTES
     amp: bool = True
-    #: forward-pass precision: ``auto`` (bf16/fp16 autocast on CUDA, fp32 on the CPU), ``fp32``, ``bf16``,
+    #: forward-pass precision: ``auto`` (bf16/fp16 autocast on CUDA; on the CPU bf16 with native
+    #: AVX512-BF16/AMX, else fp32), ``fp32``, ``bf16``,
     #: ``fp16`` (CUDA); see :func:`voxflow.precision.resolve_precision`
     precision: str = "auto"
     #: memory (bytes) for the activations of one forward pass: how many mirrored tiles go together

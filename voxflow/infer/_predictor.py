@@ -49,7 +49,8 @@ class TilePredictor:
     device : torch device.
     amp : with ``precision="auto"``: False means fp32 (the older switch).
     precision : ``fp32``, ``bf16``, ``fp16`` (CUDA) or ``auto`` (:func:`voxflow.precision.resolve_precision`:
-        bf16 or fp16 autocast on CUDA, fp32 on the CPU); the scores are summed in float32.
+        bf16 or fp16 autocast on CUDA; on the CPU bf16 with native AVX512-BF16/AMX, else fp32); the
+        scores are summed in float32.
     axis_order : the network's spatial axes as tile axes (network axis j is tile axis
         ``axis_order[j]``; nnU-Net's ``transpose_forward``); outputs come back in tile order.
     max_tiles_per_forward : most tiles (batch x mirrorings) in one forward pass; ``None``: as many

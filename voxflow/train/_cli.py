@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
     default=None,
     help="Override train.precision: auto (bf16 on CUDA where supported, fp16 with loss scaling on "
-    "older GPUs, fp32 on the CPU), or fp32 / bf16 / fp16 (CUDA only). Recorded in the checkpoint.",
+    "older GPUs, fp32 on every CPU: bf16 training on CPUs with AVX512-BF16/AMX is not measured yet), "
+    "or fp32 / bf16 / fp16 (CUDA only). Recorded in the checkpoint.",
 )
 @click.option(
     "--resume",

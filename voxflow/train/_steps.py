@@ -35,9 +35,10 @@ __all__ = [
 
 
 def resolve_precision(precision: str, device: torch.device, *, amp: bool = True) -> str:
-    """:func:`voxflow.precision.resolve_precision` for ``train.precision`` (a :class:`PlanError`)."""
+    """:func:`voxflow.precision.resolve_precision` for ``train.precision`` (a :class:`PlanError`;
+    ``auto`` is fp32 on every CPU)."""
     try:
-        return _resolve(precision, device, amp=amp, setting="train.precision")
+        return _resolve(precision, device, amp=amp, setting="train.precision", for_training=True)
     except ConfigError as e:
         raise PlanError(f"{e} (or --set train.precision=...)") from None
 
