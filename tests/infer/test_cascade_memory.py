@@ -13,7 +13,8 @@ per phase at this shape, measured without a cap (2-core machine, ``/proc/self/st
 * now: 820 / 623 MiB resampling back, 734 / 553 MiB staging; the peak is the second stage's sliding
   window (988-995 / 737-742 MiB: 8-channel tiles, the 128 MiB tile cache, ~120 MiB of thread
   stacks), which keeps it above the 900 MiB of the single-stage memory tests. Passes at 1024 MiB
-  (peak RSS 727 MiB, 465 s; it needed 1280 MiB before).
+  (peak RSS 727 MiB, 465 s; it needed 1280 MiB before). With 1 MiB thread stacks (``ulimit -s 1024``
+  before pytest) it passed at 900 MiB (peak RSS 738 MiB): the stacks are what is left above 900.
 """
 
 from __future__ import annotations
