@@ -1,4 +1,21 @@
-"""Two-stage (cascade) prediction of a volume larger than the memory cap stays under the cap."""
+"""Two-stage (cascade) prediction of a volume larger than the memory cap stays under the cap.
+
+The cap is RLIMIT_DATA (``run_with_memory_cap``): the process's private writable mappings (VmData),
+not its resident memory. Besides the working set it counts ~360 MiB of imports (torch, dask, zarr),
+every thread's 8 MiB stack (RLIMIT_STACK; ~16 threads here: zarr's asyncio pool, dask's pool, the
+tile reader, tqdm's monitor, OpenMP) and freed heap pages glibc keeps mapped. Peak VmData / VmRSS
+per phase at this shape, measured without a cap (2-core machine, ``/proc/self/status`` sampled):
+
+* before: 1071 / 868 MiB in the first stage's resampling back to the original grid (every per-axis
+  resampling pass was an array of the graph: now one task per output chunk,
+  ``benchmarks/resample_back_memory.py``), 920-987 / 733-824 MiB staging the second stage (its 8
+  input channels in chunks sized for 1);
+* now: 820 / 623 MiB resampling back, 734 / 553 MiB staging; the peak is the second stage's sliding
+  window (988-995 / 737-742 MiB: 8-channel tiles, the 128 MiB tile cache, ~120 MiB of thread
+  stacks), which keeps it above the 900 MiB of the single-stage memory tests. Passes at 1024 MiB
+  (peak RSS 727 MiB, 465 s; it needed 1280 MiB before). With 1 MiB thread stacks (``ulimit -s 1024``
+  before pytest) it passed at 900 MiB (peak RSS 738 MiB): the stacks are what is left above 900.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +26,7 @@ import pytest
 
 from voxflow.testing import run_with_memory_cap
 
-CAP_BYTES = 1280 * 2**20  # measured peak RSS without a cap: 872 MiB (loaded 2-core machine)
+CAP_BYTES = 1024 * 2**20  # RLIMIT_DATA; see the module docstring
 SHAPE = (128, 512, 512)  # 33.5M voxels
 N_CLASSES = 8
 

@@ -100,8 +100,7 @@ def _stage_case(
     group = zarr.open_group(str(scratch), mode="r+" if reuse else "w", zarr_format=3)
     inputs, images, sources = [], [], []
     for i, model in enumerate(models):
-        big = grow_chunks(model.patch_size_vox, 4 * model.n_channels)  # compute in few, large tasks
-        case = model.prepare(src, case_id, out_chunks=big, previous=previous[i] if previous else {})
+        case, big = _prepare(model, src, case_id, previous[i] if previous else {})
         shape = case.image.shape
         if reuse:
             inputs.append(case)
@@ -125,6 +124,22 @@ def _stage_case(
         group.attrs["voxflow_staged"] = signature  # last: the staged images are complete
     trim_heap()
     return _Staged(case_id, inputs, images, scratch, input_signature(src, case_id))
+
+
+def _prepare(
+    model: PredictionModel, src: Store, case_id: str, previous: Mapping[str, da.Array]
+) -> tuple[CaseInput, tuple[int, ...]]:
+    """``model.prepare`` of a case in few, large dask chunks (~8 MB of float32 input each), and those
+    chunks. Sized by the channels the input really has: a cascade's second stage appends one one-hot
+    channel per previous-stage label to its ``n_channels`` image channels (chunks sized for the image
+    alone held 8x the bytes per task with 7 labels: the staging peak of ``test_cascade_memory.py``)."""
+    big = grow_chunks(model.patch_size_vox, 4 * model.n_channels)
+    case = model.prepare(src, case_id, out_chunks=big, previous=previous)
+    n_in = int(case.image.shape[0])
+    if n_in > model.n_channels:  # the graph is lazy: building it again with smaller chunks costs nothing
+        big = grow_chunks(model.patch_size_vox, 4 * n_in)
+        case = model.prepare(src, case_id, out_chunks=big, previous=previous)
+    return case, big
 
 
 def _staged_with(scratch: Path, signature: dict[str, Any]) -> bool:

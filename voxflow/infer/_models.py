@@ -233,7 +233,9 @@ class Ensemble:
             spatial_dims=cfg.network.spatial_dims,
             device=device,
             amp=amp,
-            voxel_bytes=forward_bytes_per_voxel(cfg.network, cfg.patch_size_vox, cfg.n_channels, self.n_outputs),
+            voxel_bytes=forward_bytes_per_voxel(
+                cfg.network, cfg.patch_size_vox, cfg.n_channels + len(self.previous_labels), self.n_outputs
+            ),
             divisor_zyx=_divisor_zyx(cfg.network.total_stride),
         )
 

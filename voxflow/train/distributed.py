@@ -13,12 +13,30 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_sum", "any_rank", "barrier", "cleanup", "free_port", "setup_process_group"]
+from voxflow.errors import VoxflowError
+
+__all__ = [
+    "MAIN_FIRST_TIMEOUT",
+    "DistInfo",
+    "all_reduce_sum",
+    "any_rank",
+    "barrier",
+    "cleanup",
+    "free_port",
+    "main_first",
+    "setup_process_group",
+]
+
+T = TypeVar("T")
+#: how long the other ranks wait for rank 0 in :func:`main_first` (the process group's own timeout is 30 min)
+MAIN_FIRST_TIMEOUT = datetime.timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -95,6 +113,39 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
+
+
+def main_first(
+    info: DistInfo, fn: Callable[[], T], *, what: str, timeout: datetime.timedelta = MAIN_FIRST_TIMEOUT
+) -> T | None:
+    """Run ``fn`` on rank 0 only while the other ranks wait; its result on rank 0, None elsewhere.
+
+    For work with one writer (e.g. preparing files every rank then reads). The ranks meet in an
+    all-reduce on a gloo group of their own whose timeout is ``timeout``: the default group's 30
+    minutes may be shorter than the work, and gloo also runs beside NCCL (CPU tensors). An exception
+    on rank 0 is re-raised there, and the other ranks stop with a :class:`VoxflowError` naming
+    ``what``; a rank 0 that dies breaks the group's connections, which ends their wait too.
+    """
+    if not info.distributed:
+        return fn()
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    result: T | None = None
+    error: BaseException | None = None
+    try:
+        if info.is_main:
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - passed on to the other ranks, then re-raised
+                error = e
+        failed = torch.tensor([0.0 if error is None else 1.0])
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    if error is not None:
+        raise error
+    if failed.item() > 0:
+        raise VoxflowError(f"rank 0 failed while {what}; its error message (in its log) says what to fix.")
+    return result
 
 
 def cleanup(info: DistInfo) -> None:

@@ -10,7 +10,8 @@ Run directory ``WORK/runs/<cfg>/fold_<k>/``::
 A cascade's second stage (``previous_stage`` set, e.g. ``3d_cascade_fullres``) first makes sure every
 case of the fold has its first stage's cross-validation segmentation in the preprocessed store
 (:func:`voxflow.train.cascade.ensure_previous_stage`; a clear error names the ``3d_lowres`` fold to
-train or validate otherwise); its network takes one extra one-hot input channel per foreground label.
+train or validate otherwise; under DDP rank 0 writes it while the other ranks wait); its network takes
+one extra one-hot input channel per foreground label.
 
 Randomness: the network is initialised from ``train.seed`` on every rank (DDP also broadcasts rank
 0's weights); each epoch gets a fresh training loader seeded with ``train.seed + 7919 · epoch`` (its
@@ -51,7 +52,7 @@ import torch
 from torch import nn
 
 from voxflow._lock import LOCK_NAME, dir_lock_file, locked
-from voxflow.errors import PlanError, TrainingInterrupted
+from voxflow.errors import IncompleteStoreError, PlanError, TrainingInterrupted
 from voxflow.nets import build_network, count_parameters, deep_supervision_scales
 from voxflow.plan.schema import Configuration, Plan, TrainSpec, atomic_write_json
 from voxflow.store import DatasetMeta, Store
@@ -180,10 +181,11 @@ def _resolve(
     in_channels = config.n_channels
     if config.previous_stage is not None:  # a cascade's second stage: the previous stage's CV segmentations
         from voxflow.models import previous_stage_labels
-        from voxflow.train.cascade import ensure_previous_stage
+        from voxflow.train.cascade import previous_stage_sources
 
         cv_splits = load_or_create_splits(work, case_ids, groups=store.meta.extra.get("case_groups"))
-        ensure_previous_stage(work, config, sorted({*train_ids, *val_ids}), splits=cv_splits)
+        # every prerequisite checked here (read only); prev_seg is written by rank 0 (_prepare_previous_stage)
+        previous_stage_sources(work, config, sorted({*train_ids, *val_ids}), splits=cv_splits)
         in_channels += len(previous_stage_labels(store.meta))
     return _Job(
         work,
@@ -293,9 +295,36 @@ def _rank_entry(
     """Train on one rank; returns a message when the run was interrupted by a signal."""
     info = D.setup_process_group(device, rank=rank, world_size=world_size, port=port)
     try:
+        _prepare_previous_stage(job, info)
         return _Trainer(job, info, factory).run()
     finally:
         D.cleanup(info)
+
+
+def _prepare_previous_stage(job: _Job, info: D.DistInfo) -> None:
+    """A cascade's second stage: rank 0 writes the missing or stale ``prev_seg`` of the fold's cases
+    (:func:`~voxflow.train.cascade.ensure_previous_stage`) while the other ranks wait
+    (:func:`~voxflow.train.distributed.main_first`: one writer, no timeout on a long preparation);
+    they then check that they see it (the workspace must be on a file system every node shares)."""
+    config = job.configuration
+    if config.previous_stage is None:
+        return
+    from voxflow.train.cascade import ensure_previous_stage, stale_previous_stage
+
+    store = Store.open(job.store_path)
+    splits = load_or_create_splits(job.work, store.case_ids(), groups=store.meta.extra.get("case_groups"))
+    cases = sorted({*job.train_ids, *job.val_ids})
+    what = f"writing the {config.previous_stage} segmentations (prev_seg) of {config.name}"
+    D.main_first(info, lambda: ensure_previous_stage(job.work, config, cases, splits=splits), what=what)
+    if info.is_main:
+        return
+    stale = stale_previous_stage(job.work, config, cases, splits=splits)
+    if stale:
+        case, (_, reason) = next(iter(stale.items()))
+        raise IncompleteStoreError(
+            f"rank {info.rank} must see the prev_seg that rank 0 wrote into {job.store_path}; {len(stale)} case(s) "
+            f"lack it here (e.g. {case!r}: {reason}). Put the workspace on a file system that every node shares."
+        )
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
