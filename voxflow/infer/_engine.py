@@ -440,6 +440,39 @@ def _run_on_devices(
         )
 
 
+def _pooled_cases(
+    src: Store,
+    models: Sequence[PredictionModel],
+    todo: Sequence[str],
+    device: str,
+    opts: PredictOptions,
+    loader: ModelLoader | None,
+) -> list[str]:
+    """The cases of ``todo`` to predict in worker processes (:mod:`voxflow.infer._case_pool`): the small
+    ones, if there are at least ``CASE_POOL_MIN_CASES`` of them, on the CPU with several cores, the
+    threaded scheduler, no cascade and models that ``loader`` can load again; otherwise none."""
+    from voxflow.cluster import is_small_case
+    from voxflow.infer import _case_pool
+
+    if loader is None or device != "cpu" or opts.scheduler != "threads" or _case_pool.cpu_count() < 2:
+        return []
+    if stage_chain(models):
+        return []
+    small = [c for c in todo if is_small_case(int(np.prod(src.zarr_array(c, "image").shape[1:])))]
+    return small if len(small) >= _case_pool.CASE_POOL_MIN_CASES else []
+
+
+def _predict_in_pool(
+    src: Store, out: Store, loader: ModelLoader, case_ids: list[str], opts: PredictOptions, scratch_root: Path
+) -> None:
+    """Predict small cases in worker processes, one stage bar over them."""
+    from voxflow.cluster import stage_bar
+    from voxflow.infer._case_pool import predict_cases_in_pool
+
+    with stage_bar(len(case_ids), desc="cases", progress=opts.progress) as bar:
+        predict_cases_in_pool(src.path, out.path, loader, case_ids, opts, scratch_root / "pool", bar=bar)
+
+
 def _records(models: Sequence[PredictionModel]) -> dict[str, Any]:
     return {k: v for m in models for k, v in m.record.items()}
 
@@ -541,8 +574,13 @@ def run_prediction(
         if blocks is None and len(devices) > 1 and len(todo) > 1 and loader is not None:
             _run_on_devices(devices, src, out, loader, todo, opts, scratch_root)
         else:
+            pooled = _pooled_cases(src, models, todo, devices[0], opts, loader) if blocks is None else []
+            if pooled and loader is not None:
+                _predict_in_pool(src, out, loader, pooled, opts, scratch_root)
+            in_pool = set(pooled)
+            rest = [c for c in todo if c not in in_pool]
             _predict_cases(
-                src, out, models, todo, device=devices[0], opts=opts, scratch_root=scratch_root, blocks=blocks
+                src, out, models, rest, device=devices[0], opts=opts, scratch_root=scratch_root, blocks=blocks
             )
     shutil.rmtree(scratch_root, ignore_errors=True)
     if opts.export:
