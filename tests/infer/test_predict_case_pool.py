@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from voxflow.infer import predict
 from voxflow.infer import _case_pool as case_pool
+from voxflow.infer import predict
 from voxflow.infer._engine import _pooled_cases
 from voxflow.infer._options import PredictOptions
 from voxflow.store import Store
@@ -95,6 +95,4 @@ def test_small_cases_in_worker_processes_write_the_sequential_bytes_and_resume(
     pooled.delete_case("case_002")
     again = predict(src, tmp_path / "pool", **kw)
     assert again.case_ids() == src.case_ids()
-    np.testing.assert_array_equal(
-        again.array("case_002", "probs").compute(), ref.array("case_002", "probs").compute()
-    )
+    np.testing.assert_array_equal(again.array("case_002", "probs").compute(), ref.array("case_002", "probs").compute())

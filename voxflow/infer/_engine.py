@@ -51,7 +51,7 @@ from voxflow.infer._chunks import clamp_chunks, grow_chunks, output_chunks
 from voxflow.infer._distributed import BlockRun, block_run
 from voxflow.infer._export import check_dicom_sources, export_labels
 from voxflow.infer._inputs import cases_to_predict, input_signature, open_input
-from voxflow.infer._memory import release_large_allocations, trim_heap
+from voxflow.infer._memory import release_large_allocations, tile_loop_allocations, trim_heap
 from voxflow.infer._options import PredictOptions, resolve_postprocessing
 from voxflow.infer._protocols import CaseInput, ModelLoader, PredictionModel, TileScorer
 from voxflow.infer._undo import probabilities_to_label
@@ -167,21 +167,22 @@ def _predict_model(
         compressors=None,
         fill_value=0.0,
     )
-    sliding_window_predict(
-        image,
-        predictor,
-        patch_size_vox=model.patch_size_vox,
-        n_classes=k,
-        out=scores,
-        step=opts.step,
-        batch_size=model.batch_size(opts.batch_size),
-        cache_bytes=opts.cache_bytes,
-        scratch_dir=st.scratch,
-        progress=opts.progress,
-        desc=f"{st.case_id} {model.name}",
-        importance_map=model.importance_map(),
-        **_whole_image(predictor, opts),
-    )
+    with tile_loop_allocations(opts.forward_bytes):
+        sliding_window_predict(
+            image,
+            predictor,
+            patch_size_vox=model.patch_size_vox,
+            n_classes=k,
+            out=scores,
+            step=opts.step,
+            batch_size=model.batch_size(opts.batch_size),
+            cache_bytes=opts.cache_bytes,
+            scratch_dir=st.scratch,
+            progress=opts.progress,
+            desc=f"{st.case_id} {model.name}",
+            importance_map=model.importance_map(),
+            **_whole_image(predictor, opts),
+        )
     trim_heap()  # the tile cache's blocks are free now; keep them from adding to the write phase's peak
     lazy = da.from_zarr(scores, chunks=(k, *output_chunks(image.shape[1:], k)))  # fewer, larger tasks
     return st.inputs[i].restore(lazy, out_chunks)
