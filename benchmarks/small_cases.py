@@ -114,6 +114,7 @@ def _run_stage(stage: str, pool_min: int | None = None, pythonpath: str | None =
         errors="replace",
         check=False,
         env=_stage_env(stage, pythonpath),
+        cwd=fmt["work"],  # not a checkout: `python -c` puts the working directory before PYTHONPATH
     )
     c1 = os.times()
     wall = time.perf_counter() - t
