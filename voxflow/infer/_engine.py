@@ -45,7 +45,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from voxflow.cluster import case_progress, compute, scheduler_context, split_evenly
+from voxflow.cluster import case_progress, compute, is_small_case, scheduler_context, split_evenly
 from voxflow.errors import VoxflowError
 from voxflow.infer._chunks import clamp_chunks, grow_chunks, output_chunks
 from voxflow.infer._distributed import BlockRun, block_run
@@ -167,7 +167,7 @@ def _predict_model(
         compressors=None,
         fill_value=0.0,
     )
-    with tile_loop_allocations(opts.forward_bytes):
+    with tile_loop_allocations(opts.forward_bytes, enabled=is_small_case(int(np.prod(image.shape[1:])))):
         sliding_window_predict(
             image,
             predictor,
@@ -452,7 +452,6 @@ def _pooled_cases(
     """The cases of ``todo`` to predict in worker processes (:mod:`voxflow.infer._case_pool`): the small
     ones, if there are at least ``CASE_POOL_MIN_CASES`` of them, on the CPU with several cores, the
     threaded scheduler, no cascade and models that ``loader`` can load again; otherwise none."""
-    from voxflow.cluster import is_small_case
     from voxflow.infer import _case_pool
 
     if loader is None or device != "cpu" or opts.scheduler != "threads" or _case_pool.cpu_count() < 2:

@@ -8,7 +8,7 @@ the OS when freed.
 
 The price is paid in the tile loop: every forward pass allocates its activations afresh, and as
 mappings each of them is page-faulted in again (5 hippocampus cases, CPU-preset network with TTA: 5.5 s
-system time beside 19.1 s user, 1.69 M minor faults). So during a tile loop
+system time beside 19.1 s user, 1.69 M minor faults). So during the tile loop of a small volume
 (:func:`tile_loop_allocations`) buffers up to :data:`TILE_LOOP_MMAP_THRESHOLD` come from the heap and up
 to one forward pass's memory of free heap is kept, so the next pass reuses the same pages; after the
 loop the fixed threshold is back and the heap is trimmed, so what the loop kept never adds to the
@@ -69,12 +69,18 @@ def release_large_allocations(threshold_bytes: int = 1 << 20) -> bool:
 
 
 @contextlib.contextmanager
-def tile_loop_allocations(keep_bytes: int) -> Iterator[bool]:
+def tile_loop_allocations(keep_bytes: int, *, enabled: bool = True) -> Iterator[bool]:
     """Inside: buffers up to :data:`TILE_LOOP_MMAP_THRESHOLD` from glibc's heap and up to ``keep_bytes``
     of free heap kept (not given back), so successive forward passes reuse their pages instead of
     faulting fresh mappings in. On exit the threshold of :func:`release_large_allocations` is back and
-    the heap is trimmed. Does nothing (yields False) unless that threshold was fixed in this process."""
-    if not _fixed_threshold:
+    the heap is trimmed. Does nothing (yields False) unless that threshold was fixed in this process,
+    or with ``enabled=False``.
+
+    For small volumes only (the engine enables it below :data:`~voxflow.cluster.SMALL_CASE_VOXELS`): on
+    a volume larger than its memory cap (``tests/infer/test_infer_memory.py``, 128 MiB tile cache) the
+    heap kept growing with the partial blocks allocated and freed between the passes and the run failed
+    at the cap, where the fixed 1 MiB threshold stays flat."""
+    if not _fixed_threshold or not enabled:
         yield False
         return
     applied = bool(_glibc_call("mallopt", _M_MMAP_THRESHOLD, TILE_LOOP_MMAP_THRESHOLD)) and bool(
