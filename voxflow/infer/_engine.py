@@ -45,13 +45,13 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from voxflow.cluster import case_progress, compute, scheduler_context, split_evenly
+from voxflow.cluster import case_progress, compute, is_small_case, scheduler_context, split_evenly
 from voxflow.errors import VoxflowError
 from voxflow.infer._chunks import clamp_chunks, grow_chunks, output_chunks
 from voxflow.infer._distributed import BlockRun, block_run
 from voxflow.infer._export import check_dicom_sources, export_labels
 from voxflow.infer._inputs import cases_to_predict, input_signature, open_input
-from voxflow.infer._memory import release_large_allocations, trim_heap
+from voxflow.infer._memory import release_large_allocations, tile_loop_allocations, trim_heap
 from voxflow.infer._options import PredictOptions, resolve_postprocessing
 from voxflow.infer._protocols import CaseInput, ModelLoader, PredictionModel, TileScorer
 from voxflow.infer._undo import probabilities_to_label
@@ -182,21 +182,22 @@ def _predict_model(
         compressors=None,
         fill_value=0.0,
     )
-    sliding_window_predict(
-        image,
-        predictor,
-        patch_size_vox=model.patch_size_vox,
-        n_classes=k,
-        out=scores,
-        step=opts.step,
-        batch_size=model.batch_size(opts.batch_size),
-        cache_bytes=opts.cache_bytes,
-        scratch_dir=st.scratch,
-        progress=opts.progress,
-        desc=f"{st.case_id} {model.name}",
-        importance_map=model.importance_map(),
-        **_whole_image(predictor, opts),
-    )
+    with tile_loop_allocations(opts.forward_bytes, enabled=is_small_case(int(np.prod(image.shape[1:])))):
+        sliding_window_predict(
+            image,
+            predictor,
+            patch_size_vox=model.patch_size_vox,
+            n_classes=k,
+            out=scores,
+            step=opts.step,
+            batch_size=model.batch_size(opts.batch_size),
+            cache_bytes=opts.cache_bytes,
+            scratch_dir=st.scratch,
+            progress=opts.progress,
+            desc=f"{st.case_id} {model.name}",
+            importance_map=model.importance_map(),
+            **_whole_image(predictor, opts),
+        )
     trim_heap()  # the tile cache's blocks are free now; keep them from adding to the write phase's peak
     lazy = da.from_zarr(scores, chunks=(k, *output_chunks(image.shape[1:], k)))  # fewer, larger tasks
     return st.inputs[i].restore(lazy, out_chunks)
@@ -455,6 +456,38 @@ def _run_on_devices(
         )
 
 
+def _pooled_cases(
+    src: Store,
+    models: Sequence[PredictionModel],
+    todo: Sequence[str],
+    device: str,
+    opts: PredictOptions,
+    loader: ModelLoader | None,
+) -> list[str]:
+    """The cases of ``todo`` to predict in worker processes (:mod:`voxflow.infer._case_pool`): the small
+    ones, if there are at least ``CASE_POOL_MIN_CASES`` of them, on the CPU with several cores, the
+    threaded scheduler, no cascade and models that ``loader`` can load again; otherwise none."""
+    from voxflow.infer import _case_pool
+
+    if loader is None or device != "cpu" or opts.scheduler != "threads" or _case_pool.cpu_count() < 2:
+        return []
+    if stage_chain(models):
+        return []
+    small = [c for c in todo if is_small_case(int(np.prod(src.zarr_array(c, "image").shape[1:])))]
+    return small if len(small) >= _case_pool.CASE_POOL_MIN_CASES else []
+
+
+def _predict_in_pool(
+    src: Store, out: Store, loader: ModelLoader, case_ids: list[str], opts: PredictOptions, scratch_root: Path
+) -> None:
+    """Predict small cases in worker processes, one stage bar over them."""
+    from voxflow.cluster import stage_bar
+    from voxflow.infer._case_pool import predict_cases_in_pool
+
+    with stage_bar(len(case_ids), desc="cases", progress=opts.progress) as bar:
+        predict_cases_in_pool(src.path, out.path, loader, case_ids, opts, scratch_root / "pool", bar=bar)
+
+
 def _records(models: Sequence[PredictionModel]) -> dict[str, Any]:
     return {k: v for m in models for k, v in m.record.items()}
 
@@ -556,8 +589,13 @@ def run_prediction(
         if blocks is None and len(devices) > 1 and len(todo) > 1 and loader is not None:
             _run_on_devices(devices, src, out, loader, todo, opts, scratch_root)
         else:
+            pooled = _pooled_cases(src, models, todo, devices[0], opts, loader) if blocks is None else []
+            if pooled and loader is not None:
+                _predict_in_pool(src, out, loader, pooled, opts, scratch_root)
+            in_pool = set(pooled)
+            rest = [c for c in todo if c not in in_pool]
             _predict_cases(
-                src, out, models, todo, device=devices[0], opts=opts, scratch_root=scratch_root, blocks=blocks
+                src, out, models, rest, device=devices[0], opts=opts, scratch_root=scratch_root, blocks=blocks
             )
     shutil.rmtree(scratch_root, ignore_errors=True)
     if opts.export:

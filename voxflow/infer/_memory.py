@@ -5,21 +5,45 @@ which tile-sized tensors and numpy buffers come from per-thread heaps that rarel
 on a 4M-voxel, 8-class prediction, peak RSS was 1.05 GB with the default and 0.53 GB with a fixed
 1 MiB threshold. Fixing the threshold makes every large buffer a private mapping that goes back to
 the OS when freed.
+
+The price is paid in the tile loop: every forward pass allocates its activations afresh, and as
+mappings each of them is page-faulted in again (5 hippocampus cases, CPU-preset network with TTA: 5.5 s
+system time beside 19.1 s user, 1.69 M minor faults). So during the tile loop of a small volume
+(:func:`tile_loop_allocations`) buffers up to :data:`TILE_LOOP_MMAP_THRESHOLD` come from the heap and up
+to one forward pass's memory of free heap is kept, so the next pass reuses the same pages; after the
+loop the fixed threshold is back and the heap is trimmed, so what the loop kept never adds to the
+write phase.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-__all__ = ["DEFAULT_FORWARD_BYTES", "release_large_allocations", "forward_bytes_per_voxel", "trim_heap"]
+__all__ = [
+    "DEFAULT_FORWARD_BYTES",
+    "TILE_LOOP_MMAP_THRESHOLD",
+    "forward_bytes_per_voxel",
+    "release_large_allocations",
+    "tile_loop_allocations",
+    "trim_heap",
+]
 
 log = logging.getLogger(__name__)
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024  # glibc's
+_INT_MAX = 2**31 - 1  # mallopt takes a C int
+#: mmap threshold inside a tile loop (glibc's own dynamic maximum on 64-bit). Measured on 5 hippocampus
+#: cases (CPU-preset network, TTA): 64 MiB (the 63 MB full-resolution activations of a 32-tile batch
+#: on the heap too) gave the same faults and peak as 32 MiB
+TILE_LOOP_MMAP_THRESHOLD = 32 * 2**20
+_fixed_threshold: list[int] = []  # the threshold release_large_allocations() set in this process
 
 
 def _glibc_call(name: str, *args: int) -> int | None:
@@ -39,7 +63,35 @@ def release_large_allocations(threshold_bytes: int = 1 << 20) -> bool:
     """
     ok = bool(_glibc_call("mallopt", _M_MMAP_THRESHOLD, int(threshold_bytes)))
     log.debug("glibc mmap threshold fixed at %d bytes: %s", threshold_bytes, ok)
+    if ok:
+        _fixed_threshold[:] = [int(threshold_bytes)]
     return ok
+
+
+@contextlib.contextmanager
+def tile_loop_allocations(keep_bytes: int, *, enabled: bool = True) -> Iterator[bool]:
+    """Inside: buffers up to :data:`TILE_LOOP_MMAP_THRESHOLD` from glibc's heap and up to ``keep_bytes``
+    of free heap kept (not given back), so successive forward passes reuse their pages instead of
+    faulting fresh mappings in. On exit the threshold of :func:`release_large_allocations` is back and
+    the heap is trimmed. Does nothing (yields False) unless that threshold was fixed in this process,
+    or with ``enabled=False``.
+
+    For small volumes only (the engine enables it below :data:`~voxflow.cluster.SMALL_CASE_VOXELS`): on
+    a volume larger than its memory cap (``tests/infer/test_infer_memory.py``, 128 MiB tile cache) the
+    heap kept growing with the partial blocks allocated and freed between the passes and the run failed
+    at the cap, where the fixed 1 MiB threshold stays flat."""
+    if not _fixed_threshold or not enabled:
+        yield False
+        return
+    applied = bool(_glibc_call("mallopt", _M_MMAP_THRESHOLD, TILE_LOOP_MMAP_THRESHOLD)) and bool(
+        _glibc_call("mallopt", _M_TRIM_THRESHOLD, min(int(keep_bytes), _INT_MAX))
+    )
+    try:
+        yield applied
+    finally:
+        _glibc_call("mallopt", _M_MMAP_THRESHOLD, _fixed_threshold[0])
+        _glibc_call("mallopt", _M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        trim_heap()
 
 
 def trim_heap() -> bool:
