@@ -395,26 +395,40 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     funcs = {"preprocess": row_preprocess, "train": row_train, "predict": row_predict, "ct": row_ct, "own": row_own}
     rows: dict[str, Any] = {}
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(dir=args.work) as d:
         ctx = Context(Path(d), args)
         for name in ROWS:
             if name in args.rows:
                 log.info("row %s (load %s)", name, load_now())
-                rows[name] = funcs[name](ctx)
-                log.info("%s", json.dumps(rows[name]))
-    report = {
+                try:
+                    rows[name] = funcs[name](ctx)
+                except Exception as e:  # noqa: BLE001  (one failed row must not lose the others)
+                    log.exception("row %s failed", name)
+                    failed[name] = f"{type(e).__name__}: {str(e)[-2000:]}"
+                log.info("%s", json.dumps(rows.get(name)))
+                _write(args.output, _report(args, rows, failed))  # after each row: a partial run keeps its rows
+    print(json.dumps(_report(args, rows, failed), indent=2))
+    print()
+    print(table(rows))
+    if failed:
+        raise SystemExit(f"rows failed: {sorted(failed)}")
+
+
+def _report(args: argparse.Namespace, rows: dict[str, Any], failed: dict[str, str]) -> dict[str, Any]:
+    return {
         "benchmark": "vs_nnunet",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": _processor()},
         "threads": args.threads,
         "rows": rows,
+        **({"failed_rows": failed} if failed else {}),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
-    print()
-    print(table(rows))
+
+
+def _write(path: str | None, report: dict[str, Any]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
