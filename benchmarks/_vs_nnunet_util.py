@@ -54,9 +54,10 @@ def run_measured(argv: list[str], *, env: dict[str, str], timeout: float, period
     Raises RuntimeError with the output's tail when the command fails.
     """
     peaks = [0, 0]
-    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as out, tempfile.TemporaryFile(
-        "w+", encoding="utf-8", errors="replace"
-    ) as err:
+    with (
+        tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as out,
+        tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as err,
+    ):
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
         done = threading.Event()
