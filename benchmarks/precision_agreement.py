@@ -68,8 +68,7 @@ def layer_by_layer(net: nn.Module, x: torch.Tensor, *, bias: str) -> dict[str, A
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     layers = [(n, m) for n, m in net.named_modules() if isinstance(m, _LOWER)]
     hooks = [
-        m.register_forward_hook(lambda _m, i, o, n=n: seen.__setitem__(n, (i[0].clone(), o.clone())))
-        for n, m in layers
+        m.register_forward_hook(lambda _m, i, o, n=n: seen.__setitem__(n, (i[0].clone(), o.clone()))) for n, m in layers
     ]
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         net(x)
@@ -118,10 +117,15 @@ def end_to_end(net: nn.Module, x: torch.Tensor, *, bias: str) -> dict[str, Any]:
     return {
         "bias_rounding": bias,
         "input_shape": list(x.shape),
-        "argmax_agreement": {"fp32_vs_real_bf16": agree(fp32, real), "fp32_vs_emulated": agree(fp32, emu),
-                             "emulated_vs_real_bf16": agree(emu, real)},  # fmt: skip
-        "max_softmax_diff": {"fp32_vs_real_bf16": float((fp32 - real).abs().max()),
-                             "emulated_vs_real_bf16": float((emu - real).abs().max())},  # fmt: skip
+        "argmax_agreement": {
+            "fp32_vs_real_bf16": agree(fp32, real),
+            "fp32_vs_emulated": agree(fp32, emu),
+            "emulated_vs_real_bf16": agree(emu, real),
+        },  # fmt: skip
+        "max_softmax_diff": {
+            "fp32_vs_real_bf16": float((fp32 - real).abs().max()),
+            "emulated_vs_real_bf16": float((emu - real).abs().max()),
+        },  # fmt: skip
         "seconds": {"fp32": t1 - t0, "emulated": t2 - t1, "real_bf16": t3 - t2},
     }
 
@@ -161,7 +165,9 @@ def _dice(pred: np.ndarray, ref: np.ndarray, label: int) -> float:
     return float("nan") if denom == 0 else 2.0 * int((p & r).sum()) / denom
 
 
-def _predict_labels(src: Store, net: nn.Module, cfg: Any, meta: Any, cases: list[str], tta: bool) -> tuple[dict[str, np.ndarray], float]:
+def _predict_labels(
+    src: Store, net: nn.Module, cfg: Any, meta: Any, cases: list[str], tta: bool
+) -> tuple[dict[str, np.ndarray], float]:
     with tempfile.TemporaryDirectory(prefix="voxflow-precision-") as tmp:
         t0 = time.perf_counter()
         out = predict(src, tmp, models=[(net, cfg, meta)], case_ids=cases, postprocessing=None, tta=tta,

@@ -134,13 +134,31 @@ def autocast_for(device: torch.device, precision: str) -> Any:
 #: precision" lists): the names seen under ``inference_mode`` (``conv3d``, ``linear``) and those seen
 #: after autograd's decomposition (``convolution``, ``mm``, ``addmm``)
 _CONV_OPS = frozenset(
-    {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution", "_convolution"}
+    {
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "convolution",
+        "_convolution",
+    }
 )
 _LOWER_OPS = _CONV_OPS | {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm"}
 #: ops CUDA's autocast runs in float32 whatever their input (the part of its list a U-Net meets;
 #: CPU autocast leaves these in their input dtype, so bf16 after a bf16 convolution)
 _CUDA_FP32_OPS = frozenset(
-    {"group_norm", "native_group_norm", "layer_norm", "native_layer_norm", "softmax", "_softmax", "log_softmax", "_log_softmax"}
+    {
+        "group_norm",
+        "native_group_norm",
+        "layer_norm",
+        "native_layer_norm",
+        "softmax",
+        "_softmax",
+        "log_softmax",
+        "_log_softmax",
+    }
 )
 #: where autocast's rounding happens is fixed by torch's op lists (``policy``); where a convolution's
 #: bias is added depends on the kernel (``bias``): "fused" adds it to the float32 sum before the one
