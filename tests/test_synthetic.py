@@ -80,3 +80,33 @@ def test_large_volume_is_written_slab_by_slab_exactly(tmp_path: Path, suffix: st
     np.testing.assert_array_equal(lab, expected_label)
     np.testing.assert_allclose(sitk_img.GetSpacing(), (0.6, 0.7, 1.5))
     assert set(np.unique(lab)) == {0, 1, 2}
+
+
+def test_landmark_blobs_differ_only_by_their_distance_to_the_plate(tmp_path: Path) -> None:
+    """kind="landmark": the near (1) and far (2) blobs have the same intensity and size; the plate
+    (brightest voxels) sits at either y end; every near voxel is 0.14-0.32 of the y extent from it,
+    every far voxel more than 0.55 (a patch centred on a blob sees the plate only if it spans > 0.28)."""
+    out = make_dataset(tmp_path / "lm", kind="landmark", n_cases=6, shape_zyx=(24, 64, 32), seed=2)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "MR"}
+    assert meta["labels"] == {"background": 0, "near": 1, "far": 2}
+    sides = set()
+    for i in range(6):
+        img, _ = _read(out / "imagesTr" / f"synlandmark_{i:03d}_0000.nii.gz")
+        lab, _ = _read(out / "labelsTr" / f"synlandmark_{i:03d}.nii.gz")
+        assert img.dtype == np.float32
+        near, far = img[lab == 1], img[lab == 2]
+        se = 15.0 * np.sqrt(1 / near.size + 1 / far.size)  # noise sd 15: standard error of the difference
+        assert abs(near.mean() - far.mean()) < 4 * se
+        assert abs(near.std() - far.std()) < 4 * se / np.sqrt(2)
+        assert 0.7 < near.size / far.size < 1.4
+        plate_rows = np.nonzero((img > 325).mean((0, 2)) > 0.9)[0]  # plate 400, blobs 250, background 100
+        side = 0 if plate_rows[0] == 0 else 63
+        assert plate_rows.size in (3, 4) and side in (plate_rows[0], plate_rows[-1])
+        sides.add(side)
+        rows = np.arange(64)
+        dist = np.abs(rows - side) - plate_rows.size  # y rows between a voxel and the plate
+        for value, lo, hi in ((1, 0.14, 0.32), (2, 0.55, 1.0)):
+            d = dist[np.nonzero((lab == value).any((0, 2)))[0]] / 64
+            assert lo <= d.min() and d.max() <= hi, (value, d.min(), d.max())
+    assert sides == {0, 63}
