@@ -102,11 +102,13 @@ def test_landmark_blobs_differ_only_by_their_distance_to_the_plate(tmp_path: Pat
         assert 0.7 < near.size / far.size < 1.4
         plate_rows = np.nonzero((img > 325).mean((0, 2)) > 0.9)[0]  # plate 400, blobs 250, background 100
         side = 0 if plate_rows[0] == 0 else 63
-        assert plate_rows.size in (3, 4) and side in (plate_rows[0], plate_rows[-1])
+        assert plate_rows.size in (3, 4)
+        assert side in (plate_rows[0], plate_rows[-1])
         sides.add(side)
         rows = np.arange(64)
         dist = np.abs(rows - side) - plate_rows.size  # y rows between a voxel and the plate
         for value, lo, hi in ((1, 0.14, 0.32), (2, 0.55, 1.0)):
             d = dist[np.nonzero((lab == value).any((0, 2)))[0]] / 64
-            assert lo <= d.min() and d.max() <= hi, (value, d.min(), d.max())
+            assert lo <= d.min(), (value, d.min())
+            assert d.max() <= hi, (value, d.max())
     assert sides == {0, 63}
