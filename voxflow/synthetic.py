@@ -156,7 +156,7 @@ def _mr_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.
 
 # landmark kind, as fractions of the y extent measured from the plate's side: plate thickness, blob
 # centres (near, far) and their jitter, blob radius in y; radii in z and x are fractions of those axes
-_PLATE, _NEAR, _FAR, _JITTER, _RADIUS_Y = 0.06, 0.29, 0.72, 0.015, 0.085
+_PLATE, _NEAR, _FAR, _JITTER, _RADIUS_Y = 0.06, 0.29, 0.72, 0.01, 0.07
 _MEANS = {"background": 100.0, "plate": 400.0, "blob": 250.0}  # MR-like units; noise sd 15
 
 
@@ -170,7 +170,7 @@ def _landmark_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tup
     for value, centre in ((1, _NEAR), (2, _FAR)):
         cd = centre + rng.uniform(-_JITTER, _JITTER)
         cy = (1.0 - 2.0 * cd) if flip else (2.0 * cd - 1.0)
-        radii = (rng.uniform(0.22, 0.3), 2.0 * _RADIUS_Y * rng.uniform(0.9, 1.1), rng.uniform(0.2, 0.28))
+        radii = (rng.uniform(0.24, 0.3), 2.0 * _RADIUS_Y * rng.uniform(0.9, 1.1), rng.uniform(0.22, 0.28))
         centre_zyx = (rng.uniform(-0.4, 0.4), cy, rng.uniform(-0.4, 0.4))
         label[_ellipsoid((gz, gy, gx), centre_zyx, radii)] = value
     img = np.full(shape, _MEANS["background"], np.float32)
