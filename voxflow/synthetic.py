@@ -170,8 +170,8 @@ def _landmark_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tup
     for value, centre in ((1, _NEAR), (2, _FAR)):
         cd = centre + rng.uniform(-_JITTER, _JITTER)
         cy = (1.0 - 2.0 * cd) if flip else (2.0 * cd - 1.0)
-        radii = (rng.uniform(0.24, 0.3), 2.0 * _RADIUS_Y * rng.uniform(0.9, 1.1), rng.uniform(0.22, 0.28))
-        centre_zyx = (rng.uniform(-0.4, 0.4), cy, rng.uniform(-0.4, 0.4))
+        radii = (rng.uniform(0.5, 0.6), 2.0 * _RADIUS_Y * rng.uniform(0.9, 1.1), rng.uniform(0.5, 0.6))  # flat discs
+        centre_zyx = (rng.uniform(-0.2, 0.2), cy, rng.uniform(-0.2, 0.2))
         label[_ellipsoid((gz, gy, gx), centre_zyx, radii)] = value
     img = np.full(shape, _MEANS["background"], np.float32)
     img[plate] = _MEANS["plate"]
