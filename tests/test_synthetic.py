@@ -82,10 +82,11 @@ def test_large_volume_is_written_slab_by_slab_exactly(tmp_path: Path, suffix: st
     assert set(np.unique(lab)) == {0, 1, 2}
 
 
-def test_landmark_blobs_differ_only_by_their_distance_to_the_plate(tmp_path: Path) -> None:
-    """kind="landmark": the near (1) and far (2) blobs have the same intensity and size; the plate
-    (brightest voxels) sits at either y end; every near voxel is 0.14-0.32 of the y extent from it,
-    every far voxel more than 0.55 (a patch centred on a blob sees the plate only if it spans > 0.28)."""
+def test_landmark_blobs_differ_only_by_the_plate_they_lie_next_to(tmp_path: Path) -> None:
+    """kind="landmark": the near (1) and far (2) blobs have the same intensity and size; the bright
+    plate sits at either y end, the dark one at the other; every near voxel is 0.14-0.32 of the y
+    extent from the bright plate, every far voxel as far from the dark one (a patch centred on a blob
+    tells the classes apart only if it spans more than 0.28 of the y extent)."""
     out = make_dataset(tmp_path / "lm", kind="landmark", n_cases=6, shape_zyx=(24, 64, 32), seed=2)
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "MR"}
@@ -100,15 +101,16 @@ def test_landmark_blobs_differ_only_by_their_distance_to_the_plate(tmp_path: Pat
         assert abs(near.mean() - far.mean()) < 4 * se
         assert abs(near.std() - far.std()) < 4 * se / np.sqrt(2)
         assert 0.7 < near.size / far.size < 1.4
-        plate_rows = np.nonzero((img > 325).mean((0, 2)) > 0.9)[0]  # plate 400, blobs 250, background 100
-        side = 0 if plate_rows[0] == 0 else 63
-        assert plate_rows.size in (3, 4)
-        assert side in (plate_rows[0], plate_rows[-1])
+        bright = np.nonzero((img > 325).mean((0, 2)) > 0.9)[0]  # plates 400 and 20, blobs 250, background 100
+        dark = np.nonzero((img < 60).mean((0, 2)) > 0.9)[0]
+        assert bright.size in (3, 4)
+        assert dark.size == bright.size
+        side = 0 if bright[0] == 0 else 63
+        assert {bright[0], bright[-1], dark[0], dark[-1]} >= {0, 63}
         sides.add(side)
-        rows = np.arange(64)
-        dist = np.abs(rows - side) - plate_rows.size  # y rows between a voxel and the plate
-        for value, lo, hi in ((1, 0.14, 0.32), (2, 0.55, 1.0)):
-            d = dist[np.nonzero((lab == value).any((0, 2)))[0]] / 64
-            assert lo <= d.min(), (value, d.min())
-            assert d.max() <= hi, (value, d.max())
+        for value, plate_side in ((1, side), (2, 63 - side)):
+            rows = np.nonzero((lab == value).any((0, 2)))[0]
+            d = (np.abs(rows - plate_side) - bright.size) / 64  # y rows between a voxel and its plate
+            assert d.min() >= 0.14, (value, d.min())
+            assert d.max() <= 0.32, (value, d.max())
     assert sides == {0, 63}

@@ -10,13 +10,14 @@ earlier ones) and learnable by a small U-Net (classes differ in mean intensity a
 * ``"mr"``  -- two float32 channels ``"T1"``/``"T2"`` with a smooth bias field: a brain-like
   ellipsoid holding a tumour (label 2) inside oedema (label 1); 1 mm isotropic.
 * ``"2d"``  -- single 2D slices (one ``"CT"`` channel, organ + lesion), written as 2D images.
-* ``"landmark"`` -- one float32 channel ``"MR"``: a bright plate across one y end of the volume (the
-  landmark; which end is drawn per case) and two blobs that look the same (same intensity, same
-  radius distribution, same noise): label 1 (``"near"``) centred ~0.29 of the y extent from the plate,
-  label 2 (``"far"``) ~0.72 away. Only the distance to the plate tells them apart, so a patch that
-  spans less than ~0.2 of the y extent cannot, while one that sees the plate can (the cascade test
-  data: the first stage's context decides the class). Mirror-invariant, unlike "upper half of the
-  volume": nnU-Net's mirroring augmentation keeps the rule true. 1 mm isotropic.
+* ``"landmark"`` -- one float32 channel ``"MR"``: a bright plate across one y end of the volume and a
+  dark one across the other (the landmarks; which end is bright is drawn per case), and two flat
+  blobs that look the same (same intensity, same size distribution, same noise): label 1 (``"near"``)
+  centred 0.29 of the y extent from the bright plate, label 2 (``"far"``) 0.29 from the dark one.
+  Every blob voxel is 0.17-0.31 of the y extent from its plate: only a patch reaching that far tells
+  the classes apart (the cascade test data: the first stage's context decides the class).
+  Mirror-invariant, unlike "upper half of the volume": nnU-Net's mirroring augmentation keeps the
+  rule true. 1 mm isotropic.
 
 :func:`write_large_volume` writes one very large CT-like volume as an uncompressed MHA or NRRD file
 slab by slab (never holding the whole volume), for out-of-core conversion tests and benchmarks.
@@ -154,18 +155,19 @@ def _mr_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.
     return np.stack(chans), label
 
 
-# landmark kind, as fractions of the y extent measured from the plate's side: plate thickness, blob
-# centres (near, far) and their jitter, blob radius in y; radii in z and x are fractions of those axes
-_PLATE, _NEAR, _FAR, _JITTER, _RADIUS_Y = 0.06, 0.29, 0.72, 0.01, 0.07
-_MEANS = {"background": 100.0, "plate": 400.0, "blob": 250.0}  # MR-like units; noise sd 15
+# landmark kind, as fractions of the y extent measured from the bright plate's side: plate thickness,
+# blob centres (near, far: each as far from its own plate) and their jitter, blob radius in y
+_PLATE, _NEAR, _FAR, _JITTER, _RADIUS_Y = 0.06, 0.29, 0.71, 0.01, 0.07
+_MEANS = {"background": 100.0, "plate": 400.0, "dark_plate": 20.0, "blob": 250.0}  # MR-like units; noise sd 15
 
 
 def _landmark_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Plate at one y end, a "near" (1) and a "far" (2) blob identical but for their distance to it."""
+    """Bright plate at one y end, dark plate at the other, a "near" (1) and a "far" (2) blob identical
+    but for which plate they lie next to (each 0.29 of the y extent from its own plate)."""
     gz, gy, gx = _grid(shape)
-    flip = bool(rng.integers(2))  # plate at y = 0 (False) or at the last y row (True)
-    d = (1.0 - gy if flip else gy + 1.0) / 2.0  # distance from the plate's side, fraction of the y extent
-    plate = np.broadcast_to(d < _PLATE, shape)
+    flip = bool(rng.integers(2))  # bright plate at y = 0 (False) or at the last y row (True)
+    d = (1.0 - gy if flip else gy + 1.0) / 2.0  # distance from the bright plate's side, fraction of y
+    plate, dark = np.broadcast_to(d < _PLATE, shape), np.broadcast_to(d > 1.0 - _PLATE, shape)
     label = np.zeros(shape, np.uint8)
     for value, centre in ((1, _NEAR), (2, _FAR)):
         cd = centre + rng.uniform(-_JITTER, _JITTER)
@@ -175,6 +177,7 @@ def _landmark_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tup
         label[_ellipsoid((gz, gy, gx), centre_zyx, radii)] = value
     img = np.full(shape, _MEANS["background"], np.float32)
     img[plate] = _MEANS["plate"]
+    img[dark] = _MEANS["dark_plate"]
     img[label > 0] = _MEANS["blob"]
     img += rng.normal(0.0, 15.0, size=shape).astype(np.float32)
     return np.maximum(img, 1.0)[None], label

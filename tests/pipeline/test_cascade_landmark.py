@@ -1,10 +1,10 @@
 """The cascade's second stage takes the class from the first stage's channels (issue 16).
 
 ``make_dataset(kind="landmark")``: two blobs that look the same (same intensity, size, noise),
-labelled near (1) and far (2) by their distance to a plate at one y end of the volume. With the
-planner's own CPU plan (``--gpu-memory-gb 0.0075``) a full-resolution patch centred on a near blob
-never reaches the plate, while a 3d_lowres patch does; so only the 3d_lowres segmentation, given to
-3d_cascade_fullres as one-hot channels, can tell the cascade which blob is which.
+labelled near (1) and far (2) by the plate they lie next to (bright at one y end of the volume, dark
+at the other). With the planner's own CPU plan (``--gpu-memory-gb 0.0075``) a full-resolution patch
+centred on a blob never reaches a plate, while a 3d_lowres patch does; so only the 3d_lowres
+segmentation, given to 3d_cascade_fullres as one-hot channels, can tell the cascade which is which.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_only_the_low_resolution_patch_reaches_the_landmark(raw: Path, tmp_path: Path) -> None:
-    """Centred on any voxel of a near blob, the planned full-resolution patch never reaches the plate
+    """Centred on any voxel of a blob, the planned full-resolution patch never reaches the blob's plate
     (near and far look the same to it); the planned 3d_lowres patch does."""
     runner = CliRunner()
     for cmd in (["convert", str(raw), str(tmp_path / "dataset.zarr")], ["fingerprint", "--work", str(tmp_path)]):
@@ -53,11 +53,13 @@ def test_only_the_low_resolution_patch_reaches_the_landmark(raw: Path, tmp_path:
     reach_low = low.patch_size_vox[1] / 2 * low.spacing_zyx[1]
     for i in range(2):
         image, label = synthetic_volume("landmark", SHAPE, seed=(SEED, i))  # the raw training cases
-        plate = np.nonzero((image[0] > 325).mean((0, 2)) > 0.9)[0]  # plate 400, blobs 250, background 100
-        edge = plate[-1] if plate[0] == 0 else plate[0]
-        dist_mm = np.abs(np.nonzero((label == 1).any((0, 2)))[0] - edge) * 1.0  # 1 mm spacing
-        assert reach_full < dist_mm.min(), (reach_full, dist_mm)
-        assert reach_low > dist_mm.max(), (reach_low, dist_mm)
+        bright = np.nonzero((image[0] > 325).mean((0, 2)) > 0.9)[0]  # plates 400 and 20, blobs 250, background 100
+        dark = np.nonzero((image[0] < 60).mean((0, 2)) > 0.9)[0]
+        for value, plate in ((1, bright), (2, dark)):  # near: next to the bright plate, far: to the dark one
+            edge = plate[-1] if plate[0] == 0 else plate[0]
+            dist_mm = np.abs(np.nonzero((label == value).any((0, 2)))[0] - edge) * 1.0  # 1 mm spacing
+            assert reach_full < dist_mm.min(), (value, reach_full, dist_mm)
+            assert reach_low > dist_mm.max(), (value, reach_low, dist_mm)
 
 
 @pytest.fixture(scope="module")
