@@ -24,10 +24,13 @@ from voxflow.workspace import Workspace
 
 SHAPE, SEED = (48, 64, 64), 1
 PLAN_ARGS = ["--preset", "cpu", "--gpu-memory-gb", "0.0075"]
-# measured on this 2-core machine (heavily shared): with 40 or 60 iterations per fold the 3d_lowres
-# folds segment the blobs but give both the same class; TRAIN_ITERS is what the slow test needs
+# measured: with SGD (the plan's optimizer) 40, 60 and 120 iterations per fold, the 3d_lowres folds
+# segment the blobs (foreground Dice ~0.9) but give both one class; AdamW at lr 3e-3 separates them
+# after 120 iterations (no near/far confusion on the validation case)
 TRAIN_ITERS = 120
-DICE_MARGIN = 0.3
+TRAIN_SETS = ["train.epochs=1", f"train.iters_per_epoch={TRAIN_ITERS}", "train.val_iters=1"]
+TRAIN_SETS += ["train.optimizer=adamw", "train.lr=0.003"]
+DICE_MARGIN = 0.3  # and real Dice >= 0.6: first guesses, not yet measured end to end (issue 16)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +69,7 @@ def test_only_the_low_resolution_patch_reaches_the_landmark(raw: Path, tmp_path:
 def trained(raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("work")
     args = [*PLAN_ARGS, "-c", "3d_cascade_fullres", "--folds", "0", "--folds", "1", "--no-tta", "--num-workers", "0"]
-    sets = ["train.epochs=1", f"train.iters_per_epoch={TRAIN_ITERS}", "train.val_iters=1"]
-    cmd = ["run", str(raw), "--work", str(work), *args, *(a for s in sets for a in ("--set", s))]
+    cmd = ["run", str(raw), "--work", str(work), *args, *(a for s in TRAIN_SETS for a in ("--set", s))]
     result = CliRunner().invoke(main, cmd, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return work
@@ -109,7 +111,6 @@ def test_cascade_takes_the_class_from_the_previous_stage(trained: Path) -> None:
     the 3d_lowres channels. With them zeroed its Dice collapses; with near and far exchanged in
     them, its near/far labels follow the channels (Dice against the reference collapses too)."""
     real, zero, swap = (_cascade_dice(trained, c) for c in ("real", "zero", "swap"))
-    print("DICE", {"real": real, "zero": zero, "swap": swap})  # TEMP
     for v in (1, 2):
         assert real[v] >= 0.6, (real, zero, swap)
         assert real[v] - zero[v] >= DICE_MARGIN, (real, zero, swap)
