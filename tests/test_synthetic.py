@@ -80,3 +80,37 @@ def test_large_volume_is_written_slab_by_slab_exactly(tmp_path: Path, suffix: st
     np.testing.assert_array_equal(lab, expected_label)
     np.testing.assert_allclose(sitk_img.GetSpacing(), (0.6, 0.7, 1.5))
     assert set(np.unique(lab)) == {0, 1, 2}
+
+
+def test_landmark_blobs_differ_only_by_the_plate_they_lie_next_to(tmp_path: Path) -> None:
+    """kind="landmark": the near (1) and far (2) blobs have the same intensity and size; the bright
+    plate sits at either y end, the dark one at the other; every near voxel is 0.14-0.32 of the y
+    extent from the bright plate, every far voxel as far from the dark one (a patch centred on a blob
+    tells the classes apart only if it spans more than 0.28 of the y extent)."""
+    out = make_dataset(tmp_path / "lm", kind="landmark", n_cases=6, shape_zyx=(24, 64, 32), seed=2)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "MR"}
+    assert meta["labels"] == {"background": 0, "near": 1, "far": 2}
+    sides = set()
+    for i in range(6):
+        img, _ = _read(out / "imagesTr" / f"synlandmark_{i:03d}_0000.nii.gz")
+        lab, _ = _read(out / "labelsTr" / f"synlandmark_{i:03d}.nii.gz")
+        assert img.dtype == np.float32
+        near, far = img[lab == 1], img[lab == 2]
+        se = 15.0 * np.sqrt(1 / near.size + 1 / far.size)  # noise sd 15: standard error of the difference
+        assert abs(near.mean() - far.mean()) < 4 * se
+        assert abs(near.std() - far.std()) < 4 * se / np.sqrt(2)
+        assert 0.7 < near.size / far.size < 1.4
+        bright = np.nonzero((img > 325).mean((0, 2)) > 0.9)[0]  # plates 400 and 20, blobs 250, background 100
+        dark = np.nonzero((img < 60).mean((0, 2)) > 0.9)[0]
+        assert bright.size in (3, 4)
+        assert dark.size == bright.size
+        side = 0 if bright[0] == 0 else 63
+        assert {bright[0], bright[-1], dark[0], dark[-1]} >= {0, 63}
+        sides.add(side)
+        for value, plate_side in ((1, side), (2, 63 - side)):
+            rows = np.nonzero((lab == value).any((0, 2)))[0]
+            d = (np.abs(rows - plate_side) - bright.size) / 64  # y rows between a voxel and its plate
+            assert d.min() >= 0.14, (value, d.min())
+            assert d.max() <= 0.32, (value, d.max())
+    assert sides == {0, 63}

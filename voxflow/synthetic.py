@@ -1,7 +1,8 @@
 """Deterministic synthetic datasets in nnU-Net v2 raw format, for demos, tests and benchmarks.
 
-Three kinds, all seeded (case ``i`` depends only on ``(seed, i)``, so adding cases never changes
-earlier ones) and learnable by a small U-Net (classes differ in mean intensity and shape):
+Four kinds, all seeded (case ``i`` depends only on ``(seed, i)``, so adding cases never changes
+earlier ones) and learnable by a small U-Net (classes differ in mean intensity and shape, or, for
+``"landmark"``, in their distance to a landmark):
 
 * ``"ct"``  -- one channel ``"CT"`` in Hounsfield units (int16): air, an elliptic body with a
   bright spine, an enhancing ellipsoid organ (label 1) holding a hypodense lesion (label 2);
@@ -9,6 +10,14 @@ earlier ones) and learnable by a small U-Net (classes differ in mean intensity a
 * ``"mr"``  -- two float32 channels ``"T1"``/``"T2"`` with a smooth bias field: a brain-like
   ellipsoid holding a tumour (label 2) inside oedema (label 1); 1 mm isotropic.
 * ``"2d"``  -- single 2D slices (one ``"CT"`` channel, organ + lesion), written as 2D images.
+* ``"landmark"`` -- one float32 channel ``"MR"``: a bright plate across one y end of the volume and a
+  dark one across the other (the landmarks; which end is bright is drawn per case), and two flat
+  blobs that look the same (same intensity, same size distribution, same noise): label 1 (``"near"``)
+  centred 0.29 of the y extent from the bright plate, label 2 (``"far"``) 0.29 from the dark one.
+  Every blob voxel is 0.17-0.31 of the y extent from its plate: only a patch reaching that far tells
+  the classes apart (the cascade test data: the first stage's context decides the class).
+  Mirror-invariant, unlike "upper half of the volume": nnU-Net's mirroring augmentation keeps the
+  rule true. 1 mm isotropic.
 
 :func:`write_large_volume` writes one very large CT-like volume as an uncompressed MHA or NRRD file
 slab by slab (never holding the whole volume), for out-of-core conversion tests and benchmarks.
@@ -38,13 +47,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KINDS = ("ct", "mr", "2d")
-_DEFAULT_SPACING = {"ct": (2.5, 0.8, 0.8), "mr": (1.0, 1.0, 1.0), "2d": (1.0, 0.5, 0.5)}
-_CHANNELS = {"ct": ("CT",), "mr": ("T1", "T2"), "2d": ("CT",)}
+KINDS = ("ct", "mr", "2d", "landmark")
+_DEFAULT_SPACING = {"ct": (2.5, 0.8, 0.8), "mr": (1.0, 1.0, 1.0), "2d": (1.0, 0.5, 0.5), "landmark": (1.0, 1.0, 1.0)}
+_CHANNELS = {"ct": ("CT",), "mr": ("T1", "T2"), "2d": ("CT",), "landmark": ("MR",)}
 _LABELS = {
     "ct": {"background": 0, "organ": 1, "lesion": 2},
     "mr": {"background": 0, "edema": 1, "tumor": 2},
     "2d": {"background": 0, "organ": 1, "lesion": 2},
+    "landmark": {"background": 0, "near": 1, "far": 2},
 }
 
 
@@ -145,12 +155,40 @@ def _mr_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.
     return np.stack(chans), label
 
 
+# landmark kind, as fractions of the y extent measured from the bright plate's side: plate thickness,
+# blob centres (near, far: each as far from its own plate) and their jitter, blob radius in y
+_PLATE, _NEAR, _FAR, _JITTER, _RADIUS_Y = 0.06, 0.29, 0.71, 0.01, 0.07
+_MEANS = {"background": 100.0, "plate": 400.0, "dark_plate": 20.0, "blob": 250.0}  # MR-like units; noise sd 15
+
+
+def _landmark_case(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Bright plate at one y end, dark plate at the other, a "near" (1) and a "far" (2) blob identical
+    but for which plate they lie next to (each 0.29 of the y extent from its own plate)."""
+    gz, gy, gx = _grid(shape)
+    flip = bool(rng.integers(2))  # bright plate at y = 0 (False) or at the last y row (True)
+    d = (1.0 - gy if flip else gy + 1.0) / 2.0  # distance from the bright plate's side, fraction of y
+    plate, dark = np.broadcast_to(d < _PLATE, shape), np.broadcast_to(d > 1.0 - _PLATE, shape)
+    label = np.zeros(shape, np.uint8)
+    for value, centre in ((1, _NEAR), (2, _FAR)):
+        cd = centre + rng.uniform(-_JITTER, _JITTER)
+        cy = (1.0 - 2.0 * cd) if flip else (2.0 * cd - 1.0)
+        radii = (rng.uniform(0.5, 0.6), 2.0 * _RADIUS_Y * rng.uniform(0.9, 1.1), rng.uniform(0.5, 0.6))  # flat discs
+        centre_zyx = (rng.uniform(-0.2, 0.2), cy, rng.uniform(-0.2, 0.2))
+        label[_ellipsoid((gz, gy, gx), centre_zyx, radii)] = value
+    img = np.full(shape, _MEANS["background"], np.float32)
+    img[plate] = _MEANS["plate"]
+    img[dark] = _MEANS["dark_plate"]
+    img[label > 0] = _MEANS["blob"]
+    img += rng.normal(0.0, 15.0, size=shape).astype(np.float32)
+    return np.maximum(img, 1.0)[None], label
+
+
 def synthetic_volume(
     kind: str, shape_zyx: Sequence[int], *, seed: int | Sequence[int] = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic case: image (C, Z, Y, X) and label (Z, Y, X) uint8.
 
-    CT and 2D images are int16 HU, MR images float32. For ``"2d"`` the z size is forced to 1.
+    CT and 2D images are int16 HU, MR and landmark images float32. For ``"2d"`` the z size is forced to 1.
     """
     _check_kind(kind)
     shape = tuple(int(s) for s in shape_zyx)
@@ -159,6 +197,8 @@ def synthetic_volume(
     rng = np.random.default_rng(seed)
     if kind == "mr":
         return _mr_case(shape, rng)
+    if kind == "landmark":
+        return _landmark_case(shape, rng)
     flat = kind == "2d"
     if flat:
         shape = (1, shape[1], shape[2])
