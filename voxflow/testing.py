@@ -16,6 +16,7 @@ import numpy as np
 
 __all__ = [
     "ComputeError",
+    "import_path",
     "raise_if_computes",
     "run_with_memory_cap",
     "start_dask_scheduler",
@@ -24,6 +25,19 @@ __all__ = [
     "wait_for_json",
     "write_nnunet_model_folder",
 ]
+
+
+def import_path(path: str | os.PathLike[str], name: str) -> Any:
+    """The Python file at ``path`` as a module named ``name`` (a sibling test file, a benchmark script),
+    for tests that reuse its helpers without it being a package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path} as a module")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 class ComputeError(RuntimeError):

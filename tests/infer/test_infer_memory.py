@@ -61,15 +61,9 @@ def test_prediction_runs_a_volume_larger_than_its_memory_cap(tmp_path: Path) -> 
 
 def _predict_benchmark():  # noqa: ANN202
     """``benchmarks/predict.py`` as a module (the test measures exactly what the benchmark prints)."""
-    import importlib.util
+    from voxflow.testing import import_path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "predict.py"
-    spec = importlib.util.spec_from_file_location("voxflow_bench_predict", path)
-    assert spec is not None
-    assert spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return import_path(Path(__file__).resolve().parents[2] / "benchmarks" / "predict.py", "voxflow_bench_predict")
 
 
 @pytest.mark.slow

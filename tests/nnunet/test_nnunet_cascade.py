@@ -30,15 +30,9 @@ DATASET = {
 
 def plans() -> dict[str, Any]:
     """The hand-written nnU-Net plans of ``test_nnunet_translate.py`` (3d_fullres, 3d_lowres, 3d_cascade_fullres)."""
-    import importlib.util
+    from voxflow.testing import import_path
 
-    spec = importlib.util.spec_from_file_location(
-        "nnunet_translate_tests", Path(__file__).with_name("test_nnunet_translate.py")
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = import_path(Path(__file__).with_name("test_nnunet_translate.py"), "nnunet_translate_tests")
     return dict(mod._plans())
 
 

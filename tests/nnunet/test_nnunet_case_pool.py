@@ -3,7 +3,6 @@ sequential path's bytes."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,18 +14,11 @@ import torch
 from voxflow.geometry import Geometry
 from voxflow.infer import _case_pool as case_pool
 from voxflow.store import DatasetMeta, Store
-from voxflow.testing import synthetic_case
+from voxflow.testing import import_path, synthetic_case
 
 
 def _cascade_tests() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "nnunet_cascade_tests", Path(__file__).with_name("test_nnunet_cascade.py")
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return import_path(Path(__file__).with_name("test_nnunet_cascade.py"), "nnunet_cascade_tests")
 
 
 def _ct_store(path: Path, shapes: list[tuple[int, int, int]]) -> Store:

@@ -269,16 +269,9 @@ def test_weights_of_another_architecture_name_the_trainer(tmp_path: Path) -> Non
 
 
 def _import_translate_tests() -> Any:
-    import importlib.util
+    from voxflow.testing import import_path
 
-    spec = importlib.util.spec_from_file_location(
-        "nnunet_translate_tests", Path(__file__).with_name("test_nnunet_translate.py")
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return import_path(Path(__file__).with_name("test_nnunet_translate.py"), "nnunet_translate_tests")
 
 
 CASCADE_ID = 902
