@@ -22,6 +22,10 @@ from voxflow.store import Store
 from voxflow.synthetic import make_dataset
 from voxflow.workspace import Workspace
 
+# one `voxflow run` of the whole cascade (1.5-10 min on 2 cores, by load): the default suite's most expensive
+# module, so it runs with the slow tests (`make test-slow`, which CI runs too)
+pytestmark = pytest.mark.slow
+
 # gpu_memory_gb 0.02 (CPU preset): patch (16, 24, 24) for a median image of (48, 64, 64), i.e. the
 # patch covers 4.7% of the image (< 25%): the planner adds 3d_lowres (27, 36, 36) and the cascade.
 RUN_ARGS = [
