@@ -138,3 +138,41 @@ def test_whole_image_prediction_is_the_network_on_the_padded_image(rng: np.rando
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
     tiled = sliding_window_predict(img, pred, patch_size_vox=(8, 8, 8), n_classes=3)
     assert np.abs(tiled - out).max() > 1e-4  # the option does change the tiles
+
+
+def _weights_channels_last(net: nn.Module) -> bool:
+    convs = [m.weight for m in net.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d, nn.Conv2d))]
+    fmt = {5: torch.channels_last_3d, 4: torch.channels_last}
+    return bool(convs) and all(w.is_contiguous(memory_format=fmt[w.ndim]) for w in convs)
+
+
+@pytest.mark.parametrize("cfg", ["3d_fullres", "2d"])
+def test_channels_last_on_the_cpu_scores_what_contiguous_scores(planned_workspace, cfg: str) -> None:  # noqa: ANN001
+    """The planner's own network (default preset of the real hippocampus: 32-256 features, its patch):
+    by default on the CPU the weights and inputs are channels-last, and the TTA scores equal those of
+    the contiguous layout up to float32 rounding; ``contiguous`` leaves the weights as they were."""
+    from voxflow.nets import build_network
+    from voxflow.plan import Plan
+    from voxflow.workspace import Workspace
+
+    config = Plan.load(Workspace(planned_workspace).plans).configuration(cfg)
+    torch.manual_seed(0)
+    net = build_network(config.network, 1, 3).eval()
+    twin = build_network(config.network, 1, 3).eval()
+    twin.load_state_dict(net.state_dict())
+    spatial = 2 if cfg == "2d" else 3
+    patch = config.patch_size_vox[-2:] if spatial == 2 else config.patch_size_vox
+    x = torch.randn(2, 1, *((1, *patch) if spatial == 2 else patch))
+    axes = (1, 2) if spatial == 2 else (0, 1, 2)
+    fast = TilePredictor(net, mirror_axes=axes, spatial_dims=spatial, precision="fp32")
+    plain = TilePredictor(twin, mirror_axes=axes, spatial_dims=spatial, precision="fp32", memory_format="contiguous")
+    assert fast.memory_format == "channels_last" and _weights_channels_last(net)
+    assert plain.memory_format == "contiguous" and not _weights_channels_last(twin)
+    a, b = fast(x), plain(x)
+    assert a.is_contiguous() and a.shape == b.shape
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=2e-5)
+
+
+def test_memory_format_is_checked() -> None:
+    with pytest.raises(VoxflowError, match="memory_format"):
+        TilePredictor(_norm_net(0), memory_format="nhwc")
