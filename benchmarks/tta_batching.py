@@ -1,12 +1,15 @@
-"""Benchmark: mirrored TTA as one batched forward pass vs one pass per flip; InstanceNorm vs GroupNorm.
+"""Benchmark: mirrored TTA as one batched forward pass vs one pass per flip; InstanceNorm vs GroupNorm;
+channels-last vs contiguous weights and inputs.
 
 For the CPU-preset network the planner gives the hippocampus dev data (8-64 features, patch
 40x48x32) and nnU-Net's 4-stage 32-256 network at 40x56x40 (voxflow's U-Net of that topology;
 with ``dynamic_network_architectures`` installed -- run it with ``.venv-nnunet`` -- also nnU-Net's
 own PlainConvUNet with InstanceNorm3d and with :func:`voxflow.nnunet.instance_norm_as_group_norm`),
 it times :class:`voxflow.infer.TilePredictor` on one tile with 8 mirrorings, all 8 flips in one
-pass (``batched``) vs one flip per pass (``per_flip``, the earlier loop), interleaved, after a
-warm-up; medians in seconds. ``max_abs_diff`` compares the two outputs. Seeded random weights
+pass (``batched``) vs one flip per pass (``per_flip``, the earlier loop), and the batched pass with
+channels-last (the CPU default) vs contiguous (``batched_contiguous``) layout, interleaved, after a
+warm-up; medians in seconds of wall time and (``cpu_s``) of process CPU time, steadier on a shared
+machine. ``max_abs_diff`` compares the two outputs. Seeded random weights
 (speed does not depend on training). Prints JSON::
 
     PYTHONPATH=. .venv-nnunet/bin/python benchmarks/tta_batching.py --repeats 3 --threads 2
@@ -69,21 +72,36 @@ def _plain_conv_unet(group_norm: bool) -> Any:
     return instance_norm_as_group_norm(net) if group_norm else net
 
 
-def _time(pred: TilePredictor, x: np.ndarray) -> float:
-    t = time.perf_counter()
+def _time(pred: TilePredictor, x: np.ndarray) -> tuple[float, float]:
+    t, c = time.perf_counter(), time.process_time()
     pred(x)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def _with_layout(pred: TilePredictor) -> TilePredictor:
+    return TilePredictor(
+        pred.networks,
+        mirror_axes=(0, 1, 2) if len(pred.mirrors) > 1 else (),
+        activation=pred.activation,
+        max_tiles_per_forward=pred.max_tiles_per_forward,
+        memory_format=pred.memory_format,
+    )
 
 
 def compare(variants: dict[str, TilePredictor], x: np.ndarray, repeats: int) -> dict[str, Any]:
-    """Median seconds of each variant (interleaved, one warm-up each) and their largest output difference."""
-    outs = {k: p(x).numpy() for k, p in variants.items()}  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    """Median wall and CPU seconds of each variant (interleaved, one warm-up each) and their largest
+    output difference. A variant's networks are put in its layout before each of its passes (the
+    predictors may share a network, and a predictor converts its networks when made)."""
+    outs = {}
+    for k, p in variants.items():  # warm-up
+        outs[k] = _with_layout(p)(x).numpy()
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
     for _ in range(repeats):
         for k, p in variants.items():
-            times[k].append(_time(p, x))
+            times[k].append(_time(_with_layout(p), x))
     first = next(iter(outs.values()))
-    res: dict[str, Any] = {f"{k}_s": round(statistics.median(v), 4) for k, v in times.items()}
+    res: dict[str, Any] = {f"{k}_s": round(statistics.median(t[0] for t in v), 4) for k, v in times.items()}
+    res.update({f"{k}_cpu_s": round(statistics.median(t[1] for t in v), 4) for k, v in times.items()})
     res["max_abs_diff"] = float(max(np.abs(o - first).max() for o in outs.values()))
     return res
 
@@ -106,9 +124,12 @@ def main() -> None:
         variants = {
             "batched": TilePredictor(net, mirror_axes=(0, 1, 2)),
             "per_flip": TilePredictor(net, mirror_axes=(0, 1, 2), max_tiles_per_forward=1),
+            "batched_contiguous": TilePredictor(net, mirror_axes=(0, 1, 2), memory_format="contiguous"),
         }
         r = compare(variants, x, args.repeats)
         r["speedup"] = round(r["per_flip_s"] / r["batched_s"], 2)
+        r["channels_last_speedup"] = round(r["batched_contiguous_s"] / r["batched_s"], 2)
+        r["channels_last_cpu_speedup"] = round(r["batched_contiguous_cpu_s"] / r["batched_cpu_s"], 2)
         report[name] = r
     try:
         import dynamic_network_architectures  # noqa: F401
@@ -124,7 +145,15 @@ def main() -> None:
             for norm, net in (("instnorm", inorm), ("groupnorm", gnorm))
             for mode in ("batched", "per_flip")
         }
-        report["plainconvunet_32_256"] = compare(variants, x, args.repeats)
+        variants["groupnorm_batched_contiguous"] = TilePredictor(
+            gnorm, mirror_axes=(0, 1, 2), activation=None, memory_format="contiguous"
+        )
+        r = compare(variants, x, args.repeats)
+        r["channels_last_speedup"] = round(r["groupnorm_batched_contiguous_s"] / r["groupnorm_batched_s"], 2)
+        r["channels_last_cpu_speedup"] = round(
+            r["groupnorm_batched_contiguous_cpu_s"] / r["groupnorm_batched_cpu_s"], 2
+        )
+        report["plainconvunet_32_256"] = r
     print(json.dumps(report, indent=1))
 
 

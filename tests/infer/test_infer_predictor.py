@@ -171,6 +171,8 @@ def test_channels_last_on_the_cpu_scores_what_contiguous_scores(planned_workspac
     a, b = fast(x), plain(x)
     assert a.is_contiguous() and a.shape == b.shape
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=2e-5)
+    TilePredictor(net, spatial_dims=spatial, memory_format="contiguous")  # the weights are converted back
+    assert not _weights_channels_last(net)
 
 
 def test_memory_format_is_checked() -> None:

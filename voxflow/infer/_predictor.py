@@ -13,8 +13,8 @@ one-flip-at-a-time loop's up to the rounding of batched convolutions.
 
 On the CPU the networks and their inputs are channels-last (``memory_format="auto"``): oneDNN's
 convolutions then skip the reorders to and from its blocked layout; the forward of nnU-Net's 32-256
-hippocampus network (batch 8 of 40x56x40) ran 1.2-1.4x faster, of the 8-64 CPU-preset network
-1.1-1.4x, the scores equal up to float32 rounding (``benchmarks/memory_format.py``).
+hippocampus network (8 flips of a 40x56x40 tile in one pass) ran 1.3-1.4x faster, of the 8-64 CPU-preset network
+1.2x, the scores equal up to float32 rounding (``benchmarks/tta_batching.py``, 2 threads).
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ def _layout(tensor: torch.Tensor, memory_format: str) -> torch.Tensor:
 
 
 def _layout_module(net: nn.Module, memory_format: str, spatial_dims: int) -> nn.Module:
-    """``net`` with its convolution weights in ``memory_format`` (in place, as ``Module.to`` does)."""
+    """``net`` with its convolution weights in ``memory_format`` (in place, as ``Module.to`` does: a
+    network shared by two predictors has the layout of the last one made)."""
     if memory_format != "channels_last":
-        return net
+        return net.to(memory_format=torch.contiguous_format)
     return net.to(memory_format=torch.channels_last_3d if spatial_dims == 3 else torch.channels_last)
 
 
