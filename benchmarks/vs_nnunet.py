@@ -101,7 +101,7 @@ VOXFLOW_PREDICT = textwrap.dedent("""
     from voxflow.nnunet import predict_nnunet
     torch.set_num_threads({threads})
     t = time.perf_counter()
-    predict_nnunet({inp!r}, {out!r}, {model!r}, tta={tta}, progress=False, postprocessing=None)
+    predict_nnunet({inp!r}, {out!r}, {model!r}, tta={tta}, progress=False, postprocessing=None, {options})
     print("WALL", time.perf_counter() - t)
 """)
 
@@ -274,17 +274,29 @@ def _parse_metrics(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def _predict_pair(
-    model: Path, inp: Path, out: Path, *, threads: int, tta: bool, env: dict[str, str], fp32_reference: bool = True
+    model: Path,
+    inp: Path,
+    out: Path,
+    *,
+    threads: int,
+    tta: bool,
+    env: dict[str, str],
+    fp32_reference: bool = True,
+    variants: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """nnUNetPredictor vs predict_nnunet on the same model folder and inputs, back to back; with
     ``fp32_reference`` also nnUNetPredictor with its logits summed in float32 (not timed in the ratio):
-    nnU-Net 2.8.1 sums the tiles' logits in float16, which decides near-ties of random weights."""
+    nnU-Net 2.8.1 sums the tiles' logits in float16, which decides near-ties of random weights.
+    ``variants``: more voxflow sides, name -> keyword arguments of ``predict_nnunet`` (source text)."""
     res: dict[str, Any] = {}
-    sides = (("nnunet", NNUNET_PREDICT, False), ("voxflow", VOXFLOW_PREDICT, False))
-    for tool, template, fp32 in (*sides, ("nnunet_fp32_logits", NNUNET_PREDICT, True)) if fp32_reference else sides:
+    sides = [("nnunet", NNUNET_PREDICT, ""), ("voxflow", VOXFLOW_PREDICT, "")]
+    sides += [(f"voxflow_{k}", VOXFLOW_PREDICT, v) for k, v in (variants or {}).items()]
+    sides += [("nnunet_fp32_logits", NNUNET_PREDICT, "fp32")] if fp32_reference else []
+    for tool, template, options in sides:
         code = template.format(
-            threads=threads, model=str(model), inp=str(inp), out=str(out / tool), tta=tta, fp32_logits=fp32
-        )
+            threads=threads, model=str(model), inp=str(inp), out=str(out / tool), tta=tta,
+            fp32_logits=options == "fp32", options=options,
+        )  # fmt: skip
         res[tool] = _side(lambda code=code: run_python(code, env=env, timeout=TIMEOUT))  # type: ignore[misc]
         log.info("%s: %s", tool, res[tool])
     ids = sorted(p.name[: -len("_0000.nii.gz")] for p in inp.glob("*_0000.nii.gz"))
@@ -292,6 +304,11 @@ def _predict_pair(
     res["voxel_agreement"] = round(agreement(out / "nnunet", out / "voxflow", ids), 5)
     if fp32_reference:
         res["voxel_agreement_fp32_logits"] = round(agreement(out / "nnunet_fp32_logits", out / "voxflow", ids), 5)
+    for k in variants or {}:
+        res[f"voxflow_{k}"]["speed_ratio_voxflow_over_nnunet"] = _ratio(
+            res["nnunet"]["wall_s"], res[f"voxflow_{k}"]["wall_s"]
+        )
+        res[f"voxflow_{k}"]["voxel_agreement"] = round(agreement(out / "nnunet", out / f"voxflow_{k}", ids), 5)
     return res
 
 
@@ -315,9 +332,11 @@ def row_ct(ctx: Context) -> dict[str, Any]:
     argv = [nnunet_bin("nnUNetv2_plan_and_preprocess"), "-d", str(CT_ID), "-c", "3d_fullres", "--no_pp", "-npfp", "2"]
     run_measured(argv, env=env, timeout=TIMEOUT)
     model, plan = random_nnunet_model(root, CT)
-    pair = _predict_pair(model, raw / "imagesTs", ctx.tmp / "ct_predict", threads=a.threads, tta=a.ct_tta, env=env)
+    variants = {"whole_image": "whole_image=True"} if a.ct_whole_image else None
+    pair = _predict_pair(model, raw / "imagesTs", ctx.tmp / "ct_predict", threads=a.threads, tta=a.ct_tta, env=env,
+                         variants=variants)  # fmt: skip
     vox = n_voxels(raw / "imagesTs")
-    for tool in ("nnunet", "voxflow"):
+    for tool in ("nnunet", "voxflow", *(f"voxflow_{k}" for k in variants or {})):
         pair[tool]["voxels_per_s"] = round(vox / pair[tool]["wall_s"])
     return {"shape_zyx": list(a.ct_shape), "spacing_zyx": [2.0, 1.0, 1.0], "voxels": vox, "tta": a.ct_tta,
             "weights": "seeded random (not trained)", "nnunet_plan": plan, **pair,
@@ -383,6 +402,10 @@ def table(rows: dict[str, Any]) -> str:
             lines.append(f"| {name} | {speed(nn)}{nn['wall_s']} s, {mem(nn)} | {speed(vf)}{vf['wall_s']} s, {mem(vf)} | "
                          f"{r['speed_ratio_voxflow_over_nnunet']}x speed | {r['goal']} | "
                          f"{agree(r)} | {load(key)} |")  # fmt: skip
+            for k in (k for k in r if k.startswith("voxflow_") and isinstance(r[k], dict)):
+                v = r[k]
+                lines.append(f"| {name}, voxflow {k[len('voxflow_'):]} (opt-in) | - | {speed(v)}{v['wall_s']} s, {mem(v)} | "
+                             f"{v['speed_ratio_voxflow_over_nnunet']}x speed | - | {100 * v['voxel_agreement']:.3f}% | - |")  # fmt: skip
     if "own" in rows:
         r = rows["own"]
         lines.append(f"| predict {r['cases']} hippocampus cases, TTA, voxflow's CPU-preset model "
@@ -402,12 +425,15 @@ def _processor() -> str:
 def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
-    ap.add_argument("--cases", type=int, default=4, help="hippocampus cases to predict (of the 24 dev cases)")
+    ap.add_argument("--cases", type=int, default=8, help="hippocampus cases to predict (of the 24 dev cases; from 6 voxflow predicts them in a pool of one process per core)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per tool")
     ap.add_argument("--train-iters", type=int, default=10, help="timed training iterations (as many again warm up)")
     ap.add_argument("--train-workers", type=int, default=2, help="voxflow loader processes (nnU-Net: its default)")
     ap.add_argument("--ct-shape", type=int, nargs=3, default=(96, 192, 192), help="synthetic CT shape z y x")
     ap.add_argument("--ct-tta", action="store_true", help="mirroring in the ct row (8x the network time)")
+    ap.add_argument("--ct-whole-image", action="store_true",
+                    help="ct row: also voxflow with whole_image=True (one tile as large as the image; opt-in, "
+                    "changes the result: its agreement is reported)")  # fmt: skip
     ap.add_argument("--own-iters", type=int, default=2, help="training iterations of voxflow's own model")
     ap.add_argument("--work", default=None, help="parent of the temporary work folder")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (data, models, predictions)")
