@@ -6,7 +6,7 @@ Run it with the venv of ``make test-nnunet`` (nnunetv2 installed beside voxflow)
     PYTHONPATH=. .venv-nnunet/bin/python benchmarks/vs_nnunet.py --rows predict,ct --cases 2
 
 With ``--cases 2 --train-iters 5`` a full run took 36 min on 2 cores at load 10-22 (shared machine; the
-defaults, 4 cases and 10 iterations, take longer). Every row runs both tools in fresh subprocesses, back
+defaults, 8 cases and 10 iterations, take longer). Every row runs both tools in fresh subprocesses, back
 to back, and records ``os.getloadavg()`` before each side. Memory is the peak over the process tree (workers included) of the summed PSS (and of the
 summed RSS), sampled every 0.1 s. Rows (``--rows``):
 
