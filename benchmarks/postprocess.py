@@ -153,7 +153,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="128 x 256 x 256 voxels")
     p.add_argument("--compare", default=None, metavar="DIR", help="also run this voxflow checkout as 'before'")
     p.add_argument("--repeat", type=int, default=1, help="rounds of the chunked runs (medians reported)")
-    p.add_argument("--tmp", default=None, help="folder for the Zarr arrays and the scratch labels (default: system temp)")
+    p.add_argument(
+        "--tmp", default=None, help="folder for the Zarr arrays and the scratch labels (default: system temp)"
+    )
     args = p.parse_args()
     shape = (128, 256, 256) if args.quick else tuple(args.shape)
     voxels = int(np.prod(shape))

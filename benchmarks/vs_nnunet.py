@@ -425,7 +425,12 @@ def _processor() -> str:
 def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
-    ap.add_argument("--cases", type=int, default=8, help="hippocampus cases to predict (of the 24 dev cases; from 6 voxflow predicts them in a pool of one process per core)")
+    ap.add_argument(
+        "--cases",
+        type=int,
+        default=8,
+        help="hippocampus cases to predict (of the 24 dev cases; from 6 voxflow predicts them in a pool of one process per core)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads per tool")
     ap.add_argument("--train-iters", type=int, default=10, help="timed training iterations (as many again warm up)")
     ap.add_argument("--train-workers", type=int, default=2, help="voxflow loader processes (nnU-Net: its default)")

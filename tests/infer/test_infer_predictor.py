@@ -166,10 +166,13 @@ def test_channels_last_on_the_cpu_scores_what_contiguous_scores(planned_workspac
     axes = (1, 2) if spatial == 2 else (0, 1, 2)
     fast = TilePredictor(net, mirror_axes=axes, spatial_dims=spatial, precision="fp32")
     plain = TilePredictor(twin, mirror_axes=axes, spatial_dims=spatial, precision="fp32", memory_format="contiguous")
-    assert fast.memory_format == "channels_last" and _weights_channels_last(net)
-    assert plain.memory_format == "contiguous" and not _weights_channels_last(twin)
+    assert fast.memory_format == "channels_last"
+    assert _weights_channels_last(net)
+    assert plain.memory_format == "contiguous"
+    assert not _weights_channels_last(twin)
     a, b = fast(x), plain(x)
-    assert a.is_contiguous() and a.shape == b.shape
+    assert a.is_contiguous()
+    assert a.shape == b.shape
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=2e-5)
     TilePredictor(net, spatial_dims=spatial, memory_format="contiguous")  # the weights are converted back
     assert not _weights_channels_last(net)

@@ -56,9 +56,12 @@ def _layout(tensor: torch.Tensor, memory_format: str) -> torch.Tensor:
 def _layout_module(net: nn.Module, memory_format: str, spatial_dims: int) -> nn.Module:
     """``net`` with its convolution weights in ``memory_format`` (in place, as ``Module.to`` does: a
     network shared by two predictors has the layout of the last one made)."""
-    if memory_format != "channels_last":
-        return net.to(memory_format=torch.contiguous_format)
-    return net.to(memory_format=torch.channels_last_3d if spatial_dims == 3 else torch.channels_last)
+    fmt = torch.contiguous_format
+    if memory_format == "channels_last":
+        fmt = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+    module: Any = net  # Module.to takes memory_format (torch documents it; its typing overloads do not)
+    converted: nn.Module = module.to(memory_format=fmt)
+    return converted
 
 
 def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
