@@ -162,7 +162,7 @@ def test_channels_last_on_the_cpu_scores_what_contiguous_scores(planned_workspac
     twin.load_state_dict(net.state_dict())
     spatial = 2 if cfg == "2d" else 3
     patch = config.patch_size_vox[-2:] if spatial == 2 else config.patch_size_vox
-    x = torch.randn(2, 1, *((1, *patch) if spatial == 2 else patch))
+    x = torch.randn(1, 1, *((1, *patch) if spatial == 2 else patch))
     axes = (1, 2) if spatial == 2 else (0, 1, 2)
     fast = TilePredictor(net, mirror_axes=axes, spatial_dims=spatial, precision="fp32")
     plain = TilePredictor(twin, mirror_axes=axes, spatial_dims=spatial, precision="fp32", memory_format="contiguous")
