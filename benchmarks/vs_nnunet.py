@@ -5,10 +5,10 @@ Run it with the venv of ``make test-nnunet`` (nnunetv2 installed beside voxflow)
     PYTHONPATH=. .venv-nnunet/bin/python benchmarks/vs_nnunet.py --cases 2 --train-iters 5 -o vs.json  # every row
     PYTHONPATH=. .venv-nnunet/bin/python benchmarks/vs_nnunet.py --rows predict,ct --cases 2
 
-With ``--cases 2 --train-iters 5`` a full run took 36 min on 2 cores at load 10-22 (shared machine; the
-defaults, 8 cases and 10 iterations, take longer). Every row runs both tools in fresh subprocesses, back
-to back, and records ``os.getloadavg()`` before each side. Memory is the peak over the process tree (workers included) of the summed PSS (and of the
-summed RSS), sampled every 0.1 s. Rows (``--rows``):
+At the defaults (8 cases, 10 timed iterations) a full run took 14 min on the quiet 2-core machine.
+Every row runs both tools in fresh subprocesses, back to back, and records ``os.getloadavg()`` before
+each side. Memory is the peak over the process tree (workers included) of the summed PSS (and of the
+summed RSS), sampled every 0.1 s or less often, so that sampling costs at most ~5% of a core. Rows (``--rows``):
 
 - ``preprocess``: the 24 hippocampus dev cases (``../shared/data/hippocampus-dev``) as an nnU-Net raw
   dataset; ``nnUNetv2_plan_and_preprocess -d ID -c 3d_fullres`` (its default workers: 8 fingerprint, 4
