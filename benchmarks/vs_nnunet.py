@@ -289,14 +289,12 @@ def _predict_pair(
     nnU-Net 2.8.1 sums the tiles' logits in float16, which decides near-ties of random weights.
     ``variants``: more voxflow sides, name -> keyword arguments of ``predict_nnunet`` (source text)."""
     res: dict[str, Any] = {}
-    sides = [("nnunet", NNUNET_PREDICT, ""), ("voxflow", VOXFLOW_PREDICT, "")]
+    sides: list[tuple[str, str, bool | str]] = [("nnunet", NNUNET_PREDICT, False), ("voxflow", VOXFLOW_PREDICT, "")]
     sides += [(f"voxflow_{k}", VOXFLOW_PREDICT, v) for k, v in (variants or {}).items()]
-    sides += [("nnunet_fp32_logits", NNUNET_PREDICT, "fp32")] if fp32_reference else []
-    for tool, template, options in sides:
-        code = template.format(
-            threads=threads, model=str(model), inp=str(inp), out=str(out / tool), tta=tta,
-            fp32_logits=options == "fp32", options=options,
-        )  # fmt: skip
+    sides += [("nnunet_fp32_logits", NNUNET_PREDICT, True)] if fp32_reference else []
+    for tool, template, extra in sides:  # extra: nnU-Net's float32 switch, or voxflow's keyword arguments
+        code = template.format(threads=threads, model=str(model), inp=str(inp), out=str(out / tool), tta=tta,
+                               fp32_logits=extra, options=extra)  # fmt: skip
         res[tool] = _side(lambda code=code: run_python(code, env=env, timeout=TIMEOUT))  # type: ignore[misc]
         log.info("%s: %s", tool, res[tool])
     ids = sorted(p.name[: -len("_0000.nii.gz")] for p in inp.glob("*_0000.nii.gz"))

@@ -150,7 +150,7 @@ def _weights_channels_last(net: nn.Module) -> bool:
 def test_channels_last_on_the_cpu_scores_what_contiguous_scores(planned_workspace, cfg: str) -> None:  # noqa: ANN001
     """The planner's own network (default preset of the real hippocampus: 32-256 features, its patch):
     by default on the CPU the weights and inputs are channels-last, and the TTA scores equal those of
-    the contiguous layout up to float32 rounding; ``contiguous`` leaves the weights as they were."""
+    the contiguous layout up to float32 rounding; ``contiguous`` keeps (or puts back) the usual layout."""
     from voxflow.nets import build_network
     from voxflow.plan import Plan
     from voxflow.workspace import Workspace

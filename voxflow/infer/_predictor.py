@@ -45,22 +45,26 @@ def resolve_memory_format(memory_format: str, device: torch.device) -> str:
     return memory_format
 
 
+def _torch_format(memory_format: str, ndim: int) -> torch.memory_format:
+    """The torch layout of ``memory_format`` for (N, C, spatial...) tensors of ``ndim`` dimensions."""
+    if memory_format != "channels_last" or ndim not in (4, 5):
+        return torch.contiguous_format
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last
+
+
 def _layout(tensor: torch.Tensor, memory_format: str) -> torch.Tensor:
-    """``tensor`` (N, C, spatial...) in ``memory_format``; 3-D and 4-D tensors are left as they are."""
-    if memory_format != "channels_last" or tensor.ndim not in (4, 5):
+    """``tensor`` (N, C, spatial...) channels-last for ``channels_last`` (a copy only if its layout
+    differs); otherwise as it is."""
+    if memory_format != "channels_last":
         return tensor
-    fmt = torch.channels_last_3d if tensor.ndim == 5 else torch.channels_last
-    return tensor.contiguous(memory_format=fmt)
+    return tensor.contiguous(memory_format=_torch_format(memory_format, tensor.ndim))
 
 
 def _layout_module(net: nn.Module, memory_format: str, spatial_dims: int) -> nn.Module:
     """``net`` with its convolution weights in ``memory_format`` (in place, as ``Module.to`` does: a
     network shared by two predictors has the layout of the last one made)."""
-    fmt = torch.contiguous_format
-    if memory_format == "channels_last":
-        fmt = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
     module: Any = net  # Module.to takes memory_format (torch documents it; its typing overloads do not)
-    converted: nn.Module = module.to(memory_format=fmt)
+    converted: nn.Module = module.to(memory_format=_torch_format(memory_format, spatial_dims + 2))
     return converted
 
 
