@@ -44,17 +44,27 @@ from voxflow.testing import run_with_memory_cap
 
 
 def write_mask(
-    path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], density: float, seed: int, filled: float = 1.0
+    path: Path,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    density: float,
+    seed: int,
+    filled: float = 1.0,
+    kind: str = "blobs",
 ) -> None:
     """Random blobs: per chunk, noise at ``density`` after a 2-voxel box filter (mixed sizes).
 
     Only a share ``filled`` of the chunks (drawn per chunk) gets blobs; the others stay background,
-    unwritten (Zarr's fill value), as most chunks of an organ or lesion mask.
+    unwritten (Zarr's fill value), as most chunks of an organ or lesion mask. ``kind="organ"`` writes
+    a segmentation instead: one ellipsoid (radii 0.35 of each axis' length) and 1000 one-voxel specks.
     """
     import scipy.ndimage as ndi
 
     arr = zarr.create_array(store=str(path), shape=shape, chunks=chunks, dtype=np.uint8, fill_value=0)
     grid = [range(0, s, c) for s, c in zip(shape, chunks, strict=True)]
+    if kind == "organ":
+        _write_organ(arr, shape, grid, chunks, seed)
+        return
     for i, z in enumerate(grid[0]):
         for j, y in enumerate(grid[1]):
             for k, x in enumerate(grid[2]):
@@ -67,26 +77,46 @@ def write_mask(
                 arr[sl] = (noise < density).astype(np.uint8)
 
 
+def _write_organ(arr: Any, shape: tuple[int, ...], grid: list[range], chunks: tuple[int, ...], seed: int) -> None:
+    specks = np.random.default_rng(seed).integers(0, shape, size=(1000, 3))
+    for z in grid[0]:
+        for y in grid[1]:
+            for x in grid[2]:
+                sl = tuple(slice(o, min(o + c, s)) for o, c, s in zip((z, y, x), chunks, shape, strict=True))
+                axes = np.ogrid[sl]
+                r2 = sum(((a - s / 2) / (0.35 * s)) ** 2 for a, s in zip(axes, shape, strict=True))
+                block = (r2 < 1).astype(np.uint8)
+                inside = np.all([(specks[:, i] >= sl[i].start) & (specks[:, i] < sl[i].stop) for i in range(3)], axis=0)
+                for p in specks[inside]:
+                    block[tuple(p - [s.start for s in sl])] = 1
+                if block.any():
+                    arr[sl] = block
+
+
 CHUNKED = """
 import sys
 if {checkout!r}:
     sys.path.insert(0, {checkout!r})
 import inspect, os, time, dask, dask.array as da, numpy as np, zarr
 import voxflow
-from voxflow.postprocess import label_components
+from voxflow.postprocess import keep_largest_component, label_components
 mask = da.from_zarr(zarr.open_array({path!r}, mode="r"))
 kw = {{"scratch_dir": {scratch!r}}} if "scratch_dir" in inspect.signature(label_components).parameters else {{}}
 with dask.config.set(scheduler="threads", num_workers={workers}):
     t0, c0 = time.perf_counter(), time.process_time()
-    labels, n = label_components(mask, connectivity={connectivity}, **kw)
-    scratch = sum(f.stat().st_size for f in __import__("pathlib").Path({scratch!r}).rglob("*.lab"))
-    if {write!r}:
-        out = zarr.create_array(store={out!r}, shape=mask.shape, chunks=mask.chunksize, dtype=np.int32,
-                                fill_value=0)
-        da.store(labels, out, lock=False)
-        top = n
+    if {op!r} == "keep-largest":  # n: -1; top: the voxels kept
+        kept = keep_largest_component(mask, "foreground", connectivity={connectivity})
+        n, top, scratch = -1, int((kept != 0).sum(dtype=np.int64).compute()), 0
     else:
-        top = int(labels.max().compute())
+        labels, n = label_components(mask, connectivity={connectivity}, **kw)
+        scratch = sum(f.stat().st_size for f in __import__("pathlib").Path({scratch!r}).rglob("*.lab"))
+        if {write!r}:
+            out = zarr.create_array(store={out!r}, shape=mask.shape, chunks=mask.chunksize, dtype=np.int32,
+                                    fill_value=0)
+            da.store(labels, out, lock=False)
+            top = n
+        else:
+            top = int(labels.max().compute())
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
 print("RESULT", n, top, dt, cpu, scratch, os.path.dirname(voxflow.__file__))
 """
@@ -96,8 +126,11 @@ import time, numpy as np, zarr, scipy.ndimage as ndi
 t0 = time.perf_counter()
 mask = zarr.open_array({path!r}, mode="r")[...]
 labels, n = ndi.label(mask, ndi.generate_binary_structure(3, {connectivity}))
+top = int(labels.max())
+if {op!r} == "keep-largest":
+    n, top = -1, int(np.bincount(labels.ravel())[1:].max()) if n else 0
 dt = time.perf_counter() - t0
-print("RESULT", n, int(labels.max()), dt)
+print("RESULT", n, top, dt)
 """
 
 
@@ -106,8 +139,8 @@ def run(code: str, voxels: int) -> dict[str, Any]:
     line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
     _, n, top, dt, *rest = line.split()
     out: dict[str, Any] = {
-        "n_components": int(n),
-        "max_label": int(top),
+        "n_components": int(n),  # -1 for keep-largest
+        "max_label": int(top),  # keep-largest: the voxels kept
         "seconds": round(float(dt), 3),
         "voxels_per_s": round(voxels / float(dt)),
         "peak_rss_bytes": peak,
@@ -146,6 +179,18 @@ def main() -> None:
     p.add_argument("--chunks", type=int, nargs=3, default=(64, 128, 128), metavar=("Z", "Y", "X"))
     p.add_argument("--density", type=float, default=0.35, help="threshold of the smoothed noise (foreground share)")
     p.add_argument("--filled", type=float, default=1.0, help="share of the chunks with blobs (the rest background)")
+    p.add_argument(
+        "--mask",
+        choices=("blobs", "organ"),
+        default="blobs",
+        help="blobs: random blobs at --density; organ: one ellipsoid and 1000 specks (a segmentation)",
+    )
+    p.add_argument(
+        "--op",
+        choices=("label", "keep-largest"),
+        default="label",
+        help="label: label_components (its maximum, or --write); keep-largest: keep_largest_component (voxels kept)",
+    )
     p.add_argument("--connectivity", type=int, default=1, choices=(1, 2, 3))
     p.add_argument("--workers", type=int, nargs="+", default=[2], help="threads of the chunked run (several: each)")
     p.add_argument("--write", action="store_true", help="chunked run writes its labels to Zarr")
@@ -162,7 +207,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="voxflow-bench-pp-", dir=args.tmp))
     try:
         t0 = time.perf_counter()
-        write_mask(tmp / "mask.zarr", shape, tuple(args.chunks), args.density, seed=0, filled=args.filled)
+        write_mask(
+            tmp / "mask.zarr", shape, tuple(args.chunks), args.density, seed=0, filled=args.filled, kind=args.mask
+        )
         (tmp / "scratch").mkdir()
         fmt = {
             "path": str(tmp / "mask.zarr"),
@@ -170,12 +217,15 @@ def main() -> None:
             "scratch": str(tmp / "scratch"),
             "connectivity": args.connectivity,
             "write": args.write,
+            "op": args.op,
         }
         result: dict[str, Any] = {
             "shape_zyx": list(shape),
             "voxels": voxels,
             "chunks_zyx": list(args.chunks),
             "dtype": "uint8",
+            "mask": args.mask,
+            "op": args.op,
             "density": args.density,
             "filled_chunk_share": args.filled,
             "connectivity": args.connectivity,
@@ -199,7 +249,10 @@ def main() -> None:
         if not args.skip_scipy:
             result["scipy"] = run(SCIPY.format(**fmt), voxels)
             first = next(iter(chunked["after"].values()))["runs"][0]
-            result["same_count"] = first["n_components"] == result["scipy"]["n_components"]
+            result["same_count"] = (first["n_components"], first["max_label"]) == (
+                result["scipy"]["n_components"],
+                result["scipy"]["max_label"],
+            )
             result["rss_ratio_chunked_over_scipy"] = round(
                 first["peak_rss_bytes"] / result["scipy"]["peak_rss_bytes"], 3
             )

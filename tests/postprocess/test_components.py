@@ -161,3 +161,43 @@ def test_property_2d_matches_scipy(
 ) -> None:
     x = np.random.default_rng(seed).random(shape) < density
     check(x, chunk, connectivity)
+
+
+def _organ_mask(rng: np.random.Generator) -> np.ndarray:
+    """A segmentation-like mask: one large ball across many blocks and specks."""
+    z, y, x = np.indices((24, 30, 36))
+    ball = (z - 12) ** 2 + (y - 15) ** 2 + (x - 16) ** 2 < 9**2
+    specks = np.zeros_like(ball)
+    for p in rng.integers((0, 0, 22), (24, 30, 36), size=(16, 3)):
+        specks[tuple(p)] = True
+    return ball | specks
+
+
+def test_blocks_the_tables_settle_are_not_labelled_again(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pass 3 labels only blocks with several components (selection: several, some kept and some not):
+    empty and one-component blocks, and blocks kept or dropped whole, are answered from the tables.
+    The results still equal scipy's (labels up to a permutation; keep-largest exactly)."""
+    import voxflow.postprocess._components as comp
+
+    x, edge = _organ_mask(rng), 6
+    blocks = [tuple(slice(o * edge, (o + 1) * edge) for o in c) for c in np.ndindex(4, 5, 6)]
+    calls: list[int] = []
+    real = comp._label_block
+    monkeypatch.setattr(comp, "_label_block", lambda b, s: (calls.append(b.size), real(b, s))[1])
+
+    check(x, (edge,) * 3, 1)
+    several = sum(ndi.label(x[b])[1] > 1 for b in blocks)
+    assert 1 < several < len(blocks) // 4
+    assert len(calls) == len(blocks) + several  # pass 1: every block; pass 3: those with several
+
+    calls.clear()
+    ref, _ = ndi.label(x)
+    largest = ref == np.argmax(np.bincount(ref.ravel())[1:]) + 1
+    keep_big = lambda t: np.arange(t.n + 1) == np.argmax(t.sizes_vox[1:]) + 1  # noqa: E731
+    out = select_components(da.from_array(x, chunks=edge), keep_big).compute()
+    np.testing.assert_array_equal(out, largest)
+    mixed = sum(largest[b].any() and (x[b] & ~largest[b]).any() for b in blocks)  # the ball and a speck
+    assert len(calls) == len(blocks) + mixed
+    assert mixed > 0

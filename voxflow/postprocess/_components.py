@@ -11,7 +11,10 @@ Two passes over the mask, each holding one block per worker:
    neighbours count under full connectivity); a union-find (``scipy.sparse.csgraph``) merges them.
    Each merged group keeps its smallest global label; final labels are the kept ones renumbered
    ``1..n`` in order.
-3. *Relabel pass* -- each block is labelled again and mapped through its lookup table.
+3. *Relabel pass* -- each block is labelled again and mapped through its lookup table. Blocks the
+   tables settle need no labelling: one with no component or a single one (its foreground takes one
+   label), and, when selecting components, one whose components are all kept (its foreground) or
+   none (background) -- most blocks of a segmentation, where the mask is one organ and a few specks.
 
 Passes 1-2 are one ``dask.compute`` (small results); pass 3 is a lazy blockwise graph given the
 computed tables. Keeping them apart means the mask is read twice instead of every block being
@@ -259,10 +262,13 @@ def _relabel(
     block_id: tuple[int, ...] | None = None,
 ) -> np.ndarray:
     assert block_id is not None  # dask's map_blocks always passes it
+    flat = int(np.ravel_multi_index(block_id, tables.numblocks))
+    lut = tables.lut(flat).astype(dtype)
+    if tables.counts[flat] <= 1:  # no component, or one: its voxels are the foreground, no labelling
+        return np.where(np.asarray(block) != 0, lut[-1], 0).astype(dtype, copy=False)
     lab, _ = _label_block(block, structure)
     # gather through a lookup table of the output dtype: half the memory traffic of an int64 table
     # followed by a cast (the gather costs about as much as labelling the block)
-    lut = tables.lut(int(np.ravel_multi_index(block_id, tables.numblocks))).astype(dtype)
     out: np.ndarray = lut[lab]
     return out
 
@@ -275,9 +281,14 @@ def _select(
     block_id: tuple[int, ...] | None = None,
 ) -> np.ndarray:
     assert block_id is not None  # dask's map_blocks always passes it
-    lab, _ = _label_block(block, structure)
     lut = tables.lut(int(np.ravel_multi_index(block_id, tables.numblocks)))
-    out: np.ndarray = keep[lut][lab]
+    kept = keep[lut]
+    if not kept[1:].any():  # no component of this block kept (or none there): no labelling
+        return np.zeros(block.shape, dtype=bool)
+    if kept[1:].all():  # every component kept: the result is the block's foreground
+        return np.asarray(block) != 0
+    lab, _ = _label_block(block, structure)
+    out: np.ndarray = kept[lab]
     return out
 
 
