@@ -56,7 +56,7 @@ def write_mask(
 
     Only a share ``filled`` of the chunks (drawn per chunk) gets blobs; the others stay background,
     unwritten (Zarr's fill value), as most chunks of an organ or lesion mask. ``kind="organ"`` writes
-    a segmentation instead: one ellipsoid (radii 0.35 of each axis' length) and 1000 one-voxel specks.
+    a segmentation instead: one ellipsoid (radii 0.35 of each axis' length) and 100 one-voxel specks.
     """
     import scipy.ndimage as ndi
 
@@ -78,7 +78,7 @@ def write_mask(
 
 
 def _write_organ(arr: Any, shape: tuple[int, ...], grid: list[range], chunks: tuple[int, ...], seed: int) -> None:
-    specks = np.random.default_rng(seed).integers(0, shape, size=(1000, 3))
+    specks = np.random.default_rng(seed).integers(0, shape, size=(100, 3))
     for z in grid[0]:
         for y in grid[1]:
             for x in grid[2]:
@@ -183,7 +183,7 @@ def main() -> None:
         "--mask",
         choices=("blobs", "organ"),
         default="blobs",
-        help="blobs: random blobs at --density; organ: one ellipsoid and 1000 specks (a segmentation)",
+        help="blobs: random blobs at --density; organ: one ellipsoid and 100 specks (a segmentation)",
     )
     p.add_argument(
         "--op",

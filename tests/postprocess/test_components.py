@@ -201,3 +201,16 @@ def test_blocks_the_tables_settle_are_not_labelled_again(
     mixed = sum(largest[b].any() and (x[b] & ~largest[b]).any() for b in blocks)  # the ball and a speck
     assert len(calls) == len(blocks) + mixed
     assert mixed > 0
+
+
+@pytest.mark.parametrize("top", [50, 2**40])
+def test_unique_pairs_equals_numpy(top: int, rng: np.random.Generator) -> None:
+    """The pair de-duplication of the merge step equals ``np.unique(axis=0)``, runs and large labels
+    (past the packed int64 key) included."""
+    from voxflow.postprocess._components import _unique_pairs
+
+    a = np.repeat(rng.integers(1, top, 300), rng.integers(1, 5, 300))
+    b = rng.permutation(a)
+    b[:40] = a[:40]
+    np.testing.assert_array_equal(_unique_pairs(a, b), np.unique(np.stack([a, b], axis=1), axis=0))
+    np.testing.assert_array_equal(_unique_pairs(a[:1], b[:1]), [[a[0], b[0]]])

@@ -112,14 +112,14 @@ def _block_summary(
         lo.append(_small(first, n) if index[ax] > 0 else None)
         hi.append(_small(last, n) if index[ax] < numblocks[ax] - 1 else None)
         if index[ax] == 0:
-            border.append(np.unique(first))
+            border.append(_sorted_unique(first.ravel()))
         if index[ax] == numblocks[ax] - 1:
-            border.append(np.unique(last))
+            border.append(_sorted_unique(last.ravel()))
     out: dict[str, Any] = {
         "n": n,
         "lo": lo,
         "hi": hi,
-        "border": np.unique(np.concatenate(border)) if border else np.zeros(0, np.int64),
+        "border": _sorted_unique(np.concatenate(border)) if border else np.zeros(0, np.int64),
     }
     if sizes:
         out["sizes"] = np.bincount(lab.ravel(), minlength=n + 1).astype(np.int64)
@@ -166,8 +166,38 @@ def _face_pairs(lower: np.ndarray, upper: np.ndarray, structure: np.ndarray, axi
         a, b = lower[src].ravel(), upper[dst].ravel()
         keep = (a != 0) & (b != 0)
         if keep.any():
-            pairs.append(np.unique(np.stack([a[keep], b[keep]], axis=1), axis=0))
+            pairs.append(_unique_pairs(a[keep], b[keep]))
     return np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+
+
+def _unique_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The distinct pairs ``(a[i], b[i])`` of non-negative labels, as an (n, 2) int64 array.
+
+    Neighbouring voxels of a plane mostly repeat a pair; runs are dropped first, and the rest are sorted
+    as one int64 key per pair (below 2**31 labels), several times faster than ``np.unique(axis=0)``.
+    """
+    a, b = a.astype(np.int64, copy=False), b.astype(np.int64, copy=False)
+    if len(a) > 1:
+        run = np.empty(len(a), dtype=bool)
+        run[0] = True
+        np.not_equal(a[1:], a[:-1], out=run[1:])
+        run[1:] |= b[1:] != b[:-1]
+        a, b = a[run], b[run]
+    if max(int(a.max()), int(b.max())) >= 2**31:
+        return np.unique(np.stack([a, b], axis=1), axis=0)
+    key = _sorted_unique((a << 32) | b)
+    return np.stack([key >> 32, key & 0xFFFFFFFF], axis=1)
+
+
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """``np.unique(x)`` of a 1-D array by sorting: numpy 2.4's ``np.unique`` hashes, which took 1.1 s
+    for 1 M distinct int64 values here against 0.02 s for a sort."""
+    s = np.sort(x)
+    first = np.empty(len(s), dtype=bool)
+    first[:1] = True
+    np.not_equal(s[1:], s[:-1], out=first[1:])
+    out: np.ndarray = s[first]
+    return out
 
 
 def _assemble_plane(summaries: np.ndarray, offsets: np.ndarray, axis: int, i: int, side: str) -> np.ndarray:
