@@ -316,7 +316,8 @@ def _select(
     if not kept[1:].any():  # no component of this block kept (or none there): no labelling
         return np.zeros(block.shape, dtype=bool)
     if kept[1:].all():  # every component kept: the result is the block's foreground
-        return np.asarray(block) != 0
+        foreground: np.ndarray = np.asarray(block) != 0
+        return foreground
     lab, _ = _label_block(block, structure)
     out: np.ndarray = kept[lab]
     return out
