@@ -97,11 +97,11 @@ HEAP_CODE = textwrap.dedent("""
         return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 
     assert release_large_allocations()
-    outside = faults_of(8)
+    outside = faults_of(16)
     before = rss()
     with tile_loop_allocations(2**30) as applied:
         assert applied
-        inside = faults_of(8)
+        inside = faults_of(16)
         kept = rss() - before
     print("RESULT", outside, inside, kept, rss() - before)
 """)
@@ -110,12 +110,14 @@ HEAP_CODE = textwrap.dedent("""
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_tile_loop_reuses_large_buffers_and_gives_them_back() -> None:
     """Inside the tile loop a freed 64 MiB buffer (above glibc's 32 MiB cap on the mmap threshold, as a
-    large tile's activations are) is reused by the next allocation instead of being faulted in again;
-    after the loop the kept heap is given back to the OS."""
+    large tile's activations are) is reused by later allocations instead of being faulted in again;
+    after the loop the kept heap is given back to the OS. Reuse is not immediate every time: a small
+    allocation placed after the buffer keeps it from the next aligned request, so the heap grows by
+    1-4 buffers (measured over 16 runs) before it stops."""
     out = subprocess.run([sys.executable, "-c", HEAP_CODE], capture_output=True, text=True, check=True).stdout
     outside, inside, kept, after = (int(v) for v in out.split("RESULT")[1].split())
     pages = 2**26 // 4096
-    assert outside >= 7 * pages  # every round faults the whole buffer in
-    assert inside <= 2 * pages  # the first round only
-    assert kept >= 2**26 - 2**20  # the freed buffer stays in the heap, for the next pass
+    assert outside >= 15 * pages  # every one of the 16 rounds faults the whole buffer in
+    assert inside <= 8 * pages  # the first few rounds only
+    assert kept >= 2**26 - 2**20  # freed buffers stay in the heap, for the next pass
     assert after < 2**22  # and is given back after the loop
