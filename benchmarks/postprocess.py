@@ -22,6 +22,11 @@ The issue asks for at least 1G voxels (``--shape 1024 1024 1024``); scipy then n
     python benchmarks/postprocess.py --quick                 # 128 x 256 x 256, a few seconds
     python benchmarks/postprocess.py --shape 1024 1024 1024  # the 1G-voxel figure
     python benchmarks/postprocess.py --shape 512 512 512 --workers 1 2 --skip-scipy --compare ../main --repeat 3
+    python benchmarks/postprocess.py --shape 512 512 512 --mask organ --op keep-largest --compare ../main
+
+``--mask organ`` writes a segmentation-like mask (one ellipsoid, 100 one-voxel specks) instead of random
+blobs; ``--op keep-largest`` times ``keep_largest_component`` (and scipy's label + largest) instead of
+labelling, reporting the voxels kept.
 """
 
 from __future__ import annotations

@@ -111,8 +111,8 @@ HEAP_CODE = textwrap.dedent("""
 def test_tile_loop_reuses_large_buffers_and_gives_them_back() -> None:
     """Inside the tile loop a freed 64 MiB buffer (above glibc's 32 MiB cap on the mmap threshold, as a
     large tile's activations are) is reused by later allocations instead of being faulted in again;
-    after the loop the kept heap is given back to the OS. Reuse is not immediate every time: a small
-    allocation placed after the buffer keeps it from the next aligned request, so the heap grows by
+    after the loop the kept heap is given back to the OS. Reuse is not immediate every time (most likely a small
+    allocation placed after the buffer keeps it from the next aligned request), so the heap grows by
     1-4 buffers (measured over 16 runs) before it stops."""
     out = subprocess.run([sys.executable, "-c", HEAP_CODE], capture_output=True, text=True, check=True).stdout
     outside, inside, kept, after = (int(v) for v in out.split("RESULT")[1].split())

@@ -16,7 +16,9 @@ after the loop mmap is back, with the fixed threshold, and the heap is trimmed, 
 never adds to the write phase. Measured on nnU-Net's 6-stage CT network (one 96 x 192 x 192 volume,
 eight 80 x 160 x 160 tiles, 2 threads): 29.1 s system time beside 137.7 s user and 8.7 M minor faults
 with the 32 MiB threshold alone, 11.1 s beside 134.8 s and 3.2 M with no mmap: 89.5 s -> 79.5 s wall, at
-a higher peak RSS (2.84 -> 3.57 GB, the heap's fragmentation). Transparent huge pages
+a higher peak RSS (2.84 -> 3.57 GB, the heap's fragmentation; most likely torch's aligned requests do not fit a
+freed chunk of the same size that a small allocation now follows, so the heap grows by a few buffers
+before it reuses them). Transparent huge pages
 (``THP_MEM_ALLOC_ENABLE=1``) cut the faults to 0.37 M but doubled the system time (61 s: compaction).
 """
 
