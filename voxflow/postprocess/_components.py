@@ -178,26 +178,28 @@ def _unique_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     as one int64 key per pair (below 2**31 labels): 0.10 s instead of 1.28 s for 1 M pairs here.
     """
     a, b = a.astype(np.int64, copy=False), b.astype(np.int64, copy=False)
-    if len(a) > 1:
-        run = np.empty(len(a), dtype=bool)
-        run[0] = True
-        np.not_equal(a[1:], a[:-1], out=run[1:])
-        run[1:] |= b[1:] != b[:-1]
-        a, b = a[run], b[run]
+    first = _run_starts(a, b)
+    a, b = a[first], b[first]
     if max(int(a.max()), int(b.max())) >= 2**31:
         return np.unique(np.stack([a, b], axis=1), axis=0)
     key = _sorted_unique((a << 32) | b)
     return np.stack([key >> 32, key & 0xFFFFFFFF], axis=1)
 
 
+def _run_starts(*columns: np.ndarray) -> np.ndarray:
+    """Where a run of equal rows starts: True at 0 and wherever any of the equal-length ``columns`` changes."""
+    first = np.zeros(len(columns[0]), dtype=bool)
+    first[:1] = True
+    for c in columns:
+        first[1:] |= c[1:] != c[:-1]
+    return first
+
+
 def _sorted_unique(x: np.ndarray) -> np.ndarray:
     """``np.unique(x)`` of a 1-D array by sorting: numpy 2.4's ``np.unique`` hashes, which took 1.1 s
     for 1 M distinct int64 values here against 0.02 s for a sort."""
     s = np.sort(x)
-    first = np.empty(len(s), dtype=bool)
-    first[:1] = True
-    np.not_equal(s[1:], s[:-1], out=first[1:])
-    out: np.ndarray = s[first]
+    out: np.ndarray = s[_run_starts(s)]
     return out
 
 
