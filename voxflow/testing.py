@@ -73,6 +73,10 @@ def synthetic_case(
     return image, label
 
 
+#: stack of each Python thread in :func:`run_with_memory_cap`'s child: ample for the recursion limit
+CHILD_THREAD_STACK_BYTES = 4 * 2**20
+
+
 def run_with_memory_cap(
     code: str, *, cap_bytes: int | None = None, timeout: float = 900, env: dict[str, str] | None = None
 ) -> tuple[int, str]:
@@ -82,6 +86,13 @@ def run_with_memory_cap(
     plus the ``ru_maxrss`` of its children (worker processes).
     ``cap_bytes`` optionally sets RLIMIT_DATA so that an allocation beyond it fails outright,
     which proves the stage never *needed* more than the cap.
+
+    RLIMIT_DATA counts address space, not memory: every thread's stack reservation counts in full
+    (glibc reserves RLIMIT_STACK, 8 MiB here, and a thread touches tens of KiB of it). A prediction has
+    about 20 Python threads (dask's pools, zarr's event loop and its executor, voxflow's readers), so
+    the child's Python threads get :data:`CHILD_THREAD_STACK_BYTES` stacks: measured on the 33.5 M-voxel
+    prediction under its 900 MiB cap (``tests/infer/test_infer_memory.py``), data 881 MiB with 8 MiB
+    stacks (where CI once failed at the cap) and 801 MiB with 4 MiB, at the same peak RSS (624 MiB).
     """
     import resource
 
@@ -92,7 +103,9 @@ def run_with_memory_cap(
     # The child's own peak is VmHWM (reset by exec); ru_maxrss of RUSAGE_SELF would include the RSS the
     # parent had when it forked (Linux keeps the larger maxrss across execve).
     wrapped = (
-        code + "\nimport resource as _r\n"
+        f"import threading as _t\n_t.stack_size({CHILD_THREAD_STACK_BYTES})\n"
+        + code
+        + "\nimport resource as _r\n"
         "def _own_peak_kib():\n"
         "    try:\n"
         "        with open('/proc/self/status') as _f:\n"

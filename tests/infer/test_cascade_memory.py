@@ -15,6 +15,8 @@ per phase at this shape, measured without a cap (2-core machine, ``/proc/self/st
   stacks), which keeps it above the 900 MiB of the single-stage memory tests. Passes at 1024 MiB
   (peak RSS 727 MiB, 465 s; it needed 1280 MiB before). With 1 MiB thread stacks (``ulimit -s 1024``
   before pytest) it passed at 900 MiB (peak RSS 738 MiB): the stacks are what is left above 900.
+  (Measured with 8 MiB stacks; ``run_with_memory_cap`` has given the child's Python threads 4 MiB
+  stacks since, about 60 MiB less of VmData here.)
 """
 
 from __future__ import annotations

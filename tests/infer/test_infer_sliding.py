@@ -53,6 +53,22 @@ def test_tiled_prediction_equals_one_shot_full_volume(rng: np.random.Generator) 
     np.testing.assert_allclose(tiled, one_shot, atol=2e-6)
 
 
+def test_scores_a_predictor_keeps_are_not_weighted_in_place(rng: np.random.Generator, conv_net) -> None:  # noqa: ANN001
+    """The window weights a TilePredictor's scores in place (its output is its own) and copies any
+    other predictor's: a callable that hands out the same buffer every time keeps it intact, and both
+    give bit-identical sums."""
+    pred = TilePredictor(conv_net())
+    assert pred.fresh_output
+    img = rng.normal(size=(1, 11, 21, 18)).astype(np.float32)
+    args = {"patch_size_vox": (8, 16, 16), "n_classes": 3, "cache_bytes": 40_000, "block_zyx": (5, 6, 7)}
+    own = sliding_window_predict(img, pred, **args)
+    np.testing.assert_array_equal(sliding_window_predict(img, lambda t: pred(t).clone(), **args), own)
+    scores = pred(img[None, :, :8, :16, :16]).numpy().copy()
+    before = scores.copy()
+    sliding_window_predict(img, lambda t: scores, **args)  # one tile per batch, the same buffer each time
+    np.testing.assert_array_equal(scores, before)
+
+
 def test_volume_smaller_than_patch(rng: np.random.Generator, conv_net) -> None:  # noqa: ANN001
     pred = TilePredictor(conv_net())
     img = rng.normal(size=(1, 3, 5, 7)).astype(np.float32)

@@ -233,7 +233,14 @@ class TilePredictor:
                     total = self._mirrored_sum(net, x, group, total)
         if total is None:
             raise VoxflowError("TilePredictor produced no output; it needs at least one network.")
-        out = total / (len(self.networks) * len(self.mirrors))
-        return out.contiguous()
+        n = len(self.networks) * len(self.mirrors)
+        if n > 1:  # a sum of n >= 2 passes: a buffer of its own, divided in place (one batch of scores less)
+            total.div_(n)
+        return total.contiguous()
 
     __call__ = predict
+
+    #: :meth:`predict` returns a tensor computed from the tiles, never a buffer kept between calls (at
+    #: most a view of the tiles, for a network that returns its input), so the sliding window, which owns
+    #: its tiles, weights it in place (:func:`~voxflow.infer._sliding.weighted_batches`)
+    fresh_output = True

@@ -133,6 +133,9 @@ def weighted_batches(
     if not len(batches):
         return
     on_device: dict[torch.device, torch.Tensor] = {}
+    # a predictor whose output is its own (TilePredictor) is weighted in place: one batch of scores less
+    # at the loop's peak; any other callable's output may be an array it keeps, so it is copied
+    fresh = bool(getattr(predictor, "fresh_output", False))
 
     def load(idx: np.ndarray) -> np.ndarray:
         return np.stack([read_tile(image, grid, starts[i]) for i in idx])
@@ -145,7 +148,9 @@ def weighted_batches(
                 pending = pool.submit(load, batches[bi + 1])
             probs = torch.as_tensor(predictor(tiles))
             w = on_device.setdefault(probs.device, weights.to(probs.device))
-            yield idx, (probs * w).cpu().numpy()
+            with torch.inference_mode():  # the predictor's output is an inference tensor
+                weighted = probs.mul_(w) if fresh and probs.dtype == w.dtype else probs * w
+            yield idx, weighted.cpu().numpy()
 
 
 def _accumulate(
