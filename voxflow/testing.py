@@ -103,9 +103,7 @@ def run_with_memory_cap(
     # The child's own peak is VmHWM (reset by exec); ru_maxrss of RUSAGE_SELF would include the RSS the
     # parent had when it forked (Linux keeps the larger maxrss across execve).
     wrapped = (
-        f"import threading as _t\n_t.stack_size({CHILD_THREAD_STACK_BYTES})\n"
-        + code
-        + "\nimport resource as _r\n"
+        f"import threading as _t\n_t.stack_size({CHILD_THREAD_STACK_BYTES})\n" + code + "\nimport resource as _r\n"
         "def _own_peak_kib():\n"
         "    try:\n"
         "        with open('/proc/self/status') as _f:\n"
