@@ -26,7 +26,11 @@ __all__ = ["CaseInput", "ModelLoader", "PredictionModel", "Restore", "TileScorer
 
 class TileScorer(Protocol):
     """A batch of (B, C, *patch) float32 tiles in, (B, K, *patch) float32 scores out (a torch tensor or
-    numpy array): probabilities or logits, as the model's :attr:`CaseInput.restore` expects."""
+    numpy array): probabilities or logits, as the model's :attr:`CaseInput.restore` expects.
+
+    Optional: a true ``fresh_output`` attribute says the scores are new on every call (never a buffer
+    the scorer keeps), so the sliding window weights them in place (:class:`~voxflow.infer.TilePredictor`
+    has it); without it they are copied."""
 
     def __call__(self, tiles: np.ndarray) -> Any: ...
 
